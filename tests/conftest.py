@@ -1,0 +1,100 @@
+"""Shared fixtures: small real datasets (scikit-learn digits), awkward image files, an isolated MLflow store."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tlkit import runtime
+from tlkit.sample_data import write_digits
+
+runtime.quiet()
+
+TINY_MODEL = "test_resnet"  # timm's 0.4 M-parameter test network; pretrained=False everywhere
+
+
+@pytest.fixture(scope="session")
+def digits_source(tmp_path_factory) -> Path:
+    """Digits 0-2, 30 images per class, 32 px: a three-class source task."""
+    out = tmp_path_factory.mktemp("digits") / "source"
+    write_digits(out, classes="0-2", per_class=30, size=32, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_target(tmp_path_factory) -> Path:
+    """Digits 5-7, 30 images per class: a different task on the same kind of images."""
+    out = tmp_path_factory.mktemp("digits") / "target"
+    write_digits(out, classes="5-7", per_class=30, size=32, seed=0)
+    return out
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in a fresh folder: mlflow.db, mlruns/ and the feature cache land in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("TLKIT_CACHE", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def tracked(workdir):
+    """An MLflow store in tmp_path, configured; yields an MlflowClient on it."""
+    from mlflow import MlflowClient
+
+    from tlkit import tracking
+
+    tracking.configure(None, "tests")
+    yield MlflowClient(tracking.resolve_tracking_uri())
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def save(image: Image.Image, path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+@pytest.fixture
+def awkward_images(tmp_path) -> Path:
+    """A class-folder tree with every mode ingest must convert, and files it must skip."""
+    root = tmp_path / "awkward"
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8), "RGB")
+    save(rgb, root / "a" / "rgb.png")
+    save(rgb.convert("L"), root / "a" / "grey.png")
+    save(rgb.convert("P"), root / "a" / "palette.png")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    save(rgba, root / "a" / "rgba.png")
+    save(rgb.convert("CMYK"), root / "b" / "cmyk.jpg")
+    sixteen = Image.fromarray((rng.integers(0, 65535, (20, 30))).astype(np.uint16))
+    save(sixteen, root / "b" / "sixteen.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    save(rgb, root / "b" / "rotated.jpg", exif=exif.tobytes())
+    save(rgb, root / "b" / "duplicate_of_rgb.png")
+    (root / "b" / "empty.png").write_bytes(b"")
+    (root / "b" / "notes.txt").write_text("not an image")
+    buffer = io.BytesIO()
+    rgb.resize((200, 200)).save(buffer, format="JPEG")
+    (root / "a" / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (root / "stray.png").write_bytes((root / "a" / "rgb.png").read_bytes())
+    return root

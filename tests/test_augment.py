@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+import torch
+
+from tlkit import augment
+from tlkit.errors import TlkitError
+
+CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic", "crop_pct": 0.875}
+
+
+def test_eval_transform_resizes_crops_and_normalises():
+    image = np.full((50, 80, 3), 255, np.uint8)
+    out = augment.apply(augment.eval_transform(CONFIG), image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert torch.allclose(out, torch.full_like(out, (1.0 - 0.5) / 0.25))
+
+
+@pytest.mark.parametrize("preset", augment.PRESETS)
+def test_presets_produce_the_input_size(preset):
+    out = augment.apply(augment.train_transform(CONFIG, preset), np.zeros((40, 60, 3), np.uint8))
+    assert out.shape == (3, 32, 32)
+
+
+def test_yaml_round_trip(tmp_path):
+    transform = augment.train_transform(CONFIG, "heavy", hflip=False)
+    path = augment.to_yaml(transform, tmp_path / "t.yaml")
+    loaded = augment.resolve_train_transform(CONFIG, str(path))
+    assert augment.to_dict(loaded) == augment.to_dict(transform)
+    assert "HorizontalFlip" not in path.read_text()
+
+
+def test_unknown_preset_and_bad_file():
+    with pytest.raises(TlkitError, match="choose one of none, light"):
+        augment.resolve_train_transform(CONFIG, "extreme")
+    with pytest.raises(TlkitError, match="does not exist"):
+        augment.load_transform("missing.yaml")

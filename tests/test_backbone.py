@@ -1,0 +1,95 @@
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import TINY_MODEL
+from tlkit import backbone as bb
+from tlkit.errors import TlkitError
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(TlkitError, match="unknown model 'resnt18'; did you mean resnet18"):
+        bb.create_backbone("resnt18")
+
+
+def test_random_init_is_reproducible_and_seeded():
+    a = bb.create_backbone(TINY_MODEL, img_size=32, seed=1)
+    assert bb.create_backbone(TINY_MODEL, img_size=32, seed=1).digest == a.digest
+    assert bb.create_backbone(TINY_MODEL, img_size=32, seed=2).digest != a.digest
+    assert a.weights == "random(seed=1)" and a.data_config["input_size"] == (3, 32, 32)
+    assert a.model(torch.randn(2, 3, 32, 32)).shape == (2, a.num_features)
+
+
+def test_transformer_is_built_for_the_requested_size():
+    vit = bb.create_backbone("test_vit", img_size=32)
+    assert vit.model(torch.randn(1, 3, 32, 32)).shape == (1, vit.num_features)
+
+
+def test_info_shows_groups_and_preprocessing():
+    info = bb.backbone_info("resnet18")
+    assert info["num_features"] == 512 and info["num_params"] > 11_000_000
+    labels = [label for label, _ in info["layer_groups"]]
+    assert labels[0].startswith("conv1") and labels[-1].startswith("layer4")
+    assert sum(n for _, n in info["layer_groups"]) == info["num_params"]
+    assert info["data_config"]["input_size"] == (3, 224, 224)
+    assert "resnet18.a1_in1k" in info["pretrained_tags"]
+
+
+def test_list_matches_patterns():
+    assert "resnet18" in bb.list_backbones("resnet1")
+    assert all(name.startswith("vit_") for name in bb.list_backbones("vit_*"))
+
+
+@pytest.mark.parametrize("wrap", ["safetensors", "plain", "lightning", "module"])
+def test_weights_files_load_in_common_layouts(tmp_path, wrap):
+    source = bb.create_backbone(TINY_MODEL, seed=5)
+    state = source.model.state_dict()
+    state = {**state, "fc.weight": torch.zeros(10, source.num_features), "fc.bias": torch.zeros(10)}  # a classifier is ignored
+    if wrap == "safetensors":
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        path = tmp_path / "w.pth"
+        if wrap == "lightning":
+            state = {"state_dict": {f"backbone.{k}": v for k, v in state.items()}, "epoch": 3}
+        elif wrap == "module":
+            state = {f"module.{k}": v for k, v in state.items()}
+        torch.save(state, path)
+    loaded = bb.create_backbone(TINY_MODEL, weights=path)
+    assert loaded.digest == source.digest and loaded.weights.startswith("file:")
+
+
+def test_weights_that_do_not_fit_are_a_clear_error(tmp_path):
+    torch.save(bb.create_backbone("test_vit").model.state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(TlkitError, match="do not fit model 'test_resnet'.*missing"):
+        bb.create_backbone(TINY_MODEL, weights=tmp_path / "vit.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(TlkitError, match="cannot read weights file"):
+        bb.create_backbone(TINY_MODEL, weights=tmp_path / "junk.pth")
+    with pytest.raises(TlkitError, match="does not exist"):
+        bb.create_backbone(TINY_MODEL, weights=tmp_path / "none.safetensors")
+
+
+def test_hub_weights_offline_fail_fast_with_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(bb, "_hub_host", lambda name: ("huggingface.co", False))
+    start = time.perf_counter()
+    with pytest.raises(TlkitError, match="HF_HUB_OFFLINE is set; pass --weights FILE"):
+        bb.create_backbone("resnet18", pretrained=True)
+    assert time.perf_counter() - start < 5
+
+
+def test_unreachable_hub_is_an_error_not_a_hang(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(bb, "_hub_host", lambda name: ("huggingface.co", False))
+    monkeypatch.setattr(bb, "_reachable", lambda host, timeout: "timed out")
+    with pytest.raises(TlkitError, match="unreachable \\(timed out\\).*--weights FILE"):
+        bb.create_backbone("resnet18", pretrained=True)
+
+
+def test_reachability_probe_respects_its_timeout():
+    start = time.perf_counter()
+    reason = bb._reachable("192.0.2.1", 0.5)  # TEST-NET-1: never answers; nothing is sent beyond a SYN
+    assert reason is not None and time.perf_counter() - start < 2

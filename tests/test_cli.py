@@ -1,0 +1,94 @@
+"""The commands as a user types them: output, exit codes, and one-line errors without tracebacks."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL
+from tlkit.cli import app
+
+
+def invoke(runner, *args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in " ".join(result.stderr.split()), result.stderr
+
+
+def test_data_digits_and_ingest(runner, workdir):
+    result = invoke(runner, "data", "digits", "d", "--classes", "0-2", "--per-class", "12", "--size", "16")
+    assert result.exit_code == 0 and "wrote 36 images" in result.output
+    result = invoke(runner, "ingest", "d", "--val", "0.25", "--test", "0.25", "--out", "m.json")
+    assert result.exit_code == 0, result.output
+    assert "fingerprint" in result.output and "all" in result.output and "MLflow run" in result.output
+    assert json.loads(Path("m.json").read_text())["format"] == "tlkit-manifest/1"
+
+
+def test_backbone_list_and_info(runner):
+    result = invoke(runner, "backbone", "list", "resnet1")
+    assert result.exit_code == 0 and "resnet18" in result.stdout.split()
+    result = invoke(runner, "backbone", "info", "resnet18")
+    assert result.exit_code == 0
+    assert "features 512" in result.stdout and "layer4" in result.stdout and "resnet18.a1_in1k" in result.stdout
+
+
+def test_extract_twice_reads_the_cache(runner, workdir, digits_source):
+    args = ("extract", digits_source, "--model", TINY_MODEL, "--no-pretrained", "--img-size", 32, "--workers", 0)
+    first = invoke(runner, *args)
+    assert first.exit_code == 0 and "computed" in first.stdout, first.output
+    second = invoke(runner, *args)
+    assert second.exit_code == 0 and "read from cache" in second.stdout
+
+
+def test_baseline_pretrain_finetune_predict(runner, workdir, digits_source, digits_target):
+    result = invoke(runner, "baseline", digits_target, "--classifier", "pixels")
+    assert result.exit_code == 0 and "test_accuracy" in result.stdout
+
+    result = invoke(runner, "pretrain", digits_source, "--model", TINY_MODEL, "--img-size", 32, "--epochs", 2, "--workers", 0)
+    assert result.exit_code == 0, result.output
+    run_id = result.stdout.split("MLflow run ")[1].split()[0]
+
+    result = invoke(runner, "baseline", digits_target, "--weights", f"runs:/{run_id}", "--workers", 0)
+    assert result.exit_code == 0 and f"{TINY_MODEL} + svm" in result.stdout, result.output
+
+    result = invoke(runner, "finetune", digits_target, "--weights", f"runs:/{run_id}", "--epochs", 2, "--workers", 0, "--no-hflip")
+    assert result.exit_code == 0, result.output
+    finetuned = result.stdout.split("MLflow run ")[1].split()[0]
+
+    image = sorted(Path(digits_target, "7").glob("*.png"))[0]
+    result = invoke(runner, "predict", f"runs:/{finetuned}", image, "--top-k", 3, "--out", "preds.csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open("preds.csv")))
+    assert [r["rank"] for r in rows] == ["1", "2", "3"] and {r["class"] for r in rows} <= {"5", "6", "7"}
+
+
+def test_bad_inputs_are_one_line_errors(runner, workdir, digits_source, tmp_path):
+    assert_one_line_error(invoke(runner, "ingest", "no/such/folder"), "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(invoke(runner, "ingest", tmp_path / "empty"), "no usable images")
+    (tmp_path / "one" / "cat").mkdir(parents=True)
+    (tmp_path / "one" / "cat" / "a.png").write_bytes((digits_source / "0" / next(iter(sorted(p.name for p in (digits_source / "0").iterdir())))).read_bytes())
+    assert_one_line_error(invoke(runner, "ingest", tmp_path / "one"), "one class only")
+    assert_one_line_error(invoke(runner, "extract", digits_source, "--model", "resnet_18"), "unknown model", "did you mean")
+    (tmp_path / "bad.csv").write_text("file,class\na.png,cat\n")
+    assert_one_line_error(invoke(runner, "ingest", tmp_path / "bad.csv"), "lacks column(s) path, label")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "w.pth")
+    assert_one_line_error(invoke(runner, "extract", digits_source, "--model", TINY_MODEL, "--weights", tmp_path / "w.pth"), "do not fit model")
+    assert_one_line_error(invoke(runner, "predict", "runs:/0123abcd", digits_source), "no run '0123abcd'")
+    assert_one_line_error(invoke(runner, "extract", digits_source), "pass --model NAME")
+    assert_one_line_error(invoke(runner, "ingest", digits_source, "--val", "0.7", "--test", "0.5"), "must leave images for training")
+
+
+def test_hub_weights_without_network_fail_fast(runner, workdir, digits_source, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke(runner, "extract", digits_source, "--model", "resnet18")
+    assert_one_line_error(result, "--weights", "HF_HUB_OFFLINE")

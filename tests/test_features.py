@@ -1,0 +1,51 @@
+import numpy as np
+
+from conftest import TINY_MODEL
+from tlkit import features as feats
+from tlkit.backbone import create_backbone
+from tlkit.ingest import ingest
+
+
+def test_extract_caches_by_model_weights_and_data(workdir, digits_source, monkeypatch):
+    manifest = ingest(digits_source)
+    backbone = create_backbone(TINY_MODEL, img_size=32)
+    first = feats.extract_features(manifest, backbone, batch_size=32, num_workers=0, progress=False)
+    assert first.X.shape == (90, backbone.num_features) and not first.cached
+    assert np.isfinite(first.X).all() and first.X.std() > 0
+    assert list(first.y) == list(manifest.labels())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the second identical call must read the cache")
+
+    monkeypatch.setattr(feats, "_run_predict", refuse)
+    second = feats.extract_features(manifest, backbone, batch_size=32, num_workers=0, progress=False)
+    assert second.cached and np.array_equal(second.X, first.X) and second.key == first.key
+    other = create_backbone(TINY_MODEL, img_size=32, seed=9)
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    third = feats.extract_features(manifest, other, batch_size=32, num_workers=0, progress=False)
+    assert not third.cached and third.key != first.key
+
+
+def test_features_match_a_plain_forward_pass(workdir, digits_source):
+    import torch
+
+    from tlkit import augment
+    from tlkit.images import load_rgb
+
+    manifest = ingest(digits_source)
+    backbone = create_backbone(TINY_MODEL, img_size=32)
+    got = feats.extract_features(manifest, backbone, precision="32-true", num_workers=0, progress=False)
+    transform = augment.eval_transform(backbone.data_config)
+    batch = torch.stack([augment.apply(transform, load_rgb(manifest.abspath(r))) for r in manifest.records[:4]])
+    with torch.no_grad():
+        expected = backbone.model.eval()(batch).numpy()
+    np.testing.assert_allclose(got.X[:4], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_split_subsets_and_pixel_features(workdir, digits_source):
+    manifest = ingest(digits_source)
+    pixels = feats.pixel_features(manifest, size=8)
+    assert pixels.X.shape == (90, 8 * 8 * 3) and 0 <= pixels.X.min() and pixels.X.max() <= 1
+    X, y = pixels.subset("train")
+    assert len(X) == len(manifest.split("train")) == len(y)

@@ -1,0 +1,130 @@
+import csv
+import shutil
+from collections import Counter
+
+import pytest
+
+from tlkit.errors import TlkitError
+from tlkit.ingest import Manifest, format_report, ingest
+
+
+def test_class_folders_get_stratified_reproducible_splits(digits_source):
+    manifest = ingest(digits_source, val=0.2, test=0.2, seed=3)
+    assert manifest.classes == ["0", "1", "2"]
+    per_class = Counter((r.label, r.split) for r in manifest.records)
+    for label in manifest.classes:
+        assert per_class[(label, "val")] == 6 and per_class[(label, "test")] == 6 and per_class[(label, "train")] == 18
+    assert ingest(digits_source, val=0.2, test=0.2, seed=3).records == manifest.records
+    assert ingest(digits_source, val=0.2, test=0.2, seed=4).records != manifest.records
+
+
+def test_records_carry_hash_and_size(digits_source):
+    record = ingest(digits_source).records[0]
+    assert len(record.sha256) == 64 and (record.width, record.height) == (32, 32)
+
+
+def test_shots_label_few_images_and_test_on_the_rest(digits_target):
+    manifest = ingest(digits_target, shots=4, val=0.25, seed=0)
+    counts = Counter((r.label, r.split) for r in manifest.records)
+    for label in manifest.classes:
+        assert (counts[(label, "train")], counts[(label, "val")], counts[(label, "test")]) == (3, 1, 26)
+
+
+def test_awkward_files_are_converted_or_skipped_with_reasons(awkward_images):
+    manifest = ingest(awkward_images, val=0, test=0)
+    kept = {r.path for r in manifest.records}
+    assert {"a/grey.png", "a/palette.png", "a/rgba.png", "b/cmyk.jpg", "b/sixteen.png", "b/rotated.jpg"} <= kept
+    reasons = {path.split("awkward/")[-1]: why for path, why in manifest.report.skipped}
+    assert reasons["b/empty.png"] == "zero bytes"
+    assert reasons["b/notes.txt"] == "not an image"
+    assert reasons["a/truncated.jpg"] == "truncated"
+    assert reasons["stray.png"] == "not inside a class folder"
+    rotated = next(r for r in manifest.records if r.path == "b/rotated.jpg")
+    assert (rotated.width, rotated.height) == (20, 30)
+    assert any(set(group) == {"a/rgb.png", "b/duplicate_of_rgb.png"} for group in manifest.report.duplicates)
+    assert any("different labels" in w for w in manifest.report.warnings)
+    text = format_report(manifest)
+    assert "zero bytes" in text and "truncated" in text
+
+
+def test_duplicates_stay_in_one_split_when_tlkit_splits(tmp_path, digits_source):
+    root = shutil.copytree(digits_source, tmp_path / "d")
+    for i, path in enumerate(sorted((root / "0").glob("*.png"))[:5]):
+        shutil.copy(path, root / "0" / f"copy{i}.png")
+    manifest = ingest(root, seed=0)
+    for group in manifest.report.duplicates:
+        assert len({r.split for r in manifest.records if r.path in group}) == 1
+    assert not manifest.report.cross_split_duplicates
+
+
+def test_pre_split_tree_keeps_given_splits_and_reports_leaks(tmp_path, digits_source):
+    root = tmp_path / "split"
+    for split, start, stop in (("train", 0, 20), ("val", 20, 25), ("test", 24, 30)):  # one image in val and test
+        for label in ("0", "1"):
+            (root / split / label).mkdir(parents=True)
+            for path in sorted((digits_source / label).glob("*.png"))[start:stop]:
+                shutil.copy(path, root / split / label / path.name)
+    manifest = ingest(root)
+    assert manifest.split_settings == {"splits": "given"}
+    assert len(manifest.split("train")) == 40 and len(manifest.split("val")) == 10 and len(manifest.split("test")) == 12
+    assert len(manifest.report.cross_split_duplicates) == 2
+    assert any("more than one split" in w for w in manifest.report.warnings)
+
+
+def _write_csv(path, rows, header=("path", "label", "split")):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_csv_with_and_without_splits(tmp_path, digits_source):
+    files = sorted(digits_source.rglob("*.png"))
+    rows = [(str(p.relative_to(digits_source)), p.parent.name, "train" if i % 3 else "test") for i, p in enumerate(files)]
+    given = ingest(_write_csv(digits_source / "given.csv", rows))
+    assert len(given.split("test")) == len(files[::3])
+    made = ingest(_write_csv(digits_source / "made.csv", [r[:2] for r in rows], header=("path", "label")), seed=0)
+    assert len(made.split("train")) > len(made.split("val")) > 0
+    assert made.fingerprint == given.fingerprint  # same paths, contents and labels
+    (digits_source / "given.csv").unlink()
+    (digits_source / "made.csv").unlink()
+
+
+def test_csv_missing_path_is_skipped_and_missing_column_is_an_error(tmp_path, digits_source):
+    files = sorted(digits_source.rglob("*.png"))[:40]
+    rows = [(str(p), p.parent.name) for p in files] + [("nowhere.png", "0")]
+    manifest = ingest(_write_csv(tmp_path / "a.csv", rows, header=("path", "label")))
+    assert ("nowhere.png" in manifest.report.skipped[0][0]) and manifest.report.skipped[0][1] == "file does not exist"
+    with pytest.raises(TlkitError, match="lacks column.*label"):
+        ingest(_write_csv(tmp_path / "b.csv", [(str(files[0]),)], header=("path",)))
+
+
+def test_manifest_round_trip_and_fingerprint(tmp_path, digits_source):
+    manifest = ingest(digits_source)
+    path = manifest.save(tmp_path / "m.json")
+    loaded = ingest(path)
+    assert loaded.records == manifest.records and loaded.fingerprint == manifest.fingerprint
+    assert loaded.abspath(loaded.records[0]).exists()
+    relabelled = Manifest(manifest.root, manifest.classes, list(manifest.records), "", manifest.report, "", {})
+    from dataclasses import replace
+
+    from tlkit.ingest import _fingerprint
+
+    relabelled.records[0] = replace(relabelled.records[0], label="1")
+    assert _fingerprint(relabelled.records) != manifest.fingerprint
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda p: p / "missing", "does not exist"),
+        (lambda p: p, "no usable images"),
+        (lambda p: (p / "only" / "cls").mkdir(parents=True) or shutil.copy(next(p.parent.glob("**/*.png")), p / "only" / "cls") and p / "only", "one class only"),
+    ],
+)
+def test_bad_sources_are_one_line_errors(tmp_path, digits_source, make, match):
+    shutil.copy(next(digits_source.rglob("*.png")), tmp_path.parent / "seed.png")
+    with pytest.raises(TlkitError, match=match) as info:
+        ingest(make(tmp_path))
+    assert "\n" not in str(info.value)

@@ -1,0 +1,106 @@
+"""Stages log what they did: checked in the MLflow store, not just by return values."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_MODEL
+from tlkit import tracking
+from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, SplitConfig, TrainConfig
+from tlkit.errors import TlkitError
+from tlkit.stages import run_baseline, run_extract, run_ingest, run_predict, run_train
+
+TINY = BackboneConfig(model=TINY_MODEL, img_size=32)
+CPU = ComputeConfig(num_workers=0, batch_size=32)
+
+
+def artifacts(client, run_id, path=""):
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return set(found)
+
+
+def test_ingest_run_logs_report_and_manifest(tracked, digits_source):
+    manifest, path, result = run_ingest(digits_source, SplitConfig(seed=1), out=Path("m.json"))
+    run = tracked.get_run(result.run_id)
+    assert run.data.tags["tlkit.data_fingerprint"] == manifest.fingerprint and run.data.tags["tlkit.stage"] == "ingest"
+    assert run.data.params["seed"] == "1" and run.data.metrics["images"] == 90
+    assert {"data/report.txt", "data/m.json"} <= artifacts(tracked, result.run_id)
+
+
+def test_extract_run_records_throughput_and_cache_hits(tracked, digits_source):
+    first, r1 = run_extract(digits_source, TINY, compute=CPU)
+    second, r2 = run_extract(digits_source, TINY, compute=CPU)
+    assert tracked.get_run(r1.run_id).data.tags["tlkit.cache_hit"] == "False"
+    assert tracked.get_run(r2.run_id).data.tags["tlkit.cache_hit"] == "True"
+    assert tracked.get_run(r1.run_id).data.metrics["images_per_s"] > 0
+    assert tracked.get_run(r1.run_id).data.params["weights"] == "random(seed=0)"
+
+
+@pytest.mark.parametrize("classifier", ["svm", "logreg", "pixels"])
+def test_baseline_run_contents_and_prediction(tracked, digits_source, classifier):
+    result = run_baseline(digits_source, TINY, BaselineConfig(classifier=classifier, pixel_size=16), compute=CPU)
+    run = tracked.get_run(result.run_id)
+    params, metrics = run.data.params, run.data.metrics
+    assert params["features"] == ("pixels" if classifier == "pixels" else "backbone")
+    assert params["classifier"] == ("svm" if classifier == "pixels" else classifier)
+    assert float(params["C"]) > 0 and params["data.fingerprint"] == run.data.tags["tlkit.data_fingerprint"]
+    assert metrics["test_accuracy"] == result.metrics["test_accuracy"] > 0.5
+    files = artifacts(tracked, result.run_id)
+    assert {"plots/confusion_matrix.png", "model/tlkit-model.json", "model/estimator.joblib", "data/report.txt"} <= files
+    assert ("model/backbone.safetensors" in files) == (classifier != "pixels")
+
+    images = sorted(str(p) for p in Path(digits_source, "2").glob("*.png"))[:5]
+    rows, skipped, predicted = run_predict(f"runs:/{result.run_id}", images, top_k=2)
+    assert len(rows) == 10 and not skipped
+    assert [r["rank"] for r in rows[:2]] == [1, 2]
+    score = "score" if classifier in ("svm", "pixels") else "probability"
+    assert score in rows[0]
+    assert sum(r["class"] == "2" for r in rows if r["rank"] == 1) >= 3
+
+
+def test_pretrain_then_finetune_from_the_run(tracked, digits_source, digits_target):
+    train = TrainConfig(epochs=2, batch_size=16, augment="none")
+    pre = run_train("pretrain", digits_source, TINY, train, compute=CPU, progress=False)
+    run = tracked.get_run(pre.run_id)
+    history = tracked.get_metric_history(pre.run_id, "val_accuracy")
+    assert [m.step for m in history] == [0, 1]
+    assert {"train_loss", "train_accuracy", "val_loss", "test_accuracy", "best_epoch"} <= set(run.data.metrics)
+    assert run.data.params["train.epochs"] == "2" and run.data.params["strategy"] == "full"
+    assert {"model/backbone.safetensors", "model/head.safetensors", "plots/confusion_matrix.png"} <= artifacts(tracked, pre.run_id)
+
+    fine = run_train("finetune", digits_target, BackboneConfig(weights=pre.model_uri), train, compute=CPU, progress=False)
+    fine_run = tracked.get_run(fine.run_id)
+    assert fine_run.data.params["weights"] == pre.model_uri and fine_run.data.params["model"] == TINY_MODEL
+    assert fine_run.data.params["img_size"] == "32"  # preprocessing travels with the weights
+
+    image = str(sorted(Path(digits_target, "6").glob("*.png"))[0])
+    rows, _, _ = run_predict(fine.model_uri, [image], top_k=3)
+    assert [r["class"] for r in rows] != [] and abs(sum(r["probability"] for r in rows) - 1) < 1e-4
+
+
+def test_unknown_run_and_wrong_model_are_errors(tracked, digits_source):
+    with pytest.raises(TlkitError, match="no run 'deadbeef'"):
+        run_predict("runs:/deadbeef", [str(digits_source)])
+    result = run_baseline(digits_source, TINY, BaselineConfig(), compute=CPU)
+    with pytest.raises(TlkitError, match="holds a 'test_resnet' backbone, not 'resnet18'"):
+        run_extract(digits_source, BackboneConfig(model="resnet18", weights=result.model_uri), compute=CPU)
+
+
+def test_predict_skips_bad_files_and_reports_them(tracked, digits_source, awkward_images):
+    result = run_baseline(digits_source, TINY, BaselineConfig(classifier="pixels"), compute=CPU)
+    rows, skipped, _ = run_predict(result.model_uri, [str(awkward_images), "missing.png"])
+    reasons = dict(skipped)
+    assert reasons["missing.png"] == "does not exist" and any("truncated" == r for r in reasons.values())
+    assert len(rows) == 9  # every readable image of the awkward tree, stray.png included
+
+
+def test_tracking_default_store_is_sqlite_with_local_artifacts(workdir):
+    experiment_id = tracking.configure(None, "fresh")
+    assert (workdir / "mlflow.db").exists()
+    from mlflow import MlflowClient
+
+    location = MlflowClient(tracking.resolve_tracking_uri()).get_experiment(experiment_id).artifact_location
+    assert location == (workdir / "mlruns" / "fresh").as_uri()

@@ -1,0 +1,5 @@
+"""`python -m tlkit` -> the CLI."""
+
+from tlkit.cli import main
+
+main()

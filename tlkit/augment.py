@@ -1,0 +1,119 @@
+"""Backbone data config + preset name -> albumentations train/eval transforms (YAML round-trip).
+
+The only module that imports albumentations (2.0.x: MIT, no longer developed upstream), so a swap
+touches this file alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from tlkit.errors import TlkitError  # noqa: E402
+
+PRESETS = ("none", "light", "medium", "heavy")
+_INTERPOLATION = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+
+
+def _size(data_config: dict) -> tuple[int, int]:
+    _, height, width = data_config["input_size"]
+    return int(height), int(width)
+
+
+def _interpolation(data_config: dict) -> int:
+    return _INTERPOLATION.get(data_config.get("interpolation", "bilinear"), cv2.INTER_LINEAR)
+
+
+def _normalize(data_config: dict) -> list:
+    return [A.Normalize(mean=data_config["mean"], std=data_config["std"], max_pixel_value=255.0), A.ToTensorV2()]
+
+
+def eval_transform(data_config: dict) -> A.Compose:
+    """timm's evaluation preprocessing: resize the short side to size / crop_pct, centre crop."""
+    height, width = _size(data_config)
+    crop_pct = float(data_config.get("crop_pct") or 1.0)
+    scale = int(math.floor(min(height, width) / crop_pct))
+    return A.Compose(
+        [
+            A.SmallestMaxSize(max_size=scale, interpolation=_interpolation(data_config)),
+            A.CenterCrop(height=height, width=width),
+            *_normalize(data_config),
+        ]
+    )
+
+
+def train_transform(data_config: dict, preset: str = "light", *, hflip: bool = True) -> A.Compose:
+    """A training transform from a preset, at the backbone's input size and normalisation.
+
+    Args:
+        data_config: the backbone's data config (input_size, mean, std, interpolation, crop_pct).
+        preset: none (same as eval), light (random resized crop + flip), medium (+ colour and
+            small affine changes), heavy (+ stronger crops, rotation, cutout).
+        hflip: allow horizontal flips; turn off where left and right differ (digits, text).
+    """
+    if preset not in PRESETS:
+        raise TlkitError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(PRESETS)} or a YAML file")
+    if preset == "none":
+        return eval_transform(data_config)
+    height, width = _size(data_config)
+    interp = _interpolation(data_config)
+    scale = {"light": (0.6, 1.0), "medium": (0.4, 1.0), "heavy": (0.25, 1.0)}[preset]
+    steps: list = [A.RandomResizedCrop(size=(height, width), scale=scale, interpolation=interp)]
+    if hflip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    if preset in ("medium", "heavy"):
+        strength = 0.2 if preset == "medium" else 0.4
+        steps.append(A.ColorJitter(brightness=strength, contrast=strength, saturation=strength, hue=0.02, p=0.8))
+        steps.append(A.Affine(rotate=(-10, 10) if preset == "medium" else (-20, 20), translate_percent=(-0.05, 0.05), p=0.5))
+    if preset == "heavy":
+        steps.append(A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.2), hole_width_range=(0.05, 0.2), p=0.5))
+    return A.Compose(steps + _normalize(data_config))
+
+
+def load_transform(path: str | os.PathLike) -> A.Compose:
+    """A transform saved in albumentations' own YAML serialisation format."""
+    try:
+        return A.load(str(path), data_format="yaml")
+    except FileNotFoundError:
+        raise TlkitError(f"augmentation file {path} does not exist") from None
+    except Exception as err:  # albumentations raises several types for a malformed file
+        raise TlkitError(f"cannot read augmentation file {path}: {err}; write it with albumentations' A.save(..., data_format='yaml')") from None
+
+
+def resolve_train_transform(data_config: dict, augment: str, *, hflip: bool = True) -> A.Compose:
+    """`augment` is a preset name or a path to an albumentations YAML file."""
+    if augment in PRESETS:
+        return train_transform(data_config, augment, hflip=hflip)
+    if augment.endswith((".yaml", ".yml")):
+        return load_transform(augment)
+    raise TlkitError(f"unknown augmentation {augment!r}; choose one of {', '.join(PRESETS)} or a .yaml file")
+
+
+def to_yaml(transform: A.Compose, path: Path) -> Path:
+    """Save `transform` as YAML that :func:`load_transform` (and albumentations) reads back."""
+    A.save(transform, str(path), data_format="yaml")
+    return Path(path)
+
+
+def to_dict(transform: A.Compose) -> dict:
+    """A JSON-able description of the transform: part of the feature-cache key."""
+    return A.to_dict(transform)
+
+
+def apply(transform: A.Compose, image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> normalised 3xHxW float tensor."""
+    return transform(image=image)["image"]

@@ -1,0 +1,59 @@
+"""Manifest rows + transform -> torch Dataset and DataLoader."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tlkit.images import load_rgb
+
+
+class ImageDataset(Dataset):
+    """Decodes image files and applies a transform; items are (image tensor, label, index)."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None, transform: Callable[[np.ndarray], torch.Tensor]):
+        self.paths = [str(p) for p in paths]
+        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_rgb(self.paths[index])), self.labels[index], index
+
+
+def default_workers() -> int:
+    """Decoding workers: leave the compute threads most of a small machine."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, max(0, cpus - 1))
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    num_workers: int | None = None,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader with tlkit's defaults: seeded shuffling, persistent workers, pinned memory on GPU."""
+    workers = default_workers() if num_workers is None else num_workers
+    workers = min(workers, max(1, len(dataset) // max(1, batch_size)))  # no idle workers for tiny sets
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=generator,
+        drop_last=drop_last,
+    )

@@ -1,0 +1,196 @@
+"""Manifest + frozen Backbone -> FeatureSet (one row per image), cached on disk.
+
+The cache key is (model, weights digest, preprocessing, precision, dataset fingerprint): change any
+of them and the features are recomputed; change nothing and the second call reads the file.
+Extraction runs through Lightning's predict loop, so `devices` spreads it over several GPUs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from tlkit import augment, runtime
+from tlkit.backbone import Backbone
+from tlkit.data import ImageDataset, make_loader
+from tlkit.images import load_rgb
+from tlkit.ingest import Manifest
+
+CACHE_ENV = "TLKIT_CACHE"
+DEFAULT_CACHE = ".tlkit/cache"
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    return Path(path or os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+
+
+@dataclass
+class FeatureSet:
+    """Features of every image of a manifest, in manifest order.
+
+    Attributes:
+        X: (n_images, n_features) float32.
+        y: class index per image.
+        splits: split name per image.
+        classes: class names, indexed by `y`.
+        key: the cache key (identifies model, weights, preprocessing and data).
+        cached: True when read from the cache rather than computed.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    splits: np.ndarray
+    classes: list[str]
+    key: str
+    meta: dict = field(default_factory=dict)
+    cached: bool = False
+
+    def subset(self, *splits: str) -> tuple[np.ndarray, np.ndarray]:
+        mask = np.isin(self.splits, splits)
+        return self.X[mask], self.y[mask]
+
+
+def _key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _load_cached(path: Path, manifest: Manifest, key: str, meta: dict) -> FeatureSet | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as stored:
+            X, hashes = stored["X"], stored["sha256"]
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged cache file is recomputed, not trusted
+    if list(hashes) != [r.sha256 for r in manifest.records]:
+        return None
+    return FeatureSet(X, manifest.labels(), np.array([r.split for r in manifest.records]), manifest.classes, key, meta, cached=True)
+
+
+def _save(path: Path, X: np.ndarray, manifest: Manifest) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
+        np.savez(handle, X=X, sha256=np.array([r.sha256 for r in manifest.records]))
+    os.replace(handle.name, path)  # atomic: a concurrent reader sees the old file or the new one
+
+
+class _Extractor(L.LightningModule):
+    """Frozen backbone for Lightning's predict loop: channels-last, eval mode, inference mode."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.eval().to(memory_format=torch.channels_last)
+
+    def predict_step(self, batch, batch_idx):
+        images, _, index = batch
+        features = self.model(images.contiguous(memory_format=torch.channels_last))
+        return index.cpu(), features.float().cpu()
+
+
+class _ShardWriter(BasePredictionWriter):
+    """With several devices each process writes its shard; the main process joins them."""
+
+    def __init__(self, folder: Path):
+        super().__init__(write_interval="epoch")
+        self.folder = folder
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
+        torch.save(predictions, self.folder / f"shard-{trainer.global_rank}.pt")
+
+
+def _run_predict(backbone: Backbone, loader, *, devices, precision: str, progress: bool) -> np.ndarray:
+    n = len(loader.dataset)
+    with tempfile.TemporaryDirectory(prefix="tlkit-extract-") as tmp:
+        trainer = L.Trainer(
+            accelerator="auto",
+            devices=devices,
+            precision=precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+            inference_mode=True,
+            callbacks=[_ShardWriter(Path(tmp))],
+            default_root_dir=tmp,
+        )
+        trainer.predict(_Extractor(backbone.model), dataloaders=loader, return_predictions=False)
+        X = np.zeros((n, backbone.num_features), dtype=np.float32)
+        for shard in Path(tmp).glob("shard-*.pt"):
+            for index, features in torch.load(shard, weights_only=True):
+                X[index.numpy()] = features.numpy()  # padded duplicates simply overwrite
+    backbone.model.to(memory_format=torch.contiguous_format)
+    return X
+
+
+def extract_features(
+    manifest: Manifest,
+    backbone: Backbone,
+    *,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    devices: int | str = "auto",
+    precision: str = "auto",
+    cache: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> FeatureSet:
+    """Run the frozen backbone over every image of the manifest (all splits), or read the cache.
+
+    Args:
+        manifest: the dataset.
+        backbone: the frozen feature extractor; its data config fixes the preprocessing.
+        batch_size, num_workers: DataLoader settings (workers default to the CPU count - 1).
+        devices: Lightning devices ("auto", a count, or a list).
+        precision: Lightning precision, or "auto" (bf16-mixed where the device runs it natively).
+        cache: cache folder (default $TLKIT_CACHE or .tlkit/cache).
+        use_cache: read an existing cache entry (the result is written either way).
+        progress: show a progress bar.
+    """
+    precision = runtime.resolve_precision(precision)
+    transform = augment.eval_transform(backbone.data_config)
+    meta = {
+        "kind": "backbone",
+        "model": backbone.name,
+        "weights_digest": backbone.digest,
+        "transform": augment.to_dict(transform),
+        "precision": precision,
+        "data": manifest.fingerprint,
+    }
+    key = _key(meta)
+    path = cache_dir(cache) / "features" / f"{key}.npz"
+    if use_cache and (found := _load_cached(path, manifest, key, meta)) is not None:
+        return found
+    dataset = ImageDataset([manifest.abspath(r) for r in manifest.records], None, lambda img: augment.apply(transform, img))
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers)
+    X = _run_predict(backbone, loader, devices=devices, precision=precision, progress=progress)
+    _save(path, X, manifest)
+    return FeatureSet(X, manifest.labels(), np.array([r.split for r in manifest.records]), manifest.classes, key, meta)
+
+
+def pixel_features(manifest: Manifest, *, size: int = 32, cache: str | os.PathLike | None = None) -> FeatureSet:
+    """Raw RGB pixels downscaled to size x size and scaled to [0, 1]: the naive baseline's features."""
+    meta = {"kind": "pixels", "size": size, "data": manifest.fingerprint}
+    key = _key(meta)
+    path = cache_dir(cache) / "features" / f"{key}.npz"
+    if (found := _load_cached(path, manifest, key, meta)) is not None:
+        return found
+    X = np.stack([pixels_of(load_rgb(manifest.abspath(r)), size) for r in manifest.records])
+    _save(path, X, manifest)
+    return FeatureSet(X, manifest.labels(), np.array([r.split for r in manifest.records]), manifest.classes, key, meta)
+
+
+def pixels_of(image: np.ndarray, size: int) -> np.ndarray:
+    """One RGB uint8 image -> its flattened size x size pixel vector in [0, 1]."""
+    from PIL import Image
+
+    small = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
+    return (np.asarray(small, dtype=np.float32) / 255.0).reshape(-1)

@@ -1,0 +1,68 @@
+"""Image files -> RGB arrays: every mode (grey, palette, RGBA, CMYK, 16-bit) and EXIF orientation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Large but sane: a 20000 x 20000 scan is fine, a decompression bomb is not.
+Image.MAX_IMAGE_PIXELS = 400_000_000
+
+
+class BadImage(Exception):
+    """A file that cannot be used as an image; `reason` is a short phrase for the ingest report."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency is composited onto white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if image.mode == "F":
+            top = max(float(arr.max()), 1.0)
+        image = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Decode `path` to an HxWx3 uint8 array, upright per its EXIF orientation."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        return np.asarray(to_rgb(image))
+
+
+def inspect_image(path: Path) -> tuple[int, int]:
+    """Fully decode `path` and return its upright (width, height), or raise BadImage(reason)."""
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("zero bytes")
+        with Image.open(path) as image:
+            image.load()  # a full decode is the only way to catch truncated files
+            upright = ImageOps.exif_transpose(image)
+            return upright.size
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image") from None
+    except PermissionError:
+        raise BadImage("unreadable (permission denied)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        text = str(err).lower()
+        if "truncated" in text or "premature end" in text or "broken data stream" in text:
+            raise BadImage("truncated") from None
+        raise BadImage(f"unreadable ({err})") from None
+    except Image.DecompressionBombError:
+        raise BadImage("too many pixels (possible decompression bomb)") from None

@@ -1,0 +1,78 @@
+"""Process-wide speed and quiet settings -> applied once, before any heavy work."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+import warnings
+from functools import cache
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_ONE_GIB = 1 << 30
+
+
+@cache
+def tune_allocator() -> bool:
+    """Keep freed image/tensor buffers in glibc's heap instead of returning them to the OS.
+
+    Each batch allocates and frees large buffers; with glibc's defaults every one is an
+    mmap/munmap pair plus page faults. Raising both thresholds to 1 GiB was measured at
+    1.3-2.7x faster at 224 px on the reference CPU (RSS then stays at its peak).
+    Set TLKIT_NO_MALLOPT=1 to keep glibc's defaults.
+    """
+    if os.environ.get("TLKIT_NO_MALLOPT") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or another libc: nothing to tune
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _ONE_GIB) and libc.mallopt(_M_TRIM_THRESHOLD, _ONE_GIB))
+
+
+@cache
+def cpu_supports_bf16() -> bool:
+    """True where oneDNN runs bf16 natively (AVX512-BF16 or AMX): autocast is then a speed-up."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """Turn "auto" into a Lightning precision string for the device that will run.
+
+    GPU: bf16-mixed where supported, else 16-mixed. CPU: bf16-mixed where the CPU has native bf16
+    (measured 2x faster for resnet18 training here), else 32-true.
+    """
+    if precision != "auto":
+        return precision
+    import torch
+
+    use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_supports_bf16() else "32-true"
+
+
+def quiet() -> None:
+    """Silence start-up chatter (Lightning tips, 'GPU available: False') that buries our output."""
+    for name in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.accelerators.cuda",
+    ):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*number of training batches.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)

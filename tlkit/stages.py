@@ -1,0 +1,261 @@
+"""Settings -> one tracked MLflow run per stage (ingest, extract, baseline, pretrain, finetune, predict).
+
+Each function here composes the library modules and records what it did: the resolved settings
+as params, the dataset fingerprint and tlkit version as tags, metrics, plots, and the model. The
+CLI and pipelines call these, so a stage logs the same way wherever it runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlkit import bundle, tracking
+from tlkit.backbone import Backbone, create_backbone
+from tlkit.baseline import fit_baseline
+from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, SplitConfig, TrainConfig
+from tlkit.evaluate import close, confusion_figure
+from tlkit.features import FeatureSet, extract_features, pixel_features
+from tlkit.finetune import train_classifier
+from tlkit.ingest import Manifest, format_report, ingest
+from tlkit.predict import predict_images
+
+
+@dataclass
+class StageResult:
+    """What a stage run produced: its MLflow run, metrics, and the model it saved (if any)."""
+
+    stage: str
+    run_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_uri: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+def load_data(data: str | Path | Manifest, split: SplitConfig | None = None) -> Manifest:
+    """A folder, CSV or manifest path (or a Manifest already in hand) -> Manifest."""
+    if isinstance(data, Manifest):
+        return data
+    split = split or SplitConfig()
+    return ingest(data, val=split.val, test=split.test, seed=split.seed, shots=split.shots)
+
+
+def _log_data(manifest: Manifest) -> None:
+    counts = {s: len(manifest.split(s)) for s in ("train", "val", "test")}
+    tracking.log_params(
+        {
+            "data.source": manifest.source,
+            "data.fingerprint": manifest.fingerprint,
+            "data.classes": len(manifest.classes),
+            **{f"data.n_{s}": n for s, n in counts.items()},
+            **{f"data.split.{k}": v for k, v in manifest.split_settings.items()},
+        }
+    )
+    tracking.set_tags({"tlkit.data_fingerprint": manifest.fingerprint})
+    tracking.log_text(format_report(manifest, max_items=10_000), "data/report.txt")
+
+
+def _log_backbone(backbone: Backbone) -> None:
+    tracking.log_params(
+        {
+            "model": backbone.name,
+            "weights": backbone.weights,
+            "weights_digest": backbone.digest,
+            "img_size": backbone.data_config["input_size"][-1],
+            "num_features": backbone.num_features,
+        }
+    )
+    tracking.log_dict({k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()}, "data_config.json")
+
+
+def _log_confusion(y_true, y_pred, classes: list[str], split: str) -> None:
+    figure = confusion_figure(y_true, y_pred, classes, title=f"{split} split")
+    tracking.log_figure(figure, "plots/confusion_matrix.png")
+    close(figure)
+
+
+def make_backbone(config: BackboneConfig, *, tracking_uri: str | None = None) -> Backbone:
+    return create_backbone(
+        config.model, pretrained=config.pretrained, weights=config.weights, img_size=config.img_size, seed=config.seed, tracking_uri=tracking_uri
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def run_ingest(data: str | Path, split: SplitConfig, *, out: Path | None = None, run_name: str | None = None) -> tuple[Manifest, Path, StageResult]:
+    """Ingest `data`, write the manifest to `out`, and log the report as a run."""
+    manifest = load_data(data, split)
+    out = Path(out or f"{Path(data).resolve().name}.manifest.json")
+    manifest.save(out)
+    with tracking.start_run("ingest", run_name=run_name, params=split.model_dump()) as run_id:
+        _log_data(manifest)
+        tracking.log_artifact(out, "data")
+        tracking.log_metrics({"images": len(manifest.records), "skipped": len(manifest.report.skipped), "duplicate_groups": len(manifest.report.duplicates)})
+    return manifest, out, StageResult("ingest", run_id)
+
+
+def _features(manifest: Manifest, backbone: Backbone | None, compute: ComputeConfig, pixel_size: int, cache: Path | None) -> FeatureSet:
+    if backbone is None:
+        return pixel_features(manifest, size=pixel_size, cache=cache)
+    return extract_features(
+        manifest,
+        backbone,
+        batch_size=compute.batch_size,
+        num_workers=compute.num_workers,
+        devices=compute.devices,
+        precision=compute.precision,
+        cache=cache,
+    )
+
+
+def run_extract(
+    data: str | Path | Manifest,
+    backbone_config: BackboneConfig,
+    *,
+    split: SplitConfig | None = None,
+    compute: ComputeConfig | None = None,
+    cache: Path | None = None,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+) -> tuple[FeatureSet, StageResult]:
+    """Frozen features of every image, cached; the run records throughput and whether the cache hit."""
+    manifest = load_data(data, split)
+    compute = compute or ComputeConfig()
+    backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
+    with tracking.start_run("extract", run_name=run_name, params={"compute": compute.model_dump()}) as run_id:
+        _log_data(manifest)
+        _log_backbone(backbone)
+        start = time.perf_counter()
+        features = _features(manifest, backbone, compute, 0, cache)
+        seconds = time.perf_counter() - start
+        tracking.log_params({"precision": features.meta["precision"], "feature_key": features.key})
+        tracking.set_tags({"tlkit.cache_hit": str(features.cached)})
+        tracking.log_metrics({"images": len(features.X), "seconds": seconds, "images_per_s": len(features.X) / max(seconds, 1e-9)})
+    return features, StageResult("extract", run_id, details={"seconds": seconds, "cached": features.cached, "shape": features.X.shape})
+
+
+def run_baseline(
+    data: str | Path | Manifest,
+    backbone_config: BackboneConfig,
+    baseline: BaselineConfig,
+    *,
+    split: SplitConfig | None = None,
+    compute: ComputeConfig | None = None,
+    cache: Path | None = None,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+) -> StageResult:
+    """Fit a linear classifier on cached features (or raw pixels) and save it as the run's model."""
+    manifest = load_data(data, split)
+    compute = compute or ComputeConfig()
+    pixels = baseline.classifier == "pixels"
+    backbone = None if pixels else make_backbone(backbone_config, tracking_uri=tracking_uri)
+    classifier = "svm" if pixels else baseline.classifier
+    params = {"classifier": classifier, "features": "pixels" if pixels else "backbone", "seed": baseline.seed}
+    if pixels:
+        params["pixel_size"] = baseline.pixel_size
+    with tracking.start_run("baseline", run_name=run_name, params=params) as run_id:
+        _log_data(manifest)
+        if backbone is not None:
+            _log_backbone(backbone)
+        features = _features(manifest, backbone, compute, baseline.pixel_size, cache)
+        start = time.perf_counter()
+        result = fit_baseline(features, classifier=classifier, seed=baseline.seed)
+        fit_seconds = time.perf_counter() - start
+        tracking.log_params({"C": result.C, "C_selection": result.selection, "eval_split": result.eval_split, "feature_key": features.key})
+        tracking.set_tags({"tlkit.cache_hit": str(features.cached)})
+        tracking.log_metrics({**result.metrics, "val_selection_accuracy": result.val_score, "fit_seconds": fit_seconds})
+        _log_confusion(result.y_true, result.y_pred, manifest.classes, result.eval_split)
+        saved = bundle.Bundle(
+            kind="baseline",
+            model_name=None if pixels else backbone.name,
+            data_config=dict(backbone.data_config) if backbone else {"input_size": (3, baseline.pixel_size, baseline.pixel_size)},
+            classes=manifest.classes,
+            features="pixels" if pixels else "backbone",
+            pixel_size=baseline.pixel_size if pixels else None,
+            weights="" if pixels else backbone.weights,
+            extra={"classifier": classifier, "C": result.C},
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle.save_bundle(Path(tmp), saved, backbone=None if pixels else backbone.model, estimator=result.estimator)
+            tracking.log_artifacts(Path(tmp), bundle.ARTIFACT_PATH)
+    details = {"C": result.C, "cached": features.cached, "model": "pixels" if pixels else backbone.name}
+    return StageResult("baseline", run_id, result.metrics, f"runs:/{run_id}", details)
+
+
+def run_train(
+    kind: str,
+    data: str | Path | Manifest,
+    backbone_config: BackboneConfig,
+    train: TrainConfig,
+    *,
+    split: SplitConfig | None = None,
+    compute: ComputeConfig | None = None,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+    progress: bool = True,
+) -> StageResult:
+    """Train backbone + new head (kind 'pretrain' or 'finetune'); save the best epoch as the run's model."""
+    manifest = load_data(data, split)
+    compute = compute or ComputeConfig()
+    backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
+    with tracking.start_run(kind, run_name=run_name, params={"train": train.model_dump()}) as run_id:
+        _log_data(manifest)
+        _log_backbone(backbone)
+        with tempfile.TemporaryDirectory(prefix="tlkit-ckpt-") as workdir:
+            result = train_classifier(
+                manifest,
+                backbone,
+                epochs=train.epochs,
+                batch_size=train.batch_size,
+                lr=train.lr,
+                weight_decay=train.weight_decay,
+                label_smoothing=train.label_smoothing,
+                augment_preset=train.augment,
+                hflip=train.hflip,
+                seed=train.seed,
+                devices=compute.devices,
+                precision=compute.precision,
+                num_workers=compute.num_workers,
+                callbacks=[tracking.MetricsCallback()],
+                workdir=Path(workdir),
+                progress=progress,
+            )
+        tracking.log_params({"precision": result.settings["precision"], "strategy": "full", "eval_split": result.eval_split})
+        summary = {"best_epoch": result.best_epoch if result.best_epoch is not None else -1, "epochs_run": result.epochs_run}
+        if result.best_val_accuracy is not None:
+            summary["best_val_accuracy"] = result.best_val_accuracy
+        tracking.log_metrics({**result.metrics, **summary})
+        _log_confusion(result.y_true, result.y_pred, manifest.classes, result.eval_split)
+        saved = bundle.Bundle(
+            kind=kind,
+            model_name=backbone.name,
+            data_config=dict(backbone.data_config),
+            classes=manifest.classes,
+            weights=backbone.weights,
+            extra={"best_epoch": result.best_epoch},
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle.save_bundle(Path(tmp), saved, backbone=result.module.backbone, head=result.module.head)
+            tracking.log_artifacts(Path(tmp), bundle.ARTIFACT_PATH)
+    return StageResult(kind, run_id, result.metrics, f"runs:/{run_id}", {"best_epoch": result.best_epoch, **summary})
+
+
+def run_predict(model: str, images: list[str], *, top_k: int = 1, out: Path | None = None, tracking_uri: str | None = None) -> tuple[list[dict], list[tuple[str, str]], StageResult]:
+    """Top-k classes per image from a saved model; the predictions CSV is logged as an artifact."""
+    rows, skipped, predictor = predict_images(model, images, top_k=top_k, tracking_uri=tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(out) if out else Path(tmp) / "predictions.csv"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        with tracking.start_run("predict", params={"model_uri": model, "top_k": top_k, "images": len(rows) // max(1, min(top_k, len(predictor.classes)))}) as run_id:
+            tracking.log_artifact(target, "predictions")
+            tracking.log_metrics({"skipped": len(skipped)})
+    return rows, skipped, StageResult("predict", run_id)

@@ -1,0 +1,197 @@
+"""Stage settings, metrics, plots, models -> MLflow runs. The only module that imports mlflow.
+
+The default store needs no server: a SQLite database `mlflow.db` with artifacts under `mlruns/`,
+both in the working directory (MLflow 3.13+ refuses a bare `./mlruns` file store). Any tracking
+URI (a server, another database) works through `--tracking-uri` or MLFLOW_TRACKING_URI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tqdm bars per download are noise
+
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from tlkit import __version__  # noqa: E402
+from tlkit.errors import TlkitError  # noqa: E402
+
+DEFAULT_EXPERIMENT = "tlkit"
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlruns"
+RUNS_PREFIX = "runs:/"
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """`uri`, else MLFLOW_TRACKING_URI, else the SQLite store in the working directory."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def configure(tracking_uri: str | None = None, experiment: str | None = None) -> str:
+    """Point MLflow at the store and experiment; returns the experiment id."""
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    client = MlflowClient(uri)
+    try:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            location = None
+            if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+                # Local store: keep artifacts beside the database, not wherever MLflow guesses.
+                location = (Path(DEFAULT_ARTIFACTS).resolve() / name.replace("/", "_")).as_uri()
+            experiment_id = client.create_experiment(name, artifact_location=location)
+        else:
+            experiment_id = found.experiment_id
+            if found.lifecycle_stage == "deleted":
+                raise TlkitError(f"experiment {name!r} is deleted; restore it in the MLflow UI or choose another --experiment")
+    except MlflowException as err:
+        raise TlkitError(f"cannot use tracking store {uri}: {err.message.splitlines()[0]}") from None
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}: MLflow params are flat strings."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+@contextmanager
+def start_run(
+    stage: str,
+    *,
+    run_name: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[str]:
+    """An MLflow run for one stage, nested under the active run (a pipeline) when there is one.
+
+    Yields the run id. The run ends FAILED on an error and KILLED on Ctrl-C.
+    """
+    nested = mlflow.active_run() is not None
+    all_tags = {"tlkit.stage": stage, "tlkit.version": __version__, **(tags or {})}
+    run = mlflow.start_run(run_name=run_name or stage, nested=nested, tags=all_tags)
+    try:
+        if params:
+            log_params(params)
+        yield run.info.run_id
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run()
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    flat = flatten(params)
+    items = list(flat.items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        mlflow.log_params(dict(items[start : start + 100]))
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    mlflow.set_tags(dict(tags))
+
+
+def log_figure(figure, path: str) -> None:
+    mlflow.log_figure(figure, path)
+
+
+def log_text(text: str, path: str) -> None:
+    mlflow.log_text(text, path)
+
+
+def log_dict(data: dict, path: str) -> None:
+    mlflow.log_dict(data, path)
+
+
+def log_artifacts(folder: Path, path: str | None = None) -> None:
+    mlflow.log_artifacts(str(folder), artifact_path=path)
+
+
+def log_artifact(file: Path, path: str | None = None) -> None:
+    mlflow.log_artifact(str(file), artifact_path=path)
+
+
+def parse_run_ref(ref: str) -> tuple[str, str]:
+    """'runs:/ID' or 'runs:/ID/path' -> (run id, path inside the run or '')."""
+    rest = ref[len(RUNS_PREFIX) :].strip("/")
+    run_id, _, path = rest.partition("/")
+    if not run_id:
+        raise TlkitError(f"{ref!r} names no run; write runs:/RUN_ID (the id is shown by every command and in `tlkit ui`)")
+    return run_id, path
+
+
+def get_run(run_id: str, tracking_uri: str | None = None):
+    """The MLflow run, or a TlkitError naming the store that was searched."""
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        return MlflowClient(uri).get_run(run_id)
+    except MlflowException:
+        raise TlkitError(
+            f"no run {run_id!r} in tracking store {uri}; check the id in `tlkit ui`, or pass --tracking-uri for another store"
+        ) from None
+
+
+def download_artifacts(run_id: str, path: str, *, tracking_uri: str | None = None) -> Path:
+    """Download (or locate) `path` of a run's artifacts; returns a local path."""
+    get_run(run_id, tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        target = tempfile.mkdtemp(prefix="tlkit-artifacts-")
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=target, tracking_uri=uri))
+    except (MlflowException, OSError) as err:
+        raise TlkitError(f"run {run_id} has no artifact {path!r} ({str(err).splitlines()[0]}); is it a tlkit training or baseline run?") from None
+
+
+class MetricsCallback(L.Callback):
+    """Logs Lightning's epoch metrics to the active MLflow run, one step per epoch."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if metrics:
+            log_metrics(metrics, step=trainer.current_epoch)
+
+
+def serve_ui(*, host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None) -> int:
+    """Run `mlflow ui` against the store until interrupted; returns its exit code."""
+    uri = resolve_tracking_uri(tracking_uri)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri.startswith("sqlite:"):
+        command += ["--default-artifact-root", Path(DEFAULT_ARTIFACTS).resolve().as_uri()]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
