@@ -82,7 +82,8 @@ def pretrained_tags(name: str) -> list[str]:
 # Creating models and loading weights
 
 
-def _create(name: str, *, pretrained: bool = False, img_size: int | None = None) -> torch.nn.Module:
+def create_model(name: str, *, pretrained: bool = False, img_size: int | None = None) -> torch.nn.Module:
+    """A timm model without classifier, built for `img_size` where the architecture needs it."""
     kwargs: dict = {"pretrained": pretrained, "num_classes": 0}
     if img_size is not None:
         try:  # transformers build their position embeddings for the input size
@@ -215,7 +216,7 @@ def _create_from_hub(name: str, img_size: int | None) -> torch.nn.Module:
                 "with weights already cached, set HF_HUB_OFFLINE=1"
             )
     try:
-        return _create(name, pretrained=True, img_size=img_size)
+        return create_model(name, pretrained=True, img_size=img_size)
     except (OSError, RuntimeError) as err:
         raise TlkitError(f"downloading pretrained weights for {name!r} failed ({str(err).splitlines()[0]}); {fix}") from None
 
@@ -250,7 +251,7 @@ def create_backbone(
         if name is not None and name.split(".")[0] != saved.model_name.split(".")[0]:
             raise TlkitError(f"run {weights} holds a {saved.model_name!r} backbone, not {name!r}; drop --model or pass --model {saved.model_name}")
         name = saved.model_name
-        model = _create(name, img_size=img_size or saved.data_config["input_size"][-1])
+        model = create_model(name, img_size=img_size or saved.data_config["input_size"][-1])
         load_state(model, bundles.backbone_state(folder), source=str(weights), name=name)
         data_config = dict(saved.data_config)
         if img_size is not None:
@@ -262,7 +263,7 @@ def create_backbone(
         check_model_name(name)
         if weights is not None:
             path = Path(weights).expanduser()
-            model = _create(name, img_size=img_size)
+            model = create_model(name, img_size=img_size)
             load_state(model, _read_state_dict(path), source=str(path), name=name)
             source = f"file:{path.resolve()}"
         elif pretrained:
@@ -271,7 +272,7 @@ def create_backbone(
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = _create(name, img_size=img_size)
+                model = create_model(name, img_size=img_size)
             source = f"random(seed={seed})"
     if data_config is None:
         data_config = data_config_for(model, img_size)
@@ -315,7 +316,7 @@ def layer_groups(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
 def backbone_info(name: str, *, img_size: int | None = None) -> dict:
     """What `tlkit backbone info` shows: sizes, preprocessing, layer groups, pretrained tags."""
     check_model_name(name)
-    model = _create(name, img_size=img_size)
+    model = create_model(name, img_size=img_size)
     params = dict(model.named_parameters())
     return {
         "name": name,

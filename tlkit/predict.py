@@ -6,11 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 
 from tlkit import augment, bundle, runtime
-from tlkit.backbone import feature_width, load_state
+from tlkit.backbone import create_model, feature_width, load_state
 from tlkit.data import ImageDataset, make_loader
 from tlkit.errors import TlkitError
 from tlkit.features import pixels_of
@@ -77,7 +76,7 @@ def load_predictor(ref: str, *, tracking_uri: str | None = None) -> Predictor:
     folder, saved = bundle.fetch_bundle(ref, tracking_uri=tracking_uri)
     backbone = head = estimator = None
     if saved.features == "backbone":
-        backbone = timm.create_model(saved.model_name, pretrained=False, num_classes=0, **_img_size_kwargs(saved))
+        backbone = create_model(saved.model_name, img_size=int(saved.data_config["input_size"][-1]))
         load_state(backbone, bundle.backbone_state(folder), source=ref, name=saved.model_name)
         backbone = backbone.eval().to(memory_format=torch.channels_last)
     if saved.kind == "baseline":
@@ -86,16 +85,6 @@ def load_predictor(ref: str, *, tracking_uri: str | None = None) -> Predictor:
         head = torch.nn.Linear(feature_width(backbone), len(saved.classes))
         head.load_state_dict(bundle.head_state(folder))
     return Predictor(saved, backbone, head, estimator)
-
-
-def _img_size_kwargs(saved: bundle.Bundle) -> dict:
-    """Transformers were built for the run's input size; convnets take no such argument."""
-    size = int(saved.data_config["input_size"][-1])
-    try:
-        timm.create_model(saved.model_name, pretrained=False, num_classes=0, img_size=size)
-        return {"img_size": size}
-    except TypeError:
-        return {}
 
 
 def expand_images(items: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
