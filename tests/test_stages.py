@@ -1,5 +1,6 @@
 """Stages log what they did: checked in the MLflow store, not just by return values."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,8 @@ def test_pretrain_then_finetune_from_the_run(tracked, digits_source, digits_targ
     history = tracked.get_metric_history(pre.run_id, "val_accuracy")
     assert [m.step for m in history] == [0, 1]
     assert {"train_loss", "train_accuracy", "val_loss", "test_accuracy", "best_epoch"} <= set(run.data.metrics)
-    assert run.data.params["train.epochs"] == "2" and run.data.params["strategy"] == "full"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["train.strategy"] == "freeze-unfreeze"
+    assert run.data.params["phases"] == json.dumps(["head@0", "all@1"]) and len(json.loads(run.data.params["group_lrs"])) == 5
     assert {"model/backbone.safetensors", "model/head.safetensors", "plots/confusion_matrix.png"} <= artifacts(tracked, pre.run_id)
 
     fine = run_train("finetune", digits_target, BackboneConfig(weights=pre.model_uri), train, compute=CPU, progress=False)
@@ -104,3 +106,66 @@ def test_tracking_default_store_is_sqlite_with_local_artifacts(workdir):
 
     location = MlflowClient(tracking.resolve_tracking_uri()).get_experiment(experiment_id).artifact_location
     assert location == (workdir / "mlruns" / "fresh").as_uri()
+
+
+def test_resume_continues_the_same_mlflow_run(tracked, digits_source, monkeypatch):
+    import lightning as L
+
+    from tlkit import finetune
+
+    class Stop(L.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            if trainer.current_epoch == 1:
+                raise KeyboardInterrupt
+
+    original = finetune.PhaseCallback
+    monkeypatch.setattr(finetune, "PhaseCallback", lambda: _Both(original(), Stop()))
+    train = TrainConfig(epochs=3, batch_size=16, augment="none", strategy="freeze-unfreeze")
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run_train("finetune", digits_source, TINY, train, compute=CPU, progress=False)
+    interrupted = tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])[0]
+    assert interrupted.info.status == "KILLED"
+    monkeypatch.setattr(finetune, "PhaseCallback", original)
+    result = run_train("finetune", digits_source, TINY, train, compute=CPU, progress=False, resume=interrupted.info.run_id)
+    assert result.run_id == interrupted.info.run_id
+    run = tracked.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["epochs_run"] == 3
+    assert [m.step for m in tracked.get_metric_history(result.run_id, "val_accuracy")] == [0, 1, 2]
+    assert len(tracked.search_runs([run.info.experiment_id])) == 1
+    with pytest.raises(TlkitError, match="other settings"):
+        run_train("finetune", digits_source, TINY, train.model_copy(update={"epochs": 5}), compute=CPU, progress=False, resume=result.run_id)
+
+
+class _Both:
+    """Two callbacks as one (the test swaps PhaseCallback for PhaseCallback + an interruption)."""
+
+    def __new__(cls, first, second):
+        import lightning as L
+
+        class Combined(L.Callback):
+            def on_train_epoch_start(self, trainer, module):
+                first.on_train_epoch_start(trainer, module)
+
+            def on_train_epoch_end(self, trainer, module):
+                second.on_train_epoch_end(trainer, module)
+
+        return Combined()
+
+
+def test_ddp_on_cpu_with_two_processes_logs_one_run(tracked, digits_source):
+    train = TrainConfig(epochs=2, batch_size=8, augment="none", strategy="freeze-unfreeze")
+    compute = ComputeConfig(devices=2, num_workers=0, precision="32-true")
+    result = run_train("finetune", digits_source, TINY, train, compute=compute, progress=False)
+    runs = tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == result.run_id and runs[0].info.status == "FINISHED"
+    assert [m.step for m in tracked.get_metric_history(result.run_id, "train_loss")] == [0, 1]
+    assert tracked.get_metric_history(result.run_id, "lr.head")  # logged from the spawned rank 0
+    assert 0 <= result.metrics["test_accuracy"] <= 1
+
+
+def test_lr_find_stage_logs_plot_and_suggestion(tracked, digits_source):
+    from tlkit.stages import run_lr_find
+
+    result = run_lr_find(digits_source, TINY, TrainConfig(batch_size=16, augment="none"), compute=CPU)
+    assert result.metrics["suggested_lr"] > 0
+    assert "plots/lr_find.png" in artifacts(tracked, result.run_id)

@@ -117,3 +117,13 @@ def to_dict(transform: A.Compose) -> dict:
 def apply(transform: A.Compose, image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> normalised 3xHxW float tensor."""
     return transform(image=image)["image"]
+
+
+class ToTensor:
+    """A transform as a picklable callable (DataLoader workers and spawned processes need that)."""
+
+    def __init__(self, transform: A.Compose):
+        self.transform = transform
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return apply(self.transform, image)

@@ -296,31 +296,62 @@ def baseline_command(
     _run_footer(result.run_id)
 
 
-def _train(kind: str, data, model, pretrained, weights, img_size, epochs, lr, batch_size, weight_decay, label_smoothing, augment, hflip, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment):
+Epochs = Annotated[int, typer.Option(help="Training epochs.")]
+Lr = Annotated[str, typer.Option(help="Head learning rate (peak of the schedule), or auto to run the LR finder first.")]
+LrMult = Annotated[float, typer.Option(help="Each earlier layer group learns this many times slower than the next.")]
+Lrs = Annotated[Optional[str], typer.Option(help="Explicit rates, comma-separated: body groups (input side first), then the head.")]
+Groups = Annotated[int, typer.Option(help="Merge the backbone's layer groups into this many (0: timm's own groups).")]
+FreezeEpochs = Annotated[int, typer.Option(help="freeze-unfreeze: epochs that train the head alone.")]
+UnfreezeEvery = Annotated[int, typer.Option(help="gradual: epochs between unfreezing one more group.")]
+Bn = Annotated[str, typer.Option(help="BatchNorm in frozen groups: frozen (eval mode) or train (statistics update).")]
+Schedule = Annotated[str, typer.Option(help="onecycle, cosine (with warm-up) or constant; restarted each phase.")]
+Balance = Annotated[str, typer.Option(help="Imbalanced classes: none, weights (loss weights) or sampler (balanced batches).")]
+Patience = Annotated[Optional[int], typer.Option(help="Stop after N epochs without a better val accuracy (last phase).")]
+WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay (not on biases and norms).")]
+LabelSmoothing = Annotated[float, typer.Option(help="Cross-entropy label smoothing.")]
+Augment = Annotated[str, typer.Option(help="none, light, medium, heavy, or an albumentations YAML file.")]
+HFlip = Annotated[bool, typer.Option("--hflip/--no-hflip", help="Allow horizontal flips in augmentation.")]
+Resume = Annotated[Optional[str], typer.Option(help="RUN_ID of an interrupted run: continue from its last checkpoint, same run.")]
+
+
+def _train_config(**options):
+    from pydantic import ValidationError
+
     from tlkit.config import TrainConfig
+
+    lr = options.pop("lr")
+    lrs = options.pop("lrs")
+    groups = options.pop("groups")
+    try:
+        options["lr"] = lr if lr == "auto" else float(lr)
+        options["lrs"] = [float(v) for v in lrs.split(",")] if lrs else None
+    except ValueError:
+        raise TlkitError(f"--lr must be a number or auto and --lrs comma-separated numbers; got {lr!r}, {lrs!r}") from None
+    options["groups"] = groups or None
+    try:
+        return TrainConfig(**options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise TlkitError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+
+
+def _train(kind: str, data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume, **train_options):
     from tlkit.stages import run_train
 
     _tracking(tracking_uri, experiment)
-    train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, hflip=hflip, seed=seed)
+    train = _train_config(seed=seed, **train_options)
     result = run_train(
         kind,
         data,
         _backbone(model, pretrained, weights, img_size, seed),
         train,
         split=_split(val, test, seed, shots),
-        compute=_compute(devices, precision, batch_size, workers),
+        compute=_compute(devices, precision, train.batch_size, workers),
         tracking_uri=tracking_uri,
+        resume=resume,
     )
-    console.print(_metrics_table(f"{kind}: best epoch {result.details['best_epoch']}", result.metrics))
+    console.print(_metrics_table(f"{kind} ({train.strategy}): best epoch {result.details['best_epoch']}", result.metrics))
     _run_footer(result.run_id)
-
-
-Epochs = Annotated[int, typer.Option(help="Training epochs.")]
-Lr = Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")]
-WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay (not on biases and norms).")]
-LabelSmoothing = Annotated[float, typer.Option(help="Cross-entropy label smoothing.")]
-Augment = Annotated[str, typer.Option(help="none, light, medium, heavy, or an albumentations YAML file.")]
-HFlip = Annotated[bool, typer.Option("--hflip/--no-hflip", help="Allow horizontal flips in augmentation.")]
 
 
 @app.command("pretrain")
@@ -332,7 +363,17 @@ def pretrain_command(
     weights: Weights = None,
     img_size: ImgSize = None,
     epochs: Epochs = 15,
-    lr: Lr = 2e-3,
+    lr: Lr = "2e-3",
+    strategy: Annotated[str, typer.Option(help="full, freeze-unfreeze, gradual, linear-probe or lp-ft.")] = "full",
+    lr_mult: LrMult = 1.0,
+    lrs: Lrs = None,
+    groups: Groups = 4,
+    freeze_epochs: FreezeEpochs = 1,
+    unfreeze_every: UnfreezeEvery = 1,
+    bn: Bn = "frozen",
+    schedule: Schedule = "onecycle",
+    balance: Balance = "none",
+    patience: Patience = None,
     batch_size: BatchSize = 32,
     weight_decay: WeightDecay = 0.05,
     label_smoothing: LabelSmoothing = 0.0,
@@ -345,11 +386,15 @@ def pretrain_command(
     devices: Devices = "auto",
     precision: Precision = "auto",
     workers: Workers = None,
+    resume: Resume = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ):
     """Train a backbone end to end on a source dataset; reuse it later with --weights runs:/RUN_ID."""
-    _train("pretrain", data, model, pretrained, weights, img_size, epochs, lr, batch_size, weight_decay, label_smoothing, augment, hflip, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment)
+    _train("pretrain", data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume,
+           epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
+           unfreeze_every=unfreeze_every, bn=bn, schedule=schedule, balance=balance, patience=patience, batch_size=batch_size,
+           weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, hflip=hflip)
 
 
 @app.command("finetune")
@@ -361,7 +406,17 @@ def finetune_command(
     weights: Weights = None,
     img_size: ImgSize = None,
     epochs: Epochs = 20,
-    lr: Lr = 1e-3,
+    lr: Lr = "1e-3",
+    strategy: Annotated[str, typer.Option(help="freeze-unfreeze, linear-probe, full, gradual or lp-ft.")] = "freeze-unfreeze",
+    lr_mult: LrMult = 3.0,
+    lrs: Lrs = None,
+    groups: Groups = 4,
+    freeze_epochs: FreezeEpochs = 1,
+    unfreeze_every: UnfreezeEvery = 1,
+    bn: Bn = "frozen",
+    schedule: Schedule = "onecycle",
+    balance: Balance = "none",
+    patience: Patience = None,
     batch_size: BatchSize = 32,
     weight_decay: WeightDecay = 0.05,
     label_smoothing: LabelSmoothing = 0.0,
@@ -374,11 +429,55 @@ def finetune_command(
     devices: Devices = "auto",
     precision: Precision = "auto",
     workers: Workers = None,
+    resume: Resume = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ):
-    """Fine-tune a backbone with a new head on the target classes (whole network trainable)."""
-    _train("finetune", data, model, pretrained, weights, img_size, epochs, lr, batch_size, weight_decay, label_smoothing, augment, hflip, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment)
+    """Fine-tune a backbone with a new head: discriminative learning rates and a freezing strategy."""
+    _train("finetune", data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume,
+           epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
+           unfreeze_every=unfreeze_every, bn=bn, schedule=schedule, balance=balance, patience=patience, batch_size=batch_size,
+           weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, hflip=hflip)
+
+
+@app.command("lr-find")
+@command
+def lr_find_command(
+    data: DataArg,
+    model: Model = None,
+    pretrained: Pretrained = True,
+    weights: Weights = None,
+    img_size: ImgSize = None,
+    lr_mult: LrMult = 3.0,
+    lrs: Lrs = None,
+    groups: Groups = 4,
+    batch_size: BatchSize = 32,
+    augment: Augment = "light",
+    hflip: HFlip = True,
+    val: Val = 0.15,
+    test: Test = 0.15,
+    seed: Seed = 0,
+    shots: Shots = None,
+    precision: Precision = "auto",
+    workers: Workers = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Sweep learning rates (group ratios kept), log the loss-vs-LR plot, and suggest a head LR."""
+    from tlkit.stages import run_lr_find
+
+    _tracking(tracking_uri, experiment)
+    train = _train_config(lr="1e-3", lrs=lrs, groups=groups, lr_mult=lr_mult, batch_size=batch_size, augment=augment, hflip=hflip, seed=seed, strategy="full")
+    result = run_lr_find(
+        data,
+        _backbone(model, pretrained, weights, img_size, seed),
+        train,
+        split=_split(val, test, seed, shots),
+        compute=_compute("auto", precision, batch_size, workers),
+        tracking_uri=tracking_uri,
+    )
+    console.print(f"suggested head learning rate: {result.metrics['suggested_lr']:.3g}  (plot: plots/lr_find.png in the run)")
+    _run_footer(result.run_id)
 
 
 @app.command("predict")

@@ -49,9 +49,19 @@ class TrainConfig(Settings):
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float | Literal["auto"] = Field(1e-3, description="head learning rate, or auto (LR finder)")
+    lr_mult: float = Field(3.0, ge=1, description="each earlier layer group learns this many times slower")
+    lrs: list[float] | None = Field(None, description="explicit rates: body groups (input side first), then head")
+    groups: int | None = Field(4, ge=1, description="merge the backbone's layer groups into this many (null: timm's own)")
+    strategy: Literal["freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft"] = "freeze-unfreeze"
+    freeze_epochs: int = Field(1, ge=1, description="freeze-unfreeze: head-only epochs")
+    unfreeze_every: int = Field(1, ge=1, description="gradual: epochs between unfreezing groups")
+    bn: Literal["frozen", "train"] = Field("frozen", description="BatchNorm of frozen groups: eval mode, or updating statistics")
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     weight_decay: float = Field(0.05, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    balance: Literal["none", "weights", "sampler"] = "none"
+    patience: int | None = Field(None, ge=1, description="early stopping: epochs without val improvement (last phase)")
     augment: str = "light"
     hflip: bool = True
     seed: int = 0
@@ -92,7 +102,13 @@ class _Stage(Settings):
 
 class PretrainStage(_Stage):
     stage: Literal["pretrain"]
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = TrainConfig(strategy="full")
+
+    @model_validator(mode="after")
+    def _train_everything(self) -> PretrainStage:
+        if "strategy" not in self.train.model_fields_set:  # nothing to keep frozen when training from scratch
+            self.train.strategy = "full"
+        return self
 
 
 class FinetuneStage(_Stage):

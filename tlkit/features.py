@@ -107,12 +107,36 @@ class _ShardWriter(BasePredictionWriter):
         torch.save(predictions, self.folder / f"shard-{trainer.global_rank}.pt")
 
 
+def device_count(devices: int | str | list) -> int:
+    """How many processes Lightning will start for `devices` with accelerator="auto"."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if devices in ("auto", -1, "-1"):
+        return torch.cuda.device_count() if torch.cuda.is_available() else 1
+    return int(devices)
+
+
+def spawn_safe(devices) -> None:
+    """Before spawning several processes: share tensors through files, not file descriptors.
+
+    With torch's default fd-based sharing, spawning the DDP processes here failed with
+    "bad value(s) in fds_to_keep"; the file-system strategy works on every Linux set-up.
+    """
+    if device_count(devices) > 1:
+        torch.multiprocessing.set_sharing_strategy("file_system")
+
+
 def _run_predict(backbone: Backbone, loader, *, devices, precision: str, progress: bool) -> np.ndarray:
     n = len(loader.dataset)
     with tempfile.TemporaryDirectory(prefix="tlkit-extract-") as tmp:
+        # Several devices: spawned processes run only the predict loop and write shards to this
+        # folder; this process joins them and does everything else (cache, tracking) once.
+        strategy = "ddp_spawn" if device_count(devices) > 1 else "auto"
+        spawn_safe(devices)
         trainer = L.Trainer(
             accelerator="auto",
             devices=devices,
+            strategy=strategy,
             precision=precision,
             logger=False,
             enable_checkpointing=False,
@@ -124,9 +148,13 @@ def _run_predict(backbone: Backbone, loader, *, devices, precision: str, progres
         )
         trainer.predict(_Extractor(backbone.model), dataloaders=loader, return_predictions=False)
         X = np.zeros((n, backbone.num_features), dtype=np.float32)
+        seen = np.zeros(n, dtype=bool)
         for shard in Path(tmp).glob("shard-*.pt"):
             for index, features in torch.load(shard, weights_only=True):
-                X[index.numpy()] = features.numpy()  # padded duplicates simply overwrite
+                X[index.numpy()] = features.numpy()  # the sampler's padding repeats a few images: same values
+                seen[index.numpy()] = True
+        if not seen.all():
+            raise RuntimeError(f"feature extraction returned {seen.sum()} of {n} images")
     backbone.model.to(memory_format=torch.contiguous_format)
     return X
 
@@ -169,7 +197,7 @@ def extract_features(
     path = cache_dir(cache) / "features" / f"{key}.npz"
     if use_cache and (found := _load_cached(path, manifest, key, meta)) is not None:
         return found
-    dataset = ImageDataset([manifest.abspath(r) for r in manifest.records], None, lambda img: augment.apply(transform, img))
+    dataset = ImageDataset([manifest.abspath(r) for r in manifest.records], None, augment.ToTensor(transform))
     loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers)
     X = _run_predict(backbone, loader, devices=devices, precision=precision, progress=progress)
     _save(path, X, manifest)

@@ -1,12 +1,15 @@
-"""Manifest + Backbone -> trained classifier (Lightning): the best epoch's weights and its metrics.
+"""Manifest + Backbone + strategy -> trained classifier (Lightning): the best epoch's weights and metrics.
 
-Used by `tlkit pretrain` (train a backbone on a source task) and `tlkit finetune` (transfer it to
-the target task with a new head). The module owns its parameter groups, so transfer strategies
-(discriminative learning rates, freezing schedules) change `configure_optimizers` alone.
+Used by `tlkit pretrain` (train a backbone on a source task) and `tlkit finetune` (transfer it with
+a new head). The backbone is split into layer groups (timm's group_matcher); each group has its own
+explicit learning rate, and the strategy's phases decide which groups train when. Every parameter
+group exists from the first step; a phase change builds a new optimizer and schedule over the same
+groups (adding groups mid-fit breaks schedulers and DDP).
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,39 +18,79 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from torch.utils.data import WeightedRandomSampler
 
 from tlkit import augment, runtime
-from tlkit.backbone import Backbone
+from tlkit.backbone import Backbone, layer_groups
+from tlkit.config import TrainConfig
 from tlkit.data import ImageDataset, make_loader
 from tlkit.errors import TlkitError
 from tlkit.evaluate import classification_metrics
 from tlkit.ingest import Manifest
 from tlkit.predict import infer
+from tlkit.strategies import Phase, group_lrs, merge_groups, phase_end, phase_index, plan_phases
 
 MONITOR = "val_accuracy"
 MIN_SCHEDULED_STEPS = 8
+SCHEDULES = ("onecycle", "cosine", "constant")
+BN_POLICIES = ("frozen", "train")
+BALANCE = ("none", "weights", "sampler")
 
 
 class ImageClassifier(L.LightningModule):
-    """A timm backbone (num_classes=0) followed by a new linear head.
+    """A timm backbone (num_classes=0), split into layer groups, followed by a new linear head.
 
     Args:
         backbone: the timm model returning pooled features.
         num_features: width of those features.
         num_classes: number of target classes.
-        lr: peak learning rate of the one-cycle schedule.
-        weight_decay: AdamW weight decay (never applied to biases and norm parameters).
-        label_smoothing: cross-entropy label smoothing.
+        groups: parameter names of each body group, input side first (from `layer_groups`).
+        lrs: learning rate of each body group, then of the head (see `strategies.group_lrs`).
+        phases: which groups train when (see `strategies.plan_phases`); default: all, always.
+        weight_decay: AdamW weight decay, never applied to biases and norm parameters.
+        label_smoothing: cross-entropy label smoothing (training loss only).
+        class_weights: per-class loss weights, for imbalanced data.
+        schedule: onecycle, cosine (with 5% linear warm-up) or constant; restarted every phase.
+        bn: "frozen" keeps BatchNorm layers of frozen groups in eval mode (statistics fixed);
+            "train" lets their statistics update.
     """
 
-    def __init__(self, backbone: torch.nn.Module, num_features: int, num_classes: int, *, lr: float = 1e-3, weight_decay: float = 0.05, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        num_features: int,
+        num_classes: int,
+        *,
+        groups: list[list[str]],
+        lrs: list[float],
+        phases: list[Phase] | None = None,
+        weight_decay: float = 0.05,
+        label_smoothing: float = 0.0,
+        class_weights: torch.Tensor | None = None,
+        schedule: str = "onecycle",
+        bn: str = "frozen",
+    ):
         super().__init__()
+        if schedule not in SCHEDULES:
+            raise TlkitError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if bn not in BN_POLICIES:
+            raise TlkitError(f"unknown BatchNorm policy {bn!r}; choose one of {', '.join(BN_POLICIES)}")
         self.backbone = backbone
         self.head = torch.nn.Linear(num_features, num_classes)
-        self.lr = lr
+        self.groups = groups
+        self.lrs = list(lrs)
+        self.phases = phases or [Phase(0, len(groups), "all")]
         self.weight_decay = weight_decay
         self.label_smoothing = label_smoothing
+        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(num_classes))
+        self.schedule = schedule
+        self.bn = bn
+        self.phase = -1  # index into phases; -1 before training starts
+        self.freeze_by_lr = False  # under DDP: frozen groups keep requires_grad and get lr 0
+        self._frozen_bn: list[torch.nn.Module] = []
+
+    # -- forward and steps ---------------------------------------------------------------------
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images.contiguous(memory_format=torch.channels_last)))
@@ -55,10 +98,13 @@ class ImageClassifier(L.LightningModule):
     def _step(self, batch, stage: str) -> torch.Tensor:
         images, labels, _ = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
+        if stage == "train":
+            loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing)
+        else:
+            loss = F.cross_entropy(logits, labels)
         accuracy = (logits.argmax(1) == labels).float().mean()
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
-        self.log(f"{stage}_accuracy", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
+        self.log(f"{stage}_accuracy", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -67,30 +113,119 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
 
+    # -- freezing --------------------------------------------------------------------------------
+
+    def trainable_groups(self) -> list[bool]:
+        """Per body group, whether it trains in the current phase."""
+        top = self.phases[max(self.phase, 0)].trainable
+        n = len(self.groups)
+        return [i >= n - top for i in range(n)]
+
+    def apply_phase(self, index: int) -> None:
+        """Freeze and unfreeze groups for phase `index`; BatchNorm of frozen groups per the policy."""
+        self.phase = index
+        params = dict(self.backbone.named_parameters())
+        modules = dict(self.backbone.named_modules())
+        frozen_names: set[str] = set()
+        for names, trains in zip(self.groups, self.trainable_groups()):
+            for name in names:
+                params[name].requires_grad_(trains or self.freeze_by_lr)
+                if not trains:
+                    frozen_names.add(name)
+        self._frozen_bn = []
+        if self.bn == "frozen":
+            for mname, module in modules.items():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    own = [f"{mname}.{p}" for p, _ in module.named_parameters(recurse=False)] or [f"{mname}.weight"]
+                    if all(p in frozen_names for p in own):
+                        self._frozen_bn.append(module)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            for module in self._frozen_bn:
+                module.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        self.freeze_by_lr = self.trainer.world_size > 1
+        if self.phase < 0:
+            self.apply_phase(phase_index(self.phases, self.trainer.current_epoch))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tlkit_phase"] = self.phase
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "tlkit_phase" in checkpoint:  # resume: rebuild the optimizer of the phase that was running
+            self.apply_phase(checkpoint["tlkit_phase"])
+
+    # -- optimisation -----------------------------------------------------------------------------
+
     def parameter_groups(self) -> list[dict]:
-        """AdamW groups: weight decay on weights only, every group with its own explicit lr."""
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-        return [
-            {"params": decay, "lr": self.lr, "weight_decay": self.weight_decay},
-            {"params": no_decay, "lr": self.lr, "weight_decay": 0.0},
-        ]
+        """AdamW groups: per layer group (and head) one with weight decay and one without.
+
+        Every group carries its own explicit lr (0 while frozen), so any PyTorch scheduler honours it.
+        """
+        scale = self.phases[max(self.phase, 0)].lr_scale
+        named = dict(self.backbone.named_parameters())
+        layers = [(f"group{i}", [named[n] for n in names], trains) for i, (names, trains) in enumerate(zip(self.groups, self.trainable_groups()))]
+        layers.append(("head", list(self.head.parameters()), True))
+        out = []
+        for (name, params, trains), lr in zip(layers, self.lrs):
+            decay = [p for p in params if p.ndim > 1]
+            no_decay = [p for p in params if p.ndim <= 1]
+            effective = lr * scale if trains else 0.0
+            out.append({"params": decay, "lr": effective, "weight_decay": self.weight_decay, "name": name, "log": True})
+            out.append({"params": no_decay, "lr": effective, "weight_decay": 0.0, "name": f"{name}.no_decay", "log": False})
+        return out
 
     def configure_optimizers(self):
-        groups = self.parameter_groups()
+        groups = [g for g in self.parameter_groups() if g["params"]]
         optimizer = torch.optim.AdamW(groups)
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        if total_steps < MIN_SCHEDULED_STEPS:  # one-cycle needs a few steps per phase; tiny runs keep lr fixed
+        epochs = self.trainer.max_epochs
+        per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // max(1, epochs))
+        index = max(self.phase, 0)
+        steps = (phase_end(self.phases, index, epochs) - self.phases[index].start) * per_epoch
+        if self.schedule == "constant" or steps < MIN_SCHEDULED_STEPS:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=[g["lr"] for g in groups],  # per group: schedulers ignore anything but explicit lrs
-            total_steps=total_steps,
-            pct_start=0.25,
-        )
+        if self.schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.25
+            )
+        else:
+            warmup = max(1, int(0.05 * steps))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_cosine(s, warmup, steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+class PhaseCallback(L.Callback):
+    """At each epoch start, switch to the strategy's phase for that epoch and rebuild the optimizer."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: ImageClassifier) -> None:
+        index = phase_index(module.phases, trainer.current_epoch)
+        if index != module.phase:
+            module.apply_phase(index)
+            trainer.strategy.setup_optimizers(trainer)  # same groups, new lrs, a fresh schedule for the phase
+        module.log("phase", float(index), on_step=False, on_epoch=True, sync_dist=True)
+
+
+class _LastPhaseEarlyStopping(EarlyStopping):
+    """Early stopping that only counts epochs of the last phase (a frozen warm-up is not a plateau)."""
+
+    def __init__(self, start_epoch: int, **kwargs):
+        super().__init__(**kwargs)
+        self.start_epoch = start_epoch
+
+    def _run_early_stopping_check(self, trainer: L.Trainer) -> None:
+        if trainer.current_epoch >= self.start_epoch:
+            super()._run_early_stopping_check(trainer)
 
 
 @dataclass
@@ -110,82 +245,188 @@ class TrainResult:
 
 def _dataset(manifest: Manifest, split: str, transform) -> ImageDataset:
     records = manifest.split(split)
-    return ImageDataset([manifest.abspath(r) for r in records], manifest.labels(records), lambda img: augment.apply(transform, img))
+    return ImageDataset([manifest.abspath(r) for r in records], manifest.labels(records), augment.ToTensor(transform))
+
+
+def build_module(manifest: Manifest, backbone: Backbone, settings: TrainConfig) -> ImageClassifier:
+    """The module with its layer groups, learning rates, phases and class weights."""
+    if settings.lr == "auto":
+        raise TlkitError("lr 'auto' must be resolved with tlkit.lr_find before building the module")
+    groups = merge_groups(layer_groups(backbone.model), settings.groups)
+    phases = plan_phases(settings.strategy, epochs=settings.epochs, n_groups=len(groups), freeze_epochs=settings.freeze_epochs, unfreeze_every=settings.unfreeze_every)
+    if settings.balance not in BALANCE:
+        raise TlkitError(f"unknown --balance {settings.balance!r}; choose one of {', '.join(BALANCE)}")
+    counts = np.bincount(manifest.labels(manifest.split("train")), minlength=len(manifest.classes)).astype(np.float64)
+    weights = None
+    if settings.balance == "weights":
+        weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
+    module = ImageClassifier(
+        backbone.model,
+        backbone.num_features,
+        len(manifest.classes),
+        groups=[names for _, names in groups],
+        lrs=group_lrs(settings.lr, len(groups), lr_mult=settings.lr_mult, lrs=settings.lrs),
+        phases=phases,
+        weight_decay=settings.weight_decay,
+        label_smoothing=settings.label_smoothing,
+        class_weights=weights,
+        schedule=settings.schedule,
+        bn=settings.bn,
+    )
+    module.group_labels = [label for label, _ in groups]
+    return module.to(memory_format=torch.channels_last)
+
+
+def train_loader(manifest: Manifest, backbone: Backbone, settings: TrainConfig, *, num_workers: int | None = None):
+    transform = augment.resolve_train_transform(backbone.data_config, settings.augment, hflip=settings.hflip)
+    dataset = _dataset(manifest, "train", transform)
+    # A last batch of one image breaks BatchNorm in training; drop the incomplete batch (reshuffled each epoch).
+    drop_last = len(dataset) > settings.batch_size
+    loader = make_loader(dataset, batch_size=settings.batch_size, shuffle=True, num_workers=num_workers, seed=settings.seed, drop_last=drop_last)
+    if settings.balance == "sampler":
+        labels = np.asarray(dataset.labels)
+        per_sample = 1.0 / np.bincount(labels)[labels]
+        sampler = WeightedRandomSampler(per_sample.tolist(), num_samples=len(labels), replacement=True, generator=torch.Generator().manual_seed(settings.seed))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, num_workers=loader.num_workers,
+                                             persistent_workers=loader.persistent_workers, drop_last=drop_last)
+    return loader, transform
+
+
+def fit_linear_probe(module: ImageClassifier, manifest: Manifest, backbone: Backbone, *, precision: str, num_workers: int | None) -> float:
+    """LP-FT's first step: fit the head to convergence on frozen features (L-BFGS logistic regression).
+
+    The regularisation is chosen on the validation split; returns the probe's validation accuracy.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    eval_tf = augment.eval_transform(backbone.data_config)
+    loader = make_loader(_dataset(manifest, "train", eval_tf), batch_size=128, num_workers=num_workers)
+    X_train = infer(backbone.model, loader, precision=precision)
+    y_train = manifest.labels(manifest.split("train"))
+    val = manifest.split("val")
+    best = (None, -1.0)
+    if val:
+        X_val = infer(backbone.model, make_loader(_dataset(manifest, "val", eval_tf), batch_size=128, num_workers=num_workers), precision=precision)
+        y_val = manifest.labels(val)
+    for C in (0.01, 0.1, 1.0, 10.0):
+        probe = LogisticRegression(C=C, max_iter=3000).fit(X_train, y_train)
+        score = probe.score(X_val, y_val) if val else 0.0
+        if score > best[1]:
+            best = (probe, score)
+    probe = best[0]
+    weight = np.zeros((len(manifest.classes), X_train.shape[1]), dtype=np.float32)
+    bias = np.zeros(len(manifest.classes), dtype=np.float32)
+    weight[probe.classes_] = probe.coef_ if len(probe.classes_) > 2 else np.vstack([-probe.coef_, probe.coef_])
+    bias[probe.classes_] = probe.intercept_ if len(probe.classes_) > 2 else np.array([-probe.intercept_[0], probe.intercept_[0]])
+    with torch.no_grad():
+        module.head.weight.copy_(torch.from_numpy(weight))
+        module.head.bias.copy_(torch.from_numpy(bias))
+    return float(best[1])
 
 
 def train_classifier(
     manifest: Manifest,
     backbone: Backbone,
+    settings: TrainConfig | None = None,
     *,
-    epochs: int = 10,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    weight_decay: float = 0.05,
-    label_smoothing: float = 0.0,
-    augment_preset: str = "light",
-    hflip: bool = True,
-    seed: int = 0,
-    devices: int | str = "auto",
+    devices: int | str | list = "auto",
     precision: str = "auto",
     num_workers: int | None = None,
     callbacks: list[L.Callback] | None = None,
     workdir: Path | None = None,
+    resume: bool = False,
     progress: bool = True,
+    module: ImageClassifier | None = None,
 ) -> TrainResult:
-    """Train backbone + new head on the manifest's train split; keep the best epoch by val accuracy.
+    """Train per `settings`; keep the best epoch by validation accuracy.
 
-    Every parameter is trainable. Returns the module with the best epoch's weights and its
-    metrics on the held-out split (test, else val).
+    Args:
+        manifest: the dataset (train split trains, val split picks the best epoch).
+        backbone: the backbone to start from.
+        settings: epochs, learning rates, strategy and the rest (TrainConfig()).
+        devices: Lightning devices; several run as spawned DDP processes.
+        precision: Lightning precision or "auto".
+        num_workers: DataLoader workers (default: per machine, see data.default_workers).
+        callbacks: extra Lightning callbacks.
+        workdir: where checkpoints go (`last.ckpt`, `best.ckpt`); a temporary folder by default.
+        resume: continue from `workdir/last.ckpt`.
+        progress: show a progress bar.
+        module: a module from `build_module` (e.g. after an LR search); built here by default.
+
+    Returns:
+        The module with the best epoch's weights, and its metrics on the held-out split.
     """
-    if epochs < 1:
-        raise TlkitError(f"--epochs must be at least 1, got {epochs}")
+    settings = settings or TrainConfig()
+    if settings.epochs < 1:
+        raise TlkitError(f"--epochs must be at least 1, got {settings.epochs}")
     if not manifest.split("train"):
         raise TlkitError("the training split is empty; ingest with smaller --val/--test or give a train/ folder")
-    L.seed_everything(seed, workers=True, verbose=False)
+    L.seed_everything(settings.seed, workers=True, verbose=False)
     precision = runtime.resolve_precision(precision)
-    train_tf = augment.resolve_train_transform(backbone.data_config, augment_preset, hflip=hflip)
+    module = module or build_module(manifest, backbone, settings)
+    loader, train_tf = train_loader(manifest, backbone, settings, num_workers=num_workers)
     eval_tf = augment.eval_transform(backbone.data_config)
-    module = ImageClassifier(backbone.model, backbone.num_features, len(manifest.classes), lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing)
-    module = module.to(memory_format=torch.channels_last)
-
-    train_loader = make_loader(_dataset(manifest, "train", train_tf), batch_size=batch_size, shuffle=True, num_workers=num_workers, seed=seed)
     has_val = bool(manifest.split("val"))
-    val_loader = make_loader(_dataset(manifest, "val", eval_tf), batch_size=batch_size * 2, num_workers=num_workers) if has_val else None
+    val_loader = make_loader(_dataset(manifest, "val", eval_tf), batch_size=settings.batch_size * 2, num_workers=num_workers) if has_val else None
+    probe_accuracy = None
+    if settings.strategy == "lp-ft" and not resume:
+        probe_accuracy = fit_linear_probe(module, manifest, backbone, precision=precision, num_workers=num_workers)
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="tlkit-train-"))
-    checkpoint = ModelCheckpoint(dirpath=workdir, filename="best", monitor=MONITOR if has_val else None, mode="max", save_top_k=1)
+    last = workdir / "last.ckpt"
+    if resume and not last.exists():
+        raise TlkitError(f"nothing to resume: {last} does not exist (the run saved no epoch yet, or ran on another machine)")
+    best = ModelCheckpoint(dirpath=workdir, filename="best", monitor=MONITOR, mode="max", save_top_k=1, enable_version_counter=False)
+    # Lightning's save_last refreshes last.ckpt only with a new best; resume needs every epoch.
+    latest = ModelCheckpoint(dirpath=workdir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    extra: list[L.Callback] = [*([best] if has_val else []), latest, PhaseCallback(), *(callbacks or [])]
+    if settings.patience is not None and has_val:
+        extra.append(_LastPhaseEarlyStopping(module.phases[-1].start, monitor=MONITOR, mode="max", patience=settings.patience))
+    from tlkit.features import device_count, spawn_safe
+
+    spawn_safe(devices)
     trainer = L.Trainer(
-        max_epochs=epochs,
+        max_epochs=settings.epochs,
         accelerator="auto",
         devices=devices,
+        strategy="ddp_spawn" if device_count(devices) > 1 else "auto",
         precision=precision,
         logger=False,
-        callbacks=[checkpoint, *(callbacks or [])],
+        callbacks=extra,
         default_root_dir=workdir,
         enable_model_summary=False,
         enable_progress_bar=progress,
         num_sanity_val_steps=0,
+        log_every_n_steps=1,
     )
-    trainer.fit(module, train_loader, val_loader)
+    trainer.fit(module, loader, val_loader, ckpt_path=str(last) if resume else None)
 
-    best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
-    module.load_state_dict(best["state_dict"])
-    best_epoch = int(best["epoch"]) if has_val else None
-    best_score = checkpoint.best_model_score
+    best_path = workdir / "best.ckpt" if has_val else last
+    state = torch.load(best_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    module.apply_phase(len(module.phases) - 1)
+    epochs_run = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) + 1
     eval_split = manifest.eval_split
-    eval_loader = make_loader(_dataset(manifest, eval_split, eval_tf), batch_size=batch_size * 2, num_workers=num_workers)
+    eval_loader = make_loader(_dataset(manifest, eval_split, eval_tf), batch_size=settings.batch_size * 2, num_workers=num_workers)
     y_true = manifest.labels(manifest.split(eval_split))
     y_pred = infer(module, eval_loader, precision=precision).argmax(1)
     metrics = classification_metrics(y_true, y_pred, manifest.classes, prefix="test_")
+    best_val = None
+    if has_val:
+        y_val = manifest.labels(manifest.split("val"))
+        best_val = float((infer(module, val_loader, precision=precision).argmax(1) == y_val).mean())
+    resolved = {"precision": precision, "phases": [p.__dict__ for p in module.phases], "group_lrs": module.lrs,
+                "groups": getattr(module, "group_labels", []), "train_transform": augment.to_dict(train_tf)}
+    if probe_accuracy is not None:
+        resolved["probe_val_accuracy"] = probe_accuracy
     return TrainResult(
         module=module,
-        best_epoch=best_epoch,
-        best_val_accuracy=float(best_score) if best_score is not None else None,
+        best_epoch=int(state["epoch"]) if has_val else None,
+        best_val_accuracy=best_val,
         metrics=metrics,
         eval_split=eval_split,
         y_true=y_true,
         y_pred=y_pred,
-        epochs_run=trainer.current_epoch,
-        settings={"precision": precision, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                  "label_smoothing": label_smoothing, "augment": augment_preset, "hflip": hflip, "seed": seed, "strategy": "full"},
+        epochs_run=epochs_run,
+        settings=resolved,
     )

@@ -55,7 +55,7 @@ class Predictor:
         if self.bundle.features == "pixels":
             return np.stack([pixels_of(load_rgb(p), self.bundle.pixel_size or 32) for p in paths])
         transform = augment.eval_transform(self.bundle.data_config)
-        loader = make_loader(ImageDataset(paths, None, lambda img: augment.apply(transform, img)), batch_size=batch_size, num_workers=0)
+        loader = make_loader(ImageDataset(paths, None, augment.ToTensor(transform)), batch_size=batch_size, num_workers=0)
         return infer(self.backbone, loader, precision=precision)
 
     def scores(self, paths: list[Path], *, batch_size: int = 64, precision: str = "auto") -> np.ndarray:

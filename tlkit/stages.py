@@ -8,6 +8,8 @@ CLI and pipelines call these, so a stage logs the same way wherever it runs.
 from __future__ import annotations
 
 import csv
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -187,6 +189,48 @@ def run_baseline(
     return StageResult("baseline", run_id, result.metrics, f"runs:/{run_id}", details)
 
 
+def checkpoint_dir(run_id: str) -> Path:
+    """Where a training run keeps last.ckpt / best.ckpt, so that --resume finds them."""
+    return Path(os.environ.get("TLKIT_CHECKPOINTS", ".tlkit/checkpoints")) / run_id
+
+
+def _resolve_auto_lr(manifest: Manifest, backbone: Backbone, train: TrainConfig, compute: ComputeConfig) -> tuple[TrainConfig, object]:
+    """--lr auto: sweep the rates (ratios kept) and train with the suggested head rate."""
+    from tlkit.finetune import build_module, train_loader
+    from tlkit.lr_find import find_lr
+    from tlkit.runtime import resolve_precision
+
+    probe = train.model_copy(update={"lr": 1e-3})
+    module = build_module(manifest, backbone, probe)
+    loader, _ = train_loader(manifest, backbone, probe, num_workers=compute.num_workers)
+    found = find_lr(module, loader, precision=resolve_precision(compute.precision))
+    return train.model_copy(update={"lr": found.suggestion}), found
+
+
+def run_lr_find(
+    data: str | Path | Manifest,
+    backbone_config: BackboneConfig,
+    train: TrainConfig,
+    *,
+    split: SplitConfig | None = None,
+    compute: ComputeConfig | None = None,
+    tracking_uri: str | None = None,
+) -> StageResult:
+    """Sweep learning rates for this backbone and data; log the loss-vs-LR plot and the suggestion."""
+    manifest = load_data(data, split)
+    compute = compute or ComputeConfig()
+    backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
+    with tracking.start_run("lr-find", params={"train": train.model_dump()}) as run_id:
+        _log_data(manifest)
+        _log_backbone(backbone)
+        resolved, found = _resolve_auto_lr(manifest, backbone, train, compute)
+        figure = found.figure()
+        tracking.log_figure(figure, "plots/lr_find.png")
+        close(figure)
+        tracking.log_metrics({"suggested_lr": found.suggestion})
+    return StageResult("lr-find", run_id, {"suggested_lr": found.suggestion}, details={"lrs": found.lrs, "losses": found.losses})
+
+
 def run_train(
     kind: str,
     data: str | Path | Manifest,
@@ -197,38 +241,57 @@ def run_train(
     compute: ComputeConfig | None = None,
     run_name: str | None = None,
     tracking_uri: str | None = None,
+    resume: str | None = None,
     progress: bool = True,
 ) -> StageResult:
-    """Train backbone + new head (kind 'pretrain' or 'finetune'); save the best epoch as the run's model."""
+    """Train backbone + new head (kind 'pretrain' or 'finetune'); save the best epoch as the run's model.
+
+    `resume` is the id of an interrupted run: training continues from its last checkpoint, into
+    the same MLflow run.
+    """
     manifest = load_data(data, split)
     compute = compute or ComputeConfig()
     backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
-    with tracking.start_run(kind, run_name=run_name, params={"train": train.model_dump()}) as run_id:
+    with tracking.start_run(kind, run_name=run_name, params={"train": train.model_dump()}, run_id=resume) as run_id:
         _log_data(manifest)
         _log_backbone(backbone)
-        with tempfile.TemporaryDirectory(prefix="tlkit-ckpt-") as workdir:
-            result = train_classifier(
-                manifest,
-                backbone,
-                epochs=train.epochs,
-                batch_size=train.batch_size,
-                lr=train.lr,
-                weight_decay=train.weight_decay,
-                label_smoothing=train.label_smoothing,
-                augment_preset=train.augment,
-                hflip=train.hflip,
-                seed=train.seed,
-                devices=compute.devices,
-                precision=compute.precision,
-                num_workers=compute.num_workers,
-                callbacks=[tracking.MetricsCallback()],
-                workdir=Path(workdir),
-                progress=progress,
+        if train.lr == "auto":
+            train, found = _resolve_auto_lr(manifest, backbone, train, compute)
+            figure = found.figure()
+            tracking.log_figure(figure, "plots/lr_find.png")
+            close(figure)
+            tracking.log_metrics({"suggested_lr": found.suggestion})
+        workdir = checkpoint_dir(run_id)
+        result = train_classifier(
+            manifest,
+            backbone,
+            train,
+            devices=compute.devices,
+            precision=compute.precision,
+            num_workers=compute.num_workers,
+            callbacks=[tracking.MetricsCallback(run_id)],
+            workdir=workdir,
+            resume=resume is not None,
+            progress=progress,
+        )
+        resolved = result.settings
+        if not resume:
+            tracking.log_params(
+                {
+                    "precision": resolved["precision"],
+                    "eval_split": result.eval_split,
+                    "lr_resolved": train.lr,
+                    "layer_groups": resolved["groups"],
+                    "group_lrs": [f"{lr:.3g}" for lr in resolved["group_lrs"]],
+                    "phases": [f"{p['name']}@{p['start']}" for p in resolved["phases"]],
+                }
             )
-        tracking.log_params({"precision": result.settings["precision"], "strategy": "full", "eval_split": result.eval_split})
+        tracking.log_dict(resolved["train_transform"], "augment/train_transform.json")
         summary = {"best_epoch": result.best_epoch if result.best_epoch is not None else -1, "epochs_run": result.epochs_run}
         if result.best_val_accuracy is not None:
             summary["best_val_accuracy"] = result.best_val_accuracy
+        if "probe_val_accuracy" in resolved:
+            summary["probe_val_accuracy"] = resolved["probe_val_accuracy"]
         tracking.log_metrics({**result.metrics, **summary})
         _log_confusion(result.y_true, result.y_pred, manifest.classes, result.eval_split)
         saved = bundle.Bundle(
@@ -237,11 +300,12 @@ def run_train(
             data_config=dict(backbone.data_config),
             classes=manifest.classes,
             weights=backbone.weights,
-            extra={"best_epoch": result.best_epoch},
+            extra={"best_epoch": result.best_epoch, "strategy": train.strategy},
         )
         with tempfile.TemporaryDirectory() as tmp:
             bundle.save_bundle(Path(tmp), saved, backbone=result.module.backbone, head=result.module.head)
             tracking.log_artifacts(Path(tmp), bundle.ARTIFACT_PATH)
+    shutil.rmtree(workdir, ignore_errors=True)  # finished: the model is in the run; checkpoints only serve --resume
     return StageResult(kind, run_id, result.metrics, f"runs:/{run_id}", {"best_epoch": result.best_epoch, **summary})
 
 

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tqdm b
 
 import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from tlkit import __version__  # noqa: E402
@@ -86,19 +88,30 @@ def start_run(
     run_name: str | None = None,
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
 ) -> Iterator[str]:
     """An MLflow run for one stage, nested under the active run (a pipeline) when there is one.
 
-    Yields the run id. The run ends FAILED on an error and KILLED on Ctrl-C.
+    Yields the run id; `run_id` continues an existing run (resume). The run ends FAILED on an
+    error and KILLED on Ctrl-C.
     """
     nested = mlflow.active_run() is not None
     all_tags = {"tlkit.stage": stage, "tlkit.version": __version__, **(tags or {})}
-    run = mlflow.start_run(run_name=run_name or stage, nested=nested, tags=all_tags)
+    if run_id is not None:  # resume: continue that run
+        get_run(run_id)
+        run = mlflow.start_run(run_id=run_id, nested=nested)
+    else:
+        run = mlflow.start_run(run_name=run_name or stage, nested=nested, tags=all_tags)
     try:
         if params:
-            log_params(params)
+            try:
+                log_params(params)
+            except MlflowException as err:
+                if run_id is None:
+                    raise
+                raise TlkitError(f"cannot resume run {run_id} with other settings ({err.message.splitlines()[0]}); resume with the options it was started with") from None
         yield run.info.run_id
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit after its clean-up
         mlflow.end_run(status="KILLED")
         raise
     except BaseException:
@@ -174,15 +187,47 @@ def download_artifacts(run_id: str, path: str, *, tracking_uri: str | None = Non
         raise TlkitError(f"run {run_id} has no artifact {path!r} ({str(err).splitlines()[0]}); is it a tlkit training or baseline run?") from None
 
 
-class MetricsCallback(L.Callback):
-    """Logs Lightning's epoch metrics to the active MLflow run, one step per epoch."""
+def active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+
+class MetricsCallback(L.Callback):
+    """Logs Lightning's epoch metrics (step = epoch) and each layer group's lr (step = optimizer step).
+
+    Logs by explicit run id through MlflowClient, so it also works in processes that DDP spawns,
+    where no MLflow run is active. Learning rates are buffered and sent once per epoch.
+    """
+
+    def __init__(self, run_id: str | None = None, tracking_uri: str | None = None):
+        self.run_id = run_id or active_run_id()
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self._pending: list = []
+
+    def _send(self, metrics: list) -> None:
+        if self.run_id is None or not metrics:
+            return
+        client = MlflowClient(self.tracking_uri)
+        for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+            client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+        metrics.clear()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:
+            return
+        now = int(time.time() * 1000)
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                if group.get("log"):
+                    self._pending.append(Metric(f"lr.{group['name']}", float(group["lr"]), now, trainer.global_step))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
+        now = int(time.time() * 1000)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        if metrics:
-            log_metrics(metrics, step=trainer.current_epoch)
+        self._pending += [Metric(k, v, now, trainer.current_epoch) for k, v in metrics.items()]
+        self._send(self._pending)
 
 
 def serve_ui(*, host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None) -> int:

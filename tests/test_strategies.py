@@ -1,0 +1,43 @@
+import pytest
+
+from tlkit.errors import TlkitError
+from tlkit.strategies import Phase, group_lrs, merge_groups, phase_index, plan_phases
+
+
+def test_freeze_unfreeze_is_head_then_everything_at_half_rate():
+    assert plan_phases("freeze-unfreeze", epochs=5, n_groups=4, freeze_epochs=2) == [Phase(0, 0, "head"), Phase(2, 4, "all", 0.5)]
+
+
+def test_gradual_unfreezes_one_group_from_the_top_every_k_epochs():
+    phases = plan_phases("gradual", epochs=7, n_groups=3, unfreeze_every=2)
+    assert [(p.start, p.trainable) for p in phases] == [(0, 0), (2, 1), (4, 2), (6, 3)]
+    assert phase_index(phases, 5) == 2 and phase_index(phases, 6) == 3
+
+
+@pytest.mark.parametrize("strategy,expected", [("linear-probe", [(0, 0)]), ("full", [(0, 4)]), ("lp-ft", [(0, 4)])])
+def test_single_phase_strategies(strategy, expected):
+    assert [(p.start, p.trainable) for p in plan_phases(strategy, epochs=3, n_groups=4)] == expected
+
+
+def test_bad_strategy_settings():
+    with pytest.raises(TlkitError, match="unknown strategy 'fast'"):
+        plan_phases("fast", epochs=3, n_groups=2)
+    with pytest.raises(TlkitError, match="--freeze-epochs"):
+        plan_phases("freeze-unfreeze", epochs=2, n_groups=2, freeze_epochs=2)
+
+
+def test_geometric_spread_and_explicit_rates():
+    assert group_lrs(0.9, 2, lr_mult=3) == pytest.approx([0.1, 0.3, 0.9])
+    assert group_lrs(1.0, 2, lrs=[1, 2, 3]) == [1.0, 2.0, 3.0]
+    with pytest.raises(TlkitError, match="needs 3 values"):
+        group_lrs(1.0, 2, lrs=[1, 2])
+    with pytest.raises(TlkitError, match="--lr-mult"):
+        group_lrs(1.0, 2, lr_mult=0.5)
+
+
+def test_merge_keeps_order_and_every_parameter():
+    groups = [(f"g{i}", [f"p{i}.{j}" for j in range(size)]) for i, size in enumerate([1, 5, 2, 2, 8, 1])]
+    merged = merge_groups(groups, 3)
+    assert len(merged) == 3
+    assert [n for _, names in merged for n in names] == [n for _, names in groups for n in names]
+    assert merge_groups(groups, None) == groups and merge_groups(groups, 10) == groups
