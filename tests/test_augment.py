@@ -34,3 +34,12 @@ def test_unknown_preset_and_bad_file():
         augment.resolve_train_transform(CONFIG, "extreme")
     with pytest.raises(TlkitError, match="does not exist"):
         augment.load_transform("missing.yaml")
+
+
+def test_augment_only_yaml_gets_the_backbones_resize_and_normalisation(tmp_path):
+    import albumentations as A
+
+    A.save(A.Compose([A.Affine(rotate=(-5, 5), p=1.0)]), str(tmp_path / "aug.yaml"), data_format="yaml")
+    transform = augment.resolve_train_transform(CONFIG, str(tmp_path / "aug.yaml"))
+    assert [type(t).__name__ for t in transform.transforms] == ["Affine", "Resize", "Normalize", "ToTensorV2"]
+    assert augment.apply(transform, np.zeros((50, 40, 3), np.uint8)).shape == (3, 32, 32)

@@ -92,3 +92,29 @@ def test_hub_weights_without_network_fail_fast(runner, workdir, digits_source, m
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = invoke(runner, "extract", digits_source, "--model", "resnet18")
     assert_one_line_error(result, "--weights", "HF_HUB_OFFLINE")
+
+
+def test_backbone_info_merges_groups(runner):
+    result = invoke(runner, "backbone", "info", "resnet18", "--groups", "2")
+    assert result.exit_code == 0
+    rows = [line for line in result.stdout.splitlines() if line.strip().startswith(("│ 0", "│ 1", "│ 2"))]
+    assert len(rows) == 2, result.stdout
+
+
+def test_finetune_strategies_and_lr_find_from_the_cli(runner, workdir, digits_source):
+    common = ("--model", TINY_MODEL, "--no-pretrained", "--img-size", 32, "--workers", 0, "--batch-size", 16, "--augment", "none")
+    result = invoke(runner, "finetune", digits_source, *common, "--strategy", "gradual", "--epochs", 3, "--groups", 2, "--lrs", "1e-4,1e-3,1e-2")
+    assert result.exit_code == 0 and "finetune (gradual)" in result.stdout, result.output
+    result = invoke(runner, "lr-find", digits_source, *common)
+    assert result.exit_code == 0 and "suggested head learning rate" in result.stdout, result.output
+    result = invoke(runner, "finetune", digits_source, *common, "--lr", "auto", "--epochs", 2, "--strategy", "linear-probe")
+    assert result.exit_code == 0, result.output
+
+
+def test_bad_training_options_are_one_line_errors(runner, workdir, digits_source):
+    common = ("--model", TINY_MODEL, "--no-pretrained", "--img-size", 32)
+    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--strategy", "fastest"), "--strategy")
+    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--groups", 2, "--lrs", "1,2"), "--lrs needs 3 values")
+    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--lr", "fast"), "--lr must be a number or auto")
+    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--epochs", 2, "--freeze-epochs", 2), "--freeze-epochs")
+    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--resume", "feedface"), "no run 'feedface'")

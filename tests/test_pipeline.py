@@ -20,7 +20,11 @@ def small_quickstart(tmp_path: Path) -> Path:
         dataset["digits"]["per_class"] = 30
     for stage in config["stages"]:
         if "train" in stage:
-            stage["train"]["epochs"] = 2
+            stage["train"]["epochs"] = 3
+            stage["train"]["freeze_epochs"] = 1
+            augment = stage["train"].get("augment", "")
+            if augment.endswith(".yaml"):
+                stage["train"]["augment"] = str(ROOT / "pipelines" / augment)
     config["compute"] = {"num_workers": 0}
     path = tmp_path / "quick.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -95,11 +95,20 @@ def load_transform(path: str | os.PathLike) -> A.Compose:
 
 
 def resolve_train_transform(data_config: dict, augment: str, *, hflip: bool = True) -> A.Compose:
-    """`augment` is a preset name or a path to an albumentations YAML file."""
+    """`augment` is a preset name or a path to an albumentations YAML file.
+
+    A file that only augments (no Normalize) gets the backbone's resize and normalisation appended,
+    so one file serves every backbone; a file with its own Normalize is used as it is.
+    """
     if augment in PRESETS:
         return train_transform(data_config, augment, hflip=hflip)
     if augment.endswith((".yaml", ".yml")):
-        return load_transform(augment)
+        loaded = load_transform(augment)
+        if any(isinstance(t, A.Normalize) for t in loaded.transforms):
+            return loaded
+        height, width = _size(data_config)
+        resize = A.Resize(height=height, width=width, interpolation=_interpolation(data_config))
+        return A.Compose([*loaded.transforms, resize, *_normalize(data_config)])
     raise TlkitError(f"unknown augmentation {augment!r}; choose one of {', '.join(PRESETS)} or a .yaml file")
 
 

@@ -313,8 +313,10 @@ def layer_groups(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
     return [(_group_label(g), g) for g in groups]
 
 
-def backbone_info(name: str, *, img_size: int | None = None) -> dict:
-    """What `tlkit backbone info` shows: sizes, preprocessing, layer groups, pretrained tags."""
+def backbone_info(name: str, *, img_size: int | None = None, groups: int | None = None) -> dict:
+    """What `tlkit backbone info` shows: sizes, preprocessing, layer groups (merged into `groups`), tags."""
+    from tlkit.strategies import merge_groups
+
     check_model_name(name)
     model = create_model(name, img_size=img_size)
     params = dict(model.named_parameters())
@@ -323,6 +325,6 @@ def backbone_info(name: str, *, img_size: int | None = None) -> dict:
         "num_features": feature_width(model),
         "num_params": sum(p.numel() for p in params.values()),
         "data_config": data_config_for(model, img_size),
-        "layer_groups": [(label, sum(params[n].numel() for n in names)) for label, names in layer_groups(model)],
+        "layer_groups": [(label, sum(params[n].numel() for n in names)) for label, names in merge_groups(layer_groups(model), groups)],
         "pretrained_tags": pretrained_tags(name),
     }

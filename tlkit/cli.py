@@ -193,18 +193,22 @@ def backbone_list(
 
 @backbone_app.command("info")
 @command
-def backbone_info_command(name: Annotated[str, typer.Argument(help="timm model name.")], img_size: ImgSize = None):
+def backbone_info_command(
+    name: Annotated[str, typer.Argument(help="timm model name.")],
+    img_size: ImgSize = None,
+    groups: Annotated[Optional[int], typer.Option(help="Merge the layer groups into N (as --groups does in finetune).")] = None,
+):
     """Feature size, parameters, preprocessing, layer groups and pretrained tags of a backbone."""
     from tlkit.backbone import backbone_info
 
-    info = backbone_info(name, img_size=img_size)
+    info = backbone_info(name, img_size=img_size, groups=groups)
     cfg = info["data_config"]
     console.print(f"[bold]{info['name']}[/]  features {info['num_features']}  parameters {info['num_params']:,}", highlight=False)
     console.print(
         f"input {cfg['input_size']}  mean {cfg['mean']}  std {cfg['std']}  interpolation {cfg['interpolation']}  crop_pct {cfg.get('crop_pct')}",
         highlight=False,
     )
-    table = Table(title="layer groups (input side first; a new head follows)")
+    table = Table(title="layer groups (input side first; the new head follows and learns fastest)")
     table.add_column("#", justify="right")
     table.add_column("group")
     table.add_column("parameters", justify="right")

@@ -61,6 +61,23 @@ def _backbone_for(config: PipelineConfig, stage: _Stage, outputs: dict[str, str]
     return merged
 
 
+def _resolve_files(config: PipelineConfig, base: Path) -> PipelineConfig:
+    """Augmentation and weights files named in a pipeline are relative to the pipeline file."""
+
+    def local(value: str | None) -> str | None:
+        if value is None or value.startswith("runs:/") or Path(value).is_absolute() or not Path(value).suffix:
+            return value
+        return str((base / value).resolve())
+
+    config.backbone.weights = local(config.backbone.weights)
+    for stage in config.stages:
+        stage.weights = local(stage.weights) if stage.weights not in {s.id for s in config.stages} else stage.weights
+        train = getattr(stage, "train", None)
+        if train is not None and train.augment.endswith((".yaml", ".yml")):
+            train.augment = local(train.augment)
+    return config
+
+
 def _metric_key(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z\-.]+", "_", text).strip("_")
 
@@ -68,7 +85,7 @@ def _metric_key(text: str) -> str:
 def run_pipeline(path: str | Path, *, tracking_uri: str | None = None, experiment: str | None = None, console: Console | None = None) -> PipelineSummary:
     """Validate and run a pipeline file. Everything is validated before anything runs."""
     console = console or Console()
-    config = load_pipeline(path)
+    config = _resolve_files(load_pipeline(path), Path(path).resolve().parent)
     experiment = experiment or config.experiment or config.name
     tracking.configure(tracking_uri, experiment)
     manifests: dict[str, Manifest] = {}
