@@ -109,17 +109,15 @@ def test_tracking_default_store_is_sqlite_with_local_artifacts(workdir):
 
 
 def test_resume_continues_the_same_mlflow_run(tracked, digits_source, monkeypatch):
-    import lightning as L
-
     from tlkit import finetune
 
-    class Stop(L.Callback):
+    class Interrupted(finetune.PhaseCallback):
         def on_train_epoch_end(self, trainer, module):
             if trainer.current_epoch == 1:
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt  # Ctrl-C after the second epoch
 
     original = finetune.PhaseCallback
-    monkeypatch.setattr(finetune, "PhaseCallback", lambda: _Both(original(), Stop()))
+    monkeypatch.setattr(finetune, "PhaseCallback", Interrupted)
     train = TrainConfig(epochs=3, batch_size=16, augment="none", strategy="freeze-unfreeze")
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         run_train("finetune", digits_source, TINY, train, compute=CPU, progress=False)
@@ -134,22 +132,6 @@ def test_resume_continues_the_same_mlflow_run(tracked, digits_source, monkeypatc
     assert len(tracked.search_runs([run.info.experiment_id])) == 1
     with pytest.raises(TlkitError, match="other settings"):
         run_train("finetune", digits_source, TINY, train.model_copy(update={"epochs": 5}), compute=CPU, progress=False, resume=result.run_id)
-
-
-class _Both:
-    """Two callbacks as one (the test swaps PhaseCallback for PhaseCallback + an interruption)."""
-
-    def __new__(cls, first, second):
-        import lightning as L
-
-        class Combined(L.Callback):
-            def on_train_epoch_start(self, trainer, module):
-                first.on_train_epoch_start(trainer, module)
-
-            def on_train_epoch_end(self, trainer, module):
-                second.on_train_epoch_end(trainer, module)
-
-        return Combined()
 
 
 def test_ddp_on_cpu_with_two_processes_logs_one_run(tracked, digits_source):

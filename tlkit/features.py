@@ -107,44 +107,19 @@ class _ShardWriter(BasePredictionWriter):
         torch.save(predictions, self.folder / f"shard-{trainer.global_rank}.pt")
 
 
-def device_count(devices: int | str | list) -> int:
-    """How many processes Lightning will start for `devices` with accelerator="auto"."""
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    if devices in ("auto", -1, "-1"):
-        return torch.cuda.device_count() if torch.cuda.is_available() else 1
-    return int(devices)
-
-
-def spawn_safe(devices) -> None:
-    """Before spawning several processes: share tensors through files, not file descriptors.
-
-    With torch's default fd-based sharing, spawning the DDP processes here failed with
-    "bad value(s) in fds_to_keep"; the file-system strategy works on every Linux set-up.
-    """
-    if device_count(devices) > 1:
-        torch.multiprocessing.set_sharing_strategy("file_system")
-
-
 def _run_predict(backbone: Backbone, loader, *, devices, precision: str, progress: bool) -> np.ndarray:
     n = len(loader.dataset)
     with tempfile.TemporaryDirectory(prefix="tlkit-extract-") as tmp:
         # Several devices: spawned processes run only the predict loop and write shards to this
         # folder; this process joins them and does everything else (cache, tracking) once.
-        strategy = "ddp_spawn" if device_count(devices) > 1 else "auto"
-        spawn_safe(devices)
-        trainer = L.Trainer(
-            accelerator="auto",
+        trainer = runtime.build_trainer(
             devices=devices,
-            strategy=strategy,
             precision=precision,
-            logger=False,
+            progress=progress,
+            root_dir=tmp,
             enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=progress,
             inference_mode=True,
             callbacks=[_ShardWriter(Path(tmp))],
-            default_root_dir=tmp,
         )
         trainer.predict(_Extractor(backbone.model), dataloaders=loader, return_predictions=False)
         X = np.zeros((n, backbone.num_features), dtype=np.float32)

@@ -70,6 +70,7 @@ class ImageClassifier(L.LightningModule):
         class_weights: torch.Tensor | None = None,
         schedule: str = "onecycle",
         bn: str = "frozen",
+        group_labels: list[str] | None = None,
     ):
         super().__init__()
         if schedule not in SCHEDULES:
@@ -86,7 +87,9 @@ class ImageClassifier(L.LightningModule):
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(num_classes))
         self.schedule = schedule
         self.bn = bn
+        self.group_labels = group_labels or [f"group{i}" for i in range(len(groups))]
         self.phase = -1  # index into phases; -1 before training starts
+        self.sweeping = False  # the LR finder trains every group
         self.freeze_by_lr = False  # under DDP: frozen groups keep requires_grad and get lr 0
         self._frozen_bn: list[torch.nn.Module] = []
 
@@ -116,7 +119,9 @@ class ImageClassifier(L.LightningModule):
     # -- freezing --------------------------------------------------------------------------------
 
     def trainable_groups(self) -> list[bool]:
-        """Per body group, whether it trains in the current phase."""
+        """Per body group, whether it trains in the current phase (all of them during an LR sweep)."""
+        if self.sweeping:
+            return [True] * len(self.groups)
         top = self.phases[max(self.phase, 0)].trainable
         n = len(self.groups)
         return [i >= n - top for i in range(n)]
@@ -272,8 +277,8 @@ def build_module(manifest: Manifest, backbone: Backbone, settings: TrainConfig) 
         class_weights=weights,
         schedule=settings.schedule,
         bn=settings.bn,
+        group_labels=[label for label, _ in groups],
     )
-    module.group_labels = [label for label, _ in groups]
     return module.to(memory_format=torch.channels_last)
 
 
@@ -382,20 +387,13 @@ def train_classifier(
     extra: list[L.Callback] = [*([best] if has_val else []), latest, PhaseCallback(), *(callbacks or [])]
     if settings.patience is not None and has_val:
         extra.append(_LastPhaseEarlyStopping(module.phases[-1].start, monitor=MONITOR, mode="max", patience=settings.patience))
-    from tlkit.features import device_count, spawn_safe
-
-    spawn_safe(devices)
-    trainer = L.Trainer(
-        max_epochs=settings.epochs,
-        accelerator="auto",
+    trainer = runtime.build_trainer(
         devices=devices,
-        strategy="ddp_spawn" if device_count(devices) > 1 else "auto",
         precision=precision,
-        logger=False,
+        progress=progress,
+        root_dir=workdir,
+        max_epochs=settings.epochs,
         callbacks=extra,
-        default_root_dir=workdir,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
@@ -416,7 +414,7 @@ def train_classifier(
         y_val = manifest.labels(manifest.split("val"))
         best_val = float((infer(module, val_loader, precision=precision).argmax(1) == y_val).mean())
     resolved = {"precision": precision, "phases": [p.__dict__ for p in module.phases], "group_lrs": module.lrs,
-                "groups": getattr(module, "group_labels", []), "train_transform": augment.to_dict(train_tf)}
+                "groups": module.group_labels, "train_transform": augment.to_dict(train_tf)}
     if probe_accuracy is not None:
         resolved["probe_val_accuracy"] = probe_accuracy
     return TrainResult(

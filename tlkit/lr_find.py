@@ -64,11 +64,8 @@ def find_lr(module, loader, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps:
         raise TlkitError(f"the LR range must satisfy 0 < min_lr < max_lr, got {min_lr} and {max_lr}")
     saved = copy.deepcopy(module.state_dict())
     phase = module.phase
-    module.apply_phase(len(module.phases) - 1)
-    trainable = [True] * len(module.groups)
-    module.trainable_groups = lambda: trainable  # the sweep trains every group, whatever the strategy
-    for p in module.parameters():
-        p.requires_grad_(True)
+    module.sweeping = True  # every group trains in the sweep, whatever the strategy
+    module.apply_phase(max(phase, 0))
     groups = [g for g in module.parameter_groups() if g["params"]]
     head_lr = module.lrs[-1]
     ratios = [g["lr"] / head_lr for g in groups]
@@ -102,7 +99,7 @@ def find_lr(module, loader, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps:
             lrs.append(lr)
             losses.append(smoothed)
     finally:
-        del module.trainable_groups
+        module.sweeping = False
         module.load_state_dict(saved)
         module.apply_phase(max(phase, 0))
     if len(lrs) < 5:

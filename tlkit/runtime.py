@@ -78,3 +78,49 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen BatchNorm, on purpose
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # --resume
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def device_count(devices: int | str | list) -> int:
+    """How many processes Lightning will start for `devices` with accelerator="auto"."""
+    import torch
+
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if devices in ("auto", -1, "-1"):
+        return torch.cuda.device_count() if torch.cuda.is_available() else 1
+    return int(devices)
+
+
+def spawn_safe(devices) -> None:
+    """Before spawning several processes: share tensors through files, not file descriptors.
+
+    With torch's default fd-based sharing, spawning the DDP processes here failed with
+    "bad value(s) in fds_to_keep"; the file-system strategy works on every Linux set-up.
+    """
+    if device_count(devices) > 1:
+        import torch.multiprocessing
+
+        torch.multiprocessing.set_sharing_strategy("file_system")
+
+
+def build_trainer(*, devices, precision: str, progress: bool, root_dir, **kwargs):
+    """A Lightning Trainer with tlkit's device policy.
+
+    accelerator="auto" (the GPU when there is one); several devices run as spawned DDP processes,
+    so only this process touches MLflow and the caches; no Lightning logger (MLflow is logged by
+    tlkit's own callback) and no model summary.
+    """
+    import lightning as L
+
+    spawn_safe(devices)
+    return L.Trainer(
+        accelerator="auto",
+        devices=devices,
+        strategy="ddp_spawn" if device_count(devices) > 1 else "auto",
+        precision=precision,
+        logger=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        default_root_dir=root_dir,
+        **kwargs,
+    )
