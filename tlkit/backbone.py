@@ -113,7 +113,7 @@ def data_config_for(model: torch.nn.Module, img_size: int | None = None) -> dict
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise TlkitError(f"weights file {path} does not exist")
+        raise TlkitError(f"weights file {path} does not exist; pass a .safetensors or state-dict file, or runs:/RUN_ID of a tlkit run")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -128,8 +128,9 @@ def _metrics_table(title: str, metrics: dict[str, float]) -> Table:
     return table
 
 
-def _run_footer(run_id: str) -> None:
-    console.print(f"MLflow run [bold]{run_id}[/]  (model: runs:/{run_id}; browse with `tlkit ui`)", highlight=False)
+def _run_footer(run_id: str, *, model: bool = True) -> None:
+    saved = f"model: runs:/{run_id}; " if model else ""
+    console.print(f"MLflow run [bold]{run_id}[/]  ({saved}browse with `tlkit ui`)", highlight=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def ingest_command(
     manifest, path, result = run_ingest(data, _split(val, test, seed, shots), out=out)
     console.print(format_report(manifest), highlight=False)
     console.print(f"\nmanifest written to {path}")
-    _run_footer(result.run_id)
+    _run_footer(result.run_id, model=False)
 
 
 @backbone_app.command("list")
@@ -254,7 +255,7 @@ def extract_command(
     how = "read from cache" if features.cached else "computed"
     n = len(features.X)
     console.print(f"{n} x {features.X.shape[1]} features {how} in {result.details['seconds']:.2f} s ({n / max(result.details['seconds'], 1e-9):.0f} images/s), key {features.key}")
-    _run_footer(result.run_id)
+    _run_footer(result.run_id, model=False)
 
 
 @app.command("baseline")
@@ -481,7 +482,7 @@ def lr_find_command(
         tracking_uri=tracking_uri,
     )
     console.print(f"suggested head learning rate: {result.metrics['suggested_lr']:.3g}  (plot: plots/lr_find.png in the run)")
-    _run_footer(result.run_id)
+    _run_footer(result.run_id, model=False)
 
 
 @app.command("predict")
