@@ -144,3 +144,11 @@ def test_lr_finder_keeps_ratios_and_restores_weights(workdir, manifest):
     assert 1e-5 <= result.suggestion <= 1.0 and len(result.lrs) == len(result.losses) >= 5
     assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
     assert result.losses[0] > result.losses.min()  # the loss fell somewhere in the sweep
+
+
+def test_best_epoch_is_accuracy_first_then_lower_loss():
+    from tlkit.finetune import selection_score
+
+    n = 10
+    assert selection_score(9, 2.0, n) > selection_score(9, 5.0, n)  # same accuracy: lower loss wins
+    assert selection_score(9, 1e6, n) > selection_score(8, 0.0, n)  # one more correct image always wins
