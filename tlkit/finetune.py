@@ -423,7 +423,8 @@ def train_classifier(
     state = torch.load(best_path, map_location="cpu", weights_only=True)
     module.load_state_dict(state["state_dict"])
     module.apply_phase(len(module.phases) - 1)
-    epochs_run = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"]) + 1
+    latest = state if best_path == last else torch.load(last, map_location="cpu", weights_only=True)
+    epochs_run = int(latest["epoch"]) + 1
     eval_split = manifest.eval_split
     eval_loader = make_loader(_dataset(manifest, eval_split, eval_tf), batch_size=settings.batch_size * 2, num_workers=num_workers)
     y_true = manifest.labels(manifest.split(eval_split))

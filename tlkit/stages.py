@@ -195,7 +195,7 @@ def checkpoint_dir(run_id: str) -> Path:
 
 
 def _resolve_auto_lr(manifest: Manifest, backbone: Backbone, train: TrainConfig, compute: ComputeConfig) -> tuple[TrainConfig, object]:
-    """--lr auto: sweep the rates (ratios kept) and train with the suggested head rate."""
+    """--lr auto: sweep the rates (ratios kept), log the plot to the active run, return the suggested rate."""
     from tlkit.finetune import build_module, train_loader
     from tlkit.lr_find import find_lr
     from tlkit.runtime import resolve_precision
@@ -204,6 +204,10 @@ def _resolve_auto_lr(manifest: Manifest, backbone: Backbone, train: TrainConfig,
     module = build_module(manifest, backbone, probe)
     loader, _ = train_loader(manifest, backbone, probe, num_workers=compute.num_workers)
     found = find_lr(module, loader, precision=resolve_precision(compute.precision))
+    figure = found.figure()
+    tracking.log_figure(figure, "plots/lr_find.png")
+    close(figure)
+    tracking.log_metrics({"suggested_lr": found.suggestion})
     return train.model_copy(update={"lr": found.suggestion}), found
 
 
@@ -223,11 +227,7 @@ def run_lr_find(
     with tracking.start_run("lr-find", params={"train": train.model_dump()}) as run_id:
         _log_data(manifest)
         _log_backbone(backbone)
-        resolved, found = _resolve_auto_lr(manifest, backbone, train, compute)
-        figure = found.figure()
-        tracking.log_figure(figure, "plots/lr_find.png")
-        close(figure)
-        tracking.log_metrics({"suggested_lr": found.suggestion})
+        _, found = _resolve_auto_lr(manifest, backbone, train, compute)
     return StageResult("lr-find", run_id, {"suggested_lr": found.suggestion}, details={"lrs": found.lrs, "losses": found.losses})
 
 
@@ -257,10 +257,6 @@ def run_train(
         _log_backbone(backbone)
         if train.lr == "auto":
             train, found = _resolve_auto_lr(manifest, backbone, train, compute)
-            figure = found.figure()
-            tracking.log_figure(figure, "plots/lr_find.png")
-            close(figure)
-            tracking.log_metrics({"suggested_lr": found.suggestion})
         workdir = checkpoint_dir(run_id)
         result = train_classifier(
             manifest,
