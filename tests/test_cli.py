@@ -69,6 +69,10 @@ def test_baseline_pretrain_finetune_predict(runner, workdir, digits_source, digi
     rows = list(csv.DictReader(open("preds.csv")))
     assert [r["rank"] for r in rows] == ["1", "2", "3"] and {r["class"] for r in rows} <= {"5", "6", "7"}
 
+    result = invoke(runner, "evaluate", f"runs:/{finetuned}", digits_target, "--split", "val")
+    assert result.exit_code == 0 and "val_accuracy" in result.stdout, result.output
+    assert_one_line_error(invoke(runner, "evaluate", f"runs:/{finetuned}", digits_source), "does not know class(es) 0, 1, 2")
+
 
 def test_bad_inputs_are_one_line_errors(runner, workdir, digits_source, tmp_path):
     assert_one_line_error(invoke(runner, "ingest", "no/such/folder"), "does not exist")
@@ -117,3 +121,5 @@ def test_bad_training_options_are_one_line_errors(runner, workdir, digits_source
     assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--lr", "fast"), "--lr must be a number or auto")
     assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--epochs", 2, "--freeze-epochs", 2), "--freeze-epochs")
     assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--resume", "feedface"), "no run 'feedface'")
+    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--use-val", "train", "--patience", 2), "drop patience or --use-val 'select'")
+    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--use-val", "train", "--test", 0), "no test split to report on")

@@ -152,3 +152,19 @@ def test_best_epoch_is_accuracy_first_then_lower_loss():
     n = 10
     assert selection_score(9, 2.0, n) > selection_score(9, 5.0, n)  # same accuracy: lower loss wins
     assert selection_score(9, 1e6, n) > selection_score(8, 0.0, n)  # one more correct image always wins
+
+
+def test_use_val_train_trains_on_val_and_keeps_the_last_epoch(workdir, manifest):
+    seen = []
+
+    class Batches(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            seen.append(len(trainer.train_dataloader.dataset))
+
+    n_train, n_val = len(manifest.split("train")), len(manifest.split("val"))
+    result, _, _ = train(manifest, fast(epochs=2, use_val="train"))
+    assert result.best_epoch is None and result.best_val_accuracy is None and result.epochs_run == 2
+    backbone = create_backbone(TINY_MODEL, img_size=32)
+    train_classifier(manifest, backbone, fast(epochs=1, use_val="train", strategy="full"), num_workers=0, precision="32-true", progress=False, callbacks=[Batches()])
+    assert seen == [n_train + n_val]
+    assert result.eval_split == "test" and len(result.y_true) == len(manifest.split("test"))

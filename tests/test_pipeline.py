@@ -77,3 +77,90 @@ def test_validation_errors_name_the_key(tmp_path, edit, message):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(TlkitError, match=message.replace("(", "\\(").replace(")", "\\)").replace("?", "\\?").replace(".", "\\.")):
         load_pipeline(path)
+
+
+def sweep_pipeline(tmp_path: Path, digits_target: Path) -> Path:
+    """Every stage kind, a 2-point sweep and 2 seeds, on a tiny model: the structure in seconds."""
+    config = {
+        "name": "sweep-test",
+        "datasets": {"digits": {"path": str(digits_target), "val": 0.2, "test": 0.3, "seed": 0}},
+        "backbone": {"model": TINY_MODEL, "img_size": 32},
+        "compute": {"num_workers": 0},
+        "sweep": {"stages.tuned.train.lr_mult": [2, 4]},
+        "seeds": [0, 1],
+        "stages": [
+            {"id": "pre", "stage": "pretrain", "data": "digits", "train": {"epochs": 1, "seed": 0, "augment": "none"}},
+            {"id": "features", "stage": "extract", "data": "digits", "weights": "pre"},
+            {"id": "svm", "stage": "baseline", "data": "digits", "weights": "pre"},
+            {"id": "tuned", "stage": "finetune", "data": "digits", "weights": "pre",
+             "train": {"epochs": 2, "freeze_epochs": 1, "augment": "none", "batch_size": 16}},
+            {"id": "check", "stage": "evaluate", "model": "tuned", "data": "digits", "split": "val"},
+            {"id": "label", "stage": "predict", "model": "tuned", "images": [str(digits_target / "5")]},
+        ],
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _runs(client, experiment: str):
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], max_results=1000)
+
+
+def test_sweep_and_seeds_structure_then_reuse(tracked, tmp_path, digits_target):
+    path = sweep_pipeline(tmp_path, digits_target)
+    summary = run_pipeline(path, experiment="sweep")
+    runs = _runs(tracked, "sweep")
+    points = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.run_id]
+    assert sorted(r.info.run_name for r in points) == ["lr_mult=2 seed=0", "lr_mult=2 seed=1", "lr_mult=4 seed=0", "lr_mult=4 seed=1"]
+    for point in points:
+        stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == point.info.run_id]
+        assert sorted(r.data.tags["tlkit.stage_id"] for r in stages) == sorted(["pre", "features", "svm", "tuned", "check", "label"])
+        assert point.data.params["sweep.lr_mult"] in ("2", "4")
+        assert "tuned.test_accuracy" in point.data.metrics
+    # the seed-pinned pretraining ran once; the other three points reuse it
+    pretrains = [r for r in runs if r.data.tags.get("tlkit.stage_id") == "pre"]
+    assert len(pretrains) == 4 and sum("tlkit.reused_from" not in r.data.tags for r in pretrains) == 1
+    tuned = [r for r in runs if r.data.tags.get("tlkit.stage_id") == "tuned"]
+    assert len({r.data.params["train.seed"] for r in tuned}) == 2 and all("tlkit.reused_from" not in r.data.tags for r in tuned)
+    parent = tracked.get_run(summary.run_id)
+    assert {"lr_mult_2/tuned.test_accuracy_mean", "lr_mult_4/svm.test_accuracy_std"} <= set(parent.data.metrics)
+    artifacts = {a.path for a in tracked.list_artifacts(summary.run_id, "compare")}
+    assert artifacts == {"compare/leaderboard.csv", "compare/leaderboard.png"}
+    assert "sweep" in yaml.safe_load(Path(tracked.download_artifacts(summary.run_id, "pipeline.yaml")).read_text())
+    board = summary.leaderboard
+    tuned_rows = [e for e in board.entries if e.label == "tuned"]
+    assert len(tuned_rows) == 2 and all(e.n == 2 for e in tuned_rows) and "train.lr_mult" in board.columns
+    assert next(e for e in board.entries if e.label == "pre").n == 1  # a reused run counts once
+
+    again = run_pipeline(path, experiment="sweep")
+    rows = {(r.id, r.point, r.seed): r for r in again.rows}
+    assert all(row.reused_from for row in again.rows if row.stage != "predict")  # nothing re-extracted or re-trained
+    assert not rows[("label", "lr_mult=2", 0)].reused_from
+    first = {(r.id, r.point, r.seed): r for r in summary.rows}
+    for key, row in rows.items():
+        if row.stage != "predict":
+            assert row.reused_from == (first[key].reused_from or first[key].run_id)
+            assert row.metrics["test_accuracy" if "test_accuracy" in row.metrics else next(iter(row.metrics))] is not None
+
+
+def test_changed_input_reruns_only_what_depends_on_it(tracked, tmp_path, digits_target):
+    path = sweep_pipeline(tmp_path, digits_target)
+    run_pipeline(path, experiment="rerun", overrides=["sweep={}", "seeds=[0]"])
+    again = run_pipeline(path, experiment="rerun", overrides=["sweep={}", "seeds=[0]", "stages.tuned.train.epochs=3"])
+    fresh = {row.id for row in again.rows if not row.reused_from}
+    assert fresh == {"tuned", "check", "label"}
+
+
+def test_ctrl_c_marks_every_open_run_killed(tracked, tmp_path, digits_target, monkeypatch):
+    import tlkit.stages
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tlkit.stages, "train_classifier", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(sweep_pipeline(tmp_path, digits_target), experiment="killed")
+    statuses = {r.info.run_name: r.info.status for r in _runs(tracked, "killed")}
+    assert statuses == {"sweep-test": "KILLED", "lr_mult=2 seed=0": "KILLED", "pre": "KILLED"}

@@ -122,9 +122,10 @@ def _metrics_table(title: str, metrics: dict[str, float]) -> Table:
     table = Table(title=title, show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1"):
-        if key in metrics:
-            table.add_row(key, f"{metrics[key]:.4f}")
+    for split in ("test", "val", "train"):
+        for key in (f"{split}_accuracy", f"{split}_balanced_accuracy", f"{split}_macro_f1"):
+            if key in metrics:
+                table.add_row(key, f"{metrics[key]:.4f}")
     return table
 
 
@@ -312,6 +313,7 @@ Bn = Annotated[str, typer.Option(help="BatchNorm in frozen groups: frozen (eval 
 Schedule = Annotated[str, typer.Option(help="onecycle, cosine (with warm-up) or constant; restarted each phase.")]
 Balance = Annotated[str, typer.Option(help="Imbalanced classes: none, weights (loss weights) or sampler (balanced batches).")]
 Patience = Annotated[Optional[int], typer.Option(help="Stop after N epochs without a better val accuracy (last phase).")]
+UseVal = Annotated[str, typer.Option(help="select: the val split picks the best epoch; train: it joins the training data, the last epoch is kept.")]
 WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay (not on biases and norms).")]
 LabelSmoothing = Annotated[float, typer.Option(help="Cross-entropy label smoothing.")]
 Augment = Annotated[str, typer.Option(help="none, light, medium, heavy, or an albumentations YAML file.")]
@@ -337,6 +339,8 @@ def _train_config(**options):
         return TrainConfig(**options)
     except ValidationError as err:
         first = err.errors()[0]
+        if not first["loc"]:  # a rule across options
+            raise TlkitError(first["msg"].removeprefix("Value error, ").replace("use_val", "--use-val")) from None
         raise TlkitError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
 
 
@@ -379,6 +383,7 @@ def pretrain_command(
     schedule: Schedule = "onecycle",
     balance: Balance = "none",
     patience: Patience = None,
+    use_val: UseVal = "select",
     batch_size: BatchSize = 32,
     weight_decay: WeightDecay = 0.05,
     label_smoothing: LabelSmoothing = 0.0,
@@ -398,7 +403,7 @@ def pretrain_command(
     """Train a backbone end to end on a source dataset; reuse it later with --weights runs:/RUN_ID."""
     _train("pretrain", data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume,
            epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
-           unfreeze_every=unfreeze_every, bn=bn, schedule=schedule, balance=balance, patience=patience, batch_size=batch_size,
+           unfreeze_every=unfreeze_every, bn=bn, schedule=schedule, balance=balance, patience=patience, use_val=use_val, batch_size=batch_size,
            weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, hflip=hflip)
 
 
@@ -422,6 +427,7 @@ def finetune_command(
     schedule: Schedule = "onecycle",
     balance: Balance = "none",
     patience: Patience = None,
+    use_val: UseVal = "select",
     batch_size: BatchSize = 32,
     weight_decay: WeightDecay = 0.05,
     label_smoothing: LabelSmoothing = 0.0,
@@ -441,7 +447,7 @@ def finetune_command(
     """Fine-tune a backbone with a new head: discriminative learning rates and a freezing strategy."""
     _train("finetune", data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume,
            epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
-           unfreeze_every=unfreeze_every, bn=bn, schedule=schedule, balance=balance, patience=patience, batch_size=batch_size,
+           unfreeze_every=unfreeze_every, bn=bn, schedule=schedule, balance=balance, patience=patience, use_val=use_val, batch_size=batch_size,
            weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, hflip=hflip)
 
 
@@ -516,18 +522,61 @@ def predict_command(
         console.print(f"predictions written to {out}")
 
 
+@app.command("evaluate")
+@command
+def evaluate_command(
+    model: Annotated[str, typer.Argument(help="runs:/RUN_ID of a baseline, pretrain or finetune run.")],
+    data: DataArg,
+    split: Annotated[str, typer.Option(help="Which split to score: test, val or train.")] = "test",
+    val: Val = 0.15,
+    test: Test = 0.15,
+    seed: Seed = 0,
+    shots: Shots = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Score a saved model on a dataset's split: metrics and a confusion matrix, in a run linked to the model's."""
+    from tlkit.stages import run_evaluate
+
+    if split not in ("train", "val", "test"):
+        raise TlkitError(f"--split must be train, val or test; got {split!r}")
+    _tracking(tracking_uri, experiment)
+    result = run_evaluate(model, data, split=split, data_split=_split(val, test, seed, shots), tracking_uri=tracking_uri)
+    console.print(_metrics_table(f"{model} on the {split} split", result.metrics))
+    _run_footer(result.run_id, model=False)
+
+
 @app.command("run")
 @command
 def run_command(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file, e.g. pipelines/quickstart.yaml.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: KEY.PATH=VALUE, e.g. stages.*.train.epochs=2 (repeatable).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Recompute every stage, even those whose inputs are unchanged.")] = False,
     tracking_uri: TrackingUri = None,
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the pipeline's).")] = None,
 ):
-    """Run a pipeline file's stages in order, as MLflow runs nested under one pipeline run."""
+    """Run a pipeline file: its stages in order, every sweep point and seed, as nested MLflow runs."""
     from tlkit.pipeline import print_summary, run_pipeline
 
-    summary = run_pipeline(pipeline, tracking_uri=tracking_uri, experiment=experiment, console=console)
+    summary = run_pipeline(pipeline, overrides=set_, tracking_uri=tracking_uri, experiment=experiment, reuse=not fresh, console=console)
     print_summary(summary, console)
+
+
+@app.command("compare")
+@command
+def compare_command(
+    experiment: Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment whose runs to rank (default: tlkit).")] = None,
+    parent: Annotated[Optional[str], typer.Option(help="Rank only the runs under this pipeline run (its id); the table is logged to it.")] = None,
+    metric: Annotated[str, typer.Option(help="Metric to rank by; per-epoch metrics count their best epoch.")] = "test_accuracy",
+    out: Annotated[Path, typer.Option(help="Folder for leaderboard.csv and leaderboard.png.")] = Path("compare"),
+    tracking_uri: TrackingUri = None,
+):
+    """Leaderboard of runs: mean ± std over seeds, best first, with the settings that differ as columns."""
+    from tlkit.compare import compare, leaderboard_table
+
+    board, files = compare(experiment=experiment, parent=parent, metric=metric, out=out, tracking_uri=tracking_uri)
+    console.print(leaderboard_table(board))
+    console.print(f"written: {', '.join(str(f) for f in files)}" + (f"; logged to run {parent} under compare/" if parent else ""), highlight=False)
 
 
 @app.command("ui")

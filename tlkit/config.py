@@ -62,9 +62,19 @@ class TrainConfig(Settings):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     balance: Literal["none", "weights", "sampler"] = "none"
     patience: int | None = Field(None, ge=1, description="early stopping: epochs without val improvement (last phase)")
+    use_val: Literal["select", "train"] = Field(
+        "select", description="the val split picks the best epoch (select), or joins the training data and the last epoch is kept (train)"
+    )
     augment: str = "light"
     hflip: bool = True
     seed: int = 0
+
+
+    @model_validator(mode="after")
+    def _selection_needs_val(self) -> TrainConfig:
+        if self.use_val == "train" and self.patience is not None:
+            raise ValueError("patience stops on the val split, but use_val 'train' trains on it; drop patience or use_val 'select'")
+        return self
 
 
 class BaselineConfig(Settings):
@@ -125,7 +135,30 @@ class ExtractStage(_Stage):
     stage: Literal["extract"]
 
 
-Stage = Annotated[Union[PretrainStage, FinetuneStage, BaselineStage, ExtractStage], Field(discriminator="stage")]
+class EvaluateStage(Settings):
+    """Score an earlier stage's model (or a runs:/ model) on a dataset's split."""
+
+    id: str
+    stage: Literal["evaluate"]
+    model: str = Field(description="an earlier stage's id, or runs:/RUN_ID")
+    data: str = Field(description="a dataset name from `datasets`")
+    split: Literal["train", "val", "test"] = "test"
+
+
+class PredictStage(Settings):
+    """Classify image files with an earlier stage's model (or a runs:/ model)."""
+
+    id: str
+    stage: Literal["predict"]
+    model: str = Field(description="an earlier stage's id, or runs:/RUN_ID")
+    images: list[str] = Field(min_length=1, description="image files or folders")
+    top_k: int = Field(1, ge=1)
+
+
+Stage = Annotated[
+    Union[PretrainStage, FinetuneStage, BaselineStage, ExtractStage, EvaluateStage, PredictStage], Field(discriminator="stage")
+]
+MODEL_STAGES = ("pretrain", "finetune", "baseline")  # stages whose run saves a model that later stages may use
 
 
 class PipelineConfig(Settings):
@@ -135,20 +168,31 @@ class PipelineConfig(Settings):
     backbone: BackboneConfig = BackboneConfig()
     compute: ComputeConfig = ComputeConfig()
     stages: list[Stage]
+    sweep: dict[str, list] | None = Field(None, description="dotted setting -> values; every combination runs")
+    seeds: list[int] | None = Field(None, min_length=1, description="run every grid point once per seed")
 
     @model_validator(mode="after")
     def _check_references(self) -> PipelineConfig:
         seen: dict[str, str] = {}
         for i, stage in enumerate(self.stages):
             where = f"stages.{i} ({stage.id})"
-            if stage.data not in self.datasets:
-                raise ValueError(f"{where}: data {stage.data!r} is not one of the datasets: {', '.join(self.datasets)}")
+            data = getattr(stage, "data", None)
+            if data is not None and data not in self.datasets:
+                raise ValueError(f"{where}: data {data!r} is not one of the datasets: {', '.join(self.datasets)}")
             if stage.id in seen:
                 raise ValueError(f"{where}: id {stage.id!r} is used twice")
-            weights = stage.weights
-            if weights and not weights.startswith("runs:/") and not Path(weights).suffix and weights not in seen:
-                raise ValueError(f"{where}: weights {weights!r} is neither an earlier stage id, a runs:/ URI nor a file")
+            if isinstance(stage, (EvaluateStage, PredictStage)):
+                ref = stage.model
+                if not ref.startswith("runs:/") and seen.get(ref) not in MODEL_STAGES:
+                    raise ValueError(f"{where}: model {ref!r} is neither an earlier pretrain, finetune or baseline stage id nor a runs:/ URI")
+            else:
+                weights = stage.weights
+                if weights and not weights.startswith("runs:/") and not Path(weights).suffix and weights not in seen:
+                    raise ValueError(f"{where}: weights {weights!r} is neither an earlier stage id, a runs:/ URI nor a file")
             seen[stage.id] = stage.stage
+        for key, values in (self.sweep or {}).items():
+            if not values:
+                raise ValueError(f"sweep.{key}: give at least one value")
         return self
 
 
@@ -159,7 +203,7 @@ def _explain(error: ValidationError, model: type[BaseModel]) -> str:
         key = str(first["loc"][-1])
         known: set[str] = set()
         for cls in (PipelineConfig, DatasetConfig, DigitsConfig, BackboneConfig, ComputeConfig, TrainConfig, BaselineConfig,
-                    PretrainStage, FinetuneStage, BaselineStage):
+                    PretrainStage, FinetuneStage, BaselineStage, EvaluateStage, PredictStage):
             known |= set(cls.model_fields)
         close = difflib.get_close_matches(key, sorted(known), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -167,8 +211,8 @@ def _explain(error: ValidationError, model: type[BaseModel]) -> str:
     return f"{path}: {first['msg']}" if path else first["msg"]
 
 
-def load_pipeline(path: str | Path) -> PipelineConfig:
-    """Read and validate a pipeline file; every problem is a one-line TlkitError."""
+def read_pipeline(path: str | Path) -> dict:
+    """A pipeline file's YAML as a plain mapping (not yet validated)."""
     path = Path(path)
     if not path.exists():
         raise TlkitError(f"pipeline file {path} does not exist; see pipelines/ for ready ones")
@@ -178,7 +222,17 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         raise TlkitError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise TlkitError(f"{path} must be a YAML mapping with name, datasets and stages")
+    return raw
+
+
+def validate_pipeline(raw: dict, where: str) -> PipelineConfig:
+    """Validate a pipeline mapping; `where` (the file, a grid point) starts the one-line error."""
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as err:
-        raise TlkitError(f"{path}: {_explain(err, PipelineConfig)}") from None
+        raise TlkitError(f"{where}: {_explain(err, PipelineConfig)}") from None
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline file; every problem is a one-line TlkitError."""
+    return validate_pipeline(read_pipeline(path), str(path))

@@ -333,7 +333,7 @@ def fit_linear_probe(module: ImageClassifier, manifest: Manifest, backbone: Back
     if val:
         X_val = infer(backbone.model, make_loader(_dataset(manifest, "val", eval_tf), batch_size=128, num_workers=num_workers), precision=precision)
         y_val = manifest.labels(val)
-    for C in (0.01, 0.1, 1.0, 10.0):
+    for C in (0.01, 0.1, 1.0, 10.0) if val else (1.0,):
         probe = LogisticRegression(C=C, max_iter=3000).fit(X_train, y_train)
         score = probe.score(X_val, y_val) if val else 0.0
         if score > best[1]:
@@ -366,7 +366,7 @@ def train_classifier(
     """Train per `settings`; keep the best epoch by validation accuracy.
 
     Args:
-        manifest: the dataset (train split trains, val split picks the best epoch).
+        manifest: the dataset (train split trains; val split picks the best epoch, or trains too with use_val 'train').
         backbone: the backbone to start from.
         settings: epochs, learning rates, strategy and the rest (TrainConfig()).
         devices: Lightning devices; several run as spawned DDP processes.
@@ -386,6 +386,10 @@ def train_classifier(
         raise TlkitError(f"--epochs must be at least 1, got {settings.epochs}")
     if not manifest.split("train"):
         raise TlkitError("the training split is empty; ingest with smaller --val/--test or give a train/ folder")
+    if settings.use_val == "train":
+        if not manifest.split("test"):
+            raise TlkitError("use_val 'train' trains on the val split and the data has no test split to report on; ingest with --test > 0 or use --use-val select")
+        manifest = manifest.with_val_as_train()  # as the baselines refit on train+val; the last epoch is kept
     L.seed_everything(settings.seed, workers=True, verbose=False)
     precision = runtime.resolve_precision(precision)
     module = module or build_module(manifest, backbone, settings)

@@ -8,7 +8,7 @@ import json
 import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,11 @@ class Manifest:
     def labels(self, records: list[ImageRecord] | None = None) -> np.ndarray:
         index = {c: i for i, c in enumerate(self.classes)}
         return np.array([index[r.label] for r in (self.records if records is None else records)], dtype=np.int64)
+
+    def with_val_as_train(self) -> Manifest:
+        """The same images with the val split moved into train (fingerprint unchanged: same data)."""
+        records = [replace(r, split="train") if r.split == "val" else r for r in self.records]
+        return replace(self, records=records, split_settings={**self.split_settings, "val_trained_on": True})
 
     @property
     def eval_split(self) -> str:

@@ -1,22 +1,46 @@
-"""Pipeline file -> its stages run in order, as MLflow runs nested under one pipeline run, + a summary."""
+"""Pipeline file -> its stages run in order, as MLflow runs nested under one pipeline run, + a summary.
+
+A plain pipeline nests its stage runs under the pipeline run. With `sweep:` or `seeds:`, every
+(grid point, seed) gets a child run of its own, with the stage runs inside it, and the pipeline
+run gets the mean ± std per grid point and a leaderboard (see compare.py).
+
+A stage whose inputs are unchanged (same settings, data fingerprint, upstream model, tlkit
+version) is not computed again: a finished run with the same `tlkit.stage_key` in the experiment
+is reused, and a small run linking to it takes its place (`tlkit.reused_from`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import re
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from tlkit import tracking
-from tlkit.config import BackboneConfig, BaselineStage, ExtractStage, PipelineConfig, _Stage, load_pipeline
+from tlkit import __version__, tracking
+from tlkit.compare import Leaderboard, compare, leaderboard_table
+from tlkit.config import (
+    MODEL_STAGES,
+    BackboneConfig,
+    BaselineStage,
+    EvaluateStage,
+    ExtractStage,
+    PipelineConfig,
+    PredictStage,
+    _Stage,
+)
 from tlkit.ingest import Manifest
 from tlkit.sample_data import write_digits
-from tlkit.stages import StageResult, load_data, run_baseline, run_extract, run_train
+from tlkit.stages import StageResult, load_data, run_baseline, run_evaluate, run_extract, run_predict, run_train
+from tlkit.sweep import Plan, Point, plan_pipeline
 
 
 @dataclass
@@ -27,6 +51,9 @@ class SummaryRow:
     run_id: str
     metrics: dict[str, float]
     seconds: float
+    point: str = ""
+    seed: int | None = None
+    reused_from: str | None = None
 
 
 @dataclass
@@ -36,19 +63,25 @@ class PipelineSummary:
     run_id: str
     tracking_uri: str
     rows: list[SummaryRow] = field(default_factory=list)
+    leaderboard: Leaderboard | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolving a point's inputs
 
 
 def _prepare_data(config: PipelineConfig, name: str, cache: dict[str, Manifest], console: Console) -> Manifest:
-    """Write generated sample data if missing, then ingest once per dataset."""
-    if name not in cache:
-        spec = config.datasets[name]
+    """Write generated sample data if missing, then ingest once per dataset and split setting."""
+    spec = config.datasets[name]
+    key = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    if key not in cache:
         path = Path(spec.path)
         if spec.digits is not None and not path.exists():
             d = spec.digits
             counts = write_digits(path, classes=d.classes, per_class=d.per_class, size=d.size, seed=d.seed)
             console.print(f"wrote {sum(counts.values())} digit images ({d.classes}) to {path}")
-        cache[name] = load_data(path, spec)
-    return cache[name]
+        cache[key] = load_data(path, spec)
+    return cache[key]
 
 
 def _backbone_for(config: PipelineConfig, stage: _Stage, outputs: dict[str, str]) -> BackboneConfig:
@@ -63,6 +96,7 @@ def _backbone_for(config: PipelineConfig, stage: _Stage, outputs: dict[str, str]
 
 def _resolve_files(config: PipelineConfig, base: Path) -> PipelineConfig:
     """Augmentation and weights files named in a pipeline are relative to the pipeline file."""
+    config = config.model_copy(deep=True)
 
     def local(value: str | None) -> str | None:
         if value is None or value.startswith("runs:/") or Path(value).is_absolute() or not Path(value).suffix:
@@ -70,48 +104,163 @@ def _resolve_files(config: PipelineConfig, base: Path) -> PipelineConfig:
         return str((base / value).resolve())
 
     config.backbone.weights = local(config.backbone.weights)
+    ids = {s.id for s in config.stages}
     for stage in config.stages:
-        stage.weights = local(stage.weights) if stage.weights not in {s.id for s in config.stages} else stage.weights
+        if isinstance(stage, _Stage) and stage.weights not in ids:
+            stage.weights = local(stage.weights)
         train = getattr(stage, "train", None)
         if train is not None and train.augment.endswith((".yaml", ".yml")):
             train.augment = local(train.augment)
     return config
 
 
+def _file_digest(path: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        return "missing"
+    if file.stat().st_size < 1 << 20:
+        return hashlib.sha256(file.read_bytes()).hexdigest()
+    stat = file.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def stage_key(stage, manifest: Manifest | None, backbone: BackboneConfig | None, model_ref: str | None, config: PipelineConfig) -> str:
+    """Everything a stage's result depends on, hashed: equal keys mean the stage need not run again."""
+    payload: dict = {"stage": stage.model_dump(mode="json", exclude={"id"}), "version": __version__, "precision": config.compute.precision}
+    if manifest is not None:
+        payload["data"] = [manifest.fingerprint, manifest.split_settings]
+    if backbone is not None:
+        payload["backbone"] = backbone.model_dump(mode="json")
+        if backbone.weights and not backbone.weights.startswith(tracking.RUNS_PREFIX):
+            payload["weights_file"] = _file_digest(backbone.weights)
+    if model_ref is not None:
+        payload["model"] = model_ref
+    train = getattr(stage, "train", None)
+    if train is not None and train.augment.endswith((".yaml", ".yml")):
+        payload["augment_file"] = _file_digest(train.augment)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 def _metric_key(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z\-.]+", "_", text).strip("_")
 
 
-def run_pipeline(path: str | Path, *, tracking_uri: str | None = None, experiment: str | None = None, console: Console | None = None) -> PipelineSummary:
-    """Validate and run a pipeline file. Everything is validated before anything runs."""
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class _Progress:
+    total: int
+    done: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def step(self) -> str:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        return f"[{self.done}/{self.total}, {elapsed / 60:.1f} min]"
+
+
+def run_pipeline(
+    path: str | Path,
+    *,
+    overrides: list[str] | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    reuse: bool = True,
+    console: Console | None = None,
+) -> PipelineSummary:
+    """Validate a pipeline file (every grid point and seed) and run it. Nothing runs if anything is invalid.
+
+    Args:
+        path: the pipeline YAML file.
+        overrides: `key.path=value` settings applied to the file first (`tlkit run --set`).
+        tracking_uri: MLflow store (default: sqlite:///mlflow.db here).
+        experiment: MLflow experiment (default: the file's `experiment`, else its name).
+        reuse: reuse finished runs whose inputs are unchanged (False recomputes everything).
+        console: where progress goes.
+    """
     console = console or Console()
-    config = _resolve_files(load_pipeline(path), Path(path).resolve().parent)
-    experiment = experiment or config.experiment or config.name
+    plan = plan_pipeline(path, overrides)
+    base_dir = Path(path).resolve().parent
+    points = [replace(p, config=_resolve_files(p.config, base_dir)) for p in plan.points]
+    experiment = experiment or plan.base.experiment or plan.base.name
     tracking.configure(tracking_uri, experiment)
     manifests: dict[str, Manifest] = {}
-    outputs: dict[str, str] = {}
-    with tracking.start_run("pipeline", run_name=config.name, params={"pipeline": config.name, "stages": len(config.stages)}) as parent:
-        summary = PipelineSummary(config.name, experiment, parent, tracking.resolve_tracking_uri(tracking_uri))
-        tracking.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "pipeline.yaml")
-        for i, stage in enumerate(config.stages, start=1):
-            console.rule(f"[bold]stage {i}/{len(config.stages)}: {stage.id}[/] ({stage.stage} on {stage.data})")
-            manifest = _prepare_data(config, stage.data, manifests, console)
-            backbone = _backbone_for(config, stage, outputs)
-            start = time.perf_counter()
-            result = _run_stage(stage, manifest, backbone, config, tracking_uri)
-            seconds = time.perf_counter() - start
-            if result.model_uri:
-                outputs[stage.id] = result.model_uri
-            row = SummaryRow(stage.id, stage.stage, stage.data, result.run_id, result.metrics, seconds)
-            summary.rows.append(row)
-            if "test_accuracy" in result.metrics:
-                tracking.log_metrics({f"{_metric_key(stage.id)}.test_accuracy": result.metrics["test_accuracy"]})
-            console.print(f"{stage.id}: test accuracy {result.metrics.get('test_accuracy', float('nan')):.4f} in {seconds:.1f} s (run {result.run_id})")
+    progress = _Progress(sum(len(p.config.stages) for p in points))
+    params = {"pipeline": plan.base.name, "stages": len(plan.base.stages), "points": len(points), "overrides": list(overrides or [])}
+    if plan.base.sweep:
+        params["sweep"] = {k: json.dumps(v) for k, v in plan.base.sweep.items()}
+    if plan.base.seeds:
+        params["seeds"] = plan.base.seeds
+    with tracking.start_run("pipeline", run_name=plan.base.name, params=params) as parent:
+        summary = PipelineSummary(plan.base.name, experiment, parent, tracking.resolve_tracking_uri(tracking_uri))
+        tracking.log_text(yaml.safe_dump(plan.raw, sort_keys=False), "pipeline.yaml")
+        if not plan.swept:
+            tracking.log_text(yaml.safe_dump(points[0].config.model_dump(mode="json"), sort_keys=False), "pipeline.resolved.yaml")
+        for point in points:
+            summary.rows += _run_point(point, plan, manifests, progress, tracking_uri, reuse, console)
+        if plan.swept:
+            _log_aggregates(summary)
+            summary.leaderboard, _ = compare(parent=parent, tracking_uri=tracking_uri)
         tracking.log_text(summary_text(summary), "summary.txt")
     return summary
 
 
-def _run_stage(stage: _Stage, manifest: Manifest, backbone: BackboneConfig, config: PipelineConfig, tracking_uri: str | None) -> StageResult:
+def _run_point(point: Point, plan: Plan, manifests: dict, progress: _Progress, tracking_uri: str | None, reuse: bool, console: Console) -> list[SummaryRow]:
+    config = point.config
+    params = {**{f"sweep.{point.names.get(k, k)}": v for k, v in point.settings.items()}, **({"seed": point.seed} if point.seed is not None else {})}
+    tags = {"tlkit.point": point.group, "tlkit.seed": "" if point.seed is None else str(point.seed)}
+    context = tracking.start_run("point", run_name=point.label, params=params, tags=tags) if plan.swept else nullcontext()
+    rows: list[SummaryRow] = []
+    outputs: dict[str, str] = {}  # stage id -> runs:/ of the model it saved
+    with context:
+        if plan.swept:
+            tracking.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "pipeline.resolved.yaml")
+        for i, stage in enumerate(config.stages, start=1):
+            where = f"{point.label} · " if plan.swept else ""
+            console.rule(f"[bold]{progress.step()} {where}stage {i}/{len(config.stages)}: {stage.id}[/] ({stage.stage})")
+            start = time.perf_counter()
+            with tracking.tagging({"tlkit.stage_id": stage.id, **tags}):
+                result, reused = _run_or_reuse(stage, config, outputs, manifests, tracking_uri, reuse, console)
+            seconds = time.perf_counter() - start
+            if result.model_uri:
+                outputs[stage.id] = result.model_uri
+            data = getattr(stage, "data", "")
+            rows.append(SummaryRow(stage.id, stage.stage, data, result.run_id, result.metrics, seconds, point.group, point.seed, reused))
+            accuracy = result.metrics.get("test_accuracy")
+            if accuracy is not None:
+                tracking.log_metrics({f"{_metric_key(stage.id)}.test_accuracy": accuracy})
+            shown = f"test accuracy {accuracy:.4f}" if accuracy is not None else "done"
+            how = f"reused run {reused}" if reused else f"{seconds:.1f} s"
+            console.print(f"{stage.id}: {shown} ({how}; run {result.run_id})", highlight=False)
+    return rows
+
+
+def _run_or_reuse(stage, config: PipelineConfig, outputs: dict[str, str], manifests: dict, tracking_uri: str | None, reuse: bool,
+                  console: Console) -> tuple[StageResult, str | None]:
+    """Run one stage, or stand in for an earlier run with the same inputs. Returns (result, reused run id)."""
+    if isinstance(stage, PredictStage):  # images on disk may change under the same paths: always predict
+        model = outputs.get(stage.model, stage.model)
+        return run_predict(model, stage.images, top_k=stage.top_k, run_name=stage.id, tracking_uri=tracking_uri)[2], None
+    manifest = _prepare_data(config, stage.data, manifests, console)
+    backbone = None if isinstance(stage, EvaluateStage) else _backbone_for(config, stage, outputs)
+    model = outputs.get(stage.model, stage.model) if isinstance(stage, EvaluateStage) else None
+    key = stage_key(stage, manifest, backbone, model, config)
+    if reuse:
+        found = tracking.find_finished_run("tlkit.stage_key", key, tracking_uri=tracking_uri)
+        if found is not None:
+            run_id = tracking.record_reuse(found, stage=stage.stage, run_name=stage.id)
+            model_uri = f"{tracking.RUNS_PREFIX}{found.run_id}" if stage.stage in MODEL_STAGES else None
+            return StageResult(stage.stage, run_id, dict(found.metrics), model_uri, {"reused_from": found.run_id}), found.run_id
+    with tracking.tagging({"tlkit.stage_key": key}):
+        return _run_stage(stage, manifest, backbone, model, config, tracking_uri), None
+
+
+def _run_stage(stage, manifest: Manifest, backbone: BackboneConfig | None, model: str | None, config: PipelineConfig,
+               tracking_uri: str | None) -> StageResult:
+    if isinstance(stage, EvaluateStage):
+        return run_evaluate(model, manifest, split=stage.split, run_name=stage.id, tracking_uri=tracking_uri)
     if isinstance(stage, BaselineStage):
         return run_baseline(manifest, backbone, stage.baseline, compute=config.compute, run_name=stage.id, tracking_uri=tracking_uri)
     if isinstance(stage, ExtractStage):
@@ -119,35 +268,68 @@ def _run_stage(stage: _Stage, manifest: Manifest, backbone: BackboneConfig, conf
     return run_train(stage.stage, manifest, backbone, stage.train, compute=config.compute, run_name=stage.id, tracking_uri=tracking_uri)
 
 
+def _log_aggregates(summary: PipelineSummary) -> None:
+    """Mean and std over seeds of each stage's test accuracy, per grid point, on the pipeline run."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for row in summary.rows:
+        if "test_accuracy" in row.metrics:
+            values.setdefault((row.point, row.id), []).append(row.metrics["test_accuracy"])
+    metrics = {}
+    for (point, stage), accs in values.items():
+        name = f"{_metric_key(point)}/{_metric_key(stage)}" if point else _metric_key(stage)
+        metrics[f"{name}.test_accuracy_mean"] = float(np.mean(accs))
+        metrics[f"{name}.test_accuracy_std"] = float(np.std(accs))
+    tracking.log_metrics(metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+
+
 def summary_table(summary: PipelineSummary) -> Table:
     table = Table(title=f"{summary.name}: held-out results")
     table.add_column("method", no_wrap=True)
+    swept = any(row.point or row.seed is not None for row in summary.rows)
+    if swept:
+        table.add_column("point")
+        table.add_column("seed", justify="right")
     table.add_column("stage")
-    table.add_column("data")
     table.add_column("test acc.", justify="right")
     table.add_column("balanced", justify="right")
     table.add_column("seconds", justify="right")
     for row in summary.rows:
         acc = row.metrics.get("test_accuracy")
         bal = row.metrics.get("test_balanced_accuracy")
-        table.add_row(row.id, row.stage, row.data, "-" if acc is None else f"{acc:.4f}", "-" if bal is None else f"{bal:.4f}", f"{row.seconds:.1f}")
+        cells = [row.id, *([row.point, "" if row.seed is None else str(row.seed)] if swept else []), row.stage]
+        seconds = "reused" if row.reused_from else f"{row.seconds:.1f}"
+        table.add_row(*cells, "-" if acc is None else f"{acc:.4f}", "-" if bal is None else f"{bal:.4f}", seconds)
     return table
 
 
 def _run_lines(summary: PipelineSummary) -> str:
-    return "\n".join(f"  {row.id}: runs:/{row.run_id}" for row in summary.rows)
+    lines = []
+    for row in summary.rows:
+        where = f" [{row.point}{' ' if row.point else ''}seed={row.seed}]" if row.seed is not None else (f" [{row.point}]" if row.point else "")
+        lines.append(f"  {row.id}{where}: runs:/{row.run_id}" + (f" (reuses runs:/{row.reused_from})" if row.reused_from else ""))
+    return "\n".join(lines)
 
 
 def summary_text(summary: PipelineSummary) -> str:
-    console = Console(width=140, record=True, file=io.StringIO())
+    console = Console(width=160, record=True, file=io.StringIO())
     console.print(summary_table(summary))
+    if summary.leaderboard is not None:
+        console.print(leaderboard_table(summary.leaderboard))
     return console.export_text() + "\nruns:\n" + _run_lines(summary) + "\n"
 
 
 def print_summary(summary: PipelineSummary, console: Console) -> None:
     console.print()
-    console.print(summary_table(summary))
-    console.print("runs (use as --weights or predict MODEL):\n" + _run_lines(summary), highlight=False)
+    if summary.leaderboard is not None:
+        console.print(leaderboard_table(summary.leaderboard))
+        console.print(f"Every run, seed by seed: summary.txt of pipeline run {summary.run_id}; the table as CSV and PNG: its compare/ folder.", highlight=False)
+    else:
+        console.print(summary_table(summary))
+        console.print("runs (use as --weights or predict MODEL):\n" + _run_lines(summary), highlight=False)
     console.print(
         f"All runs are in MLflow experiment [bold]{summary.experiment}[/] under pipeline run {summary.run_id}.\n"
         f"Open them side by side: `tlkit ui`, then http://127.0.0.1:5000 (store: {summary.tracking_uri}).",

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,9 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+_EXPERIMENT = [DEFAULT_EXPERIMENT]  # the experiment `configure` chose
+
+
 def configure(tracking_uri: str | None = None, experiment: str | None = None) -> str:
     """Point MLflow at the store and experiment; returns the experiment id."""
     uri = resolve_tracking_uri(tracking_uri)
@@ -58,7 +64,8 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
             if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
                 # Local store: keep artifacts beside the database, not wherever MLflow guesses.
                 location = (Path(DEFAULT_ARTIFACTS).resolve() / name.replace("/", "_")).as_uri()
-            experiment_id = client.create_experiment(name, artifact_location=location)
+            # The UI opens an experiment as model training (runs table), not GenAI traces.
+            experiment_id = client.create_experiment(name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             experiment_id = found.experiment_id
             if found.lifecycle_stage == "deleted":
@@ -66,19 +73,40 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
     except MlflowException as err:
         raise TlkitError(f"cannot use tracking store {uri}: {err.message.splitlines()[0]}") from None
     mlflow.set_experiment(experiment_id=experiment_id)
+    _EXPERIMENT[0] = name
     return experiment_id
+
+
+def safe_name(name: str) -> str:
+    """A param or metric name MLflow accepts: other characters (e.g. '+' in a stage id) become '_'."""
+    return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name)
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """{'a': {'b': 1}} -> {'a.b': '1'}: MLflow params are flat strings."""
     flat: dict[str, str] = {}
     for key, value in params.items():
-        name = f"{prefix}{key}"
+        name = safe_name(f"{prefix}{key}")
         if isinstance(value, Mapping):
             flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
     return flat
+
+
+_TAGS: dict[str, str] = {}
+
+
+@contextmanager
+def tagging(tags: Mapping[str, str]) -> Iterator[None]:
+    """Every run started inside gets these tags too (a pipeline marks its stage runs this way)."""
+    saved = dict(_TAGS)
+    _TAGS.update({k: str(v) for k, v in tags.items()})
+    try:
+        yield
+    finally:
+        _TAGS.clear()
+        _TAGS.update(saved)
 
 
 @contextmanager
@@ -96,7 +124,7 @@ def start_run(
     error and KILLED on Ctrl-C.
     """
     nested = mlflow.active_run() is not None
-    all_tags = {"tlkit.stage": stage, "tlkit.version": __version__, **(tags or {})}
+    all_tags = {"tlkit.stage": stage, "tlkit.version": __version__, **_TAGS, **(tags or {})}
     if run_id is not None:  # resume: continue that run
         get_run(run_id)
         run = mlflow.start_run(run_id=run_id, nested=nested)
@@ -129,7 +157,7 @@ def log_params(params: Mapping[str, Any]) -> None:
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    mlflow.log_metrics({safe_name(k): float(v) for k, v in metrics.items()}, step=step)
 
 
 def set_tags(tags: Mapping[str, str]) -> None:
@@ -187,6 +215,102 @@ def download_artifacts(run_id: str, path: str, *, tracking_uri: str | None = Non
         raise TlkitError(f"run {run_id} has no artifact {path!r} ({str(err).splitlines()[0]}); is it a tlkit training or baseline run?") from None
 
 
+@dataclass
+class RunRecord:
+    """What tlkit reads back from a run: names, params, latest metrics, tags."""
+
+    run_id: str
+    name: str
+    status: str
+    experiment_id: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    start_time: int
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.tags.get("mlflow.parentRunId")
+
+    @property
+    def origin_id(self) -> str:
+        """The run that computed these results: itself, or the run it reused."""
+        return self.tags.get("tlkit.reused_from", self.run_id)
+
+
+def _record(run) -> RunRecord:
+    return RunRecord(
+        run_id=run.info.run_id,
+        name=run.info.run_name or "",
+        status=run.info.status,
+        experiment_id=run.info.experiment_id,
+        params=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+        tags=dict(run.data.tags),
+        start_time=run.info.start_time or 0,
+    )
+
+
+def experiment_id(name: str, tracking_uri: str | None = None) -> str:
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        found = MlflowClient(uri).get_experiment_by_name(name)
+    except MlflowException as err:
+        raise TlkitError(f"cannot use tracking store {uri}: {err.message.splitlines()[0]}") from None
+    if found is None:
+        names = [e.name for e in MlflowClient(uri).search_experiments()]
+        raise TlkitError(f"no experiment {name!r} in {uri}; the experiments are: {', '.join(names) or 'none yet'}")
+    return found.experiment_id
+
+
+def search_runs(experiment_ids: list[str], *, filter_string: str = "", tracking_uri: str | None = None) -> list[RunRecord]:
+    """Every run of the experiments that matches the filter, newest first."""
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    records, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token, order_by=["attributes.start_time DESC"])
+        records += [_record(run) for run in page]
+        token = page.token
+        if not token:
+            return records
+
+
+def find_finished_run(tag: str, value: str, *, tracking_uri: str | None = None) -> RunRecord | None:
+    """The newest finished run of the active experiment carrying tag=value, followed to its origin."""
+    experiment = mlflow.active_run().info.experiment_id if mlflow.active_run() else mlflow.get_experiment_by_name(_EXPERIMENT[0]).experiment_id
+    found = search_runs([experiment], filter_string=f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'", tracking_uri=tracking_uri)
+    if not found:
+        return None
+    origin = found[0].origin_id
+    return found[0] if origin == found[0].run_id else _record(MlflowClient(resolve_tracking_uri(tracking_uri)).get_run(origin))
+
+
+def metric_history(run_id: str, key: str, *, tracking_uri: str | None = None) -> list[float]:
+    return [m.value for m in MlflowClient(resolve_tracking_uri(tracking_uri)).get_metric_history(run_id, key)]
+
+
+POINT_TAGS = ("tlkit.stage_id", "tlkit.point", "tlkit.seed")  # where a run sits in a pipeline: not copied on reuse
+
+
+def record_reuse(origin: RunRecord, *, stage: str, run_name: str) -> str:
+    """A run that stands for `origin` at a new place in a pipeline: its params, final metrics, and a link.
+
+    The model and plots stay in the origin run (tag `tlkit.reused_from`); nothing is computed.
+    """
+    tags = {k: v for k, v in origin.tags.items() if k.startswith("tlkit.") and k not in POINT_TAGS and k != "tlkit.stage"}
+    tags["tlkit.reused_from"] = origin.run_id
+    with start_run(stage, run_name=run_name, tags=tags) as run_id:
+        log_params(origin.params)
+        log_metrics(origin.metrics)
+        log_text(f"Inputs unchanged: these results are those of run {origin.run_id} ({origin.name}); its artifacts hold the model and plots.\n", "reused.txt")
+    return run_id
+
+
+def log_artifact_to(run_id: str, file: Path, path: str | None = None, *, tracking_uri: str | None = None) -> None:
+    """Attach a file to any run, finished or not (e.g. a leaderboard to a pipeline run)."""
+    MlflowClient(resolve_tracking_uri(tracking_uri)).log_artifact(run_id, str(file), artifact_path=path)
+
+
 def active_run_id() -> str | None:
     run = mlflow.active_run()
     return run.info.run_id if run else None
@@ -236,7 +360,17 @@ def serve_ui(*, host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | N
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:"):
         command += ["--default-artifact-root", Path(DEFAULT_ARTIFACTS).resolve().as_uri()]
+    server = subprocess.Popen(command, start_new_session=True)  # its own group: stopped with all its workers
+
+    def stop(*_) -> None:
+        os.killpg(server.pid, signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return subprocess.call(command)
+        return server.wait()
     except KeyboardInterrupt:
+        stop()
+        server.wait(timeout=30)
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,85 @@
+import csv
+
+import pytest
+
+from tlkit.compare import build_leaderboard, descendants, lower_is_better
+from tlkit.errors import TlkitError
+from tlkit.tracking import RunRecord
+
+
+def run(run_id, name, value, *, params=None, parent=None, reused=None, metric="test_accuracy", status="FINISHED") -> RunRecord:
+    tags = {"tlkit.stage_id": name}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    if reused:
+        tags["tlkit.reused_from"] = reused
+    return RunRecord(run_id, name, status, "1", dict(params or {}), {metric: value}, tags, 0)
+
+
+def no_history(run_id, key):
+    return []
+
+
+def test_seeds_of_one_setting_make_one_row_sorted_best_first():
+    runs = [
+        run("a0", "tuned", 0.80, params={"train.strategy": "full", "train.seed": "0", "data.fingerprint": "x"}),
+        run("a1", "tuned", 0.90, params={"train.strategy": "full", "train.seed": "1", "data.fingerprint": "y"}),
+        run("b0", "tuned", 0.95, params={"train.strategy": "gradual", "train.seed": "0"}),
+        run("p0", "pixels", 0.70, params={"classifier": "svm", "seed": "0"}),
+        run("k0", "tuned", 0.99, params={"train.strategy": "lp-ft"}, status="KILLED"),
+    ]
+    board = build_leaderboard(runs, "test_accuracy", no_history)
+    assert [(e.label, e.settings.get("train.strategy"), e.n) for e in board.entries] == [
+        ("tuned", "gradual", 1), ("tuned", "full", 2), ("pixels", None, 1)]
+    full = board.entries[1]
+    assert full.mean == pytest.approx(0.85) and full.std == pytest.approx(0.05)
+    assert board.columns == ["train.strategy"]  # seeds and fingerprints are not settings
+
+
+def test_reused_runs_count_once_and_history_gives_the_best_epoch():
+    runs = [run("orig", "pre", 0.5), run("copy1", "pre", 0.5, reused="orig"), run("copy2", "pre", 0.5, reused="orig")]
+    board = build_leaderboard(runs, "test_accuracy", no_history)
+    assert board.entries[0].n == 1
+    curves = {"r1": [0.2, 0.9, 0.6]}
+    board = build_leaderboard([run("r1", "tuned", 0.6, metric="val_accuracy")], "val_accuracy", lambda r, k: curves[r])
+    assert board.entries[0].mean == 0.9  # best epoch, not the last
+    loss = build_leaderboard([run("r1", "tuned", 0.6, metric="val_loss")], "val_loss", lambda r, k: [0.9, 0.3, 0.5])
+    assert loss.entries[0].mean == 0.3 and lower_is_better("val_loss")
+
+
+def test_weights_from_runs_are_named_by_stage_not_id():
+    runs = [run("pre1", "pre", 1.0), run("t1", "tuned", 0.8, params={"weights": "runs:/pre1"}),
+            run("pre2", "pre", 1.0), run("t2", "tuned", 0.9, params={"weights": "runs:/pre2"})]
+    board = build_leaderboard(runs, "test_accuracy", no_history)
+    tuned = [e for e in board.entries if e.label == "tuned"]
+    assert len(tuned) == 1 and tuned[0].settings["weights"] == "runs:/pre" and tuned[0].n == 2
+
+
+def test_descendants_and_unknown_metric():
+    runs = [run("c", "child", 0.1, parent="p"), run("g", "grandchild", 0.2, parent="c"), run("o", "other", 0.3)]
+    assert {r.run_id for r in descendants(runs, "p")} == {"c", "g"}
+    with pytest.raises(TlkitError, match="no finished run has a metric 'f1'; pick one with --metric"):
+        build_leaderboard(runs, "f1", no_history)
+
+
+def test_compare_command_prints_writes_and_logs(tracked, tmp_path, digits_target, runner):
+    from test_pipeline import sweep_pipeline
+
+    from tlkit.cli import app
+    from tlkit.pipeline import run_pipeline
+
+    summary = run_pipeline(sweep_pipeline(tmp_path, digits_target), experiment="cmp",
+                           overrides=["stages=[{id: svm, stage: baseline, data: digits, baseline: {classifier: pixels}}]",
+                                      "sweep={stages.svm.baseline.pixel_size: [8, 16]}"])
+    out = tmp_path / "board"
+    result = runner.invoke(app, ["compare", "--parent", summary.run_id, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "pixel_size" in result.output and "± " in result.output
+    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+    assert sorted(r["pixel_size"] for r in rows) == ["16", "8"] and {r["n"] for r in rows} == {"2"}
+    assert (out / "leaderboard.png").stat().st_size > 1000
+    assert float(rows[0]["test_accuracy_mean"]) >= float(rows[1]["test_accuracy_mean"])
+    listed = runner.invoke(app, ["compare", "--experiment", "cmp", "--out", str(out)])
+    assert listed.exit_code == 0 and "pixel_size" in listed.output
+    missing = runner.invoke(app, ["compare", "--experiment", "nope"])
+    assert missing.exit_code == 1 and "no experiment 'nope'" in missing.output
