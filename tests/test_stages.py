@@ -49,8 +49,8 @@ def test_baseline_run_contents_and_prediction(tracked, digits_source, classifier
     assert float(params["C"]) > 0 and params["data.fingerprint"] == run.data.tags["tlkit.data_fingerprint"]
     assert metrics["test_accuracy"] == result.metrics["test_accuracy"] > 0.5
     files = artifacts(tracked, result.run_id)
-    assert {"plots/confusion_matrix.png", "model/tlkit-model.json", "model/estimator.joblib", "data/report.txt"} <= files
-    assert ("model/backbone.safetensors" in files) == (classifier != "pixels")
+    assert {"plots/confusion_matrix.png", "model/MLmodel", "model/artifacts/bundle/tlkit-model.json", "model/artifacts/bundle/estimator.joblib", "data/report.txt"} <= files
+    assert ("model/artifacts/bundle/backbone.safetensors" in files) == (classifier != "pixels")
 
     images = sorted(str(p) for p in Path(digits_source, "2").glob("*.png"))[:5]
     rows, skipped, predicted = run_predict(f"runs:/{result.run_id}", images, top_k=2)
@@ -70,7 +70,7 @@ def test_pretrain_then_finetune_from_the_run(tracked, digits_source, digits_targ
     assert {"train_loss", "train_accuracy", "val_loss", "test_accuracy", "best_epoch"} <= set(run.data.metrics)
     assert run.data.params["train.epochs"] == "2" and run.data.params["train.strategy"] == "freeze-unfreeze"
     assert run.data.params["phases"] == json.dumps(["head@0", "all@1"]) and len(json.loads(run.data.params["group_lrs"])) == 5
-    assert {"model/backbone.safetensors", "model/head.safetensors", "plots/confusion_matrix.png"} <= artifacts(tracked, pre.run_id)
+    assert {"model/artifacts/bundle/backbone.safetensors", "model/artifacts/bundle/head.safetensors", "plots/confusion_matrix.png"} <= artifacts(tracked, pre.run_id)
 
     fine = run_train("finetune", digits_target, BackboneConfig(weights=pre.model_uri), train, compute=CPU, progress=False)
     fine_run = tracked.get_run(fine.run_id)

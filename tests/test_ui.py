@@ -35,15 +35,15 @@ def get(url: str) -> bytes:
 
 
 @contextmanager
-def serving(command: list[str], port: int, cwd: Path | None = None):
-    """Start a server process, wait for /health, yield its base URL, stop it with its children."""
+def serving(command: list[str], port: int, cwd: Path | None = None, ping: str = "/health"):
+    """Start a server process, wait for its health URL, yield its base URL, stop it with its children."""
     server = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
         while True:
             try:
-                get(f"{base}/health")
+                get(f"{base}{ping}")
                 break
             except OSError:
                 assert server.poll() is None, f"{command[2:4]} exited"
@@ -138,7 +138,9 @@ def test_pipeline_logs_to_a_tracking_server(workdir, tmp_path, digits_target):
         assert {r.info.run_name for r in runs} >= {"sweep-test", "pre", "features", "svm", "tuned", "check", "label"}
         tuned = next(r for r in runs if r.info.run_name == "tuned")
         assert "test_accuracy" in tuned.data.metrics and tuned.info.artifact_uri.startswith("mlflow-artifacts:")
-        assert {a.path for a in client.list_artifacts(tuned.info.run_id, "model")} >= {"model/tlkit-model.json", "model/backbone.safetensors"}
+        bundle = "model/artifacts/bundle"
+        assert {a.path for a in client.list_artifacts(tuned.info.run_id, bundle)} >= {f"{bundle}/tlkit-model.json", f"{bundle}/backbone.safetensors"}
+        assert "model/MLmodel" in {a.path for a in client.list_artifacts(tuned.info.run_id, "model")}  # a pyfunc model too
         # the fine-tune loaded its backbone from the pretrain run's artifacts, through the server
         assert tuned.data.params["weights"] == f"runs:/{next(r.info.run_id for r in runs if r.info.run_name == 'pre')}"
         assert summary.tracking_uri == base

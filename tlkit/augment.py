@@ -42,18 +42,21 @@ def _normalize(data_config: dict) -> list:
     return [A.Normalize(mean=data_config["mean"], std=data_config["std"], max_pixel_value=255.0), A.ToTensorV2()]
 
 
-def eval_transform(data_config: dict) -> A.Compose:
-    """timm's evaluation preprocessing: resize the short side to size / crop_pct, centre crop."""
+def _eval_geometry(data_config: dict) -> list:
     height, width = _size(data_config)
     crop_pct = float(data_config.get("crop_pct") or 1.0)
     scale = int(math.floor(min(height, width) / crop_pct))
-    return A.Compose(
-        [
-            A.SmallestMaxSize(max_size=scale, interpolation=_interpolation(data_config)),
-            A.CenterCrop(height=height, width=width),
-            *_normalize(data_config),
-        ]
-    )
+    return [A.SmallestMaxSize(max_size=scale, interpolation=_interpolation(data_config)), A.CenterCrop(height=height, width=width)]
+
+
+def eval_transform(data_config: dict) -> A.Compose:
+    """timm's evaluation preprocessing: resize the short side to size / crop_pct, centre crop."""
+    return A.Compose([*_eval_geometry(data_config), *_normalize(data_config)])
+
+
+def eval_pixels(data_config: dict, image: np.ndarray) -> np.ndarray:
+    """The evaluation resize and crop alone: HxWx3 uint8 in, model-sized HxWx3 uint8 out (not normalised)."""
+    return A.Compose(_eval_geometry(data_config))(image=image)["image"]
 
 
 def train_transform(data_config: dict, preset: str = "light", *, hflip: bool = True) -> A.Compose:

@@ -4,10 +4,13 @@ One self-contained format for every model tlkit trains or fits, logged to MLflow
 `model/` artifact, so `predict`, and `--weights runs:/RUN_ID` in any later stage, need nothing
 but the run:
 
-    model/tlkit-model.json    kind, timm model name, data config, classes, how the weights came
-    model/backbone.safetensors
-    model/head.safetensors    a torch linear head (kind "finetune" / "pretrain"), or
-    model/estimator.joblib    a fitted sklearn pipeline (kind "baseline")
+    tlkit-model.json    kind, timm model name, data config, classes, how the weights came
+    backbone.safetensors
+    head.safetensors    a torch linear head (kind "finetune" / "pretrain"), or
+    estimator.joblib    a fitted sklearn pipeline (kind "baseline")
+
+In a run, these files sit in `model/artifacts/bundle/`, and `model/` is also an MLflow pyfunc
+model (see tracking.log_model), so `mlflow models serve -m runs:/RUN_ID/model` serves it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tlkit.errors import TlkitError
 
 BUNDLE_FILE = "tlkit-model.json"
 ARTIFACT_PATH = "model"
+PYFUNC_BUNDLE = Path("artifacts") / "bundle"  # where a pyfunc model folder keeps the bundle
 
 
 @dataclass
@@ -62,6 +66,12 @@ def save_bundle(
         joblib.dump(estimator, folder / "estimator.joblib")
     (folder / BUNDLE_FILE).write_text(json.dumps(asdict(bundle), indent=1, default=list))
     return folder
+
+
+def bundle_folder(folder: Path) -> Path:
+    """The folder holding tlkit-model.json: `folder` itself, or the bundle inside a pyfunc model folder."""
+    folder = Path(folder)
+    return folder / PYFUNC_BUNDLE if not (folder / BUNDLE_FILE).exists() and (folder / PYFUNC_BUNDLE / BUNDLE_FILE).exists() else folder
 
 
 def read_bundle(folder: Path) -> Bundle:
@@ -102,4 +112,5 @@ def fetch_bundle(ref: str, *, tracking_uri: str | None = None) -> tuple[Path, Bu
         folder = Path(ref)
         if not folder.is_dir():
             raise TlkitError(f"model {ref!r} is neither runs:/RUN_ID nor a model folder; copy the run id from the command's output or `tlkit ui`")
+    folder = bundle_folder(folder)
     return folder, read_bundle(folder)

@@ -193,6 +193,25 @@ def backbone_list(
     errors.print(f"{len(names)} model(s)")
 
 
+@backbone_app.command("filters")
+@command
+def backbone_filters_command(
+    model: Annotated[str, typer.Argument(help="timm model name, or runs:/RUN_ID of a tlkit run.")],
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="timm's hub weights (needs the network).")] = False,
+    weights: Weights = None,
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: MODEL-filters.png).")] = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Draw the first convolution's filters as an image grid (edge and colour detectors, once trained)."""
+    from tlkit.review import run_filters
+
+    _tracking(tracking_uri, experiment)
+    result = run_filters(model, pretrained=pretrained, weights=weights, out=out, tracking_uri=tracking_uri)
+    shape = result.details["shape"]
+    console.print(f"{shape[0]} filters of {shape[2]}x{shape[3]} ({result.details['weights']}) drawn to {result.files[0]}", highlight=False)
+
+
 @backbone_app.command("info")
 @command
 def backbone_info_command(
@@ -528,6 +547,12 @@ def evaluate_command(
     model: Annotated[str, typer.Argument(help="runs:/RUN_ID of a baseline, pretrain or finetune run.")],
     data: DataArg,
     split: Annotated[str, typer.Option(help="Which split to score: test, val or train.")] = "test",
+    tta: Annotated[bool, typer.Option("--tta", help="Also average predictions over the mirror image and 4 corner crops.")] = False,
+    tta_flip: Annotated[Optional[bool], typer.Option("--tta-flip/--no-tta-flip", help="Mirror in TTA (default: if the model trained with flips).")] = None,
+    explain_top: Annotated[int, typer.Option("--explain", help="Maps for the N top losses.")] = 0,
+    method: Annotated[str, typer.Option(help="Map for --explain: saliency, gradcam or occlusion.")] = "saliency",
+    attack: Annotated[Optional[str], typer.Option(help="fgsm: accuracy under the fast gradient sign attack.")] = None,
+    eps: Annotated[Optional[list[str]], typer.Option(help="FGSM budgets as fractions of the pixel range: 0.01, 8/255 (repeatable).")] = None,
     val: Val = 0.15,
     test: Test = 0.15,
     seed: Seed = 0,
@@ -535,14 +560,73 @@ def evaluate_command(
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ):
-    """Score a saved model on a dataset's split: metrics and a confusion matrix, in a run linked to the model's."""
-    from tlkit.stages import run_evaluate
+    """Score a saved model on a split: metrics, calibration, confusion matrices, top losses; TTA, maps, FGSM."""
+    from tlkit.attack import parse_eps
+    from tlkit.review import run_evaluate
 
     if split not in ("train", "val", "test"):
         raise TlkitError(f"--split must be train, val or test; got {split!r}")
     _tracking(tracking_uri, experiment)
-    result = run_evaluate(model, data, split=split, data_split=_split(val, test, seed, shots), tracking_uri=tracking_uri)
-    console.print(_metrics_table(f"{model} on the {split} split", result.metrics))
+    result = run_evaluate(model, data, split=split, data_split=_split(val, test, seed, shots), tta=tta, tta_flip=tta_flip,
+                          explain_top=explain_top, method=method, attack=attack, eps=parse_eps(eps) if eps else None,
+                          tracking_uri=tracking_uri)
+    m = result.metrics
+    table = Table(title=f"{model} on the {split} split")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in m.items():
+        if "." not in key or "fgsm" in key:  # per-class values are in the run
+            table.add_row(key, f"{value:.4f}")
+    console.print(table)
+    pairs = ", ".join(f"{t}->{p} ({n})" for t, p, n in result.details["most_confused"]) or "none"
+    console.print(f"most confused (true->predicted): {pairs}", highlight=False)
+    if "calibration" in result.details:
+        console.print(result.details["calibration"], highlight=False)
+    console.print(f"plots: plots/top_losses.png, reliability.png, confusion_matrix*.png{', explain/' if explain_top else ''} in the run", highlight=False)
+    _run_footer(result.run_id, model=False)
+
+
+@app.command("explain")
+@command
+def explain_command(
+    model: Annotated[str, typer.Argument(help="runs:/RUN_ID of a finetune, pretrain or backbone baseline run.")],
+    images: Annotated[list[str], typer.Argument(help="Image files or folders.")],
+    method: Annotated[str, typer.Option(help="saliency, gradcam or occlusion.")] = "saliency",
+    target: Annotated[Optional[str], typer.Option(help="Class to explain (default: the predicted one).")] = None,
+    patch: Annotated[int, typer.Option(help="occlusion: side of the grey patch in input pixels.")] = 8,
+    stride: Annotated[int, typer.Option(help="occlusion: step between patch positions.")] = 4,
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs (image | map | overlay).")] = Path("explain"),
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Where the network looks: a map per image (saliency, Grad-CAM or occlusion), beside the image."""
+    from tlkit.review import run_explain
+
+    _tracking(tracking_uri, experiment)
+    result = run_explain(model, images, method=method, target=target, patch=patch, stride=stride, out=out, tracking_uri=tracking_uri)
+    for path, why in result.details["skipped"]:
+        errors.print(f"skipped {path}: {why}", highlight=False)
+    console.print(f"{len(result.files)} {method} map(s) written to {out}/ and logged under explain/{method}", highlight=False)
+    _run_footer(result.run_id, model=False)
+
+
+@app.command("export")
+@command
+def export_command(
+    model: Annotated[str, typer.Argument(help="runs:/RUN_ID of a finetune, pretrain or backbone baseline run.")],
+    format: Annotated[str, typer.Option("--format", help="onnx, torchscript or safetensors (timm's layout).")] = "onnx",
+    out: Annotated[Path, typer.Option(help="Folder for the model file and its JSON sidecar.")] = Path("export"),
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Write the network to run without tlkit, with a JSON sidecar (classes, input size, mean, std, interpolation)."""
+    from tlkit.review import run_export
+
+    _tracking(tracking_uri, experiment)
+    result = run_export(model, format, out, tracking_uri=tracking_uri)
+    console.print(f"written: {result.files[0]} and {result.files[1]}", highlight=False)
+    if "max_abs_difference" in result.metrics:
+        console.print(f"checked: outputs match PyTorch's on a batch within {result.metrics['max_abs_difference']:.2e}", highlight=False)
     _run_footer(result.run_id, model=False)
 
 

@@ -143,6 +143,11 @@ class EvaluateStage(Settings):
     model: str = Field(description="an earlier stage's id, or runs:/RUN_ID")
     data: str = Field(description="a dataset name from `datasets`")
     split: Literal["train", "val", "test"] = "test"
+    tta: bool = Field(False, description="also average over the mirror image and corner crops")
+    explain: int = Field(0, ge=0, description="maps for the N top losses")
+    method: Literal["saliency", "gradcam", "occlusion"] = "saliency"
+    attack: Literal["fgsm"] | None = None
+    eps: list[float] | None = Field(None, description="FGSM budgets, fractions of the pixel range")
 
 
 class PredictStage(Settings):

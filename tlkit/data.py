@@ -14,10 +14,10 @@ from tlkit.images import load_rgb
 
 
 class ImageDataset(Dataset):
-    """Decodes image files and applies a transform; items are (image tensor, label, index)."""
+    """Decodes image files (or takes decoded HxWx3 arrays) and applies a transform; items are (image tensor, label, index)."""
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None, transform: Callable[[np.ndarray], torch.Tensor]):
-        self.paths = [str(p) for p in paths]
+    def __init__(self, paths: Sequence[Path | np.ndarray], labels: Sequence[int] | None, transform: Callable[[np.ndarray], torch.Tensor]):
+        self.paths = [p if isinstance(p, np.ndarray) else str(p) for p in paths]
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.transform = transform
 
@@ -25,7 +25,8 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return self.transform(load_rgb(self.paths[index])), self.labels[index], index
+        item = self.paths[index]
+        return self.transform(item if isinstance(item, np.ndarray) else load_rgb(item)), self.labels[index], index
 
 
 def default_workers() -> int:

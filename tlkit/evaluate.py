@@ -1,4 +1,4 @@
-"""True and predicted labels -> metrics dict and confusion-matrix figure."""
+"""Labels and scores -> metrics (accuracy to calibration) and the evaluation plots."""
 
 from __future__ import annotations
 
@@ -25,16 +25,95 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
         "balanced_accuracy": balanced_accuracy_score(y_true, y_pred),
         "macro_f1": f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
     }
-    precision, recall, _, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    for name, p, r in zip(classes, precision, recall):
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    for name, p, r, f in zip(classes, precision, recall, f1):
         metrics[f"precision.{name}"] = p
         metrics[f"recall.{name}"] = r
+        metrics[f"f1.{name}"] = f
     return {f"{prefix}{k}": float(v) for k, v in metrics.items()}
 
 
-def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], *, title: str = ""):
-    """Confusion matrix, rows = true class, with counts in the cells."""
+def top_k_accuracy(y_true: np.ndarray, scores: np.ndarray, k: int) -> float:
+    """Fraction of images whose true class is among the k highest scores."""
+    top = np.argsort(-scores, axis=1)[:, :k]
+    return float((top == y_true[:, None]).any(axis=1).mean())
+
+
+def most_confused(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], n: int = 5) -> list[tuple[str, str, int]]:
+    """The n (true, predicted) class pairs mistaken most often, most first."""
     matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    np.fill_diagonal(matrix, 0)
+    pairs = [(classes[i], classes[j], int(matrix[i, j])) for i, j in zip(*np.nonzero(matrix))]
+    return sorted(pairs, key=lambda p: (-p[2], p[0], p[1]))[:n]
+
+
+def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> tuple[float, list[dict]]:
+    """Expected calibration error (Guo et al. 2017) over equal-width confidence bins, and the bins.
+
+    ECE = sum over bins of (bin size / n) * |accuracy in bin - mean confidence in bin|.
+    """
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    table, ece = [], 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high) if low > 0 else (confidence >= low) & (confidence <= high)
+        if not inside.any():
+            continue
+        accuracy, mean_confidence = float(correct[inside].mean()), float(confidence[inside].mean())
+        ece += inside.mean() * abs(accuracy - mean_confidence)
+        table.append({"low": float(low), "high": float(high), "count": int(inside.sum()), "accuracy": accuracy, "confidence": mean_confidence})
+    return float(ece), table
+
+
+def reliability_figure(table: list[dict], ece: float):
+    """Accuracy against confidence per bin; the diagonal is perfect calibration."""
+    figure, axis = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    centres = [(b["low"] + b["high"]) / 2 for b in table]
+    widths = [b["high"] - b["low"] for b in table]
+    axis.bar(centres, [b["accuracy"] for b in table], width=widths, edgecolor="black", color="#4c72b0", label="accuracy")
+    axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    axis.plot(centres, [b["confidence"] for b in table], "o", color="#dd8452", label="mean confidence")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("confidence (top-class probability)")
+    axis.set_ylabel("accuracy")
+    axis.set_title(f"reliability: ECE {ece:.3f}")
+    axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def losses(y_true: np.ndarray, scores: np.ndarray, probabilities: bool) -> np.ndarray:
+    """Per image: cross-entropy -log p(true) for probabilities; for SVM scores, the margin by which
+    the best other class beats the true one."""
+    if probabilities:
+        return -np.log(np.clip(scores[np.arange(len(y_true)), y_true], 1e-12, 1.0))
+    others = scores.copy()
+    others[np.arange(len(y_true)), y_true] = -np.inf
+    return others.max(axis=1) - scores[np.arange(len(y_true)), y_true]
+
+
+def image_grid(images: list[np.ndarray], titles: list[str], *, columns: int = 4, cell: float = 2.2, title: str = ""):
+    """Images with a caption each, in a grid."""
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * cell, rows * (cell + 0.35)), dpi=100, squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, caption in zip(axes.flat, images, titles):
+        axis.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        axis.set_title(caption, fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
+    return figure
+
+
+def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], *, title: str = "", normalise: bool = False):
+    """Confusion matrix, rows = true class, with counts (or, normalised, row fractions) in the cells."""
+    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    if normalise:
+        matrix = np.round(matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1), 2)
     side = max(3.5, 0.45 * len(classes) + 2)
     figure, axis = plt.subplots(figsize=(side, side), dpi=100)
     axis.imshow(matrix, cmap="Blues")

@@ -39,7 +39,8 @@ from tlkit.config import (
 )
 from tlkit.ingest import Manifest
 from tlkit.sample_data import write_digits
-from tlkit.stages import StageResult, load_data, run_baseline, run_evaluate, run_extract, run_predict, run_train
+from tlkit.review import run_evaluate
+from tlkit.stages import StageResult, load_data, run_baseline, run_extract, run_predict, run_train
 from tlkit.sweep import Plan, Point, plan_pipeline
 
 
@@ -260,7 +261,8 @@ def _run_or_reuse(stage, config: PipelineConfig, outputs: dict[str, str], manife
 def _run_stage(stage, manifest: Manifest, backbone: BackboneConfig | None, model: str | None, config: PipelineConfig,
                tracking_uri: str | None) -> StageResult:
     if isinstance(stage, EvaluateStage):
-        return run_evaluate(model, manifest, split=stage.split, run_name=stage.id, tracking_uri=tracking_uri)
+        return run_evaluate(model, manifest, split=stage.split, tta=stage.tta, explain_top=stage.explain, method=stage.method,
+                            attack=stage.attack, eps=stage.eps, run_name=stage.id, tracking_uri=tracking_uri)
     if isinstance(stage, BaselineStage):
         return run_baseline(manifest, backbone, stage.baseline, compute=config.compute, run_name=stage.id, tracking_uri=tracking_uri)
     if isinstance(stage, ExtractStage):

@@ -53,13 +53,14 @@ class Predictor:
 
     def _features(self, paths: list[Path], batch_size: int, precision: str) -> np.ndarray:
         if self.bundle.features == "pixels":
-            return np.stack([pixels_of(load_rgb(p), self.bundle.pixel_size or 32) for p in paths])
+            return np.stack([pixels_of(p if isinstance(p, np.ndarray) else load_rgb(p), self.bundle.pixel_size or 32) for p in paths])
         transform = augment.eval_transform(self.bundle.data_config)
         loader = make_loader(ImageDataset(paths, None, augment.ToTensor(transform)), batch_size=batch_size, num_workers=0)
         return infer(self.backbone, loader, precision=precision)
 
-    def scores(self, paths: list[Path], *, batch_size: int = 64, precision: str = "auto") -> np.ndarray:
-        """(n_images, n_classes): probabilities, or SVM decision values (see `score_name`)."""
+    def scores(self, paths: list[Path | np.ndarray], *, batch_size: int = 64, precision: str = "auto") -> np.ndarray:
+        """(n_images, n_classes) for image files or decoded HxWx3 uint8 arrays: probabilities, or SVM
+        decision values (see `score_name`)."""
         precision = runtime.resolve_precision(precision)
         features = self._features(paths, batch_size, precision)
         if self.estimator is not None:
@@ -85,6 +86,35 @@ def load_predictor(ref: str, *, tracking_uri: str | None = None) -> Predictor:
         head = torch.nn.Linear(feature_width(backbone), len(saved.classes))
         head.load_state_dict(bundle.head_state(folder))
     return Predictor(saved, backbone, head, estimator)
+
+
+def decode_images(values: list) -> list[np.ndarray]:
+    """Served inputs -> HxWx3 uint8 arrays: image file paths, encoded image bytes, or base64 strings of them."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, ImageOps
+
+    from tlkit.images import to_rgb
+
+    images = []
+    for i, value in enumerate(values):
+        data = value
+        if isinstance(value, str):
+            if Path(value).is_file():
+                images.append(load_rgb(value))
+                continue
+            try:
+                data = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise TlkitError(f"input {i}: {value[:60]!r} is neither an image file path nor base64-encoded image bytes") from None
+        try:
+            with Image.open(io.BytesIO(bytes(data))) as image:
+                images.append(np.asarray(to_rgb(ImageOps.exif_transpose(image))))
+        except Exception:
+            raise TlkitError(f"input {i}: the bytes are not an image PIL can decode") from None
+    return images
 
 
 def expand_images(items: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:

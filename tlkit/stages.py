@@ -15,24 +15,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from tlkit import bundle, tracking
 from tlkit.backbone import Backbone, create_backbone
 from tlkit.baseline import fit_baseline
-from tlkit.config import (
-    BackboneConfig,
-    BaselineConfig,
-    ComputeConfig,
-    SplitConfig,
-    TrainConfig,
-)
-from tlkit.errors import TlkitError
-from tlkit.evaluate import classification_metrics, close, confusion_figure
+from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, SplitConfig, TrainConfig
+from tlkit.evaluate import close, confusion_figure
 from tlkit.features import FeatureSet, extract_features, pixel_features
 from tlkit.finetune import train_classifier
 from tlkit.ingest import Manifest, format_report, ingest
-from tlkit.predict import load_predictor, predict_images
+from tlkit.predict import predict_images
 
 
 @dataclass
@@ -192,8 +183,8 @@ def run_baseline(
             extra={"classifier": classifier, "C": result.C},
         )
         with tempfile.TemporaryDirectory() as tmp:
-            bundle.save_bundle(Path(tmp), saved, backbone=None if pixels else backbone.model, estimator=result.estimator)
-            tracking.log_artifacts(Path(tmp), bundle.ARTIFACT_PATH)
+            folder = bundle.save_bundle(Path(tmp) / "bundle", saved, backbone=None if pixels else backbone.model, estimator=result.estimator)
+            tracking.log_model(folder, bundle.ARTIFACT_PATH)
     details = {"C": result.C, "cached": features.cached, "model": "pixels" if pixels else backbone.name}
     return StageResult("baseline", run_id, result.metrics, f"runs:/{run_id}", details)
 
@@ -305,45 +296,13 @@ def run_train(
             data_config=dict(backbone.data_config),
             classes=manifest.classes,
             weights=backbone.weights,
-            extra={"best_epoch": result.best_epoch, "strategy": train.strategy},
+            extra={"best_epoch": result.best_epoch, "strategy": train.strategy, "hflip": train.hflip},
         )
         with tempfile.TemporaryDirectory() as tmp:
-            bundle.save_bundle(Path(tmp), saved, backbone=result.module.backbone, head=result.module.head)
-            tracking.log_artifacts(Path(tmp), bundle.ARTIFACT_PATH)
+            folder = bundle.save_bundle(Path(tmp) / "bundle", saved, backbone=result.module.backbone, head=result.module.head)
+            tracking.log_model(folder, bundle.ARTIFACT_PATH)
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the model is in the run; checkpoints only serve --resume
     return StageResult(kind, run_id, result.metrics, f"runs:/{run_id}", {"best_epoch": result.best_epoch, **summary})
-
-
-def run_evaluate(
-    model: str,
-    data: str | Path | Manifest,
-    *,
-    split: str = "test",
-    data_split: SplitConfig | None = None,
-    run_name: str | None = None,
-    tracking_uri: str | None = None,
-) -> StageResult:
-    """Score a saved model on one split of a dataset; the run is linked to the model's run."""
-    manifest = load_data(data, data_split)
-    records = manifest.split(split)
-    if not records:
-        have = ", ".join(s for s in ("train", "val", "test") if manifest.split(s))
-        raise TlkitError(f"the dataset has no {split!r} split (it has: {have}); pass --split with one of those")
-    predictor = load_predictor(model, tracking_uri=tracking_uri)
-    missing = sorted({r.label for r in records} - set(predictor.classes))
-    if missing:
-        raise TlkitError(f"the model does not know class(es) {', '.join(missing)}; it was trained on {', '.join(predictor.classes)}")
-    index = {c: i for i, c in enumerate(predictor.classes)}
-    y_true = np.array([index[r.label] for r in records])
-    scores = predictor.scores([manifest.abspath(r) for r in records])
-    y_pred = scores.argmax(1)
-    metrics = classification_metrics(y_true, y_pred, predictor.classes, prefix=f"{split}_")
-    model_run = tracking.parse_run_ref(model)[0] if model.startswith(tracking.RUNS_PREFIX) else ""
-    with tracking.start_run("evaluate", run_name=run_name, params={"model_uri": model, "split": split}, tags={"tlkit.model_run": model_run}) as run_id:
-        _log_data(manifest)
-        tracking.log_metrics(metrics)
-        _log_confusion(y_true, y_pred, predictor.classes, split)
-    return StageResult("evaluate", run_id, metrics)
 
 
 def run_predict(

@@ -8,8 +8,10 @@ URI (a server, another database) works through `--tracking-uri` or MLFLOW_TRACKI
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +28,7 @@ import lightning as L
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tqdm bars per download are noise
 
 import mlflow  # noqa: E402
+import mlflow.pyfunc  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
@@ -182,6 +185,63 @@ def log_artifacts(folder: Path, path: str | None = None) -> None:
 
 def log_artifact(file: Path, path: str | None = None) -> None:
     mlflow.log_artifact(str(file), artifact_path=path)
+
+
+class ImageModel(mlflow.pyfunc.PythonModel):
+    """A tlkit model as an MLflow pyfunc: image file paths, image bytes or base64 strings in, class
+    probabilities (SVM: scores) out, with the model's own preprocessing."""
+
+    # Inputs are a DataFrame column of paths, bytes or base64 strings, which MLflow's type-hint
+    # validation cannot express; MLflow's own opt-out, without its warning on every import.
+    _skip_type_hint_validation = True
+
+    def load_context(self, context) -> None:
+        from tlkit.predict import load_predictor
+
+        self.predictor = load_predictor(context.artifacts["bundle"])
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        from tlkit.predict import decode_images
+
+        column = model_input["image"] if "image" in getattr(model_input, "columns", []) else model_input.iloc[:, 0]
+        scores = self.predictor.scores(decode_images(list(column)))
+        classes = self.predictor.classes
+        frame = pd.DataFrame(scores, columns=classes)
+        frame.insert(0, "class", [classes[i] for i in scores.argmax(axis=1)])
+        return frame
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("torch", "torchvision", "timm", "lightning", "scikit-learn", "albumentations", "safetensors", "pillow", "mlflow", "pandas"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pass
+    return pins
+
+
+def log_model(bundle_dir: Path, path: str) -> None:
+    """Log a model bundle as the run's `path` artifact: an MLflow pyfunc model holding the bundle."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if bundle_dir.name != "bundle":  # pyfunc keeps the folder's own name: model/artifacts/bundle/
+            bundle_dir = Path(shutil.copytree(bundle_dir, Path(tmp) / "bundle"))
+        target = Path(tmp) / "model"
+        # Requirements given, not inferred: inference loads the model in a subprocess, seconds per run.
+        # MLflow warns about pickling any python_model object; this one holds nothing but its class.
+        logger = logging.getLogger("mlflow.pyfunc")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            mlflow.pyfunc.save_model(str(target), python_model=ImageModel(), artifacts={"bundle": str(bundle_dir)},
+                                     pip_requirements=_requirements())
+        finally:
+            logger.setLevel(level)
+        mlflow.log_artifacts(str(target), artifact_path=path)
 
 
 def parse_run_ref(ref: str) -> tuple[str, str]:

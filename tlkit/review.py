@@ -1,0 +1,281 @@
+"""A saved model -> tracked runs that evaluate, explain, attack and export it.
+
+Each function is one MLflow run linked to the model's run (tag `tlkit.model_run`), with its
+metrics and PNGs, so a model's evaluations sit beside it in the UI.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tlkit import tracking
+from tlkit.attack import fgsm_accuracy, to_image
+from tlkit.config import BackboneConfig, SplitConfig
+from tlkit.errors import TlkitError
+from tlkit.evaluate import (
+    calibration,
+    classification_metrics,
+    close,
+    confusion_figure,
+    image_grid,
+    losses,
+    most_confused,
+    plt,
+    reliability_figure,
+    top_k_accuracy,
+)
+from tlkit.explain import METHODS, explain, explanation_figure, filters_figure, first_conv_filters
+from tlkit.export import export
+from tlkit.ingest import Manifest
+from tlkit.network import LoadedModel, images_to_tensor, load_network
+from tlkit.predict import expand_images, load_predictor
+
+BATCH = 64
+
+
+@dataclass
+class ReviewResult:
+    run_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+def _model_run(ref: str) -> str:
+    return tracking.parse_run_ref(ref)[0] if ref.startswith(tracking.RUNS_PREFIX) else ""
+
+
+def _batches(paths: list[Path], loaded: LoadedModel):
+    from tlkit.images import load_rgb
+
+    for start in range(0, len(paths), BATCH):
+        yield start, images_to_tensor([load_rgb(p) for p in paths[start : start + BATCH]], loaded.bundle.data_config)
+
+
+def _maps_for(loaded: LoadedModel, paths: list[Path], targets: list[int], method: str, titles: list[str], folder: Path,
+              **options) -> list[Path]:
+    """One explanation PNG per image, written to `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for start, images in _batches(paths, loaded):
+        chosen = torch.tensor(targets[start : start + len(images)])
+        if method == "occlusion":
+            options.setdefault("probabilities", loaded.probabilities)
+        maps = explain(loaded.network, images, chosen, method, **options)
+        for i, heat in enumerate(maps):
+            k = start + i
+            figure = explanation_figure(to_image(images[i]), heat, titles[k], method)
+            path = folder / f"{k:03d}-{Path(paths[k]).stem}-{method}.png"
+            figure.savefig(path)
+            close(figure)
+            written.append(path)
+    return written
+
+
+def run_evaluate(
+    model: str,
+    data: str | Path | Manifest,
+    *,
+    split: str = "test",
+    data_split: SplitConfig | None = None,
+    tta: bool = False,
+    tta_flip: bool | None = None,
+    explain_top: int = 0,
+    method: str = "saliency",
+    attack: str | None = None,
+    eps: list[float] | None = None,
+    top_losses: int = 16,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+):
+    """Score a saved model on one split: accuracy, balanced accuracy, macro-F1, top-k, per-class
+    metrics, most-confused pairs, calibration, confusion matrices and the top losses; optionally TTA,
+    maps for the top losses, and accuracy under FGSM. Returns a StageResult."""
+    from tlkit.stages import StageResult, _log_data, load_data
+
+    if method not in METHODS:
+        raise TlkitError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if attack not in (None, "fgsm"):
+        raise TlkitError(f"unknown attack {attack!r}; tlkit has fgsm")
+    manifest = load_data(data, data_split)
+    records = manifest.split(split)
+    if not records:
+        have = ", ".join(s for s in ("train", "val", "test") if manifest.split(s))
+        raise TlkitError(f"the dataset has no {split!r} split (it has: {have}); pass --split with one of those")
+    predictor = load_predictor(model, tracking_uri=tracking_uri)
+    classes = predictor.classes
+    missing = sorted({r.label for r in records} - set(classes))
+    if missing:
+        raise TlkitError(f"the model does not know class(es) {', '.join(missing)}; it was trained on {', '.join(classes)}")
+    needs_network = tta or explain_top > 0 or attack
+    loaded = load_network(model, tracking_uri=tracking_uri) if needs_network else None
+    index = {c: i for i, c in enumerate(classes)}
+    y_true = np.array([index[r.label] for r in records])
+    paths = [manifest.abspath(r) for r in records]
+    scores = predictor.scores(paths)
+    probabilities = predictor.score_name == "probability"
+    y_pred = scores.argmax(1)
+    prefix = f"{split}_"
+    metrics = classification_metrics(y_true, y_pred, classes, prefix=prefix)
+    for k in (3, 5):
+        if k < len(classes):
+            metrics[f"{prefix}top{k}_accuracy"] = top_k_accuracy(y_true, scores, k)
+    confused = most_confused(y_true, y_pred, classes)
+    details: dict = {"most_confused": confused, "score": predictor.score_name}
+    model_run = _model_run(model)
+    params = {"model_uri": model, "split": split, "tta": tta, "attack": attack or "none", "explain_top": explain_top}
+    with tracking.start_run("evaluate", run_name=run_name, params=params, tags={"tlkit.model_run": model_run}) as run_id:
+        _log_data(manifest)
+        if probabilities:
+            ece, bins = calibration(y_true, scores)
+            metrics[f"{prefix}ece"] = ece
+            figure = reliability_figure(bins, ece)
+            tracking.log_figure(figure, "plots/reliability.png")
+            close(figure)
+        else:
+            details["calibration"] = "not computed: an SVM gives scores, not probabilities (use --classifier logreg or a fine-tune)"
+        for normalise, name in ((False, "confusion_matrix.png"), (True, "confusion_matrix_normalised.png")):
+            figure = confusion_figure(y_true, y_pred, classes, title=f"{split} split" + (", row fractions" if normalise else ""), normalise=normalise)
+            tracking.log_figure(figure, f"plots/{name}")
+            close(figure)
+        tracking.log_dict({"most_confused": [{"true": t, "predicted": p, "count": n} for t, p, n in confused]}, "most_confused.json")
+        loss = losses(y_true, scores, probabilities)
+        worst = np.argsort(-loss)[:top_losses]
+        details["top_losses"] = [(str(paths[i]), classes[y_true[i]], classes[y_pred[i]], float(scores[i, y_pred[i]])) for i in worst]
+        _log_top_losses(worst, paths, y_true, y_pred, scores, classes, predictor.score_name, predictor.bundle.data_config)
+        if tta:
+            flip = tta_flip if tta_flip is not None else bool(loaded.bundle.extra.get("hflip", True))
+            tta_scores = np.concatenate([loaded.tta_probs(images, flip=flip).numpy() for _, images in _batches(paths, loaded)])
+            metrics[f"{prefix}tta_accuracy"] = float((tta_scores.argmax(1) == y_true).mean())
+            details["tta_views"] = "image, mirror, 4 corner crops" if flip else "image, 4 corner crops (no mirror: the model trained without flips)"
+        if explain_top:
+            chosen = list(worst[:explain_top])
+            titles = [f"true {classes[y_true[i]]} -> {classes[y_pred[i]]} ({predictor.score_name[:4]}. {scores[i, y_pred[i]]:.2f})" for i in chosen]
+            with tempfile.TemporaryDirectory() as tmp:
+                _maps_for(loaded, [paths[i] for i in chosen], [int(y_pred[i]) for i in chosen], method, titles, Path(tmp))
+                tracking.log_artifacts(Path(tmp), f"explain/top_losses-{method}")
+        if attack == "fgsm":
+            metrics.update(_log_fgsm(loaded, paths, y_true, sorted(set([0.0, *(eps or [1 / 255, 2 / 255, 4 / 255, 8 / 255])])), prefix))
+        tracking.log_metrics(metrics)
+        tracking.log_dict({k: v for k, v in details.items() if k != "top_losses"}, "evaluation.json")
+    return StageResult("evaluate", run_id, metrics, details=details)
+
+
+def _log_top_losses(worst, paths, y_true, y_pred, scores, classes, score_name, data_config) -> None:
+    from tlkit.augment import eval_pixels
+    from tlkit.images import load_rgb
+
+    images = [eval_pixels(data_config, load_rgb(paths[i])) for i in worst]
+    titles = [f"{classes[y_true[i]]} -> {classes[y_pred[i]]}\n{score_name[:4]}. {scores[i, y_pred[i]]:.2f}, true {scores[i, y_true[i]]:.2f}" for i in worst]
+    figure = image_grid(images, titles, columns=min(4, max(1, len(images))), title="top losses (true -> predicted)")
+    tracking.log_figure(figure, "plots/top_losses.png")
+    close(figure)
+
+
+def _log_fgsm(loaded: LoadedModel, paths: list[Path], y_true: np.ndarray, eps_values: list[float], prefix: str) -> dict[str, float]:
+    """Accuracy at each budget (metrics, and a curve), and originals beside adversarial examples."""
+    images = torch.cat([batch for _, batch in _batches(paths, loaded)])
+    accuracy, examples = fgsm_accuracy(loaded.network, images, torch.from_numpy(y_true), eps_values, batch_size=BATCH)
+    metrics = {f"{prefix}fgsm_accuracy.eps_{eps:.4f}": acc for eps, acc in accuracy.items()}
+    figure, axis = plt.subplots(figsize=(4.5, 3.5), dpi=100)
+    axis.plot([e * 255 for e in accuracy], list(accuracy.values()), "o-")
+    axis.set_xlabel("eps (pixel levels out of 255)")
+    axis.set_ylabel("accuracy under FGSM")
+    axis.set_ylim(0, 1)
+    figure.tight_layout()
+    tracking.log_figure(figure, "plots/fgsm_accuracy.png")
+    close(figure)
+    strongest = max(accuracy)
+    shown = min(6, len(images))
+    with torch.no_grad():
+        clean = loaded.network(images[:shown]).argmax(1)
+        fooled = loaded.network(examples[strongest][:shown]).argmax(1)
+    grid, titles = [], []
+    for i in range(shown):
+        grid += [to_image(images[i]), to_image(examples[strongest][i])]
+        titles += [f"original: {loaded.classes[clean[i]]}", f"eps {strongest * 255:.0f}/255: {loaded.classes[fooled[i]]}"]
+    figure = image_grid(grid, titles, columns=4)
+    tracking.log_figure(figure, "plots/fgsm_examples.png")
+    close(figure)
+    return metrics
+
+
+def run_explain(
+    model: str,
+    images: list[str],
+    *,
+    method: str = "saliency",
+    target: str | None = None,
+    patch: int = 8,
+    stride: int = 4,
+    out: Path | None = None,
+    tracking_uri: str | None = None,
+) -> ReviewResult:
+    """One PNG per image (image, map, overlay) for the target class (default: the predicted one)."""
+    if method not in METHODS:
+        raise TlkitError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    loaded = load_network(model, tracking_uri=tracking_uri)
+    if target is not None and target not in loaded.classes:
+        raise TlkitError(f"--target {target!r} is not a class of this model; its classes are {', '.join(loaded.classes)}")
+    paths, skipped = expand_images(images)
+    if not paths:
+        detail = f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise TlkitError(f"no usable images among the {len(images)} path(s) given{detail}; pass image files or folders")
+    predicted, confidence = [], []
+    for _, batch in _batches(paths, loaded):
+        with torch.no_grad():
+            probs = loaded.probs(loaded.network(batch))
+        predicted += probs.argmax(1).tolist()
+        confidence += probs.max(1).values.tolist()
+    targets = [loaded.classes.index(target)] * len(paths) if target else predicted
+    titles = [f"{Path(p).name}: {loaded.classes[t]}" + ("" if target else f" ({c:.2f})") for p, t, c in zip(paths, targets, confidence)]
+    folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="tlkit-explain-"))
+    options = {"patch": patch, "stride": stride} if method == "occlusion" else {}
+    files = _maps_for(loaded, paths, targets, method, titles, folder, **options)
+    params = {"model_uri": model, "method": method, "target": target or "predicted", "images": len(paths)}
+    if method == "occlusion":
+        params |= {"patch": patch, "stride": stride}
+    with tracking.start_run("explain", params=params, tags={"tlkit.model_run": _model_run(model)}) as run_id:
+        tracking.log_artifacts(folder, f"explain/{method}")
+    return ReviewResult(run_id, details={"skipped": skipped, "folder": folder}, files=files)
+
+
+def run_filters(model: str, *, pretrained: bool = False, weights: str | None = None, out: Path | None = None,
+                tracking_uri: str | None = None) -> ReviewResult:
+    """The first convolution's filters of a timm model (hub or file weights) or of a run's backbone, as a PNG grid."""
+    from tlkit.stages import make_backbone
+
+    if model.startswith(tracking.RUNS_PREFIX):
+        backbone = make_backbone(BackboneConfig(weights=model), tracking_uri=tracking_uri)
+    else:
+        backbone = make_backbone(BackboneConfig(model=model, pretrained=pretrained, weights=weights), tracking_uri=tracking_uri)
+    weights_tensor = first_conv_filters(backbone.model)
+    figure = filters_figure(weights_tensor, f"{backbone.name}: first convolution, {weights_tensor.shape[0]} filters "
+                            f"{weights_tensor.shape[2]}x{weights_tensor.shape[3]} ({backbone.weights})")
+    path = Path(out or f"{backbone.name}-filters.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    close(figure)
+    with tracking.start_run("filters", params={"model": backbone.name, "weights": backbone.weights},
+                            tags={"tlkit.model_run": _model_run(model)}) as run_id:
+        tracking.log_artifact(path, "plots")
+    return ReviewResult(run_id, details={"shape": tuple(weights_tensor.shape), "weights": backbone.weights}, files=[path])
+
+
+def run_export(model: str, fmt: str, out: Path, *, tracking_uri: str | None = None) -> ReviewResult:
+    """The model as ONNX / TorchScript / safetensors + JSON sidecar in `out`; checked against PyTorch."""
+    loaded = load_network(model, tracking_uri=tracking_uri)
+    written = export(loaded, fmt, Path(out), source=model)
+    metrics = {} if written["max_abs_difference"] is None else {"max_abs_difference": written["max_abs_difference"]}
+    with tracking.start_run("export", params={"model_uri": model, "format": fmt, "out": str(Path(out).resolve())},
+                            tags={"tlkit.model_run": _model_run(model)}) as run_id:
+        tracking.log_artifact(written["sidecar"], "export")
+        if metrics:
+            tracking.log_metrics(metrics)
+    return ReviewResult(run_id, metrics, details=json.loads(written["sidecar"].read_text()), files=[written["model"], written["sidecar"]])
