@@ -164,3 +164,19 @@ def test_ctrl_c_marks_every_open_run_killed(tracked, tmp_path, digits_target, mo
         run_pipeline(sweep_pipeline(tmp_path, digits_target), experiment="killed")
     statuses = {r.info.run_name: r.info.status for r in _runs(tracked, "killed")}
     assert statuses == {"sweep-test": "KILLED", "lr_mult=2 seed=0": "KILLED", "pre": "KILLED"}
+
+
+def test_evaluate_and_predict_stages_need_an_earlier_model(tmp_path):
+    config = yaml.safe_load((ROOT / "pipelines" / "quickstart.yaml").read_text())
+    config["stages"].append({"id": "check", "stage": "evaluate", "model": "pixels + svm", "data": "target", "tta": True})
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert load_pipeline(path).stages[-1].tta
+    config["stages"].insert(0, {"id": "early", "stage": "predict", "model": "pretrained + finetune", "images": ["x.png"]})
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(TlkitError, match=r"stages\.0 \(early\): model 'pretrained \+ finetune' is neither an earlier"):
+        load_pipeline(path)
+    config["stages"][0] = {"id": "early", "stage": "predict", "model": "runs:/abc", "images": []}
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(TlkitError, match=r"stages\.0\.predict\.images"):
+        load_pipeline(path)

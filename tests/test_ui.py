@@ -112,6 +112,7 @@ def test_sweep_runs_line_up_in_the_ui_in_a_real_browser(tracked, tmp_path, digit
             ids = urllib.parse.quote(json.dumps([r.info.run_id for r in points]))
             driver.get(f"{base}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([experiment]))}")
             _wait_for(driver, [*names, "svm.test_accuracy", "sweep.pixel_size"])  # runs side by side, with metric and setting rows
+            time.sleep(3)  # let the parallel-coordinates plot draw before the picture
             driver.save_screenshot(str(SCREENSHOTS / "mlflow-compare.png"))
         finally:
             driver.quit()

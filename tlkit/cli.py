@@ -75,6 +75,7 @@ BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
 Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: CPUs - 1).")]
 TrackingUri = Annotated[Optional[str], typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")]
 Experiment = Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment name.")]
+NetworkRef = Annotated[str, typer.Argument(help="runs:/RUN_ID of a finetune, pretrain or backbone baseline run.")]
 CacheDir = Annotated[Optional[Path], typer.Option(envvar="TLKIT_CACHE", help="Feature cache folder (default .tlkit/cache).")]
 
 
@@ -589,7 +590,7 @@ def evaluate_command(
 @app.command("explain")
 @command
 def explain_command(
-    model: Annotated[str, typer.Argument(help="runs:/RUN_ID of a finetune, pretrain or backbone baseline run.")],
+    model: NetworkRef,
     images: Annotated[list[str], typer.Argument(help="Image files or folders.")],
     method: Annotated[str, typer.Option(help="saliency, gradcam or occlusion.")] = "saliency",
     target: Annotated[Optional[str], typer.Option(help="Class to explain (default: the predicted one).")] = None,
@@ -613,7 +614,7 @@ def explain_command(
 @app.command("export")
 @command
 def export_command(
-    model: Annotated[str, typer.Argument(help="runs:/RUN_ID of a finetune, pretrain or backbone baseline run.")],
+    model: NetworkRef,
     format: Annotated[str, typer.Option("--format", help="onnx, torchscript or safetensors (timm's layout).")] = "onnx",
     out: Annotated[Path, typer.Option(help="Folder for the model file and its JSON sidecar.")] = Path("export"),
     tracking_uri: TrackingUri = None,
