@@ -83,12 +83,15 @@ def test_evaluate_logs_metrics_plots_tta_maps_and_fgsm(here, digits_target):
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert {"plots/top_losses.png", "plots/reliability.png", "plots/confusion_matrix.png", "plots/confusion_matrix_normalised.png",
             "plots/fgsm_accuracy.png", "plots/fgsm_examples.png"} <= plots
-    assert len(client.list_artifacts(result.run_id, "explain/top_losses-gradcam")) == 2
+    maps = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(result.run_id, "explain/top_losses-gradcam")}
+    assert len(maps - {"overview.png"}) == 2 and "overview.png" in maps
 
 
 def test_evaluate_an_svm_says_why_there_is_no_calibration(here, digits_target, runner):
     result = invoke(runner, "evaluate", here["svm"], digits_target, "--split", "test")
     assert result.exit_code == 0 and "an SVM gives scores, not probabilities" in result.stdout and "test_ece" not in result.stdout
+    evaluation = tracking.get_run(result.stdout.split("MLflow run ")[1].split()[0])
+    assert tracking.experiment_id("review") == evaluation.info.experiment_id  # beside the model's run, not in the default experiment
     assert_one_line_error(invoke(runner, "evaluate", here["pixels"], digits_target, "--tta"), "pixels baseline")
     assert_one_line_error(invoke(runner, "evaluate", here["svm"], digits_target, "--attack", "pgd"), "unknown attack 'pgd'")
 
@@ -98,7 +101,7 @@ def test_explain_cli_writes_one_png_per_image(here, digits_target, runner, tmp_p
     for method in ("saliency", "gradcam", "occlusion"):
         result = invoke(runner, "explain", here["finetune"], *paths, "--method", method, "--out", tmp_path / method, "--target", "6")
         assert result.exit_code == 0, result.output
-        assert len(list((tmp_path / method).glob(f"*-{method}.png"))) == 2
+        assert len(list((tmp_path / method).glob(f"*-{method}.png"))) == 2 and (tmp_path / method / "overview.png").is_file()
     assert_one_line_error(invoke(runner, "explain", here["finetune"], paths[0], "--target", "9"), "--target '9' is not a class")
     assert_one_line_error(invoke(runner, "explain", here["finetune"], paths[0], "--method", "lime"), "unknown method 'lime'")
 

@@ -75,6 +75,7 @@ BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
 Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: CPUs - 1).")]
 TrackingUri = Annotated[Optional[str], typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")]
 Experiment = Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment name.")]
+ModelExperiment = Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment (default: the model run's).")]
 NetworkRef = Annotated[str, typer.Argument(help="runs:/RUN_ID of a finetune, pretrain or backbone baseline run.")]
 CacheDir = Annotated[Optional[Path], typer.Option(envvar="TLKIT_CACHE", help="Feature cache folder (default .tlkit/cache).")]
 
@@ -113,9 +114,13 @@ def _compute(devices, precision, batch_size, workers):
     return ComputeConfig(devices=_devices(devices), precision=precision, batch_size=batch_size, num_workers=workers)
 
 
-def _tracking(uri, experiment) -> None:
+def _tracking(uri, experiment, model: str | None = None) -> None:
+    """Point MLflow at the store; runs about a saved model (`model`) default to that model's experiment."""
     from tlkit import tracking
 
+    if experiment is None and model and model.startswith(tracking.RUNS_PREFIX):
+        run = tracking.get_run(tracking.parse_run_ref(model)[0], uri)
+        experiment = tracking.MlflowClient(tracking.resolve_tracking_uri(uri)).get_experiment(run.info.experiment_id).name
     tracking.configure(uri, experiment)
 
 
@@ -559,7 +564,7 @@ def evaluate_command(
     seed: Seed = 0,
     shots: Shots = None,
     tracking_uri: TrackingUri = None,
-    experiment: Experiment = None,
+    experiment: ModelExperiment = None,
 ):
     """Score a saved model on a split: metrics, calibration, confusion matrices, top losses; TTA, maps, FGSM."""
     from tlkit.attack import parse_eps
@@ -567,7 +572,7 @@ def evaluate_command(
 
     if split not in ("train", "val", "test"):
         raise TlkitError(f"--split must be train, val or test; got {split!r}")
-    _tracking(tracking_uri, experiment)
+    _tracking(tracking_uri, experiment, model)
     result = run_evaluate(model, data, split=split, data_split=_split(val, test, seed, shots), tta=tta, tta_flip=tta_flip,
                           explain_top=explain_top, method=method, attack=attack, eps=parse_eps(eps) if eps else None,
                           tracking_uri=tracking_uri)
@@ -598,12 +603,12 @@ def explain_command(
     stride: Annotated[int, typer.Option(help="occlusion: step between patch positions.")] = 4,
     out: Annotated[Path, typer.Option(help="Folder for the PNGs (image | map | overlay).")] = Path("explain"),
     tracking_uri: TrackingUri = None,
-    experiment: Experiment = None,
+    experiment: ModelExperiment = None,
 ):
     """Where the network looks: a map per image (saliency, Grad-CAM or occlusion), beside the image."""
     from tlkit.review import run_explain
 
-    _tracking(tracking_uri, experiment)
+    _tracking(tracking_uri, experiment, model)
     result = run_explain(model, images, method=method, target=target, patch=patch, stride=stride, out=out, tracking_uri=tracking_uri)
     for path, why in result.details["skipped"]:
         errors.print(f"skipped {path}: {why}", highlight=False)
@@ -618,12 +623,12 @@ def export_command(
     format: Annotated[str, typer.Option("--format", help="onnx, torchscript or safetensors (timm's layout).")] = "onnx",
     out: Annotated[Path, typer.Option(help="Folder for the model file and its JSON sidecar.")] = Path("export"),
     tracking_uri: TrackingUri = None,
-    experiment: Experiment = None,
+    experiment: ModelExperiment = None,
 ):
     """Write the network to run without tlkit, with a JSON sidecar (classes, input size, mean, std, interpolation)."""
     from tlkit.review import run_export
 
-    _tracking(tracking_uri, experiment)
+    _tracking(tracking_uri, experiment, model)
     result = run_export(model, format, out, tracking_uri=tracking_uri)
     console.print(f"written: {result.files[0]} and {result.files[1]}", highlight=False)
     if "max_abs_difference" in result.metrics:

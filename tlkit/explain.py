@@ -120,6 +120,23 @@ def explanation_figure(image: np.ndarray, heat: np.ndarray, title: str, method: 
     return figure
 
 
+def overview_figure(images: list[np.ndarray], heats: list[np.ndarray], titles: list[str], method: str, *, columns: int = 4):
+    """Many explanations on one page: each image beside its map over the image, `columns` pairs a row."""
+    rows = int(np.ceil(len(images) / columns))
+    figure, axes = plt.subplots(rows, 2 * columns, figsize=(2 * columns * 1.5, rows * 1.75 + 0.4), dpi=100, squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for k, (image, heat, title) in enumerate(zip(images, heats, titles)):
+        left, right = axes[k // columns, 2 * (k % columns)], axes[k // columns, 2 * (k % columns) + 1]
+        left.imshow(image)
+        left.set_title(title, fontsize=6)
+        right.imshow(image)
+        right.imshow(np.clip(heat, 0, None), cmap="inferno", alpha=0.6, vmin=0, vmax=float(np.abs(heat).max()) or 1.0)
+        right.set_title(method, fontsize=6)
+    figure.tight_layout()
+    return figure
+
+
 def first_conv_filters(model: torch.nn.Module) -> torch.Tensor:
     """Weights (out, 3, k, k) of the first convolution that reads the RGB image."""
     for module in model.modules():

@@ -30,13 +30,14 @@ from tlkit.evaluate import (
     reliability_figure,
     top_k_accuracy,
 )
-from tlkit.explain import METHODS, explain, explanation_figure, filters_figure, first_conv_filters
+from tlkit.explain import METHODS, explain, explanation_figure, filters_figure, first_conv_filters, overview_figure
 from tlkit.export import export
 from tlkit.ingest import Manifest
 from tlkit.network import LoadedModel, images_to_tensor, load_network
 from tlkit.predict import expand_images, load_predictor
 
 BATCH = 64
+OVERVIEW = 16  # explanations on the one-page overview
 
 
 @dataclass
@@ -60,9 +61,9 @@ def _batches(paths: list[Path], loaded: LoadedModel):
 
 def _maps_for(loaded: LoadedModel, paths: list[Path], targets: list[int], method: str, titles: list[str], folder: Path,
               **options) -> list[Path]:
-    """One explanation PNG per image, written to `folder`."""
+    """One explanation PNG per image, written to `folder`, and `overview.png` with the first 16 on one page."""
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, shown = [], []
     for start, images in _batches(paths, loaded):
         chosen = torch.tensor(targets[start : start + len(images)])
         if method == "occlusion":
@@ -75,6 +76,12 @@ def _maps_for(loaded: LoadedModel, paths: list[Path], targets: list[int], method
             figure.savefig(path)
             close(figure)
             written.append(path)
+            if len(shown) < OVERVIEW:
+                shown.append((to_image(images[i]), heat, titles[k]))
+    if len(shown) > 1:
+        figure = overview_figure(*map(list, zip(*shown)), method)
+        figure.savefig(folder / "overview.png")
+        close(figure)
     return written
 
 
@@ -162,6 +169,8 @@ def run_evaluate(
                 tracking.log_artifacts(Path(tmp), f"explain/top_losses-{method}")
         if attack == "fgsm":
             metrics.update(_log_fgsm(loaded, paths, y_true, sorted(set([0.0, *(eps or [1 / 255, 2 / 255, 4 / 255, 8 / 255])])), prefix))
+            details["fgsm"] = ("float32 network (the attack needs exact gradients): eps 0 is its clean accuracy, which can differ "
+                               "by an image or two from test_accuracy where inference runs in bf16")
         tracking.log_metrics(metrics)
         tracking.log_dict({k: v for k, v in details.items() if k != "top_losses"}, "evaluation.json")
     return StageResult("evaluate", run_id, metrics, details=details)
