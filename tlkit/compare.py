@@ -170,11 +170,13 @@ def leaderboard_figure(board: Leaderboard):
     means = [e.mean for e in board.entries]
     axis.barh(y, means, xerr=[e.std for e in board.entries], color="#4c72b0", ecolor="black", capsize=4)
     axis.set_yticks(y, labels)
-    for yi, m, e in zip(y, means, board.entries):
-        axis.text(m, yi, f" {m:.3f}" + (f"±{e.std:.3f}" if e.n > 1 else ""), va="center", fontsize=8)
+    gap = 0.01 * max((abs(m) + e.std for m, e in zip(means, board.entries)), default=1.0)
+    for yi, m, e in zip(y, means, board.entries):  # the figure beyond the error bar's cap, not over it
+        axis.text(m + e.std + gap, yi, f"{m:.3f}" + (f" ± {e.std:.3f}" if e.n > 1 else ""), va="center", fontsize=8)
     axis.set_xlabel(f"{board.metric} (mean ± std, n = seeds)")
     if all(0 <= m <= 1 for m in means):
-        axis.set_xlim(0, 1.12)
+        axis.set_xlim(0, 1.2)
+        axis.set_xticks(np.linspace(0, 1, 6))  # room for the labels, no tick past 1
     figure.tight_layout()
     return figure
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -421,7 +422,10 @@ def train_classifier(
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
-    trainer.fit(module, loader, val_loader, ckpt_path=str(last) if resume else None)
+    with warnings.catch_warnings():
+        # use_val 'train' has no val loader on purpose; Lightning would say so at every fit
+        warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
+        trainer.fit(module, loader, val_loader, ckpt_path=str(last) if resume else None)
 
     best_path = workdir / "best.ckpt" if has_val else last
     state = torch.load(best_path, map_location="cpu", weights_only=True)
