@@ -139,3 +139,7 @@ class ToTensor:
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return apply(self.transform, image)
+
+    def reseed(self, seed: int) -> None:
+        """albumentations keeps its own random state and ignores global seeds: set it here."""
+        self.transform.set_random_seed(seed)

@@ -28,6 +28,19 @@ class ImageDataset(Dataset):
         item = self.paths[index]
         return self.transform(item if isinstance(item, np.ndarray) else load_rgb(item)), self.labels[index], index
 
+    def reseed(self, seed: int) -> None:
+        """Seed the transform's own random state, where it has one (augmentations do)."""
+        if hasattr(self.transform, "reseed"):
+            self.transform.reseed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """A worker's augmentations follow its torch seed: distinct per worker, reproducible from the loader's
+    generator. (A copy of one seeded transform in every worker would repeat the same random draws.)"""
+    dataset = torch.utils.data.get_worker_info().dataset
+    if hasattr(dataset, "reseed"):
+        dataset.reseed(torch.initial_seed() % 2**32)
+
 
 def default_workers() -> int:
     """DataLoader worker processes for this machine.
@@ -51,18 +64,23 @@ def make_loader(
     num_workers: int | None = None,
     seed: int = 0,
     drop_last: bool = False,
+    sampler: torch.utils.data.Sampler | None = None,
 ) -> DataLoader:
-    """A DataLoader with tlkit's defaults: seeded shuffling, persistent workers, pinned memory on GPU."""
+    """A DataLoader with tlkit's defaults: seeded shuffling and augmentation, persistent workers, pinned
+    memory on GPU. The same seed gives the same batches and the same augmentations."""
     workers = default_workers() if num_workers is None else num_workers
     workers = min(workers, max(1, len(dataset) // max(1, batch_size)))  # no idle workers for tiny sets
-    generator = torch.Generator().manual_seed(seed)
+    if hasattr(dataset, "reseed"):
+        dataset.reseed(seed)  # in this process (no workers); workers reseed from their own seeds
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_seed_worker if workers > 0 else None,
         drop_last=drop_last,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from tlkit.strategies import Phase, group_lrs, merge_groups, phase_end, phase_in
 
 MONITOR = "val_score"  # val accuracy, ties broken by lower val loss (see ImageClassifier.on_validation_epoch_end)
 MIN_SCHEDULED_STEPS = 8
+CHECKPOINT_EVERY_S = 30.0  # last.ckpt (for --resume) at most this often, besides phase ends and the last epoch
 SCHEDULES = ("onecycle", "cosine", "constant")
 BN_POLICIES = ("frozen", "train")
 BALANCE = ("none", "weights", "sampler")
@@ -202,7 +204,7 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         groups = [g for g in self.parameter_groups() if g["params"]]
-        optimizer = torch.optim.AdamW(groups)
+        optimizer = adamw(groups)
         epochs = self.trainer.max_epochs
         per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // max(1, epochs))
         index = max(self.phase, 0)
@@ -229,6 +231,36 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def adamw(groups: list[dict]) -> torch.optim.AdamW:
+    """AdamW over `groups`, with PyTorch's fused kernel where the parameters' device has one (CPU, CUDA).
+
+    On CPU the default is a Python loop over tensors: a resnet18 step took 100 ms that way, 77 ms with
+    foreach and 12 ms fused (same updates, to float rounding).
+    """
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = bool(devices) and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, fused=fused or None)
+
+
+class LatestCheckpoint(L.Callback):
+    """Writes last.ckpt for --resume: at the end of every phase and of training, otherwise at most every
+    `every_s` seconds. A resnet18 checkpoint with its optimizer state takes about 0.27 s to write; saved
+    every epoch, the quickstart's 40 short epochs spent a quarter of their time writing them."""
+
+    def __init__(self, path: Path, every_s: float | None = None):
+        self.path = Path(path)
+        self.every_s = CHECKPOINT_EVERY_S if every_s is None else every_s
+        self._saved_at = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: ImageClassifier) -> None:
+        done = trainer.current_epoch + 1
+        boundary = done >= trainer.max_epochs or trainer.should_stop or any(p.start == done for p in module.phases)
+        due = time.monotonic() - self._saved_at >= self.every_s
+        if trainer.strategy.broadcast(bool(boundary or due), src=0):  # every DDP rank decides alike
+            trainer.save_checkpoint(self.path)
+            self._saved_at = time.monotonic()
 
 
 class PhaseCallback(L.Callback):
@@ -308,13 +340,13 @@ def train_loader(manifest: Manifest, backbone: Backbone, settings: TrainConfig, 
     dataset = _dataset(manifest, "train", transform)
     # A last batch of one image breaks BatchNorm in training; drop the incomplete batch (reshuffled each epoch).
     drop_last = len(dataset) > settings.batch_size
-    loader = make_loader(dataset, batch_size=settings.batch_size, shuffle=True, num_workers=num_workers, seed=settings.seed, drop_last=drop_last)
+    sampler = None
     if settings.balance == "sampler":
         labels = np.asarray(dataset.labels)
         per_sample = 1.0 / np.bincount(labels)[labels]
         sampler = WeightedRandomSampler(per_sample.tolist(), num_samples=len(labels), replacement=True, generator=torch.Generator().manual_seed(settings.seed))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, num_workers=loader.num_workers,
-                                             persistent_workers=loader.persistent_workers, drop_last=drop_last)
+    loader = make_loader(dataset, batch_size=settings.batch_size, shuffle=True, num_workers=num_workers, seed=settings.seed,
+                         drop_last=drop_last, sampler=sampler)
     return loader, transform
 
 
@@ -407,8 +439,7 @@ def train_classifier(
     if resume and not last.exists():
         raise TlkitError(f"nothing to resume: {last} does not exist (the run saved no epoch yet, or ran on another machine)")
     best = ModelCheckpoint(dirpath=workdir, filename="best", monitor=MONITOR, mode="max", save_top_k=1, enable_version_counter=False)
-    # Lightning's save_last refreshes last.ckpt only with a new best; resume needs every epoch.
-    latest = ModelCheckpoint(dirpath=workdir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    latest = LatestCheckpoint(workdir / "last.ckpt")  # Lightning's save_last refreshes it only with a new best
     extra: list[L.Callback] = [*([best] if has_val else []), latest, PhaseCallback(), *(callbacks or [])]
     if settings.patience is not None and has_val:
         extra.append(_LastPhaseEarlyStopping(module.phases[-1].start, monitor=MONITOR, mode="max", patience=settings.patience))
@@ -419,6 +450,7 @@ def train_classifier(
         root_dir=workdir,
         max_epochs=settings.epochs,
         callbacks=extra,
+        enable_checkpointing=has_val,  # the best-epoch ModelCheckpoint; without it Lightning would add one that saves every epoch
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tlkit.errors import TlkitError
+from tlkit.finetune import adamw
 
 
 @dataclass
@@ -69,7 +70,7 @@ def find_lr(module, loader, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps:
     groups = [g for g in module.parameter_groups() if g["params"]]
     head_lr = module.lrs[-1]
     ratios = [g["lr"] / head_lr for g in groups]
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = adamw(groups)
     device = next(module.parameters()).device
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
     autocast = precision.startswith(("bf16", "16"))
