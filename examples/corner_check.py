@@ -47,6 +47,7 @@ def main(model: str, folder: str, n: int = 256) -> None:
         print(f"untrained resnet18 at {px} px: input gradient only in rows 0..{int(reached[:, 0].max())}, "
               f"columns 0..{int(reached[:, 1].max())}")
 
+
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit(__doc__)

@@ -119,8 +119,7 @@ def _tracking(uri, experiment, model: str | None = None) -> None:
     from tlkit import tracking
 
     if experiment is None and model and model.startswith(tracking.RUNS_PREFIX):
-        run = tracking.get_run(tracking.parse_run_ref(model)[0], uri)
-        experiment = tracking.MlflowClient(tracking.resolve_tracking_uri(uri)).get_experiment(run.info.experiment_id).name
+        experiment = tracking.experiment_of(model, uri)
     tracking.configure(uri, experiment)
 
 

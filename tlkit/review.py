@@ -61,7 +61,7 @@ def _batches(paths: list[Path], loaded: LoadedModel):
 
 def _maps_for(loaded: LoadedModel, paths: list[Path], targets: list[int], method: str, titles: list[str], folder: Path,
               **options) -> list[Path]:
-    """One explanation PNG per image, written to `folder`, and `overview.png` with the first 16 on one page."""
+    """One explanation PNG per image, written to `folder`, and `overview.png` with the first OVERVIEW on one page."""
     folder.mkdir(parents=True, exist_ok=True)
     written, shown = [], []
     for start, images in _batches(paths, loaded):
@@ -71,13 +71,14 @@ def _maps_for(loaded: LoadedModel, paths: list[Path], targets: list[int], method
         maps = explain(loaded.network, images, chosen, method, **options)
         for i, heat in enumerate(maps):
             k = start + i
-            figure = explanation_figure(to_image(images[i]), heat, titles[k], method)
+            image = to_image(images[i])
+            figure = explanation_figure(image, heat, titles[k], method)
             path = folder / f"{k:03d}-{Path(paths[k]).stem}-{method}.png"
             figure.savefig(path)
             close(figure)
             written.append(path)
             if len(shown) < OVERVIEW:
-                shown.append((to_image(images[i]), heat, titles[k]))
+                shown.append((image, heat, titles[k]))
     if len(shown) > 1:
         figure = overview_figure(*map(list, zip(*shown)), method)
         figure.savefig(folder / "overview.png")

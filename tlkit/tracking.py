@@ -264,6 +264,12 @@ def get_run(run_id: str, tracking_uri: str | None = None):
         ) from None
 
 
+def experiment_of(run_ref: str, tracking_uri: str | None = None) -> str:
+    """The name of the experiment that holds `runs:/ID`."""
+    run = get_run(parse_run_ref(run_ref)[0], tracking_uri)
+    return MlflowClient(resolve_tracking_uri(tracking_uri)).get_experiment(run.info.experiment_id).name
+
+
 def download_artifacts(run_id: str, path: str, *, tracking_uri: str | None = None) -> Path:
     """Download (or locate) `path` of a run's artifacts; returns a local path."""
     get_run(run_id, tracking_uri)
