@@ -63,7 +63,8 @@ def test_weights_files_load_in_common_layouts(tmp_path, wrap):
 
 def test_weights_that_do_not_fit_are_a_clear_error(tmp_path):
     torch.save(bb.create_backbone("test_vit").model.state_dict(), tmp_path / "vit.pth")
-    with pytest.raises(TlkitError, match="do not fit model 'test_resnet'.*missing"):
+    # names and shapes of the first keys that do not fit
+    with pytest.raises(TlkitError, match=r"do not fit model 'test_resnet'.*missing \(e\.g\. conv1\.0\.weight \(\d+, 3, \d+, \d+\)\).*unexpected \(e\.g\. \S+ \("):
         bb.create_backbone(TINY_MODEL, weights=tmp_path / "vit.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(TlkitError, match="cannot read weights file"):
@@ -89,7 +90,13 @@ def test_unreachable_hub_is_an_error_not_a_hang(monkeypatch):
         bb.create_backbone("resnet18", pretrained=True)
 
 
-def test_reachability_probe_respects_its_timeout():
+def test_reachability_probe_respects_its_timeout(monkeypatch):
+    # A connection that hangs (as DNS and SYNs do offline), simulated: no packet leaves this machine.
+    def hang(*args, **kwargs):
+        time.sleep(3)
+        raise OSError("simulated: no answer")
+
+    monkeypatch.setattr(bb.socket, "create_connection", hang)
     start = time.perf_counter()
-    reason = bb._reachable("192.0.2.1", 0.5)  # TEST-NET-1: never answers; nothing is sent beyond a SYN
-    assert reason is not None and time.perf_counter() - start < 2
+    reason = bb._reachable("huggingface.co", 0.5)
+    assert reason == "timed out" and time.perf_counter() - start < 2

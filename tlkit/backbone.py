@@ -20,6 +20,7 @@ import timm
 import torch
 from timm.models import group_parameters
 
+from tlkit import foreign
 from tlkit.errors import TlkitError
 
 HUB_TIMEOUT_S = 5.0
@@ -101,8 +102,9 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def data_config_for(model: torch.nn.Module, img_size: int | None = None) -> dict:
-    config = dict(timm.data.resolve_model_data_config(model))
+def data_config_for(model: torch.nn.Module, img_size: int | None = None, weights_config: dict | None = None) -> dict:
+    """timm's data config for the model, with what the weights were trained with on top, then `img_size`."""
+    config = {**timm.data.resolve_model_data_config(model), **(weights_config or {})}
     if img_size is not None:
         config["input_size"] = (3, int(img_size), int(img_size))
     config["input_size"] = tuple(int(v) for v in config["input_size"])
@@ -139,10 +141,18 @@ def _strip_prefix(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[
     return state
 
 
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, name: str) -> None:
-    """Load `state` into `model`; classifier keys are ignored, anything else that does not fit is an error."""
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, name: str) -> str | None:
+    """Load `state` into `model`; classifier keys are ignored, anything else that does not fit is an error.
+
+    A state dict in a known foreign key layout (see tlkit.foreign) is mapped onto the model first;
+    returns that layout's name, or None for timm's own layout.
+    """
     model_state = model.state_dict()
     state = _strip_prefix(state, set(model_state))
+    layout = foreign.detect_layout(state) if not (state.keys() & model_state.keys()) else None
+    if layout is not None:
+        model.load_state_dict(foreign.map_in_order(state, model_state, layout=layout, source=source))
+        return layout.name
     classifier = model.pretrained_cfg.get("classifier") or "fc"
     classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     state = {k: v for k, v in state.items() if not (k not in model_state and k.startswith(classifiers))}
@@ -152,14 +162,15 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source
     if missing or unexpected or wrong:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]} {tuple(model_state[missing[0]].shape)})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]} {tuple(state[unexpected[0]].shape)})")
         if wrong:
             k = wrong[0]
             parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(model_state[k].shape)})")
         raise TlkitError(f"weights {source} do not fit model {name!r}: {'; '.join(parts)}; pass the --model they were trained for")
     model.load_state_dict(state)
+    return None
 
 
 def _hub_host(name: str) -> tuple[str, bool]:
@@ -258,10 +269,21 @@ def create_backbone(
             data_config["input_size"] = (3, int(img_size), int(img_size))
         source = str(weights)
     else:
+        if foreign.is_package_ref(weights):
+            package, _ = foreign.resolve_package(str(weights))
+            if name is not None and name.split(".")[0] != package.model:
+                raise TlkitError(f"weights {weights} are for {package.model!r}, not {name!r}; drop --model or pass --model {package.model}")
+            name = package.model
         if name is None:
             raise TlkitError("no model given; pass --model NAME (see `tlkit backbone list`)")
         check_model_name(name)
-        if weights is not None:
+        if foreign.is_package_ref(weights):
+            package, path = foreign.resolve_package(str(weights))
+            model = create_model(name, img_size=img_size)
+            load_state(model, _read_state_dict(path), source=f"{weights} ({path.name})", name=name)
+            data_config = data_config_for(model, img_size, package.data_config)
+            source = f"{foreign.PACKAGE_PREFIX}{package.package}"
+        elif weights is not None:
             path = Path(weights).expanduser()
             model = create_model(name, img_size=img_size)
             load_state(model, _read_state_dict(path), source=str(path), name=name)
@@ -277,6 +299,16 @@ def create_backbone(
     if data_config is None:
         data_config = data_config_for(model, img_size)
     return Backbone(model=model, name=name, data_config=data_config, weights=source, digest=weights_digest(model))
+
+
+def preview_data_config(name: str | None, weights: str | None = None, img_size: int | None = None) -> dict:
+    """The preprocessing a backbone would use, without downloading weights (timm's ImageNet defaults without a model)."""
+    if weights is not None:
+        return create_backbone(name, weights=weights, img_size=img_size).data_config
+    if name is None:
+        return data_config_for(create_model("resnet18"), img_size or 224)
+    check_model_name(name)
+    return data_config_for(create_model(name, img_size=img_size), img_size)
 
 
 # ----------------------------------------------------------------------------------------------
