@@ -128,3 +128,31 @@ def test_bad_sources_are_one_line_errors(tmp_path, digits_source, make, match):
     with pytest.raises(TlkitError, match=match) as info:
         ingest(make(tmp_path))
     assert "\n" not in str(info.value)
+
+
+def test_empty_class_folders_and_huge_images_are_reported(tmp_path, digits_source, monkeypatch):
+    import tlkit.ingest as ingest_module
+
+    root = tmp_path / "data"
+    shutil.copytree(digits_source, root)
+    (root / "empty_class").mkdir()
+    (root / "only_junk").mkdir()
+    (root / "only_junk" / "notes.txt").write_text("not an image")
+    monkeypatch.setattr(ingest_module, "LARGE_IMAGE_PIXELS", 32 * 32 - 1)  # every 32 px digit counts as huge here
+    manifest = ingest(root)
+    assert manifest.classes == ["0", "1", "2"] and manifest.report.empty_classes == ["empty_class", "only_junk"]
+    assert len(manifest.report.large_images) == len(manifest.records)
+    report = format_report(manifest)
+    assert "class folder(s) with no usable image, left out of the dataset: empty_class, only_junk" in report
+    assert "(32 x 32, 0 MP): each is decoded in full whenever it is read" in report
+
+
+def test_a_really_huge_image_is_flagged_with_its_size(tmp_path, digits_source):
+    from PIL import Image
+
+    root = tmp_path / "data"
+    shutil.copytree(digits_source, root)
+    Image.new("L", (8000, 7000)).save(root / "0" / "huge.png")  # 56 megapixels, blank
+    manifest = ingest(root)
+    assert manifest.report.large_images == [("0/huge.png", 8000, 7000)]
+    assert "0/huge.png (8000 x 7000, 56 MP)" in format_report(manifest)

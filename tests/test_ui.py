@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL
+from tlkit import tracking
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig
 from tlkit.stages import run_baseline
 
@@ -117,6 +118,31 @@ def test_sweep_runs_line_up_in_the_ui_in_a_real_browser(tracked, tmp_path, digit
         finally:
             driver.quit()
     assert (SCREENSHOTS / "mlflow-compare.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_tlkit_ui_points_at_the_runs_with_their_held_out_accuracy(tracked, digits_source):
+    """What a newcomer sees at the page `tlkit ui` prints: the runs table (not GenAI traces), best first, with accuracy and data."""
+    pytest.importorskip("selenium")
+    for classifier in ("pixels", "svm"):
+        run_baseline(digits_source, BackboneConfig(model=TINY_MODEL, img_size=32), BaselineConfig(classifier=classifier),
+                     compute=ComputeConfig(num_workers=0), run_name=f"{classifier} baseline")
+    port = free_port()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "tlkit", "ui", "--port", str(port), "--experiment", "tests"]
+    with serving(command, port) as base:
+        url = tracking.ui_url(base, "tests")  # what the command printed (it stores the same view)
+        assert url.startswith(f"{base}/#/experiments/") and "workflowType=machine_learning" in url
+        driver = _browser()
+        try:
+            driver.get(url)
+            _wait_for(driver, ["pixels baseline", "svm baseline", "test_accuracy", "Dataset", "source ("])
+            time.sleep(2)
+            driver.save_screenshot(str(SCREENSHOTS / "tlkit-ui.png"))
+            assert "Token Usage" not in driver.page_source  # not the GenAI overview
+        finally:
+            driver.quit()
+    assert (SCREENSHOTS / "tlkit-ui.png").stat().st_size > 10_000
 
 
 def test_pipeline_logs_to_a_tracking_server(workdir, tmp_path, digits_target):

@@ -132,3 +132,31 @@ def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
 
 def close(figure) -> None:
     plt.close(figure)
+
+
+def denormalise(images: np.ndarray, mean, std) -> np.ndarray:
+    """Normalised N x 3 x H x W floats -> N x H x W x 3 uint8, as a person would see them."""
+    pixels = images.transpose(0, 2, 3, 1) * np.asarray(std) + np.asarray(mean)
+    return (np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def curves_figure(history: dict[str, list[tuple[int, float]]], phases: list[tuple[int, str]], *, title: str = ""):
+    """Loss and accuracy per epoch (train and val), with a dashed line where each training phase starts."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    for axis, kind in zip(axes, ("loss", "accuracy")):
+        for split, style in (("train", "-"), ("val", "--")):
+            points = history.get(f"{split}_{kind}") or []
+            if points:
+                epochs, values = zip(*points)
+                axis.plot([e + 1 for e in epochs], values, style, marker=".", label=split)
+        for start, name in phases:
+            axis.axvline(start + 0.5, color="grey", linestyle=":", linewidth=1)
+            axis.annotate(name, (start + 0.6, 1.0), xycoords=("data", "axes fraction"), fontsize=7, va="top", color="grey")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(kind)
+        if axis.has_data():
+            axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    return figure

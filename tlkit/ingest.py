@@ -20,6 +20,7 @@ SPLITS = ("train", "val", "test")
 MANIFEST_FORMAT = "tlkit-manifest/1"
 FEW_IMAGES = 5  # a class with fewer images than this is flagged in the report
 IMBALANCE = 3.0  # largest / smallest class above this is flagged
+LARGE_IMAGE_PIXELS = 50_000_000  # above this an image is flagged: it is decoded in full whenever it is read
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class IngestReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     duplicates: list[list[str]] = field(default_factory=list)  # groups of identical files
     cross_split_duplicates: list[list[str]] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)  # class folders with no usable image
+    large_images: list[tuple[str, int, int]] = field(default_factory=list)  # (path, width, height)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -51,6 +54,7 @@ class IngestReport:
     def from_dict(cls, data: dict) -> IngestReport:
         data = dict(data)
         data["skipped"] = [tuple(item) for item in data.get("skipped", [])]
+        data["large_images"] = [tuple(item) for item in data.get("large_images", [])]
         return cls(**data)
 
 
@@ -133,6 +137,11 @@ def _list_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
+def class_folders(root: Path) -> list[str]:
+    """Names of the class folders directly under `root` (hidden folders excluded)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _class_tree(root: Path, split: str | None, skipped: list) -> list[tuple[str, str, str | None]]:
     rows = []
     for path in _list_files(root):
@@ -188,6 +197,15 @@ def _candidates(source: Path, skipped: list) -> tuple[Path, list[tuple[str, str,
 
 # ----------------------------------------------------------------------------------------------
 # Checking files, making splits, reporting.
+
+
+def _expected_classes(source: Path, layout: str) -> list[str]:
+    """Class names the layout promises (folder names), whether or not they hold usable images."""
+    if layout == "class-folders":
+        return class_folders(source)
+    if layout == "pre-split":
+        return sorted({name for split in SPLITS if (source / split).is_dir() for name in class_folders(source / split)})
+    return []
 
 
 def _hash_and_inspect(path: str) -> tuple[str, int, int] | str:
@@ -255,8 +273,22 @@ def _fingerprint(records: list[ImageRecord]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _report(records: list[ImageRecord], classes: list[str], skipped: list) -> IngestReport:
+def _report(records: list[ImageRecord], classes: list[str], skipped: list, folders: list[str]) -> IngestReport:
     report = IngestReport(skipped=skipped)
+    report.empty_classes = [name for name in folders if name not in classes]
+    if report.empty_classes:
+        report.warnings.append(
+            f"class folder(s) with no usable image, left out of the dataset: {', '.join(report.empty_classes)}; "
+            "fill them or remove them"
+        )
+    report.large_images = [(r.path, r.width, r.height) for r in records if r.width * r.height > LARGE_IMAGE_PIXELS]
+    if report.large_images:
+        path, width, height = max(report.large_images, key=lambda item: item[1] * item[2])
+        report.warnings.append(
+            f"{len(report.large_images)} image(s) above {LARGE_IMAGE_PIXELS // 1_000_000} megapixels, the largest {path} "
+            f"({width} x {height}, {width * height / 1e6:.0f} MP): each is decoded in full whenever it is read (every epoch), "
+            "which is slow and memory-hungry; downscale them (the model sees at most a few hundred pixels a side)"
+        )
     for c in classes:
         report.counts[c] = {s: 0 for s in SPLITS}
     for r in records:
@@ -336,6 +368,7 @@ def ingest(
 
     skipped: list[tuple[str, str]] = []
     root, rows, layout = _candidates(source, skipped)
+    folders = _expected_classes(source, layout)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         checked = list(pool.map(_hash_and_inspect, [path for path, _, _ in rows]))
     good = []
@@ -372,7 +405,7 @@ def ingest(
         classes=classes,
         records=records,
         fingerprint=_fingerprint(records),
-        report=_report(records, classes, skipped),
+        report=_report(records, classes, skipped, folders),
         source=f"{layout}:{source.resolve()}",
         split_settings=settings,
     )

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from functools import cache
 
 _M_TRIM_THRESHOLD = -1
@@ -59,24 +60,51 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
-def quiet() -> None:
-    """Silence start-up chatter (Lightning tips, 'GPU available: False') that buries our output."""
-    for name in (
-        "lightning",
-        "lightning.pytorch",
-        "lightning.fabric",
-        "lightning.pytorch.utilities.rank_zero",
-        "lightning.fabric.utilities.rank_zero",
-        "lightning.pytorch.accelerators.cuda",
-    ):
+# Loggers whose INFO lines are Lightning's and MLflow's chatter ("GPU available: False", the litlogger
+# tip, "Using bfloat16 Automatic Mixed Precision", "`Trainer.fit` stopped"), not news about the user's run.
+_CHATTY_LOGGERS = (
+    "lightning",
+    "lightning.pytorch",
+    "lightning.fabric",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",
+    "lightning.pytorch.trainer.connectors.checkpoint_connector",
+)
+# Warnings that say nothing about the user's data or model.
+_NOISE = (
+    ".*does not have many workers.*",  # tlkit chooses workers per machine on purpose (data.default_workers)
+    ".*number of training batches.*",  # small datasets have few batches
+    ".*LeafSpec.*",  # Lightning's own use of a deprecated torch API
+    ".*module\\(s\\) in eval mode.*",  # frozen BatchNorm, on purpose
+    ".*Checkpoint directory .* exists and is not empty.*",  # --resume
+    ".*have no `val_dataloader`.*",  # use_val 'train' has no val loader, on purpose
+    ".*You defined a `validation_step` but have no `val_dataloader`.*",
+)
+
+
+def quiet_loggers() -> None:
+    for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*number of training batches.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen BatchNorm, on purpose
-    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # --resume
+
+
+@contextmanager
+def quiet_lightning():
+    """Around a Lightning fit or predict: its chatter is silenced, for library callers as for the CLI."""
+    quiet_loggers()
+    with warnings.catch_warnings():
+        for message in _NOISE:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+def quiet() -> None:
+    """The CLI, process-wide: no start-up chatter that buries tlkit's own output."""
+    quiet_loggers()
+    for message in _NOISE:
+        warnings.filterwarnings("ignore", message=message)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
@@ -113,6 +141,7 @@ def build_trainer(*, devices, precision: str, progress: bool, root_dir, **kwargs
     import lightning as L
 
     spawn_safe(devices)
+    quiet_loggers()  # the banners come while the Trainer is built
     return L.Trainer(
         accelerator="auto",
         devices=devices,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import urllib.parse
+import warnings
 import re
 import shutil
 import signal
@@ -28,10 +30,21 @@ import lightning as L
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tqdm bars per download are noise
 
 import mlflow  # noqa: E402
+import mlflow.data.meta_dataset  # noqa: E402
 import mlflow.pyfunc  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; create the store before starting parallel commands
+    fcntl = None
+
+# MLflow sets its own loggers to INFO at import; its start-up lines ("Creating initial MLflow database
+# tables...", alembic's migrations) are not the user's business. Here, so library callers get it too.
+for _name in ("mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store", "alembic", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 from tlkit import __version__  # noqa: E402
 from tlkit.errors import TlkitError  # noqa: E402
@@ -51,24 +64,70 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-_EXPERIMENT = [DEFAULT_EXPERIMENT]  # the experiment `configure` chose
+_TARGET = {"uri": None, "experiment": None}  # what `configure` chose; the store is touched at the first run
+_READY: set[str] = set()  # stores this process has created or checked
 
 
-def configure(tracking_uri: str | None = None, experiment: str | None = None) -> str:
-    """Point MLflow at the store and experiment; returns the experiment id."""
-    uri = resolve_tracking_uri(tracking_uri)
+def _create_store(uri: str) -> None:
+    """Create a new SQLite store's tables under a file lock, once per process.
+
+    MLflow creates and migrates the schema when a process first opens the database; several
+    processes doing so at once on a new file crashed ("duplicate column name"). The first one to
+    take the lock creates it; the others wait, then find it made.
+    """
+    if not uri.startswith("sqlite:///") or fcntl is None:
+        return
+    database = Path(uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def client(tracking_uri: str | None = None) -> MlflowClient:
+    """An MlflowClient on the store; a new SQLite store is created safely first (see _create_store)."""
+    uri = resolve_tracking_uri(tracking_uri or _TARGET["uri"])
+    if uri not in _READY:
+        try:
+            _create_store(uri)
+        except MlflowException as err:
+            raise TlkitError(f"cannot use tracking store {uri}: {err.message.splitlines()[0]}") from None
+        _READY.add(uri)
+    return MlflowClient(uri)
+
+
+def configure(tracking_uri: str | None = None, experiment: str | None = None) -> None:
+    """Choose the store and experiment. Nothing is created until the first run starts, so a command
+    that fails on its options leaves no database behind."""
+    _TARGET["uri"] = resolve_tracking_uri(tracking_uri)
+    _TARGET["experiment"] = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    mlflow.set_tracking_uri(_TARGET["uri"])
+
+
+def experiment_name() -> str:
+    return _TARGET["experiment"] or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def _ensure_experiment() -> str:
+    """The configured experiment's id, created as a model-training experiment if it is new."""
+    uri = resolve_tracking_uri(_TARGET["uri"])
     mlflow.set_tracking_uri(uri)
-    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    client = MlflowClient(uri)
+    name = experiment_name()
+    store = client(uri)
     try:
-        found = client.get_experiment_by_name(name)
+        found = store.get_experiment_by_name(name)
         if found is None:
             location = None
             if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
                 # Local store: keep artifacts beside the database, not wherever MLflow guesses.
                 location = (Path(DEFAULT_ARTIFACTS).resolve() / name.replace("/", "_")).as_uri()
-            # The UI opens an experiment as model training (runs table), not GenAI traces.
-            experiment_id = client.create_experiment(name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"})
+            try:
+                experiment_id = store.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+            except MlflowException:  # another process created it a moment ago
+                experiment_id = store.get_experiment_by_name(name).experiment_id
         else:
             experiment_id = found.experiment_id
             if found.lifecycle_stage == "deleted":
@@ -76,8 +135,11 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
     except MlflowException as err:
         raise TlkitError(f"cannot use tracking store {uri}: {err.message.splitlines()[0]}") from None
     mlflow.set_experiment(experiment_id=experiment_id)
-    _EXPERIMENT[0] = name
     return experiment_id
+
+
+# The UI opens an experiment with this tag on its runs table (model training), not on GenAI traces.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def safe_name(name: str) -> str:
@@ -127,9 +189,12 @@ def start_run(
     error and KILLED on Ctrl-C.
     """
     nested = mlflow.active_run() is not None
+    if run_id is not None:
+        get_run(run_id)  # before anything is created: an unknown id is an error, not a new store
+    if not nested:
+        _ensure_experiment()
     all_tags = {"tlkit.stage": stage, "tlkit.version": __version__, **_TAGS, **(tags or {})}
     if run_id is not None:  # resume: continue that run
-        get_run(run_id)
         run = mlflow.start_run(run_id=run_id, nested=nested)
     else:
         run = mlflow.start_run(run_name=run_name or stage, nested=nested, tags=all_tags)
@@ -143,6 +208,7 @@ def start_run(
                 raise TlkitError(f"cannot resume run {run_id} with other settings ({err.message.splitlines()[0]}); resume with the options it was started with") from None
         yield run.info.run_id
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit after its clean-up
+        KILLED.append(run.info.run_id)
         mlflow.end_run(status="KILLED")
         raise
     except BaseException:
@@ -150,6 +216,9 @@ def start_run(
         raise
     else:
         mlflow.end_run()
+
+
+KILLED: list[str] = []  # runs this process marked KILLED (innermost first), for the CLI's resume hint
 
 
 def log_params(params: Mapping[str, Any]) -> None:
@@ -165,6 +234,31 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
 def set_tags(tags: Mapping[str, str]) -> None:
     mlflow.set_tags(dict(tags))
+
+
+class _ImageFolder(mlflow.data.meta_dataset.MetaDataset):
+    """An image dataset as MLflow sees it: a name, tlkit's fingerprint as digest, its splits as profile."""
+
+    def __init__(self, source: str, *, name: str, digest: str, profile: dict):
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        self._profile = profile
+        with warnings.catch_warnings():  # two registered local sources match a path; either is right
+            warnings.simplefilter("ignore", UserWarning)
+            resolved = resolve_dataset_source(source)
+        super().__init__(resolved, name=name, digest=digest)
+
+    @property
+    def profile(self) -> dict:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def log_dataset(source: str, *, name: str, digest: str, profile: dict, context: str = "training") -> None:
+    """Record the run's data as an MLflow dataset input (the UI's Dataset column)."""
+    mlflow.log_input(_ImageFolder(source, name=name, digest=digest, profile=profile), context=context)
 
 
 def log_figure(figure, path: str) -> None:
@@ -255,9 +349,11 @@ def parse_run_ref(ref: str) -> tuple[str, str]:
 
 def get_run(run_id: str, tracking_uri: str | None = None):
     """The MLflow run, or a TlkitError naming the store that was searched."""
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri or _TARGET["uri"])
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():  # do not create a store to find nothing in it
+        raise TlkitError(f"no run {run_id!r}: the tracking store {uri} does not exist yet; run tlkit where mlflow.db is, or pass --tracking-uri")
     try:
-        return MlflowClient(uri).get_run(run_id)
+        return client(uri).get_run(run_id)
     except MlflowException:
         raise TlkitError(
             f"no run {run_id!r} in tracking store {uri}; check the id in `tlkit ui`, or pass --tracking-uri for another store"
@@ -267,7 +363,7 @@ def get_run(run_id: str, tracking_uri: str | None = None):
 def experiment_of(run_ref: str, tracking_uri: str | None = None) -> str:
     """The name of the experiment that holds `runs:/ID`."""
     run = get_run(parse_run_ref(run_ref)[0], tracking_uri)
-    return MlflowClient(resolve_tracking_uri(tracking_uri)).get_experiment(run.info.experiment_id).name
+    return client(tracking_uri).get_experiment(run.info.experiment_id).name
 
 
 def download_artifacts(run_id: str, path: str, *, tracking_uri: str | None = None) -> Path:
@@ -320,21 +416,21 @@ def _record(run) -> RunRecord:
 def experiment_id(name: str, tracking_uri: str | None = None) -> str:
     uri = resolve_tracking_uri(tracking_uri)
     try:
-        found = MlflowClient(uri).get_experiment_by_name(name)
+        found = client(uri).get_experiment_by_name(name)
     except MlflowException as err:
         raise TlkitError(f"cannot use tracking store {uri}: {err.message.splitlines()[0]}") from None
     if found is None:
-        names = [e.name for e in MlflowClient(uri).search_experiments()]
+        names = [e.name for e in client(uri).search_experiments()]
         raise TlkitError(f"no experiment {name!r} in {uri}; the experiments are: {', '.join(names) or 'none yet'}")
     return found.experiment_id
 
 
 def search_runs(experiment_ids: list[str], *, filter_string: str = "", tracking_uri: str | None = None) -> list[RunRecord]:
     """Every run of the experiments that matches the filter, newest first."""
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    store = client(tracking_uri)
     records, token = [], None
     while True:
-        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token, order_by=["attributes.start_time DESC"])
+        page = store.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token, order_by=["attributes.start_time DESC"])
         records += [_record(run) for run in page]
         token = page.token
         if not token:
@@ -343,16 +439,22 @@ def search_runs(experiment_ids: list[str], *, filter_string: str = "", tracking_
 
 def find_finished_run(tag: str, value: str, *, tracking_uri: str | None = None) -> RunRecord | None:
     """The newest finished run of the active experiment carrying tag=value, followed to its origin."""
-    experiment = mlflow.active_run().info.experiment_id if mlflow.active_run() else mlflow.get_experiment_by_name(_EXPERIMENT[0]).experiment_id
+    experiment = mlflow.active_run().info.experiment_id if mlflow.active_run() else _ensure_experiment()
     found = search_runs([experiment], filter_string=f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'", tracking_uri=tracking_uri)
     if not found:
         return None
     origin = found[0].origin_id
-    return found[0] if origin == found[0].run_id else _record(MlflowClient(resolve_tracking_uri(tracking_uri)).get_run(origin))
+    return found[0] if origin == found[0].run_id else _record(client(tracking_uri).get_run(origin))
 
 
 def metric_history(run_id: str, key: str, *, tracking_uri: str | None = None) -> list[float]:
-    return [m.value for m in MlflowClient(resolve_tracking_uri(tracking_uri)).get_metric_history(run_id, key)]
+    return [value for _, value in metric_steps(run_id, key, tracking_uri=tracking_uri)]
+
+
+def metric_steps(run_id: str, key: str, *, tracking_uri: str | None = None) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of a metric, by step; a resumed run's repeated steps count once (the last)."""
+    latest = {m.step: m.value for m in sorted(client(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+    return sorted(latest.items())
 
 
 POINT_TAGS = ("tlkit.stage_id", "tlkit.point", "tlkit.seed")  # where a run sits in a pipeline: not copied on reuse
@@ -374,7 +476,7 @@ def record_reuse(origin: RunRecord, *, stage: str, run_name: str) -> str:
 
 def log_artifact_to(run_id: str, file: Path, path: str | None = None, *, tracking_uri: str | None = None) -> None:
     """Attach a file to any run, finished or not (e.g. a leaderboard to a pipeline run)."""
-    MlflowClient(resolve_tracking_uri(tracking_uri)).log_artifact(run_id, str(file), artifact_path=path)
+    client(tracking_uri).log_artifact(run_id, str(file), artifact_path=path)
 
 
 def active_run_id() -> str | None:
@@ -397,9 +499,9 @@ class MetricsCallback(L.Callback):
     def _send(self, metrics: list) -> None:
         if self.run_id is None or not metrics:
             return
-        client = MlflowClient(self.tracking_uri)
+        store = MlflowClient(self.tracking_uri)
         for start in range(0, len(metrics), 1000):  # MLflow's batch limit
-            client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+            store.log_batch(self.run_id, metrics=metrics[start : start + 1000])
         metrics.clear()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -418,6 +520,47 @@ class MetricsCallback(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         self._pending += [Metric(k, v, now, trainer.current_epoch) for k, v in metrics.items()]
         self._send(self._pending)
+
+
+VIEW_KEY = "tlkit"  # the runs-table view tlkit stores on each experiment (the UI's own "share view" mechanism)
+VIEW_COLUMNS = ("attributes.`Dataset`", "metrics.`test_accuracy`", "metrics.`test_balanced_accuracy`", "params.`heldout_split`",
+                "params.`model`", "params.`weights`", "params.`classifier`", "params.`train.strategy`", "tags.`tlkit.stage`")
+
+
+def _runs_view(metric: str) -> dict:
+    """A saved state of the runs table: best `metric` first, the held-out figures and the method's settings as columns."""
+    return {
+        "orderByKey": f"metrics.`{metric}`",
+        "orderByAsc": False,
+        "searchFilter": "tags.`tlkit.reused_from` IS NULL",  # a run that reused another's result shows once, as the original
+        "lifecycleFilter": "Active",
+        "selectedColumns": [*VIEW_COLUMNS[:1], f"metrics.`{metric}`", *(c for c in VIEW_COLUMNS[1:] if c != f"metrics.`{metric}`")],
+        "runsExpanded": {},
+        "groupBy": None,
+    }
+
+
+def ui_url(base: str, experiment: str | None = None, *, metric: str = "test_accuracy", tracking_uri: str | None = None) -> str:
+    """The UI page of an experiment's runs table, model-training view, best `metric` first, its columns shown.
+
+    Without `experiment`, the experiment of the newest run. The view is stored on the experiment as the
+    UI's shared view state (`mlflow.sharedViewState.tlkit`) and named in the URL; `workflowType=machine_learning`
+    is the UI's switch between its GenAI and model-training pages (it otherwise opens on GenAI traces).
+    """
+    store = client(tracking_uri)
+    if experiment is None:
+        experiments = store.search_experiments(order_by=["last_update_time DESC"], max_results=1)
+        found = experiments[0] if experiments else None
+    else:
+        found = store.get_experiment_by_name(experiment)
+        if found is None:
+            names = [e.name for e in store.search_experiments()]
+            raise TlkitError(f"no experiment {experiment!r}; the experiments are: {', '.join(names) or 'none yet'}")
+    if found is None:
+        return f"{base}/#/experiments"
+    store.set_experiment_tag(found.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(_runs_view(metric)))
+    query = urllib.parse.urlencode({"viewStateShareKey": VIEW_KEY, "workflowType": "machine_learning"})
+    return f"{base}/#/experiments/{found.experiment_id}/runs?{query}"
 
 
 def serve_ui(*, host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | None = None) -> int:

@@ -1,0 +1,78 @@
+"""tlkit as a user starts it, in its own process: what reaches the terminal, commands run in
+parallel on a new store, and what Ctrl-C says."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import TINY_MODEL
+
+TLKIT = [sys.executable, "-m", "tlkit"]
+NOISE = ("Creating initial MLflow database", "INFO mlflow", "weights_only", "litlogger", "GPU available", "TPU available",
+         "LeafSpec", "_pytree", "Warning", "Traceback")
+TRAIN = ("--model", TINY_MODEL, "--no-pretrained", "--img-size", "32", "--workers", "0")
+
+
+def run(args, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.run([*TLKIT, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def assert_quiet(output: str) -> None:
+    for noise in NOISE:
+        assert noise not in output, f"{noise!r} reached the user:\n{output}"
+
+
+def test_first_command_and_a_finetune_print_only_tlkit_lines(tmp_path, digits_source):
+    """A fresh store (MLflow's table creation), a two-phase fine-tune with checkpoints (Lightning's banners)."""
+    result = run(["finetune", digits_source, *TRAIN, "--epochs", "3", "--strategy", "freeze-unfreeze"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_quiet(result.stdout + result.stderr)
+    assert "test_accuracy" in result.stdout and (tmp_path / "mlflow.db").exists()
+
+
+def test_library_callers_get_no_lightning_chatter_either(tmp_path, digits_source):
+    script = (
+        "from tlkit import tracking\n"
+        "from tlkit.config import BackboneConfig, TrainConfig\n"
+        "from tlkit.stages import run_train\n"
+        "tracking.configure(None, 'lib')\n"
+        f"r = run_train('finetune', {str(digits_source)!r}, BackboneConfig(model={TINY_MODEL!r}, img_size=32), "
+        "TrainConfig(epochs=2, strategy='freeze-unfreeze', augment='none'), progress=False)\n"
+        "print('accuracy', r.metrics['test_accuracy'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert_quiet(result.stdout + result.stderr)
+    assert result.stdout.startswith("accuracy")
+
+
+def test_parallel_commands_on_a_new_store_all_succeed(tmp_path, digits_source):
+    """Several processes creating mlflow.db at once crashed in MLflow's schema migration; now one creates it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    commands = [["baseline", digits_source, "--classifier", "pixels"], ["baseline", digits_source, "--classifier", "pixels", "--seed", "1"],
+                ["extract", digits_source, *TRAIN], ["ingest", digits_source, "--out", "m.json"]]
+    processes = [subprocess.Popen([*TLKIT, *map(str, c)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for c in commands]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in processes]
+    assert all(code == 0 for code, _ in results), results
+    assert not any("Traceback" in err for _, err in results)
+
+
+def test_ctrl_c_names_the_run_and_the_command_that_resumes_it(tmp_path, digits_source):
+    args = [*TLKIT, "finetune", str(digits_source), *TRAIN, "--epochs", "400", "--strategy", "freeze-unfreeze"]
+    process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not glob.glob(str(tmp_path / ".tlkit/checkpoints/*/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.3)  # the first checkpoint: training is under way
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: run "), err
+    run_id = lines[0].split()[2]
+    assert lines[0].endswith(f"continue it with: tlkit finetune {digits_source} {' '.join(TRAIN)} --epochs 400 --strategy freeze-unfreeze --resume {run_id}")
