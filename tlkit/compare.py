@@ -23,7 +23,7 @@ from tlkit.evaluate import close, plt
 # Params that record what happened rather than what was asked for: not settings to compare by.
 DERIVED = {
     "data.fingerprint", "data.n_train", "data.n_val", "data.n_test", "weights_digest", "feature_key", "C", "C_selection",
-    "lr_resolved", "group_lrs", "eval_split", "phases", "layer_groups", "precision", "num_features", "data.source",
+    "lr_resolved", "batch_size_resolved", "group_lrs", "heldout_split", "selection.C", "selection.epoch", "selection.probe_C", "phases", "layer_groups", "precision", "num_features", "data.source",
 }
 LOWER_IS_BETTER = ("loss", "error", "ece", "seconds")
 

@@ -47,16 +47,18 @@ class ComputeConfig(Settings):
 class TrainConfig(Settings):
     """Training settings shared by pretrain and finetune."""
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(20, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="images per step (default: 32, or n_train / 8 for small sets, at least 8)")
     lr: float | Literal["auto"] = Field(1e-3, description="head learning rate, or auto (LR finder)")
     lr_mult: float = Field(3.0, ge=1, description="each earlier layer group learns this many times slower")
     lrs: list[float] | None = Field(None, description="explicit rates: body groups (input side first), then head")
     groups: int | None = Field(4, ge=1, description="merge the backbone's layer groups into this many (null: timm's own)")
     strategy: Literal["freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft"] = "freeze-unfreeze"
-    freeze_epochs: int = Field(1, ge=1, description="freeze-unfreeze: head-only epochs")
+    freeze_epochs: int | None = Field(None, ge=1, description="freeze-unfreeze: head-only epochs (default 1; none when epochs is 1)")
     unfreeze_every: int = Field(1, ge=1, description="gradual: epochs between unfreezing groups")
-    bn: Literal["frozen", "train"] = Field("frozen", description="BatchNorm of frozen groups: eval mode, or updating statistics")
+    bn: Literal["frozen", "train", "keep-stats"] = Field(
+        "keep-stats", description="BatchNorm: frozen groups in eval mode (frozen), statistics updating (train), or every layer's pretrained statistics kept (keep-stats)"
+    )
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     weight_decay: float = Field(0.05, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -71,9 +73,12 @@ class TrainConfig(Settings):
 
 
     @model_validator(mode="after")
-    def _selection_needs_val(self) -> TrainConfig:
+    def _consistent(self) -> TrainConfig:
         if self.use_val == "train" and self.patience is not None:
             raise ValueError("patience stops on the val split, but use_val 'train' trains on it; drop patience or use_val 'select'")
+        if self.strategy == "freeze-unfreeze" and self.freeze_epochs is not None and self.freeze_epochs >= self.epochs:
+            raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs}), leaving at least one epoch "
+                             "that trains everything; lower freeze_epochs or raise epochs")
         return self
 
 
@@ -96,9 +101,35 @@ class DigitsConfig(Settings):
     seed: int = 0
 
 
+class PhotosConfig(Settings):
+    """Write crops of real sample photos (see `tlkit data photos`) to the dataset's path before the pipeline runs.
+
+    The crops are drawn with the dataset's seed, so `seeds:` varies the data too; put `{seed}` in the
+    dataset's path to keep one folder per seed.
+    """
+
+    crop: int = Field(64, ge=8)
+    train: int = Field(12, ge=1)
+    val: int = Field(8, ge=0)
+    test: int = Field(20, ge=1)
+    grey: bool = True
+
+
 class DatasetConfig(SplitConfig):
     path: str
     digits: DigitsConfig | None = None
+    photos: PhotosConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_generator(self) -> DatasetConfig:
+        if self.digits is not None and self.photos is not None:
+            raise ValueError("a dataset is written by digits or by photos, not both")
+        return self
+
+    @property
+    def folder(self) -> str:
+        """`path` with `{seed}` filled in."""
+        return self.path.replace("{seed}", str(self.seed))
 
 
 class _Stage(Settings):
@@ -112,12 +143,14 @@ class _Stage(Settings):
 
 class PretrainStage(_Stage):
     stage: Literal["pretrain"]
-    train: TrainConfig = TrainConfig(strategy="full")
+    train: TrainConfig = TrainConfig(strategy="full", bn="frozen", epochs=15)  # as `tlkit pretrain`
 
     @model_validator(mode="after")
     def _train_everything(self) -> PretrainStage:
         if "strategy" not in self.train.model_fields_set:  # nothing to keep frozen when training from scratch
             self.train.strategy = "full"
+        if "bn" not in self.train.model_fields_set:  # random weights have no statistics worth keeping
+            self.train.bn = "frozen"
         return self
 
 
@@ -192,8 +225,8 @@ class PipelineConfig(Settings):
                     raise ValueError(f"{where}: model {ref!r} is neither an earlier pretrain, finetune or baseline stage id nor a runs:/ URI")
             else:
                 weights = stage.weights
-                if weights and not weights.startswith("runs:/") and not Path(weights).suffix and weights not in seen:
-                    raise ValueError(f"{where}: weights {weights!r} is neither an earlier stage id, a runs:/ URI nor a file")
+                if weights and not weights.startswith(("runs:/", "pkg:")) and not Path(weights).suffix and weights not in seen:
+                    raise ValueError(f"{where}: weights {weights!r} is neither an earlier stage id, a runs:/ URI, a pkg:NAME weight package nor a file")
             seen[stage.id] = stage.stage
         for key, values in (self.sweep or {}).items():
             if not values:

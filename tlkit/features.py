@@ -121,7 +121,8 @@ def _run_predict(backbone: Backbone, loader, *, devices, precision: str, progres
             inference_mode=True,
             callbacks=[_ShardWriter(Path(tmp))],
         )
-        trainer.predict(_Extractor(backbone.model), dataloaders=loader, return_predictions=False)
+        with runtime.quiet_lightning():
+            trainer.predict(_Extractor(backbone.model), dataloaders=loader, return_predictions=False)
         X = np.zeros((n, backbone.num_features), dtype=np.float32)
         seen = np.zeros(n, dtype=bool)
         for shard in Path(tmp).glob("shard-*.pt"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +32,13 @@ from tlkit.ingest import Manifest
 from tlkit.predict import infer
 from tlkit.strategies import Phase, group_lrs, merge_groups, phase_end, phase_index, plan_phases
 
+DEFAULT_BATCH = 32
+MIN_STEPS_PER_EPOCH = 8  # the default batch shrinks (to 8 at least) so that a small training set still makes this many steps
 MONITOR = "val_score"  # val accuracy, ties broken by lower val loss (see ImageClassifier.on_validation_epoch_end)
 MIN_SCHEDULED_STEPS = 8
 CHECKPOINT_EVERY_S = 30.0  # last.ckpt (for --resume) at most this often, besides phase ends and the last epoch
 SCHEDULES = ("onecycle", "cosine", "constant")
-BN_POLICIES = ("frozen", "train")
+BN_POLICIES = ("frozen", "train", "keep-stats")
 BALANCE = ("none", "weights", "sampler")
 
 
@@ -56,7 +57,8 @@ class ImageClassifier(L.LightningModule):
         class_weights: per-class loss weights, for imbalanced data.
         schedule: onecycle, cosine (with 5% linear warm-up) or constant; restarted every phase.
         bn: "frozen" keeps BatchNorm layers of frozen groups in eval mode (statistics fixed);
-            "train" lets their statistics update.
+            "train" lets their statistics update; "keep-stats" keeps every BatchNorm layer's
+            pretrained statistics, in trained groups too (their scale and shift still train).
     """
 
     def __init__(
@@ -155,11 +157,11 @@ class ImageClassifier(L.LightningModule):
                 if not trains:
                     frozen_names.add(name)
         self._frozen_bn = []
-        if self.bn == "frozen":
+        if self.bn in ("frozen", "keep-stats"):
             for mname, module in modules.items():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     own = [f"{mname}.{p}" for p, _ in module.named_parameters(recurse=False)] or [f"{mname}.weight"]
-                    if all(p in frozen_names for p in own):
+                    if self.bn == "keep-stats" or all(p in frozen_names for p in own):
                         self._frozen_bn.append(module)
         self.train(self.training)
 
@@ -259,7 +261,7 @@ class LatestCheckpoint(L.Callback):
         boundary = done >= trainer.max_epochs or trainer.should_stop or any(p.start == done for p in module.phases)
         due = time.monotonic() - self._saved_at >= self.every_s
         if trainer.strategy.broadcast(bool(boundary or due), src=0):  # every DDP rank decides alike
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the optimizer state too: --resume continues the schedule
             self._saved_at = time.monotonic()
 
 
@@ -294,7 +296,7 @@ class TrainResult:
     best_epoch: int | None
     best_val_accuracy: float | None
     metrics: dict[str, float]
-    eval_split: str
+    heldout_split: str
     y_true: np.ndarray
     y_pred: np.ndarray
     epochs_run: int
@@ -335,6 +337,18 @@ def build_module(manifest: Manifest, backbone: Backbone, settings: TrainConfig) 
     return module.to(memory_format=torch.channels_last)
 
 
+def with_batch_size(settings: TrainConfig, manifest: Manifest) -> TrainConfig:
+    """`settings` with the default batch size resolved: 32, or fewer for a small training set.
+
+    With 40 training images a batch of 32 made one optimizer step an epoch (the last, partial batch is
+    dropped); a fine-tune of 20 epochs was 20 steps. The default now keeps 8 steps an epoch where it can.
+    """
+    if settings.batch_size is not None:
+        return settings
+    n_train = len(manifest.split("train")) + (len(manifest.split("val")) if settings.use_val == "train" else 0)
+    return settings.model_copy(update={"batch_size": max(8, min(DEFAULT_BATCH, n_train // MIN_STEPS_PER_EPOCH))})
+
+
 def train_loader(manifest: Manifest, backbone: Backbone, settings: TrainConfig, *, num_workers: int | None = None):
     transform = augment.resolve_train_transform(backbone.data_config, settings.augment, hflip=settings.hflip)
     dataset = _dataset(manifest, "train", transform)
@@ -350,36 +364,78 @@ def train_loader(manifest: Manifest, backbone: Backbone, settings: TrainConfig, 
     return loader, transform
 
 
-def fit_linear_probe(module: ImageClassifier, manifest: Manifest, backbone: Backbone, *, precision: str, num_workers: int | None) -> float:
+def train_batch_figure(manifest: Manifest, data_config: dict, augment_name: str, *, hflip: bool = True, n: int = 16, seed: int = 0,
+                       title: str = ""):
+    """A grid of `n` training images as the model sees them: augmented, then shown denormalised (fastai's show_batch)."""
+    from tlkit.evaluate import denormalise, image_grid
+
+    transform = augment.resolve_train_transform(data_config, augment_name, hflip=hflip)
+    loader = make_loader(_dataset(manifest, "train", transform), batch_size=n, shuffle=True, num_workers=0, seed=seed)
+    images, labels, _ = next(iter(loader))
+    pixels = denormalise(images.float().numpy(), data_config["mean"], data_config["std"])
+    return image_grid(list(pixels), [manifest.classes[i] for i in labels.tolist()], columns=min(8, len(pixels)), cell=1.6, title=title)
+
+
+def fit_linear_probe(module: ImageClassifier, manifest: Manifest, backbone: Backbone, *, precision: str, num_workers: int | None) -> tuple[float, str]:
     """LP-FT's first step: fit the head to convergence on frozen features (L-BFGS logistic regression).
 
-    The regularisation is chosen on the validation split; returns the probe's validation accuracy.
+    The regularisation is chosen on the val split when a test split reports, else by cross-validation
+    on train (val is then the held-out split). Returns the probe's selection accuracy and how C was chosen.
     """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, PredefinedSplit
+
+    from tlkit.baseline import cross_validation
 
     eval_tf = augment.eval_transform(backbone.data_config)
-    loader = make_loader(_dataset(manifest, "train", eval_tf), batch_size=128, num_workers=num_workers)
-    X_train = infer(backbone.model, loader, precision=precision)
-    y_train = manifest.labels(manifest.split("train"))
-    val = manifest.split("val")
-    best = (None, -1.0)
-    if val:
-        X_val = infer(backbone.model, make_loader(_dataset(manifest, "val", eval_tf), batch_size=128, num_workers=num_workers), precision=precision)
-        y_val = manifest.labels(val)
-    for C in (0.01, 0.1, 1.0, 10.0) if val else (1.0,):
-        probe = LogisticRegression(C=C, max_iter=3000).fit(X_train, y_train)
-        score = probe.score(X_val, y_val) if val else 0.0
-        if score > best[1]:
-            best = (probe, score)
-    probe = best[0]
-    weight = np.zeros((len(manifest.classes), X_train.shape[1]), dtype=np.float32)
+
+    def features(split: str) -> tuple[np.ndarray, np.ndarray]:
+        loader = make_loader(_dataset(manifest, split, eval_tf), batch_size=128, num_workers=num_workers)
+        return infer(backbone.model, loader, precision=precision), manifest.labels(manifest.split(split))
+
+    X, y = features("train")
+    X_search, y_search, cv, how = X, y, cross_validation(y), "cross-validation on train"
+    if manifest.split("val") and manifest.split("test"):
+        X_val, y_val = features("val")
+        cv, how = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(y_val), dtype=int)]), "validation split"
+        X_search, y_search = np.concatenate([X, X_val]), np.concatenate([y, y_val])
+    C, score = 1.0, float("nan")
+    if cv is None:
+        how = "none (C=1)"
+    else:
+        search = GridSearchCV(LogisticRegression(max_iter=3000), {"C": [0.01, 0.1, 1.0, 10.0]}, cv=cv, scoring="accuracy", refit=False)
+        search.fit(X_search, y_search)
+        C, score = float(search.best_params_["C"]), float(search.best_score_)
+    probe = LogisticRegression(C=C, max_iter=3000).fit(X, y)  # the head starts from train alone: val still judges epochs fairly
+    weight = np.zeros((len(manifest.classes), X.shape[1]), dtype=np.float32)
     bias = np.zeros(len(manifest.classes), dtype=np.float32)
     weight[probe.classes_] = probe.coef_ if len(probe.classes_) > 2 else np.vstack([-probe.coef_, probe.coef_])
     bias[probe.classes_] = probe.intercept_ if len(probe.classes_) > 2 else np.array([-probe.intercept_[0], probe.intercept_[0]])
     with torch.no_grad():
         module.head.weight.copy_(torch.from_numpy(weight))
         module.head.bias.copy_(torch.from_numpy(bias))
-    return float(best[1])
+    return score, how
+
+
+def check_settings(manifest: Manifest, backbone: Backbone, settings: TrainConfig) -> None:
+    """Errors of settings that this data or backbone cannot honour, raised before any run starts."""
+    check_data(manifest, settings)
+    groups = merge_groups(layer_groups(backbone.model), settings.groups)
+    if settings.lr != "auto":
+        group_lrs(settings.lr, len(groups), lr_mult=settings.lr_mult, lrs=settings.lrs)
+    plan_phases(settings.strategy, epochs=settings.epochs, n_groups=len(groups), freeze_epochs=settings.freeze_epochs, unfreeze_every=settings.unfreeze_every)
+
+
+def check_data(manifest: Manifest, settings: TrainConfig) -> None:
+    """Errors of settings that this data cannot honour, raised before any run starts."""
+    if not manifest.split("train"):
+        raise TlkitError("the training split is empty; ingest with smaller --val/--test or give a train/ folder")
+    if not manifest.split("test"):
+        if settings.use_val == "train":
+            raise TlkitError("use_val 'train' trains on the val split and the data has no test split to report on; ingest with --test > 0 or use --use-val select")
+        if settings.patience is not None:
+            raise TlkitError("--patience stops on the val split, but this data has no test split, so val is where results are reported; "
+                             "drop --patience (the schedule runs to its end) or add a test split")
 
 
 def train_classifier(
@@ -398,6 +454,10 @@ def train_classifier(
 ) -> TrainResult:
     """Train per `settings`; keep the best epoch by validation accuracy.
 
+    The val split chooses the best epoch only when a test split reports the result. Without a test
+    split, val is the held-out split: the schedule runs to its end, the last epoch is kept, and val
+    only scores it (its per-epoch curve is logged for reading, never for choosing).
+
     Args:
         manifest: the dataset (train split trains; val split picks the best epoch, or trains too with use_val 'train').
         backbone: the backbone to start from.
@@ -414,25 +474,21 @@ def train_classifier(
     Returns:
         The module with the best epoch's weights, and its metrics on the held-out split.
     """
-    settings = settings or TrainConfig()
-    if settings.epochs < 1:
-        raise TlkitError(f"--epochs must be at least 1, got {settings.epochs}")
-    if not manifest.split("train"):
-        raise TlkitError("the training split is empty; ingest with smaller --val/--test or give a train/ folder")
+    settings = with_batch_size(settings or TrainConfig(), manifest)
+    check_data(manifest, settings)
     if settings.use_val == "train":
-        if not manifest.split("test"):
-            raise TlkitError("use_val 'train' trains on the val split and the data has no test split to report on; ingest with --test > 0 or use --use-val select")
         manifest = manifest.with_val_as_train()  # as the baselines refit on train+val; the last epoch is kept
+    has_val = bool(manifest.split("val"))
+    selects = has_val and bool(manifest.split("test"))  # val may choose the epoch only when test reports
     L.seed_everything(settings.seed, workers=True, verbose=False)
     precision = runtime.resolve_precision(precision)
     module = module or build_module(manifest, backbone, settings)
     loader, train_tf = train_loader(manifest, backbone, settings, num_workers=num_workers)
     eval_tf = augment.eval_transform(backbone.data_config)
-    has_val = bool(manifest.split("val"))
     val_loader = make_loader(_dataset(manifest, "val", eval_tf), batch_size=settings.batch_size * 2, num_workers=num_workers) if has_val else None
-    probe_accuracy = None
+    probe = None
     if settings.strategy == "lp-ft" and not resume:
-        probe_accuracy = fit_linear_probe(module, manifest, backbone, precision=precision, num_workers=num_workers)
+        probe = fit_linear_probe(module, manifest, backbone, precision=precision, num_workers=num_workers)
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="tlkit-train-"))
     last = workdir / "last.ckpt"
@@ -440,8 +496,8 @@ def train_classifier(
         raise TlkitError(f"nothing to resume: {last} does not exist (the run saved no epoch yet, or ran on another machine)")
     best = ModelCheckpoint(dirpath=workdir, filename="best", monitor=MONITOR, mode="max", save_top_k=1, enable_version_counter=False)
     latest = LatestCheckpoint(workdir / "last.ckpt")  # Lightning's save_last refreshes it only with a new best
-    extra: list[L.Callback] = [*([best] if has_val else []), latest, PhaseCallback(), *(callbacks or [])]
-    if settings.patience is not None and has_val:
+    extra: list[L.Callback] = [*([best] if selects else []), latest, PhaseCallback(), *(callbacks or [])]
+    if settings.patience is not None:
         extra.append(_LastPhaseEarlyStopping(module.phases[-1].start, monitor=MONITOR, mode="max", patience=settings.patience))
     trainer = runtime.build_trainer(
         devices=devices,
@@ -450,40 +506,40 @@ def train_classifier(
         root_dir=workdir,
         max_epochs=settings.epochs,
         callbacks=extra,
-        enable_checkpointing=has_val,  # the best-epoch ModelCheckpoint; without it Lightning would add one that saves every epoch
+        enable_checkpointing=selects,  # the best-epoch ModelCheckpoint; without it Lightning would add one that saves every epoch
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
-    with warnings.catch_warnings():
-        # use_val 'train' has no val loader on purpose; Lightning would say so at every fit
-        warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
-        trainer.fit(module, loader, val_loader, ckpt_path=str(last) if resume else None)
+    with runtime.quiet_lightning():
+        # tlkit's own checkpoints hold tensors, numbers and strings only: read them with weights_only=True
+        trainer.fit(module, loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True if resume else None)
 
-    best_path = workdir / "best.ckpt" if has_val else last
+    best_path = workdir / "best.ckpt" if selects else last
     state = torch.load(best_path, map_location="cpu", weights_only=True)
     module.load_state_dict(state["state_dict"])
     module.apply_phase(len(module.phases) - 1)
     latest = state if best_path == last else torch.load(last, map_location="cpu", weights_only=True)
     epochs_run = int(latest["epoch"]) + 1
-    eval_split = manifest.eval_split
-    eval_loader = make_loader(_dataset(manifest, eval_split, eval_tf), batch_size=settings.batch_size * 2, num_workers=num_workers)
-    y_true = manifest.labels(manifest.split(eval_split))
+    heldout = manifest.eval_split
+    eval_loader = make_loader(_dataset(manifest, heldout, eval_tf), batch_size=settings.batch_size * 2, num_workers=num_workers)
+    y_true = manifest.labels(manifest.split(heldout))
     y_pred = infer(module, eval_loader, precision=precision).argmax(1)
-    metrics = classification_metrics(y_true, y_pred, manifest.classes, prefix="test_")
+    metrics = classification_metrics(y_true, y_pred, manifest.classes, prefix="test_")  # the held-out split's, as in baselines
     best_val = None
-    if has_val:
+    if selects:
         y_val = manifest.labels(manifest.split("val"))
         best_val = float((infer(module, val_loader, precision=precision).argmax(1) == y_val).mean())
-    resolved = {"precision": precision, "phases": [p.__dict__ for p in module.phases], "group_lrs": module.lrs,
+    resolved = {"precision": precision, "batch_size": settings.batch_size, "phases": [p.__dict__ for p in module.phases], "group_lrs": module.lrs,
                 "groups": module.group_labels, "train_transform": augment.to_dict(train_tf)}
-    if probe_accuracy is not None:
-        resolved["probe_val_accuracy"] = probe_accuracy
+    resolved["selection"] = {"epoch": "best val_score on the val split" if selects else "last (the schedule runs to its end)"}
+    if probe is not None:
+        resolved["probe_selection_accuracy"], resolved["selection"]["probe_C"] = probe
     return TrainResult(
         module=module,
-        best_epoch=int(state["epoch"]) if has_val else None,
+        best_epoch=int(state["epoch"]) if selects else None,
         best_val_accuracy=best_val,
         metrics=metrics,
-        eval_split=eval_split,
+        heldout_split=heldout,
         y_true=y_true,
         y_pred=y_pred,
         epochs_run=epochs_run,

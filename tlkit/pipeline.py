@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tlkit import __version__, tracking
 from tlkit.compare import Leaderboard, compare, leaderboard_table
@@ -38,7 +39,7 @@ from tlkit.config import (
     _Stage,
 )
 from tlkit.ingest import Manifest
-from tlkit.sample_data import write_digits
+from tlkit.sample_data import write_digits, write_photos
 from tlkit.review import run_evaluate
 from tlkit.stages import StageResult, load_data, run_baseline, run_extract, run_predict, run_train
 from tlkit.sweep import Plan, Point, plan_pipeline
@@ -76,11 +77,15 @@ def _prepare_data(config: PipelineConfig, name: str, cache: dict[str, Manifest],
     spec = config.datasets[name]
     key = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
     if key not in cache:
-        path = Path(spec.path)
+        path = Path(spec.folder)
         if spec.digits is not None and not path.exists():
             d = spec.digits
             counts = write_digits(path, classes=d.classes, per_class=d.per_class, size=d.size, seed=d.seed)
             console.print(f"wrote {sum(counts.values())} digit images ({d.classes}) to {path}")
+        if spec.photos is not None and not path.exists():
+            p = spec.photos
+            written = write_photos(path, crop=p.crop, counts=(p.train, p.val, p.test), grey=p.grey, seed=spec.seed)
+            console.print(f"wrote {sum(sum(n.values()) for n in written.values())} photo crops ({len(written['train'])} classes) to {path}")
         cache[key] = load_data(path, spec)
     return cache[key]
 
@@ -100,7 +105,7 @@ def _resolve_files(config: PipelineConfig, base: Path) -> PipelineConfig:
     config = config.model_copy(deep=True)
 
     def local(value: str | None) -> str | None:
-        if value is None or value.startswith("runs:/") or Path(value).is_absolute() or not Path(value).suffix:
+        if value is None or value.startswith(("runs:/", "pkg:")) or Path(value).is_absolute() or not Path(value).suffix:
             return value
         return str((base / value).resolve())
 
@@ -132,7 +137,7 @@ def stage_key(stage, manifest: Manifest | None, backbone: BackboneConfig | None,
         payload["data"] = [manifest.fingerprint, manifest.split_settings]
     if backbone is not None:
         payload["backbone"] = backbone.model_dump(mode="json")
-        if backbone.weights and not backbone.weights.startswith(tracking.RUNS_PREFIX):
+        if backbone.weights and not backbone.weights.startswith((tracking.RUNS_PREFIX, "pkg:")):  # runs and packages do not change
             payload["weights_file"] = _file_digest(backbone.weights)
     if model_ref is not None:
         payload["model"] = model_ref
@@ -181,7 +186,7 @@ def run_pipeline(
         reuse: reuse finished runs whose inputs are unchanged (False recomputes everything).
         console: where progress goes.
     """
-    console = console or Console()
+    console = console or Console(markup=False)
     plan = plan_pipeline(path, overrides)
     base_dir = Path(path).resolve().parent
     points = [replace(p, config=_resolve_files(p.config, base_dir)) for p in plan.points]
@@ -220,7 +225,7 @@ def _run_point(point: Point, plan: Plan, manifests: dict, progress: _Progress, t
             tracking.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "pipeline.resolved.yaml")
         for i, stage in enumerate(config.stages, start=1):
             where = f"{point.label} · " if plan.swept else ""
-            console.rule(f"[bold]{progress.step()} {where}stage {i}/{len(config.stages)}: {stage.id}[/] ({stage.stage})")
+            console.rule(Text(f"{progress.step()} {where}stage {i}/{len(config.stages)}: {stage.id}", style="bold") + Text(f" ({stage.stage})"))
             start = time.perf_counter()
             with tracking.tagging({"tlkit.stage_id": stage.id, **tags}):
                 result, reused = _run_or_reuse(stage, config, outputs, manifests, tracking_uri, reuse, console)
@@ -333,7 +338,7 @@ def print_summary(summary: PipelineSummary, console: Console) -> None:
         console.print(summary_table(summary))
         console.print("runs (use as --weights or predict MODEL):\n" + _run_lines(summary), highlight=False)
     console.print(
-        f"All runs are in MLflow experiment [bold]{summary.experiment}[/] under pipeline run {summary.run_id}.\n"
-        f"Open them side by side: `tlkit ui`, then http://127.0.0.1:5000 (store: {summary.tracking_uri}).",
+        f"All runs are in MLflow experiment {summary.experiment} under pipeline run {summary.run_id}.\n"
+        f"Open them side by side: `tlkit ui --experiment {summary.experiment}` prints the page (store: {summary.tracking_uri}).",
         highlight=False,
     )

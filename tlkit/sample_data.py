@@ -74,3 +74,87 @@ def write_digits(
             image.save(folder / f"{i:04d}.png")
         counts[str(digit)] = len(index)
     return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Real photographs: crops of the sample photos that scikit-image, scikit-learn and matplotlib ship.
+
+# class -> (package, file inside its data folder). Each is one real photograph of a surface or
+# material; a crop shows texture, not the whole scene.
+PHOTO_SOURCES = {
+    "brick": ("skimage", "brick.png"),
+    "grass": ("skimage", "grass.png"),
+    "gravel": ("skimage", "gravel.png"),
+    "moon": ("skimage", "moon.png"),
+    "stars": ("skimage", "hubble_deep_field.jpg"),
+    "tissue": ("skimage", "ihc.png"),
+    "print": ("skimage", "page.png"),
+    "fur": ("skimage", "chelsea.png"),
+}
+# Each photo is cut into vertical bands, one per split, so no crop of one split overlaps a crop of
+# another: test crops show parts of the photo that training never saw.
+PHOTO_BANDS = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}
+
+
+def _photo_path(package: str, name: str) -> Path:
+    import importlib.util
+
+    folder = {"skimage": "skimage.data", "sklearn": "sklearn.datasets.images"}[package]
+    spec = importlib.util.find_spec(folder.split(".")[0])
+    if spec is None:
+        extra = " (pip install 'tlkit[photos]')" if package == "skimage" else ""
+        raise TlkitError(f"the sample photos need the {package} package{extra}")
+    root = Path(list(spec.submodule_search_locations)[0])
+    path = root.joinpath(*folder.split(".")[1:], name)
+    if not path.exists():
+        raise TlkitError(f"{path} is missing from the installed {package}; reinstall it")
+    return path
+
+
+def crop_boxes(width: int, height: int, *, crop: int, counts: tuple[int, ...], rng: np.random.Generator) -> dict[str, list[tuple[int, int, int, int]]]:
+    """Random (left, top, right, bottom) crops per split, each inside its split's vertical band of the photo."""
+    boxes: dict[str, list[tuple[int, int, int, int]]] = {}
+    for (split, (lo, hi)), n in zip(PHOTO_BANDS.items(), counts):
+        left, right = int(lo * width), int(hi * width)
+        if right - left < crop or height < crop:
+            raise TlkitError(f"--crop {crop} does not fit the {split} band ({right - left} x {height} px) of a {width} x {height} photo; use a smaller --crop")
+        xs = rng.integers(left, right - crop + 1, size=n)
+        ys = rng.integers(0, height - crop + 1, size=n)
+        boxes[split] = [(int(x), int(y), int(x) + crop, int(y) + crop) for x, y in zip(xs, ys)]
+    return boxes
+
+
+def write_photos(
+    out: Path,
+    *,
+    crop: int = 64,
+    counts: tuple[int, int, int] = (12, 8, 20),
+    grey: bool = True,
+    seed: int = 0,
+) -> dict[str, dict[str, int]]:
+    """Write random crops of real photos as a pre-split tree `out/<split>/<class>/<n>.png`.
+
+    Args:
+        out: folder to write; files of the same name are replaced.
+        crop: side of each square crop in the photo's own pixels.
+        counts: crops per class for train, val and test.
+        grey: convert to greyscale, so that colour alone does not name the photo (several are grey).
+        seed: seed of the crop positions.
+
+    Returns:
+        Images written per split and class.
+    """
+    if crop < 8:
+        raise TlkitError(f"--crop must be at least 8 pixels, got {crop}")
+    rng = np.random.default_rng(seed)
+    written: dict[str, dict[str, int]] = {split: {} for split in PHOTO_BANDS}
+    for label, (package, name) in PHOTO_SOURCES.items():
+        with Image.open(_photo_path(package, name)) as photo:
+            image = photo.convert("L" if grey else "RGB")
+        for split, boxes in crop_boxes(*image.size, crop=crop, counts=counts, rng=rng).items():
+            folder = Path(out) / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, box in enumerate(boxes):
+                image.crop(box).save(folder / f"{i:03d}.png")
+            written[split][label] = len(boxes)
+    return written

@@ -8,6 +8,7 @@ CLI and pipelines call these, so a stage logs the same way wherever it runs.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import shutil
 import tempfile
@@ -19,11 +20,14 @@ from tlkit import bundle, tracking
 from tlkit.backbone import Backbone, create_backbone
 from tlkit.baseline import fit_baseline
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, SplitConfig, TrainConfig
-from tlkit.evaluate import close, confusion_figure
+from tlkit.evaluate import close, confusion_figure, curves_figure
 from tlkit.features import FeatureSet, extract_features, pixel_features
-from tlkit.finetune import train_classifier
+from tlkit.finetune import check_settings, train_batch_figure, train_classifier, with_batch_size
 from tlkit.ingest import Manifest, format_report, ingest
 from tlkit.predict import predict_images
+
+
+log = logging.getLogger("tlkit")
 
 
 @dataclass
@@ -37,12 +41,23 @@ class StageResult:
     details: dict = field(default_factory=dict)
 
 
-def load_data(data: str | Path | Manifest, split: SplitConfig | None = None) -> Manifest:
-    """A folder, CSV or manifest path (or a Manifest already in hand) -> Manifest."""
+def load_data(data: str | Path | Manifest, split: SplitConfig | None = None, *, warn: bool = True) -> Manifest:
+    """A folder, CSV or manifest path (or a Manifest already in hand) -> Manifest.
+
+    The report's warnings (empty class folders, huge images, leaks, imbalance) go to the `tlkit`
+    logger, so every command that reads data says them, not only `tlkit ingest`.
+    """
     if isinstance(data, Manifest):
         return data
     split = split or SplitConfig()
-    return ingest(data, val=split.val, test=split.test, seed=split.seed, shots=split.shots)
+    manifest = ingest(data, val=split.val, test=split.test, seed=split.seed, shots=split.shots)
+    if warn:
+        for warning in manifest.report.warnings:
+            log.warning(warning)
+        if manifest.report.skipped:
+            log.warning(f"{len(manifest.report.skipped)} file(s) skipped, e.g. {manifest.report.skipped[0][0]}: {manifest.report.skipped[0][1]} "
+                        "(`tlkit ingest` lists them all)")
+    return manifest
 
 
 def _log_data(manifest: Manifest) -> None:
@@ -57,6 +72,8 @@ def _log_data(manifest: Manifest) -> None:
         }
     )
     tracking.set_tags({"tlkit.data_fingerprint": manifest.fingerprint})
+    tracking.log_dataset(str(manifest.root), name=manifest.root.name, digest=manifest.fingerprint,
+                         profile={"classes": len(manifest.classes), **{f"n_{s}": n for s, n in counts.items()}})
     tracking.log_text(format_report(manifest, max_items=10_000), "data/report.txt")
 
 
@@ -73,10 +90,19 @@ def _log_backbone(backbone: Backbone) -> None:
     tracking.log_dict({k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()}, "data_config.json")
 
 
-def _log_confusion(y_true, y_pred, classes: list[str], split: str) -> None:
-    figure = confusion_figure(y_true, y_pred, classes, title=f"{split} split")
-    tracking.log_figure(figure, "plots/confusion_matrix.png")
+def _log_selection(heldout: str, chosen: dict[str, str]) -> None:
+    """Record which split the test_* metrics are on, and what chose each setting (never that split)."""
+    tracking.log_params({"heldout_split": heldout, **{f"selection.{k}": v for k, v in chosen.items()}})
+    tracking.set_tags({"tlkit.heldout_split": heldout})
+
+
+def _log_figure(figure, path: str) -> None:
+    tracking.log_figure(figure, path)
     close(figure)
+
+
+def _log_confusion(y_true, y_pred, classes: list[str], split: str) -> None:
+    _log_figure(confusion_figure(y_true, y_pred, classes, title=f"{split} split"), "plots/confusion_matrix.png")
 
 
 def make_backbone(config: BackboneConfig, *, tracking_uri: str | None = None) -> Backbone:
@@ -90,7 +116,7 @@ def make_backbone(config: BackboneConfig, *, tracking_uri: str | None = None) ->
 
 def run_ingest(data: str | Path, split: SplitConfig, *, out: Path | None = None, run_name: str | None = None) -> tuple[Manifest, Path, StageResult]:
     """Ingest `data`, write the manifest to `out`, and log the report as a run."""
-    manifest = load_data(data, split)
+    manifest = load_data(data, split, warn=False)  # the caller prints the whole report
     out = Path(out or f"{Path(data).resolve().name}.manifest.json")
     manifest.save(out)
     with tracking.start_run("ingest", run_name=run_name, params=split.model_dump()) as run_id:
@@ -168,10 +194,11 @@ def run_baseline(
         start = time.perf_counter()
         result = fit_baseline(features, classifier=classifier, seed=baseline.seed)
         fit_seconds = time.perf_counter() - start
-        tracking.log_params({"C": result.C, "C_selection": result.selection, "eval_split": result.eval_split, "feature_key": features.key})
+        tracking.log_params({"C": result.C, "feature_key": features.key})
+        _log_selection(result.heldout_split, {"C": result.selection})
         tracking.set_tags({"tlkit.cache_hit": str(features.cached)})
-        tracking.log_metrics({**result.metrics, "val_selection_accuracy": result.val_score, "fit_seconds": fit_seconds})
-        _log_confusion(result.y_true, result.y_pred, manifest.classes, result.eval_split)
+        tracking.log_metrics({**result.metrics, "selection_accuracy": result.selection_score, "fit_seconds": fit_seconds})
+        _log_confusion(result.y_true, result.y_pred, manifest.classes, result.heldout_split)
         saved = bundle.Bundle(
             kind="baseline",
             model_name=None if pixels else backbone.name,
@@ -185,7 +212,8 @@ def run_baseline(
         with tempfile.TemporaryDirectory() as tmp:
             folder = bundle.save_bundle(Path(tmp) / "bundle", saved, backbone=None if pixels else backbone.model, estimator=result.estimator)
             tracking.log_model(folder, bundle.ARTIFACT_PATH)
-    details = {"C": result.C, "cached": features.cached, "model": "pixels" if pixels else backbone.name}
+    details = {"C": result.C, "cached": features.cached, "model": "pixels" if pixels else backbone.name, "heldout_split": result.heldout_split,
+               "selection": result.selection}
     return StageResult("baseline", run_id, result.metrics, f"runs:/{run_id}", details)
 
 
@@ -200,7 +228,7 @@ def _resolve_auto_lr(manifest: Manifest, backbone: Backbone, train: TrainConfig,
     from tlkit.lr_find import find_lr
     from tlkit.runtime import resolve_precision
 
-    probe = train.model_copy(update={"lr": 1e-3})
+    probe = with_batch_size(train, manifest).model_copy(update={"lr": 1e-3})
     module = build_module(manifest, backbone, probe)
     loader, _ = train_loader(manifest, backbone, probe, num_workers=compute.num_workers)
     found = find_lr(module, loader, precision=resolve_precision(compute.precision))
@@ -243,20 +271,32 @@ def run_train(
     tracking_uri: str | None = None,
     resume: str | None = None,
     progress: bool = True,
+    probe: bool = True,
+    cache: Path | None = None,
 ) -> StageResult:
     """Train backbone + new head (kind 'pretrain' or 'finetune'); save the best epoch as the run's model.
 
     `resume` is the id of an interrupted run: training continues from its last checkpoint, into
-    the same MLflow run.
+    the same MLflow run. With `probe` (finetune of pretrained weights), the linear SVM on the same
+    backbone's frozen features is fitted first (from the feature cache when it has them) and its
+    held-out accuracy logged beside the fine-tune's as `probe_test_accuracy`, so a fine-tune that
+    does worse than its own linear probe is known, not hidden.
     """
     manifest = load_data(data, split)
     compute = compute or ComputeConfig()
     backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
+    check_settings(manifest, backbone, train)  # every setting's error before the run (and the store) exists
     with tracking.start_run(kind, run_name=run_name, params={"train": train.model_dump()}, run_id=resume) as run_id:
         _log_data(manifest)
         _log_backbone(backbone)
+        probe_result = None
+        if probe and kind == "finetune" and not backbone.weights.startswith("random"):
+            # before training: the backbone is trained in place
+            probe_result = fit_baseline(_features(manifest, backbone, compute, 0, cache), classifier="svm", seed=train.seed)
         if train.lr == "auto":
             train, found = _resolve_auto_lr(manifest, backbone, train, compute)
+        _log_figure(train_batch_figure(manifest, backbone.data_config, train.augment, hflip=train.hflip, seed=train.seed,
+                                       title=f"training images as the model sees them (augment: {Path(train.augment).name})"), "plots/train_batch.png")
         workdir = checkpoint_dir(run_id)
         result = train_classifier(
             manifest,
@@ -275,21 +315,27 @@ def run_train(
             tracking.log_params(
                 {
                     "precision": resolved["precision"],
-                    "eval_split": result.eval_split,
                     "lr_resolved": train.lr,
+                    "batch_size_resolved": resolved["batch_size"],
                     "layer_groups": resolved["groups"],
                     "group_lrs": [f"{lr:.3g}" for lr in resolved["group_lrs"]],
                     "phases": [f"{p['name']}@{p['start']}" for p in resolved["phases"]],
                 }
             )
+        _log_selection(result.heldout_split, resolved["selection"])
         tracking.log_dict(resolved["train_transform"], "augment/train_transform.json")
         summary = {"best_epoch": result.best_epoch if result.best_epoch is not None else -1, "epochs_run": result.epochs_run}
         if result.best_val_accuracy is not None:
             summary["best_val_accuracy"] = result.best_val_accuracy
-        if "probe_val_accuracy" in resolved:
-            summary["probe_val_accuracy"] = resolved["probe_val_accuracy"]
+        if "probe_selection_accuracy" in resolved:
+            summary["probe_selection_accuracy"] = resolved["probe_selection_accuracy"]
+        if probe_result is not None:
+            summary["probe_test_accuracy"] = probe_result.metrics["test_accuracy"]
         tracking.log_metrics({**result.metrics, **summary})
-        _log_confusion(result.y_true, result.y_pred, manifest.classes, result.eval_split)
+        _log_confusion(result.y_true, result.y_pred, manifest.classes, result.heldout_split)
+        history = {key: tracking.metric_steps(run_id, key) for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")}
+        phases = [(p["start"], p["name"]) for p in resolved["phases"]]
+        _log_figure(curves_figure(history, phases, title=f"{kind} {backbone.name}: {train.strategy}"), "plots/training_curves.png")
         saved = bundle.Bundle(
             kind=kind,
             model_name=backbone.name,
@@ -302,7 +348,8 @@ def run_train(
             folder = bundle.save_bundle(Path(tmp) / "bundle", saved, backbone=result.module.backbone, head=result.module.head)
             tracking.log_model(folder, bundle.ARTIFACT_PATH)
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the model is in the run; checkpoints only serve --resume
-    return StageResult(kind, run_id, result.metrics, f"runs:/{run_id}", {"best_epoch": result.best_epoch, **summary})
+    details = {"best_epoch": result.best_epoch, "heldout_split": result.heldout_split, **summary}
+    return StageResult(kind, run_id, result.metrics, f"runs:/{run_id}", details)
 
 
 def run_predict(

@@ -31,7 +31,13 @@ class Phase:
     lr_scale: float = 1.0
 
 
-def plan_phases(strategy: str, *, epochs: int, n_groups: int, freeze_epochs: int = 1, unfreeze_every: int = 1) -> list[Phase]:
+def default_freeze_epochs(epochs: int) -> int:
+    """freeze-unfreeze without --freeze-epochs: one head-only epoch, none when there is a single epoch
+    (it then trains everything; fastai's fine_tune(1) would add a second epoch instead)."""
+    return 1 if epochs > 1 else 0
+
+
+def plan_phases(strategy: str, *, epochs: int, n_groups: int, freeze_epochs: int | None = None, unfreeze_every: int = 1) -> list[Phase]:
     """The phases of `strategy` over `epochs` epochs for a body of `n_groups` layer groups."""
     if strategy not in STRATEGIES:
         raise TlkitError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -40,6 +46,10 @@ def plan_phases(strategy: str, *, epochs: int, n_groups: int, freeze_epochs: int
     if strategy in ("full", "lp-ft"):
         return [Phase(0, n_groups, "all")]
     if strategy == "freeze-unfreeze":
+        if freeze_epochs is None:
+            freeze_epochs = default_freeze_epochs(epochs)
+            if freeze_epochs == 0:
+                return [Phase(0, n_groups, "all", lr_scale=0.5)]
         if not 0 < freeze_epochs < epochs:
             raise TlkitError(f"--freeze-epochs must be at least 1 and below --epochs ({epochs}), got {freeze_epochs}")
         return [Phase(0, 0, "head"), Phase(freeze_epochs, n_groups, "all", lr_scale=0.5)]

@@ -1,0 +1,32 @@
+"""The shipped real-photo pipeline, in full (slow): ImageNet weights transfer to real photos, and tlkit's
+default fine-tune keeps what the backbone knows (it is not worse than its own linear probe)."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tlkit.pipeline import run_pipeline
+
+PHOTOS = Path(__file__).resolve().parents[1] / "pipelines" / "photos.yaml"
+
+
+@pytest.mark.slow
+def test_photos_methods_over_three_seeds(workdir, capsys):
+    pytest.importorskip("skimage")
+    start = time.perf_counter()
+    summary = run_pipeline(PHOTOS)
+    minutes = (time.perf_counter() - start) / 60
+    # one row per method; the sweep's rows are named by their strategy
+    rows = {e.label if e.label != "finetune" else f"finetune {e.settings['train.strategy']}": e for e in summary.leaderboard.entries}
+    with capsys.disabled():
+        print(f"\nphotos.yaml, {minutes:.1f} min\nmethod                      mean   std    seeds")
+        for label, e in rows.items():
+            print(f"{label:26s}  {e.mean:.3f}  {e.std:.3f}  " + ", ".join(f"{v:.3f}" for v in e.values))
+    mean = {label: e.mean for label, e in rows.items()}
+    probe = max(mean["imagenet + svm"], mean["imagenet + logreg"])
+    assert all(e.n == 3 for e in rows.values())
+    assert probe - mean["pixels + svm"] > 0.3  # ImageNet features transfer to these photos, by a wide margin
+    assert mean["default"] >= probe - 0.01  # the default fine-tune keeps what the backbone knows
+    assert mean["default"] > mean["previous default"]
+    assert minutes < 15
