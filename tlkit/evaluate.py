@@ -144,17 +144,20 @@ def curves_figure(history: dict[str, list[tuple[int, float]]], phases: list[tupl
     """Loss and accuracy per epoch (train and val), with a dashed line where each training phase starts."""
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
     for axis, kind in zip(axes, ("loss", "accuracy")):
+        plotted = False
         for split, style in (("train", "-"), ("val", "--")):
             points = history.get(f"{split}_{kind}") or []
             if points:
+                plotted = True
                 epochs, values = zip(*points)
                 axis.plot([e + 1 for e in epochs], values, style, marker=".", label=split)
-        for start, name in phases:
+        for start, name in phases:  # epoch `start` is plotted at start + 1: the phase begins just before it
             axis.axvline(start + 0.5, color="grey", linestyle=":", linewidth=1)
-            axis.annotate(name, (start + 0.6, 1.0), xycoords=("data", "axes fraction"), fontsize=7, va="top", color="grey")
+            axis.text(start + 0.6, 0.98, f"phase: {name}", transform=axis.get_xaxis_transform(), rotation=90, fontsize=7, va="top", color="grey")
         axis.set_xlabel("epoch")
         axis.set_ylabel(kind)
-        if axis.has_data():
+        axis.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        if plotted:
             axis.legend(fontsize=8)
     if title:
         figure.suptitle(title, fontsize=9)
