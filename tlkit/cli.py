@@ -212,7 +212,7 @@ def data_photos(
     grey: Annotated[bool, typer.Option("--grey/--colour", help="Greyscale, so colour alone does not name the photo.")] = True,
     seed: Seed = 0,
 ):
-    """Write crops of real photos (scikit-image's and scikit-learn's samples) as 8 texture classes, split by photo region."""
+    """Write crops of real photos (scikit-image's samples) as 8 texture classes, split by photo region."""
     from tlkit.sample_data import write_photos
 
     written = write_photos(out, crop=crop, counts=(train, val, test), grey=grey, seed=seed)
@@ -481,12 +481,12 @@ def _train(kind: str, data, model, pretrained, weights, img_size, val, test, see
         probe=probe,
     )
     d = result.details
-    kept = f"best epoch {d['best_epoch']}" if d["best_epoch"] is not None else f"last epoch ({d['epochs_run']})"
+    kept = f"best epoch {d['best_epoch']}" if d["best_epoch"] is not None else f"last of {d['epochs_run']} epochs"
     console.print(_metrics_table(f"{kind} ({train.strategy}): {kept}", result.metrics, d["heldout_split"]))
-    probe = d.get("probe_test_accuracy")
-    if probe is not None and probe > result.metrics["test_accuracy"]:
+    probe_score = d.get("probe_test_accuracy")
+    if probe_score is not None and probe_score > result.metrics["test_accuracy"]:
         console.print(
-            f"note: a linear SVM on this backbone's frozen features scores {probe:.4f} on the {d['heldout_split']} split, above this fine-tune's "
+            f"note: a linear SVM on this backbone's frozen features scores {probe_score:.4f} on the {d['heldout_split']} split, above this fine-tune's "
             f"{result.metrics['test_accuracy']:.4f}; `tlkit baseline` with the same data and weights gives you that model",
             highlight=False,
         )

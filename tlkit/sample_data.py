@@ -79,35 +79,32 @@ def write_digits(
 # ----------------------------------------------------------------------------------------------
 # Real photographs: crops of the sample photos that scikit-image, scikit-learn and matplotlib ship.
 
-# class -> (package, file inside its data folder). Each is one real photograph of a surface or
+# class -> file in scikit-image's data folder. Each is one real photograph of a surface or
 # material; a crop shows texture, not the whole scene.
 PHOTO_SOURCES = {
-    "brick": ("skimage", "brick.png"),
-    "grass": ("skimage", "grass.png"),
-    "gravel": ("skimage", "gravel.png"),
-    "moon": ("skimage", "moon.png"),
-    "stars": ("skimage", "hubble_deep_field.jpg"),
-    "tissue": ("skimage", "ihc.png"),
-    "print": ("skimage", "page.png"),
-    "fur": ("skimage", "chelsea.png"),
+    "brick": "brick.png",
+    "grass": "grass.png",
+    "gravel": "gravel.png",
+    "moon": "moon.png",
+    "stars": "hubble_deep_field.jpg",
+    "tissue": "ihc.png",
+    "print": "page.png",
+    "fur": "chelsea.png",
 }
 # Each photo is cut into vertical bands, one per split, so no crop of one split overlaps a crop of
 # another: test crops show parts of the photo that training never saw.
 PHOTO_BANDS = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}
 
 
-def _photo_path(package: str, name: str) -> Path:
+def _photo_path(name: str) -> Path:
     import importlib.util
 
-    folder = {"skimage": "skimage.data", "sklearn": "sklearn.datasets.images"}[package]
-    spec = importlib.util.find_spec(folder.split(".")[0])
+    spec = importlib.util.find_spec("skimage")
     if spec is None:
-        extra = " (pip install 'tlkit[photos]')" if package == "skimage" else ""
-        raise TlkitError(f"the sample photos need the {package} package{extra}")
-    root = Path(list(spec.submodule_search_locations)[0])
-    path = root.joinpath(*folder.split(".")[1:], name)
+        raise TlkitError("the sample photos need scikit-image: pip install 'tlkit[photos]'")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / name
     if not path.exists():
-        raise TlkitError(f"{path} is missing from the installed {package}; reinstall it")
+        raise TlkitError(f"{path} is missing from the installed scikit-image; reinstall it")
     return path
 
 
@@ -148,8 +145,8 @@ def write_photos(
         raise TlkitError(f"--crop must be at least 8 pixels, got {crop}")
     rng = np.random.default_rng(seed)
     written: dict[str, dict[str, int]] = {split: {} for split in PHOTO_BANDS}
-    for label, (package, name) in PHOTO_SOURCES.items():
-        with Image.open(_photo_path(package, name)) as photo:
+    for label, name in PHOTO_SOURCES.items():
+        with Image.open(_photo_path(name)) as photo:
             image = photo.convert("L" if grey else "RGB")
         for split, boxes in crop_boxes(*image.size, crop=crop, counts=counts, rng=rng).items():
             folder = Path(out) / split / label

@@ -348,7 +348,7 @@ def run_train(
             folder = bundle.save_bundle(Path(tmp) / "bundle", saved, backbone=result.module.backbone, head=result.module.head)
             tracking.log_model(folder, bundle.ARTIFACT_PATH)
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the model is in the run; checkpoints only serve --resume
-    details = {"best_epoch": result.best_epoch, "heldout_split": result.heldout_split, **summary}
+    details = {**summary, "best_epoch": result.best_epoch, "heldout_split": result.heldout_split}  # None, not -1, when no epoch was chosen
     return StageResult(kind, run_id, result.metrics, f"runs:/{run_id}", details)
 
 
