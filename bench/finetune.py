@@ -21,9 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tlkit import runtime
 from tlkit.backbone import create_backbone, layer_groups
-from tlkit.finetune import ImageClassifier, LatestCheckpoint, PhaseCallback
+from tlkit.finetune import ImageClassifier, LatestCheckpoint, MetricsCallback, PhaseCallback
 from tlkit.strategies import group_lrs, merge_groups, plan_phases
-from tlkit.tracking import MetricsCallback
 
 
 def make_module(backbone, classes: int, lr: float) -> ImageClassifier:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,12 @@ from tlkit.sample_data import write_digits
 runtime.quiet()
 
 TINY_MODEL = "test_resnet"  # timm's 0.4 M-parameter test network; pretrained=False everywhere
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_outside_the_checkout(tmp_path_factory):
+    """Tests that do not run in `workdir` keep tlkit's cache (ingest answers, features) in a temporary folder."""
+    os.environ["TLKIT_CACHE"] = str(tmp_path_factory.mktemp("tlkit-cache"))
 
 
 @pytest.fixture(scope="session")

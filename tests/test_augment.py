@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -43,3 +45,11 @@ def test_augment_only_yaml_gets_the_backbones_resize_and_normalisation(tmp_path)
     transform = augment.resolve_train_transform(CONFIG, str(tmp_path / "aug.yaml"))
     assert [type(t).__name__ for t in transform.transforms] == ["Affine", "Resize", "Normalize", "ToTensorV2"]
     assert augment.apply(transform, np.zeros((50, 40, 3), np.uint8)).shape == (3, 32, 32)
+
+
+def test_decode_side_covers_what_each_transform_reads():
+    config = {**CONFIG, "input_size": (3, 224, 224), "crop_pct": 0.875}
+    assert augment.decode_side(augment.eval_transform(config)) == augment.eval_side(config) == 256
+    light, heavy = (augment.decode_side(augment.train_transform(config, p)) for p in ("light", "heavy"))
+    assert 256 < light < heavy  # smaller random crops need more of the image
+    assert heavy == math.ceil(224 / math.sqrt(0.25 * 3 / 4))

@@ -76,3 +76,32 @@ def test_ctrl_c_names_the_run_and_the_command_that_resumes_it(tmp_path, digits_s
     assert len(lines) == 1 and lines[0].startswith("interrupted: run "), err
     run_id = lines[0].split()[2]
     assert lines[0].endswith(f"continue it with: tlkit finetune {digits_source} {' '.join(TRAIN)} --epochs 400 --strategy freeze-unfreeze --resume {run_id}")
+
+
+def imported_by(args, cwd: Path) -> set[str]:
+    """The heavy libraries a CLI command imports, run as a user runs it, in a fresh process."""
+    script = (
+        "import sys\n"
+        "from tlkit.cli import main\n"
+        f"sys.argv = ['tlkit', *{[str(a) for a in args]!r}]\n"
+        "try:\n    main()\nexcept SystemExit as stop:\n    assert not stop.code, stop.code\n"
+        "print('IMPORTED', *sorted(m for m in ('lightning', 'torchmetrics', 'torch', 'timm', 'albumentations', 'sklearn') if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"TLKIT_CACHE": str(cwd / "cache")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split("IMPORTED")[-1].split())
+
+
+def test_predict_and_a_cached_extract_import_only_what_they_need(tmp_path, digits_source):
+    """Lightning costs seconds to import: predict never needs it, and features from the cache need no model at all."""
+    extract = ["extract", digits_source, *TRAIN]
+    assert "lightning" in imported_by(extract, tmp_path)  # computed: the predict loop runs
+    assert imported_by(extract, tmp_path) == set()  # the cache, and the backbone's card: no torch, no timm
+    baseline = run(["baseline", digits_source, *TRAIN[:-2]], tmp_path)
+    assert baseline.returncode == 0, baseline.stderr
+    run_id = baseline.stdout.split("MLflow run ")[1].split()[0]
+    image = next(Path(digits_source).rglob("*.png"))
+    used = imported_by(["predict", f"runs:/{run_id}", image], tmp_path)
+    assert "torch" in used and not used & {"lightning", "torchmetrics"}
+    assert not imported_by(["ingest", digits_source, "--out", "m.json"], tmp_path) & {"lightning", "torch", "timm"}

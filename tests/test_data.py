@@ -33,3 +33,52 @@ def test_workers_do_not_repeat_each_others_draws():
     loader = make_loader(dataset, batch_size=2, shuffle=False, num_workers=2, seed=0)
     batches = [images for images, _, _ in loader]  # batches alternate between the two workers
     assert not torch.equal(batches[0], batches[1])
+
+
+def photo_files(folder, n=6):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        h, w = (480, 640) if i % 2 else (300, 200)
+        path = folder / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=85)
+        paths.append(path)
+    return paths
+
+
+def test_decoded_images_give_the_same_batches_as_decoding_every_epoch(tmp_path):
+    """In memory, on disk (memory budget 0) or not cached at all: bit-identical augmented batches."""
+    import hashlib
+
+    from tlkit.data import DecodedImages
+
+    paths = photo_files(tmp_path / "img")
+    transform = augment.ToTensor(augment.train_transform(CONFIG, "medium"))
+    side = transform.decode_side
+    assert side is not None and side < 300  # these JPEGs are decoded reduced
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    sizes = [Image_size(p) for p in paths]
+
+    def batches(decoded):
+        dataset = ImageDataset(paths, list(range(len(paths))), transform, decoded)
+        loader = make_loader(dataset, batch_size=3, shuffle=True, num_workers=0, seed=4)
+        return [torch.cat([images for images, _, _ in loader]) for _ in range(2)]
+
+    plain = batches(None)
+    in_memory = DecodedImages(paths, digests, sizes, side, memory_mb=100, cache=tmp_path / "cache")
+    on_disk = DecodedImages(paths, digests, sizes, side, memory_mb=0, cache=tmp_path / "cache")
+    assert in_memory.in_memory and not on_disk.in_memory and len(list((tmp_path / "cache").rglob("*.npy"))) == len(paths)
+    for cached in (in_memory, on_disk):
+        assert all(torch.equal(a, b) for a, b in zip(plain, batches(cached)))
+    again = DecodedImages(paths, digests, sizes, side, memory_mb=0, cache=tmp_path / "cache")  # a later run reads the files
+    assert all(torch.equal(a, b) for a, b in zip(plain, batches(again)))
+
+
+def Image_size(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size

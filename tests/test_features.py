@@ -17,7 +17,7 @@ def test_extract_caches_by_model_weights_and_data(workdir, digits_source, monkey
     def refuse(*args, **kwargs):
         raise AssertionError("the second identical call must read the cache")
 
-    monkeypatch.setattr(feats, "_run_predict", refuse)
+    monkeypatch.setattr("tlkit.extraction.run_predict", refuse)
     second = feats.extract_features(manifest, backbone, batch_size=32, num_workers=0, progress=False)
     assert second.cached and np.array_equal(second.X, first.X) and second.key == first.key
     other = create_backbone(TINY_MODEL, img_size=32, seed=9)

@@ -39,3 +39,27 @@ def test_bad_files_name_their_problem(awkward_images):
             inspect_image(awkward_images / name)
         reasons[name] = info.value.reason
     assert reasons == {"b/empty.png": "zero bytes", "b/notes.txt": "not an image", "a/truncated.jpg": "truncated"}
+
+
+@pytest.mark.parametrize("size", [(2400, 1600), (1600, 2400)])
+def test_large_jpegs_are_decoded_at_the_side_the_transform_reads(tmp_path, size):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
+    reduced = load_rgb(path, 300)
+    assert min(reduced.shape[:2]) == 300 and reduced.shape[1] / reduced.shape[0] == pytest.approx(size[0] / size[1], rel=0.01)
+    assert np.array_equal(load_rgb(path, 300), reduced)  # deterministic: a cache may stand in for it
+    small = tmp_path / "small.png"
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(small)
+    assert np.array_equal(load_rgb(small, 300), load_rgb(small))  # never enlarged
+
+
+def test_reduced_decode_keeps_the_picture(tmp_path):
+    """draft + resize gives the picture a full decode + resize gives (JPEG's DCT scaling is not a crop)."""
+    yy, xx = np.mgrid[0:1200, 0:1800]
+    picture = np.stack([(xx / 7) % 255, (yy / 5) % 255, ((xx + yy) / 9) % 255], -1).astype(np.uint8)
+    path = tmp_path / "smooth.jpg"
+    Image.fromarray(picture).save(path, quality=95)
+    fast = load_rgb(path, 200).astype(float)
+    full = np.asarray(Image.fromarray(load_rgb(path)).resize((fast.shape[1], fast.shape[0]), Image.Resampling.BICUBIC)).astype(float)
+    assert np.abs(fast - full).mean() < 3

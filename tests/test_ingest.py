@@ -1,7 +1,9 @@
 import csv
+import os
 import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from tlkit.errors import TlkitError
@@ -156,3 +158,42 @@ def test_a_really_huge_image_is_flagged_with_its_size(tmp_path, digits_source):
     manifest = ingest(root)
     assert manifest.report.large_images == [("0/huge.png", 8000, 7000)]
     assert "0/huge.png (8000 x 7000, 56 MP)" in format_report(manifest)
+
+
+def test_an_unchanged_folder_is_not_decoded_again_and_a_changed_file_is(tmp_path, digits_source, monkeypatch):
+    from tlkit import ingest as ingest_module
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_source, data)
+    checked = []
+    real = ingest_module._hash_and_inspect
+    monkeypatch.setattr(ingest_module, "_hash_and_inspect", lambda path: checked.append(path) or real(path))
+    cache = tmp_path / "cache"
+    first = ingest(data, cache=cache)
+    assert len(checked) == 90
+    checked.clear()
+    second = ingest(data, cache=cache)
+    assert checked == [] and second.fingerprint == first.fingerprint and second.records == first.records
+
+    changed = sorted((data / "5").iterdir())[0] if (data / "5").exists() else sorted(next(data.iterdir()).iterdir())[0]
+    from PIL import Image
+
+    Image.fromarray(255 - np.asarray(Image.open(changed))).save(changed)  # same size on disk or not: mtime moves
+    third = ingest(data, cache=cache)
+    assert checked == [str(changed)]
+    assert third.fingerprint != first.fingerprint
+    assert {r.path: r.sha256 for r in third.records}[str(changed.relative_to(data))] != {r.path: r.sha256 for r in first.records}[str(changed.relative_to(data))]
+    checked.clear()
+    os.utime(changed, ns=(1, 1))  # touched back in time, contents as they were: checked again, same answer
+    assert ingest(data, cache=cache).fingerprint == third.fingerprint and checked == [str(changed)]
+    checked.clear()
+    ingest(data, cache=False)
+    assert len(checked) == 90
+
+
+def test_a_damaged_ingest_cache_is_recomputed_not_trusted(tmp_path, digits_source):
+    cache = tmp_path / "cache"
+    first = ingest(digits_source, cache=cache)
+    for file in (cache / "ingest").glob("*.json"):
+        file.write_text("{not json")
+    assert ingest(digits_source, cache=cache).fingerprint == first.fingerprint

@@ -162,12 +162,12 @@ def test_changed_input_reruns_only_what_depends_on_it(tracked, tmp_path, digits_
 
 
 def test_ctrl_c_marks_every_open_run_killed(tracked, tmp_path, digits_target, monkeypatch):
-    import tlkit.stages
+    import tlkit.finetune
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tlkit.stages, "train_classifier", interrupted)
+    monkeypatch.setattr(tlkit.finetune, "train_classifier", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(sweep_pipeline(tmp_path, digits_target), experiment="killed")
     statuses = {r.info.run_name: r.info.status for r in _runs(tracked, "killed")}

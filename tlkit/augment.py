@@ -49,6 +49,31 @@ def _eval_geometry(data_config: dict) -> list:
     return [A.SmallestMaxSize(max_size=scale, interpolation=_interpolation(data_config)), A.CenterCrop(height=height, width=width)]
 
 
+def eval_side(data_config: dict) -> int:
+    """The shorter side the evaluation transform resizes to (size / crop_pct): images are decoded at that."""
+    height, width = _size(data_config)
+    return int(math.floor(min(height, width) / float(data_config.get("crop_pct") or 1.0)))
+
+
+def decode_side(transform: A.Compose) -> int | None:
+    """The shorter side an image needs for `transform` to read it at full detail, or None (decode it whole).
+
+    Known first steps only: SmallestMaxSize reads its own size; RandomResizedCrop's smallest crop
+    (area fraction scale[0], most elongated ratio) must still cover its output size, so the image
+    needs a shorter side of size / sqrt(scale[0] * ratio). Anything else first (a custom YAML with
+    other steps) keeps the whole image.
+    """
+    first = transform.transforms[0] if transform.transforms else None
+    if isinstance(first, A.SmallestMaxSize) and first.max_size is not None:
+        sizes = first.max_size if isinstance(first.max_size, (list, tuple)) else [first.max_size]
+        return int(max(sizes))
+    if isinstance(first, A.RandomResizedCrop):
+        height, width = first.size
+        ratio = min(first.ratio[0], 1 / first.ratio[1])
+        return int(math.ceil(max(height, width) / math.sqrt(first.scale[0] * ratio)))
+    return None
+
+
 def eval_transform(data_config: dict) -> A.Compose:
     """timm's evaluation preprocessing: resize the short side to size / crop_pct, centre crop."""
     return A.Compose([*_eval_geometry(data_config), *_normalize(data_config)])
@@ -136,6 +161,7 @@ class ToTensor:
 
     def __init__(self, transform: A.Compose):
         self.transform = transform
+        self.decode_side = decode_side(transform)  # images are decoded at this shorter side (images.load_rgb)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return apply(self.transform, image)

@@ -48,6 +48,13 @@ class Backbone:
     def num_features(self) -> int:
         return feature_width(self.model)
 
+    @property
+    def preprocessing(self) -> dict:
+        """The evaluation transform, serialised: part of every feature-cache key."""
+        from tlkit import augment
+
+        return augment.to_dict(augment.eval_transform(self.data_config))
+
 
 def feature_width(model: torch.nn.Module) -> int:
     """Width of what a timm model with num_classes=0 returns (pre-logits), per timm's contract."""

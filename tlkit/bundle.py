@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from tlkit import __version__
 from tlkit.errors import TlkitError
+
+if TYPE_CHECKING:
+    import torch
 
 BUNDLE_FILE = "tlkit-model.json"
 ARTIFACT_PATH = "model"
@@ -54,6 +54,8 @@ def save_bundle(
     head: torch.nn.Module | None = None,
     estimator: Any = None,
 ) -> Path:
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if backbone is not None:
@@ -84,6 +86,8 @@ def read_bundle(folder: Path) -> Bundle:
 
 
 def backbone_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     path = Path(folder) / "backbone.safetensors"
     if not path.exists():
         raise TlkitError(f"{folder} holds no backbone weights (a pixels baseline has none); use a run that trained or used a backbone")
@@ -91,6 +95,8 @@ def backbone_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def head_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     return load_file(str(Path(folder) / "head.safetensors"))
 
 

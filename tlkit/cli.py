@@ -119,7 +119,8 @@ TrackingUri = Annotated[Optional[str], typer.Option(envvar="MLFLOW_TRACKING_URI"
 Experiment = Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment name.")]
 ModelExperiment = Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment (default: the model run's).")]
 NetworkRef = Annotated[str, typer.Argument(help="runs:/RUN_ID of a finetune, pretrain or backbone baseline run.")]
-CacheDir = Annotated[Optional[Path], typer.Option(envvar="TLKIT_CACHE", help="Feature cache folder (default .tlkit/cache).")]
+CacheDir = Annotated[Optional[Path], typer.Option(envvar="TLKIT_CACHE", help="Cache folder for features and decoded images (default .tlkit/cache).")]
+ImageCache = Annotated[Optional[float], typer.Option(help="MB of memory for training images decoded once (default: a quarter of RAM, at most 8192); beyond it they go to the cache folder.")]
 
 
 def _devices(value: str):
@@ -150,10 +151,12 @@ def _backbone(model, pretrained, weights, img_size, seed):
     return BackboneConfig(model=model, pretrained=pretrained and weights is None, weights=weights, img_size=img_size, seed=seed)
 
 
-def _compute(devices, precision, batch_size, workers):
+def _compute(devices, precision, batch_size, workers, image_cache_mb=None):
     from tlkit.config import ComputeConfig
 
-    return ComputeConfig(devices=_devices(devices), precision=precision, batch_size=batch_size, num_workers=workers)
+    if image_cache_mb is not None and image_cache_mb < 0:
+        raise TlkitError(f"--image-cache-mb must be 0 or more (0: decoded images go to disk), got {image_cache_mb}")
+    return ComputeConfig(devices=_devices(devices), precision=precision, batch_size=batch_size, num_workers=workers, image_cache_mb=image_cache_mb)
 
 
 def _tracking(uri, experiment, model: str | None = None) -> None:
@@ -464,7 +467,7 @@ def _train_config(**options):
 
 
 def _train(kind: str, data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume,
-           probe: bool = False, **train_options):
+           probe: bool = False, image_cache_mb=None, cache_dir=None, **train_options):
     from tlkit.stages import run_train
 
     train = _train_config(seed=seed, **train_options)  # option errors before anything touches MLflow
@@ -475,10 +478,11 @@ def _train(kind: str, data, model, pretrained, weights, img_size, val, test, see
         _backbone(model, pretrained, weights, img_size, seed),
         train,
         split=_split(val, test, seed, shots),
-        compute=_compute(devices, precision, train.batch_size or 64, workers),
+        compute=_compute(devices, precision, train.batch_size or 64, workers, image_cache_mb),
         tracking_uri=tracking_uri,
         resume=resume,
         probe=probe,
+        cache=cache_dir,
     )
     d = result.details
     kept = f"best epoch {d['best_epoch']}" if d["best_epoch"] is not None else f"last of {d['epochs_run']} epochs"
@@ -526,13 +530,15 @@ def pretrain_command(
     devices: Devices = "auto",
     precision: Precision = "auto",
     workers: Workers = None,
+    image_cache_mb: ImageCache = None,
+    cache_dir: CacheDir = None,
     resume: Resume = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ):
     """Train a backbone end to end on a source dataset; reuse it later with --weights runs:/RUN_ID."""
     _train("pretrain", data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume,
-           epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
+           image_cache_mb=image_cache_mb, cache_dir=cache_dir, epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
            unfreeze_every=unfreeze_every, bn=bn, schedule=schedule, balance=balance, patience=patience, use_val=use_val, batch_size=batch_size,
            weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, hflip=hflip)
 
@@ -570,6 +576,8 @@ def finetune_command(
     devices: Devices = "auto",
     precision: Precision = "auto",
     workers: Workers = None,
+    image_cache_mb: ImageCache = None,
+    cache_dir: CacheDir = None,
     resume: Resume = None,
     probe: Annotated[bool, typer.Option("--probe/--no-probe", help="Also score a linear SVM on the frozen features (cached) and say if it beats the fine-tune.")] = True,
     tracking_uri: TrackingUri = None,
@@ -577,7 +585,7 @@ def finetune_command(
 ):
     """Fine-tune a backbone with a new head: discriminative learning rates and a freezing strategy."""
     _train("finetune", data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume, probe=probe,
-           epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
+           image_cache_mb=image_cache_mb, cache_dir=cache_dir, epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
            unfreeze_every=unfreeze_every, bn=bn, schedule=schedule, balance=balance, patience=patience, use_val=use_val, batch_size=batch_size,
            weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, hflip=hflip)
 

@@ -42,6 +42,9 @@ class ComputeConfig(Settings):
     precision: str = "auto"
     batch_size: int = Field(64, ge=1)
     num_workers: int | None = Field(None, ge=0)
+    image_cache_mb: float | None = Field(
+        None, ge=0, description="memory for decoded training images (default: a quarter of RAM, at most 8 GiB); the rest goes to disk"
+    )
 
 
 class TrainConfig(Settings):

@@ -2,7 +2,9 @@
 
 The cache key is (model, weights digest, preprocessing, precision, dataset fingerprint): change any
 of them and the features are recomputed; change nothing and the second call reads the file.
-Extraction runs through Lightning's predict loop, so `devices` spreads it over several GPUs.
+Extraction runs through Lightning's predict loop (tlkit.extraction), so `devices` spreads it over
+several GPUs. A cache hit imports neither torch nor timm: the backbone's identity comes from its card
+(tlkit.cards), and the model is built only when features must be computed.
 """
 
 from __future__ import annotations
@@ -13,24 +15,17 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
 import numpy as np
-import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 
-from tlkit import augment, runtime
-from tlkit.backbone import Backbone
-from tlkit.data import ImageDataset, make_loader
+from tlkit import runtime
+from tlkit.cache import cache_dir
 from tlkit.images import load_rgb
 from tlkit.ingest import Manifest
 
-CACHE_ENV = "TLKIT_CACHE"
-DEFAULT_CACHE = ".tlkit/cache"
-
-
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    return Path(path or os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+if TYPE_CHECKING:
+    from tlkit.backbone import Backbone
 
 
 @dataclass
@@ -83,58 +78,6 @@ def _save(path: Path, X: np.ndarray, manifest: Manifest) -> None:
     os.replace(handle.name, path)  # atomic: a concurrent reader sees the old file or the new one
 
 
-class _Extractor(L.LightningModule):
-    """Frozen backbone for Lightning's predict loop: channels-last, eval mode, inference mode."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model.eval().to(memory_format=torch.channels_last)
-
-    def predict_step(self, batch, batch_idx):
-        images, _, index = batch
-        features = self.model(images.contiguous(memory_format=torch.channels_last))
-        return index.cpu(), features.float().cpu()
-
-
-class _ShardWriter(BasePredictionWriter):
-    """With several devices each process writes its shard; the main process joins them."""
-
-    def __init__(self, folder: Path):
-        super().__init__(write_interval="epoch")
-        self.folder = folder
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
-        torch.save(predictions, self.folder / f"shard-{trainer.global_rank}.pt")
-
-
-def _run_predict(backbone: Backbone, loader, *, devices, precision: str, progress: bool) -> np.ndarray:
-    n = len(loader.dataset)
-    with tempfile.TemporaryDirectory(prefix="tlkit-extract-") as tmp:
-        # Several devices: spawned processes run only the predict loop and write shards to this
-        # folder; this process joins them and does everything else (cache, tracking) once.
-        trainer = runtime.build_trainer(
-            devices=devices,
-            precision=precision,
-            progress=progress,
-            root_dir=tmp,
-            enable_checkpointing=False,
-            inference_mode=True,
-            callbacks=[_ShardWriter(Path(tmp))],
-        )
-        with runtime.quiet_lightning():
-            trainer.predict(_Extractor(backbone.model), dataloaders=loader, return_predictions=False)
-        X = np.zeros((n, backbone.num_features), dtype=np.float32)
-        seen = np.zeros(n, dtype=bool)
-        for shard in Path(tmp).glob("shard-*.pt"):
-            for index, features in torch.load(shard, weights_only=True):
-                X[index.numpy()] = features.numpy()  # the sampler's padding repeats a few images: same values
-                seen[index.numpy()] = True
-        if not seen.all():
-            raise RuntimeError(f"feature extraction returned {seen.sum()} of {n} images")
-    backbone.model.to(memory_format=torch.contiguous_format)
-    return X
-
-
 def extract_features(
     manifest: Manifest,
     backbone: Backbone,
@@ -160,22 +103,32 @@ def extract_features(
         progress: show a progress bar.
     """
     precision = runtime.resolve_precision(precision)
-    transform = augment.eval_transform(backbone.data_config)
-    meta = {
-        "kind": "backbone",
-        "model": backbone.name,
-        "weights_digest": backbone.digest,
-        "transform": augment.to_dict(transform),
-        "precision": precision,
-        "data": manifest.fingerprint,
-    }
-    key = _key(meta)
+
+    def describe() -> tuple[str, dict]:
+        meta = {
+            "kind": "backbone",
+            "model": backbone.name,
+            "weights_digest": backbone.digest,
+            "transform": backbone.preprocessing,
+            "precision": precision,
+            "data": manifest.fingerprint,
+        }
+        return _key(meta), meta
+
+    key, meta = describe()
     path = cache_dir(cache) / "features" / f"{key}.npz"
     if use_cache and (found := _load_cached(path, manifest, key, meta)) is not None:
         return found
-    dataset = ImageDataset([manifest.abspath(r) for r in manifest.records], None, augment.ToTensor(transform))
+    from tlkit import augment
+    from tlkit.data import ImageDataset, make_loader
+    from tlkit.extraction import run_predict
+
+    model = backbone.model  # built here when `backbone` came from its card
+    key, meta = describe()  # the built model's own digest and preprocessing, should the card have been stale
+    path = cache_dir(cache) / "features" / f"{key}.npz"
+    dataset = ImageDataset([manifest.abspath(r) for r in manifest.records], None, augment.ToTensor(augment.eval_transform(backbone.data_config)))
     loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers)
-    X = _run_predict(backbone, loader, devices=devices, precision=precision, progress=progress)
+    X = run_predict(model, backbone.num_features, loader, devices=devices, precision=precision, progress=progress)
     _save(path, X, manifest)
     return FeatureSet(X, manifest.labels(), np.array([r.split for r in manifest.records]), manifest.classes, key, meta)
 

@@ -25,7 +25,7 @@ from torch.utils.data import WeightedRandomSampler
 from tlkit import augment, runtime
 from tlkit.backbone import Backbone, layer_groups
 from tlkit.config import TrainConfig
-from tlkit.data import ImageDataset, make_loader
+from tlkit.data import DecodedImages, ImageDataset, default_image_cache_mb, make_loader
 from tlkit.errors import TlkitError
 from tlkit.evaluate import classification_metrics
 from tlkit.ingest import Manifest
@@ -276,6 +276,32 @@ class PhaseCallback(L.Callback):
         module.log("phase", float(index), on_step=False, on_epoch=True, sync_dist=True)
 
 
+class MetricsCallback(L.Callback):
+    """Sends Lightning's epoch metrics (step = epoch) and each layer group's lr (step = optimizer step) to
+    an MLflow run, buffered and sent once per epoch (tracking.MetricsBuffer)."""
+
+    def __init__(self, run_id: str | None = None, tracking_uri: str | None = None):
+        from tlkit.tracking import MetricsBuffer
+
+        self.buffer = MetricsBuffer(run_id, tracking_uri)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:
+            return
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                if group.get("log"):
+                    self.buffer.add(f"lr.{group['name']}", float(group["lr"]), trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        for key, value in trainer.callback_metrics.items():
+            if value.numel() == 1:
+                self.buffer.add(key, float(value), trainer.current_epoch)
+        self.buffer.flush()
+
+
 class _LastPhaseEarlyStopping(EarlyStopping):
     """Early stopping that only counts epochs of the last phase (a frozen warm-up is not a plateau)."""
 
@@ -303,9 +329,16 @@ class TrainResult:
     settings: dict = field(default_factory=dict)
 
 
-def _dataset(manifest: Manifest, split: str, transform) -> ImageDataset:
+def _dataset(manifest: Manifest, split: str, transform, decoded: DecodedImages | None = None) -> ImageDataset:
     records = manifest.split(split)
-    return ImageDataset([manifest.abspath(r) for r in records], manifest.labels(records), augment.ToTensor(transform))
+    return ImageDataset([manifest.abspath(r) for r in records], manifest.labels(records), augment.ToTensor(transform), decoded)
+
+
+def decode_split(manifest: Manifest, split: str, transform, *, memory_mb: float, cache: Path | None = None) -> DecodedImages:
+    """The split's images decoded once at the side `transform` reads (see data.DecodedImages)."""
+    records = manifest.split(split)
+    return DecodedImages([manifest.abspath(r) for r in records], [r.sha256 for r in records], [(r.width, r.height) for r in records],
+                         augment.decode_side(transform), memory_mb=memory_mb, cache=cache)
 
 
 def build_module(manifest: Manifest, backbone: Backbone, settings: TrainConfig) -> ImageClassifier:
@@ -349,9 +382,12 @@ def with_batch_size(settings: TrainConfig, manifest: Manifest) -> TrainConfig:
     return settings.model_copy(update={"batch_size": max(8, min(DEFAULT_BATCH, n_train // MIN_STEPS_PER_EPOCH))})
 
 
-def train_loader(manifest: Manifest, backbone: Backbone, settings: TrainConfig, *, num_workers: int | None = None):
+def train_loader(manifest: Manifest, backbone: Backbone, settings: TrainConfig, *, num_workers: int | None = None,
+                 memory_mb: float | None = None, cache: Path | None = None):
+    """The shuffled, augmented training loader; with `memory_mb`, its images are decoded once (decode_split)."""
     transform = augment.resolve_train_transform(backbone.data_config, settings.augment, hflip=settings.hflip)
-    dataset = _dataset(manifest, "train", transform)
+    decoded = None if memory_mb is None else decode_split(manifest, "train", transform, memory_mb=memory_mb, cache=cache)
+    dataset = _dataset(manifest, "train", transform, decoded)
     # A last batch of one image breaks BatchNorm in training; drop the incomplete batch (reshuffled each epoch).
     drop_last = len(dataset) > settings.batch_size
     sampler = None
@@ -446,6 +482,8 @@ def train_classifier(
     devices: int | str | list = "auto",
     precision: str = "auto",
     num_workers: int | None = None,
+    image_cache_mb: float | None = None,
+    cache: Path | None = None,
     callbacks: list[L.Callback] | None = None,
     workdir: Path | None = None,
     resume: bool = False,
@@ -465,6 +503,9 @@ def train_classifier(
         devices: Lightning devices; several run as spawned DDP processes.
         precision: Lightning precision or "auto".
         num_workers: DataLoader workers (default: per machine, see data.default_workers).
+        image_cache_mb: memory for the train and val images, decoded once before the first epoch
+            (default: data.default_image_cache_mb); what does not fit goes to .npy files under `cache`.
+        cache: tlkit's cache folder (default: $TLKIT_CACHE or .tlkit/cache).
         callbacks: extra Lightning callbacks.
         workdir: where checkpoints go (`last.ckpt`, `best.ckpt`); a temporary folder by default.
         resume: continue from `workdir/last.ckpt`.
@@ -483,9 +524,16 @@ def train_classifier(
     L.seed_everything(settings.seed, workers=True, verbose=False)
     precision = runtime.resolve_precision(precision)
     module = module or build_module(manifest, backbone, settings)
-    loader, train_tf = train_loader(manifest, backbone, settings, num_workers=num_workers)
+    # Train and val are read every epoch: decode them once, at the size the transforms read.
+    budget = default_image_cache_mb() if image_cache_mb is None else image_cache_mb
+    loader, train_tf = train_loader(manifest, backbone, settings, num_workers=num_workers, memory_mb=budget, cache=cache)
+    train_images = loader.dataset.decoded
     eval_tf = augment.eval_transform(backbone.data_config)
-    val_loader = make_loader(_dataset(manifest, "val", eval_tf), batch_size=settings.batch_size * 2, num_workers=num_workers) if has_val else None
+    val_loader = None
+    if has_val:
+        left = budget - (train_images.nbytes / 2**20 if train_images is not None and train_images.in_memory else 0)
+        val_images = decode_split(manifest, "val", eval_tf, memory_mb=left, cache=cache)
+        val_loader = make_loader(_dataset(manifest, "val", eval_tf, val_images), batch_size=settings.batch_size * 2, num_workers=num_workers)
     probe = None
     if settings.strategy == "lp-ft" and not resume:
         probe = fit_linear_probe(module, manifest, backbone, precision=precision, num_workers=num_workers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -37,11 +38,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode `path` to an HxWx3 uint8 array, upright per its EXIF orientation."""
+def load_rgb(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
+    """Decode `path` to an HxWx3 uint8 array, upright per its EXIF orientation.
+
+    With `min_side`, an image whose shorter side is longer is reduced to exactly that shorter side
+    (aspect kept, Pillow's antialiased bicubic). A JPEG is then decoded at reduced size to begin with
+    (`Image.draft`: the decoder's own 1/2, 1/4, 1/8 scaling, never below the size asked for), so a
+    5 MP photo feeding a 224 px crop is not decoded whole. Smaller images are returned as they are.
+    """
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        return np.asarray(to_rgb(image))
+        if min_side is not None and min(image.size) > min_side:
+            scale = min_side / min(image.size)
+            image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
+        rgb = to_rgb(ImageOps.exif_transpose(image))
+    if min_side is not None and min(rgb.size) > min_side:
+        width, height = rgb.size
+        scale = min_side / min(width, height)
+        size = (min_side, max(min_side, round(height * scale))) if width <= height else (max(min_side, round(width * scale)), min_side)
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+    return np.asarray(rgb)
 
 
 def inspect_image(path: Path) -> tuple[int, int]:

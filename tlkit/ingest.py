@@ -223,6 +223,45 @@ def _hash_and_inspect(path: str) -> tuple[str, int, int] | str:
     return digest, size[0], size[1]
 
 
+def _check_files(root: Path, paths: list[str], *, workers: int, cache: str | os.PathLike | None | bool) -> list:
+    """`_hash_and_inspect` for every path, reusing the answers of an earlier ingest for unchanged files.
+
+    The answers are kept per dataset root in the cache folder, keyed by (absolute path, size, mtime,
+    ctime): any write, copy-over, touch or chmod of a file changes one of them, and only that file is
+    decoded and hashed again. `cache=False` checks everything and keeps nothing.
+    """
+    from tlkit.cache import cache_dir, read_json, write_json
+
+    store = None if cache is False else cache_dir(None if cache is True else cache) / "ingest" / f"{hashlib.sha256(str(root).encode()).hexdigest()[:20]}.json"
+    known = (read_json(store) or {}) if store is not None else {}
+    results: list = [None] * len(paths)
+    stamps: list = [None] * len(paths)
+    todo = []
+    for i, path in enumerate(paths):
+        key = os.path.abspath(path)
+        try:
+            st = os.stat(key)
+            stamps[i] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        except OSError:
+            pass
+        entry = known.get(key)
+        if entry is not None and stamps[i] is not None and entry[:3] == stamps[i]:
+            results[i] = entry[3] if isinstance(entry[3], str) else tuple(entry[3])
+        else:
+            todo.append(i)
+    if todo:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for i, result in zip(todo, pool.map(_hash_and_inspect, [paths[i] for i in todo])):
+                results[i] = result
+    if store is not None and (todo or len(known) != len(paths)):
+        fresh = {os.path.abspath(p): [*stamp, result] for p, stamp, result in zip(paths, stamps, results) if stamp is not None}
+        try:
+            write_json(store, fresh)
+        except OSError:  # a read-only or full cache folder: ingest still works, only slower next time
+            pass
+    return results
+
+
 def _split_counts(n: int, val: float, test: float) -> tuple[int, int]:
     """How many of `n` groups go to val and test; at least one always stays in train."""
     n_test = int(round(n * test))
@@ -333,6 +372,7 @@ def ingest(
     seed: int = 0,
     shots: int | None = None,
     workers: int = 8,
+    cache: str | os.PathLike | None | bool = None,
 ) -> Manifest:
     """Read a dataset, check every file, and return its Manifest.
 
@@ -344,6 +384,8 @@ def ingest(
         seed: seed of those splits.
         shots: label only this many images per class (train + val); the rest become test.
         workers: threads that decode and hash images.
+        cache: where earlier answers for unchanged files are kept (default: tlkit's cache folder);
+            False checks every file again.
 
     Raises:
         TlkitError: the source does not exist, holds no usable images, or has one class only.
@@ -369,8 +411,7 @@ def ingest(
     skipped: list[tuple[str, str]] = []
     root, rows, layout = _candidates(source, skipped)
     folders = _expected_classes(source, layout)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        checked = list(pool.map(_hash_and_inspect, [path for path, _, _ in rows]))
+    checked = _check_files(root, [path for path, _, _ in rows], workers=workers, cache=cache)
     good = []
     for (path, label, split), result in zip(rows, checked):
         if isinstance(result, str):

@@ -87,7 +87,8 @@ class LoadedModel:
 
     def pixels(self, paths: list[Path]) -> torch.Tensor:
         """Image files -> (N, 3, H, W) float in [0, 1], resized and cropped as in evaluation."""
-        return images_to_tensor([load_rgb(p) for p in paths], self.bundle.data_config)
+        side = augment.eval_side(self.bundle.data_config)
+        return images_to_tensor([load_rgb(p, side) for p in paths], self.bundle.data_config)
 
     def probs(self, scores: torch.Tensor) -> torch.Tensor:
         return torch.softmax(scores, dim=1) if self.probabilities else scores

@@ -53,10 +53,12 @@ def _model_run(ref: str) -> str:
 
 
 def _batches(paths: list[Path], loaded: LoadedModel):
+    from tlkit.augment import eval_side
     from tlkit.images import load_rgb
 
+    side = eval_side(loaded.bundle.data_config)
     for start in range(0, len(paths), BATCH):
-        yield start, images_to_tensor([load_rgb(p) for p in paths[start : start + BATCH]], loaded.bundle.data_config)
+        yield start, images_to_tensor([load_rgb(p, side) for p in paths[start : start + BATCH]], loaded.bundle.data_config)
 
 
 def _maps_for(loaded: LoadedModel, paths: list[Path], targets: list[int], method: str, titles: list[str], folder: Path,
@@ -178,10 +180,10 @@ def run_evaluate(
 
 
 def _log_top_losses(worst, paths, y_true, y_pred, scores, classes, score_name, data_config) -> None:
-    from tlkit.augment import eval_pixels
+    from tlkit.augment import eval_pixels, eval_side
     from tlkit.images import load_rgb
 
-    images = [eval_pixels(data_config, load_rgb(paths[i])) for i in worst]
+    images = [eval_pixels(data_config, load_rgb(paths[i], eval_side(data_config))) for i in worst]
     titles = [f"{classes[y_true[i]]} -> {classes[y_pred[i]]}\n{score_name[:4]}. {scores[i, y_pred[i]]:.2f}, true {scores[i, y_true[i]]:.2f}" for i in worst]
     figure = image_grid(images, titles, columns=min(4, max(1, len(images))), title="top losses (true -> predicted)")
     tracking.log_figure(figure, "plots/top_losses.png")

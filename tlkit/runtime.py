@@ -33,15 +33,55 @@ def tune_allocator() -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, _ONE_GIB) and libc.mallopt(_M_TRIM_THRESHOLD, _ONE_GIB))
 
 
+def _cpu_key() -> str | None:
+    """torch's version and this CPU's instruction-set flags: what oneDNN's bf16 answer depends on."""
+    import hashlib
+
+    from tlkit.cache import package_version
+
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return None
+    return f"bf16:{package_version('torch')}:{hashlib.sha256(flags.encode()).hexdigest()[:16]}" if flags else None
+
+
 @cache
 def cpu_supports_bf16() -> bool:
-    """True where oneDNN runs bf16 natively (AVX512-BF16 or AMX): autocast is then a speed-up."""
+    """True where oneDNN runs bf16 natively (AVX512-BF16 or AMX): autocast is then a speed-up.
+
+    The answer is remembered per CPU (its flags) and torch version in the cache folder, so a command
+    that finds its features cached need not import torch (1.5-2 s) to name the precision in their key.
+    """
+    from tlkit.cache import cache_dir, read_json, write_json
+
+    key, path = _cpu_key(), cache_dir() / "machine.json"
+    known = read_json(path) or {}
+    if key is not None and isinstance(known.get(key), bool):
+        return known[key]
     import torch
 
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
+        supported = False
+    if key is not None:
+        try:
+            write_json(path, {**known, key: supported})
+        except OSError:
+            pass
+    return supported
+
+
+def may_have_gpu(accelerator: str = "auto") -> bool:
+    """False only where no GPU can be visible: not asked for, or (Linux) no NVIDIA / AMD device nodes.
+    Told without importing torch; True means "ask torch"."""
+    if accelerator not in ("auto", "gpu", "cuda"):
         return False
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
@@ -52,6 +92,8 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     """
     if precision != "auto":
         return precision
+    if not may_have_gpu(accelerator):
+        return "bf16-mixed" if cpu_supports_bf16() else "32-true"
     import torch
 
     use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()

@@ -16,15 +16,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from tlkit import bundle, tracking
-from tlkit.backbone import Backbone, create_backbone
-from tlkit.baseline import fit_baseline
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, SplitConfig, TrainConfig
-from tlkit.evaluate import close, confusion_figure, curves_figure
-from tlkit.features import FeatureSet, extract_features, pixel_features
-from tlkit.finetune import check_settings, train_batch_figure, train_classifier, with_batch_size
 from tlkit.ingest import Manifest, format_report, ingest
-from tlkit.predict import predict_images
+
+if TYPE_CHECKING:
+    from tlkit.backbone import Backbone
+    from tlkit.features import FeatureSet
+
+# Each stage imports the heavy libraries it uses (timm, Lightning, scikit-learn, matplotlib) when it
+# runs: a command pays for its own imports only (Lightning alone takes 4 s), and a cached extract none.
 
 
 log = logging.getLogger("tlkit")
@@ -97,15 +100,26 @@ def _log_selection(heldout: str, chosen: dict[str, str]) -> None:
 
 
 def _log_figure(figure, path: str) -> None:
+    from tlkit.evaluate import close
+
     tracking.log_figure(figure, path)
     close(figure)
 
 
 def _log_confusion(y_true, y_pred, classes: list[str], split: str) -> None:
+    from tlkit.evaluate import confusion_figure
+
     _log_figure(confusion_figure(y_true, y_pred, classes, title=f"{split} split"), "plots/confusion_matrix.png")
 
 
-def make_backbone(config: BackboneConfig, *, tracking_uri: str | None = None) -> Backbone:
+def make_backbone(config: BackboneConfig, *, tracking_uri: str | None = None, lazy: bool = False, cache: Path | None = None) -> Backbone:
+    """The backbone of `config`; `lazy`: from its card when one exists (tlkit.cards), built on first use of `.model`."""
+    if lazy:
+        from tlkit.cards import backbone_for
+
+        return backbone_for(config, tracking_uri=tracking_uri, cache=cache)
+    from tlkit.backbone import create_backbone
+
     return create_backbone(
         config.model, pretrained=config.pretrained, weights=config.weights, img_size=config.img_size, seed=config.seed, tracking_uri=tracking_uri
     )
@@ -127,6 +141,8 @@ def run_ingest(data: str | Path, split: SplitConfig, *, out: Path | None = None,
 
 
 def _features(manifest: Manifest, backbone: Backbone | None, compute: ComputeConfig, pixel_size: int, cache: Path | None) -> FeatureSet:
+    from tlkit.features import extract_features, pixel_features
+
     if backbone is None:
         return pixel_features(manifest, size=pixel_size, cache=cache)
     return extract_features(
@@ -153,7 +169,7 @@ def run_extract(
     """Frozen features of every image, cached; the run records throughput and whether the cache hit."""
     manifest = load_data(data, split)
     compute = compute or ComputeConfig()
-    backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
+    backbone = make_backbone(backbone_config, tracking_uri=tracking_uri, lazy=True, cache=cache)
     with tracking.start_run("extract", run_name=run_name, params={"compute": compute.model_dump()}) as run_id:
         _log_data(manifest)
         _log_backbone(backbone)
@@ -181,7 +197,7 @@ def run_baseline(
     manifest = load_data(data, split)
     compute = compute or ComputeConfig()
     pixels = baseline.classifier == "pixels"
-    backbone = None if pixels else make_backbone(backbone_config, tracking_uri=tracking_uri)
+    backbone = None if pixels else make_backbone(backbone_config, tracking_uri=tracking_uri, lazy=True, cache=cache)
     classifier = "svm" if pixels else baseline.classifier
     params = {"classifier": classifier, "features": "pixels" if pixels else "backbone", "seed": baseline.seed}
     if pixels:
@@ -191,6 +207,8 @@ def run_baseline(
         if backbone is not None:
             _log_backbone(backbone)
         features = _features(manifest, backbone, compute, baseline.pixel_size, cache)
+        from tlkit.baseline import fit_baseline
+
         start = time.perf_counter()
         result = fit_baseline(features, classifier=classifier, seed=baseline.seed)
         fit_seconds = time.perf_counter() - start
@@ -224,7 +242,8 @@ def checkpoint_dir(run_id: str) -> Path:
 
 def _resolve_auto_lr(manifest: Manifest, backbone: Backbone, train: TrainConfig, compute: ComputeConfig) -> tuple[TrainConfig, object]:
     """--lr auto: sweep the rates (ratios kept), log the plot to the active run, return the suggested rate."""
-    from tlkit.finetune import build_module, train_loader
+    from tlkit.evaluate import close
+    from tlkit.finetune import build_module, train_loader, with_batch_size
     from tlkit.lr_find import find_lr
     from tlkit.runtime import resolve_precision
 
@@ -282,6 +301,10 @@ def run_train(
     held-out accuracy logged beside the fine-tune's as `probe_test_accuracy`, so a fine-tune that
     does worse than its own linear probe is known, not hidden.
     """
+    from tlkit.baseline import fit_baseline
+    from tlkit.evaluate import curves_figure
+    from tlkit.finetune import MetricsCallback, check_settings, train_batch_figure, train_classifier
+
     manifest = load_data(data, split)
     compute = compute or ComputeConfig()
     backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
@@ -305,7 +328,9 @@ def run_train(
             devices=compute.devices,
             precision=compute.precision,
             num_workers=compute.num_workers,
-            callbacks=[tracking.MetricsCallback(run_id)],
+            image_cache_mb=compute.image_cache_mb,
+            cache=cache,
+            callbacks=[MetricsCallback(run_id)],
             workdir=workdir,
             resume=resume is not None,
             progress=progress,
@@ -356,6 +381,8 @@ def run_predict(
     model: str, images: list[str], *, top_k: int = 1, out: Path | None = None, run_name: str | None = None, tracking_uri: str | None = None
 ) -> tuple[list[dict], list[tuple[str, str]], StageResult]:
     """Top-k classes per image from a saved model; the predictions CSV is logged as an artifact."""
+    from tlkit.predict import predict_images
+
     rows, skipped, predictor = predict_images(model, images, top_k=top_k, tracking_uri=tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(out) if out else Path(tmp) / "predictions.csv"

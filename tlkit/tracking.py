@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tqdm bars per download are noise
 
 import mlflow  # noqa: E402
@@ -484,42 +482,30 @@ def active_run_id() -> str | None:
     return run.info.run_id if run else None
 
 
-class MetricsCallback(L.Callback):
-    """Logs Lightning's epoch metrics (step = epoch) and each layer group's lr (step = optimizer step).
+class MetricsBuffer:
+    """Metrics for one run, buffered and sent in batches by explicit run id (MlflowClient).
 
-    Logs by explicit run id through MlflowClient, so it also works in processes that DDP spawns,
-    where no MLflow run is active. Learning rates are buffered and sent once per epoch.
+    By run id, so it also works in processes that DDP spawns, where no MLflow run is active. The
+    Lightning side (finetune.MetricsCallback) adds per-step learning rates and per-epoch metrics;
+    they are sent once per epoch, not per step.
     """
 
     def __init__(self, run_id: str | None = None, tracking_uri: str | None = None):
         self.run_id = run_id or active_run_id()
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
-        self._pending: list = []
+        self._pending: list[Metric] = []
 
-    def _send(self, metrics: list) -> None:
-        if self.run_id is None or not metrics:
+    def add(self, key: str, value: float, step: int) -> None:
+        self._pending.append(Metric(key, value, int(time.time() * 1000), step))
+
+    def flush(self) -> None:
+        if self.run_id is None or not self._pending:
+            self._pending.clear()
             return
         store = MlflowClient(self.tracking_uri)
-        for start in range(0, len(metrics), 1000):  # MLflow's batch limit
-            store.log_batch(self.run_id, metrics=metrics[start : start + 1000])
-        metrics.clear()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.is_global_zero:
-            return
-        now = int(time.time() * 1000)
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                if group.get("log"):
-                    self._pending.append(Metric(f"lr.{group['name']}", float(group["lr"]), now, trainer.global_step))
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        now = int(time.time() * 1000)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        self._pending += [Metric(k, v, now, trainer.current_epoch) for k, v in metrics.items()]
-        self._send(self._pending)
+        for start in range(0, len(self._pending), 1000):  # MLflow's batch limit
+            store.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
+        self._pending.clear()
 
 
 VIEW_KEY = "tlkit"  # the runs-table view tlkit stores on each experiment (the UI's own "share view" mechanism)
