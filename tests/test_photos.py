@@ -28,5 +28,4 @@ def test_photos_methods_over_three_seeds(workdir, capsys):
     assert all(e.n == 3 for e in rows.values())
     assert probe - mean["pixels + svm"] > 0.3  # ImageNet features transfer to these photos, by a wide margin
     assert mean["default"] >= probe - 0.01  # the default fine-tune keeps what the backbone knows
-    assert mean["default"] > mean["previous default"]
-    assert minutes < 15
+    assert minutes < 10

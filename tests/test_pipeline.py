@@ -202,7 +202,7 @@ def test_photos_pipeline_structure(tmp_path):
     stages = {s.id: s for s in config.stages}
     assert [stages[i].baseline.classifier for i in ("pixels + svm", "imagenet + svm", "imagenet + logreg")] == ["pixels", "svm", "logreg"]
     assert stages["default"].train.model_fields_set <= {"seed"}  # tlkit's defaults: only the seed is the point's
-    assert stages["previous default"].train.bn == "frozen" and stages["previous default"].train.batch_size == 32
+    assert "previous default" not in stages  # measured once (README); not worth its 2 minutes in every run
     assert {p.config.stages[-1].train.strategy for p in plan.points} == {"freeze-unfreeze", "lp-ft", "full", "gradual", "linear-probe"}
 
 

@@ -32,7 +32,7 @@ C_GRID = {"svm": np.logspace(-2, 3, 6), "logreg": np.logspace(-4, 2, 7)}
 def build_classifier(kind: str, *, seed: int = 0) -> Pipeline:
     """The unfitted sklearn pipeline for `kind` (svm or logreg)."""
     if kind == "svm":
-        return Pipeline([("normalize", Normalizer(norm="l2")), ("clf", LinearSVC(C=1.0, max_iter=5000, random_state=seed))])
+        return Pipeline([("normalize", Normalizer(norm="l2")), ("clf", LinearSVC(C=1.0, dual=False, max_iter=5000, random_state=seed))])
     if kind == "logreg":
         return Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(C=1.0, max_iter=2000))])
     raise TlkitError(f"unknown classifier {kind!r}; choose one of {', '.join(CLASSIFIERS)} or pixels")
