@@ -86,6 +86,8 @@ def _interrupted_message() -> str:
         if "--resume" in argv:  # resuming again: keep the id that was given
             return f"interrupted: run {run_id} is marked KILLED in MLflow; continue it with: {shlex.join(['tlkit', *argv])}"
         return f"interrupted: run {run_id} is marked KILLED in MLflow; continue it with: {shlex.join(['tlkit', *argv, '--resume', run_id])}"
+    if command == "tune":
+        return f"interrupted: study run {run_id} and its open trial are marked KILLED; the same command resumes the study: {shlex.join(['tlkit', *argv])}"
     if command == "run":
         return f"interrupted: pipeline run {run_id} and its open runs are marked KILLED; run the same command again and finished stages are reused: {shlex.join(['tlkit', *argv])}"
     return f"interrupted: run {run_id} is marked KILLED in MLflow"
@@ -628,6 +630,81 @@ def lr_find_command(
     )
     console.print(f"suggested head learning rate: {result.metrics['suggested_lr']:.3g}  (plot: plots/lr_find.png in the run)")
     _run_footer(result.run_id, model=False)
+
+
+@app.command("tune")
+@command
+def tune_command(
+    data: DataArg,
+    model: Model = None,
+    pretrained: Pretrained = True,
+    weights: Weights = None,
+    img_size: ImgSize = None,
+    trials: Annotated[Optional[int], typer.Option(help="Trials in the study, over all workers (default 15; with --budget alone: as many as fit).")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="Start no trial after this long, e.g. 30m, 2h, 90s (running trials finish).")] = None,
+    space: Annotated[Optional[Path], typer.Option(help="Search space YAML (default: head lr, lr_mult, strategy, epochs, freeze_epochs, augment, label smoothing, BatchNorm).")] = None,
+    study: Annotated[Optional[str], typer.Option(help="Study name (default: derived from data, model, space and seed, so the same command resumes it).")] = None,
+    storage: Annotated[Optional[str], typer.Option(envvar="TLKIT_TUNE_STORAGE", help="Optuna storage URL, e.g. postgresql://user:pw@host/db to share the study between workers (default: sqlite optuna.db beside mlflow.db).")] = None,
+    selection: Annotated[float, typer.Option(help="Without a test split: share of each class's training images that scores trials (val is then held out).")] = 0.2,
+    val: Val = 0.15,
+    test: Test = 0.15,
+    seed: Seed = 0,
+    shots: Shots = None,
+    devices: Devices = "auto",
+    precision: Precision = "auto",
+    workers: Workers = None,
+    image_cache_mb: ImageCache = None,
+    cache_dir: CacheDir = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Search fine-tuning recipes (Optuna TPE, pruning), retrain the best and score it on held-out data."""
+    from tlkit.config import TrainConfig, parse_duration
+    from tlkit.space import load_space
+
+    if trials is not None and trials < 1:
+        raise TlkitError(f"--trials must be at least 1, got {trials}")
+    if not 0 < selection < 1:
+        raise TlkitError(f"--selection must be between 0 and 1 (a share of train), got {selection}")
+    budget_s = parse_duration(budget) if budget is not None else None
+    if trials is None and budget_s is None:
+        trials = 15
+    search = load_space(space)  # every error of the space file before anything runs
+    backbone = _backbone(model, pretrained, weights, img_size, seed)
+    _tracking(tracking_uri, experiment)
+    from tlkit.tune import run_tune
+
+    def line(t) -> None:
+        of = f"/{t.total}" if t.total else ""
+        shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        if t.state == "PRUNED":
+            how = f"pruned after epoch {t.epochs}/{t.max_epochs}, selection score {t.value:.4f}"
+        else:
+            how = f"selection accuracy {t.accuracy:.4f}"
+        console.print(f"trial {t.number} [{t.done}{of}]: {how}  ({t.seconds:.0f} s)  {shown}", highlight=False, soft_wrap=True)
+
+    outcome = run_tune(data, backbone, search, base=TrainConfig(seed=seed), trials=trials, budget_s=budget_s, study=study, storage=storage,
+                       selection_fraction=selection, split=_split(val, test, seed, shots),
+                       compute=_compute(devices, precision, 64, workers, image_cache_mb), cache=cache_dir, tracking_uri=tracking_uri,
+                       data_label=data, report=line)
+    counts = outcome.trials
+    console.print(f"study {outcome.study} ({outcome.storage}): {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed",
+                  highlight=False)
+    if outcome.best_params is not None:
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in outcome.best_params.items())
+        console.print(f"best: trial {outcome.best_trial}, selection score {outcome.best_value:.4f}: {shown}", highlight=False, soft_wrap=True)
+    if outcome.final is None:
+        console.print(f"not retrained here: {outcome.waiting}", highlight=False)
+        _run_footer(outcome.parent_run_id, model=False)
+        return
+    final = outcome.final
+    console.print(_metrics_table("best recipe, retrained", final.metrics, final.details.get("heldout_split", "test")))
+    probe = final.details.get("probe_test_accuracy")
+    if probe is not None:
+        console.print(f"the frozen probe (linear SVM) on the same split: {probe:.4f}", highlight=False)
+    console.print(f"reproduce it: {outcome.command}", highlight=False, soft_wrap=True)
+    console.print(Text("MLflow study run ") + Text(outcome.parent_run_id, style="bold") + Text(f"  (model: runs:/{final.run_id}; browse with `tlkit ui`)"),
+                  highlight=False)
 
 
 @app.command("predict")

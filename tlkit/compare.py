@@ -24,6 +24,7 @@ from tlkit.evaluate import close, plt
 DERIVED = {
     "data.fingerprint", "data.n_train", "data.n_val", "data.n_test", "weights_digest", "feature_key", "C", "C_selection",
     "lr_resolved", "batch_size_resolved", "group_lrs", "heldout_split", "selection.C", "selection.epoch", "selection.probe_C", "phases", "layer_groups", "precision", "num_features", "data.source",
+    "study", "storage", "space_source", "selection.recipe",
 }
 LOWER_IS_BETTER = ("loss", "error", "ece", "seconds")
 
@@ -69,7 +70,7 @@ class Leaderboard:
 
 
 def _is_setting(key: str) -> bool:
-    return key not in DERIVED and not key.endswith("seed") and not key.startswith("sweep.")
+    return key not in DERIVED and not key.endswith("seed") and not key.startswith(("sweep.", "best."))
 
 
 def _settings(run: tracking.RunRecord, names: dict[str, str]) -> dict[str, str]:
@@ -94,8 +95,8 @@ def build_leaderboard(runs: list[tracking.RunRecord], metric: str, history: Call
     groups: dict[tuple, Entry] = {}
     origins: dict[tuple, set[str]] = {}
     for run in runs:
-        if metric not in run.metrics or run.status != "FINISHED":
-            continue
+        if metric not in run.metrics or run.status != "FINISHED" or run.tags.get("tlkit.role") == "tune-final":
+            continue  # a tune's retrained recipe is shown by its study's run
         label = run.tags.get("tlkit.stage_id", run.name)
         settings = _settings(run, names)
         key = (label, tuple(sorted(settings.items())))

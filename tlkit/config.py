@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -83,6 +84,25 @@ class TrainConfig(Settings):
             raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs}), leaving at least one epoch "
                              "that trains everything; lower freeze_epochs or raise epochs")
         return self
+
+
+def parse_duration(text: str | int | float) -> float:
+    """'30m', '2h', '90s', '1h30m' or a number of minutes -> seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text) * 60
+    else:
+        match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", str(text))
+        plain = re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", str(text))
+        if plain:
+            seconds = float(text) * 60
+        elif match and any(match.groups()):
+            h, m, s = (float(g) if g else 0.0 for g in match.groups())
+            seconds = h * 3600 + m * 60 + s
+        else:
+            raise TlkitError(f"budget {text!r} is not a duration; write e.g. 30m, 2h, 1h30m or 90s")
+    if seconds <= 0:
+        raise TlkitError(f"budget {text!r} must be more than zero")
+    return seconds
 
 
 class BaselineConfig(Settings):
@@ -167,6 +187,30 @@ class BaselineStage(_Stage):
     baseline: BaselineConfig = BaselineConfig()
 
 
+class TuneStage(_Stage):
+    """Search fine-tuning recipes (as `tlkit tune`); the best recipe, retrained, is the stage's model."""
+
+    stage: Literal["tune"]
+    trials: int | None = Field(15, ge=1, description="trials in the study (null: as many as the budget allows)")
+    budget: str | float | None = Field(None, description="start no trial after this long: 30m, 2h, 90s (a number: minutes)")
+    space: str | dict | None = Field(None, description="search space file (relative to the pipeline file) or an inline mapping; default: tlkit's")
+    train: TrainConfig = TrainConfig()  # settings the space does not name; its seed seeds the study
+    selection: float = Field(0.2, gt=0, lt=1, description="without a test split: share of train that scores trials")
+    study: str | None = Field(None, description="Optuna study name (default: derived from the stage's inputs)")
+    storage: str | None = Field(None, description="Optuna storage URL (default: optuna.db beside mlflow.db)")
+
+    @model_validator(mode="after")
+    def _budgeted(self) -> TuneStage:
+        if self.trials is None and self.budget is None:
+            raise ValueError("give trials, budget, or both")
+        if self.budget is not None:
+            try:
+                parse_duration(self.budget)
+            except TlkitError as err:
+                raise ValueError(str(err)) from None
+        return self
+
+
 class ExtractStage(_Stage):
     stage: Literal["extract"]
 
@@ -197,9 +241,9 @@ class PredictStage(Settings):
 
 
 Stage = Annotated[
-    Union[PretrainStage, FinetuneStage, BaselineStage, ExtractStage, EvaluateStage, PredictStage], Field(discriminator="stage")
+    Union[PretrainStage, FinetuneStage, TuneStage, BaselineStage, ExtractStage, EvaluateStage, PredictStage], Field(discriminator="stage")
 ]
-MODEL_STAGES = ("pretrain", "finetune", "baseline")  # stages whose run saves a model that later stages may use
+MODEL_STAGES = ("pretrain", "finetune", "tune", "baseline")  # stages whose run saves a model that later stages may use
 
 
 class PipelineConfig(Settings):
@@ -225,7 +269,7 @@ class PipelineConfig(Settings):
             if isinstance(stage, (EvaluateStage, PredictStage)):
                 ref = stage.model
                 if not ref.startswith("runs:/") and seen.get(ref) not in MODEL_STAGES:
-                    raise ValueError(f"{where}: model {ref!r} is neither an earlier pretrain, finetune or baseline stage id nor a runs:/ URI")
+                    raise ValueError(f"{where}: model {ref!r} is neither an earlier pretrain, finetune, tune or baseline stage id nor a runs:/ URI")
             else:
                 weights = stage.weights
                 if weights and not weights.startswith(("runs:/", "pkg:")) and not Path(weights).suffix and weights not in seen:
@@ -244,7 +288,7 @@ def _explain(error: ValidationError, model: type[BaseModel]) -> str:
         key = str(first["loc"][-1])
         known: set[str] = set()
         for cls in (PipelineConfig, DatasetConfig, DigitsConfig, BackboneConfig, ComputeConfig, TrainConfig, BaselineConfig,
-                    PretrainStage, FinetuneStage, BaselineStage, EvaluateStage, PredictStage):
+                    PretrainStage, FinetuneStage, TuneStage, BaselineStage, EvaluateStage, PredictStage):
             known |= set(cls.model_fields)
         close = difflib.get_close_matches(key, sorted(known), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""

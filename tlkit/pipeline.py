@@ -28,6 +28,7 @@ from rich.text import Text
 
 from tlkit import __version__, tracking
 from tlkit.compare import Leaderboard, compare, leaderboard_table
+from tlkit.errors import TlkitError
 from tlkit.config import (
     MODEL_STAGES,
     BackboneConfig,
@@ -36,6 +37,7 @@ from tlkit.config import (
     ExtractStage,
     PipelineConfig,
     PredictStage,
+    TuneStage,
     _Stage,
 )
 from tlkit.ingest import Manifest
@@ -117,7 +119,18 @@ def _resolve_files(config: PipelineConfig, base: Path) -> PipelineConfig:
         train = getattr(stage, "train", None)
         if train is not None and train.augment.endswith((".yaml", ".yml")):
             train.augment = local(train.augment)
+        if isinstance(stage, TuneStage) and isinstance(stage.space, str):
+            stage.space = local(stage.space)
     return config
+
+
+def _space(stage: TuneStage, base: Path):
+    """A tune stage's search space, validated (a file's path is already absolute, see _resolve_files)."""
+    from tlkit.space import load_space, parse_space
+
+    if isinstance(stage.space, dict):
+        return parse_space(stage.space, f"stages {stage.id} space", base)
+    return load_space(stage.space)
 
 
 def _file_digest(path: str) -> str:
@@ -144,6 +157,8 @@ def stage_key(stage, manifest: Manifest | None, backbone: BackboneConfig | None,
     train = getattr(stage, "train", None)
     if train is not None and train.augment.endswith((".yaml", ".yml")):
         payload["augment_file"] = _file_digest(train.augment)
+    if isinstance(stage, TuneStage) and isinstance(stage.space, str):
+        payload["space_file"] = _file_digest(stage.space)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -190,6 +205,10 @@ def run_pipeline(
     plan = plan_pipeline(path, overrides)
     base_dir = Path(path).resolve().parent
     points = [replace(p, config=_resolve_files(p.config, base_dir)) for p in plan.points]
+    for point in points:  # search spaces are checked with the file: a typo fails before any run
+        for stage in point.config.stages:
+            if isinstance(stage, TuneStage):
+                _space(stage, base_dir)
     experiment = experiment or plan.base.experiment or plan.base.name
     tracking.configure(tracking_uri, experiment)
     manifests: dict[str, Manifest] = {}
@@ -254,13 +273,41 @@ def _run_or_reuse(stage, config: PipelineConfig, outputs: dict[str, str], manife
     model = outputs.get(stage.model, stage.model) if isinstance(stage, EvaluateStage) else None
     key = stage_key(stage, manifest, backbone, model, config)
     if reuse:
-        found = tracking.find_finished_run("tlkit.stage_key", key, tracking_uri=tracking_uri)
+        found = tracking.find_finished_run("tlkit.stage_key", key, stage=stage.stage, tracking_uri=tracking_uri)
         if found is not None:
             run_id = tracking.record_reuse(found, stage=stage.stage, run_name=stage.id)
-            model_uri = f"{tracking.RUNS_PREFIX}{found.run_id}" if stage.stage in MODEL_STAGES else None
+            holder = found.tags.get("tlkit.final_run", found.run_id)  # a tune's model is in its retrained-recipe run
+            model_uri = f"{tracking.RUNS_PREFIX}{holder}" if stage.stage in MODEL_STAGES else None
             return StageResult(stage.stage, run_id, dict(found.metrics), model_uri, {"reused_from": found.run_id}), found.run_id
     with tracking.tagging({"tlkit.stage_key": key}):
+        if isinstance(stage, TuneStage):
+            return _run_tune(stage, manifest, backbone, config, key if reuse else f"{key}-{time.time_ns()}", tracking_uri, console), None
         return _run_stage(stage, manifest, backbone, model, config, tracking_uri), None
+
+
+def _run_tune(stage: TuneStage, manifest: Manifest, backbone: BackboneConfig, config: PipelineConfig, key: str, tracking_uri: str | None,
+              console: Console) -> StageResult:
+    """A tune stage: the whole study in this process, then the retrained best recipe is the stage's model.
+
+    The study is named by the stage's inputs, so a pipeline interrupted during a tune resumes the study
+    when run again (with --fresh, a new study)."""
+    from tlkit.config import parse_duration
+    from tlkit.tune import run_tune
+
+    def line(t) -> None:
+        how = f"pruned after epoch {t.epochs}/{t.max_epochs}" if t.state == "PRUNED" else f"selection accuracy {t.accuracy:.4f}"
+        console.print(f"  trial {t.number} [{t.done}{'/' + str(t.total) if t.total else ''}]: {how} ({t.seconds:.0f} s)", highlight=False)
+
+    outcome = run_tune(manifest, backbone, _space(stage, Path.cwd()), base=stage.train, trials=stage.trials,
+                       budget_s=parse_duration(stage.budget) if stage.budget is not None else None, study=stage.study or f"{config.name}.{stage.id}.{key}",
+                       storage=stage.storage, selection_fraction=stage.selection, compute=config.compute, run_name=stage.id,
+                       tracking_uri=tracking_uri, data_label=str(manifest.root), report=line, progress=False)
+    if outcome.final is None:
+        raise TlkitError(f"stage {stage.id}: {outcome.waiting}; a pipeline's tune stage needs the retrained recipe (run extra workers with `tlkit tune --study {outcome.study}`)")
+    final = outcome.final
+    console.print(f"  best recipe (trial {outcome.best_trial}): {outcome.command}", highlight=False, soft_wrap=True)
+    details = {"final_run": final.run_id, "study": outcome.study, "best_params": outcome.best_params, "trials": outcome.trials}
+    return StageResult("tune", outcome.parent_run_id, dict(final.metrics), final.model_uri, details)
 
 
 def _run_stage(stage, manifest: Manifest, backbone: BackboneConfig | None, model: str | None, config: PipelineConfig,

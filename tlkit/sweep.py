@@ -25,7 +25,7 @@ import yaml
 from tlkit.config import PipelineConfig, read_pipeline, validate_pipeline
 from tlkit.errors import TlkitError
 
-SEEDED_SECTIONS = {"pretrain": "train", "finetune": "train", "baseline": "baseline"}
+SEEDED_SECTIONS = {"pretrain": "train", "finetune": "train", "tune": "train", "baseline": "baseline"}
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

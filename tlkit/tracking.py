@@ -234,6 +234,13 @@ def set_tags(tags: Mapping[str, str]) -> None:
     mlflow.set_tags(dict(tags))
 
 
+def set_run_tags(run_id: str, tags: Mapping[str, str], *, tracking_uri: str | None = None) -> None:
+    """Tag any run by id, finished or not (e.g. the best trial of a study)."""
+    store = client(tracking_uri)
+    for key, value in tags.items():
+        store.set_tag(run_id, key, str(value))
+
+
 class _ImageFolder(mlflow.data.meta_dataset.MetaDataset):
     """An image dataset as MLflow sees it: a name, tlkit's fingerprint as digest, its splits as profile."""
 
@@ -435,10 +442,12 @@ def search_runs(experiment_ids: list[str], *, filter_string: str = "", tracking_
             return records
 
 
-def find_finished_run(tag: str, value: str, *, tracking_uri: str | None = None) -> RunRecord | None:
-    """The newest finished run of the active experiment carrying tag=value, followed to its origin."""
+def find_finished_run(tag: str, value: str, *, stage: str | None = None, tracking_uri: str | None = None) -> RunRecord | None:
+    """The newest finished run of the active experiment carrying tag=value (and, given `stage`, of that
+    stage: a tune's trials carry its tags too), followed to its origin."""
     experiment = mlflow.active_run().info.experiment_id if mlflow.active_run() else _ensure_experiment()
-    found = search_runs([experiment], filter_string=f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'", tracking_uri=tracking_uri)
+    query = f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'" + (f" and tags.`tlkit.stage` = '{stage}'" if stage else "")
+    found = search_runs([experiment], filter_string=query, tracking_uri=tracking_uri)
     if not found:
         return None
     origin = found[0].origin_id

@@ -1,0 +1,206 @@
+"""tlkit tune: honest selection splits, pruning, MLflow parent/child runs, Ctrl-C and resume, the pipeline stage."""
+
+from __future__ import annotations
+
+import sys
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import TINY_MODEL
+from tlkit import tracking
+from tlkit.backbone import create_backbone
+from tlkit.cli import app
+from tlkit.config import BackboneConfig, SplitConfig, TrainConfig
+from tlkit.errors import TlkitError
+from tlkit.finetune import train_classifier
+from tlkit.ingest import ingest
+from tlkit.space import parse_space
+from tlkit import tune
+
+SPACE = {"lr": {"low": 2e-3, "high": 2e-2, "log": True}, "epochs": [2, 3], "strategy": ["full", "freeze-unfreeze"], "freeze_epochs": 1,
+         "augment": "none", "hflip": False}
+BACKBONE = BackboneConfig(model=TINY_MODEL, img_size=32)
+
+
+def _paths(manifest, *splits):
+    return {r.path for r in manifest.records if r.split in splits}
+
+
+def test_with_a_test_split_trials_get_train_and_val_only(digits_target):
+    manifest = ingest(digits_target, val=0.2, test=0.3, seed=0)
+    splits = tune.tune_splits(manifest)
+    assert splits.heldout == "test" and splits.final_use_val == "train"
+    assert not _paths(splits.trials, "test") and not (_paths(splits.trials, "train", "val") & _paths(manifest, "test"))
+    assert _paths(splits.trials, "val") == _paths(manifest, "val")
+    assert splits.trials.fingerprint != manifest.fingerprint  # a different set of images
+
+
+def test_with_train_and_val_only_the_selection_split_comes_out_of_train(digits_target):
+    manifest = ingest(digits_target, val=0.3, test=0.0, seed=0)
+    splits = tune.tune_splits(manifest, fraction=0.2, seed=1)
+    assert splits.heldout == "val" and splits.final_use_val == "select" and splits.final is manifest
+    trial_paths = _paths(splits.trials, "train", "val", "test")
+    assert not (trial_paths & _paths(manifest, "val"))  # the held-out val images are not in the trials' data at all
+    assert trial_paths == _paths(manifest, "train")
+    selection = splits.trials.split("val")
+    per_class = {label: sum(r.label == label for r in selection) for label in manifest.classes}
+    n_train = {label: sum(r.label == label for r in manifest.split("train")) for label in manifest.classes}
+    assert all(per_class[c] == round(0.2 * n_train[c]) for c in manifest.classes), per_class
+
+
+def test_a_dataset_without_a_heldout_split_is_refused(digits_target):
+    manifest = ingest(digits_target, val=0.0, test=0.0, seed=0)
+    with pytest.raises(TlkitError, match="needs a held-out split"):
+        tune.tune_splits(manifest)
+
+
+def test_a_hopeless_trial_is_pruned_before_its_schedule_ends(digits_target):
+    """Three finished trials scored 0.9 at every step; a trial that cannot learn (lr ~ 0) stops early."""
+    study = optuna.create_study(direction="maximize", pruner=tune._pruner())
+    for _ in range(3):
+        study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values={step: 0.9 for step in range(1, 101)}))
+    manifest = tune.tune_splits(ingest(digits_target, val=0.2, test=0.3, seed=0)).trials
+    backbone = create_backbone(TINY_MODEL, pretrained=False, img_size=32)
+    pruning = tune.PruningCallback(study.ask())
+    settings = TrainConfig(epochs=8, lr=1e-9, strategy="full", augment="none", hflip=False)
+    result = train_classifier(manifest, backbone, settings, callbacks=[pruning], progress=False, precision="32-true")
+    assert pruning.pruned_at is not None and pruning.pruned_at < 8
+    assert result.epochs_run == pruning.pruned_at  # training stopped at that epoch's end
+
+
+def _tune(data, tmp_path, **kwargs):
+    options = dict(trials=3, split=SplitConfig(val=0.2, test=0.3), compute=None, storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                   base=TrainConfig(seed=0), progress=False)
+    options.update(kwargs)
+    return tune.run_tune(data, BACKBONE, parse_space(SPACE), **options)
+
+
+def test_trials_never_see_the_heldout_split_and_the_best_is_retrained_once(tracked, digits_target, tmp_path, monkeypatch):
+    seen = []
+    real = train_classifier
+
+    def spy(manifest, *args, **kwargs):
+        seen.append(manifest)
+        return real(manifest, *args, **kwargs)
+
+    monkeypatch.setattr("tlkit.finetune.train_classifier", spy)
+    outcome = _tune(digits_target, tmp_path)
+    heldout = _paths(ingest(digits_target, val=0.2, test=0.3, seed=0), "test")
+    trials, final = seen[:-1], seen[-1]
+    assert len(trials) == 3 and all(not (_paths(m, "train", "val", "test") & heldout) for m in trials)
+    assert _paths(final, "test") == heldout  # the retrain is scored on the held-out split ...
+    assert outcome.final is not None and outcome.trials["COMPLETE"] + outcome.trials["PRUNED"] == 3
+
+    runs = {r.info.run_id: r for r in tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])}
+    parent = runs[outcome.parent_run_id]
+    children = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trial_runs = [r for r in children if r.data.tags["tlkit.stage"] == "trial"]
+    assert len(trial_runs) == 3 and all(r.info.status == "FINISHED" for r in trial_runs)
+    assert all(len(tracked.get_metric_history(r.info.run_id, "val_accuracy")) == int(r.data.metrics["epochs_run"]) for r in trial_runs)  # the curve
+    assert all("test_accuracy" not in r.data.metrics for r in trial_runs)  # trials have no held-out figure
+    assert sum(r.data.tags.get("tlkit.best_trial") == "true" for r in trial_runs) == 1
+    finals = [r for r in children if r.data.tags.get("tlkit.role") == "tune-final"]
+    assert len(finals) == 1 and finals[0].info.run_id == outcome.final.run_id
+    assert parent.data.metrics["test_accuracy"] == finals[0].data.metrics["test_accuracy"]
+    assert parent.data.params["heldout_split"] == "test" and "val split" in parent.data.params["selection.recipe"]
+    artifacts = {a.path for a in tracked.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/param_importances.png"} <= artifacts
+    assert "--use-val train" in outcome.command and "--no-hflip" in outcome.command
+
+    # the same call again: the study is complete, nothing is trained or logged twice
+    seen.clear()
+    again = _tune(digits_target, tmp_path)
+    assert not seen and again.final.run_id == outcome.final.run_id and again.parent_run_id == outcome.parent_run_id
+
+    from tlkit.compare import compare
+
+    board, _ = compare(experiment="tests", out=tmp_path / "compare")
+    assert [e.label for e in board.entries] == [parent.info.run_name]  # the study is one row; its retrain is not counted twice
+
+
+class _CtrlC(tune.PruningCallback):
+    """Presses Ctrl-C during trial 1's first epoch (Lightning turns it into SystemExit, as on a real terminal)."""
+
+    def on_train_batch_end(self, trainer, *args):
+        if self.trial.number == 1:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_marks_open_runs_killed_and_the_same_command_resumes(tracked, digits_target, tmp_path, monkeypatch, runner):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    argv = ["tune", str(digits_target), "--model", TINY_MODEL, "--no-pretrained", "--img-size", "32", "--space", str(space), "--trials", "3",
+            "--val", "0.2", "--test", "0.3", "--experiment", "tests"]
+    monkeypatch.setattr(tune, "PruningCallback", _CtrlC)
+    monkeypatch.setattr(sys, "argv", ["tlkit", *argv])  # the resume hint repeats the command line
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 130, result.output
+    assert "the same command resumes the study" in result.output
+    storage = tune.open_storage(tune.default_storage())
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+    runs = tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status["trial 0"] == "FINISHED" and status["trial 1"] == "KILLED" and status[summary.study_name] == "KILLED"
+
+    monkeypatch.setattr(tune, "PruningCallback", _CtrlC.__mro__[1])
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]  # trial 0 kept, the failed one redone
+    runs = tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("tlkit.stage") == "tune"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # one study, one parent run, continued
+    assert "reproduce it: tlkit finetune" in result.output
+
+
+def test_a_study_started_with_other_inputs_is_refused(tracked, digits_target, tmp_path):
+    _tune(digits_target, tmp_path, trials=1, study="shared")
+    with pytest.raises(TlkitError, match="was started with other space"):
+        tune.run_tune(digits_target, BACKBONE, parse_space({**SPACE, "epochs": [2]}), trials=1, study="shared", split=SplitConfig(val=0.2, test=0.3),
+                      storage=f"sqlite:///{tmp_path / 'optuna.db'}", progress=False)
+
+
+def test_an_unreachable_storage_is_a_one_line_error_in_seconds():
+    with pytest.raises(TlkitError, match=r"cannot open Optuna storage postgresql://tlkit:\*\*\*@127.0.0.1:9/none"):
+        tune.open_storage("postgresql://tlkit:secret@127.0.0.1:9/none")
+
+
+def test_the_cli_checks_its_options_before_anything_runs(runner, workdir, digits_target):
+    result = runner.invoke(app, ["tune", str(digits_target), "--model", TINY_MODEL, "--budget", "soon"])
+    assert result.exit_code == 1 and "is not a duration" in result.output
+    bad = workdir / "space.yaml"
+    bad.write_text("lr_mul: [1, 2]\n")
+    result = runner.invoke(app, ["tune", str(digits_target), "--model", TINY_MODEL, "--space", str(bad)])
+    assert result.exit_code == 1 and "did you mean 'lr_mult'" in result.output
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "optuna.db").exists()
+
+
+def test_a_pipeline_tune_stage_feeds_later_stages_and_is_reused(workdir, digits_target, tmp_path):
+    from tlkit.pipeline import run_pipeline
+
+    pipeline = workdir / "tune.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "name": "tune-test",
+        "datasets": {"d": {"path": str(digits_target), "val": 0.2, "test": 0.3}},
+        "backbone": {"model": TINY_MODEL, "img_size": 32},
+        "stages": [
+            {"id": "tuned", "stage": "tune", "data": "d", "trials": 2, "space": SPACE},
+            {"id": "scored", "stage": "evaluate", "model": "tuned", "data": "d"},
+        ],
+    }))
+    summary = run_pipeline(pipeline)
+    rows = {row.id: row for row in summary.rows}
+    assert rows["tuned"].metrics["test_accuracy"] >= 0 and "test_accuracy" in rows["scored"].metrics
+    again = run_pipeline(pipeline)
+    assert {row.id: row.reused_from for row in again.rows}["tuned"] == rows["tuned"].run_id
+
+    broken = yaml.safe_load(pipeline.read_text())
+    broken["stages"][0]["space"] = {"lr_mul": [1, 2]}
+    pipeline.write_text(yaml.safe_dump(broken))
+    with pytest.raises(TlkitError, match="unknown setting 'lr_mul'"):
+        run_pipeline(pipeline)
