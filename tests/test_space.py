@@ -94,3 +94,23 @@ def test_a_missing_or_broken_space_file_is_one_line(tmp_path):
     bad.write_text("lr: [0.1\n")
     with pytest.raises(TlkitError, match="not valid YAML"):
         load_space(bad)
+
+
+def test_the_written_out_default_space_is_the_default():
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "spaces" / "default.yaml"
+    assert yaml.safe_load(path.read_text()) == DEFAULT_SPACE
+    assert load_space(path).digest == parse_space(None).digest
+
+
+def test_the_base_recipe_is_the_first_trial_when_the_space_contains_it():
+    defaults = parse_space(None).defaults(TrainConfig())
+    assert defaults == {"lr": 1e-3, "lr_mult": 3.0, "strategy": "freeze-unfreeze", "epochs": 20, "freeze_epochs": 1, "augment": "light",
+                        "label_smoothing": 0.0, "bn": "keep-stats"}
+    assert settings_for(defaults, TrainConfig()) == TrainConfig(freeze_epochs=1)  # exactly `tlkit finetune` with no training flags
+    assert parse_space({"lr": {"low": 1e-2, "high": 1e-1}}).defaults(TrainConfig()) == {}  # 1e-3 is outside: no start point
+    assert parse_space({"lr": [0.006, 0.01], "strategy": ["full", "gradual"]}).defaults(TrainConfig(lr=0.006, strategy="gradual")) == {
+        "lr": 0.006, "strategy": "gradual"}

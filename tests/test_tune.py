@@ -204,3 +204,24 @@ def test_a_pipeline_tune_stage_feeds_later_stages_and_is_reused(workdir, digits_
     pipeline.write_text(yaml.safe_dump(broken))
     with pytest.raises(TlkitError, match="unknown setting 'lr_mul'"):
         run_pipeline(pipeline)
+
+
+def test_shipped_tune_pipelines_name_valid_spaces():
+    from pathlib import Path
+
+    from tlkit.config import TuneStage, load_pipeline
+    from tlkit.pipeline import _resolve_files, _space
+
+    folder = Path(__file__).resolve().parents[1] / "pipelines"
+    stages = [s for path in folder.glob("tune-*.yaml") for s in _resolve_files(load_pipeline(path), folder).stages if isinstance(s, TuneStage)]
+    assert len(stages) == 2 and all(stage.trials == 15 for stage in stages)
+    assert all(_space(stage, folder).searched() for stage in stages)
+
+
+def test_trial_0_is_the_base_recipe(tracked, digits_target, tmp_path):
+    space = parse_space({"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "epochs": [2, 3], "augment": "none", "hflip": False})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    outcome = tune.run_tune(digits_target, BACKBONE, space, base=TrainConfig(epochs=2, augment="none", hflip=False), trials=1,
+                            split=SplitConfig(val=0.2, test=0.3), storage=storage, progress=False)
+    (first,) = optuna.load_study(study_name=outcome.study, storage=storage).trials
+    assert first.params == {"lr": 1e-3, "epochs": 2} and first.user_attrs["default_recipe"]

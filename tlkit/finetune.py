@@ -36,7 +36,7 @@ DEFAULT_BATCH = 32
 MIN_STEPS_PER_EPOCH = 8  # the default batch shrinks (to 8 at least) so that a small training set still makes this many steps
 MONITOR = "val_score"  # val accuracy, ties broken by lower val loss (see ImageClassifier.on_validation_epoch_end)
 MIN_SCHEDULED_STEPS = 8
-CHECKPOINT_EVERY_S = 30.0  # last.ckpt (for --resume) at most this often, besides phase ends and the last epoch
+CHECKPOINT_EVERY_S = 30.0  # last.ckpt (for --resume) at most this often, besides phase ends
 SCHEDULES = ("onecycle", "cosine", "constant")
 BN_POLICIES = ("frozen", "train", "keep-stats")
 BALANCE = ("none", "weights", "sampler")
@@ -247,9 +247,11 @@ def adamw(groups: list[dict]) -> torch.optim.AdamW:
 
 
 class LatestCheckpoint(L.Callback):
-    """Writes last.ckpt for --resume: at the end of every phase and of training, otherwise at most every
+    """Writes last.ckpt for --resume: at the end of every phase but the last, otherwise at most every
     `every_s` seconds. A resnet18 checkpoint with its optimizer state takes about 0.27 s to write; saved
-    every epoch, the quickstart's 40 short epochs spent a quarter of their time writing them."""
+    every epoch, the quickstart's 40 short epochs spent a quarter of their time writing them. Not at the
+    end of training: the weights are in memory then, and the finished run is logged with its model
+    (that last write was 4 % of `bench/finetune.py`'s tlkit side)."""
 
     def __init__(self, path: Path, every_s: float | None = None):
         self.path = Path(path)
@@ -258,7 +260,9 @@ class LatestCheckpoint(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: ImageClassifier) -> None:
         done = trainer.current_epoch + 1
-        boundary = done >= trainer.max_epochs or trainer.should_stop or any(p.start == done for p in module.phases)
+        if done >= trainer.max_epochs or trainer.should_stop:
+            return
+        boundary = any(p.start == done for p in module.phases)
         due = time.monotonic() - self._saved_at >= self.every_s
         if trainer.strategy.broadcast(bool(boundary or due), src=0):  # every DDP rank decides alike
             trainer.save_checkpoint(self.path, weights_only=False)  # the optimizer state too: --resume continues the schedule
@@ -542,7 +546,9 @@ def train_classifier(
     last = workdir / "last.ckpt"
     if resume and not last.exists():
         raise TlkitError(f"nothing to resume: {last} does not exist (the run saved no epoch yet, or ran on another machine)")
-    best = ModelCheckpoint(dirpath=workdir, filename="best", monitor=MONITOR, mode="max", save_top_k=1, enable_version_counter=False)
+    # The best epoch's weights only (a third of a checkpoint with AdamW's state): it is read for nothing else.
+    best = ModelCheckpoint(dirpath=workdir, filename="best", monitor=MONITOR, mode="max", save_top_k=1, enable_version_counter=False,
+                           save_weights_only=True)
     latest = LatestCheckpoint(workdir / "last.ckpt")  # Lightning's save_last refreshes it only with a new best
     extra: list[L.Callback] = [*([best] if selects else []), latest, PhaseCallback(), *(callbacks or [])]
     if settings.patience is not None:
@@ -562,12 +568,13 @@ def train_classifier(
         # tlkit's own checkpoints hold tensors, numbers and strings only: read them with weights_only=True
         trainer.fit(module, loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True if resume else None)
 
-    best_path = workdir / "best.ckpt" if selects else last
-    state = torch.load(best_path, map_location="cpu", weights_only=True)
-    module.load_state_dict(state["state_dict"])
+    epochs_run = trainer.current_epoch  # epochs completed, a resumed run's earlier ones included
+    best_epoch = None
+    if selects:  # else the module holds the last epoch's weights already
+        state = torch.load(workdir / "best.ckpt", map_location="cpu", weights_only=True)
+        module.load_state_dict(state["state_dict"])
+        best_epoch = int(state["epoch"])
     module.apply_phase(len(module.phases) - 1)
-    latest = state if best_path == last else torch.load(last, map_location="cpu", weights_only=True)
-    epochs_run = int(latest["epoch"]) + 1
     heldout = manifest.eval_split
     eval_loader = make_loader(_dataset(manifest, heldout, eval_tf), batch_size=settings.batch_size * 2, num_workers=num_workers)
     y_true = manifest.labels(manifest.split(heldout))
@@ -584,7 +591,7 @@ def train_classifier(
         resolved["probe_selection_accuracy"], resolved["selection"]["probe_C"] = probe
     return TrainResult(
         module=module,
-        best_epoch=int(state["epoch"]) if selects else None,
+        best_epoch=best_epoch,
         best_val_accuracy=best_val,
         metrics=metrics,
         heldout_split=heldout,

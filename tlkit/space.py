@@ -83,6 +83,23 @@ class SearchSpace:
     def searched(self) -> list[str]:
         return [d.name for d in self.dimensions if not d.fixed]
 
+    def defaults(self, base: TrainConfig) -> dict[str, Any]:
+        """The searched settings' values in `base` (tlkit's defaults, or a pipeline stage's `train:`) when the space
+        contains all of them: a study's first trial, so a tune never ends below that recipe on its selection split."""
+        strategy = base.strategy
+        values: dict[str, Any] = {}
+        for dim in self.dimensions:
+            if dim.fixed or (dim.name in ONLY_FOR and strategy != ONLY_FOR[dim.name]):
+                continue
+            value = getattr(base, dim.name)
+            if dim.name == "freeze_epochs" and value is None:
+                value = 1  # what freeze-unfreeze does when it is not set
+            inside = value in dim.choices if dim.choices is not None else value is not None and dim.low <= value <= dim.high
+            if not inside:
+                return {}  # the default is outside the space: nothing to start from
+            values[dim.name] = value
+        return values
+
     def sample(self, trial) -> dict[str, Any]:
         """One trial's settings; strategy-specific ones only where they apply."""
         values: dict[str, Any] = {}

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import shlex
+import socket
 import tempfile
 import time
 import warnings
@@ -51,7 +53,8 @@ SELECTION_FRACTION = 0.2  # of each class's training images, when the data has n
 HEARTBEAT_S = 30  # a worker's running trial is refreshed this often ...
 GRACE_S = 120  # ... and failed by the next worker after this long without news (a crashed process)
 PRUNE_WARMUP_PCT = 30  # no trial is pruned before 30 % of its schedule: onecycle warms up for 25 %
-FINAL = "#final"  # suffix of the one-trial study whose trial is the retraining of the best recipe
+FINAL = "#final"
+STORAGE_ATTEMPTS = 5  # suffix of the one-trial study whose trial is the retraining of the best recipe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,18 +136,29 @@ def shown_url(url: str) -> str:
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage with heartbeats (a crashed worker's trial is failed, not left running forever)."""
     kwargs: dict = {}
+    shown = shown_url(url)  # as the user wrote it, without the password
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") and not importlib.util.find_spec("psycopg2"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]  # the driver tlkit[postgres] installs, whatever SQLAlchemy's default
     if url.startswith("postgresql"):
         kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable server is an error in seconds, not a hang
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": 60}  # several local workers take turns writing
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        for attempt in range(STORAGE_ATTEMPTS):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            except Exception as err:
+                # Workers started together on a new database race to create Optuna's tables ("duplicate key value
+                # violates unique constraint", seen in tests/test_tune_postgres.py): the loser finds them made.
+                if attempt + 1 == STORAGE_ATTEMPTS or not any(word in str(err) for word in ("duplicate key", "already exists", "UniqueViolation")):
+                    raise
+                time.sleep(1.0 + attempt)
     except ModuleNotFoundError as err:
-        raise TlkitError(f"storage {shown_url(url)} needs the Python package {err.name!r}; pip install 'tlkit[postgres]' (psycopg2) for PostgreSQL") from None
+        raise TlkitError(f"storage {shown} needs the Python package {err.name!r}; pip install 'tlkit[postgres]' (psycopg) for PostgreSQL") from None
     except Exception as err:  # sqlalchemy's errors: bad URL, server down, wrong password
         line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TlkitError(f"cannot open Optuna storage {shown_url(url)}: {line}") from None
+        raise TlkitError(f"cannot open Optuna storage {shown}: {line}") from None
 
 
 def _sampler(seed: int, n_trials: int | None) -> optuna.samplers.TPESampler:
@@ -262,6 +276,7 @@ class Objective:
         tags = {"tlkit.study": self.study_name, "tlkit.trial": str(trial.number)}
         with tracking.start_run("trial", run_name=f"trial {trial.number}", params={"train": settings.model_dump()}, tags=tags) as run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
             try:
                 result = train_classifier(self.splits.trials, backbone, settings, devices=self.compute.devices, precision=self.compute.precision,
                                           num_workers=self.compute.num_workers, image_cache_mb=self.compute.image_cache_mb, cache=self.cache,
@@ -404,7 +419,8 @@ def run_tune(
     Returns:
         The study's outcome; `final` is the retrained best recipe (None when another worker retrains it).
     """
-    base = base or TrainConfig()
+    # Trials never train on their selection split nor stop on it; the final retrain decides use_val itself.
+    base = (base or TrainConfig()).model_copy(update={"use_val": "select", "patience": None})
     if trials is None and budget_s is None:
         raise TlkitError("give --trials N, --budget TIME, or both")
     split = split or SplitConfig()
@@ -414,7 +430,7 @@ def run_tune(
     from tlkit.finetune import check_settings
 
     backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
-    check_settings(splits.trials, backbone, base.model_copy(update={"patience": None}))
+    check_settings(splits.trials, backbone, base)
     storage_url = storage or default_storage(tracking_uri)
     rdb = open_storage(storage_url)
     name = study or default_study_name(manifest, backbone_config, space, base, splits.selection)
@@ -437,6 +453,9 @@ def run_tune(
         context = tracking.start_run("tune", run_id=record["mlflow_run_id"])
     with context as parent:
         if created:
+            start = space.defaults(base)
+            if start:  # trial 0 is the base recipe (tlkit's defaults): the search can only end above it on selection
+                optuna_study.enqueue_trial(start, user_attrs={"default_recipe": True})
             optuna_study.set_user_attr("tlkit", {"mlflow_run_id": parent, "inputs": inputs})
             from tlkit.stages import _log_backbone, _log_data
 

@@ -1,0 +1,126 @@
+"""Two `tlkit tune` workers on one study in a real PostgreSQL server, logging to an `mlflow server` on the same server.
+
+Needs Debian's `postgresql` package (`.ci/run` installs it). The server runs on a loopback port with a
+temporary data directory, as the user `postgres` when the tests run as root (initdb refuses root).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import TINY_MODEL
+
+pytestmark = pytest.mark.slow
+
+
+def _pg(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else shutil.which(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server on 127.0.0.1 with databases `optuna` and `mlflow`; yields its base URL."""
+    import psycopg
+
+    initdb, pg_ctl = _pg("initdb"), _pg("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="tlkit-pg-", dir="/tmp"))
+    if as_user:
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", _free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "tlkit", "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"], check=True, capture_output=True)
+    try:
+        with psycopg.connect(host="127.0.0.1", port=port, user="tlkit", dbname="postgres", autocommit=True) as connection:
+            connection.execute("CREATE DATABASE optuna")
+            connection.execute("CREATE DATABASE mlflow")
+        yield f"postgresql://tlkit@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def mlflow_server(postgres, tmp_path):
+    """`mlflow server` with its runs in the PostgreSQL database `mlflow`: the team-server setup of the README."""
+    port = _free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{postgres}/mlflow", "--artifacts-destination",
+         (tmp_path / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+        log.close()
+
+
+def test_two_workers_finish_one_study_on_postgresql_with_no_trial_lost_or_run_twice(postgres, mlflow_server, digits_target, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"lr": {"low": 2e-3, "high": 2e-2, "log": True}, "epochs": [2, 3], "strategy": ["full", "freeze-unfreeze"],
+                                     "freeze_epochs": 1, "augment": "none", "hflip": False}))
+    storage = f"{postgres}/optuna"
+    argv = [sys.executable, "-m", "tlkit", "tune", str(digits_target), "--model", TINY_MODEL, "--no-pretrained", "--img-size", "32",
+            "--space", str(space), "--trials", "8", "--study", "shared", "--storage", storage, "--tracking-uri", mlflow_server,
+            "--experiment", "team", "--val", "0.2", "--test", "0.3", "--precision", "32-true"]
+    env = {**os.environ, "TLKIT_CACHE": str(tmp_path / "cache")}
+    workers = [subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n\n".join(outputs)
+
+    study = optuna.load_study(study_name="shared", storage=storage)
+    counted = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(counted) == 8, [(t.number, t.state.name) for t in study.trials]
+    assert all("over_budget" in t.user_attrs for t in study.trials if t not in counted)  # none lost: every other trial never ran
+    assert len({t.user_attrs["worker"] for t in counted}) == 2  # both workers took trials
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("team").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("tlkit.stage") == "trial"]
+    assert sorted(int(r.data.tags["tlkit.trial"]) for r in trials) == sorted(t.number for t in counted)  # each trial run once
+    assert {r.info.run_id for r in trials} == {t.user_attrs["mlflow_run_id"] for t in counted}
+    parents = [r for r in runs if r.data.tags.get("tlkit.stage") == "tune"]
+    assert len(parents) == 1 and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
+    finals = [r for r in runs if r.data.tags.get("tlkit.role") == "tune-final"]
+    assert len(finals) == 1 and finals[0].info.status == "FINISHED"  # the best recipe retrained once, by one worker
+    assert "test_accuracy" in parents[0].data.metrics
+    assert sum("reproduce it:" in out for out in outputs) >= 1
