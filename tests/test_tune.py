@@ -191,11 +191,14 @@ def test_a_pipeline_tune_stage_feeds_later_stages_and_is_reused(workdir, digits_
         "stages": [
             {"id": "tuned", "stage": "tune", "data": "d", "trials": 2, "space": SPACE},
             {"id": "scored", "stage": "evaluate", "model": "tuned", "data": "d"},
+            {"id": "shipped", "stage": "export", "model": "tuned", "format": "torchscript", "out": "exported-{seed}"},
         ],
+        "seeds": [3],
     }))
     summary = run_pipeline(pipeline)
     rows = {row.id: row for row in summary.rows}
     assert rows["tuned"].metrics["test_accuracy"] >= 0 and "test_accuracy" in rows["scored"].metrics
+    assert rows["shipped"].metrics["max_abs_difference"] < 1e-3 and sorted(p.suffix for p in (workdir / "exported-3").iterdir()) == [".json", ".pt"]
     again = run_pipeline(pipeline)
     assert {row.id: row.reused_from for row in again.rows}["tuned"] == rows["tuned"].run_id
 

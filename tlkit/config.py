@@ -240,8 +240,18 @@ class PredictStage(Settings):
     top_k: int = Field(1, ge=1)
 
 
+class ExportStage(Settings):
+    """Write an earlier stage's network (or a runs:/ model) to run without tlkit, with its JSON sidecar (as `tlkit export`)."""
+
+    id: str
+    stage: Literal["export"]
+    model: str = Field(description="an earlier stage's id, or runs:/RUN_ID")
+    format: Literal["onnx", "torchscript", "safetensors"] = Field("torchscript", description="onnx needs pip install 'tlkit[export]'")
+    out: str = Field("export", description="folder, relative to where you run tlkit; {seed} becomes the seed")
+
+
 Stage = Annotated[
-    Union[PretrainStage, FinetuneStage, TuneStage, BaselineStage, ExtractStage, EvaluateStage, PredictStage], Field(discriminator="stage")
+    Union[PretrainStage, FinetuneStage, TuneStage, BaselineStage, ExtractStage, EvaluateStage, PredictStage, ExportStage], Field(discriminator="stage")
 ]
 MODEL_STAGES = ("pretrain", "finetune", "tune", "baseline")  # stages whose run saves a model that later stages may use
 
@@ -266,7 +276,7 @@ class PipelineConfig(Settings):
                 raise ValueError(f"{where}: data {data!r} is not one of the datasets: {', '.join(self.datasets)}")
             if stage.id in seen:
                 raise ValueError(f"{where}: id {stage.id!r} is used twice")
-            if isinstance(stage, (EvaluateStage, PredictStage)):
+            if isinstance(stage, (EvaluateStage, PredictStage, ExportStage)):
                 ref = stage.model
                 if not ref.startswith("runs:/") and seen.get(ref) not in MODEL_STAGES:
                     raise ValueError(f"{where}: model {ref!r} is neither an earlier pretrain, finetune, tune or baseline stage id nor a runs:/ URI")
@@ -288,7 +298,7 @@ def _explain(error: ValidationError, model: type[BaseModel]) -> str:
         key = str(first["loc"][-1])
         known: set[str] = set()
         for cls in (PipelineConfig, DatasetConfig, DigitsConfig, BackboneConfig, ComputeConfig, TrainConfig, BaselineConfig,
-                    PretrainStage, FinetuneStage, TuneStage, BaselineStage, EvaluateStage, PredictStage):
+                    PretrainStage, FinetuneStage, TuneStage, BaselineStage, EvaluateStage, PredictStage, ExportStage):
             known |= set(cls.model_fields)
         close = difflib.get_close_matches(key, sorted(known), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""

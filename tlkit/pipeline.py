@@ -34,6 +34,7 @@ from tlkit.config import (
     BackboneConfig,
     BaselineStage,
     EvaluateStage,
+    ExportStage,
     ExtractStage,
     PipelineConfig,
     PredictStage,
@@ -268,6 +269,13 @@ def _run_or_reuse(stage, config: PipelineConfig, outputs: dict[str, str], manife
     if isinstance(stage, PredictStage):  # images on disk may change under the same paths: always predict
         model = outputs.get(stage.model, stage.model)
         return run_predict(model, stage.images, top_k=stage.top_k, run_name=stage.id, tracking_uri=tracking_uri)[2], None
+    if isinstance(stage, ExportStage):  # writes files outside the store, which may be gone: always export
+        from tlkit.review import run_export
+
+        model = outputs.get(stage.model, stage.model)
+        result = run_export(model, stage.format, Path(stage.out), run_name=stage.id, tracking_uri=tracking_uri)
+        console.print(f"{stage.id}: written {result.files[0]} and {result.files[1]}", highlight=False)
+        return StageResult("export", result.run_id, result.metrics, details={"files": [str(f) for f in result.files]}), None
     manifest = _prepare_data(config, stage.data, manifests, console)
     backbone = None if isinstance(stage, EvaluateStage) else _backbone_for(config, stage, outputs)
     model = outputs.get(stage.model, stage.model) if isinstance(stage, EvaluateStage) else None

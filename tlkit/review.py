@@ -280,12 +280,12 @@ def run_filters(model: str, *, pretrained: bool = False, weights: str | None = N
     return ReviewResult(run_id, details={"shape": tuple(weights_tensor.shape), "weights": backbone.weights}, files=[path])
 
 
-def run_export(model: str, fmt: str, out: Path, *, tracking_uri: str | None = None) -> ReviewResult:
+def run_export(model: str, fmt: str, out: Path, *, run_name: str | None = None, tracking_uri: str | None = None) -> ReviewResult:
     """The model as ONNX / TorchScript / safetensors + JSON sidecar in `out`; checked against PyTorch."""
     loaded = load_network(model, tracking_uri=tracking_uri)
     written = export(loaded, fmt, Path(out), source=model)
     metrics = {} if written["max_abs_difference"] is None else {"max_abs_difference": written["max_abs_difference"]}
-    with tracking.start_run("export", params={"model_uri": model, "format": fmt, "out": str(Path(out).resolve())},
+    with tracking.start_run("export", run_name=run_name, params={"model_uri": model, "format": fmt, "out": str(Path(out).resolve())},
                             tags={"tlkit.model_run": _model_run(model)}) as run_id:
         tracking.log_artifact(written["sidecar"], "export")
         if metrics:

@@ -95,6 +95,8 @@ def apply_seed(raw: dict, seed: int) -> None:
         if isinstance(dataset, dict):
             dataset.setdefault("seed", seed)
     for stage in raw.get("stages") or []:
+        if isinstance(stage, dict) and stage.get("stage") == "export" and isinstance(stage.get("out"), str):
+            stage["out"] = stage["out"].replace("{seed}", str(seed))  # one folder per seed
         section = SEEDED_SECTIONS.get(stage.get("stage")) if isinstance(stage, dict) else None
         if section:
             body = stage.setdefault(section, {})
