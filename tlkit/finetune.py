@@ -526,8 +526,9 @@ def train_classifier(
     has_val = bool(manifest.split("val"))
     selects = has_val and bool(manifest.split("test"))  # val may choose the epoch only when test reports
     L.seed_everything(settings.seed, workers=True, verbose=False)
-    precision = runtime.resolve_precision(precision)
     module = module or build_module(manifest, backbone, settings)
+    precision = runtime.training_precision(precision, module, backbone.data_config["input_size"], settings.batch_size, name=backbone.name)
+    L.seed_everything(settings.seed, workers=True, verbose=False)  # the precision probe may have drawn random numbers
     # Train and val are read every epoch: decode them once, at the size the transforms read.
     budget = default_image_cache_mb() if image_cache_mb is None else image_cache_mb
     loader, train_tf = train_loader(manifest, backbone, settings, num_workers=num_workers, memory_mb=budget, cache=cache)

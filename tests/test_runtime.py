@@ -1,0 +1,67 @@
+"""Process-wide settings: the training precision that "auto" measures on a bf16 CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL
+from tlkit import runtime
+from tlkit.backbone import create_backbone
+from tlkit.cache import cache_dir
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch, tmp_path):
+    """A CPU with native bf16 and no GPU, and an empty cache folder."""
+    monkeypatch.setenv("TLKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "may_have_gpu", lambda accelerator="auto": False)
+
+
+class _Classifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        backbone = create_backbone(TINY_MODEL, img_size=32)
+        self.backbone, self.head = backbone.model, torch.nn.Linear(backbone.num_features, 3)
+
+    def forward(self, images):
+        return self.head(self.backbone(images))
+
+
+def _module():
+    return _Classifier()
+
+
+@pytest.mark.parametrize("bf16_s, fp32_s, chosen", [(0.20, 0.10, "32-true"), (0.20, 0.18, "bf16-mixed"), (0.10, 0.20, "bf16-mixed")])
+def test_auto_takes_fp32_only_when_it_is_clearly_faster_and_remembers(bf16_cpu, monkeypatch, bf16_s, fp32_s, chosen):
+    calls = []
+
+    def timed(module, input_size, batch, autocast, steps=2):
+        calls.append(autocast)
+        return bf16_s if autocast else fp32_s
+
+    monkeypatch.setattr(runtime, "_step_seconds", timed)
+    assert runtime.training_precision("auto", _module(), (3, 32, 32), 12, name="m") == chosen
+    assert sorted(calls) == [False, True]
+    assert runtime.training_precision("auto", _module(), (3, 32, 32), 12, name="m") == chosen and len(calls) == 2  # remembered
+    saved = json.loads((cache_dir() / "machine.json").read_text())
+    assert [v for k, v in saved.items() if k.startswith("train:m:3x32x32:12:")] == [chosen]
+    runtime.training_precision("auto", _module(), (3, 48, 48), 12, name="m")
+    assert len(calls) == 4  # another input size is measured again
+
+
+def test_a_named_precision_is_never_measured(bf16_cpu, monkeypatch):
+    monkeypatch.setattr(runtime, "_step_seconds", lambda *a, **k: pytest.fail("measured"))
+    assert runtime.training_precision("32-true", _module(), (3, 32, 32), 8, name="m") == "32-true"
+    assert runtime.training_precision("bf16-mixed", _module(), (3, 32, 32), 8, name="m") == "bf16-mixed"
+
+
+def test_the_measurement_leaves_the_module_untouched(bf16_cpu):
+    module = _module()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    seconds = runtime._step_seconds(module, (3, 32, 32), 4, autocast=True)
+    assert seconds > 0 and all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert all(p.grad is None for p in module.parameters())
