@@ -7,10 +7,8 @@ import sys
 import optuna
 import pytest
 import yaml
-from mlflow import MlflowClient
 
 from conftest import TINY_MODEL
-from tlkit import tracking
 from tlkit.backbone import create_backbone
 from tlkit.cli import app
 from tlkit.config import BackboneConfig, SplitConfig, TrainConfig

@@ -27,7 +27,6 @@ import logging
 import os
 import shlex
 import socket
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -286,7 +285,7 @@ class Objective:
             state = "PRUNED" if pruning.pruned_at is not None else "COMPLETE"
             accuracy = result.metrics["test_accuracy"]  # the trial data's held-out split is the selection split
             tracking.set_tags({"tlkit.trial_state": state})
-            tracking.log_metrics({"selection_accuracy": accuracy, "selection_score": pruning.last_score or accuracy, "epochs_run": pruning.epochs,
+            tracking.log_metrics({"selection_accuracy": accuracy, "selection_score": accuracy if pruning.last_score is None else pruning.last_score, "epochs_run": pruning.epochs,
                                   "seconds": time.perf_counter() - start})
         if self.report:
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) + 1
