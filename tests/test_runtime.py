@@ -65,3 +65,28 @@ def test_the_measurement_leaves_the_module_untouched(bf16_cpu):
     seconds = runtime._step_seconds(module, (3, 32, 32), 4, autocast=True)
     assert seconds > 0 and all(torch.equal(before[k], v) for k, v in module.state_dict().items())
     assert all(p.grad is None for p in module.parameters())
+
+
+def test_a_job_gets_its_share_of_the_cores_for_threads_and_loader_workers(monkeypatch):
+    from tlkit.data import default_workers
+
+    monkeypatch.setenv("TLKIT_CPUS", "16")
+    assert runtime.cpu_share() == 16 and default_workers() == (min(8, 15) if torch.cuda.is_available() else 2)
+    monkeypatch.setenv("TLKIT_CPUS", "3")
+    assert runtime.cpu_share() == 3 and (torch.cuda.is_available() or default_workers() == 0)
+    monkeypatch.setenv("TLKIT_CPUS", "none")  # not a count: the cores this process may run on
+    assert runtime.cpu_share() >= 1
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+    try:
+        runtime.use_cpus(1)
+        assert torch.get_num_threads() == 1 and runtime.cpu_share() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_hidden_progress_bars_stay_hidden_even_when_asked_for(monkeypatch):
+    monkeypatch.setitem(runtime._BARS, "on", True)
+    assert runtime.build_trainer(devices=1, precision="32-true", progress=True, root_dir=None).progress_bar_callback is not None
+    runtime.hide_progress_bars()
+    assert runtime.build_trainer(devices=1, precision="32-true", progress=True, root_dir=None).progress_bar_callback is None

@@ -835,11 +835,14 @@ def run_command(
     fresh: Annotated[bool, typer.Option("--fresh", help="Recompute every stage, even those whose inputs are unchanged.")] = False,
     tracking_uri: TrackingUri = None,
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the pipeline's).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Points (sweep point, seed) to run at once, each in its own process "
+                                                "with its share of the cores (default: the file's jobs, else 1).")] = None,
 ):
     """Run a pipeline file: its stages in order, every sweep point and seed, as nested MLflow runs."""
     from tlkit.pipeline import print_summary, run_pipeline
 
-    summary = run_pipeline(pipeline, overrides=set_, tracking_uri=tracking_uri, experiment=experiment, reuse=not fresh, console=console)
+    summary = run_pipeline(pipeline, overrides=set_, tracking_uri=tracking_uri, experiment=experiment, reuse=not fresh, jobs=jobs,
+                           console=console)
     print_summary(summary, console)
 
 

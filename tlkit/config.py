@@ -265,6 +265,7 @@ class PipelineConfig(Settings):
     stages: list[Stage]
     sweep: dict[str, list] | None = Field(None, description="dotted setting -> values; every combination runs")
     seeds: list[int] | None = Field(None, min_length=1, description="run every grid point once per seed")
+    jobs: int = Field(1, ge=1, description="points (grid point, seed) run at once, each in its own process with its share of the cores")
 
     @model_validator(mode="after")
     def _check_references(self) -> PipelineConfig:

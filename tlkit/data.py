@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tlkit.images import load_rgb
+from tlkit.runtime import cpu_share
 
 
 class ImageDataset(Dataset):
@@ -69,7 +70,7 @@ class DecodedImages:
         self.in_memory = self.nbytes <= memory_mb * 2**20
         self.folder = None if self.in_memory else cache_dir(cache) / "images" / f"side-{side or 'full'}"
         self.files = None if self.in_memory else [self.folder / d[:2] / f"{d}.npy" for d in digests]
-        workers = workers or min(8, (os.cpu_count() or 1) + 2)
+        workers = workers or min(8, cpu_share() + 2)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             if self.in_memory:
                 self.arrays = list(pool.map(lambda path: load_rgb(path, side), self.paths))
@@ -133,7 +134,7 @@ def default_workers() -> int:
     measured faster (bench/extract.py: 0.76 of the bare forward pass, vs 0.69 with one worker and
     0.65 with two), so small CPU-only machines use none and larger ones a few.
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = cpu_share()
     if torch.cuda.is_available():
         return min(8, max(0, cpus - 1))
     return 0 if cpus <= 4 else min(4, cpus // 8)

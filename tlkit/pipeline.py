@@ -19,6 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -173,14 +174,26 @@ def _metric_key(text: str) -> str:
 
 @dataclass
 class _Progress:
+    """'[done/total, minutes]' before each stage; `shared` is a counter the jobs of --jobs share."""
+
     total: int
+    start: float = field(default_factory=time.time)
+    shared: Any = None  # a multiprocessing.Value("i")
     done: int = 0
-    start: float = field(default_factory=time.perf_counter)
 
     def step(self) -> str:
-        self.done += 1
-        elapsed = time.perf_counter() - self.start
-        return f"[{self.done}/{self.total}, {elapsed / 60:.1f} min]"
+        if self.shared is None:
+            self.done += 1
+            done = self.done
+        else:
+            with self.shared.get_lock():
+                self.shared.value += 1
+                done = self.shared.value
+        return f"[{done}/{self.total}, {(time.time() - self.start) / 60:.1f} min]"
+
+
+def _no_claim(key: str):
+    return nullcontext()
 
 
 def run_pipeline(
@@ -190,6 +203,7 @@ def run_pipeline(
     tracking_uri: str | None = None,
     experiment: str | None = None,
     reuse: bool = True,
+    jobs: int | None = None,
     console: Console | None = None,
 ) -> PipelineSummary:
     """Validate a pipeline file (every grid point and seed) and run it. Nothing runs if anything is invalid.
@@ -200,6 +214,8 @@ def run_pipeline(
         tracking_uri: MLflow store (default: sqlite:///mlflow.db here).
         experiment: MLflow experiment (default: the file's `experiment`, else its name).
         reuse: reuse finished runs whose inputs are unchanged (False recomputes everything).
+        jobs: points (grid point, seed) run at once, each in its own process (default: the file's
+            `jobs`, else 1); see jobs.py.
         console: where progress goes.
     """
     console = console or Console(markup=False)
@@ -210,11 +226,15 @@ def run_pipeline(
         for stage in point.config.stages:
             if isinstance(stage, TuneStage):
                 _space(stage, base_dir)
+    jobs = plan.base.jobs if jobs is None else jobs
+    if jobs < 1:
+        raise TlkitError(f"--jobs {jobs}: run at least 1 point at a time (1 runs them one after another)")
+    jobs = min(jobs, len(points))
     experiment = experiment or plan.base.experiment or plan.base.name
     tracking.configure(tracking_uri, experiment)
     manifests: dict[str, Manifest] = {}
     progress = _Progress(sum(len(p.config.stages) for p in points))
-    params = {"pipeline": plan.base.name, "stages": len(plan.base.stages), "points": len(points), "overrides": list(overrides or [])}
+    params = {"pipeline": plan.base.name, "stages": len(plan.base.stages), "points": len(points), "jobs": jobs, "overrides": list(overrides or [])}
     if plan.base.sweep:
         params["sweep"] = {k: json.dumps(v) for k, v in plan.base.sweep.items()}
     if plan.base.seeds:
@@ -224,8 +244,18 @@ def run_pipeline(
         tracking.log_text(yaml.safe_dump(plan.raw, sort_keys=False), "pipeline.yaml")
         if not plan.swept:
             tracking.log_text(yaml.safe_dump(points[0].config.model_dump(mode="json"), sort_keys=False), "pipeline.resolved.yaml")
-        for point in points:
-            summary.rows += _run_point(point, plan, manifests, progress, tracking_uri, reuse, console)
+        if jobs > 1:
+            from tlkit.jobs import run_points
+
+            for point in points:  # sample data is written here, once, before the jobs read it
+                for name in {s.data for s in point.config.stages if getattr(s, "data", None)}:
+                    _prepare_data(point.config, name, manifests, console)
+            for rows in run_points(points, plan, jobs=jobs, parent_run_id=parent, experiment=experiment, tracking_uri=tracking_uri,
+                                   reuse=reuse, progress=progress, console=console):
+                summary.rows += rows
+        else:
+            for point in points:
+                summary.rows += _run_point(point, plan, manifests, progress, tracking_uri, reuse, console)
         if plan.swept:
             _log_aggregates(summary)
             summary.leaderboard, _ = compare(parent=parent, tracking_uri=tracking_uri)
@@ -233,11 +263,15 @@ def run_pipeline(
     return summary
 
 
-def _run_point(point: Point, plan: Plan, manifests: dict, progress: _Progress, tracking_uri: str | None, reuse: bool, console: Console) -> list[SummaryRow]:
+def _run_point(point: Point, plan: Plan, manifests: dict, progress: _Progress, tracking_uri: str | None, reuse: bool, console: Console, *,
+               claim=_no_claim, parent_run_id: str | None = None, lines: bool = False) -> list[SummaryRow]:
+    """One (grid point, seed): its stages in order. A job of --jobs passes the pipeline run as `parent_run_id`,
+    a `claim(key)` lock shared with the other jobs, and `lines` (one line per finished stage, no rules)."""
     config = point.config
     params = {**{f"sweep.{point.names.get(k, k)}": v for k, v in point.settings.items()}, **({"seed": point.seed} if point.seed is not None else {})}
     tags = {"tlkit.point": point.group, "tlkit.seed": "" if point.seed is None else str(point.seed)}
-    context = tracking.start_run("point", run_name=point.label, params=params, tags=tags) if plan.swept else nullcontext()
+    context = (tracking.start_run("point", run_name=point.label, params=params, tags=tags, parent_run_id=parent_run_id) if plan.swept
+               else nullcontext())
     rows: list[SummaryRow] = []
     outputs: dict[str, str] = {}  # stage id -> runs:/ of the model it saved
     with context:
@@ -245,10 +279,11 @@ def _run_point(point: Point, plan: Plan, manifests: dict, progress: _Progress, t
             tracking.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "pipeline.resolved.yaml")
         for i, stage in enumerate(config.stages, start=1):
             where = f"{point.label} · " if plan.swept else ""
-            console.rule(Text(f"{progress.step()} {where}stage {i}/{len(config.stages)}: {stage.id}", style="bold") + Text(f" ({stage.stage})"))
+            if not lines:
+                console.rule(Text(f"{progress.step()} {where}stage {i}/{len(config.stages)}: {stage.id}", style="bold") + Text(f" ({stage.stage})"))
             start = time.perf_counter()
             with tracking.tagging({"tlkit.stage_id": stage.id, **tags}):
-                result, reused = _run_or_reuse(stage, config, outputs, manifests, tracking_uri, reuse, console)
+                result, reused = _run_or_reuse(stage, config, outputs, manifests, tracking_uri, reuse, console, claim)
             seconds = time.perf_counter() - start
             if result.model_uri:
                 outputs[stage.id] = result.model_uri
@@ -259,13 +294,17 @@ def _run_point(point: Point, plan: Plan, manifests: dict, progress: _Progress, t
                 tracking.log_metrics({f"{_metric_key(stage.id)}.test_accuracy": accuracy})
             shown = f"test accuracy {accuracy:.4f}" if accuracy is not None else "done"
             how = f"reused run {reused}" if reused else f"{seconds:.1f} s"
-            console.print(f"{stage.id}: {shown} ({how}; run {result.run_id})", highlight=False)
+            lead = f"{progress.step()} {where}" if lines else ""
+            console.print(f"{lead}{stage.id}: {shown} ({how}; run {result.run_id})", highlight=False)
     return rows
 
 
 def _run_or_reuse(stage, config: PipelineConfig, outputs: dict[str, str], manifests: dict, tracking_uri: str | None, reuse: bool,
-                  console: Console) -> tuple[StageResult, str | None]:
-    """Run one stage, or stand in for an earlier run with the same inputs. Returns (result, reused run id)."""
+                  console: Console, claim=_no_claim) -> tuple[StageResult, str | None]:
+    """Run one stage, or stand in for an earlier run with the same inputs. Returns (result, reused run id).
+
+    `claim(key)` holds the stage's key while it looks for a finished run and computes: with --jobs, a job
+    that needs a stage another job is computing waits for it, then reuses its run."""
     if isinstance(stage, PredictStage):  # images on disk may change under the same paths: always predict
         model = outputs.get(stage.model, stage.model)
         return run_predict(model, stage.images, top_k=stage.top_k, run_name=stage.id, tracking_uri=tracking_uri)[2], None
@@ -280,17 +319,18 @@ def _run_or_reuse(stage, config: PipelineConfig, outputs: dict[str, str], manife
     backbone = None if isinstance(stage, EvaluateStage) else _backbone_for(config, stage, outputs)
     model = outputs.get(stage.model, stage.model) if isinstance(stage, EvaluateStage) else None
     key = stage_key(stage, manifest, backbone, model, config)
-    if reuse:
-        found = tracking.find_finished_run("tlkit.stage_key", key, stage=stage.stage, tracking_uri=tracking_uri)
-        if found is not None:
-            run_id = tracking.record_reuse(found, stage=stage.stage, run_name=stage.id)
-            holder = found.tags.get("tlkit.final_run", found.run_id)  # a tune's model is in its retrained-recipe run
-            model_uri = f"{tracking.RUNS_PREFIX}{holder}" if stage.stage in MODEL_STAGES else None
-            return StageResult(stage.stage, run_id, dict(found.metrics), model_uri, {"reused_from": found.run_id}), found.run_id
-    with tracking.tagging({"tlkit.stage_key": key}):
-        if isinstance(stage, TuneStage):
-            return _run_tune(stage, manifest, backbone, config, key if reuse else f"{key}-{time.time_ns()}", tracking_uri, console), None
-        return _run_stage(stage, manifest, backbone, model, config, tracking_uri), None
+    with claim(key):
+        if reuse:
+            found = tracking.find_finished_run("tlkit.stage_key", key, stage=stage.stage, tracking_uri=tracking_uri)
+            if found is not None:
+                run_id = tracking.record_reuse(found, stage=stage.stage, run_name=stage.id)
+                holder = found.tags.get("tlkit.final_run", found.run_id)  # a tune's model is in its retrained-recipe run
+                model_uri = f"{tracking.RUNS_PREFIX}{holder}" if stage.stage in MODEL_STAGES else None
+                return StageResult(stage.stage, run_id, dict(found.metrics), model_uri, {"reused_from": found.run_id}), found.run_id
+        with tracking.tagging({"tlkit.stage_key": key}):
+            if isinstance(stage, TuneStage):
+                return _run_tune(stage, manifest, backbone, config, key if reuse else f"{key}-{time.time_ns()}", tracking_uri, console), None
+            return _run_stage(stage, manifest, backbone, model, config, tracking_uri), None
 
 
 def _run_tune(stage: TuneStage, manifest: Manifest, backbone: BackboneConfig, config: PipelineConfig, key: str, tracking_uri: str | None,

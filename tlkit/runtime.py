@@ -239,6 +239,34 @@ def spawn_safe(devices) -> None:
         torch.multiprocessing.set_sharing_strategy("file_system")
 
 
+_BARS = {"on": True}
+
+
+def hide_progress_bars() -> None:
+    """No live progress bars in this process: it shares the terminal with others (a job of
+    `tlkit run --jobs`), whose bars would overwrite each other; it prints whole lines instead."""
+    _BARS["on"] = False
+
+
+def cpu_share() -> int:
+    """CPU cores this process may use: $TLKIT_CPUS when set (each job of `tlkit run --jobs N` gets its
+    share), else the cores it may run on."""
+    value = os.environ.get("TLKIT_CPUS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def use_cpus(n: int) -> None:
+    """Compute on `n` cores: torch's threads, and DataLoader workers through $TLKIT_CPUS (a job of
+    `tlkit run --jobs` gets its share of the machine; small models scale poorly across many threads,
+    so several jobs on a few cores each get more done than one job on all of them)."""
+    os.environ["TLKIT_CPUS"] = os.environ["OMP_NUM_THREADS"] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def build_trainer(*, devices, precision: str, progress: bool, root_dir, **kwargs):
     """A Lightning Trainer with tlkit's device policy.
 
@@ -257,7 +285,7 @@ def build_trainer(*, devices, precision: str, progress: bool, root_dir, **kwargs
         precision=precision,
         logger=False,
         enable_model_summary=False,
-        enable_progress_bar=progress,
+        enable_progress_bar=progress and _BARS["on"],
         default_root_dir=root_dir,
         **kwargs,
     )

@@ -181,8 +181,10 @@ def start_run(
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
     run_id: str | None = None,
+    parent_run_id: str | None = None,
 ) -> Iterator[str]:
-    """An MLflow run for one stage, nested under the active run (a pipeline) when there is one.
+    """An MLflow run for one stage, nested under the active run (a pipeline) when there is one, or
+    under `parent_run_id` (a run of another process: a pipeline's job runs its points under it).
 
     Yields the run id; `run_id` continues an existing run (resume). The run ends FAILED on an
     error and KILLED on Ctrl-C.
@@ -196,7 +198,7 @@ def start_run(
     if run_id is not None:  # resume: continue that run
         run = mlflow.start_run(run_id=run_id, nested=nested)
     else:
-        run = mlflow.start_run(run_name=run_name or stage, nested=nested, tags=all_tags)
+        run = mlflow.start_run(run_name=run_name or stage, nested=nested, tags=all_tags, parent_run_id=None if nested else parent_run_id)
     try:
         if params:
             try:
