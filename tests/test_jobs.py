@@ -1,5 +1,6 @@
 """`tlkit run --jobs N`: a pipeline's points in parallel processes, nested and reused as in one process."""
 
+import itertools
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ def test_two_jobs_run_points_at_once_with_the_structure_and_reuse_of_one(tracked
     assert len(pretrains) == 4 and sum("tlkit.reused_from" not in r.data.tags for r in pretrains) == 1
     # two points were under way at the same time
     spans = sorted((p.info.start_time, p.info.end_time) for p in points)
-    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
     assert summary.leaderboard is not None and {e.label for e in summary.leaderboard.entries} >= {"svm", "tuned"}
 
 

@@ -23,12 +23,16 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from tlkit import runtime, tracking
 from tlkit.errors import TlkitError
 from tlkit.sweep import Plan, Point
+
+if TYPE_CHECKING:
+    from tlkit.pipeline import SummaryRow, _Progress
 
 try:
     import fcntl
@@ -39,7 +43,7 @@ _JOB: dict = {}  # what the initializer hands every task of this job process
 
 
 def run_points(points: list[Point], plan: Plan, *, jobs: int, parent_run_id: str, experiment: str, tracking_uri: str | None,
-               reuse: bool, progress, console: Console) -> list[list]:
+               reuse: bool, progress: _Progress, console: Console) -> list[list[SummaryRow]]:
     """Each point's summary rows, in the order of `points`, computed by `jobs` processes."""
     if fcntl is None:
         raise TlkitError("--jobs needs file locks (Linux or macOS); run without --jobs here")
@@ -54,7 +58,7 @@ def run_points(points: list[Point], plan: Plan, *, jobs: int, parent_run_id: str
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_job, initargs=setup) as pool:
             futures = [pool.submit(_run_job, point, plan, parent_run_id) for point in points]
             try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                wait(futures, return_when=FIRST_EXCEPTION)
                 failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None)
                 if failed is not None:
                     _stop_jobs(stop, futures, interrupt=True)
@@ -104,7 +108,7 @@ def _claim(key: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_job(point: Point, plan: Plan, parent_run_id: str) -> list:
+def _run_job(point: Point, plan: Plan, parent_run_id: str) -> list[SummaryRow]:
     from tlkit.pipeline import _Progress, _run_point
 
     if _JOB["stop"].is_set():  # another point failed or Ctrl-C: this one was queued already
