@@ -36,6 +36,7 @@ def test_two_jobs_run_points_at_once_with_the_structure_and_reuse_of_one(tracked
     assert summary.leaderboard is not None and {e.label for e in summary.leaderboard.entries} >= {"svm", "tuned"}
 
 
+@pytest.mark.slow
 def test_a_failing_point_stops_the_other_jobs_and_fails_the_pipeline(tracked, tmp_path, digits_target):
     path = sweep_pipeline(tmp_path, digits_target)
     config = yaml.safe_load(path.read_text())
