@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import TINY_MODEL
 
 TLKIT = [sys.executable, "-m", "tlkit"]
@@ -51,6 +52,7 @@ def test_library_callers_get_no_lightning_chatter_either(tmp_path, digits_source
     assert result.stdout.startswith("accuracy")
 
 
+@pytest.mark.slow  # a minute of processes, servers or browsers: with the slow tests
 def test_parallel_commands_on_a_new_store_all_succeed(tmp_path, digits_source):
     """Several processes creating mlflow.db at once crashed in MLflow's schema migration; now one creates it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -93,6 +95,7 @@ def imported_by(args, cwd: Path) -> set[str]:
     return set(result.stdout.split("IMPORTED")[-1].split())
 
 
+@pytest.mark.slow  # a minute of processes, servers or browsers: with the slow tests
 def test_predict_and_a_cached_extract_import_only_what_they_need(tmp_path, digits_source):
     """Lightning costs seconds to import: predict never needs it, and features from the cache need no model at all."""
     extract = ["extract", digits_source, *TRAIN]

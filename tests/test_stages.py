@@ -145,6 +145,7 @@ def test_resume_continues_the_same_mlflow_run(tracked, digits_source, monkeypatc
         run_train("finetune", digits_source, TINY, train.model_copy(update={"epochs": 5}), compute=CPU, progress=False, resume=result.run_id)
 
 
+@pytest.mark.slow  # a minute of processes, servers or browsers: with the slow tests
 def test_ddp_on_cpu_with_two_processes_logs_one_run(tracked, digits_source):
     train = TrainConfig(epochs=2, batch_size=8, augment="none", strategy="freeze-unfreeze")
     compute = ComputeConfig(devices=2, num_workers=0, precision="32-true")

@@ -88,6 +88,7 @@ def _wait_for(driver, texts: list[str], timeout: float = 60) -> None:
     WebDriverWait(driver, timeout).until(lambda d: all(t in d.page_source for t in texts))
 
 
+@pytest.mark.slow  # a minute of processes, servers or browsers: with the slow tests
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 def test_sweep_runs_line_up_in_the_ui_in_a_real_browser(tracked, tmp_path, digits_target):
     pytest.importorskip("selenium")
@@ -145,6 +146,7 @@ def test_tlkit_ui_points_at_the_runs_with_their_held_out_accuracy(tracked, digit
     assert (SCREENSHOTS / "tlkit-ui.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # a minute of processes, servers or browsers: with the slow tests
 def test_pipeline_logs_to_a_tracking_server(workdir, tmp_path, digits_target):
     from mlflow import MlflowClient
 
