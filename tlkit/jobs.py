@@ -2,8 +2,9 @@
 each in a process of its own with its share of the cores (torch threads, DataLoader workers).
 
 Small models on small batches use cores poorly: on 2 cores an EfficientNet-Lite0 training step at
-96 px takes 105 ms on 2 threads and 169 ms on 1 thread with another job beside it, so two jobs get
-1.25-1.35x more done (bench: `tlkit run pipelines/photos.yaml` with and without `--jobs 2`).
+96 px takes 105 ms on 2 threads and 169 ms on 1 thread with another job beside it, so two jobs do 1.24x
+the steps; the whole photos pipeline runs 1.13-1.21x faster (bench/jobs.py), start-up and the last point
+alone taking the rest.
 
 Every point still nests under the one pipeline run (its MLflow parent is passed in), and a stage that
 several points share (the same inputs, so the same `tlkit.stage_key`) is still computed once: a job
