@@ -83,3 +83,12 @@ def test_compare_command_prints_writes_and_logs(tracked, tmp_path, digits_target
     assert listed.exit_code == 0 and "pixel_size" in listed.output
     missing = runner.invoke(app, ["compare", "--experiment", "nope"])
     assert missing.exit_code == 1 and "no experiment 'nope'" in missing.output
+
+
+def test_a_rows_values_are_in_seed_order_however_the_runs_finished():
+    """With `tlkit run --jobs`, seed 2 may finish before seed 0: the values still read seed by seed."""
+    runs = [run(f"s{seed}", "tuned", value) for seed, value in ((2, 0.7), (10, 0.9), (0, 0.5), (1, 0.6))]
+    for record, seed in zip(runs, (2, 10, 0, 1)):
+        record.tags["tlkit.seed"] = str(seed)
+    entry = build_leaderboard(runs, "test_accuracy", no_history).entries[0]
+    assert entry.values == [0.5, 0.6, 0.7, 0.9] and entry.run_ids == ["s0", "s1", "s2", "s10"]

@@ -92,6 +92,8 @@ def best_value(values: list[float], metric: str) -> float:
 def build_leaderboard(runs: list[tracking.RunRecord], metric: str, history: Callable[[str, str], list[float]]) -> Leaderboard:
     """Group runs that have `metric` into rows, best mean first; `history(run_id, metric)` gives per-epoch values."""
     names = {run.run_id: run.tags.get("tlkit.stage_id", run.name) for run in runs}
+    seed = lambda run: int(run.tags["tlkit.seed"]) if run.tags.get("tlkit.seed", "").lstrip("-").isdigit() else float("inf")  # noqa: E731
+    runs = sorted(runs, key=seed)  # a row's values in seed order, however the runs finished (tlkit run --jobs)
     groups: dict[tuple, Entry] = {}
     origins: dict[tuple, set[str]] = {}
     for run in runs:
