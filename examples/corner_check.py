@@ -15,15 +15,14 @@ import timm
 import torch
 
 from tlkit.explain import saliency
-from tlkit.images import load_rgb
-from tlkit.network import images_to_tensor, load_network
+from tlkit.network import load_model
 
 
 def main(model: str, folder: str, n: int = 256) -> None:
-    loaded = load_network(model)
+    loaded = load_model(model)
     every = sorted(Path(folder).rglob("*.png"))
     paths = every[:: max(1, len(every) // n)][:n]  # spread over the classes
-    images = images_to_tensor([load_rgb(p) for p in paths], loaded.bundle.data_config)
+    images = loaded.pixels(paths)
     with torch.no_grad():
         predicted = loaded.network(images).argmax(1)
     size = images.shape[-1]

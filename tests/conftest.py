@@ -42,6 +42,14 @@ def digits_target(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def digits_pair(tmp_path_factory) -> Path:
+    """Digits 3 and 8, 30 images per class: the two-class case every model must handle as well as many."""
+    out = tmp_path_factory.mktemp("digits") / "pair"
+    write_digits(out, classes=[3, 8], per_class=30, size=32, seed=0)
+    return out
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """Run in a fresh folder: mlflow.db, mlruns/ and the feature cache land in tmp_path."""

@@ -1,9 +1,11 @@
-"""Evaluate, explain, export and serve saved models, through the library and the CLI."""
+"""Every kind of saved model, with two classes and with three: predict, evaluate, explain, attack, export and
+the served model give one answer for one image."""
 
+import base64
+import csv
+import io
 import json
-import os
-import sys
-import urllib.request
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -12,31 +14,36 @@ import torch
 
 from conftest import TINY_MODEL
 from test_cli import assert_one_line_error, invoke
-from test_ui import free_port, serving
 from tlkit import tracking
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, TrainConfig
 from tlkit.errors import TlkitError
-from tlkit.network import load_network
-from tlkit.predict import load_predictor, predict_images
-from tlkit.review import run_evaluate, run_export
+from tlkit.network import load_model
+from tlkit.predict import predict_images
+from tlkit.review import run_evaluate, run_explain, run_export
 from tlkit.stages import run_baseline, run_train
+
+KINDS = ["finetune", "svm", "logreg", "pixels"]
+CLASSES = [2, 3]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, digits_target):
-    """One MLflow store for the module, with a fine-tuned tiny model and two baselines in it."""
+def store(tmp_path_factory, digits_target, digits_pair):
+    """One MLflow store for the module: a fine-tuned tiny model and the three baselines, on 3 and on 2 classes."""
     folder = tmp_path_factory.mktemp("review")
+    models = {"folder": folder}
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         tracking.configure(None, "review")
         backbone = BackboneConfig(model=TINY_MODEL, img_size=32)
         compute = ComputeConfig(num_workers=0)
-        tuned = run_train("finetune", digits_target, backbone, TrainConfig(epochs=4, strategy="full", augment="none", hflip=False, lr=3e-3), compute=compute, progress=False)
-        svm = run_baseline(digits_target, backbone, BaselineConfig(classifier="svm"), compute=compute)
-        logreg = run_baseline(digits_target, backbone, BaselineConfig(classifier="logreg"), compute=compute)
-        pixels = run_baseline(digits_target, backbone, BaselineConfig(classifier="pixels"), compute=compute)
-        yield {"folder": folder, "finetune": tuned.model_uri, "svm": svm.model_uri, "logreg": logreg.model_uri, "pixels": pixels.model_uri}
+        for n, data in ((3, digits_target), (2, digits_pair)):
+            train = TrainConfig(epochs=4, strategy="full", augment="none", hflip=False, lr=3e-3)
+            models[n, "finetune"] = run_train("finetune", data, backbone, train, compute=compute, progress=False)
+            for kind in ("svm", "logreg", "pixels"):
+                models[n, kind] = run_baseline(data, backbone, BaselineConfig(classifier=kind), compute=compute)
+            models[n, "data"] = data
+    yield models
 
 
 @pytest.fixture
@@ -47,39 +54,129 @@ def here(store, monkeypatch):
     return store
 
 
-def images_of(digits_target, n=6):
-    return sorted(Path(digits_target).rglob("*.png"))[:: 90 // n][:n]
+def images_of(data, n=6):
+    every = sorted(Path(data).rglob("*.png"))
+    return every[:: max(1, len(every) // n)][:n]
 
 
-@pytest.mark.parametrize("kind", ["finetune", "svm", "logreg"])
-def test_network_scores_match_the_saved_model(here, digits_target, kind):
-    paths = images_of(digits_target)
-    loaded = load_network(here[kind])
+def probabilities_of(rows, classes):
+    """predict's top-k rows (k = every class) -> {image: [p(class) in class order]}."""
+    table = {}
+    for row in rows:
+        table.setdefault(row["image"], {})[row["class"]] = row["probability"]
+    return {image: [found[c] for c in classes] for image, found in table.items()}
+
+
+@pytest.mark.parametrize("n", CLASSES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_predict_evaluate_and_served_model_give_one_answer(here, n, kind):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    uri, data = here[n, kind].model_uri, here[n, "data"]
+    paths = images_of(data)
+    rows, _, loaded = predict_images(uri, [str(p) for p in paths], top_k=n)
+    assert len(loaded.classes) == n and len(rows) == n * len(paths)
+    predicted = probabilities_of(rows, loaded.classes)
+    for values in predicted.values():
+        assert sum(values) == pytest.approx(1.0, abs=1e-5) and min(values) > 0  # calibrated probabilities for every class, SVMs too
+
+    served = mlflow.pyfunc.load_model(f"{uri}/model")
+    as_text = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    for column in (as_text, [p.read_bytes() for p in paths]):
+        answer = served.predict(pd.DataFrame({"image": column}))
+        assert len(answer) == len(paths)  # one answer per image: none missing, none extra
+        for path, (_, row) in zip(paths, answer.iterrows()):
+            np.testing.assert_allclose([row[c] for c in loaded.classes], predicted[str(path)], atol=1e-6)
+            assert row["class"] == loaded.classes[int(np.argmax(predicted[str(path)]))]
+
+    evaluation = run_evaluate(uri, data, split="test")
+    listed = tracking.client().download_artifacts(evaluation.run_id, "predictions.csv", str(here["folder"] / f"eval-{n}-{kind}"))
+    by_image = {row["image"]: row for row in csv.DictReader(open(listed))}
+    for path in paths:
+        if str(path) in by_image:  # the test split's images among them
+            got = [float(by_image[str(path)][f"probability.{c}"]) for c in loaded.classes]
+            np.testing.assert_allclose(got, predicted[str(path)], atol=1e-5)
+    assert {"test_accuracy", "test_ece"} <= set(evaluation.metrics)
+
+
+@pytest.mark.parametrize("n", CLASSES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_onnx_and_torchscript_exports_give_predicts_probabilities(here, tmp_path, n, kind):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    uri = here[n, kind].model_uri
+    paths = images_of(here[n, "data"], 4)
+    loaded = load_model(uri)
+    expected = loaded.predict_proba(paths)
+    onnx = run_export(uri, "onnx", tmp_path)
+    sidecar = json.loads(onnx.files[1].read_text())
+    assert sidecar["classes"] == loaded.classes and sidecar["input_size"] == [3, 32, 32] and "probabilities" in sidecar["output"]
+    # what the sidecar says to do: resize and crop (tlkit's own preprocessing here), [0, 1], (x - mean) / std
+    pixels = loaded.pixels(paths)
+    normalised = ((pixels - torch.tensor(sidecar["mean"]).view(1, 3, 1, 1)) / torch.tensor(sidecar["std"]).view(1, 3, 1, 1)).numpy()
+    session = onnxruntime.InferenceSession(str(onnx.files[0]), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": normalised})[0], expected, atol=1e-4)
+    script = run_export(uri, "torchscript", tmp_path)
+    np.testing.assert_allclose(torch.jit.load(str(script.files[0]))(torch.from_numpy(normalised)).detach().numpy(), expected, atol=1e-4)
+    assert not list(tmp_path.glob(".*partial*"))  # written under a temporary name, renamed when checked
+
+
+@pytest.mark.parametrize("n", CLASSES)
+@pytest.mark.parametrize("kind", ["finetune", "logreg"])
+def test_safetensors_export_loads_into_plain_timm(here, tmp_path, n, kind):
+    import timm
+    from safetensors.torch import load_file
+
+    written = run_export(here[n, kind].model_uri, "safetensors", tmp_path)
+    sidecar = json.loads(written.files[1].read_text())
+    model = timm.create_model(sidecar["model"], num_classes=len(sidecar["classes"])).eval()
+    model.load_state_dict(load_file(str(written.files[0])))
+    loaded = load_model(here[n, kind].model_uri)
+    batch = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
-        scores = loaded.probs(loaded.network(loaded.pixels(paths))).numpy()
-    expected = load_predictor(here[kind]).scores(paths, precision="32-true")
-    np.testing.assert_allclose(scores, expected, atol=1e-4)
-    assert loaded.probabilities == (kind != "svm")
+        np.testing.assert_allclose(torch.softmax(model(loaded.network.normalise(batch)), 1).numpy(),
+                                   loaded.probs(loaded.network(batch)).numpy(), atol=1e-5)
 
 
-def test_pixels_baseline_has_no_network(here):
-    with pytest.raises(TlkitError, match="pixels baseline: it has no network"):
-        load_network(here["pixels"])
+@pytest.mark.parametrize("kind", ["svm", "pixels"])
+def test_safetensors_export_is_refused_where_timm_cannot_hold_the_head(here, tmp_path, kind):
+    with pytest.raises(TlkitError, match="export it as --format onnx or torchscript"):
+        run_export(here[2, kind].model_uri, "safetensors", tmp_path)
 
 
-def test_evaluate_logs_metrics_plots_tta_maps_and_fgsm(here, digits_target):
+@pytest.mark.parametrize("n", CLASSES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_explain_maps_every_class_with_two_classes_too(here, tmp_path, n, kind):
+    uri = here[n, kind].model_uri
+    loaded = load_model(uri)
+    paths = images_of(here[n, "data"], 2)
+    method = "saliency" if kind == "pixels" else "gradcam"
+    for target in loaded.classes:  # class 0 included: a two-class head gives it logits of its own, not a zero row
+        folder = tmp_path / target
+        result = run_explain(uri, [str(p) for p in paths], method=method, target=target, out=folder)
+        assert len(result.files) == 2 and (folder / "overview.png").is_file()
+    images = loaded.pixels(paths)
+    from tlkit.explain import saliency
+
+    for target in range(n):  # every class's score depends on the image (Grad-CAM may rightly find no evidence *for* a class)
+        heat = saliency(loaded.network, images, torch.full((len(paths),), target))
+        assert np.abs(heat).max() > 0, f"an empty saliency map for class {loaded.classes[target]}"
+
+
+def test_evaluate_logs_metrics_plots_tta_maps_and_fgsm(here):
     from mlflow import MlflowClient
 
-    result = run_evaluate(here["finetune"], digits_target, tta=True, explain_top=2, method="gradcam", attack="fgsm", eps=[2 / 255, 0.05])
+    uri, data = here[3, "finetune"].model_uri, here[3, "data"]
+    result = run_evaluate(uri, data, tta=True, explain_top=2, method="gradcam", attack="fgsm", eps=[2 / 255, 0.05])
     m = result.metrics
     assert {"test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_ece", "test_tta_accuracy", "test_f1.5"} <= set(m)
     assert "test_top3_accuracy" not in m  # 3 classes: top-3 is always right, so it is not reported
-    assert m["test_fgsm_accuracy.eps_0.0000"] == pytest.approx(m["test_accuracy"], abs=0.02)
+    assert m["test_fgsm_accuracy.eps_0.0000"] == pytest.approx(m["test_accuracy"])  # both float32: the same network
     assert m["test_fgsm_accuracy.eps_0.0500"] <= m["test_fgsm_accuracy.eps_0.0000"]
     assert result.details["tta_views"].startswith("image, 4 corner crops")  # trained without flips: no mirror
     client = MlflowClient(tracking.resolve_tracking_uri())
     run = client.get_run(result.run_id)
-    assert run.data.tags["tlkit.model_run"] == here["finetune"].removeprefix("runs:/")
+    assert run.data.tags["tlkit.model_run"] == uri.removeprefix("runs:/")
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert {"plots/top_losses.png", "plots/reliability.png", "plots/confusion_matrix.png", "plots/confusion_matrix_normalised.png",
             "plots/fgsm_accuracy.png", "plots/fgsm_examples.png"} <= plots
@@ -87,87 +184,110 @@ def test_evaluate_logs_metrics_plots_tta_maps_and_fgsm(here, digits_target):
     assert len(maps - {"overview.png"}) == 2 and "overview.png" in maps
 
 
-def test_evaluate_an_svm_says_why_there_is_no_calibration(here, digits_target, runner):
-    result = invoke(runner, "evaluate", here["svm"], digits_target, "--split", "test")
-    assert result.exit_code == 0 and "an SVM gives scores, not probabilities" in result.stdout and "test_ece" not in result.stdout
+@pytest.mark.parametrize("kind", KINDS)
+def test_evaluate_two_classes_with_tta_maps_and_fgsm(here, kind):
+    uri, data = here[2, kind].model_uri, here[2, "data"]
+    method = "saliency" if kind == "pixels" else "gradcam"
+    result = run_evaluate(uri, data, tta=True, explain_top=1, method=method, attack="fgsm", eps=[0.05])
+    assert {"test_accuracy", "test_ece", "test_tta_accuracy", "test_fgsm_accuracy.eps_0.0500"} <= set(result.metrics)
+    assert 0 <= result.metrics["test_ece"] <= 1
+
+
+def test_evaluate_cli_on_an_svm_reports_calibration(here, runner):
+    uri, data = here[3, "svm"].model_uri, here[3, "data"]
+    result = invoke(runner, "evaluate", uri, data, "--split", "test")
+    assert result.exit_code == 0 and "test_ece" in result.stdout and "out-of-fold" in " ".join(result.stdout.split())
     evaluation = tracking.get_run(result.stdout.split("MLflow run ")[1].split()[0])
     assert tracking.experiment_id("review") == evaluation.info.experiment_id  # beside the model's run, not in the default experiment
-    assert_one_line_error(invoke(runner, "evaluate", here["pixels"], digits_target, "--tta"), "pixels baseline")
-    assert_one_line_error(invoke(runner, "evaluate", here["svm"], digits_target, "--attack", "pgd"), "unknown attack 'pgd'")
+    assert_one_line_error(invoke(runner, "evaluate", uri, data, "--attack", "pgd"), "unknown attack 'pgd'")
+    assert_one_line_error(invoke(runner, "explain", here[2, "pixels"].model_uri, str(images_of(data, 1)[0]), "--method", "gradcam"),
+                          "pixels baseline has none")
 
 
-def test_explain_cli_writes_one_png_per_image(here, digits_target, runner, tmp_path):
-    paths = [str(p) for p in images_of(digits_target, 2)]
+@pytest.mark.parametrize("kind", ["svm", "logreg", "pixels", "finetune"])
+def test_every_model_logs_its_calibration_on_the_heldout_split(here, kind):
+    for n in CLASSES:
+        m = here[n, kind].metrics
+        assert {"test_ece", "test_ece_uncalibrated", "temperature"} <= set(m), m
+        assert 0 < m["temperature"] < 50
+
+
+def test_explain_cli_writes_one_png_per_image(here, runner, tmp_path):
+    uri, data = here[3, "finetune"].model_uri, here[3, "data"]
+    paths = [str(p) for p in images_of(data, 2)]
     for method in ("saliency", "gradcam", "occlusion"):
-        result = invoke(runner, "explain", here["finetune"], *paths, "--method", method, "--out", tmp_path / method, "--target", "6")
+        result = invoke(runner, "explain", uri, *paths, "--method", method, "--out", tmp_path / method, "--target", "6")
         assert result.exit_code == 0, result.output
         assert len(list((tmp_path / method).glob(f"*-{method}.png"))) == 2 and (tmp_path / method / "overview.png").is_file()
-    assert_one_line_error(invoke(runner, "explain", here["finetune"], paths[0], "--target", "9"), "--target '9' is not a class")
-    assert_one_line_error(invoke(runner, "explain", here["finetune"], paths[0], "--method", "lime"), "unknown method 'lime'")
+    assert_one_line_error(invoke(runner, "explain", uri, paths[0], "--target", "9"), "--target '9' is not a class")
+    assert_one_line_error(invoke(runner, "explain", uri, paths[0], "--method", "lime"), "unknown method 'lime'")
 
 
 def test_backbone_filters_cli(here, runner, tmp_path):
-    result = invoke(runner, "backbone", "filters", here["finetune"], "--out", tmp_path / "f.png")
+    result = invoke(runner, "backbone", "filters", here[3, "finetune"].model_uri, "--out", tmp_path / "f.png")
     assert result.exit_code == 0 and (tmp_path / "f.png").stat().st_size > 1000, result.output
 
 
-@pytest.mark.parametrize("kind", ["finetune", "svm"])
-def test_onnx_and_torchscript_round_trips_match(here, tmp_path, kind):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    loaded = load_network(here[kind])
-    batch = torch.rand(5, 3, 32, 32)
-    with torch.no_grad():
-        expected = loaded.network(batch).numpy()
-    normalised = ((batch - loaded.network.mean) / loaded.network.std).numpy()
-    onnx = run_export(here[kind], "onnx", tmp_path)
-    session = onnxruntime.InferenceSession(str(onnx.files[0]), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(session.run(None, {"input": normalised})[0], expected, atol=1e-4)
-    script = run_export(here[kind], "torchscript", tmp_path)
-    np.testing.assert_allclose(torch.jit.load(str(script.files[0]))(torch.from_numpy(normalised)).detach().numpy(), expected, atol=1e-4)
-    sidecar = json.loads(onnx.files[1].read_text())
-    assert sidecar["classes"] == ["5", "6", "7"] and sidecar["input_size"] == [3, 32, 32] and len(sidecar["mean"]) == 3
-    assert sidecar["softmax_is_probability"] == (kind != "svm") and "interpolation" in sidecar
+def test_predict_cli_two_classes_prints_probabilities(here, runner, tmp_path):
+    uri, data = here[2, "svm"].model_uri, here[2, "data"]
+    result = invoke(runner, "predict", uri, str(images_of(data, 1)[0]), "--top-k", "5", "--out", tmp_path / "p.csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [r["rank"] for r in rows] == ["1", "2"] and sum(float(r["probability"]) for r in rows) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_safetensors_export_loads_into_plain_timm(here, tmp_path):
-    import timm
-    from safetensors.torch import load_file
+class _Marker:
+    """Unpickling this creates a file: the test's proof that a pickle was (not) loaded."""
 
-    written = run_export(here["finetune"], "safetensors", tmp_path)
-    sidecar = json.loads(written.files[1].read_text())
-    model = timm.create_model(sidecar["model"], num_classes=len(sidecar["classes"])).eval()
-    model.load_state_dict(load_file(str(written.files[0])))
-    loaded = load_network(here["finetune"])
-    batch = torch.rand(3, 3, 32, 32)
-    with torch.no_grad():
-        np.testing.assert_allclose(model(loaded.network.normalise(batch)).numpy(), loaded.network(batch).numpy(), atol=1e-5)
-    with pytest.raises(TlkitError, match="export it as --format onnx or torchscript"):
-        run_export(here["svm"], "safetensors", tmp_path)
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path(self.path).touch, ())
 
 
-def test_mlflow_models_serve_answers_like_tlkit_predict(here, digits_target):
-    import base64
+def test_a_model_folder_holding_a_pickle_is_refused_and_never_unpickled(here, tmp_path, runner):
+    import shutil
 
-    paths = images_of(digits_target, 3)
-    rows, _, predictor = predict_images(here["finetune"], [str(p) for p in paths], top_k=3)
-    port = free_port()
-    env_path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]  # it execs uvicorn from the environment
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"{here['finetune']}/model", "--env-manager", "local",
-               "-h", "127.0.0.1", "-p", str(port)]
-    os.environ["MLFLOW_TRACKING_URI"] = tracking.resolve_tracking_uri()
-    old_path, os.environ["PATH"] = os.environ["PATH"], env_path
-    try:
-        with serving(command, port, ping="/ping") as base:
-            data = [[str(paths[0])], [base64.b64encode(paths[1].read_bytes()).decode()], [str(paths[2])]]
-            request = urllib.request.Request(f"{base}/invocations", data=json.dumps({"dataframe_split": {"columns": ["image"], "data": data}}).encode(),
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=60) as response:
-                answer = json.loads(response.read())["predictions"]
-    finally:
-        os.environ["PATH"] = old_path
-        del os.environ["MLFLOW_TRACKING_URI"]
-    expected = {(row["image"], row["class"]): row["probability"] for row in rows}
-    for path, served in zip(paths, answer):
-        for name in predictor.classes:
-            assert served[name] == pytest.approx(expected[(str(path), name)], abs=1e-3)
-        assert served["class"] == max(predictor.classes, key=lambda c: served[c])
+    loaded_folder = tracking.download_artifacts(here[2, "logreg"].run_id, "model")
+    folder = tmp_path / "model"
+    shutil.copytree(loaded_folder / "artifacts" / "bundle", folder)
+    (folder / "head.safetensors").unlink()  # as tlkit 0.1 saved a baseline: estimator.joblib instead of the head's tensors
+    marker = tmp_path / "executed"
+    (folder / "estimator.joblib").write_bytes(pickle.dumps(_Marker(str(marker))))
+    image = str(images_of(here[2, "data"], 1)[0])
+    for command in (["predict", folder, image], ["explain", folder, image], ["export", folder, "--out", tmp_path / "x"]):
+        assert_one_line_error(invoke(runner, *command), "estimator.joblib, a pickle", "fit the baseline again")
+    assert not marker.exists()
+
+
+def test_a_damaged_head_is_one_line(here, tmp_path, runner):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tracking.download_artifacts(here[2, "svm"].run_id, "model") / "artifacts" / "bundle", folder)
+    head = folder / "head.safetensors"
+    head.write_bytes(head.read_bytes()[:40])
+    assert_one_line_error(invoke(runner, "predict", folder, str(images_of(here[2, "data"], 1)[0])), "head.safetensors", "damaged")
+
+
+def test_served_model_never_reads_a_path(here):
+    from tlkit.serving import Refused
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    served = mlflow.pyfunc.load_model(f"{here[2, 'finetune'].model_uri}/model")
+    image = images_of(here[2, "data"], 1)[0]
+    messages = []
+    for value in (str(image), "/etc/passwd", "/etc/nonexistent-file", "not base64 at all!"):
+        with pytest.raises(Refused) as refused:
+            served.predict(pd.DataFrame({"image": [value]}))
+        messages.append(refused.value.message)
+    assert len(set(messages)) == 1 and "not a base64-encoded JPEG, PNG or WebP image" in messages[0]  # no file-exists oracle
+    png = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(png, format="GIF")
+    with pytest.raises(Refused, match="not a base64-encoded JPEG, PNG or WebP"):
+        served.predict(pd.DataFrame({"image": [base64.b64encode(png.getvalue()).decode()]}))

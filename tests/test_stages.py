@@ -49,15 +49,16 @@ def test_baseline_run_contents_and_prediction(tracked, digits_source, classifier
     assert float(params["C"]) > 0 and params["data.fingerprint"] == run.data.tags["tlkit.data_fingerprint"]
     assert metrics["test_accuracy"] == result.metrics["test_accuracy"] > 0.5
     files = artifacts(tracked, result.run_id)
-    assert {"plots/confusion_matrix.png", "model/MLmodel", "model/artifacts/bundle/tlkit-model.json", "model/artifacts/bundle/estimator.joblib", "data/report.txt"} <= files
+    assert {"plots/confusion_matrix.png", "model/MLmodel", "model/artifacts/bundle/tlkit-model.json", "model/artifacts/bundle/head.safetensors",
+            "data/report.txt"} <= files
     assert ("model/artifacts/bundle/backbone.safetensors" in files) == (classifier != "pixels")
+    assert not [f for f in files if f.endswith((".pkl", ".joblib", ".pickle"))]  # tensors, JSON and code: no pickle anywhere in the run
 
     images = sorted(str(p) for p in Path(digits_source, "2").glob("*.png"))[:5]
     rows, skipped, predicted = run_predict(f"runs:/{result.run_id}", images, top_k=2)
     assert len(rows) == 10 and not skipped
     assert [r["rank"] for r in rows[:2]] == [1, 2]
-    score = "score" if classifier in ("svm", "pixels") else "probability"
-    assert score in rows[0]
+    assert "probability" in rows[0] and rows[0]["probability"] >= rows[1]["probability"]
     assert sum(r["class"] == "2" for r in rows if r["rank"] == 1) >= 3
 
 

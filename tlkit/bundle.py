@@ -4,10 +4,13 @@ One self-contained format for every model tlkit trains or fits, logged to MLflow
 `model/` artifact, so `predict`, and `--weights runs:/RUN_ID` in any later stage, need nothing
 but the run:
 
-    tlkit-model.json    kind, timm model name, data config, classes, how the weights came
-    backbone.safetensors
-    head.safetensors    a torch linear head (kind "finetune" / "pretrain"), or
-    estimator.joblib    a fitted sklearn pipeline (kind "baseline")
+    tlkit-model.json    kind, timm model name, data config, classes, how the weights came, the head's
+                        normalisation and how its temperature was fitted
+    backbone.safetensors  (none for a pixels baseline)
+    head.safetensors    the head (tlkit.heads.LinearHead): linear weights, normalisation, temperature
+
+Nothing in it is a pickle: a model folder from anywhere is read as tensors and JSON, and runs no code.
+(tlkit 0.1 saved baselines as `estimator.joblib`, a pickle; such a folder is refused, see `load_head`.)
 
 In a run, these files sit in `model/artifacts/bundle/`, and `model/` is also an MLflow pyfunc
 model (see tracking.log_model), so `mlflow models serve -m runs:/RUN_ID/model` serves it.
@@ -26,6 +29,8 @@ from tlkit.errors import TlkitError
 if TYPE_CHECKING:
     import torch
 
+    from tlkit.heads import LinearHead
+
 BUNDLE_FILE = "tlkit-model.json"
 ARTIFACT_PATH = "model"
 PYFUNC_BUNDLE = Path("artifacts") / "bundle"  # where a pyfunc model folder keeps the bundle
@@ -42,6 +47,7 @@ class Bundle:
     features: str = "backbone"  # "backbone" | "pixels" (baselines only)
     pixel_size: int | None = None
     weights: str = ""  # where the backbone weights came from before this run
+    head: dict[str, Any] = field(default_factory=lambda: {"norm": "none"})  # norm, and how the temperature was fitted
     extra: dict[str, Any] = field(default_factory=dict)
     tlkit_version: str = __version__
 
@@ -51,21 +57,19 @@ def save_bundle(
     bundle: Bundle,
     *,
     backbone: torch.nn.Module | None = None,
-    head: torch.nn.Module | None = None,
-    estimator: Any = None,
+    head: LinearHead,
 ) -> Path:
+    """Write the model into `folder`; `bundle.head["norm"]` is taken from `head`."""
     from safetensors.torch import save_file
+
+    from tlkit import heads
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if backbone is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, str(folder / "backbone.safetensors"))
-    if head is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(folder / "head.safetensors"))
-    if estimator is not None:
-        import joblib
-
-        joblib.dump(estimator, folder / "estimator.joblib")
+    save_file(heads.state(head), str(folder / "head.safetensors"))
+    bundle.head = {**bundle.head, "norm": head.norm, "temperature": float(head.temperature)}
     (folder / BUNDLE_FILE).write_text(json.dumps(asdict(bundle), indent=1, default=list))
     return folder
 
@@ -80,31 +84,42 @@ def read_bundle(folder: Path) -> Bundle:
     path = Path(folder) / BUNDLE_FILE
     if not path.exists():
         raise TlkitError(f"{folder} holds no {BUNDLE_FILE}; pass a run of `tlkit pretrain`, `finetune` or `baseline`")
-    data = json.loads(path.read_text())
-    data["data_config"]["input_size"] = tuple(data["data_config"]["input_size"])
-    return Bundle(**data)
+    try:
+        data = json.loads(path.read_text())
+        data["data_config"]["input_size"] = tuple(data["data_config"]["input_size"])
+        return Bundle(**data)
+    except (ValueError, KeyError, TypeError) as err:
+        raise TlkitError(f"{path} is damaged ({err}); save the model again") from None
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise TlkitError(f"{path.name} in {path.parent} is damaged ({str(err).splitlines()[0]}); save the model again") from None
 
 
 def backbone_state(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     path = Path(folder) / "backbone.safetensors"
     if not path.exists():
         raise TlkitError(f"{folder} holds no backbone weights (a pixels baseline has none); use a run that trained or used a backbone")
-    return load_file(str(path))
+    return _tensors(path)
 
 
-def head_state(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def load_head(folder: Path, saved: Bundle) -> LinearHead:
+    """The model's head, from tensors. A pickled scikit-learn estimator (tlkit 0.1's baselines) is never loaded."""
+    from tlkit import heads
 
-    return load_file(str(Path(folder) / "head.safetensors"))
-
-
-def load_estimator(folder: Path):
-    import joblib
-
-    # joblib is pickle: only load estimators from runs you trust (your own tracking store).
-    return joblib.load(Path(folder) / "estimator.joblib")
+    path = Path(folder) / "head.safetensors"
+    if not path.exists():
+        if (Path(folder) / "estimator.joblib").exists():
+            raise TlkitError(f"{folder} holds estimator.joblib, a pickle from tlkit 0.1, which tlkit does not load (unpickling can run any code); "
+                             "fit the baseline again with this tlkit (`tlkit baseline DATA ...`, seconds from cached features) and use the new run")
+        raise TlkitError(f"{folder} holds no head.safetensors; the model folder is incomplete: save the model again")
+    return heads.from_state(_tensors(path), saved.head.get("norm", "none"))
 
 
 def fetch_bundle(ref: str, *, tracking_uri: str | None = None) -> tuple[Path, Bundle]:

@@ -120,7 +120,7 @@ Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processe
 TrackingUri = Annotated[Optional[str], typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")]
 Experiment = Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment name.")]
 ModelExperiment = Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment (default: the model run's).")]
-NetworkRef = Annotated[str, typer.Argument(help="runs:/RUN_ID of a finetune, pretrain or backbone baseline run.")]
+NetworkRef = Annotated[str, typer.Argument(help="runs:/RUN_ID of a baseline, pretrain or finetune run (or a model folder).")]
 CacheDir = Annotated[Optional[Path], typer.Option(envvar="TLKIT_CACHE", help="Cache folder for features and decoded images (default .tlkit/cache).")]
 ImageCache = Annotated[Optional[float], typer.Option(help="MB of memory for training images decoded once (default: a quarter of RAM, at most 8192); beyond it they go to the cache folder.")]
 
@@ -717,12 +717,12 @@ def predict_command(
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ):
-    """Class names and probabilities (SVM: decision scores) for images, preprocessed as in training."""
+    """Class names and calibrated probabilities for images, preprocessed as in training (float32, the served model's numbers)."""
     from tlkit.stages import run_predict
 
     _tracking(tracking_uri, experiment)
     rows, skipped, result = run_predict(model, images, top_k=top_k, out=out, tracking_uri=tracking_uri)
-    score = "probability" if "probability" in rows[0] else "score"
+    score = "probability"
     table = Table()
     for column in ("image", "rank", "class", score):
         table.add_column(column, justify="right" if column in ("rank", score) else "left")
@@ -777,9 +777,9 @@ def evaluate_command(
     console.print(table)
     pairs = ", ".join(f"{t}->{p} ({n})" for t, p, n in result.details["most_confused"]) or "none"
     console.print(f"most confused (true->predicted): {pairs}", highlight=False)
-    if "calibration" in result.details:
-        console.print(result.details["calibration"], highlight=False)
-    console.print(f"plots: plots/top_losses.png, reliability.png, confusion_matrix*.png{', explain/' if explain_top else ''} in the run", highlight=False)
+    console.print(f"the model's calibration: {result.details['calibration']}", highlight=False, soft_wrap=True)
+    console.print(f"in the run: predictions.csv, plots/top_losses.png, reliability.png, confusion_matrix*.png{', explain/' if explain_top else ''}",
+                  highlight=False)
     _run_footer(result.run_id, model=False)
 
 

@@ -84,14 +84,9 @@ def reliability_figure(table: list[dict], ece: float):
     return figure
 
 
-def losses(y_true: np.ndarray, scores: np.ndarray, probabilities: bool) -> np.ndarray:
-    """Per image: cross-entropy -log p(true) for probabilities; for SVM scores, the margin by which
-    the best other class beats the true one."""
-    if probabilities:
-        return -np.log(np.clip(scores[np.arange(len(y_true)), y_true], 1e-12, 1.0))
-    others = scores.copy()
-    others[np.arange(len(y_true)), y_true] = -np.inf
-    return others.max(axis=1) - scores[np.arange(len(y_true)), y_true]
+def losses(y_true: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Per image: the cross-entropy -log p(true class)."""
+    return -np.log(np.clip(probabilities[np.arange(len(y_true)), y_true], 1e-12, 1.0))
 
 
 def image_grid(images: list[np.ndarray], titles: list[str], *, columns: int = 4, cell: float = 2.2, title: str = ""):

@@ -55,16 +55,15 @@ def gradcam(network: Network, images: torch.Tensor, targets: torch.Tensor) -> np
 
 @torch.no_grad()
 def occlusion(network: Network, images: torch.Tensor, targets: torch.Tensor, *, patch: int = 8, stride: int = 4,
-              probabilities: bool = True, batch_size: int = 64) -> np.ndarray:
-    """Occlusion sensitivity (Zeiler & Fergus 2014): the drop of the target's probability (or score)
-    when a grey patch covers each place, averaged over the patches that cover a pixel. Batched."""
+              batch_size: int = 64) -> np.ndarray:
+    """Occlusion sensitivity (Zeiler & Fergus 2014): the drop of the target's probability when a grey
+    patch covers each place, averaged over the patches that cover a pixel. Batched."""
     n, _, height, width = images.shape
     if patch < 1 or stride < 1 or patch > min(height, width):
         raise TlkitError(f"--patch must be between 1 and the input size {min(height, width)}, and --stride at least 1; got {patch}, {stride}")
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s = network(x)
-        return (torch.softmax(s, dim=1) if probabilities else s).gather(1, t[:, None])[:, 0]
+        return torch.softmax(network(x), dim=1).gather(1, t[:, None])[:, 0]
 
     tops = list(range(0, height - patch + 1, stride))
     lefts = list(range(0, width - patch + 1, stride))

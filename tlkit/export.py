@@ -1,18 +1,21 @@
 """A saved model -> files that run without tlkit: ONNX, TorchScript or safetensors, plus a JSON sidecar.
 
-The exported network takes normalised images and returns class scores: float32 (N, 3, H, W), RGB
-scaled to [0, 1], then (x - mean) / std, after resizing the short side to size / crop_pct and a
-centre crop. The sidecar (`<name>.json`) says all of that: classes, input size, mean, std,
-interpolation, crop_pct, and whether softmax of the output is a probability.
+The exported network takes normalised images: float32 (N, 3, H, W), RGB scaled to [0, 1], then
+(x - mean) / std, after resizing the short side to size / crop_pct and a centre crop (a pixels
+baseline: resized to its square). ONNX and TorchScript return the model's calibrated class
+probabilities (N, n_classes), the numbers `tlkit predict` gives; the export fails if they differ from
+PyTorch's by more than TOLERANCE on a test batch. The sidecar (`<name>.json`) says all of that.
 
-Fine-tuned models and logistic-regression baselines become timm's own layout (the head folded into
-the model's classifier), so the safetensors file loads with `timm.create_model(model, num_classes=N)`.
+Fine-tuned models and logistic-regression baselines also export as timm's own layout (safetensors:
+the head and its temperature folded into the model's classifier), which loads with
+`timm.create_model(model, num_classes=N)` and returns logits whose softmax is the probabilities.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -22,15 +25,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tlkit import __version__
+from tlkit.cache import write_atomic
 from tlkit.errors import TlkitError
-from tlkit.network import LoadedModel, SklearnHead
+from tlkit.network import LoadedModel
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
+TOLERANCE = 1e-4  # largest difference allowed between the exported model's probabilities and PyTorch's
 
 
-class _Scores(nn.Module):
-    """Backbone + any head, from normalised input (for heads timm's classifier cannot hold)."""
+class _Logits(nn.Module):
+    """Backbone + head, from normalised input (for heads timm's classifier cannot hold)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
@@ -40,30 +45,26 @@ class _Scores(nn.Module):
         return self.head(self.backbone(x))
 
 
-def _as_linear(head: nn.Module) -> nn.Linear | None:
-    """The head as one Linear layer when it is one (a StandardScaler folds into the weights), else None."""
-    if isinstance(head, nn.Linear):
-        return head
-    if isinstance(head, SklearnHead) and not head.l2:
-        weight = head.linear.weight / head.scale
-        bias = head.linear.bias - weight @ head.mean
-        linear = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            linear.bias.copy_(bias)
-        return linear
-    return None
+class _Probabilities(nn.Module):
+    def __init__(self, logits: nn.Module):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(x), dim=1)
 
 
 def export_module(loaded: LoadedModel, *, timm_layout: bool = False) -> nn.Module:
-    """Normalised images -> scores, as one module; timm's layout where the head allows it."""
+    """Normalised images -> calibrated logits, as one module; timm's layout where the head allows it."""
     backbone = copy.deepcopy(loaded.network.backbone).eval()
-    linear = _as_linear(loaded.network.head)
-    if linear is None:
+    linear = loaded.network.head.as_linear()
+    if timm_layout and loaded.is_pixels:
+        raise TlkitError("a pixels baseline has no timm model to hold its weights; export it as --format onnx or torchscript")
+    if linear is None or not timm_layout:
         if timm_layout:
             raise TlkitError("this SVM baseline L2-normalises features before its linear layer, which timm's classifier "
                              "cannot hold; export it as --format onnx or torchscript")
-        return _Scores(backbone, copy.deepcopy(loaded.network.head)).eval()
+        return _Logits(backbone, copy.deepcopy(loaded.network.head)).eval()
     backbone.reset_classifier(len(loaded.classes))  # timm's contract: a fresh classifier of the right size
     classifier = backbone.get_classifier()
     with torch.no_grad():
@@ -74,19 +75,22 @@ def export_module(loaded: LoadedModel, *, timm_layout: bool = False) -> nn.Modul
 
 def sidecar(loaded: LoadedModel, fmt: str, source: str) -> dict:
     config = loaded.bundle.data_config
+    pixels = loaded.is_pixels
     return {
         "format": fmt,
-        "model": loaded.bundle.model_name,
+        "model": loaded.bundle.model_name or f"pixels-{loaded.bundle.pixel_size}",
         "classes": loaded.classes,
         "input_size": list(config["input_size"]),
-        "mean": list(config["mean"]),
-        "std": list(config["std"]),
-        "interpolation": config.get("interpolation", "bilinear"),
-        "crop_pct": config.get("crop_pct", 1.0),
-        "preprocess": "RGB; resize the short side to input_size / crop_pct with `interpolation`; centre crop to input_size; "
-                      "scale to [0, 1]; subtract mean, divide by std; float32 NCHW",
-        "output": "logits: softmax gives class probabilities" if loaded.probabilities else "SVM decision scores (argmax is the class; not probabilities)",
-        "softmax_is_probability": loaded.probabilities,
+        "mean": [0.0, 0.0, 0.0] if pixels else list(config["mean"]),
+        "std": [1.0, 1.0, 1.0] if pixels else list(config["std"]),
+        "interpolation": "bilinear" if pixels else config.get("interpolation", "bilinear"),
+        "crop_pct": 1.0 if pixels else config.get("crop_pct", 1.0),
+        "preprocess": ("RGB; resize to input_size, aspect not kept (Pillow bilinear); scale to [0, 1]; float32 NCHW" if pixels else
+                       "RGB; resize the short side to input_size / crop_pct with `interpolation`; centre crop to input_size; "
+                       "scale to [0, 1]; subtract mean, divide by std; float32 NCHW"),
+        "output": ("logits: softmax gives the calibrated class probabilities" if fmt == "safetensors" else
+                   "calibrated class probabilities (N, n_classes), the same as `tlkit predict`"),
+        "temperature": float(loaded.network.head.temperature),
         "source": source,
         "tlkit_version": __version__,
     }
@@ -98,26 +102,35 @@ def export(loaded: LoadedModel, fmt: str, out: Path, *, source: str, check: bool
         raise TlkitError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = (loaded.bundle.model_name or "model").replace("/", "_")
+    stem = (loaded.bundle.model_name or f"pixels-{loaded.bundle.pixel_size}").replace("/", "_")
     path = out / f"{stem}{SUFFIX[fmt]}"
+    partial = out / f".{stem}.partial{SUFFIX[fmt]}"  # renamed once written and checked: a crash leaves the old file whole
     module = export_module(loaded, timm_layout=fmt == "safetensors")
+    if fmt != "safetensors":
+        module = _Probabilities(module).eval()
     example = torch.rand(2, *loaded.bundle.data_config["input_size"])
     example = (example - loaded.network.mean) / loaded.network.std
     with torch.no_grad():
         expected = module(example).numpy()
-    if fmt == "safetensors":
-        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(path))
-        difference = None
-    elif fmt == "torchscript":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; it still runs anywhere libtorch does
-            traced = torch.jit.trace(module, example)
-            traced.save(str(path))
-            difference = float(np.abs(torch.jit.load(str(path))(example).detach().numpy() - expected).max()) if check else None
-    else:
-        difference = _export_onnx(module, example, path, expected, check)
+    try:
+        if fmt == "safetensors":
+            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(partial))
+            difference = None
+        elif fmt == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; it still runs anywhere libtorch does
+                torch.jit.trace(module, example).save(str(partial))
+                difference = float(np.abs(torch.jit.load(str(partial))(example).detach().numpy() - expected).max()) if check else None
+        else:
+            difference = _export_onnx(module, example, partial, expected, check)
+        if difference is not None and difference > TOLERANCE:
+            raise TlkitError(f"the {fmt} export's probabilities differ from PyTorch's by {difference:.1e} (> {TOLERANCE:g}) on a test batch; "
+                             "nothing was written: report it with the model name and the versions of torch and onnxruntime")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     info = path.with_suffix(".json")
-    info.write_text(json.dumps(sidecar(loaded, fmt, source), indent=1))
+    write_atomic(info, json.dumps(sidecar(loaded, fmt, source), indent=1).encode())
     return {"model": path, "sidecar": info, "max_abs_difference": difference}
 
 
@@ -128,7 +141,7 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, expected:
         raise TlkitError("ONNX export needs the onnx and onnxscript packages: pip install 'tlkit[export]'") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["scores"],
+        torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["probabilities"],
                           dynamic_shapes={"x": {0: torch.export.Dim("batch", max=4096)}}, dynamo=True, external_data=False, verbose=False)
     if not check:
         return None

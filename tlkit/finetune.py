@@ -331,6 +331,7 @@ class TrainResult:
     y_pred: np.ndarray
     epochs_run: int
     settings: dict = field(default_factory=dict)
+    temperature: float = 1.0  # divides the head's logits: softmax of them is calibrated (tlkit.calibrate)
 
 
 def _dataset(manifest: Manifest, split: str, transform, decoded: DecodedImages | None = None) -> ImageDataset:
@@ -493,6 +494,7 @@ def train_classifier(
     resume: bool = False,
     progress: bool = True,
     module: ImageClassifier | None = None,
+    calibrated: bool = True,
 ) -> TrainResult:
     """Train per `settings`; keep the best epoch by validation accuracy.
 
@@ -515,6 +517,7 @@ def train_classifier(
         resume: continue from `workdir/last.ckpt`.
         progress: show a progress bar.
         module: a module from `build_module` (e.g. after an LR search); built here by default.
+        calibrated: fit the head's temperature (calibrate.calibrate_logits; tune's trials skip it).
 
     Returns:
         The module with the best epoch's weights, and its metrics on the held-out split.
@@ -590,6 +593,15 @@ def train_classifier(
     resolved["selection"] = {"epoch": "best val_score on the val split" if selects else "last (the schedule runs to its end)"}
     if probe is not None:
         resolved["probe_selection_accuracy"], resolved["selection"]["probe_C"] = probe
+    temperature = 1.0
+    if calibrated:  # in float32, as every saved model is scored (network.LoadedModel)
+        from tlkit.calibrate import calibrate_logits
+
+        heldout_logits = infer(module, eval_loader, precision="32-true")
+        fit = (infer(module, val_loader, precision="32-true"), manifest.labels(manifest.split("val"))) if selects else None
+        temperature, calibration, resolved["selection"]["temperature"] = calibrate_logits(heldout_logits, y_true, fit=fit, split=heldout,
+                                                                                         seed=settings.seed)
+        metrics.update(calibration)
     return TrainResult(
         module=module,
         best_epoch=best_epoch,
@@ -600,4 +612,5 @@ def train_classifier(
         y_pred=y_pred,
         epochs_run=epochs_run,
         settings=resolved,
+        temperature=temperature,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -38,15 +39,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def load_rgb(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
-    """Decode `path` to an HxWx3 uint8 array, upright per its EXIF orientation.
+def load_rgb(path: str | os.PathLike | IO[bytes], min_side: int | None = None, *, formats: tuple[str, ...] | None = None) -> np.ndarray:
+    """Decode `path` (a file, or an open file of image bytes) to an HxWx3 uint8 array, upright per its EXIF orientation.
 
     With `min_side`, an image whose shorter side is longer is reduced to exactly that shorter side
     (aspect kept, Pillow's antialiased bicubic). A JPEG is then decoded at reduced size to begin with
     (`Image.draft`: the decoder's own 1/2, 1/4, 1/8 scaling, never below the size asked for), so a
     5 MP photo feeding a 224 px crop is not decoded whole. Smaller images are returned as they are.
+    `formats` limits the decoders Pillow may use (e.g. ("JPEG", "PNG", "WEBP")).
     """
-    with Image.open(path) as image:
+    with Image.open(path, formats=formats) as image:
         if min_side is not None and min(image.size) > min_side:
             scale = min_side / min(image.size)
             image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))

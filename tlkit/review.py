@@ -33,8 +33,8 @@ from tlkit.evaluate import (
 from tlkit.explain import METHODS, explain, explanation_figure, filters_figure, first_conv_filters, overview_figure
 from tlkit.export import export
 from tlkit.ingest import Manifest
-from tlkit.network import LoadedModel, images_to_tensor, load_network
-from tlkit.predict import expand_images, load_predictor
+from tlkit.network import LoadedModel, load_model
+from tlkit.predict import expand_images
 
 BATCH = 64
 OVERVIEW = 16  # explanations on the one-page overview
@@ -53,12 +53,8 @@ def _model_run(ref: str) -> str:
 
 
 def _batches(paths: list[Path], loaded: LoadedModel):
-    from tlkit.augment import eval_side
-    from tlkit.images import load_rgb
-
-    side = eval_side(loaded.bundle.data_config)
     for start in range(0, len(paths), BATCH):
-        yield start, images_to_tensor([load_rgb(p, side) for p in paths[start : start + BATCH]], loaded.bundle.data_config)
+        yield start, loaded.pixels(paths[start : start + BATCH])
 
 
 def _maps_for(loaded: LoadedModel, paths: list[Path], targets: list[int], method: str, titles: list[str], folder: Path,
@@ -68,8 +64,6 @@ def _maps_for(loaded: LoadedModel, paths: list[Path], targets: list[int], method
     written, shown = [], []
     for start, images in _batches(paths, loaded):
         chosen = torch.tensor(targets[start : start + len(images)])
-        if method == "occlusion":
-            options.setdefault("probabilities", loaded.probabilities)
         maps = explain(loaded.network, images, chosen, method, **options)
         for i, heat in enumerate(maps):
             k = start + i
@@ -118,18 +112,17 @@ def run_evaluate(
     if not records:
         have = ", ".join(s for s in ("train", "val", "test") if manifest.split(s))
         raise TlkitError(f"the dataset has no {split!r} split (it has: {have}); pass --split with one of those")
-    predictor = load_predictor(model, tracking_uri=tracking_uri)
-    classes = predictor.classes
+    loaded = load_model(model, tracking_uri=tracking_uri)
+    classes = loaded.classes
     missing = sorted({r.label for r in records} - set(classes))
     if missing:
         raise TlkitError(f"the model does not know class(es) {', '.join(missing)}; it was trained on {', '.join(classes)}")
-    needs_network = tta or explain_top > 0 or attack
-    loaded = load_network(model, tracking_uri=tracking_uri) if needs_network else None
+    if method == "gradcam" and explain_top and loaded.is_pixels:
+        raise TlkitError("Grad-CAM needs a backbone's feature map and a pixels baseline has none; use --method saliency or occlusion")
     index = {c: i for i, c in enumerate(classes)}
     y_true = np.array([index[r.label] for r in records])
     paths = [manifest.abspath(r) for r in records]
-    scores = predictor.scores(paths)
-    probabilities = predictor.score_name == "probability"
+    scores = loaded.predict_proba(paths)
     y_pred = scores.argmax(1)
     prefix = f"{split}_"
     metrics = classification_metrics(y_true, y_pred, classes, prefix=prefix)
@@ -137,54 +130,61 @@ def run_evaluate(
         if k < len(classes):
             metrics[f"{prefix}top{k}_accuracy"] = top_k_accuracy(y_true, scores, k)
     confused = most_confused(y_true, y_pred, classes)
-    details: dict = {"most_confused": confused, "score": predictor.score_name}
+    details: dict = {"most_confused": confused, "calibration": loaded.bundle.head.get("calibration", "none")}
     model_run = _model_run(model)
     params = {"model_uri": model, "split": split, "tta": tta, "attack": attack or "none", "explain_top": explain_top}
     with tracking.start_run("evaluate", run_name=run_name, params=params, tags={"tlkit.model_run": model_run}) as run_id:
         _log_data(manifest)
-        if probabilities:
-            ece, bins = calibration(y_true, scores)
-            metrics[f"{prefix}ece"] = ece
-            figure = reliability_figure(bins, ece)
-            tracking.log_figure(figure, "plots/reliability.png")
-            close(figure)
-        else:
-            details["calibration"] = "not computed: an SVM gives scores, not probabilities (use --classifier logreg or a fine-tune)"
+        ece, bins = calibration(y_true, scores)
+        metrics[f"{prefix}ece"] = ece
+        figure = reliability_figure(bins, ece)
+        tracking.log_figure(figure, "plots/reliability.png")
+        close(figure)
+        _log_predictions(paths, y_true, scores, classes)
         for normalise, name in ((False, "confusion_matrix.png"), (True, "confusion_matrix_normalised.png")):
             figure = confusion_figure(y_true, y_pred, classes, title=f"{split} split" + (", row fractions" if normalise else ""), normalise=normalise)
             tracking.log_figure(figure, f"plots/{name}")
             close(figure)
         tracking.log_dict({"most_confused": [{"true": t, "predicted": p, "count": n} for t, p, n in confused]}, "most_confused.json")
-        loss = losses(y_true, scores, probabilities)
+        loss = losses(y_true, scores)
         worst = np.argsort(-loss)[:top_losses]
         details["top_losses"] = [(str(paths[i]), classes[y_true[i]], classes[y_pred[i]], float(scores[i, y_pred[i]])) for i in worst]
-        _log_top_losses(worst, paths, y_true, y_pred, scores, classes, predictor.score_name, predictor.bundle.data_config)
+        _log_top_losses(worst, paths, y_true, y_pred, scores, classes, loaded)
         if tta:
-            flip = tta_flip if tta_flip is not None else bool(loaded.bundle.extra.get("hflip", True))
+            flip = tta_flip if tta_flip is not None else bool(loaded.bundle.extra.get("hflip", not loaded.is_pixels))
             tta_scores = np.concatenate([loaded.tta_probs(images, flip=flip).numpy() for _, images in _batches(paths, loaded)])
             metrics[f"{prefix}tta_accuracy"] = float((tta_scores.argmax(1) == y_true).mean())
             details["tta_views"] = "image, mirror, 4 corner crops" if flip else "image, 4 corner crops (no mirror: the model trained without flips)"
         if explain_top:
             chosen = list(worst[:explain_top])
-            titles = [f"true {classes[y_true[i]]} -> {classes[y_pred[i]]} ({predictor.score_name[:4]}. {scores[i, y_pred[i]]:.2f})" for i in chosen]
+            titles = [f"true {classes[y_true[i]]} -> {classes[y_pred[i]]} ({scores[i, y_pred[i]]:.2f})" for i in chosen]
             with tempfile.TemporaryDirectory() as tmp:
                 _maps_for(loaded, [paths[i] for i in chosen], [int(y_pred[i]) for i in chosen], method, titles, Path(tmp))
                 tracking.log_artifacts(Path(tmp), f"explain/top_losses-{method}")
         if attack == "fgsm":
             metrics.update(_log_fgsm(loaded, paths, y_true, sorted(set([0.0, *(eps or [1 / 255, 2 / 255, 4 / 255, 8 / 255])])), prefix))
-            details["fgsm"] = ("float32 network (the attack needs exact gradients): eps 0 is its clean accuracy, which can differ "
-                               "by an image or two from test_accuracy where inference runs in bf16")
+            details["fgsm"] = "float32 network, as every scoring path: eps 0 is its clean accuracy"
         tracking.log_metrics(metrics)
         tracking.log_dict({k: v for k, v in details.items() if k != "top_losses"}, "evaluation.json")
     return StageResult("evaluate", run_id, metrics, details=details)
 
 
-def _log_top_losses(worst, paths, y_true, y_pred, scores, classes, score_name, data_config) -> None:
-    from tlkit.augment import eval_pixels, eval_side
-    from tlkit.images import load_rgb
+def _log_predictions(paths: list[Path], y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> None:
+    """predictions.csv: per image its true class, the predicted one, and every class's probability (as `tlkit predict` gives them)."""
+    import csv
+    import io
 
-    images = [eval_pixels(data_config, load_rgb(paths[i], eval_side(data_config))) for i in worst]
-    titles = [f"{classes[y_true[i]]} -> {classes[y_pred[i]]}\n{score_name[:4]}. {scores[i, y_pred[i]]:.2f}, true {scores[i, y_true[i]]:.2f}" for i in worst]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image", "true", "predicted", *(f"probability.{c}" for c in classes)])
+    for path, truth, row in zip(paths, y_true, probabilities):
+        writer.writerow([str(path), classes[truth], classes[int(row.argmax())], *(f"{p:.6f}" for p in row)])
+    tracking.log_text(buffer.getvalue(), "predictions.csv")
+
+
+def _log_top_losses(worst, paths, y_true, y_pred, scores, classes, loaded: LoadedModel) -> None:
+    images = [loaded.prepare(loaded.decode(paths[i])) for i in worst]
+    titles = [f"{classes[y_true[i]]} -> {classes[y_pred[i]]}\n{scores[i, y_pred[i]]:.2f}, true {scores[i, y_true[i]]:.2f}" for i in worst]
     figure = image_grid(images, titles, columns=min(4, max(1, len(images))), title="top losses (true -> predicted)")
     tracking.log_figure(figure, "plots/top_losses.png")
     close(figure)
@@ -232,7 +232,9 @@ def run_explain(
     """One PNG per image (image, map, overlay) for the target class (default: the predicted one)."""
     if method not in METHODS:
         raise TlkitError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    loaded = load_network(model, tracking_uri=tracking_uri)
+    loaded = load_model(model, tracking_uri=tracking_uri)
+    if method == "gradcam" and loaded.is_pixels:
+        raise TlkitError("Grad-CAM needs a backbone's feature map and a pixels baseline has none; use --method saliency or occlusion")
     if target is not None and target not in loaded.classes:
         raise TlkitError(f"--target {target!r} is not a class of this model; its classes are {', '.join(loaded.classes)}")
     paths, skipped = expand_images(images)
@@ -282,7 +284,7 @@ def run_filters(model: str, *, pretrained: bool = False, weights: str | None = N
 
 def run_export(model: str, fmt: str, out: Path, *, run_name: str | None = None, tracking_uri: str | None = None) -> ReviewResult:
     """The model as ONNX / TorchScript / safetensors + JSON sidecar in `out`; checked against PyTorch."""
-    loaded = load_network(model, tracking_uri=tracking_uri)
+    loaded = load_model(model, tracking_uri=tracking_uri)
     written = export(loaded, fmt, Path(out), source=model)
     metrics = {} if written["max_abs_difference"] is None else {"max_abs_difference": written["max_abs_difference"]}
     with tracking.start_run("export", run_name=run_name, params={"model_uri": model, "format": fmt, "out": str(Path(out).resolve())},

@@ -213,7 +213,7 @@ def run_baseline(
         result = fit_baseline(features, classifier=classifier, seed=baseline.seed)
         fit_seconds = time.perf_counter() - start
         tracking.log_params({"C": result.C, "feature_key": features.key})
-        _log_selection(result.heldout_split, {"C": result.selection})
+        _log_selection(result.heldout_split, {"C": result.selection, "temperature": result.calibration})
         tracking.set_tags({"tlkit.cache_hit": str(features.cached)})
         tracking.log_metrics({**result.metrics, "selection_accuracy": result.selection_score, "fit_seconds": fit_seconds})
         _log_confusion(result.y_true, result.y_pred, manifest.classes, result.heldout_split)
@@ -225,14 +225,20 @@ def run_baseline(
             features="pixels" if pixels else "backbone",
             pixel_size=baseline.pixel_size if pixels else None,
             weights="" if pixels else backbone.weights,
+            head={"calibration": result.calibration},
             extra={"classifier": classifier, "C": result.C},
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = bundle.save_bundle(Path(tmp) / "bundle", saved, backbone=None if pixels else backbone.model, estimator=result.estimator)
-            tracking.log_model(folder, bundle.ARTIFACT_PATH)
+        _save_model(saved, None if pixels else backbone.model, result.head)
     details = {"C": result.C, "cached": features.cached, "model": "pixels" if pixels else backbone.name, "heldout_split": result.heldout_split,
                "selection": result.selection}
     return StageResult("baseline", run_id, result.metrics, f"runs:/{run_id}", details)
+
+
+def _save_model(saved: bundle.Bundle, backbone, head) -> None:
+    """The model as the active run's `model/` artifact: a bundle (tensors + JSON) inside an MLflow pyfunc model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = bundle.save_bundle(Path(tmp) / "bundle", saved, backbone=backbone, head=head)
+        tracking.log_model(folder, bundle.ARTIFACT_PATH, code=Path(__file__).with_name("pyfunc_model.py"))
 
 
 def checkpoint_dir(run_id: str) -> Path:
@@ -301,6 +307,7 @@ def run_train(
     held-out accuracy logged beside the fine-tune's as `probe_test_accuracy`, so a fine-tune that
     does worse than its own linear probe is known, not hidden.
     """
+    from tlkit import heads
     from tlkit.baseline import fit_baseline
     from tlkit.evaluate import curves_figure
     from tlkit.finetune import MetricsCallback, check_settings, train_batch_figure, train_classifier
@@ -315,7 +322,7 @@ def run_train(
         probe_result = None
         if probe and kind == "finetune" and not backbone.weights.startswith("random"):
             # before training: the backbone is trained in place
-            probe_result = fit_baseline(_features(manifest, backbone, compute, 0, cache), classifier="svm", seed=train.seed)
+            probe_result = fit_baseline(_features(manifest, backbone, compute, 0, cache), classifier="svm", seed=train.seed, calibrated=False)
         if train.lr == "auto":
             train, found = _resolve_auto_lr(manifest, backbone, train, compute)
         _log_figure(train_batch_figure(manifest, backbone.data_config, train.augment, hflip=train.hflip, seed=train.seed,
@@ -367,11 +374,10 @@ def run_train(
             data_config=dict(backbone.data_config),
             classes=manifest.classes,
             weights=backbone.weights,
+            head={"calibration": resolved["selection"].get("temperature", "none")},
             extra={"best_epoch": result.best_epoch, "strategy": train.strategy, "hflip": train.hflip},
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = bundle.save_bundle(Path(tmp) / "bundle", saved, backbone=result.module.backbone, head=result.module.head)
-            tracking.log_model(folder, bundle.ARTIFACT_PATH)
+        _save_model(saved, result.module.backbone, heads.from_linear(result.module.head, temperature=result.temperature))
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the model is in the run; checkpoints only serve --resume
     details = {**summary, "best_epoch": result.best_epoch, "heldout_split": result.heldout_split}  # None, not -1, when no epoch was chosen
     return StageResult(kind, run_id, result.metrics, f"runs:/{run_id}", details)
@@ -383,7 +389,7 @@ def run_predict(
     """Top-k classes per image from a saved model; the predictions CSV is logged as an artifact."""
     from tlkit.predict import predict_images
 
-    rows, skipped, predictor = predict_images(model, images, top_k=top_k, tracking_uri=tracking_uri)
+    rows, skipped, loaded = predict_images(model, images, top_k=top_k, tracking_uri=tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(out) if out else Path(tmp) / "predictions.csv"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -391,7 +397,7 @@ def run_predict(
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        with tracking.start_run("predict", run_name=run_name, params={"model_uri": model, "top_k": top_k, "images": len(rows) // max(1, min(top_k, len(predictor.classes)))}) as run_id:
+        with tracking.start_run("predict", run_name=run_name, params={"model_uri": model, "top_k": top_k, "images": len(rows) // max(1, min(top_k, len(loaded.classes)))}) as run_id:
             tracking.log_artifact(target, "predictions")
             tracking.log_metrics({"skipped": len(skipped)})
     return rows, skipped, StageResult("predict", run_id)

@@ -289,32 +289,6 @@ def log_artifact(file: Path, path: str | None = None) -> None:
     mlflow.log_artifact(str(file), artifact_path=path)
 
 
-class ImageModel(mlflow.pyfunc.PythonModel):
-    """A tlkit model as an MLflow pyfunc: image file paths, image bytes or base64 strings in, class
-    probabilities (SVM: scores) out, with the model's own preprocessing."""
-
-    # Inputs are a DataFrame column of paths, bytes or base64 strings, which MLflow's type-hint
-    # validation cannot express; MLflow's own opt-out, without its warning on every import.
-    _skip_type_hint_validation = True
-
-    def load_context(self, context) -> None:
-        from tlkit.predict import load_predictor
-
-        self.predictor = load_predictor(context.artifacts["bundle"])
-
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
-        from tlkit.predict import decode_images
-
-        column = model_input["image"] if "image" in getattr(model_input, "columns", []) else model_input.iloc[:, 0]
-        scores = self.predictor.scores(decode_images(list(column)))
-        classes = self.predictor.classes
-        frame = pd.DataFrame(scores, columns=classes)
-        frame.insert(0, "class", [classes[i] for i in scores.argmax(axis=1)])
-        return frame
-
-
 def _requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -327,22 +301,19 @@ def _requirements() -> list[str]:
     return pins
 
 
-def log_model(bundle_dir: Path, path: str) -> None:
-    """Log a model bundle as the run's `path` artifact: an MLflow pyfunc model holding the bundle."""
+def log_model(bundle_dir: Path, path: str, *, code: Path) -> None:
+    """Log a model bundle as the run's `path` artifact: an MLflow pyfunc model holding the bundle.
+
+    `code` is the Python file that defines the model (MLflow's models-from-code, tlkit.pyfunc_model):
+    no pickle in the model folder, so loading or serving it runs only that file and tlkit.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         if bundle_dir.name != "bundle":  # pyfunc keeps the folder's own name: model/artifacts/bundle/
             bundle_dir = Path(shutil.copytree(bundle_dir, Path(tmp) / "bundle"))
         target = Path(tmp) / "model"
         # Requirements given, not inferred: inference loads the model in a subprocess, seconds per run.
-        # MLflow warns about pickling any python_model object; this one holds nothing but its class.
-        logger = logging.getLogger("mlflow.pyfunc")
-        level = logger.level
-        logger.setLevel(logging.ERROR)
-        try:
-            mlflow.pyfunc.save_model(str(target), python_model=ImageModel(), artifacts={"bundle": str(bundle_dir)},
-                                     pip_requirements=_requirements())
-        finally:
-            logger.setLevel(level)
+        mlflow.pyfunc.save_model(str(target), python_model=str(code), artifacts={"bundle": str(bundle_dir)},
+                                 pip_requirements=_requirements())
         mlflow.log_artifacts(str(target), artifact_path=path)
 
 

