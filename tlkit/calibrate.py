@@ -51,8 +51,8 @@ def cross_fitted(logits: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int
     from sklearn.model_selection import StratifiedKFold
 
     y = np.asarray(y)
-    counts = np.bincount(y) if len(y) else np.zeros(1, dtype=int)
-    k = min(folds, int(counts[counts > 0].min(initial=0)))
+    present = np.bincount(y)[np.bincount(y) > 0] if len(y) else np.zeros(0, dtype=int)
+    k = min(folds, int(present.min())) if len(present) else 0
     if len(y) < MIN_IMAGES or k < 2:
         return 1.0, softmax(logits)
     probs = np.zeros((len(y), logits.shape[1]))
