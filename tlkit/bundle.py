@@ -105,7 +105,8 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 def backbone_state(folder: Path) -> dict[str, torch.Tensor]:
     path = Path(folder) / "backbone.safetensors"
     if not path.exists():
-        raise TlkitError(f"{folder} holds no backbone weights (a pixels baseline has none); use a run that trained or used a backbone")
+        raise TlkitError(f"the model folder {folder} lacks backbone.safetensors, which its model needs; it is incomplete: "
+                         "use the run's model as saved (runs:/RUN_ID), or save the model again")
     return _tensors(path)
 
 

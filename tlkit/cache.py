@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 CACHE_ENV = "TLKIT_CACHE"
@@ -21,10 +20,9 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(data)
-    os.replace(handle.name, path)
+    from tlkit.files import write_bytes
+
+    write_bytes(path, data)
 
 
 def read_json(path: Path) -> dict | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 import re
 import shlex
 import sys
@@ -56,10 +58,18 @@ def command(func):
             tlkit_log.addHandler(_WarningLine())
             tlkit_log.propagate = False
         runtime.tune_allocator()
+        if Path(sys.argv[0]).name in ("tlkit", "__main__.py"):  # the command line, recorded on its runs (tracking.reap_dead_runs)
+            os.environ["TLKIT_COMMAND"] = shlex.join(["tlkit", *sys.argv[1:]])
         try:
             return func(*args, **kwargs)
         except TlkitError as err:
-            errors.print(Text("error: ", style="bold red") + Text(str(err)), highlight=False, soft_wrap=True)
+            _error_line(str(err))
+            raise typer.Exit(1) from None
+        except Exception as err:  # noqa: BLE001  the failures of a machine or a store, not of tlkit: one line too
+            message = _known_failure(err)
+            if message is None:
+                raise
+            _error_line(message)
             raise typer.Exit(1) from None
         except (KeyboardInterrupt, SystemExit) as stop:  # Lightning ends a fit interrupted by Ctrl-C with SystemExit
             if isinstance(stop, SystemExit) and not _killed_runs():
@@ -68,6 +78,60 @@ def command(func):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _some_files(items: list[str]) -> None:
+    """A one-line error, without decoding anything, when the paths hold no file at all."""
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_file() or (path.is_dir() and any(p.is_file() for p in path.rglob("*"))):
+            return
+    raise TlkitError(f"no files among the {len(items)} path(s) given ({items[0]}: {'empty folder' if Path(items[0]).is_dir() else 'does not exist'}); "
+                     "pass image files or folders")
+
+
+def _error_line(message: str) -> None:
+    errors.print(Text("error: ", style="bold red") + Text(" ".join(message.split())), highlight=False, soft_wrap=True)
+
+
+def _known_failure(err: BaseException) -> str | None:
+    """One line for the failures that come from the machine or the tracking store (a full disk, a damaged or
+    read-only database), wherever in the chain of exceptions they sit; None for anything else (a bug: its traceback)."""
+    from tlkit.files import disk_full_message, is_disk_full
+
+    chain, seen = [], err
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(e) for e in chain).lower()
+    tracking = sys.modules.get("tlkit.tracking")
+    store = tracking.resolve_tracking_uri() if tracking else "the tracking store"
+    resume = _resume_hint()
+    for e in chain:
+        if is_disk_full(e):
+            return disk_full_message(e) + resume
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
+            return (f"cannot write {e.filename} ({e.strerror}); run tlkit in a folder you can write, or point its output "
+                    "(--out, --tracking-uri, TLKIT_CACHE) elsewhere")
+    if "database or disk is full" in text:
+        return f"no space left for the tracking store {store}; free some space and run the command again" + resume
+    if "database disk image is malformed" in text or "file is not a database" in text:
+        return (f"the tracking store {store} is damaged (database disk image is malformed); restore it from a backup, or start a new "
+                "store with --tracking-uri sqlite:///new.db (or move the damaged file away)")
+    if "attempt to write a readonly database" in text or "readonly database" in text:
+        return f"the tracking store {store} is read-only; run tlkit where you can write, or pass --tracking-uri for a store you can write"
+    return None
+
+
+def _resume_hint() -> str:
+    tracking = sys.modules.get("tlkit.tracking")
+    failed = list(tracking.FAILED) if tracking else []
+    argv = sys.argv[1:]
+    if failed and argv and argv[0] in ("finetune", "pretrain"):
+        run_id = failed[-1]
+        again = argv if "--resume" in argv else [*argv, "--resume", run_id]
+        return f"; run {run_id} is marked FAILED and continues from its last checkpoint with: {shlex.join(['tlkit', *again])}"
+    return ""
 
 
 def _killed_runs() -> list[str]:
@@ -163,6 +227,9 @@ def _compute(devices, precision, batch_size, workers, image_cache_mb=None):
 
 def _tracking(uri, experiment, model: str | None = None) -> None:
     """Point MLflow at the store; runs about a saved model (`model`) default to that model's experiment."""
+    from tlkit.files import check_sqlite_store
+
+    check_sqlite_store(uri)  # before MLflow's import: a damaged store is one line at once
     from tlkit import tracking
 
     if experiment is None and model and model.startswith(tracking.RUNS_PREFIX):
@@ -249,8 +316,9 @@ def augment_preview(
     manifest = load_data(data)
     config = preview_data_config(model, weights, img_size)
     figure = train_batch_figure(manifest, config, augment, hflip=hflip, n=n, seed=seed, title=f"augment {Path(augment).name} at {config['input_size'][-1]} px")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out)
+    from tlkit.files import save_figure
+
+    save_figure(figure, out)
     close(figure)
     console.print(f"{n} augmented training images drawn to {out}", highlight=False)
 
@@ -718,6 +786,7 @@ def predict_command(
     experiment: Experiment = None,
 ):
     """Class names and calibrated probabilities for images, preprocessed as in training (float32, the served model's numbers)."""
+    _some_files(images)  # before torch, timm and MLflow load: a wrong path is said at once
     from tlkit.stages import run_predict
 
     _tracking(tracking_uri, experiment)
@@ -727,13 +796,15 @@ def predict_command(
     for column in ("image", "rank", "class", score):
         table.add_column(column, justify="right" if column in ("rank", score) else "left")
     shown = rows[: 50 * top_k]
+    from tlkit.files import printable
+
     for row in shown:
-        table.add_row(row["image"], str(row["rank"]), row["class"], f"{row[score]:.4f}")
+        table.add_row(printable(row["image"]), str(row["rank"]), row["class"], f"{row[score]:.4f}")
     console.print(table)
     if len(rows) > len(shown):
         console.print(f"... {len(rows) - len(shown)} more row(s){'' if out else '; pass --out FILE.csv for all'}")
     for path, why in skipped:
-        errors.print(f"skipped {path}: {why}", highlight=False)
+        errors.print(f"skipped {printable(path)}: {why}", highlight=False)
     if out:
         console.print(f"predictions written to {out}")
 
@@ -797,12 +868,13 @@ def explain_command(
     experiment: ModelExperiment = None,
 ):
     """Where the network looks: a map per image (saliency, Grad-CAM or occlusion), beside the image."""
+    from tlkit.files import printable
     from tlkit.review import run_explain
 
     _tracking(tracking_uri, experiment, model)
     result = run_explain(model, images, method=method, target=target, patch=patch, stride=stride, out=out, tracking_uri=tracking_uri)
     for path, why in result.details["skipped"]:
-        errors.print(f"skipped {path}: {why}", highlight=False)
+        errors.print(f"skipped {printable(path)}: {why}", highlight=False)
     console.print(f"{len(result.files)} {method} map(s) written to {out}/ and logged under explain/{method}", highlight=False)
     _run_footer(result.run_id, model=False)
 
@@ -813,6 +885,7 @@ def export_command(
     model: NetworkRef,
     format: Annotated[str, typer.Option("--format", help="onnx, torchscript or safetensors (timm's layout).")] = "onnx",
     out: Annotated[Path, typer.Option(help="Folder for the model file and its JSON sidecar.")] = Path("export"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a model file already in --out.")] = False,
     tracking_uri: TrackingUri = None,
     experiment: ModelExperiment = None,
 ):
@@ -820,7 +893,7 @@ def export_command(
     from tlkit.review import run_export
 
     _tracking(tracking_uri, experiment, model)
-    result = run_export(model, format, out, tracking_uri=tracking_uri)
+    result = run_export(model, format, out, tracking_uri=tracking_uri, force=force)
     console.print(f"written: {result.files[0]} and {result.files[1]}", highlight=False)
     if "max_abs_difference" in result.metrics:
         console.print(f"checked: outputs match PyTorch's on a batch within {result.metrics['max_abs_difference']:.2e}", highlight=False)
@@ -839,6 +912,9 @@ def run_command(
                                                 "with its share of the cores (default: the file's jobs, else 1).")] = None,
 ):
     """Run a pipeline file: its stages in order, every sweep point and seed, as nested MLflow runs."""
+    from tlkit.sweep import plan_pipeline
+
+    plan_pipeline(pipeline, set_)  # the file and every grid point checked before the stages' heavy imports
     from tlkit.pipeline import print_summary, run_pipeline
 
     summary = run_pipeline(pipeline, overrides=set_, tracking_uri=tracking_uri, experiment=experiment, reuse=not fresh, jobs=jobs,
@@ -856,6 +932,9 @@ def compare_command(
     tracking_uri: TrackingUri = None,
 ):
     """Leaderboard of runs: mean ± std over seeds, best first, with the settings that differ as columns."""
+    from tlkit.files import check_sqlite_store
+
+    check_sqlite_store(tracking_uri)
     from tlkit.compare import compare, leaderboard_table
 
     board, files = compare(experiment=experiment, parent=parent, metric=metric, out=out, tracking_uri=tracking_uri)

@@ -7,7 +7,6 @@ counts once, with its origin. Per-epoch metrics use their best epoch, not their 
 
 from __future__ import annotations
 
-import csv
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from rich.table import Table
 from tlkit import tracking
 from tlkit.errors import TlkitError
 from tlkit.evaluate import close, plt
+from tlkit.files import save_figure
 
 # Params that record what happened rather than what was asked for: not settings to compare by.
 DERIVED = {
@@ -153,12 +153,9 @@ def leaderboard_table(board: Leaderboard, title: str = "") -> Table:
 
 
 def write_csv(board: Leaderboard, path: Path) -> Path:
-    rows = board.rows()
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    from tlkit import files
+
+    return files.write_csv(path, board.rows())
 
 
 def leaderboard_figure(board: Leaderboard):
@@ -208,7 +205,7 @@ def compare(
     stem = "leaderboard" if metric == "test_accuracy" else f"leaderboard-{metric}"
     files = [write_csv(board, target / f"{stem}.csv")]
     figure = leaderboard_figure(board)
-    figure.savefig(target / f"{stem}.png")
+    save_figure(figure, target / f"{stem}.png")
     close(figure)
     files.append(target / f"{stem}.png")
     if parent:

@@ -248,6 +248,7 @@ class ExportStage(Settings):
     model: str = Field(description="an earlier stage's id, or runs:/RUN_ID")
     format: Literal["onnx", "torchscript", "safetensors"] = Field("torchscript", description="onnx needs pip install 'tlkit[export]'")
     out: str = Field("export", description="folder, relative to where you run tlkit; {seed} becomes the seed")
+    force: bool = Field(False, description="overwrite a model file already there (a rerun of the pipeline does)")
 
 
 Stage = Annotated[

@@ -82,12 +82,10 @@ class DecodedImages:
         target = self.files[index]
         if target.exists():
             return
-        import tempfile
+        from tlkit.files import replacing
 
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".npy", delete=False) as handle:
+        with replacing(target) as partial, open(partial, "wb") as handle:
             np.save(handle, load_rgb(self.paths[index], self.side))
-        os.replace(handle.name, target)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -96,8 +96,10 @@ def sidecar(loaded: LoadedModel, fmt: str, source: str) -> dict:
     }
 
 
-def export(loaded: LoadedModel, fmt: str, out: Path, *, source: str, check: bool = True) -> dict:
-    """Write the network in `fmt` and its sidecar into `out`; returns paths and the check's max |difference|."""
+def export(loaded: LoadedModel, fmt: str, out: Path, *, source: str, check: bool = True, force: bool = False) -> dict:
+    """Write the network in `fmt` and its sidecar into `out`; returns paths and the check's max |difference|.
+
+    An existing model file is replaced only with `force`."""
     if fmt not in FORMATS:
         raise TlkitError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
@@ -105,6 +107,8 @@ def export(loaded: LoadedModel, fmt: str, out: Path, *, source: str, check: bool
     stem = (loaded.bundle.model_name or f"pixels-{loaded.bundle.pixel_size}").replace("/", "_")
     path = out / f"{stem}{SUFFIX[fmt]}"
     partial = out / f".{stem}.partial{SUFFIX[fmt]}"  # renamed once written and checked: a crash leaves the old file whole
+    if path.exists() and not force:
+        raise TlkitError(f"{path} exists; pass --force (in a pipeline, force: true) to overwrite it, or choose another --out")
     module = export_module(loaded, timm_layout=fmt == "safetensors")
     if fmt != "safetensors":
         module = _Probabilities(module).eval()

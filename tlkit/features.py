@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,10 +71,10 @@ def _load_cached(path: Path, manifest: Manifest, key: str, meta: dict) -> Featur
 
 
 def _save(path: Path, X: np.ndarray, manifest: Manifest) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
+    from tlkit.files import replacing
+
+    with replacing(path) as partial, open(partial, "wb") as handle:  # a concurrent reader sees the old file or the new one
         np.savez(handle, X=X, sha256=np.array([r.sha256 for r in manifest.records]))
-    os.replace(handle.name, path)  # atomic: a concurrent reader sees the old file or the new one
 
 
 def extract_features(

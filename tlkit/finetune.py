@@ -10,6 +10,7 @@ groups (adding groups mid-fit breaks schedulers and DDP).
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -265,8 +266,20 @@ class LatestCheckpoint(L.Callback):
         boundary = any(p.start == done for p in module.phases)
         due = time.monotonic() - self._saved_at >= self.every_s
         if trainer.strategy.broadcast(bool(boundary or due), src=0):  # every DDP rank decides alike
-            trainer.save_checkpoint(self.path, weights_only=False)  # the optimizer state too: --resume continues the schedule
+            self.save(trainer)
             self._saved_at = time.monotonic()
+
+    def save(self, trainer: L.Trainer) -> None:
+        """Write beside last.ckpt, then rename over it: a full disk or a kill mid-write leaves the previous one whole."""
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        try:
+            trainer.save_checkpoint(partial, weights_only=False)  # the optimizer state too: --resume continues the schedule
+            if trainer.is_global_zero:
+                os.replace(partial, self.path)
+        finally:
+            if trainer.is_global_zero:
+                partial.unlink(missing_ok=True)
+        trainer.strategy.barrier()
 
 
 class PhaseCallback(L.Callback):
@@ -471,6 +484,9 @@ def check_data(manifest: Manifest, settings: TrainConfig) -> None:
     """Errors of settings that this data cannot honour, raised before any run starts."""
     if not manifest.split("train"):
         raise TlkitError("the training split is empty; ingest with smaller --val/--test or give a train/ folder")
+    if not manifest.split("val") and not manifest.split("test"):
+        raise TlkitError("the data has no val or test split to report on (every image is in train); let tlkit make them (--val 0.15 "
+                         "--test 0.15, with no split column or train/ folder), or give val/ or test/ images")
     if not manifest.split("test"):
         if settings.use_val == "train":
             raise TlkitError("use_val 'train' trains on the val split and the data has no test split to report on; ingest with --test > 0 or use --use-val select")

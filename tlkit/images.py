@@ -61,6 +61,12 @@ def load_rgb(path: str | os.PathLike | IO[bytes], min_side: int | None = None, *
     return np.asarray(rgb)
 
 
+def frame_count(path: Path) -> int:
+    """Frames in an animated GIF, WebP or PNG, or pages of a TIFF; 1 for a still image. tlkit reads the first."""
+    with Image.open(path) as image:
+        return int(getattr(image, "n_frames", 1))
+
+
 def inspect_image(path: Path) -> tuple[int, int]:
     """Fully decode `path` and return its upright (width, height), or raise BadImage(reason)."""
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tlkit.errors import TlkitError
-from tlkit.images import BadImage, inspect_image
+from tlkit.images import BadImage, frame_count, inspect_image
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FORMAT = "tlkit-manifest/1"
@@ -105,10 +105,9 @@ class Manifest:
             "report": self.report.to_dict(),
             "images": [asdict(r) for r in self.records],
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1))
-        return path
+        from tlkit.files import write_text
+
+        return write_text(path, json.dumps(data, indent=1))  # ASCII: a file name that is not UTF-8 is kept as \udcXX escapes
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
@@ -133,8 +132,16 @@ class Manifest:
 # Reading the three input layouts into (relative path, label, split or None) candidates.
 
 
-def _list_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+def _list_files(folder: Path, skipped: list | None = None) -> list[Path]:
+    """Files under `folder`, symbolic links to files included. Links to folders are not followed (one can loop back);
+    they, broken links and links that loop are reported in `skipped`."""
+    files = []
+    for p in folder.rglob("*"):
+        if p.is_file():
+            files.append(p)
+        elif p.is_symlink() and skipped is not None:
+            skipped.append((str(p), "symbolic link to a folder, not followed" if p.is_dir() else "broken or looping symbolic link"))
+    return sorted(files)
 
 
 def class_folders(root: Path) -> list[str]:
@@ -144,7 +151,7 @@ def class_folders(root: Path) -> list[str]:
 
 def _class_tree(root: Path, split: str | None, skipped: list) -> list[tuple[str, str, str | None]]:
     rows = []
-    for path in _list_files(root):
+    for path in _list_files(root, skipped):
         rel = path.relative_to(root)
         if len(rel.parts) < 2:
             skipped.append((str(path), "not inside a class folder"))
@@ -208,19 +215,20 @@ def _expected_classes(source: Path, layout: str) -> list[str]:
     return []
 
 
-def _hash_and_inspect(path: str) -> tuple[str, int, int] | str:
-    """(sha256, width, height) of a usable image, or the reason it is not usable."""
+def _hash_and_inspect(path: str) -> tuple[str, int, int, int] | str:
+    """(sha256, width, height, frames) of a usable image, or the reason it is not usable."""
     p = Path(path)
     if not p.exists():
         return "file does not exist"
     try:
         size = inspect_image(p)
         digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        frames = frame_count(p) if p.suffix.lower() in (".gif", ".webp", ".png", ".apng", ".tif", ".tiff") else 1
     except BadImage as bad:
         return bad.reason
     except OSError as err:
         return f"unreadable ({err})"
-    return digest, size[0], size[1]
+    return digest, size[0], size[1], frames
 
 
 def _check_files(root: Path, paths: list[str], *, workers: int, cache: str | os.PathLike | None | bool) -> list:
@@ -308,7 +316,7 @@ def _make_splits(rows: list[tuple], *, val: float, test: float, seed: int, shots
 def _fingerprint(records: list[ImageRecord]) -> str:
     digest = hashlib.sha256()
     for r in sorted(records, key=lambda r: r.path):
-        digest.update(f"{r.path}\t{r.sha256}\t{r.label}\n".encode())
+        digest.update(f"{r.path}\t{r.sha256}\t{r.label}\n".encode("utf-8", "surrogateescape"))  # names need not be UTF-8
     return digest.hexdigest()[:16]
 
 
@@ -436,17 +444,23 @@ def ingest(
         splits = _make_splits([(p, lab, s, d) for p, lab, s, d, *_ in good], val=val, test=test, seed=seed, shots=shots)
         settings = {"splits": "made", "val": val, "test": test, "seed": seed, "shots": shots}
 
-    records = []
-    for (path, label, _, digest, width, height), split in zip(good, splits):
+    records, animated = [], []
+    for (path, label, _, digest, width, height, *frames), split in zip(good, splits):
         rel = os.path.relpath(path, root)
         records.append(ImageRecord(rel, label, split, digest, width, height))
+        if frames and frames[0] > 1:
+            animated.append((rel, frames[0]))
     records.sort(key=lambda r: r.path)
+    report = _report(records, classes, skipped, folders)
+    if animated:
+        report.warnings.append(f"{len(animated)} image(s) with several frames (animated GIF, WebP or PNG, multi-page TIFF), e.g. "
+                               f"{animated[0][0]} ({animated[0][1]} frames): the first frame is used")
     return Manifest(
         root=root,
         classes=classes,
         records=records,
         fingerprint=_fingerprint(records),
-        report=_report(records, classes, skipped, folders),
+        report=report,
         source=f"{layout}:{source.resolve()}",
         split_settings=settings,
     )

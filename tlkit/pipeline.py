@@ -312,7 +312,7 @@ def _run_or_reuse(stage, config: PipelineConfig, outputs: dict[str, str], manife
         from tlkit.review import run_export
 
         model = outputs.get(stage.model, stage.model)
-        result = run_export(model, stage.format, Path(stage.out), run_name=stage.id, tracking_uri=tracking_uri)
+        result = run_export(model, stage.format, Path(stage.out), run_name=stage.id, tracking_uri=tracking_uri, force=stage.force)
         console.print(f"{stage.id}: written {result.files[0]} and {result.files[1]}", highlight=False)
         return StageResult("export", result.run_id, result.metrics, details={"files": [str(f) for f in result.files]}), None
     manifest = _prepare_data(config, stage.data, manifests, console)

@@ -32,6 +32,7 @@ from tlkit.evaluate import (
 )
 from tlkit.explain import METHODS, explain, explanation_figure, filters_figure, first_conv_filters, overview_figure
 from tlkit.export import export
+from tlkit.files import save_figure
 from tlkit.ingest import Manifest
 from tlkit.network import LoadedModel, load_model
 from tlkit.predict import expand_images
@@ -70,14 +71,14 @@ def _maps_for(loaded: LoadedModel, paths: list[Path], targets: list[int], method
             image = to_image(images[i])
             figure = explanation_figure(image, heat, titles[k], method)
             path = folder / f"{k:03d}-{Path(paths[k]).stem}-{method}.png"
-            figure.savefig(path)
+            save_figure(figure, path)
             close(figure)
             written.append(path)
             if len(shown) < OVERVIEW:
                 shown.append((image, heat, titles[k]))
     if len(shown) > 1:
         figure = overview_figure(*map(list, zip(*shown)), method)
-        figure.savefig(folder / "overview.png")
+        save_figure(figure, folder / "overview.png")
         close(figure)
     return written
 
@@ -274,7 +275,7 @@ def run_filters(model: str, *, pretrained: bool = False, weights: str | None = N
                             f"{weights_tensor.shape[2]}x{weights_tensor.shape[3]} ({backbone.weights})")
     path = Path(out or f"{backbone.name}-filters.png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    save_figure(figure, path)
     close(figure)
     with tracking.start_run("filters", params={"model": backbone.name, "weights": backbone.weights},
                             tags={"tlkit.model_run": _model_run(model)}) as run_id:
@@ -282,10 +283,11 @@ def run_filters(model: str, *, pretrained: bool = False, weights: str | None = N
     return ReviewResult(run_id, details={"shape": tuple(weights_tensor.shape), "weights": backbone.weights}, files=[path])
 
 
-def run_export(model: str, fmt: str, out: Path, *, run_name: str | None = None, tracking_uri: str | None = None) -> ReviewResult:
+def run_export(model: str, fmt: str, out: Path, *, run_name: str | None = None, tracking_uri: str | None = None,
+               force: bool = False) -> ReviewResult:
     """The model as ONNX / TorchScript / safetensors + JSON sidecar in `out`; checked against PyTorch."""
     loaded = load_model(model, tracking_uri=tracking_uri)
-    written = export(loaded, fmt, Path(out), source=model)
+    written = export(loaded, fmt, Path(out), source=model, force=force)
     metrics = {} if written["max_abs_difference"] is None else {"max_abs_difference": written["max_abs_difference"]}
     with tracking.start_run("export", run_name=run_name, params={"model_uri": model, "format": fmt, "out": str(Path(out).resolve())},
                             tags={"tlkit.model_run": _model_run(model)}) as run_id:

@@ -7,7 +7,6 @@ CLI and pipelines call these, so a stage logs the same way wherever it runs.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import shutil
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING
 
 from tlkit import bundle, tracking
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, SplitConfig, TrainConfig
+from tlkit.errors import TlkitError
+from tlkit.files import write_csv
 from tlkit.ingest import Manifest, format_report, ingest
 
 if TYPE_CHECKING:
@@ -195,6 +196,9 @@ def run_baseline(
 ) -> StageResult:
     """Fit a linear classifier on cached features (or raw pixels) and save it as the run's model."""
     manifest = load_data(data, split)
+    if not manifest.split("val") and not manifest.split("test"):  # before any extraction: the fit would have nothing to report on
+        raise TlkitError("the data has no val or test split to report on (every image is in train); let tlkit make them (--val 0.15 "
+                         "--test 0.15, with no split column or train/ folder), or give val/ or test/ images")
     compute = compute or ComputeConfig()
     pixels = baseline.classifier == "pixels"
     backbone = None if pixels else make_backbone(backbone_config, tracking_uri=tracking_uri, lazy=True, cache=cache)
@@ -391,12 +395,7 @@ def run_predict(
 
     rows, skipped, loaded = predict_images(model, images, top_k=top_k, tracking_uri=tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        target = Path(out) if out else Path(tmp) / "predictions.csv"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        target = write_csv(Path(out) if out else Path(tmp) / "predictions.csv", rows)
         with tracking.start_run("predict", run_name=run_name, params={"model_uri": model, "top_k": top_k, "images": len(rows) // max(1, min(top_k, len(loaded.classes)))}) as run_id:
             tracking.log_artifact(target, "predictions")
             tracking.log_metrics({"skipped": len(skipped)})

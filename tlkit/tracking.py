@@ -7,9 +7,11 @@ URI (a server, another database) works through `--tracking-uri` or MLFLOW_TRACKI
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import socket
 import urllib.parse
 import warnings
 import re
@@ -44,6 +46,8 @@ except ImportError:  # Windows: no advisory locks; create the store before start
 # tables...", alembic's migrations) are not the user's business. Here, so library callers get it too.
 for _name in ("mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store", "alembic", "alembic.runtime.migration"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# It logs a database error's whole traceback at ERROR, then raises it; the CLI says it in one line (cli._known_failure).
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 from tlkit import __version__  # noqa: E402
 from tlkit.errors import TlkitError  # noqa: E402
@@ -78,7 +82,13 @@ def _create_store(uri: str) -> None:
         return
     database = Path(uri[len("sqlite:///") :])
     database.parent.mkdir(parents=True, exist_ok=True)
-    with open(database.with_name(database.name + ".lock"), "a") as lock:
+    try:
+        lock = open(database.with_name(database.name + ".lock"), "a")
+    except OSError as err:
+        if database.exists() and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return  # a store in a read-only folder: made long ago, read as it is (a command that writes a run says so then)
+        raise
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             MlflowClient(uri).search_experiments(max_results=1)
@@ -94,8 +104,87 @@ def client(tracking_uri: str | None = None) -> MlflowClient:
             _create_store(uri)
         except MlflowException as err:
             raise TlkitError(f"cannot use tracking store {uri}: {err.message.splitlines()[0]}") from None
+        except OSError as err:
+            if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise TlkitError(f"cannot write the tracking store's lock file in {Path(err.filename or '.').parent} ({err.strerror}); "
+                                 "run tlkit in a folder you can write, or pass --tracking-uri for a store elsewhere") from None
+            raise
         _READY.add(uri)
+        reap_dead_runs(uri)
     return MlflowClient(uri)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs whose process died (kill -9, a crash, a power cut) stay RUNNING in MLflow for ever. Each run
+# records the host, pid and process start time that made it; the next command on that host finds the
+# runs whose process is gone and marks them KILLED, saying how to resume them.
+
+COMMAND: str | None = None  # the command line that started this process (the CLI sets it), recorded on its top runs
+_HOST = socket.gethostname()
+
+
+def _process_start(pid: int) -> str:
+    """The kernel's start time of process `pid` (Linux), '' elsewhere or when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(pid: int, started: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process with that pid: not ours to judge
+    return not started or not _process_start(pid) or _process_start(pid) == started  # the same pid, started again, is another process
+
+
+def _process_tags() -> dict[str, str]:
+    return {"tlkit.host": _HOST, "tlkit.pid": str(os.getpid()), "tlkit.process_start": _process_start(os.getpid())}
+
+
+def reap_dead_runs(uri: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone; warn once per run, with the resume command."""
+    store = MlflowClient(uri)
+    try:
+        ids = [e.experiment_id for e in store.search_experiments()]
+        running = store.search_runs(ids, f"attributes.status = 'RUNNING' and tags.`tlkit.host` = '{_HOST}'", max_results=1000) if ids else []
+    except MlflowException:
+        return []
+    reaped = []
+    for run in running:
+        tags = run.data.tags
+        try:
+            pid = int(tags.get("tlkit.pid", ""))
+        except ValueError:
+            continue
+        if _alive(pid, tags.get("tlkit.process_start", "")):
+            continue
+        try:
+            store.set_terminated(run.info.run_id, "KILLED")
+        except MlflowException:  # a read-only store: say nothing now, the next command that can write will
+            continue
+        reaped.append(run.info.run_id)
+        logging.getLogger("tlkit").warning(_death_notice(store, run))
+    return reaped
+
+
+def _death_notice(store: MlflowClient, run) -> str:
+    run_id, stage = run.info.run_id, run.data.tags.get("tlkit.stage", "")
+    name = f"{run.info.run_name or stage}" + (f", {stage}" if stage and stage != run.info.run_name else "")
+    text = f"run {run_id} ({name}) died without finishing (its process is gone); it is now marked KILLED"
+    if stage in ("finetune", "pretrain"):
+        epochs = [m.step for m in store.get_metric_history(run_id, "train_loss")]
+        text = f"run {run_id} ({name}) died " + (f"after epoch {max(epochs) + 1}" if epochs else "before it logged an epoch") + "; marked KILLED"
+        command = run.data.tags.get("tlkit.command")
+        if command and " --resume " not in f" {command} ":
+            command = f"{command} --resume {run_id}"
+        text += f"; resume with: {command}" if command else f"; resume it with the command that started it and --resume {run_id}"
+    elif run.data.tags.get("tlkit.command"):
+        text += f"; run it again with: {run.data.tags['tlkit.command']}"
+    return text
 
 
 def configure(tracking_uri: str | None = None, experiment: str | None = None) -> None:
@@ -194,9 +283,13 @@ def start_run(
         get_run(run_id)  # before anything is created: an unknown id is an error, not a new store
     if not nested:
         _ensure_experiment()
-    all_tags = {"tlkit.stage": stage, "tlkit.version": __version__, **_TAGS, **(tags or {})}
-    if run_id is not None:  # resume: continue that run
+    all_tags = {"tlkit.stage": stage, "tlkit.version": __version__, **_process_tags(), **_TAGS, **(tags or {})}
+    command = COMMAND or os.environ.get("TLKIT_COMMAND")
+    if command and not nested and parent_run_id is None:
+        all_tags["tlkit.command"] = command
+    if run_id is not None:  # resume: continue that run, now in this process
         run = mlflow.start_run(run_id=run_id, nested=nested)
+        mlflow.set_tags(_process_tags())
     else:
         run = mlflow.start_run(run_name=run_name or stage, nested=nested, tags=all_tags, parent_run_id=None if nested else parent_run_id)
     try:
@@ -210,16 +303,28 @@ def start_run(
         yield run.info.run_id
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit after its clean-up
         KILLED.append(run.info.run_id)
-        mlflow.end_run(status="KILLED")
+        _end_run("KILLED")
         raise
     except BaseException:
-        mlflow.end_run(status="FAILED")
+        FAILED.append(run.info.run_id)
+        _end_run("FAILED")
         raise
     else:
         mlflow.end_run()
 
 
 KILLED: list[str] = []  # runs this process marked KILLED (innermost first), for the CLI's resume hint
+FAILED: list[str] = []  # runs this process marked FAILED (innermost first)
+
+
+def _end_run(status: str) -> None:
+    """End the active run with `status` while another error is on its way out. If the store cannot take it
+    (a full disk holds the database too), the run stays RUNNING and the next command finds it dead
+    (`reap_dead_runs`); the error the user sees is the first one, not this."""
+    try:
+        mlflow.end_run(status=status)  # pops the run off MLflow's stack before it writes, so a failed write leaves no stale run
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def log_params(params: Mapping[str, Any]) -> None:
@@ -345,15 +450,58 @@ def experiment_of(run_ref: str, tracking_uri: str | None = None) -> str:
     return client(tracking_uri).get_experiment(run.info.experiment_id).name
 
 
+RUN_CACHE_MB = 2048  # downloaded run artifacts kept in the cache folder (TLKIT_RUN_CACHE_MB), oldest used dropped first
+
+
 def download_artifacts(run_id: str, path: str, *, tracking_uri: str | None = None) -> Path:
-    """Download (or locate) `path` of a run's artifacts; returns a local path."""
-    get_run(run_id, tracking_uri)
+    """`path` of a run's artifacts as a local path, downloaded once into tlkit's cache folder (runs/RUN_ID/).
+
+    A finished run's artifacts do not change, so a later call reuses the copy; the folder is kept under
+    RUN_CACHE_MB by dropping the copies used longest ago. Nothing is left in the system's temporary folder.
+    """
+    from tlkit.cache import cache_dir
+
+    run = get_run(run_id, tracking_uri)
     uri = resolve_tracking_uri(tracking_uri)
+    runs = cache_dir() / "runs"
+    target = runs / run_id / (path.strip("/") or "_all")
+    if target.exists() and run.info.status == "FINISHED":
+        os.utime(runs / run_id)  # used now: the last to be dropped
+        return target
+    staging = None
     try:
-        target = tempfile.mkdtemp(prefix="tlkit-artifacts-")
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=target, tracking_uri=uri))
+        runs.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=runs, prefix=f".{run_id}."))
+        got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(staging), tracking_uri=uri))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(got, target)  # whole or not at all: a reader never finds half a model
+        except OSError:
+            if not target.exists():  # else another process put the same files there a moment ago
+                raise
     except (MlflowException, OSError) as err:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
         raise TlkitError(f"run {run_id} has no artifact {path!r} ({str(err).splitlines()[0]}); is it a tlkit training or baseline run?") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    _trim_run_cache(runs, keep=run_id)
+    return target
+
+
+def _trim_run_cache(runs: Path, *, keep: str) -> None:
+    limit = float(os.environ.get("TLKIT_RUN_CACHE_MB", RUN_CACHE_MB)) * 2**20
+    folders = [f for f in runs.iterdir() if f.is_dir() and not f.name.startswith(".")]
+    sizes = {f: sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) for f in folders}
+    total = sum(sizes.values())
+    for folder in sorted(folders, key=lambda f: f.stat().st_mtime):
+        if total <= limit:
+            break
+        if folder.name != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= sizes[folder]
 
 
 @dataclass

@@ -46,7 +46,9 @@ from tlkit.space import SearchSpace, settings_for
 from tlkit.stages import StageResult, load_data, make_backbone, run_train
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # tlkit prints one line per trial itself
+# tlkit prints one line per trial itself, and a failed trial's error once: Optuna's warning repeats it with its traceback
+# (110 lines for a Ctrl-C)
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 SELECTION_FRACTION = 0.2  # of each class's training images, when the data has no test split
 HEARTBEAT_S = 30  # a worker's running trial is refreshed this often ...

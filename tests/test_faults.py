@@ -1,0 +1,317 @@
+"""Faults lose nothing: a full disk, a killed process, a damaged store, a read-only folder, odd file names.
+
+Each case runs the real command in a subprocess where the fault is real (a small tmpfs, kill -9, a truncated
+database) and checks the one line it prints, the time it took, and what was kept.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from typer.testing import CliRunner
+
+from conftest import TINY_MODEL
+from test_cli import assert_one_line_error, invoke
+
+FINETUNE = ["--model", TINY_MODEL, "--no-pretrained", "--img-size", "32", "--augment", "none", "--no-hflip", "--workers", "0",
+            "--batch-size", "16"]
+
+
+def tlkit(*args, cwd, env=None, timeout=300):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "tlkit", *map(str, args)], cwd=cwd, capture_output=True, text=True, errors="surrogateescape", timeout=timeout,
+                            env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "COLUMNS": "200", **(env or {})})
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def one_line(result, *fragments, within: float | None = None):
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    if within is not None:
+        assert result.seconds < within, f"{result.seconds:.1f} s: {lines[0]}"
+    return lines[0]
+
+
+def statuses(folder, experiment="tlkit"):
+    from mlflow import MlflowClient
+
+    store = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    found = store.get_experiment_by_name(experiment)
+    return {r.info.run_id: r.info.status for r in store.search_runs([found.experiment_id])} if found else {}
+
+
+def wait_for(path: Path, process, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------------------------
+# A killed process
+
+
+@pytest.mark.slow  # two fine-tunes in subprocesses, ~15 s
+def test_a_killed_fine_tune_is_found_marked_killed_and_resumed(tmp_path, digits_target):
+    checkpoints = tmp_path / "ckpt"
+    env = {"TLKIT_CHECKPOINTS": str(checkpoints)}
+    command = [sys.executable, "-m", "tlkit", "finetune", str(digits_target), *FINETUNE, "--epochs", "30", "--strategy", "freeze-unfreeze"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    process = subprocess.Popen(command, cwd=tmp_path, env={**clean, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(checkpoints, process)
+        (run_dir,) = list(checkpoints.iterdir())
+        wait_for(run_dir / "last.ckpt", process)  # the phase change after epoch 1 wrote it
+    finally:
+        process.kill()  # kill -9: no clean-up of any kind
+        process.wait()
+    run_id = run_dir.name
+    assert statuses(tmp_path)[run_id] == "RUNNING"
+    listed = tlkit("compare", cwd=tmp_path)  # any command that opens the store
+    notice = [line for line in listed.stderr.splitlines() if run_id in line]
+    assert notice and "died" in notice[0] and "marked KILLED" in notice[0], listed.stderr
+    resume = notice[0].split("resume with: ")[1].strip()
+    assert resume.startswith("tlkit finetune") and resume.endswith(f"--resume {run_id}")
+    assert statuses(tmp_path)[run_id] == "KILLED"
+    assert run_id not in tlkit("compare", cwd=tmp_path).stderr  # said once
+    resumed = tlkit(*resume.split()[1:], cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert statuses(tmp_path)[run_id] == "FINISHED"
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 6 MB at tmp_path/small (skipped where this process may not mount one); yields (folder, resize)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+
+    def resize(megabytes: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={megabytes}m", str(folder)], check=True)
+
+    try:
+        yield folder, resize
+    finally:
+        subprocess.run(["umount", "-l", str(folder)])
+
+
+@pytest.mark.slow  # two fine-tunes in subprocesses, ~25 s
+def test_full_disk_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, digits_target, small_disk):
+    disk, resize = small_disk
+    env = {"TLKIT_CHECKPOINTS": str(disk)}
+    # gradual unfreezing: a checkpoint at each phase change, each larger than the last (more optimizer state);
+    # 6 MB holds the first and not the second beside it
+    failed = tlkit("finetune", digits_target, *FINETUNE, "--epochs", "8", "--strategy", "gradual", "--unfreeze-every", "1", cwd=tmp_path, env=env)
+    line = one_line(failed, "no space left on the disk of", "MB free", "marked FAILED", "--resume")
+    run_id = line.split("; run ")[1].split()[0]
+    assert statuses(tmp_path)[run_id] == "FAILED", line
+    last = disk / run_id / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)  # the previous checkpoint, whole
+    assert state["epoch"] >= 0 and not list((disk / run_id).glob(".*partial*"))
+    resize(64)  # space freed
+    resume = line.split("continues from its last checkpoint with: ")[1].strip()
+    resumed = tlkit(*resume.split()[1:], cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert statuses(tmp_path)[run_id] == "FINISHED"
+
+
+def test_ingest_on_a_full_disk_keeps_the_old_manifest(tmp_path, digits_target, small_disk, monkeypatch):
+    disk, _ = small_disk
+    manifest = disk / "m.json"
+    assert tlkit("ingest", digits_target, "--out", manifest, cwd=tmp_path).returncode == 0
+    before = manifest.read_bytes()
+    (disk / "filler").write_bytes(b"\0" * (6 * 2**20 - len(before) - 16 * 4096))  # room for less than another manifest
+    try:
+        (disk / "filler2").write_bytes(b"\0" * 2**20)
+    except OSError:
+        pass
+    result = tlkit("ingest", digits_target, "--out", manifest, "--seed", "1", cwd=tmp_path)
+    one_line(result, "no space left on the disk of", str(disk))
+    assert manifest.read_bytes() == before  # the old manifest, whole
+    assert not list(disk.glob(".m.json*"))
+
+
+def test_a_write_that_fails_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    from tlkit import files
+
+    target = files.write_text(tmp_path / "report.json", "old")
+    real = Path.write_bytes
+
+    def full(self, data):
+        real(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError) as failure:
+        files.write_text(target, "new and longer")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert files.is_disk_full(failure.value) and "MB free" in files.disk_full_message(failure.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# A damaged store, a read-only folder
+
+
+@pytest.fixture(scope="module")
+def store_with_a_model(tmp_path_factory, digits_target):
+    """A store (mlflow.db, mlruns/) holding one baseline; yields (folder, run id)."""
+    from tlkit import tracking
+    from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig
+    from tlkit.stages import run_baseline
+
+    folder = tmp_path_factory.mktemp("faults")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        tracking.configure(None, None)
+        result = run_baseline(digits_target, BackboneConfig(model=TINY_MODEL, img_size=32), BaselineConfig(), compute=ComputeConfig(num_workers=0))
+    return folder, result.run_id
+
+
+def test_a_damaged_store_is_one_line_at_once(store_with_a_model, tmp_path, digits_target):
+    folder, run_id = store_with_a_model
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    database = copy / "mlflow.db"
+    database.write_bytes(database.read_bytes()[: database.stat().st_size // 2])
+    image = sorted(Path(digits_target).rglob("*.png"))[0]
+    for command in (["predict", f"runs:/{run_id}", image], ["compare"], ["baseline", digits_target, "--model", TINY_MODEL]):
+        one_line(tlkit(*command, cwd=copy), "mlflow.db is damaged", "restore it from a backup", within=2.0)
+    database.write_bytes(b"not a database at all" * 10)
+    one_line(tlkit("compare", cwd=copy), "is damaged", within=2.0)
+
+
+@pytest.mark.slow  # three commands in subprocesses, ~11 s
+def test_a_read_only_folder_reads_and_says_what_it_cannot_write(store_with_a_model, tmp_path, digits_target):
+    folder, run_id = store_with_a_model
+    copy = tmp_path / "ro"
+    shutil.copytree(folder, copy)
+    (copy / "mlflow.db.lock").unlink(missing_ok=True)
+    os.chmod(copy, 0o555)
+    env = {"TLKIT_CACHE": str(tmp_path / "cache")}
+    try:
+        if os.access(copy, os.W_OK):  # root ignores permission bits: use a read-only bind mount instead
+            mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(copy), str(copy)], capture_output=True)
+            if mounted.returncode != 0:
+                pytest.skip("cannot make a read-only folder here")
+        listed = tlkit("compare", "--out", tmp_path / "board", cwd=copy, env=env)  # reads the store, writes elsewhere
+        assert listed.returncode == 0 and (tmp_path / "board" / "leaderboard.csv").is_file(), listed.stderr
+        image = sorted(Path(digits_target).rglob("*.png"))[0]
+        one_line(tlkit("predict", f"runs:/{run_id}", image, "--out", tmp_path / "p.csv", cwd=copy, env=env), "is read-only", "--tracking-uri")
+    finally:
+        subprocess.run(["umount", str(copy)], capture_output=True)
+        os.chmod(copy, 0o755)
+
+
+# ----------------------------------------------------------------------------------------------
+# Odd files and names
+
+
+@pytest.fixture
+def odd_folder(tmp_path, digits_target):
+    """Digits with a file name that is not UTF-8, a symlink loop, a broken link and an animated GIF."""
+    root = tmp_path / "odd"
+    shutil.copytree(digits_target, root)
+    first = sorted((root / "5").glob("*.png"))[0]
+    os.rename(first, os.path.join(os.fsencode(root / "5"), b"caf\xe9-\xff.png"))
+    os.symlink("..", root / "6" / "loop")
+    os.symlink(root / "missing.png", root / "6" / "broken.png")
+    frames = [Image.fromarray(np.full((32, 32), v, np.uint8)) for v in (0, 255)]
+    frames[0].save(root / "7" / "animated.gif", save_all=True, append_images=frames[1:], duration=100)
+    return root
+
+
+@pytest.mark.slow  # three commands in subprocesses, ~19 s
+def test_odd_names_and_files_are_used_or_reported_never_a_crash(odd_folder, tmp_path):
+    result = tlkit("ingest", odd_folder, "--out", tmp_path / "m.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = result.stdout + result.stderr
+    assert "symbolic link to a folder, not followed" in report and "broken or looping symbolic link" in report
+    assert "several frames" in report and "first frame is used" in report
+    names = [r["path"] for r in json.loads((tmp_path / "m.json").read_text())["images"]]
+    odd = [n for n in names if "caf" in n]
+    assert len(odd) == 1 and os.fsencode(odd[0]).endswith(b"caf\xe9-\xff.png")  # the JSON escape gives back the very bytes
+    baseline = tlkit("baseline", odd_folder, "--classifier", "pixels", cwd=tmp_path)
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    model = baseline.stdout.split("runs:/")[1].split(";")[0].split(")")[0].strip()
+    predicted = tlkit("predict", f"runs:/{model}", odd_folder / "5", "--out", tmp_path / "p.csv", cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert b"caf\xe9-\xff.png" in (tmp_path / "p.csv").read_bytes()  # the CSV carries the name's own bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# One line, before the heavy imports
+
+
+def test_settings_and_paths_fail_in_one_line_within_two_seconds(workdir, tmp_path, digits_target):
+    (tmp_path / "empty").mkdir()
+    one_line(tlkit("predict", "runs:/abc", tmp_path / "empty", cwd=tmp_path), "empty folder", within=2.0)
+    shipped = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml"
+    (tmp_path / "typo.yaml").write_text(shipped.read_text().replace("{classifier: svm}", "{classifer: svm}", 1))
+    one_line(tlkit("run", tmp_path / "typo.yaml", cwd=tmp_path), "classifer", within=2.0)
+    csv = tmp_path / "all-train.csv"
+    rows = [f"{p},{p.parent.name},train" for p in sorted(Path(digits_target).rglob("*.png"))]
+    csv.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    os.chdir(tmp_path)
+    assert_one_line_error(invoke(CliRunner(), "finetune", csv, *FINETUNE, "--epochs", "1"), "no val or test split")
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any run
+
+
+def test_damaged_model_folders_name_the_file(store_with_a_model, workdir, digits_target):
+    folder, run_id = store_with_a_model
+    image = sorted(Path(digits_target).rglob("*.png"))[0]
+    model = workdir / "model"
+    (found,) = list((folder / "mlruns").rglob("tlkit-model.json"))
+    shutil.copytree(found.parent, model)
+    (model / "backbone.safetensors").unlink()
+    runner = CliRunner()
+    assert_one_line_error(invoke(runner, "predict", model, image), "lacks backbone.safetensors", str(model))
+    shutil.copy(found.parent / "backbone.safetensors", model)
+    head = model / "head.safetensors"
+    head.write_bytes(head.read_bytes()[:50])
+    assert_one_line_error(invoke(runner, "predict", model, image), "head.safetensors", "damaged")
+
+
+def test_predict_leaves_no_litter_and_export_asks_before_overwriting(store_with_a_model, tmp_path, digits_target, monkeypatch):
+    import tempfile
+
+    folder, run_id = store_with_a_model
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("TLKIT_CACHE", str(tmp_path / "cache"))
+    image = sorted(Path(digits_target).rglob("*.png"))[0]
+    before = set(os.listdir(tempfile.gettempdir()))
+    runner = CliRunner()
+    for _ in range(2):
+        assert invoke(runner, "predict", f"runs:/{run_id}", image).exit_code == 0
+    litter = {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("tlkit-")}
+    assert not litter
+    assert len(list((tmp_path / "cache" / "runs").iterdir())) == 1  # one copy of the model, reused
+    out = tmp_path / "export"
+    first = invoke(runner, "export", f"runs:/{run_id}", "--format", "torchscript", "--out", out)
+    assert first.exit_code == 0 and str(out) in " ".join(first.stdout.split()), first.output
+    assert_one_line_error(invoke(runner, "export", f"runs:/{run_id}", "--format", "torchscript", "--out", out), "exists", "--force")
+    assert invoke(runner, "export", f"runs:/{run_id}", "--format", "torchscript", "--out", out, "--force").exit_code == 0
