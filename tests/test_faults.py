@@ -301,6 +301,8 @@ def test_predict_leaves_no_litter_and_export_asks_before_overwriting(store_with_
 
     folder, run_id = store_with_a_model
     monkeypatch.chdir(folder)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store in `folder`, whatever an earlier test configured
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.setenv("TLKIT_CACHE", str(tmp_path / "cache"))
     image = sorted(Path(digits_target).rglob("*.png"))[0]
     before = set(os.listdir(tempfile.gettempdir()))

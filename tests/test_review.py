@@ -24,6 +24,8 @@ from tlkit.stages import run_baseline, run_train
 
 KINDS = ["finetune", "svm", "logreg", "pixels"]
 CLASSES = [2, 3]
+# The matrices that cost the most run two classes in the default suite and three with the slow tests (CI runs both).
+CLASSES_2_FAST = [2, pytest.param(3, marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def test_predict_evaluate_and_served_model_give_one_answer(here, n, kind):
     assert {"test_accuracy", "test_ece"} <= set(evaluation.metrics)
 
 
-@pytest.mark.parametrize("n", CLASSES)
+@pytest.mark.parametrize("n", CLASSES_2_FAST)
 @pytest.mark.parametrize("kind", KINDS)
 def test_onnx_and_torchscript_exports_give_predicts_probabilities(here, tmp_path, n, kind):
     onnxruntime = pytest.importorskip("onnxruntime")
@@ -144,7 +146,7 @@ def test_safetensors_export_is_refused_where_timm_cannot_hold_the_head(here, tmp
         run_export(here[2, kind].model_uri, "safetensors", tmp_path)
 
 
-@pytest.mark.parametrize("n", CLASSES)
+@pytest.mark.parametrize("n", CLASSES_2_FAST)
 @pytest.mark.parametrize("kind", KINDS)
 def test_explain_maps_every_class_with_two_classes_too(here, tmp_path, n, kind):
     uri = here[n, kind].model_uri

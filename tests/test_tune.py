@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import optuna
@@ -134,9 +135,17 @@ def test_ctrl_c_marks_open_runs_killed_and_the_same_command_resumes(tracked, dig
             "--val", "0.2", "--test", "0.3", "--experiment", "tests"]
     monkeypatch.setattr(tune, "PruningCallback", _CtrlC)
     monkeypatch.setattr(sys, "argv", ["tlkit", *argv])  # the resume hint repeats the command line
-    result = runner.invoke(app, argv)
+    logged = []
+    keep = logging.Handler()
+    keep.emit = logged.append
+    logging.getLogger("optuna").addHandler(keep)  # Optuna's own handler writes to the real stderr, past the runner
+    try:
+        result = runner.invoke(app, argv)
+    finally:
+        logging.getLogger("optuna").removeHandler(keep)
     assert result.exit_code == 130, result.output
     assert "the same command resumes the study" in result.output
+    assert not [r for r in logged if r.levelno >= logging.WARNING]  # no "Trial 1 failed ... KeyboardInterrupt" and its 110-line traceback
     storage = tune.open_storage(tune.default_storage())
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -189,7 +198,8 @@ def test_a_pipeline_tune_stage_feeds_later_stages_and_is_reused(workdir, digits_
         "stages": [
             {"id": "tuned", "stage": "tune", "data": "d", "trials": 2, "space": SPACE},
             {"id": "scored", "stage": "evaluate", "model": "tuned", "data": "d"},
-            {"id": "shipped", "stage": "export", "model": "tuned", "format": "torchscript", "out": "exported-{seed}"},
+            {"id": "shipped", "stage": "export", "model": "tuned", "format": "torchscript", "out": "exported-{seed}",
+             "force": True},
         ],
         "seeds": [3],
     }))
