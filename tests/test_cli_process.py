@@ -108,3 +108,32 @@ def test_predict_and_a_cached_extract_import_only_what_they_need(tmp_path, digit
     used = imported_by(["predict", f"runs:/{run_id}", image], tmp_path)
     assert "torch" in used and not used & {"lightning", "torchmetrics"}
     assert not imported_by(["ingest", digits_source, "--out", "m.json"], tmp_path) & {"lightning", "torch", "timm"}
+
+
+@pytest.mark.slow  # three fine-tune processes, ~20 s
+def test_a_fine_tune_piped_to_a_file_writes_a_line_per_epoch_as_it_goes(tmp_path, digits_source):
+    """Output to a file (nohup, CI, tee): plain lines, flushed while training runs, no control characters."""
+    log = tmp_path / "log.txt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TLKIT_PROGRESS"))}
+    with open(log, "w") as out:
+        process = subprocess.Popen([*TLKIT, "finetune", str(digits_source), *TRAIN, "--epochs", "40", "--strategy", "full"], cwd=tmp_path,
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while "epoch 2/40" not in log.read_text() and time.monotonic() < deadline:
+                assert process.poll() is None, log.read_text()
+                time.sleep(0.2)
+            assert process.poll() is None  # read while the command still runs
+        finally:
+            process.kill()
+            process.wait()
+    text = log.read_text()
+    first = next(line for line in text.splitlines() if line.startswith("epoch 1/40"))
+    assert "elapsed, eta" in first and "train_loss" in first and "val_accuracy" in first
+    assert "\x1b" not in text and "\r" not in text  # no colours, no cursor moves, no redrawn bars
+    quiet = subprocess.run([*TLKIT, "finetune", str(digits_source), *TRAIN, "--epochs", "1"], cwd=tmp_path, capture_output=True, text=True,
+                           env={**env, "TLKIT_PROGRESS": "off"}, timeout=300)
+    assert quiet.returncode == 0 and "epoch 1/1" not in quiet.stdout, quiet.stderr
+    wrong = subprocess.run([*TLKIT, "finetune", str(digits_source), *TRAIN], cwd=tmp_path, capture_output=True, text=True,
+                           env={**env, "TLKIT_PROGRESS": "bars"}, timeout=300)
+    assert wrong.returncode == 1 and wrong.stderr.strip().startswith("error: TLKIT_PROGRESS='bars'") and len(wrong.stderr.splitlines()) == 1

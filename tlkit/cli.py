@@ -34,8 +34,9 @@ app.add_typer(backbone_app, name="backbone")
 app.add_typer(augment_app, name="augment")
 
 # No markup: messages carry paths, user text and brackets ("pip install 'tlkit[export]'"), printed as they are.
-console = Console(markup=False)
-errors = Console(stderr=True, markup=False)
+# Piped to a file or CI, rich would cut tables at 80 columns: lay them out at their own width instead.
+console = Console(markup=False, width=None if sys.stdout.isatty() else 240)
+errors = Console(stderr=True, markup=False, width=None if sys.stderr.isatty() else 240)
 
 
 class _WarningLine(logging.Handler):
@@ -61,6 +62,7 @@ def command(func):
         if Path(sys.argv[0]).name in ("tlkit", "__main__.py"):  # the command line, recorded on its runs (tracking.reap_dead_runs)
             os.environ["TLKIT_COMMAND"] = shlex.join(["tlkit", *sys.argv[1:]])
         try:
+            runtime.progress_mode()  # a bad TLKIT_PROGRESS is said before any work
             return func(*args, **kwargs)
         except TlkitError as err:
             _error_line(str(err))
@@ -239,10 +241,12 @@ def _tracking(uri, experiment, model: str | None = None) -> None:
 
 def _metrics_table(title: str, metrics: dict[str, float], heldout: str = "test") -> Table:
     """The held-out figures (test_* names the held-out split's metrics; `heldout` says which split that is)."""
-    table = Table(title=title, show_header=True, caption=f"held out: the {heldout} split, which chose nothing", title_justify="left")
+    caption = f"held out: the {heldout} split, which chose nothing"
+    # as wide as its title and caption: rich wraps them to the table's width, mid-phrase
+    table = Table(title=title, show_header=True, caption=caption, title_justify="left", min_width=max(len(title), len(caption)) + 2)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1"):
+    for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_ece"):
         if key in metrics:
             table.add_row(key, f"{metrics[key]:.4f}")
     return table

@@ -280,7 +280,8 @@ def _run_point(point: Point, plan: Plan, manifests: dict, progress: _Progress, t
         for i, stage in enumerate(config.stages, start=1):
             where = f"{point.label} · " if plan.swept else ""
             if not lines:
-                console.rule(Text(f"{progress.step()} {where}stage {i}/{len(config.stages)}: {stage.id}", style="bold") + Text(f" ({stage.stage})"))
+                header = Text(f"{progress.step()} {where}stage {i}/{len(config.stages)}: {stage.id}", style="bold") + Text(f" ({stage.stage})")
+                console.rule(header) if console.is_terminal else console.print(Text("== ") + header, soft_wrap=True)
             start = time.perf_counter()
             with tracking.tagging({"tlkit.stage_id": stage.id, **tags}):
                 result, reused = _run_or_reuse(stage, config, outputs, manifests, tracking_uri, reuse, console, claim)

@@ -240,6 +240,20 @@ def spawn_safe(devices) -> None:
 
 
 _BARS = {"on": True}
+PROGRESS_MODES = ("rich", "plain", "off")
+
+
+def progress_mode() -> str:
+    """How long commands show progress: TLKIT_PROGRESS=rich|plain|off. By default rich bars on a terminal, and
+    plain lines (one per epoch, flushed, no control characters) when the output goes to a file, a pipe or CI."""
+    mode = os.environ.get("TLKIT_PROGRESS", "").strip().lower()
+    if mode in PROGRESS_MODES:
+        return mode
+    if mode:
+        from tlkit.errors import TlkitError
+
+        raise TlkitError(f"TLKIT_PROGRESS={mode!r} is not one of {', '.join(PROGRESS_MODES)}; unset it or choose one")
+    return "rich" if sys.stdout.isatty() else "plain"
 
 
 def hide_progress_bars() -> None:
@@ -278,6 +292,11 @@ def build_trainer(*, devices, precision: str, progress: bool, root_dir, **kwargs
 
     spawn_safe(devices)
     quiet_loggers()  # the banners come while the Trainer is built
+    mode = progress_mode() if progress and _BARS["on"] else "off"
+    if mode == "plain":
+        from tlkit.progress import PlainProgress
+
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), PlainProgress()]
     return L.Trainer(
         accelerator="auto",
         devices=devices,
@@ -285,7 +304,7 @@ def build_trainer(*, devices, precision: str, progress: bool, root_dir, **kwargs
         precision=precision,
         logger=False,
         enable_model_summary=False,
-        enable_progress_bar=progress and _BARS["on"],
+        enable_progress_bar=mode == "rich",
         default_root_dir=root_dir,
         **kwargs,
     )

@@ -38,7 +38,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from tlkit import tracking
+from tlkit import runtime, tracking
 from tlkit.config import BackboneConfig, ComputeConfig, SplitConfig, TrainConfig
 from tlkit.errors import TlkitError
 from tlkit.ingest import Manifest, _fingerprint
@@ -281,7 +281,8 @@ class Objective:
             try:
                 result = train_classifier(self.splits.trials, backbone, settings, devices=self.compute.devices, precision=self.compute.precision,
                                           num_workers=self.compute.num_workers, image_cache_mb=self.compute.image_cache_mb, cache=self.cache,
-                                          callbacks=[MetricsCallback(run_id), pruning], progress=False, calibrated=False)
+                                          callbacks=[MetricsCallback(run_id), pruning], calibrated=False,
+                                          progress=runtime.progress_mode() == "plain")  # epoch lines in a log; no bars between trial lines
             except SystemExit as stop:  # Lightning turns Ctrl-C into SystemExit: Optuna marks a KeyboardInterrupt's trial FAIL
                 raise KeyboardInterrupt from stop
             state = "PRUNED" if pruning.pruned_at is not None else "COMPLETE"
