@@ -86,7 +86,19 @@ def test_a_job_gets_its_share_of_the_cores_for_threads_and_loader_workers(monkey
 
 
 def test_hidden_progress_bars_stay_hidden_even_when_asked_for(monkeypatch):
+    from tlkit.progress import PlainProgress
+
+    def lines(trainer):
+        return [c for c in trainer.callbacks if isinstance(c, PlainProgress)]
+
     monkeypatch.setitem(runtime._BARS, "on", True)
+    monkeypatch.setenv("TLKIT_PROGRESS", "rich")
     assert runtime.build_trainer(devices=1, precision="32-true", progress=True, root_dir=None).progress_bar_callback is not None
+    monkeypatch.setenv("TLKIT_PROGRESS", "plain")  # what output to a file gets by default
+    plain = runtime.build_trainer(devices=1, precision="32-true", progress=True, root_dir=None)
+    assert plain.progress_bar_callback is None and len(lines(plain)) == 1
     runtime.hide_progress_bars()
-    assert runtime.build_trainer(devices=1, precision="32-true", progress=True, root_dir=None).progress_bar_callback is None
+    for mode in ("rich", "plain"):
+        monkeypatch.setenv("TLKIT_PROGRESS", mode)
+        hidden = runtime.build_trainer(devices=1, precision="32-true", progress=True, root_dir=None)
+        assert hidden.progress_bar_callback is None and not lines(hidden)

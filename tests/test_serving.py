@@ -20,6 +20,8 @@ from tlkit.config import BackboneConfig, ComputeConfig, TrainConfig
 from tlkit.predict import predict_images
 from tlkit.stages import run_train
 
+pytestmark = pytest.mark.slow  # a real server: ~20 s of start-up and requests, with the slow tests (the same model in-process: test_review)
+
 
 def photo(path, width, height, seed=0):
     """A photo-like JPEG: smooth colour gradients, a disc, sensor noise."""
