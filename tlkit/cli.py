@@ -63,6 +63,10 @@ def command(func):
             os.environ["TLKIT_COMMAND"] = shlex.join(["tlkit", *sys.argv[1:]])
         try:
             runtime.progress_mode()  # a bad TLKIT_PROGRESS is said before any work
+            if "tracking_uri" in kwargs:  # a damaged store is said before MLflow (1.5 s) and the rest load
+                from tlkit.files import check_sqlite_store
+
+                check_sqlite_store(kwargs["tracking_uri"])
             return func(*args, **kwargs)
         except TlkitError as err:
             _error_line(str(err))

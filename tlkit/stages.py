@@ -64,6 +64,13 @@ def load_data(data: str | Path | Manifest, split: SplitConfig | None = None, *, 
     return manifest
 
 
+def require_heldout(manifest: Manifest) -> None:
+    """Refuse data with nothing to report on, before any model is built or run started."""
+    if not manifest.split("val") and not manifest.split("test"):
+        raise TlkitError("the data has no val or test split to report on (every image is in train); let tlkit make them (--val 0.15 "
+                         "--test 0.15, with no split column or train/ folder), or give val/ or test/ images")
+
+
 def _log_data(manifest: Manifest) -> None:
     counts = {s: len(manifest.split(s)) for s in ("train", "val", "test")}
     tracking.log_params(
@@ -196,9 +203,7 @@ def run_baseline(
 ) -> StageResult:
     """Fit a linear classifier on cached features (or raw pixels) and save it as the run's model."""
     manifest = load_data(data, split)
-    if not manifest.split("val") and not manifest.split("test"):  # before any extraction: the fit would have nothing to report on
-        raise TlkitError("the data has no val or test split to report on (every image is in train); let tlkit make them (--val 0.15 "
-                         "--test 0.15, with no split column or train/ folder), or give val/ or test/ images")
+    require_heldout(manifest)
     compute = compute or ComputeConfig()
     pixels = baseline.classifier == "pixels"
     backbone = None if pixels else make_backbone(backbone_config, tracking_uri=tracking_uri, lazy=True, cache=cache)
@@ -311,12 +316,13 @@ def run_train(
     held-out accuracy logged beside the fine-tune's as `probe_test_accuracy`, so a fine-tune that
     does worse than its own linear probe is known, not hidden.
     """
+    manifest = load_data(data, split)
+    require_heldout(manifest)  # before torch, Lightning and the model load
     from tlkit import heads
     from tlkit.baseline import fit_baseline
     from tlkit.evaluate import curves_figure
     from tlkit.finetune import MetricsCallback, check_settings, train_batch_figure, train_classifier
 
-    manifest = load_data(data, split)
     compute = compute or ComputeConfig()
     backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
     check_settings(manifest, backbone, train)  # every setting's error before the run (and the store) exists
