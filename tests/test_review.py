@@ -293,3 +293,19 @@ def test_served_model_never_reads_a_path(here):
     Image.new("RGB", (8, 8)).save(png, format="GIF")
     with pytest.raises(Refused, match="not a base64-encoded JPEG, PNG or WebP"):
         served.predict(pd.DataFrame({"image": [base64.b64encode(png.getvalue()).decode()]}))
+
+
+def test_evaluate_scores_the_split_the_model_reported_on_by_default(tracked, workdir, digits_pair, runner):
+    import shutil
+
+    data = workdir / "trainval"  # a train/ val/ tree (no test split), as most photo folders come
+    for i, path in enumerate(sorted(Path(digits_pair).rglob("*.png"))):
+        target = data / ("val" if i % 4 == 0 else "train") / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    model = run_baseline(data, BackboneConfig(model=TINY_MODEL, img_size=32), BaselineConfig(classifier="pixels"), compute=ComputeConfig(num_workers=0))
+    assert model.details["heldout_split"] == "val"
+    result = invoke(runner, "evaluate", model.model_uri, data)
+    assert result.exit_code == 0, result.output
+    assert "on the val split" in " ".join(result.stdout.split()) and "val_accuracy" in result.stdout
+    assert_one_line_error(invoke(runner, "evaluate", model.model_uri, data, "--split", "test"), "no 'test' split", "it has: train, val")

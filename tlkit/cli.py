@@ -822,7 +822,8 @@ def predict_command(
 def evaluate_command(
     model: Annotated[str, typer.Argument(help="runs:/RUN_ID of a baseline, pretrain or finetune run.")],
     data: DataArg,
-    split: Annotated[str, typer.Option(help="Which split to score: test, val or train.")] = "test",
+    split: Annotated[Optional[str], typer.Option(help="Which split to score: test, val or train (default: the split the model's run "
+                                                 "reported on, as held out; else test, else val).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Also average predictions over the mirror image and 4 corner crops.")] = False,
     tta_flip: Annotated[Optional[bool], typer.Option("--tta-flip/--no-tta-flip", help="Mirror in TTA (default: if the model trained with flips).")] = None,
     explain_top: Annotated[int, typer.Option("--explain", help="Maps for the N top losses.")] = 0,
@@ -840,14 +841,14 @@ def evaluate_command(
     from tlkit.attack import parse_eps
     from tlkit.review import run_evaluate
 
-    if split not in ("train", "val", "test"):
+    if split not in (None, "train", "val", "test"):
         raise TlkitError(f"--split must be train, val or test; got {split!r}")
     _tracking(tracking_uri, experiment, model)
     result = run_evaluate(model, data, split=split, data_split=_split(val, test, seed, shots), tta=tta, tta_flip=tta_flip,
                           explain_top=explain_top, method=method, attack=attack, eps=parse_eps(eps) if eps else None,
                           tracking_uri=tracking_uri)
     m = result.metrics
-    table = Table(title=f"{model} on the {split} split")
+    table = Table(title=f"{model} on the {result.details['split']} split")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in m.items():

@@ -87,7 +87,7 @@ def run_evaluate(
     model: str,
     data: str | Path | Manifest,
     *,
-    split: str = "test",
+    split: str | None = None,
     data_split: SplitConfig | None = None,
     tta: bool = False,
     tta_flip: bool | None = None,
@@ -109,6 +109,7 @@ def run_evaluate(
     if attack not in (None, "fgsm"):
         raise TlkitError(f"unknown attack {attack!r}; tlkit has fgsm")
     manifest = load_data(data, data_split)
+    split = split or _heldout_split(model, manifest, tracking_uri)
     records = manifest.split(split)
     if not records:
         have = ", ".join(s for s in ("train", "val", "test") if manifest.split(s))
@@ -131,7 +132,7 @@ def run_evaluate(
         if k < len(classes):
             metrics[f"{prefix}top{k}_accuracy"] = top_k_accuracy(y_true, scores, k)
     confused = most_confused(y_true, y_pred, classes)
-    details: dict = {"most_confused": confused, "calibration": loaded.bundle.head.get("calibration", "none")}
+    details: dict = {"most_confused": confused, "calibration": loaded.bundle.head.get("calibration", "none"), "split": split}
     model_run = _model_run(model)
     params = {"model_uri": model, "split": split, "tta": tta, "attack": attack or "none", "explain_top": explain_top}
     with tracking.start_run("evaluate", run_name=run_name, params=params, tags={"tlkit.model_run": model_run}) as run_id:
@@ -168,6 +169,15 @@ def run_evaluate(
         tracking.log_metrics(metrics)
         tracking.log_dict({k: v for k, v in details.items() if k != "top_losses"}, "evaluation.json")
     return StageResult("evaluate", run_id, metrics, details=details)
+
+
+def _heldout_split(model: str, manifest: Manifest, tracking_uri: str | None) -> str:
+    """The split the model's own run reported on (its `heldout_split`), when this data has it; else test, else val."""
+    if model.startswith(tracking.RUNS_PREFIX):
+        reported = tracking.get_run(tracking.parse_run_ref(model)[0], tracking_uri).data.params.get("heldout_split")
+        if reported and manifest.split(reported):
+            return reported
+    return manifest.eval_split
 
 
 def _log_predictions(paths: list[Path], y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> None:
