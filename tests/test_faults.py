@@ -317,3 +317,17 @@ def test_predict_leaves_no_litter_and_export_asks_before_overwriting(store_with_
     assert first.exit_code == 0 and str(out) in " ".join(first.stdout.split()), first.output
     assert_one_line_error(invoke(runner, "export", f"runs:/{run_id}", "--format", "torchscript", "--out", out), "exists", "--force")
     assert invoke(runner, "export", f"runs:/{run_id}", "--format", "torchscript", "--out", out, "--force").exit_code == 0
+
+
+def test_runs_record_their_process_and_command_without_passwords(tracked, monkeypatch):
+    from tlkit import tracking
+
+    monkeypatch.setenv("TLKIT_COMMAND", "tlkit tune data --storage postgresql://me:secret@db/optuna")
+    with tracking.start_run("tune") as run_id:
+        with tracking.start_run("trial") as trial_id:
+            pass
+    tags = tracked.get_run(run_id).data.tags
+    assert tags["tlkit.command"] == "tlkit tune data --storage postgresql://***@db/optuna"
+    assert tags["tlkit.pid"] == str(os.getpid()) and tags["tlkit.host"] and tags["tlkit.process_start"]
+    assert "tlkit.command" not in tracked.get_run(trial_id).data.tags  # the command started the top run only
+    assert tracking.reap_dead_runs(tracking.resolve_tracking_uri()) == []  # this process is alive: nothing to reap

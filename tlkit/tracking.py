@@ -286,7 +286,7 @@ def start_run(
     all_tags = {"tlkit.stage": stage, "tlkit.version": __version__, **_process_tags(), **_TAGS, **(tags or {})}
     command = COMMAND or os.environ.get("TLKIT_COMMAND")
     if command and not nested and parent_run_id is None:
-        all_tags["tlkit.command"] = command
+        all_tags["tlkit.command"] = re.sub(r"://[^/@\s]*@", "://***@", command)  # no passwords of URIs in a tag anyone can read
     if run_id is not None:  # resume: continue that run, now in this process
         run = mlflow.start_run(run_id=run_id, nested=nested)
         mlflow.set_tags(_process_tags())
