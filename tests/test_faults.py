@@ -138,6 +138,7 @@ def test_full_disk_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, digit
     assert statuses(tmp_path)[run_id] == "FINISHED"
 
 
+@pytest.mark.slow  # a tmpfs and two ingests in subprocesses, ~6 s (the same helper: test_a_write_that_fails_leaves_the_old_file_whole)
 def test_ingest_on_a_full_disk_keeps_the_old_manifest(tmp_path, digits_target, small_disk, monkeypatch):
     disk, _ = small_disk
     manifest = disk / "m.json"

@@ -69,7 +69,7 @@ def probabilities_of(rows, classes):
     return {image: [found[c] for c in classes] for image, found in table.items()}
 
 
-@pytest.mark.parametrize("n", CLASSES)
+@pytest.mark.parametrize("n", CLASSES_2_FAST)
 @pytest.mark.parametrize("kind", KINDS)
 def test_predict_evaluate_and_served_model_give_one_answer(here, n, kind):
     import mlflow.pyfunc
@@ -186,7 +186,7 @@ def test_evaluate_logs_metrics_plots_tta_maps_and_fgsm(here):
     assert len(maps - {"overview.png"}) == 2 and "overview.png" in maps
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["finetune", "svm", pytest.param("logreg", marks=pytest.mark.slow), pytest.param("pixels", marks=pytest.mark.slow)])
 def test_evaluate_two_classes_with_tta_maps_and_fgsm(here, kind):
     uri, data = here[2, kind].model_uri, here[2, "data"]
     method = "saliency" if kind == "pixels" else "gradcam"
