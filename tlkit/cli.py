@@ -848,7 +848,8 @@ def evaluate_command(
                           explain_top=explain_top, method=method, attack=attack, eps=parse_eps(eps) if eps else None,
                           tracking_uri=tracking_uri)
     m = result.metrics
-    table = Table(title=f"{model} on the {result.details['split']} split")
+    title = f"{model} on the {result.details['split']} split"
+    table = Table(title=title, min_width=len(title) + 2)  # rich wraps a title to its table's width
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in m.items():
