@@ -233,9 +233,6 @@ def _compute(devices, precision, batch_size, workers, image_cache_mb=None):
 
 def _tracking(uri, experiment, model: str | None = None) -> None:
     """Point MLflow at the store; runs about a saved model (`model`) default to that model's experiment."""
-    from tlkit.files import check_sqlite_store
-
-    check_sqlite_store(uri)  # before MLflow's import: a damaged store is one line at once
     from tlkit import tracking
 
     if experiment is None and model and model.startswith(tracking.RUNS_PREFIX):
@@ -942,9 +939,6 @@ def compare_command(
     tracking_uri: TrackingUri = None,
 ):
     """Leaderboard of runs: mean ± std over seeds, best first, with the settings that differ as columns."""
-    from tlkit.files import check_sqlite_store
-
-    check_sqlite_store(tracking_uri)
     from tlkit.compare import compare, leaderboard_table
 
     board, files = compare(experiment=experiment, parent=parent, metric=metric, out=out, tracking_uri=tracking_uri)
