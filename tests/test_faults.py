@@ -331,3 +331,24 @@ def test_runs_record_their_process_and_command_without_passwords(tracked, monkey
     assert tags["tlkit.pid"] == str(os.getpid()) and tags["tlkit.host"] and tags["tlkit.process_start"]
     assert "tlkit.command" not in tracked.get_run(trial_id).data.tags  # the command started the top run only
     assert tracking.reap_dead_runs(tracking.resolve_tracking_uri()) == []  # this process is alive: nothing to reap
+
+
+def test_ctrl_c_inside_a_database_write_still_ends_the_run_killed(tracked, monkeypatch):
+    """Ctrl-C can land inside MLflow's write and spoil the connection: the run is still ended KILLED, on a new one."""
+    import mlflow
+
+    from tlkit import tracking
+
+    real_end_run = mlflow.end_run
+
+    def broken_end_run(status="FINISHED"):
+        real_end_run.__globals__["_active_run_stack"].get().pop()  # MLflow pops the run before it writes, then the write fails
+        raise RuntimeError("cannot start a transaction within a transaction")
+
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.start_run("finetune") as run_id:
+            monkeypatch.setattr(mlflow, "end_run", broken_end_run)
+            raise KeyboardInterrupt
+    monkeypatch.undo()
+    assert tracked.get_run(run_id).info.status == "KILLED"
+    assert mlflow.active_run() is None

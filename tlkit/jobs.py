@@ -71,6 +71,11 @@ def run_points(points: list[Point], plan: Plan, *, jobs: int, parent_run_id: str
                 _stop_jobs(stop, futures, interrupt=False)
                 raise
             return [f.result() for f in futures]
+    except BaseException:
+        # The pool has shut down: every job process is gone. A job whose Ctrl-C landed inside a database write
+        # may have left its run RUNNING; its process is gone, so mark it KILLED now rather than at the next command.
+        tracking.reap_dead_runs(tracking.resolve_tracking_uri(tracking_uri), quiet=True)
+        raise
     finally:
         shutil.rmtree(locks, ignore_errors=True)
 

@@ -145,8 +145,9 @@ def _process_tags() -> dict[str, str]:
     return {"tlkit.host": _HOST, "tlkit.pid": str(os.getpid()), "tlkit.process_start": _process_start(os.getpid())}
 
 
-def reap_dead_runs(uri: str) -> list[str]:
-    """Mark KILLED the RUNNING runs of this host whose process is gone; warn once per run, with the resume command."""
+def reap_dead_runs(uri: str, *, quiet: bool = False) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone; warn once per run, with the resume command
+    (`quiet`: no warning, for a caller that reports the interruption itself)."""
     store = MlflowClient(uri)
     try:
         ids = [e.experiment_id for e in store.search_experiments()]
@@ -167,7 +168,8 @@ def reap_dead_runs(uri: str) -> list[str]:
         except MlflowException:  # a read-only store: say nothing now, the next command that can write will
             continue
         reaped.append(run.info.run_id)
-        logging.getLogger("tlkit").warning(_death_notice(store, run))
+        if not quiet:
+            logging.getLogger("tlkit").warning(_death_notice(store, run))
     return reaped
 
 
@@ -321,10 +323,16 @@ def _end_run(status: str) -> None:
     """End the active run with `status` while another error is on its way out. If the store cannot take it
     (a full disk holds the database too), the run stays RUNNING and the next command finds it dead
     (`reap_dead_runs`); the error the user sees is the first one, not this."""
+    run = mlflow.active_run()
     try:
         mlflow.end_run(status=status)  # pops the run off MLflow's stack before it writes, so a failed write leaves no stale run
     except Exception:  # noqa: BLE001
-        pass
+        # Ctrl-C can land inside a database write and leave this process's connection unusable: try once more on a new one
+        try:
+            if run is not None:
+                MlflowClient(mlflow.get_tracking_uri()).set_terminated(run.info.run_id, status)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def log_params(params: Mapping[str, Any]) -> None:
