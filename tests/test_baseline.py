@@ -21,9 +21,9 @@ def blobs(n_per_class=20, splits=("train", "val", "test"), seed=0) -> FeatureSet
 @pytest.mark.parametrize("classifier", ["svm", "logreg"])
 def test_separable_features_are_learned(classifier):
     result = fit_baseline(blobs(), classifier=classifier)
-    assert result.metrics["test_accuracy"] > 0.95
+    assert result.metrics["heldout_accuracy"] > 0.95
     assert result.selection == "validation split" and result.C > 0
-    assert {"test_balanced_accuracy", "test_macro_f1", "test_precision.a", "test_recall.c"} <= set(result.metrics)
+    assert {"heldout_balanced_accuracy", "heldout_macro_f1", "test_precision.a", "test_recall.c"} <= set(result.metrics)
     assert len(result.estimator.predict(blobs().X)) == 180
 
 
@@ -41,7 +41,7 @@ def test_without_val_cross_validates_on_train():
 def test_noise_stays_near_chance():
     noise = blobs()
     noise.X = np.random.default_rng(1).normal(size=noise.X.shape).astype(np.float32)
-    assert fit_baseline(noise).metrics["test_accuracy"] < 0.6
+    assert fit_baseline(noise).metrics["heldout_accuracy"] < 0.6
 
 
 def test_single_class_training_split_is_an_error():

@@ -50,7 +50,7 @@ def test_extract_twice_reads_the_cache(runner, workdir, digits_source):
 
 def test_baseline_pretrain_finetune_predict(runner, workdir, digits_source, digits_target):
     result = invoke(runner, "baseline", digits_target, "--classifier", "pixels")
-    assert result.exit_code == 0 and "test_accuracy" in result.stdout
+    assert result.exit_code == 0 and "heldout_accuracy" in result.stdout
 
     result = invoke(runner, "pretrain", digits_source, "--model", TINY_MODEL, "--img-size", 32, "--epochs", 2, "--workers", 0)
     assert result.exit_code == 0, result.output
@@ -72,6 +72,23 @@ def test_baseline_pretrain_finetune_predict(runner, workdir, digits_source, digi
     result = invoke(runner, "evaluate", f"runs:/{finetuned}", digits_target, "--split", "val")
     assert result.exit_code == 0 and "val_accuracy" in result.stdout, result.output
     assert_one_line_error(invoke(runner, "evaluate", f"runs:/{finetuned}", digits_source), "does not know class(es) 0, 1, 2")
+    result = invoke(runner, "baseline", digits_target, "--classifier", "logreg", "--weights", f"runs:/{run_id}", "--workers", 0,
+                    "--run-name", "my probe")
+    assert result.exit_code == 0, result.output
+
+    # runs are named for what they are, and the UI's view ranks only those with a held-out score on their own data
+    from mlflow import MlflowClient
+
+    from tlkit import tracking
+
+    client = MlflowClient(tracking.resolve_tracking_uri())
+    experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT).experiment_id
+    names = sorted(r.info.run_name for r in client.search_runs([experiment]))
+    assert names == sorted(["pixels + svm", f"{TINY_MODEL} pretrain (full)", f"{TINY_MODEL} + svm", "my probe",
+                            f"{TINY_MODEL} finetune (freeze-unfreeze)", "predict (1 image)", "evaluate on val"]), names
+    view = tracking._runs_view("heldout_accuracy")
+    ranked = client.search_runs([experiment], view["searchFilter"], order_by=["metrics.heldout_accuracy DESC"])
+    assert sorted(r.info.run_name for r in ranked) == sorted(["pixels + svm", f"{TINY_MODEL} + svm", "my probe", f"{TINY_MODEL} finetune (freeze-unfreeze)"])
 
 
 def test_bad_inputs_are_one_line_errors(runner, workdir, digits_source, tmp_path):
@@ -139,7 +156,7 @@ def test_bad_training_options_are_one_line_errors(runner, workdir, digits_source
 
 def test_one_epoch_with_default_settings_trains(runner, workdir, digits_source):
     result = invoke(runner, "finetune", digits_source, "--model", TINY_MODEL, "--no-pretrained", "--img-size", 32, "--epochs", 1, "--workers", 0)
-    assert result.exit_code == 0 and "test_accuracy" in result.stdout, result.output
+    assert result.exit_code == 0 and "heldout_accuracy" in result.stdout, result.output
 
 
 def test_messages_print_brackets_and_paths_literally(runner, workdir, digits_source, monkeypatch):

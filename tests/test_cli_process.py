@@ -33,7 +33,7 @@ def test_first_command_and_a_finetune_print_only_tlkit_lines(tmp_path, digits_so
     result = run(["finetune", digits_source, *TRAIN, "--epochs", "3", "--strategy", "freeze-unfreeze"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert_quiet(result.stdout + result.stderr)
-    assert "test_accuracy" in result.stdout and (tmp_path / "mlflow.db").exists()
+    assert "heldout_accuracy" in result.stdout and (tmp_path / "mlflow.db").exists()
 
 
 def test_library_callers_get_no_lightning_chatter_either(tmp_path, digits_source):
@@ -44,7 +44,7 @@ def test_library_callers_get_no_lightning_chatter_either(tmp_path, digits_source
         "tracking.configure(None, 'lib')\n"
         f"r = run_train('finetune', {str(digits_source)!r}, BackboneConfig(model={TINY_MODEL!r}, img_size=32), "
         "TrainConfig(epochs=2, strategy='freeze-unfreeze', augment='none'), progress=False)\n"
-        "print('accuracy', r.metrics['test_accuracy'])\n"
+        "print('accuracy', r.metrics['heldout_accuracy'])\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

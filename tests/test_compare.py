@@ -7,7 +7,7 @@ from tlkit.errors import TlkitError
 from tlkit.tracking import RunRecord
 
 
-def run(run_id, name, value, *, params=None, parent=None, reused=None, metric="test_accuracy", status="FINISHED") -> RunRecord:
+def run(run_id, name, value, *, params=None, parent=None, reused=None, metric="heldout_accuracy", status="FINISHED") -> RunRecord:
     tags = {"tlkit.stage_id": name}
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -28,7 +28,7 @@ def test_seeds_of_one_setting_make_one_row_sorted_best_first():
         run("p0", "pixels", 0.70, params={"classifier": "svm", "seed": "0"}),
         run("k0", "tuned", 0.99, params={"train.strategy": "lp-ft"}, status="KILLED"),
     ]
-    board = build_leaderboard(runs, "test_accuracy", no_history)
+    board = build_leaderboard(runs, "heldout_accuracy", no_history)
     assert [(e.label, e.settings.get("train.strategy"), e.n) for e in board.entries] == [
         ("tuned", "gradual", 1), ("tuned", "full", 2), ("pixels", None, 1)]
     full = board.entries[1]
@@ -38,7 +38,7 @@ def test_seeds_of_one_setting_make_one_row_sorted_best_first():
 
 def test_reused_runs_count_once_and_history_gives_the_best_epoch():
     runs = [run("orig", "pre", 0.5), run("copy1", "pre", 0.5, reused="orig"), run("copy2", "pre", 0.5, reused="orig")]
-    board = build_leaderboard(runs, "test_accuracy", no_history)
+    board = build_leaderboard(runs, "heldout_accuracy", no_history)
     assert board.entries[0].n == 1
     curves = {"r1": [0.2, 0.9, 0.6]}
     board = build_leaderboard([run("r1", "tuned", 0.6, metric="val_accuracy")], "val_accuracy", lambda r, k: curves[r])
@@ -50,7 +50,7 @@ def test_reused_runs_count_once_and_history_gives_the_best_epoch():
 def test_weights_from_runs_are_named_by_stage_not_id():
     runs = [run("pre1", "pre", 1.0), run("t1", "tuned", 0.8, params={"weights": "runs:/pre1"}),
             run("pre2", "pre", 1.0), run("t2", "tuned", 0.9, params={"weights": "runs:/pre2"})]
-    board = build_leaderboard(runs, "test_accuracy", no_history)
+    board = build_leaderboard(runs, "heldout_accuracy", no_history)
     tuned = [e for e in board.entries if e.label == "tuned"]
     assert len(tuned) == 1 and tuned[0].settings["weights"] == "runs:/pre" and tuned[0].n == 2
 
@@ -78,7 +78,7 @@ def test_compare_command_prints_writes_and_logs(tracked, tmp_path, digits_target
     rows = list(csv.DictReader(open(out / "leaderboard.csv")))
     assert sorted(r["pixel_size"] for r in rows) == ["16", "8"] and {r["n"] for r in rows} == {"2"}
     assert (out / "leaderboard.png").stat().st_size > 1000
-    assert float(rows[0]["test_accuracy_mean"]) >= float(rows[1]["test_accuracy_mean"])
+    assert float(rows[0]["heldout_accuracy_mean"]) >= float(rows[1]["heldout_accuracy_mean"])
     listed = runner.invoke(app, ["compare", "--experiment", "cmp", "--out", str(out)])
     assert listed.exit_code == 0 and "pixel_size" in listed.output
     missing = runner.invoke(app, ["compare", "--experiment", "nope"])
@@ -90,5 +90,5 @@ def test_a_rows_values_are_in_seed_order_however_the_runs_finished():
     runs = [run(f"s{seed}", "tuned", value) for seed, value in ((2, 0.7), (10, 0.9), (0, 0.5), (1, 0.6))]
     for record, seed in zip(runs, (2, 10, 0, 1)):
         record.tags["tlkit.seed"] = str(seed)
-    entry = build_leaderboard(runs, "test_accuracy", no_history).entries[0]
+    entry = build_leaderboard(runs, "heldout_accuracy", no_history).entries[0]
     assert entry.values == [0.5, 0.6, 0.7, 0.9] and entry.run_ids == ["s0", "s1", "s2", "s10"]

@@ -61,11 +61,11 @@ def test_quickstart_structure_in_mlflow(tracked, tmp_path):
     assert by_name["imagenet + finetune"].data.params["train.strategy"] == "freeze-unfreeze"  # tlkit's default recipe
     assert by_name["imagenet + finetune"].data.params["train.bn"] == "keep-stats"
     for row in summary.rows:
-        assert 0 <= row.metrics["test_accuracy"] <= 1
+        assert 0 <= row.metrics["heldout_accuracy"] <= 1
     text = summary_text(summary)
     assert "pretrained + finetune" in text and summary.rows[0].run_id in text
     parent = client.get_run(summary.run_id)
-    assert "pixels_svm.test_accuracy" in parent.data.metrics
+    assert "pixels_svm.heldout_accuracy" in parent.data.metrics
 
 
 @pytest.mark.parametrize(
@@ -126,14 +126,14 @@ def test_sweep_and_seeds_structure_then_reuse(tracked, tmp_path, digits_target):
         stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == point.info.run_id]
         assert sorted(r.data.tags["tlkit.stage_id"] for r in stages) == sorted(["pre", "features", "svm", "tuned", "check", "label"])
         assert point.data.params["sweep.lr_mult"] in ("2", "4")
-        assert "tuned.test_accuracy" in point.data.metrics
+        assert "tuned.heldout_accuracy" in point.data.metrics
     # the seed-pinned pretraining ran once; the other three points reuse it
     pretrains = [r for r in runs if r.data.tags.get("tlkit.stage_id") == "pre"]
     assert len(pretrains) == 4 and sum("tlkit.reused_from" not in r.data.tags for r in pretrains) == 1
     tuned = [r for r in runs if r.data.tags.get("tlkit.stage_id") == "tuned"]
     assert len({r.data.params["train.seed"] for r in tuned}) == 2 and all("tlkit.reused_from" not in r.data.tags for r in tuned)
     parent = tracked.get_run(summary.run_id)
-    assert {"lr_mult_2/tuned.test_accuracy_mean", "lr_mult_4/svm.test_accuracy_std"} <= set(parent.data.metrics)
+    assert {"lr_mult_2/tuned.heldout_accuracy_mean", "lr_mult_4/svm.heldout_accuracy_std"} <= set(parent.data.metrics)
     artifacts = {a.path for a in tracked.list_artifacts(summary.run_id, "compare")}
     assert artifacts == {"compare/leaderboard.csv", "compare/leaderboard.png"}
     assert "sweep" in yaml.safe_load(Path(tracked.download_artifacts(summary.run_id, "pipeline.yaml")).read_text())
@@ -150,7 +150,7 @@ def test_sweep_and_seeds_structure_then_reuse(tracked, tmp_path, digits_target):
     for key, row in rows.items():
         if row.stage != "predict":
             assert row.reused_from == (first[key].reused_from or first[key].run_id)
-            assert row.metrics["test_accuracy" if "test_accuracy" in row.metrics else next(iter(row.metrics))] is not None
+            assert row.metrics["heldout_accuracy" if "heldout_accuracy" in row.metrics else next(iter(row.metrics))] is not None
 
 
 def test_changed_input_reruns_only_what_depends_on_it(tracked, tmp_path, digits_target):

@@ -15,7 +15,7 @@ def test_quickstart_pretraining_transfers(workdir):
     start = time.perf_counter()
     summary = run_pipeline(QUICKSTART)
     minutes = (time.perf_counter() - start) / 60
-    accuracy = {row.id: row.metrics["test_accuracy"] for row in summary.rows}
+    accuracy = {row.id: row.metrics["heldout_accuracy"] for row in summary.rows}
     print(accuracy, f"{minutes:.1f} min")
     assert accuracy["source-pretrain"] > 0.9  # the source task itself is learned
     assert accuracy["pretrained + svm"] - accuracy["random-init + svm"] > 0.3  # features transfer, by a wide margin

@@ -47,7 +47,7 @@ def test_baseline_run_contents_and_prediction(tracked, digits_source, classifier
     assert params["features"] == ("pixels" if classifier == "pixels" else "backbone")
     assert params["classifier"] == ("svm" if classifier == "pixels" else classifier)
     assert float(params["C"]) > 0 and params["data.fingerprint"] == run.data.tags["tlkit.data_fingerprint"]
-    assert metrics["test_accuracy"] == result.metrics["test_accuracy"] > 0.5
+    assert metrics["heldout_accuracy"] == result.metrics["heldout_accuracy"] > 0.5
     files = artifacts(tracked, result.run_id)
     assert {"plots/confusion_matrix.png", "model/MLmodel", "model/artifacts/bundle/tlkit-model.json", "model/artifacts/bundle/head.safetensors",
             "data/report.txt"} <= files
@@ -68,7 +68,7 @@ def test_pretrain_then_finetune_from_the_run(tracked, digits_source, digits_targ
     run = tracked.get_run(pre.run_id)
     history = tracked.get_metric_history(pre.run_id, "val_accuracy")
     assert [m.step for m in history] == [0, 1]
-    assert {"train_loss", "train_accuracy", "val_loss", "test_accuracy", "best_epoch"} <= set(run.data.metrics)
+    assert {"train_loss", "train_accuracy", "val_loss", "heldout_accuracy", "best_epoch"} <= set(run.data.metrics)
     assert run.data.params["train.epochs"] == "2" and run.data.params["train.strategy"] == "freeze-unfreeze"
     assert run.data.params["phases"] == json.dumps(["head@0", "all@1"]) and len(json.loads(run.data.params["group_lrs"])) == 5
     assert {"model/artifacts/bundle/backbone.safetensors", "model/artifacts/bundle/head.safetensors", "plots/confusion_matrix.png",
@@ -83,7 +83,7 @@ def test_pretrain_then_finetune_from_the_run(tracked, digits_source, digits_targ
     assert fine_run.data.params["weights"] == pre.model_uri and fine_run.data.params["model"] == TINY_MODEL
     assert fine_run.data.params["img_size"] == "32"  # preprocessing travels with the weights
     # the frozen probe of the same backbone, scored on the same held-out split, beside the fine-tune's figure
-    assert 0 <= fine_run.data.metrics["probe_test_accuracy"] <= 1 and "probe_test_accuracy" in fine.details
+    assert 0 <= fine_run.data.metrics["probe_heldout_accuracy"] <= 1 and "probe_heldout_accuracy" in fine.details
 
     image = str(sorted(Path(digits_target, "6").glob("*.png"))[0])
     rows, _, _ = run_predict(fine.model_uri, [image], top_k=3)
@@ -155,7 +155,7 @@ def test_ddp_on_cpu_with_two_processes_logs_one_run(tracked, digits_source):
     assert len(runs) == 1 and runs[0].info.run_id == result.run_id and runs[0].info.status == "FINISHED"
     assert [m.step for m in tracked.get_metric_history(result.run_id, "train_loss")] == [0, 1]
     assert tracked.get_metric_history(result.run_id, "lr.head")  # logged from the spawned rank 0
-    assert 0 <= result.metrics["test_accuracy"] <= 1
+    assert 0 <= result.metrics["heldout_accuracy"] <= 1
 
 
 def test_lr_find_stage_logs_plot_and_suggestion(tracked, digits_source):

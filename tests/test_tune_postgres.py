@@ -122,5 +122,5 @@ def test_two_workers_finish_one_study_on_postgresql_with_no_trial_lost_or_run_tw
     assert len(parents) == 1 and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
     finals = [r for r in runs if r.data.tags.get("tlkit.role") == "tune-final"]
     assert len(finals) == 1 and finals[0].info.status == "FINISHED"  # the best recipe retrained once, by one worker
-    assert "test_accuracy" in parents[0].data.metrics
+    assert "heldout_accuracy" in parents[0].data.metrics
     assert sum("reproduce it:" in out for out in outputs) >= 1

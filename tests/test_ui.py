@@ -63,7 +63,7 @@ def test_ui_serves_runs_and_artifacts(tracked, digits_source):
         experiments = json.loads(get(f"{base}/api/2.0/mlflow/experiments/search?max_results=50"))["experiments"]
         assert "tests" in {e["name"] for e in experiments}
         run = json.loads(get(f"{base}/api/2.0/mlflow/runs/get?run_id={result.run_id}"))["run"]
-        assert any(m["key"] == "test_accuracy" for m in run["data"]["metrics"])
+        assert any(m["key"] == "heldout_accuracy" for m in run["data"]["metrics"])
         png = get(f"{base}/get-artifact?path=plots/confusion_matrix.png&run_uuid={result.run_id}")
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -113,7 +113,7 @@ def test_sweep_runs_line_up_in_the_ui_in_a_real_browser(tracked, tmp_path, digit
             driver.save_screenshot(str(SCREENSHOTS / "mlflow-runs.png"))
             ids = urllib.parse.quote(json.dumps([r.info.run_id for r in points]))
             driver.get(f"{base}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([experiment]))}")
-            _wait_for(driver, [*names, "svm.test_accuracy", "sweep.pixel_size"])  # runs side by side, with metric and setting rows
+            _wait_for(driver, [*names, "svm.heldout_accuracy", "sweep.pixel_size"])  # runs side by side, with metric and setting rows
             time.sleep(3)  # let the parallel-coordinates plot draw before the picture
             driver.save_screenshot(str(SCREENSHOTS / "mlflow-compare.png"))
         finally:
@@ -122,12 +122,16 @@ def test_sweep_runs_line_up_in_the_ui_in_a_real_browser(tracked, tmp_path, digit
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-def test_tlkit_ui_points_at_the_runs_with_their_held_out_accuracy(tracked, digits_source):
+def test_tlkit_ui_points_at_the_runs_with_their_held_out_accuracy(tracked, digits_source, tmp_path):
     """What a newcomer sees at the page `tlkit ui` prints: the runs table (not GenAI traces), best first, with accuracy and data."""
     pytest.importorskip("selenium")
+    from tlkit.config import SplitConfig
+    from tlkit.stages import run_ingest
+
+    run_ingest(digits_source, SplitConfig(), out=tmp_path / "m.json")  # a run with no held-out score: not in the ranking
     for classifier in ("pixels", "svm"):
         run_baseline(digits_source, BackboneConfig(model=TINY_MODEL, img_size=32), BaselineConfig(classifier=classifier),
-                     compute=ComputeConfig(num_workers=0), run_name=f"{classifier} baseline")
+                     compute=ComputeConfig(num_workers=0))
     port = free_port()
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "tlkit", "ui", "--port", str(port), "--experiment", "tests"]
@@ -137,10 +141,11 @@ def test_tlkit_ui_points_at_the_runs_with_their_held_out_accuracy(tracked, digit
         driver = _browser()
         try:
             driver.get(url)
-            _wait_for(driver, ["pixels baseline", "svm baseline", "test_accuracy", "Dataset", "source ("])
+            _wait_for(driver, ["pixels + svm", f"{TINY_MODEL} + svm", "heldout_accuracy", "Dataset", "source ("])
             time.sleep(2)
             driver.save_screenshot(str(SCREENSHOTS / "tlkit-ui.png"))
             assert "Token Usage" not in driver.page_source  # not the GenAI overview
+            assert "2 matching runs" in driver.page_source  # the two baselines, not the ingest run
         finally:
             driver.quit()
     assert (SCREENSHOTS / "tlkit-ui.png").stat().st_size > 10_000
@@ -166,7 +171,7 @@ def test_pipeline_logs_to_a_tracking_server(workdir, tmp_path, digits_target):
         runs = client.search_runs([experiment.experiment_id])
         assert {r.info.run_name for r in runs} >= {"sweep-test", "pre", "features", "svm", "tuned", "check", "label"}
         tuned = next(r for r in runs if r.info.run_name == "tuned")
-        assert "test_accuracy" in tuned.data.metrics and tuned.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert "heldout_accuracy" in tuned.data.metrics and tuned.info.artifact_uri.startswith("mlflow-artifacts:")
         bundle = "model/artifacts/bundle"
         assert {a.path for a in client.list_artifacts(tuned.info.run_id, bundle)} >= {f"{bundle}/tlkit-model.json", f"{bundle}/backbone.safetensors"}
         assert "model/MLmodel" in {a.path for a in client.list_artifacts(tuned.info.run_id, "model")}  # a pyfunc model too

@@ -126,11 +126,11 @@ def fit_baseline(features: FeatureSet, *, classifier: str = "svm", seed: int = 0
         head.temperature.fill_(temperature)
     y_pred = estimator.predict(X_eval)  # the head's argmax too (float64 here, float32 there: equal but for exact ties)
     # test_* always names the held-out figures, so runs line up in the UI; `heldout_split` says which split.
-    metrics = classification_metrics(y_eval, y_pred, features.classes, prefix="test_")
+    metrics = classification_metrics(y_eval, y_pred, features.classes, prefix="heldout_")
     if calibrated:
         logits = head.numpy_logits(X_eval)
-        metrics["test_ece_uncalibrated"] = calibration(y_eval, calibrate.softmax(logits))[0]
-        metrics["test_ece"] = calibration(y_eval, calibrate.softmax(logits, temperature))[0]
+        metrics["heldout_ece_uncalibrated"] = calibration(y_eval, calibrate.softmax(logits))[0]
+        metrics["heldout_ece"] = calibration(y_eval, calibrate.softmax(logits, temperature))[0]
         metrics["temperature"] = temperature
     return BaselineResult(estimator, head, C, selection, score, metrics, heldout, y_eval, y_pred, how)
 

@@ -67,7 +67,7 @@ def calibrate_logits(heldout: np.ndarray, y_heldout: np.ndarray, *, fit: tuple[n
 
     With `fit` (the logits and labels of a split that is not held out), T is fitted there. Without one,
     T is cross-fitted on the held-out split itself: each held-out image's probability comes from a T
-    fitted on the other folds, so the `test_ece` reported is still held out; the T returned (for the
+    fitted on the other folds, so the `heldout_ece` reported is still held out; the T returned (for the
     saved model) is fitted on all of it.
     """
     from tlkit.evaluate import calibration
@@ -79,6 +79,6 @@ def calibrate_logits(heldout: np.ndarray, y_heldout: np.ndarray, *, fit: tuple[n
         temperature, after = cross_fitted(heldout, y_heldout, seed=seed)
         how = (f"temperature cross-fitted on the held-out {split} split (no other split is left: each image's reported "
                "probability comes from a T fitted without it; the saved T from all of it)")
-    metrics = {"test_ece_uncalibrated": calibration(y_heldout, softmax(heldout))[0], "test_ece": calibration(y_heldout, after)[0],
+    metrics = {"heldout_ece_uncalibrated": calibration(y_heldout, softmax(heldout))[0], "heldout_ece": calibration(y_heldout, after)[0],
                "temperature": temperature}
     return temperature, metrics, how

@@ -186,12 +186,13 @@ Devices = Annotated[str, typer.Option(help="Lightning devices: auto, a count, or
 Precision = Annotated[str, typer.Option(help="auto (bf16-mixed where the hardware runs it natively), 32-true, bf16-mixed, 16-mixed.")]
 BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
 TrainBatch = Annotated[Optional[int], typer.Option(help="Images per step (default: 32, or training images / 8 for small sets, at least 8).")]
-Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: CPUs - 1).")]
+Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: with a GPU, CPUs - 1 up to 8; on a CPU, 0 up to 4 cores, else CPUs / 8 up to 4).")]
 TrackingUri = Annotated[Optional[str], typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")]
 Experiment = Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment name.")]
 ModelExperiment = Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment (default: the model run's).")]
 NetworkRef = Annotated[str, typer.Argument(help="runs:/RUN_ID of a baseline, pretrain or finetune run (or a model folder).")]
 CacheDir = Annotated[Optional[Path], typer.Option(envvar="TLKIT_CACHE", help="Cache folder for features and decoded images (default .tlkit/cache).")]
+RunName = Annotated[Optional[str], typer.Option(help="Name of the MLflow run (default: what it is, e.g. 'efficientnet_lite0 + svm').")]
 ImageCache = Annotated[Optional[float], typer.Option(help="MB of memory for training images decoded once (default: a quarter of RAM, at most 8192); beyond it they go to the cache folder.")]
 
 
@@ -241,13 +242,13 @@ def _tracking(uri, experiment, model: str | None = None) -> None:
 
 
 def _metrics_table(title: str, metrics: dict[str, float], heldout: str = "test") -> Table:
-    """The held-out figures (test_* names the held-out split's metrics; `heldout` says which split that is)."""
+    """The held-out figures (heldout_* metrics; `heldout` says which split they are on)."""
     caption = f"held out: the {heldout} split, which chose nothing"
     # as wide as its title and caption: rich wraps them to the table's width, mid-phrase
     table = Table(title=title, show_header=True, caption=caption, title_justify="left", min_width=max(len(title), len(caption)) + 2)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_ece"):
+    for key in ("heldout_accuracy", "heldout_balanced_accuracy", "heldout_macro_f1", "heldout_ece"):
         if key in metrics:
             table.add_row(key, f"{metrics[key]:.4f}")
     return table
@@ -337,6 +338,7 @@ def ingest_command(
     test: Test = 0.15,
     seed: Seed = 0,
     shots: Shots = None,
+    run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ):
@@ -345,7 +347,7 @@ def ingest_command(
     from tlkit.stages import run_ingest
 
     _tracking(tracking_uri, experiment)
-    manifest, path, result = run_ingest(data, _split(val, test, seed, shots), out=out)
+    manifest, path, result = run_ingest(data, _split(val, test, seed, shots), out=out, run_name=run_name)
     console.print(format_report(manifest), highlight=False)
     console.print(f"\nmanifest written to {path}")
     _run_footer(result.run_id, model=False)
@@ -431,6 +433,7 @@ def extract_command(
     batch_size: BatchSize = 64,
     workers: Workers = None,
     cache_dir: CacheDir = None,
+    run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ):
@@ -444,6 +447,7 @@ def extract_command(
         split=_split(val, test, seed, shots),
         compute=_compute(devices, precision, batch_size, workers),
         cache=cache_dir,
+        run_name=run_name,
         tracking_uri=tracking_uri,
     )
     how = "read from cache" if features.cached else "computed"
@@ -471,6 +475,7 @@ def baseline_command(
     batch_size: BatchSize = 64,
     workers: Workers = None,
     cache_dir: CacheDir = None,
+    run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ):
@@ -488,6 +493,7 @@ def baseline_command(
         split=_split(val, test, seed, shots),
         compute=_compute(devices, precision, batch_size, workers),
         cache=cache_dir,
+        run_name=run_name,
         tracking_uri=tracking_uri,
     )
     title = f"{result.details['model']} + {'svm' if pixels else classifier.value} (C={result.details['C']:g})"
@@ -542,7 +548,7 @@ def _train_config(**options):
 
 
 def _train(kind: str, data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume,
-           probe: bool = False, image_cache_mb=None, cache_dir=None, **train_options):
+           probe: bool = False, image_cache_mb=None, cache_dir=None, run_name=None, **train_options):
     from tlkit.stages import run_train
 
     train = _train_config(seed=seed, **train_options)  # option errors before anything touches MLflow
@@ -558,15 +564,16 @@ def _train(kind: str, data, model, pretrained, weights, img_size, val, test, see
         resume=resume,
         probe=probe,
         cache=cache_dir,
+        run_name=run_name,
     )
     d = result.details
     kept = f"best epoch {d['best_epoch']}" if d["best_epoch"] is not None else f"last of {d['epochs_run']} epochs"
     console.print(_metrics_table(f"{kind} ({train.strategy}): {kept}", result.metrics, d["heldout_split"]))
-    probe_score = d.get("probe_test_accuracy")
-    if probe_score is not None and probe_score > result.metrics["test_accuracy"]:
+    probe_score = d.get("probe_heldout_accuracy")
+    if probe_score is not None and probe_score > result.metrics["heldout_accuracy"]:
         console.print(
             f"note: a linear SVM on this backbone's frozen features scores {probe_score:.4f} on the {d['heldout_split']} split, above this fine-tune's "
-            f"{result.metrics['test_accuracy']:.4f}; `tlkit baseline` with the same data and weights gives you that model",
+            f"{result.metrics['heldout_accuracy']:.4f}; `tlkit baseline` with the same data and weights gives you that model",
             highlight=False,
         )
     _run_footer(result.run_id)
@@ -608,12 +615,13 @@ def pretrain_command(
     image_cache_mb: ImageCache = None,
     cache_dir: CacheDir = None,
     resume: Resume = None,
+    run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ):
     """Train a backbone end to end on a source dataset; reuse it later with --weights runs:/RUN_ID."""
     _train("pretrain", data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume,
-           image_cache_mb=image_cache_mb, cache_dir=cache_dir, epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
+           image_cache_mb=image_cache_mb, cache_dir=cache_dir, run_name=run_name, epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
            unfreeze_every=unfreeze_every, bn=bn, schedule=schedule, balance=balance, patience=patience, use_val=use_val, batch_size=batch_size,
            weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, hflip=hflip)
 
@@ -655,12 +663,13 @@ def finetune_command(
     cache_dir: CacheDir = None,
     resume: Resume = None,
     probe: Annotated[bool, typer.Option("--probe/--no-probe", help="Also score a linear SVM on the frozen features (cached) and say if it beats the fine-tune.")] = True,
+    run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ):
     """Fine-tune a backbone with a new head: discriminative learning rates and a freezing strategy."""
     _train("finetune", data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume, probe=probe,
-           image_cache_mb=image_cache_mb, cache_dir=cache_dir, epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
+           image_cache_mb=image_cache_mb, cache_dir=cache_dir, run_name=run_name, epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
            unfreeze_every=unfreeze_every, bn=bn, schedule=schedule, balance=balance, patience=patience, use_val=use_val, batch_size=batch_size,
            weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, hflip=hflip)
 
@@ -728,6 +737,7 @@ def tune_command(
     workers: Workers = None,
     image_cache_mb: ImageCache = None,
     cache_dir: CacheDir = None,
+    run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ):
@@ -759,7 +769,7 @@ def tune_command(
     outcome = run_tune(data, backbone, search, base=TrainConfig(seed=seed), trials=trials, budget_s=budget_s, study=study, storage=storage,
                        selection_fraction=selection, split=_split(val, test, seed, shots),
                        compute=_compute(devices, precision, 64, workers, image_cache_mb), cache=cache_dir, tracking_uri=tracking_uri,
-                       data_label=data, report=line)
+                       data_label=data, report=line, run_name=run_name)
     counts = outcome.trials
     console.print(f"study {outcome.study} ({outcome.storage}): {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed",
                   highlight=False)
@@ -772,7 +782,7 @@ def tune_command(
         return
     final = outcome.final
     console.print(_metrics_table("best recipe, retrained", final.metrics, final.details.get("heldout_split", "test")))
-    probe = final.details.get("probe_test_accuracy")
+    probe = final.details.get("probe_heldout_accuracy")
     if probe is not None:
         console.print(f"the frozen probe (linear SVM) on the same split: {probe:.4f}", highlight=False)
     console.print(f"reproduce it: {outcome.command}", highlight=False, soft_wrap=True)
@@ -787,6 +797,7 @@ def predict_command(
     images: Annotated[list[str], typer.Argument(help="Image files or folders.")],
     top_k: Annotated[int, typer.Option(help="Classes to show per image.")] = 1,
     out: Annotated[Optional[Path], typer.Option(help="Write the predictions to this CSV.")] = None,
+    run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
 ):
@@ -795,7 +806,7 @@ def predict_command(
     from tlkit.stages import run_predict
 
     _tracking(tracking_uri, experiment)
-    rows, skipped, result = run_predict(model, images, top_k=top_k, out=out, tracking_uri=tracking_uri)
+    rows, skipped, result = run_predict(model, images, top_k=top_k, out=out, run_name=run_name, tracking_uri=tracking_uri)
     score = "probability"
     table = Table()
     for column in ("image", "rank", "class", score):
@@ -831,6 +842,7 @@ def evaluate_command(
     test: Test = 0.15,
     seed: Seed = 0,
     shots: Shots = None,
+    run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     experiment: ModelExperiment = None,
 ):
@@ -843,7 +855,7 @@ def evaluate_command(
     _tracking(tracking_uri, experiment, model)
     result = run_evaluate(model, data, split=split, data_split=_split(val, test, seed, shots), tta=tta, tta_flip=tta_flip,
                           explain_top=explain_top, method=method, attack=attack, eps=parse_eps(eps) if eps else None,
-                          tracking_uri=tracking_uri)
+                          run_name=run_name, tracking_uri=tracking_uri)
     m = result.metrics
     title = f"{model} on the {result.details['split']} split"
     table = Table(title=title, min_width=len(title) + 2)  # rich wraps a title to its table's width
@@ -871,6 +883,7 @@ def explain_command(
     patch: Annotated[int, typer.Option(help="occlusion: side of the grey patch in input pixels.")] = 8,
     stride: Annotated[int, typer.Option(help="occlusion: step between patch positions.")] = 4,
     out: Annotated[Path, typer.Option(help="Folder for the PNGs (image | map | overlay).")] = Path("explain"),
+    run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     experiment: ModelExperiment = None,
 ):
@@ -879,7 +892,7 @@ def explain_command(
     from tlkit.review import run_explain
 
     _tracking(tracking_uri, experiment, model)
-    result = run_explain(model, images, method=method, target=target, patch=patch, stride=stride, out=out, tracking_uri=tracking_uri)
+    result = run_explain(model, images, method=method, target=target, patch=patch, stride=stride, out=out, run_name=run_name, tracking_uri=tracking_uri)
     for path, why in result.details["skipped"]:
         errors.print(f"skipped {printable(path)}: {why}", highlight=False)
     console.print(f"{len(result.files)} {method} map(s) written to {out}/ and logged under explain/{method}", highlight=False)
@@ -893,6 +906,7 @@ def export_command(
     format: Annotated[str, typer.Option("--format", help="onnx, torchscript or safetensors (timm's layout).")] = "onnx",
     out: Annotated[Path, typer.Option(help="Folder for the model file and its JSON sidecar.")] = Path("export"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite a model file already in --out.")] = False,
+    run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     experiment: ModelExperiment = None,
 ):
@@ -900,7 +914,7 @@ def export_command(
     from tlkit.review import run_export
 
     _tracking(tracking_uri, experiment, model)
-    result = run_export(model, format, out, tracking_uri=tracking_uri, force=force)
+    result = run_export(model, format, out, run_name=run_name, tracking_uri=tracking_uri, force=force)
     console.print(f"written: {result.files[0]} and {result.files[1]}", highlight=False)
     if "max_abs_difference" in result.metrics:
         console.print(f"checked: outputs match PyTorch's on a batch within {result.metrics['max_abs_difference']:.2e}", highlight=False)
@@ -934,7 +948,7 @@ def run_command(
 def compare_command(
     experiment: Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment whose runs to rank (default: tlkit).")] = None,
     parent: Annotated[Optional[str], typer.Option(help="Rank only the runs under this pipeline run (its id); the table is logged to it.")] = None,
-    metric: Annotated[str, typer.Option(help="Metric to rank by; per-epoch metrics count their best epoch.")] = "test_accuracy",
+    metric: Annotated[str, typer.Option(help="Metric to rank by; per-epoch metrics count their best epoch.")] = "heldout_accuracy",
     out: Annotated[Path, typer.Option(help="Folder for leaderboard.csv and leaderboard.png.")] = Path("compare"),
     tracking_uri: TrackingUri = None,
 ):

@@ -97,6 +97,8 @@ def build_leaderboard(runs: list[tracking.RunRecord], metric: str, history: Call
     groups: dict[tuple, Entry] = {}
     origins: dict[tuple, set[str]] = {}
     for run in runs:
+        if metric.startswith("heldout_") and metric not in run.metrics and f"test_{metric[8:]}" in run.metrics:
+            run.metrics[metric] = run.metrics[f"test_{metric[8:]}"]  # a run of tlkit < 0.3 named its held-out figures test_*
         if metric not in run.metrics or run.status != "FINISHED" or run.tags.get("tlkit.role") == "tune-final":
             continue  # a tune's retrained recipe is shown by its study's run
         label = run.tags.get("tlkit.stage_id", run.name)
@@ -110,7 +112,7 @@ def build_leaderboard(runs: list[tracking.RunRecord], metric: str, history: Call
         entry.values.append(best_value(values, metric))
         entry.run_ids.append(run.run_id)
     if not groups:
-        raise TlkitError(f"no finished run has a metric {metric!r}; pick one with --metric (e.g. test_accuracy, best_val_accuracy)")
+        raise TlkitError(f"no finished run has a metric {metric!r}; pick one with --metric (e.g. heldout_accuracy, best_val_accuracy)")
     entries = list(groups.values())
     # A setting is a column when it tells apart two rows of the same method.
     columns = []
@@ -185,7 +187,7 @@ def compare(
     *,
     experiment: str | None = None,
     parent: str | None = None,
-    metric: str = "test_accuracy",
+    metric: str = "heldout_accuracy",
     out: Path | None = None,
     tracking_uri: str | None = None,
 ) -> tuple[Leaderboard, list[Path]]:
@@ -202,7 +204,7 @@ def compare(
     board = build_leaderboard(runs, metric, lambda run_id, key: tracking.metric_history(run_id, key, tracking_uri=tracking_uri))
     target = Path(out) if out else Path(tempfile.mkdtemp(prefix="tlkit-compare-"))
     target.mkdir(parents=True, exist_ok=True)
-    stem = "leaderboard" if metric == "test_accuracy" else f"leaderboard-{metric}"
+    stem = "leaderboard" if metric == "heldout_accuracy" else f"leaderboard-{metric}"
     files = [write_csv(board, target / f"{stem}.csv")]
     figure = leaderboard_figure(board)
     save_figure(figure, target / f"{stem}.png")

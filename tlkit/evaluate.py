@@ -17,7 +17,7 @@ from sklearn.metrics import (  # noqa: E402
 )
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], *, prefix: str = "test_") -> dict[str, float]:
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], *, prefix: str = "heldout_") -> dict[str, float]:
     """Accuracy, balanced accuracy, macro-F1 and per-class precision/recall, named `<prefix><metric>`."""
     labels = list(range(len(classes)))
     metrics = {

@@ -599,7 +599,7 @@ def train_classifier(
     eval_loader = make_loader(_dataset(manifest, heldout, eval_tf), batch_size=settings.batch_size * 2, num_workers=num_workers)
     y_true = manifest.labels(manifest.split(heldout))
     y_pred = infer(module, eval_loader, precision=precision).argmax(1)
-    metrics = classification_metrics(y_true, y_pred, manifest.classes, prefix="test_")  # the held-out split's, as in baselines
+    metrics = classification_metrics(y_true, y_pred, manifest.classes, prefix="heldout_")  # the held-out split's, as in baselines
     best_val = None
     if selects:
         y_val = manifest.labels(manifest.split("val"))

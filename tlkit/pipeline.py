@@ -290,10 +290,10 @@ def _run_point(point: Point, plan: Plan, manifests: dict, progress: _Progress, t
                 outputs[stage.id] = result.model_uri
             data = getattr(stage, "data", "")
             rows.append(SummaryRow(stage.id, stage.stage, data, result.run_id, result.metrics, seconds, point.group, point.seed, reused))
-            accuracy = result.metrics.get("test_accuracy")
+            accuracy = result.metrics.get("heldout_accuracy")
             if accuracy is not None:
-                tracking.log_metrics({f"{_metric_key(stage.id)}.test_accuracy": accuracy})
-            shown = f"test accuracy {accuracy:.4f}" if accuracy is not None else "done"
+                tracking.log_metrics({f"{_metric_key(stage.id)}.heldout_accuracy": accuracy})
+            shown = f"held-out accuracy {accuracy:.4f}" if accuracy is not None else "done"
             how = f"reused run {reused}" if reused else f"{seconds:.1f} s"
             lead = f"{progress.step()} {where}" if lines else ""
             console.print(f"{lead}{stage.id}: {shown} ({how}; run {result.run_id})", highlight=False)
@@ -372,16 +372,16 @@ def _run_stage(stage, manifest: Manifest, backbone: BackboneConfig | None, model
 
 
 def _log_aggregates(summary: PipelineSummary) -> None:
-    """Mean and std over seeds of each stage's test accuracy, per grid point, on the pipeline run."""
+    """Mean and std over seeds of each stage's held-out accuracy, per grid point, on the pipeline run."""
     values: dict[tuple[str, str], list[float]] = {}
     for row in summary.rows:
-        if "test_accuracy" in row.metrics:
-            values.setdefault((row.point, row.id), []).append(row.metrics["test_accuracy"])
+        if "heldout_accuracy" in row.metrics:
+            values.setdefault((row.point, row.id), []).append(row.metrics["heldout_accuracy"])
     metrics = {}
     for (point, stage), accs in values.items():
         name = f"{_metric_key(point)}/{_metric_key(stage)}" if point else _metric_key(stage)
-        metrics[f"{name}.test_accuracy_mean"] = float(np.mean(accs))
-        metrics[f"{name}.test_accuracy_std"] = float(np.std(accs))
+        metrics[f"{name}.heldout_accuracy_mean"] = float(np.mean(accs))
+        metrics[f"{name}.heldout_accuracy_std"] = float(np.std(accs))
     tracking.log_metrics(metrics)
 
 
@@ -397,12 +397,12 @@ def summary_table(summary: PipelineSummary) -> Table:
         table.add_column("point")
         table.add_column("seed", justify="right")
     table.add_column("stage")
-    table.add_column("test acc.", justify="right")
+    table.add_column("held-out acc.", justify="right")
     table.add_column("balanced", justify="right")
     table.add_column("seconds", justify="right")
     for row in summary.rows:
-        acc = row.metrics.get("test_accuracy")
-        bal = row.metrics.get("test_balanced_accuracy")
+        acc = row.metrics.get("heldout_accuracy")
+        bal = row.metrics.get("heldout_balanced_accuracy")
         cells = [row.id, *([row.point, "" if row.seed is None else str(row.seed)] if swept else []), row.stage]
         seconds = "reused" if row.reused_from else f"{row.seconds:.1f}"
         table.add_row(*cells, "-" if acc is None else f"{acc:.4f}", "-" if bal is None else f"{bal:.4f}", seconds)

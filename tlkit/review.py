@@ -135,7 +135,7 @@ def run_evaluate(
     details: dict = {"most_confused": confused, "calibration": loaded.bundle.head.get("calibration", "none"), "split": split}
     model_run = _model_run(model)
     params = {"model_uri": model, "split": split, "tta": tta, "attack": attack or "none", "explain_top": explain_top}
-    with tracking.start_run("evaluate", run_name=run_name, params=params, tags={"tlkit.model_run": model_run}) as run_id:
+    with tracking.start_run("evaluate", run_name=run_name or f"evaluate on {split}" + (" (tta)" if tta else ""), params=params, tags={"tlkit.model_run": model_run}) as run_id:
         _log_data(manifest)
         ece, bins = calibration(y_true, scores)
         metrics[f"{prefix}ece"] = ece
@@ -238,6 +238,7 @@ def run_explain(
     patch: int = 8,
     stride: int = 4,
     out: Path | None = None,
+    run_name: str | None = None,
     tracking_uri: str | None = None,
 ) -> ReviewResult:
     """One PNG per image (image, map, overlay) for the target class (default: the predicted one)."""
@@ -266,7 +267,7 @@ def run_explain(
     params = {"model_uri": model, "method": method, "target": target or "predicted", "images": len(paths)}
     if method == "occlusion":
         params |= {"patch": patch, "stride": stride}
-    with tracking.start_run("explain", params=params, tags={"tlkit.model_run": _model_run(model)}) as run_id:
+    with tracking.start_run("explain", run_name=run_name or f"explain ({method}, {len(paths)} image{'s' if len(paths) != 1 else ''})", params=params, tags={"tlkit.model_run": _model_run(model)}) as run_id:
         tracking.log_artifacts(folder, f"explain/{method}")
     return ReviewResult(run_id, details={"skipped": skipped, "folder": folder}, files=files)
 
@@ -299,7 +300,7 @@ def run_export(model: str, fmt: str, out: Path, *, run_name: str | None = None, 
     loaded = load_model(model, tracking_uri=tracking_uri)
     written = export(loaded, fmt, Path(out), source=model, force=force)
     metrics = {} if written["max_abs_difference"] is None else {"max_abs_difference": written["max_abs_difference"]}
-    with tracking.start_run("export", run_name=run_name, params={"model_uri": model, "format": fmt, "out": str(Path(out).resolve())},
+    with tracking.start_run("export", run_name=run_name or f"export {fmt}", params={"model_uri": model, "format": fmt, "out": str(Path(out).resolve())},
                             tags={"tlkit.model_run": _model_run(model)}) as run_id:
         tracking.log_artifact(written["sidecar"], "export")
         if metrics:

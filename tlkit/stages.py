@@ -141,7 +141,7 @@ def run_ingest(data: str | Path, split: SplitConfig, *, out: Path | None = None,
     manifest = load_data(data, split, warn=False)  # the caller prints the whole report
     out = Path(out or f"{Path(data).resolve().name}.manifest.json")
     manifest.save(out)
-    with tracking.start_run("ingest", run_name=run_name, params=split.model_dump()) as run_id:
+    with tracking.start_run("ingest", run_name=run_name or f"ingest {Path(data).name}", params=split.model_dump()) as run_id:
         _log_data(manifest)
         tracking.log_artifact(out, "data")
         tracking.log_metrics({"images": len(manifest.records), "skipped": len(manifest.report.skipped), "duplicate_groups": len(manifest.report.duplicates)})
@@ -178,7 +178,7 @@ def run_extract(
     manifest = load_data(data, split)
     compute = compute or ComputeConfig()
     backbone = make_backbone(backbone_config, tracking_uri=tracking_uri, lazy=True, cache=cache)
-    with tracking.start_run("extract", run_name=run_name, params={"compute": compute.model_dump()}) as run_id:
+    with tracking.start_run("extract", run_name=run_name or f"{backbone.name} features", params={"compute": compute.model_dump()}) as run_id:
         _log_data(manifest)
         _log_backbone(backbone)
         start = time.perf_counter()
@@ -211,7 +211,8 @@ def run_baseline(
     params = {"classifier": classifier, "features": "pixels" if pixels else "backbone", "seed": baseline.seed}
     if pixels:
         params["pixel_size"] = baseline.pixel_size
-    with tracking.start_run("baseline", run_name=run_name, params=params) as run_id:
+    name = run_name or f"{'pixels' if pixels else backbone.name} + {classifier}"
+    with tracking.start_run("baseline", run_name=name, params=params, tags=tracking.RANKED) as run_id:
         _log_data(manifest)
         if backbone is not None:
             _log_backbone(backbone)
@@ -313,7 +314,7 @@ def run_train(
     `resume` is the id of an interrupted run: training continues from its last checkpoint, into
     the same MLflow run. With `probe` (finetune of pretrained weights), the linear SVM on the same
     backbone's frozen features is fitted first (from the feature cache when it has them) and its
-    held-out accuracy logged beside the fine-tune's as `probe_test_accuracy`, so a fine-tune that
+    held-out accuracy logged beside the fine-tune's as `probe_heldout_accuracy`, so a fine-tune that
     does worse than its own linear probe is known, not hidden.
     """
     manifest = load_data(data, split)
@@ -326,7 +327,8 @@ def run_train(
     compute = compute or ComputeConfig()
     backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
     check_settings(manifest, backbone, train)  # every setting's error before the run (and the store) exists
-    with tracking.start_run(kind, run_name=run_name, params={"train": train.model_dump()}, run_id=resume) as run_id:
+    name = run_name or f"{backbone.name} {kind} ({train.strategy})"
+    with tracking.start_run(kind, run_name=name, params={"train": train.model_dump()}, run_id=resume, tags=tracking.RANKED if kind == "finetune" else None) as run_id:
         _log_data(manifest)
         _log_backbone(backbone)
         probe_result = None
@@ -372,7 +374,7 @@ def run_train(
         if "probe_selection_accuracy" in resolved:
             summary["probe_selection_accuracy"] = resolved["probe_selection_accuracy"]
         if probe_result is not None:
-            summary["probe_test_accuracy"] = probe_result.metrics["test_accuracy"]
+            summary["probe_heldout_accuracy"] = probe_result.metrics["heldout_accuracy"]
         tracking.log_metrics({**result.metrics, **summary})
         _log_confusion(result.y_true, result.y_pred, manifest.classes, result.heldout_split)
         history = {key: tracking.metric_steps(run_id, key) for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")}
@@ -402,7 +404,8 @@ def run_predict(
     rows, skipped, loaded = predict_images(model, images, top_k=top_k, tracking_uri=tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         target = write_csv(Path(out) if out else Path(tmp) / "predictions.csv", rows)
-        with tracking.start_run("predict", run_name=run_name, params={"model_uri": model, "top_k": top_k, "images": len(rows) // max(1, min(top_k, len(loaded.classes)))}) as run_id:
+        count = len(rows) // max(1, min(top_k, len(loaded.classes)))
+        with tracking.start_run("predict", run_name=run_name or f"predict ({count} image{'s' if count != 1 else ''})", params={"model_uri": model, "top_k": top_k, "images": count}) as run_id:
             tracking.log_artifact(target, "predictions")
             tracking.log_metrics({"skipped": len(skipped)})
     return rows, skipped, StageResult("predict", run_id)

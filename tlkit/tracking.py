@@ -285,7 +285,7 @@ def start_run(
         get_run(run_id)  # before anything is created: an unknown id is an error, not a new store
     if not nested:
         _ensure_experiment()
-    all_tags = {"tlkit.stage": stage, "tlkit.version": __version__, **_process_tags(), **_TAGS, **(tags or {})}
+    all_tags = {"tlkit.stage": stage, "tlkit.version": __version__, **_process_tags(), **(tags or {}), **_TAGS}  # the context's tags win
     command = COMMAND or os.environ.get("TLKIT_COMMAND")
     if command and not nested and parent_run_id is None:
         all_tags["tlkit.command"] = re.sub(r"://[^/@\s]*@", "://***@", command)  # no passwords of URIs in a tag anyone can read
@@ -647,8 +647,12 @@ class MetricsBuffer:
         self._pending.clear()
 
 
+# Runs with a held-out score on the data they were made for (baselines, fine-tunes, tune studies): the ones the UI
+# view ranks. Ingest, extract, export, explain and evaluate runs have no such score, and a pretraining's is on its
+# source task, so they stay out of the ranking (they are still in the experiment, a click away).
+RANKED = {"tlkit.ranked": "true"}
 VIEW_KEY = "tlkit"  # the runs-table view tlkit stores on each experiment (the UI's own "share view" mechanism)
-VIEW_COLUMNS = ("attributes.`Dataset`", "metrics.`test_accuracy`", "metrics.`test_balanced_accuracy`", "params.`heldout_split`",
+VIEW_COLUMNS = ("attributes.`Dataset`", "metrics.`heldout_accuracy`", "metrics.`heldout_balanced_accuracy`", "params.`heldout_split`",
                 "params.`model`", "params.`weights`", "params.`classifier`", "params.`train.strategy`", "tags.`tlkit.stage`")
 
 
@@ -657,7 +661,8 @@ def _runs_view(metric: str) -> dict:
     return {
         "orderByKey": f"metrics.`{metric}`",
         "orderByAsc": False,
-        "searchFilter": "tags.`tlkit.reused_from` IS NULL",  # a run that reused another's result shows once, as the original
+        # only ranked runs; a run that reused another's result shows once, as the original
+        "searchFilter": "tags.`tlkit.ranked` = 'true' AND tags.`tlkit.reused_from` IS NULL",
         "lifecycleFilter": "Active",
         "selectedColumns": [*VIEW_COLUMNS[:1], f"metrics.`{metric}`", *(c for c in VIEW_COLUMNS[1:] if c != f"metrics.`{metric}`")],
         "runsExpanded": {},
@@ -665,7 +670,7 @@ def _runs_view(metric: str) -> dict:
     }
 
 
-def ui_url(base: str, experiment: str | None = None, *, metric: str = "test_accuracy", tracking_uri: str | None = None) -> str:
+def ui_url(base: str, experiment: str | None = None, *, metric: str = "heldout_accuracy", tracking_uri: str | None = None) -> str:
     """The UI page of an experiment's runs table, model-training view, best `metric` first, its columns shown.
 
     Without `experiment`, the experiment of the newest run. The view is stored on the experiment as the

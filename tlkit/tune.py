@@ -275,7 +275,7 @@ class Objective:
         pruning = PruningCallback(trial)
         backbone = replace(self.backbone, model=copy.deepcopy(self.backbone.model))  # every trial starts from the same weights
         tags = {"tlkit.study": self.study_name, "tlkit.trial": str(trial.number)}
-        with tracking.start_run("trial", run_name=f"trial {trial.number}", params={"train": settings.model_dump()}, tags=tags) as run_id:
+        with tracking.start_run("trial", run_name=f"trial {trial.number} ({_recipe_label(values)})", params={"train": settings.model_dump()}, tags=tags) as run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
             try:
@@ -286,7 +286,7 @@ class Objective:
             except SystemExit as stop:  # Lightning turns Ctrl-C into SystemExit: Optuna marks a KeyboardInterrupt's trial FAIL
                 raise KeyboardInterrupt from stop
             state = "PRUNED" if pruning.pruned_at is not None else "COMPLETE"
-            accuracy = result.metrics["test_accuracy"]  # the trial data's held-out split is the selection split
+            accuracy = result.metrics["heldout_accuracy"]  # the trial data's held-out split is the selection split
             tracking.set_tags({"tlkit.trial_state": state})
             tracking.log_metrics({"selection_accuracy": accuracy, "selection_score": accuracy if pruning.last_score is None else pruning.last_score, "epochs_run": pruning.epochs,
                                   "seconds": time.perf_counter() - start})
@@ -445,7 +445,8 @@ def run_tune(
         "train": base.model_dump(exclude_unset=True), "heldout_split": splits.heldout, "selection.recipe": f"trial score on {splits.selection}",
     }
     if created:
-        context = tracking.start_run("tune", run_name=run_name or name, params=params, tags={"tlkit.study": name})
+        context = tracking.start_run("tune", run_name=run_name or f"tune {backbone.name}: {name}", params=params,
+                                     tags={"tlkit.study": name, **tracking.RANKED})
     else:
         record = _wait_for_parent(optuna_study)
         differs = [k for k, v in inputs.items() if record["inputs"].get(k) != v]
@@ -497,15 +498,26 @@ def run_tune(
         tracking.set_tags({"tlkit.best_trial_run": best.user_attrs["mlflow_run_id"], "tlkit.final_run": final.run_id})
         tracking.log_params({"best." + k: v for k, v in best.params.items()})
         tracking.log_metrics({
-            **final.metrics, **{k: v for k, v in final.details.items() if k == "probe_test_accuracy" and v is not None},
+            **final.metrics, **{k: v for k, v in final.details.items() if k == "probe_heldout_accuracy" and v is not None},
             "best_selection_score": best.value, "best_trial": best.number,
             **{f"trials_{k.lower()}": v for k, v in outcome.trials.items() if k != "RUNNING"},
             "seconds": _study_seconds(optuna_study),
         })
         tracking.log_text(outcome.command + "\n", "best_command.txt")
+        if run_name is None and created:  # named for what it found, now that it is known
+            counted = outcome.trials["COMPLETE"] + outcome.trials["PRUNED"]
+            tracking.set_tags({"mlflow.runName": f"tune {backbone.name}: {counted} trials, best {_recipe_label(best.params)}"})
         _log_study_plots(optuna_study)
         tracking.log_text(_trials_table(optuna_study), "trials.tsv")
     return outcome
+
+
+def _recipe_label(values: dict) -> str:
+    """A recipe in a few words, for run names: its strategy and rate first (`lp-ft, lr 3e-04`)."""
+    parts = [str(values["strategy"])] if "strategy" in values else []
+    parts += [f"{k.replace('_', ' ')} {v:.0e}" if isinstance(v, float) and abs(v) < 0.01 else f"{k.replace('_', ' ')} {v:g}" if isinstance(v, float)
+              else f"{k.replace('_', ' ')} {v}" for k, v in values.items() if k != "strategy"]
+    return ", ".join(parts[:3]) + (", …" if len(parts) > 3 else "")
 
 
 def _study_seconds(study: optuna.Study) -> float:
@@ -542,8 +554,8 @@ def _retrain_once(study: optuna.Study, storage, splits: TuneSplits, backbone_con
     if finished:  # retrained before (a resumed or repeated command): report that run
         run_id = finished[0].user_attrs["mlflow_run_id"]
         record = tracking.get_run(run_id, tracking_uri)
-        return StageResult("finetune", run_id, {k: v for k, v in record.data.metrics.items() if k.startswith("test_")}, f"runs:/{run_id}",
-                           {"probe_test_accuracy": record.data.metrics.get("probe_test_accuracy"), "heldout_split": splits.heldout, "reused": True})
+        return StageResult("finetune", run_id, {k: v for k, v in record.data.metrics.items() if k.startswith("heldout_")}, f"runs:/{run_id}",
+                           {"probe_heldout_accuracy": record.data.metrics.get("probe_heldout_accuracy"), "heldout_split": splits.heldout, "reused": True})
     result: dict = {}
 
     def retrain(trial: optuna.Trial) -> float:
@@ -552,14 +564,15 @@ def _retrain_once(study: optuna.Study, storage, splits: TuneSplits, backbone_con
             trial.set_user_attr("over_budget", True)
             raise _OverBudget("another worker retrains the best recipe")
         try:
-            with tracking.tagging({"tlkit.role": "tune-final", "tlkit.study": study.study_name}):
+            # ranked through its study's run, which carries the same figures
+            with tracking.tagging({"tlkit.role": "tune-final", "tlkit.study": study.study_name, "tlkit.ranked": "false"}):
                 stage = run_train("finetune", splits.final, backbone_config, settings, compute=compute, run_name="best recipe",
                                   tracking_uri=tracking_uri, progress=progress, probe=True, cache=cache)
         except SystemExit as stop:
             raise KeyboardInterrupt from stop
         trial.set_user_attr("mlflow_run_id", stage.run_id)
         result["stage"] = stage
-        return stage.metrics["test_accuracy"]
+        return stage.metrics["heldout_accuracy"]
 
     marker.optimize(retrain, n_trials=1, catch=(_OverBudget,))
     return result.get("stage")
