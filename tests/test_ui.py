@@ -145,7 +145,10 @@ def test_tlkit_ui_points_at_the_runs_with_their_held_out_accuracy(tracked, digit
             time.sleep(2)
             driver.save_screenshot(str(SCREENSHOTS / "tlkit-ui.png"))
             assert "Token Usage" not in driver.page_source  # not the GenAI overview
-            assert "2 matching runs" in driver.page_source  # the two baselines, not the ingest run
+            from selenium.webdriver.common.by import By
+
+            shown = driver.find_element(By.TAG_NAME, "body").text  # what is on the screen
+            assert "ingest source" not in shown and "2 matching runs" in shown, shown  # the two baselines, not the ingest run
         finally:
             driver.quit()
     assert (SCREENSHOTS / "tlkit-ui.png").stat().st_size > 10_000
