@@ -6,13 +6,15 @@ import logging
 import sys
 
 import optuna
+import time
+
 import pytest
 import yaml
 
 from conftest import TINY_MODEL
 from tlkit.backbone import create_backbone
 from tlkit.cli import app
-from tlkit.config import BackboneConfig, SplitConfig, TrainConfig
+from tlkit.config import BackboneConfig, ComputeConfig, SplitConfig, TrainConfig
 from tlkit.errors import TlkitError
 from tlkit.finetune import train_classifier
 from tlkit.ingest import ingest
@@ -237,3 +239,23 @@ def test_trial_0_is_the_base_recipe(tracked, digits_target, tmp_path):
                             split=SplitConfig(val=0.2, test=0.3), storage=storage, progress=False)
     (first,) = optuna.load_study(study_name=outcome.study, storage=storage).trials
     assert first.params == {"lr": 1e-3, "epochs": 2} and first.user_attrs["default_recipe"]
+
+
+def test_a_budget_bounds_the_whole_tune_and_scales_a_recipe_that_would_not_fit(tracked, digits_target):
+    """A 60-epoch recipe in a 15 s budget: trial 0 is cut to what fits beside its retrain, the retrain runs that many
+    epochs, and the command ends within the budget plus about one epoch."""
+    from tlkit.space import parse_space
+
+    space = parse_space({**SPACE, "lr": [1e-2, 5e-3], "epochs": 60, "strategy": "full"})
+    lines = []
+    start = time.monotonic()
+    outcome = tune.run_tune(digits_target, BACKBONE, space, base=TrainConfig(seed=0), trials=None, budget_s=15,
+                            split=SplitConfig(val=0.2, test=0.3), compute=ComputeConfig(num_workers=0), report=lines.append)
+    elapsed = time.monotonic() - start
+    first = lines[0]
+    epoch = first.seconds / first.epochs
+    assert elapsed <= 15 + epoch + 2, (elapsed, epoch)
+    assert first.state == "COMPLETE" and first.epochs < 60 and "scaled to the budget" in first.note, first
+    assert outcome.final is not None
+    final = tracked.get_run(outcome.final.run_id)
+    assert int(final.data.params["train.epochs"]) == first.epochs  # the recipe as scaled

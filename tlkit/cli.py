@@ -723,7 +723,7 @@ def tune_command(
     weights: Weights = None,
     img_size: ImgSize = None,
     trials: Annotated[Optional[int], typer.Option(help="Trials in the study, over all workers (default 15; with --budget alone: as many as fit).")] = None,
-    budget: Annotated[Optional[str], typer.Option(help="Start no trial after this long, e.g. 30m, 2h, 90s (running trials finish).")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget, e.g. 30m, 2h, 90s: trials and the retrain of the best recipe end within it (plus about one epoch); a trial that would overrun is cut.")] = None,
     space: Annotated[Optional[Path], typer.Option(help="Search space YAML (default: head lr, lr_mult, strategy, epochs, freeze_epochs, augment, label smoothing, BatchNorm).")] = None,
     study: Annotated[Optional[str], typer.Option(help="Study name (default: derived from data, model, space and seed, so the same command resumes it).")] = None,
     storage: Annotated[Optional[str], typer.Option(envvar="TLKIT_TUNE_STORAGE", help="Optuna storage URL, e.g. postgresql://user:pw@host/db to share the study between workers (default: sqlite optuna.db beside mlflow.db).")] = None,
@@ -764,7 +764,8 @@ def tune_command(
             how = f"pruned after epoch {t.epochs}/{t.max_epochs}, selection score {t.value:.4f}"
         else:
             how = f"selection accuracy {t.accuracy:.4f}"
-        console.print(f"trial {t.number} [{t.done}{of}]: {how}  ({t.seconds:.0f} s)  {shown}", highlight=False, soft_wrap=True)
+        console.print(f"trial {t.number} [{t.done}{of}]: {how}  ({t.seconds:.0f} s)  {shown}" + (f"  ({t.note})" if t.note else ""),
+                      highlight=False, soft_wrap=True)
 
     outcome = run_tune(data, backbone, search, base=TrainConfig(seed=seed), trials=trials, budget_s=budget_s, study=study, storage=storage,
                        selection_fraction=selection, split=_split(val, test, seed, shots),

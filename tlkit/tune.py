@@ -228,6 +228,56 @@ class PruningCallback(L.Callback):
             trainer.should_stop = True
 
 
+class Budget:
+    """The wall-clock budget of one worker's tune: its trials and the retrain of the best recipe together.
+
+    The retrain's length is known from the trials: seconds per epoch (measured in the trial) x its epochs x the
+    retrain's share of images over a trial's, plus a margin. That much time is kept back for it: a trial is cut at
+    the end of the epoch after which the retrain of the best recipe so far (or of this trial) would no longer fit,
+    and no trial starts that could not run two epochs. So the whole command ends within the budget plus about one
+    epoch.
+    """
+
+    MARGIN = 1.15  # the retrain also fits the probe, scores, calibrates and logs the model
+
+    def __init__(self, seconds: float, final_share: float):
+        self.seconds, self.final_share = seconds, final_share
+        self.deadline = time.monotonic() + seconds
+        self.best_reserve = 0.0  # the retrain of the best complete trial so far
+        self.epoch_seconds: list[float] = []  # one per trial: its seconds per epoch
+
+    def retrain_seconds(self, epoch_seconds: float, epochs: int) -> float:
+        return epoch_seconds * epochs * self.final_share * self.MARGIN
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def room_for_a_trial(self) -> bool:
+        typical = float(np.median(self.epoch_seconds)) if self.epoch_seconds else 0.0
+        return self.left() - self.best_reserve > 2 * typical
+
+
+class DeadlineCallback(L.Callback):
+    """Stops a trial at the end of the epoch after which the budget would not also hold the retrain."""
+
+    def __init__(self, budget: Budget, epochs: int):
+        self.budget, self.epochs = budget, epochs
+        self.started = time.monotonic()
+        self.cut_at: int | None = None
+        self.per_epoch = 0.0
+
+    def on_validation_end(self, trainer: L.Trainer, module) -> None:
+        if trainer.sanity_checking:
+            return
+        done = trainer.current_epoch + 1
+        self.per_epoch = (time.monotonic() - self.started) / done
+        # one more epoch, and then the retrain of the best recipe so far, or of this one at that length, must still fit
+        reserve = max(self.budget.best_reserve, self.budget.retrain_seconds(self.per_epoch, done + 1))
+        if done < trainer.max_epochs and self.budget.left() - self.per_epoch < reserve:
+            self.cut_at = done
+            trainer.should_stop = True
+
+
 class _OverBudget(Exception):
     """A trial asked for after the study had its number of trials (another worker took the last one)."""
 
@@ -251,15 +301,17 @@ class TrialLine:
     max_epochs: int
     done: int
     total: int | None
+    note: str = ""
 
 
 class Objective:
     """One trial: sample settings, fine-tune on the trial data with pruning, log a child run, return the score."""
 
     def __init__(self, study_name: str, space: SearchSpace, base: TrainConfig, splits: TuneSplits, backbone, compute: ComputeConfig,
-                 cache: Path | None, limit: int | None, report: Callable[[TrialLine], None] | None):
+                 cache: Path | None, limit: int | None, report: Callable[[TrialLine], None] | None, budget: Budget | None = None):
         self.study_name, self.space, self.base, self.splits = study_name, space, base, splits
         self.backbone, self.compute, self.cache, self.limit, self.report = backbone, compute, cache, limit, report
+        self.budget = budget
 
     def __call__(self, trial: optuna.Trial) -> float:
         from tlkit.finetune import MetricsCallback, train_classifier
@@ -269,10 +321,15 @@ class Objective:
             study.stop()
             trial.set_user_attr("over_budget", True)
             raise _OverBudget(f"the study already has its {self.limit} trials")
+        if self.budget is not None and not self.budget.room_for_a_trial():
+            study.stop()
+            trial.set_user_attr("over_budget", True)
+            raise _OverBudget("the budget has no room for another trial and the retrain")
         values = self.space.sample(trial)
         settings = settings_for(values, self.base)
         start = time.perf_counter()
         pruning = PruningCallback(trial)
+        deadline = DeadlineCallback(self.budget, settings.epochs) if self.budget is not None else None
         backbone = replace(self.backbone, model=copy.deepcopy(self.backbone.model))  # every trial starts from the same weights
         tags = {"tlkit.study": self.study_name, "tlkit.trial": str(trial.number)}
         with tracking.start_run("trial", run_name=f"trial {trial.number} ({_recipe_label(values)})", params={"train": settings.model_dump()}, tags=tags) as run_id:
@@ -281,11 +338,32 @@ class Objective:
             try:
                 result = train_classifier(self.splits.trials, backbone, settings, devices=self.compute.devices, precision=self.compute.precision,
                                           num_workers=self.compute.num_workers, image_cache_mb=self.compute.image_cache_mb, cache=self.cache,
-                                          callbacks=[MetricsCallback(run_id), pruning], calibrated=False,
+                                          callbacks=[MetricsCallback(run_id), pruning, *([deadline] if deadline else [])], calibrated=False,
                                           progress=runtime.progress_mode() == "plain")  # epoch lines in a log; no bars between trial lines
             except SystemExit as stop:  # Lightning turns Ctrl-C into SystemExit: Optuna marks a KeyboardInterrupt's trial FAIL
                 raise KeyboardInterrupt from stop
+            note, epochs = "", settings.epochs
+            cut = deadline is not None and deadline.cut_at is not None and pruning.pruned_at is None
+            if cut:
+                self.budget.epoch_seconds.append(deadline.per_epoch)
+                if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                    # nothing complete yet: this recipe, scaled to what the budget holds, is the one to retrain
+                    epochs = deadline.cut_at
+                    trial.set_user_attr("scaled_epochs", epochs)
+                    note = (f"scaled to the budget: {epochs} of {settings.epochs} epochs fit with the retrain "
+                            f"({deadline.per_epoch:.2g} s an epoch); the retrain runs {epochs}")
+                else:
+                    pruning.pruned_at = deadline.cut_at
+                    note = f"cut at the budget after epoch {deadline.cut_at}"
+            elif deadline is not None:
+                self.budget.epoch_seconds.append(deadline.per_epoch)
             state = "PRUNED" if pruning.pruned_at is not None else "COMPLETE"
+            if deadline is not None and state == "COMPLETE":
+                reserve = self.budget.retrain_seconds(deadline.per_epoch, epochs)
+                best = study.best_value if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
+                score = pruning.last_score if pruning.last_score is not None else result.metrics["heldout_accuracy"]
+                if best is None or score > best:
+                    self.budget.best_reserve = reserve
             accuracy = result.metrics["heldout_accuracy"]  # the trial data's held-out split is the selection split
             tracking.set_tags({"tlkit.trial_state": state})
             tracking.log_metrics({"selection_accuracy": accuracy, "selection_score": accuracy if pruning.last_score is None else pruning.last_score, "epochs_run": pruning.epochs,
@@ -293,7 +371,7 @@ class Objective:
         if self.report:
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) + 1
             self.report(TrialLine(trial.number, state, pruning.last_score, accuracy, values, time.perf_counter() - start, pruning.epochs,
-                                  settings.epochs, done, self.limit))
+                                  settings.epochs, done, self.limit, note))
         if pruning.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at} of {settings.epochs}")
         return pruning.last_score if pruning.last_score is not None else accuracy
@@ -412,7 +490,7 @@ def run_tune(
         space: the search space (tlkit.space).
         base: settings the space does not name (default: `tlkit finetune`'s); its seed seeds the study.
         trials: number of trials in the study (COMPLETE + PRUNED, over all workers); None: until `budget_s`.
-        budget_s: this worker starts no trial after this many seconds (running ones finish).
+        budget_s: this worker's wall-clock budget, trials and the retrain of the best recipe together (`Budget`).
         study: the study's name (default: derived from the inputs, so the same command resumes it).
         storage: Optuna storage URL (default: SQLite optuna.db beside mlflow.db).
         selection_fraction: share of train carved out as the selection split when the data has no test split.
@@ -429,6 +507,10 @@ def run_tune(
     compute = compute or ComputeConfig()
     manifest = load_data(data, split)
     splits = tune_splits(manifest, fraction=selection_fraction, seed=base.seed)
+    budget = None
+    if budget_s:
+        retrained = len(splits.final.split("train")) + (len(splits.final.split("val")) if splits.final_use_val == "train" else 0)
+        budget = Budget(budget_s, retrained / max(1, len(splits.trials.split("train"))))
     from tlkit.finetune import check_settings
 
     backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
@@ -464,12 +546,12 @@ def run_tune(
 
             _log_data(manifest)
             _log_backbone(backbone)
-        objective = Objective(name, space, base, splits, backbone, compute, cache, trials, report)
+        objective = Objective(name, space, base, splits, backbone, compute, cache, trials, report, budget)
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
         left = None if trials is None else trials - len(optuna_study.get_trials(deepcopy=False, states=finished))
         if left is None or left > 0:  # a resumed study runs only the trials it lacks
             stop_at_limit = [optuna.study.MaxTrialsCallback(trials, states=finished)] if trials is not None else []
-            optuna_study.optimize(objective, n_trials=left, timeout=budget_s, catch=(_OverBudget,), callbacks=stop_at_limit, gc_after_trial=True)
+            optuna_study.optimize(objective, n_trials=left, catch=(_OverBudget,), callbacks=stop_at_limit, gc_after_trial=True)
         outcome = TuneOutcome(name, shown_url(storage_url), parent, _trial_counts(optuna_study))
         complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
@@ -485,7 +567,10 @@ def run_tune(
             outcome.waiting = (f"{outcome.trials['RUNNING']} trial(s) still running in other workers; the last one to finish retrains the best recipe"
                                if outcome.trials["RUNNING"] else "the study has not had all its trials; run the same command again to continue it")
             return outcome
-        final_settings = settings_for(space.sample(optuna.trial.FixedTrial(best.params)), base).model_copy(update={"use_val": splits.final_use_val})
+        values = space.sample(optuna.trial.FixedTrial(best.params))
+        if "scaled_epochs" in best.user_attrs:  # the recipe as the budget scaled it
+            values["epochs"] = best.user_attrs["scaled_epochs"]
+        final_settings = settings_for(values, base).model_copy(update={"use_val": splits.final_use_val})
         outcome.command = reproduce_command(data_label or str(getattr(data, "source", data)), backbone_config, split, final_settings)
         final = _retrain_once(optuna_study, rdb, splits, backbone_config, final_settings, compute, cache, tracking_uri, progress)
         if final is None:
