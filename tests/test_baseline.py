@@ -23,7 +23,7 @@ def test_separable_features_are_learned(classifier):
     result = fit_baseline(blobs(), classifier=classifier)
     assert result.metrics["heldout_accuracy"] > 0.95
     assert result.selection == "validation split" and result.C > 0
-    assert {"heldout_balanced_accuracy", "heldout_macro_f1", "test_precision.a", "test_recall.c"} <= set(result.metrics)
+    assert {"heldout_balanced_accuracy", "heldout_macro_f1", "heldout_precision.a", "heldout_recall.c"} <= set(result.metrics)
     assert len(result.estimator.predict(blobs().X)) == 180
 
 
@@ -64,7 +64,7 @@ def test_without_test_split_val_is_held_out_and_chooses_nothing():
     X_val, y_val = data.subset("val")
     alone = clone(build_classifier("logreg")).set_params(clf__C=result.C).fit(*data.subset("train"))
     assert (alone.predict(X_val) == result.y_pred).all() and len(result.y_true) == len(y_val)
-    assert "val_accuracy" not in result.metrics  # one held-out figure, under test_*, with heldout_split saying which
+    assert "val_accuracy" not in result.metrics  # one held-out figure, under heldout_*, with heldout_split saying which
 
 
 def test_with_test_split_val_chooses_c_and_test_reports():

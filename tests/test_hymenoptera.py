@@ -49,3 +49,20 @@ def test_real_photos_one_answer_and_calibrated_probabilities(workdir, tmp_path):
     with torch.no_grad():
         one = loaded.predict_proba([loaded.decode(io.BytesIO(paths[0].read_bytes()))])
     np.testing.assert_allclose(one[0], predicted[0], atol=1e-6)
+
+    # Explanations a person can read, on two classes: the overview pages are kept in test-artifacts/ to look at
+    from tlkit.explain import normalised
+    from tlkit.review import run_explain
+
+    artifacts = Path(__file__).resolve().parents[1] / "test-artifacts"
+    shown = [*sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:2], sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[0]]
+    for method in ("saliency", "gradcam", "occlusion"):
+        options = {"patch": 32, "stride": 16} if method == "occlusion" else {}
+        result = run_explain(results["svm"].model_uri, [str(p) for p in shown], method=method, out=tmp_path / method, **options)
+        assert len(result.files) == 3 and (tmp_path / method / "overview.png").stat().st_size > 50_000
+        artifacts.mkdir(exist_ok=True)
+        (artifacts / f"explain-hymenoptera-{method}.png").write_bytes((tmp_path / method / "overview.png").read_bytes())
+    from tlkit.explain import saliency
+
+    heat = normalised(saliency(loaded.network, loaded.pixels(shown[1:2]), torch.tensor([0]))[0])
+    assert 0.05 < heat.mean() < 0.6  # neither specks nor a flat wash

@@ -99,7 +99,7 @@ def test_predict_evaluate_and_served_model_give_one_answer(here, n, kind):
         if str(path) in by_image:  # the test split's images among them
             got = [float(by_image[str(path)][f"probability.{c}"]) for c in loaded.classes]
             np.testing.assert_allclose(got, predicted[str(path)], atol=1e-5)
-    assert {"heldout_accuracy", "heldout_ece"} <= set(evaluation.metrics)
+    assert {"test_accuracy", "test_ece"} <= set(evaluation.metrics)
 
 
 @pytest.mark.parametrize("n", CLASSES_2_FAST)
@@ -171,9 +171,9 @@ def test_evaluate_logs_metrics_plots_tta_maps_and_fgsm(here):
     uri, data = here[3, "finetune"].model_uri, here[3, "data"]
     result = run_evaluate(uri, data, tta=True, explain_top=2, method="gradcam", attack="fgsm", eps=[2 / 255, 0.05])
     m = result.metrics
-    assert {"heldout_accuracy", "heldout_balanced_accuracy", "heldout_macro_f1", "heldout_ece", "test_tta_accuracy", "test_f1.5"} <= set(m)
+    assert {"test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_ece", "test_tta_accuracy", "test_f1.5"} <= set(m)
     assert "test_top3_accuracy" not in m  # 3 classes: top-3 is always right, so it is not reported
-    assert m["test_fgsm_accuracy.eps_0.0000"] == pytest.approx(m["heldout_accuracy"])  # both float32: the same network
+    assert m["test_fgsm_accuracy.eps_0.0000"] == pytest.approx(m["test_accuracy"])  # both float32: the same network
     assert m["test_fgsm_accuracy.eps_0.0500"] <= m["test_fgsm_accuracy.eps_0.0000"]
     assert result.details["tta_views"].startswith("image, 4 corner crops")  # trained without flips: no mirror
     client = MlflowClient(tracking.resolve_tracking_uri())
@@ -191,14 +191,14 @@ def test_evaluate_two_classes_with_tta_maps_and_fgsm(here, kind):
     uri, data = here[2, kind].model_uri, here[2, "data"]
     method = "saliency" if kind == "pixels" else "gradcam"
     result = run_evaluate(uri, data, tta=True, explain_top=1, method=method, attack="fgsm", eps=[0.05])
-    assert {"heldout_accuracy", "heldout_ece", "test_tta_accuracy", "test_fgsm_accuracy.eps_0.0500"} <= set(result.metrics)
-    assert 0 <= result.metrics["heldout_ece"] <= 1
+    assert {"test_accuracy", "test_ece", "test_tta_accuracy", "test_fgsm_accuracy.eps_0.0500"} <= set(result.metrics)
+    assert 0 <= result.metrics["test_ece"] <= 1
 
 
 def test_evaluate_cli_on_an_svm_reports_calibration(here, runner):
     uri, data = here[3, "svm"].model_uri, here[3, "data"]
     result = invoke(runner, "evaluate", uri, data, "--split", "test")
-    assert result.exit_code == 0 and "heldout_ece" in result.stdout and "out-of-fold" in " ".join(result.stdout.split())
+    assert result.exit_code == 0 and "test_ece" in result.stdout and "out-of-fold" in " ".join(result.stdout.split())
     evaluation = tracking.get_run(result.stdout.split("MLflow run ")[1].split()[0])
     assert tracking.experiment_id("review") == evaluation.info.experiment_id  # beside the model's run, not in the default experiment
     assert_one_line_error(invoke(runner, "evaluate", uri, data, "--attack", "pgd"), "unknown attack 'pgd'")

@@ -232,22 +232,24 @@ class Budget:
     """The wall-clock budget of one worker's tune: its trials and the retrain of the best recipe together.
 
     The retrain's length is known from the trials: seconds per epoch (measured in the trial) x its epochs x the
-    retrain's share of images over a trial's, plus a margin. That much time is kept back for it: a trial is cut at
-    the end of the epoch after which the retrain of the best recipe so far (or of this trial) would no longer fit,
-    and no trial starts that could not run two epochs. So the whole command ends within the budget plus about one
-    epoch.
+    retrain's share of images over a trial's, plus its fixed costs (the trial's own setup time, twice: the retrain
+    also fits the probe and logs the model, and a few seconds more). That much time is kept back for it: a trial
+    is cut at the end of the epoch after which the retrain of the best recipe so far (or of this trial) would no
+    longer fit, and no trial starts that could not run two epochs. So the whole command ends within the budget
+    plus about one epoch.
     """
 
-    MARGIN = 1.15  # the retrain also fits the probe, scores, calibrates and logs the model
+    MARGIN = 1.15  # on the epochs: the retrain's loader and batches are not exactly the trial's
+    FIXED_S = 3.0  # logging the model, plots and calibration, beyond what a trial does
 
-    def __init__(self, seconds: float, final_share: float):
+    def __init__(self, seconds: float, final_share: float, *, start: float | None = None):
         self.seconds, self.final_share = seconds, final_share
-        self.deadline = time.monotonic() + seconds
+        self.deadline = (start if start is not None else time.monotonic()) + seconds
         self.best_reserve = 0.0  # the retrain of the best complete trial so far
         self.epoch_seconds: list[float] = []  # one per trial: its seconds per epoch
 
-    def retrain_seconds(self, epoch_seconds: float, epochs: int) -> float:
-        return epoch_seconds * epochs * self.final_share * self.MARGIN
+    def retrain_seconds(self, epoch_seconds: float, epochs: int, setup_seconds: float) -> float:
+        return epoch_seconds * epochs * self.final_share * self.MARGIN + 2 * setup_seconds + self.FIXED_S
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -262,9 +264,17 @@ class DeadlineCallback(L.Callback):
 
     def __init__(self, budget: Budget, epochs: int):
         self.budget, self.epochs = budget, epochs
-        self.started = time.monotonic()
+        self.created = self.started = time.monotonic()
         self.cut_at: int | None = None
         self.per_epoch = 0.0
+        self.setup = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, module) -> None:
+        self.started = time.monotonic()
+        self.setup = self.started - self.created  # model, loaders, the first batches decoded
+
+    def reserve(self, epochs: int) -> float:
+        return self.budget.retrain_seconds(self.per_epoch, epochs, self.setup)
 
     def on_validation_end(self, trainer: L.Trainer, module) -> None:
         if trainer.sanity_checking:
@@ -272,7 +282,7 @@ class DeadlineCallback(L.Callback):
         done = trainer.current_epoch + 1
         self.per_epoch = (time.monotonic() - self.started) / done
         # one more epoch, and then the retrain of the best recipe so far, or of this one at that length, must still fit
-        reserve = max(self.budget.best_reserve, self.budget.retrain_seconds(self.per_epoch, done + 1))
+        reserve = max(self.budget.best_reserve, self.reserve(done + 1))
         if done < trainer.max_epochs and self.budget.left() - self.per_epoch < reserve:
             self.cut_at = done
             trainer.should_stop = True
@@ -359,7 +369,7 @@ class Objective:
                 self.budget.epoch_seconds.append(deadline.per_epoch)
             state = "PRUNED" if pruning.pruned_at is not None else "COMPLETE"
             if deadline is not None and state == "COMPLETE":
-                reserve = self.budget.retrain_seconds(deadline.per_epoch, epochs)
+                reserve = deadline.reserve(epochs)
                 best = study.best_value if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
                 score = pruning.last_score if pruning.last_score is not None else result.metrics["heldout_accuracy"]
                 if best is None or score > best:
@@ -499,6 +509,7 @@ def run_tune(
     Returns:
         The study's outcome; `final` is the retrained best recipe (None when another worker retrains it).
     """
+    started = time.monotonic()
     # Trials never train on their selection split nor stop on it; the final retrain decides use_val itself.
     base = (base or TrainConfig()).model_copy(update={"use_val": "select", "patience": None})
     if trials is None and budget_s is None:
@@ -508,9 +519,9 @@ def run_tune(
     manifest = load_data(data, split)
     splits = tune_splits(manifest, fraction=selection_fraction, seed=base.seed)
     budget = None
-    if budget_s:
+    if budget_s:  # the clock started with the command (`started`)
         retrained = len(splits.final.split("train")) + (len(splits.final.split("val")) if splits.final_use_val == "train" else 0)
-        budget = Budget(budget_s, retrained / max(1, len(splits.trials.split("train"))))
+        budget = Budget(budget_s, retrained / max(1, len(splits.trials.split("train"))), start=started)
     from tlkit.finetune import check_settings
 
     backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
