@@ -133,7 +133,12 @@ def test_backbone_info_merges_groups(runner):
 def test_finetune_strategies_and_lr_find_from_the_cli(runner, workdir, digits_source):
     common = ("--model", TINY_MODEL, "--no-pretrained", "--img-size", 32, "--workers", 0, "--batch-size", 16, "--augment", "none")
     result = invoke(runner, "finetune", digits_source, *common, "--strategy", "gradual", "--epochs", 3, "--groups", 2, "--lrs", "1e-4,1e-3,1e-2")
-    assert result.exit_code == 0 and "finetune (gradual)" in result.stdout, result.output
+    assert result.exit_code == 0, result.output
+    from tlkit import tracking
+    from tlkit.cli import _PRECISION_NAMES
+
+    used = tracking.get_run(result.stdout.split("MLflow run ")[1].split()[0]).data.params["precision"]
+    assert f"finetune (gradual, {_PRECISION_NAMES[used]})" in result.stdout  # the title says the precision the run used
     result = invoke(runner, "lr-find", digits_source, *common)
     assert result.exit_code == 0 and "suggested head learning rate" in result.stdout, result.output
     result = invoke(runner, "finetune", digits_source, *common, "--lr", "auto", "--epochs", 2, "--strategy", "linear-probe")

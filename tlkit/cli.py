@@ -183,7 +183,7 @@ Test = Annotated[float, typer.Option(help="Fraction of each class for test (when
 Seed = Annotated[int, typer.Option(help="Seed of splits, initialisation and training.")]
 Shots = Annotated[Optional[int], typer.Option(help="Label only N images per class (train + val); the rest become test.")]
 Devices = Annotated[str, typer.Option(help="Lightning devices: auto, a count, or e.g. 0,1.")]
-Precision = Annotated[str, typer.Option(help="auto (bf16-mixed where the hardware runs it natively), 32-true, bf16-mixed, 16-mixed.")]
+Precision = Annotated[str, typer.Option(help="auto (bf16-mixed where the hardware runs it natively; on a CPU, fp32 for networks with depthwise convolutions), 32-true, bf16-mixed, 16-mixed.")]
 BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
 TrainBatch = Annotated[Optional[int], typer.Option(help="Images per step (default: 32, or training images / 8 for small sets, at least 8).")]
 Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: with a GPU, CPUs - 1 up to 8; on a CPU, 0 up to 4 cores, else CPUs / 8 up to 4).")]
@@ -252,6 +252,9 @@ def _metrics_table(title: str, metrics: dict[str, float], heldout: str = "test")
         if key in metrics:
             table.add_row(key, f"{metrics[key]:.4f}")
     return table
+
+
+_PRECISION_NAMES = {"32-true": "fp32", "bf16-mixed": "bf16 mixed", "16-mixed": "fp16 mixed", "bf16-true": "bf16", "64-true": "fp64"}
 
 
 def _run_footer(run_id: str, *, model: bool = True) -> None:
@@ -568,7 +571,8 @@ def _train(kind: str, data, model, pretrained, weights, img_size, val, test, see
     )
     d = result.details
     kept = f"best epoch {d['best_epoch']}" if d["best_epoch"] is not None else f"last of {d['epochs_run']} epochs"
-    console.print(_metrics_table(f"{kind} ({train.strategy}): {kept}", result.metrics, d["heldout_split"]))
+    console.print(_metrics_table(f"{kind} ({train.strategy}, {_PRECISION_NAMES.get(d['precision'], d['precision'])}): {kept}", result.metrics,
+                                 d["heldout_split"]))
     probe_score = d.get("probe_heldout_accuracy")
     if probe_score is not None and probe_score > result.metrics["heldout_accuracy"]:
         console.print(

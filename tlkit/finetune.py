@@ -546,7 +546,7 @@ def train_classifier(
     selects = has_val and bool(manifest.split("test"))  # val may choose the epoch only when test reports
     L.seed_everything(settings.seed, workers=True, verbose=False)
     module = module or build_module(manifest, backbone, settings)
-    precision = runtime.training_precision(precision, module, backbone.data_config["input_size"], settings.batch_size, name=backbone.name)
+    precision = runtime.training_precision(precision, module)
     L.seed_everything(settings.seed, workers=True, verbose=False)  # the precision probe may have drawn random numbers
     # Train and val are read every epoch: decode them once, at the size the transforms read.
     budget = default_image_cache_mb() if image_cache_mb is None else image_cache_mb

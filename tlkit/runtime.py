@@ -102,70 +102,36 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
-FP32_MARGIN = 0.85  # fp32 replaces bf16 only when a training step takes at most this share of bf16's time
+def training_precision(precision: str, module) -> str:
+    """The precision to train `module` with. "auto" is decided by the hardware and the architecture, never by a
+    timing: a setting that changes the weights a run reaches must not depend on how busy the machine was when
+    it was measured (it did: EfficientNet-Lite0 at 224 px is a near tie, and a busy machine picked bf16).
 
-
-def training_precision(precision: str, module, input_size, batch_size: int, *, name: str) -> str:
-    """The precision to train `module` with. "auto" on a CPU with native bf16 is measured, not assumed.
-
-    bf16 autocast halves a resnet18 training step on this project's CPU, but it doubles an
-    EfficientNet-Lite0 step (measured at 96 px, batch 12: bf16 21 ms forward + 140 ms backward, fp32
-    channels-last 27 + 58 ms): oneDNN's bf16 backward of depthwise convolutions is slow. So "auto" times
-    one step each way (a copy of the module, random images, batch up to 16; about a second for small
-    models) and takes fp32 only when it is clearly faster (FP32_MARGIN), so a near tie never flips a
-    model's numerics between runs. The answer is remembered per model name, input size, batch, CPU and
-    torch version in the cache folder's machine.json.
+    On a CPU with native bf16 (oneDNN), bf16 autocast halves the step of ordinary convolutions but oneDNN's bf16
+    backward of depthwise convolutions is slow, so networks with depthwise convolutions train in fp32 and the
+    others in bf16. Training steps measured on this project's 2-core CPU, idle (bench/precision.py, 2026-11-29;
+    fp32 time over bf16 time, below 1 when fp32 is faster): EfficientNet-Lite0 0.60 at 64 px and 0.95 at 224 px,
+    MobileNetV3 0.73 and ConvNeXt-atto 0.96 at 96 px; resnet18 1.30 at 32 and 64 px and 1.78 at 224 px, resnet50
+    1.95. The rule picks the faster precision, or one of a near tie, in each case but ConvNeXt-atto at 224 px
+    (1.33: bf16 would be faster there); --precision overrides it. The same bench run while the tests used the
+    cores gave other ratios (MobileNetV3 2.27, resnet18 0.91 at 32 px): why nothing is timed at run time.
     """
     resolved = resolve_precision(precision)
     if precision != "auto" or resolved != "bf16-mixed" or (may_have_gpu() and _cuda_available()):
         return resolved
-    from tlkit.cache import cache_dir, read_json, write_json
+    return "32-true" if has_depthwise_convolutions(module) else "bf16-mixed"
 
-    batch = max(2, min(batch_size, 16))
-    cpu = _cpu_key()
-    key = f"train:{name}:{'x'.join(map(str, input_size))}:{batch}:{cpu}"
-    path = cache_dir() / "machine.json"
-    known = read_json(path) or {}
-    if cpu is not None and known.get(key) in ("bf16-mixed", "32-true"):
-        return known[key]
-    bf16, fp32 = (_step_seconds(module, input_size, batch, autocast) for autocast in (True, False))
-    chosen = "32-true" if fp32 <= FP32_MARGIN * bf16 else "bf16-mixed"
-    if cpu is not None:
-        try:
-            write_json(path, {**(read_json(path) or {}), key: chosen})
-        except OSError:
-            pass
-    return chosen
+
+def has_depthwise_convolutions(module) -> bool:
+    import torch
+
+    return any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in module.modules())
 
 
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _step_seconds(module, input_size, batch: int, autocast: bool, steps: int = 2) -> float:
-    """Median seconds of a training step (forward, loss, backward) of a copy of `module` on random images."""
-    import copy
-    import statistics
-    import time
-
-    import torch
-
-    probe = copy.deepcopy(module).train()
-    images = torch.randn(batch, *input_size).contiguous(memory_format=torch.channels_last)
-    classes = probe.head.out_features if hasattr(probe, "head") else 2
-    labels = torch.arange(batch) % classes
-    times = []
-    for i in range(steps + 1):  # the first step picks kernels and allocates: not timed
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = torch.nn.functional.cross_entropy(probe(images).float(), labels)
-        loss.backward()
-        probe.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # Loggers whose INFO lines are Lightning's and MLflow's chatter ("GPU available: False", the litlogger

@@ -391,7 +391,8 @@ def run_train(
         )
         _save_model(saved, result.module.backbone, heads.from_linear(result.module.head, temperature=result.temperature))
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the model is in the run; checkpoints only serve --resume
-    details = {**summary, "best_epoch": result.best_epoch, "heldout_split": result.heldout_split}  # None, not -1, when no epoch was chosen
+    details = {**summary, "best_epoch": result.best_epoch, "heldout_split": result.heldout_split,  # None, not -1, when no epoch was chosen
+               "precision": resolved["precision"]}
     return StageResult(kind, run_id, result.metrics, f"runs:/{run_id}", details)
 
 
