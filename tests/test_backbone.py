@@ -100,3 +100,32 @@ def test_reachability_probe_respects_its_timeout(monkeypatch):
     start = time.perf_counter()
     reason = bb._reachable("huggingface.co", 0.5)
     assert reason == "timed out" and time.perf_counter() - start < 2
+
+
+def test_a_weights_file_brings_the_preprocessing_it_records(tmp_path, caplog):
+    """Converted weights keep their own mean/std (safetensors metadata, or FILE.json beside the file); without either,
+    timm's default is used and a warning says so."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from tlkit.backbone import create_backbone, create_model
+
+    state = {k: v.contiguous() for k, v in create_model(TINY_MODEL, img_size=32).state_dict().items()}
+    recorded = tmp_path / "recorded.safetensors"
+    save_file(state, str(recorded), metadata={"tlkit.preprocessing": json.dumps({"mean": [0.3] * 3, "std": [0.6] * 3, "crop_pct": 1.0})})
+    backbone = create_backbone(TINY_MODEL, weights=recorded, img_size=32)
+    assert backbone.data_config["mean"] == (0.3, 0.3, 0.3) and backbone.data_config["crop_pct"] == 1.0
+
+    beside = tmp_path / "beside.safetensors"
+    save_file(state, str(beside))
+    beside.with_suffix(".json").write_text(json.dumps({"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]}))
+    assert create_backbone(TINY_MODEL, weights=beside, img_size=32).data_config["std"] == (0.2, 0.2, 0.2)
+
+    bare = tmp_path / "bare.safetensors"
+    save_file(state, str(bare))
+    with caplog.at_level("WARNING", logger="tlkit"):
+        default = create_backbone(TINY_MODEL, weights=bare, img_size=32).data_config
+    from tlkit.backbone import data_config_for
+
+    assert default == data_config_for(create_model(TINY_MODEL, img_size=32), 32) and "does not record the preprocessing" in caplog.text

@@ -50,6 +50,13 @@ def test_real_photos_one_answer_and_calibrated_probabilities(workdir, tmp_path):
         one = loaded.predict_proba([loaded.decode(io.BytesIO(paths[0].read_bytes()))])
     np.testing.assert_allclose(one[0], predicted[0], atol=1e-6)
 
+    # The same weights converted to a safetensors file (tlkit export records their preprocessing in it): the same features
+    exported = run_export(uri, "safetensors", tmp_path / "converted")
+    converted = next(p for p in exported.files if p.suffix == ".safetensors")
+    again = run_baseline(HYMENOPTERA, BackboneConfig(model="efficientnet_lite0", weights=str(converted), img_size=224),
+                         BaselineConfig(classifier="svm"), compute=compute)
+    assert again.metrics["heldout_accuracy"] == results["svm"].metrics["heldout_accuracy"]
+
     # Explanations a person can read, on two classes: the overview pages are kept in test-artifacts/ to look at
     from tlkit.explain import normalised
     from tlkit.review import run_explain

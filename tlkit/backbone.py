@@ -120,6 +120,44 @@ def data_config_for(model: torch.nn.Module, img_size: int | None = None, weights
     return config
 
 
+PREPROCESSING_KEY = "tlkit.preprocessing"  # safetensors metadata: the JSON of the preprocessing the weights expect
+PREPROCESSING_FIELDS = ("mean", "std", "interpolation", "crop_pct")
+
+
+def weights_preprocessing(path: Path, name: str) -> dict:
+    """The preprocessing a weights file was trained with, when the file says: its safetensors metadata
+    (`tlkit export --format safetensors` writes it), else a JSON sidecar beside it (`FILE.json` with `mean`,
+    `std`, optionally `interpolation` and `crop_pct`; tlkit's export writes that too). Without either, timm's
+    default for `name` is used and a warning says so: weights converted from another layout may expect other
+    statistics (EfficientNet-Lite's are mean = std = 0.5, not ImageNet's), and features then score differently."""
+    import json
+    import logging
+
+    recorded: dict = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as handle:
+                text = (handle.metadata() or {}).get(PREPROCESSING_KEY)
+            recorded = json.loads(text) if text else {}
+        except (OSError, ValueError):
+            recorded = {}
+    sidecar = path.with_suffix(".json")
+    if not recorded and sidecar.is_file():
+        try:
+            recorded = json.loads(sidecar.read_text())
+        except (OSError, ValueError) as err:
+            raise TlkitError(f"cannot read {sidecar} (the preprocessing of {path.name}): {err}; fix or remove it") from None
+    found = {k: recorded[k] for k in PREPROCESSING_FIELDS if k in recorded}
+    if not {"mean", "std"} <= set(found):
+        logging.getLogger("tlkit").warning(
+            f"{path.name} does not record the preprocessing it was trained with: using timm's for {name}; if the weights "
+            f"expect other mean/std, put them in {sidecar.name} beside it ({{\"mean\": [...], \"std\": [...]}})")
+        return {}
+    return found
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise TlkitError(f"weights file {path} does not exist; pass a .safetensors or state-dict file, or runs:/RUN_ID of a tlkit run")
@@ -294,6 +332,7 @@ def create_backbone(
             path = Path(weights).expanduser()
             model = create_model(name, img_size=img_size)
             load_state(model, _read_state_dict(path), source=str(path), name=name)
+            data_config = data_config_for(model, img_size, weights_preprocessing(path, name))
             source = f"file:{path.resolve()}"
         elif pretrained:
             model = _create_from_hub(name, img_size)

@@ -118,7 +118,10 @@ def export(loaded: LoadedModel, fmt: str, out: Path, *, source: str, check: bool
         expected = module(example).numpy()
     try:
         if fmt == "safetensors":
-            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(partial))
+            config = loaded.bundle.data_config  # the preprocessing travels with the weights: --weights FILE reads it back
+            preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k in ("mean", "std", "interpolation", "crop_pct")}
+            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(partial),
+                      metadata={"tlkit.preprocessing": json.dumps(preprocessing)})
             difference = None
         elif fmt == "torchscript":
             with warnings.catch_warnings():
