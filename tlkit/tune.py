@@ -243,7 +243,7 @@ class Budget:
     FIXED_S = 3.0  # logging the model, plots and calibration, beyond what a trial does
 
     def __init__(self, seconds: float, final_share: float, *, start: float | None = None):
-        self.seconds, self.final_share = seconds, final_share
+        self.final_share = final_share
         self.deadline = (start if start is not None else time.monotonic()) + seconds
         self.best_reserve = 0.0  # the retrain of the best complete trial so far
         self.epoch_seconds: list[float] = []  # one per trial: its seconds per epoch
@@ -352,28 +352,8 @@ class Objective:
                                           progress=runtime.progress_mode() == "plain")  # epoch lines in a log; no bars between trial lines
             except SystemExit as stop:  # Lightning turns Ctrl-C into SystemExit: Optuna marks a KeyboardInterrupt's trial FAIL
                 raise KeyboardInterrupt from stop
-            note, epochs = "", settings.epochs
-            cut = deadline is not None and deadline.cut_at is not None and pruning.pruned_at is None
-            if cut:
-                self.budget.epoch_seconds.append(deadline.per_epoch)
-                if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                    # nothing complete yet: this recipe, scaled to what the budget holds, is the one to retrain
-                    epochs = deadline.cut_at
-                    trial.set_user_attr("scaled_epochs", epochs)
-                    note = (f"scaled to the budget: {epochs} of {settings.epochs} epochs fit with the retrain "
-                            f"({deadline.per_epoch:.2g} s an epoch); the retrain runs {epochs}")
-                else:
-                    pruning.pruned_at = deadline.cut_at
-                    note = f"cut at the budget after epoch {deadline.cut_at}"
-            elif deadline is not None:
-                self.budget.epoch_seconds.append(deadline.per_epoch)
+            note = self._keep_to_budget(trial, deadline, pruning, settings.epochs, result.metrics["heldout_accuracy"]) if deadline else ""
             state = "PRUNED" if pruning.pruned_at is not None else "COMPLETE"
-            if deadline is not None and state == "COMPLETE":
-                reserve = deadline.reserve(epochs)
-                best = study.best_value if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
-                score = pruning.last_score if pruning.last_score is not None else result.metrics["heldout_accuracy"]
-                if best is None or score > best:
-                    self.budget.best_reserve = reserve
             accuracy = result.metrics["heldout_accuracy"]  # the trial data's held-out split is the selection split
             tracking.set_tags({"tlkit.trial_state": state})
             tracking.log_metrics({"selection_accuracy": accuracy, "selection_score": accuracy if pruning.last_score is None else pruning.last_score, "epochs_run": pruning.epochs,
@@ -385,6 +365,26 @@ class Objective:
         if pruning.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at} of {settings.epochs}")
         return pruning.last_score if pruning.last_score is not None else accuracy
+
+    def _keep_to_budget(self, trial: optuna.Trial, deadline: DeadlineCallback, pruning: PruningCallback, epochs: int, accuracy: float) -> str:
+        """After a trial under a budget: a trial the deadline cut is pruned, or, when no trial is complete yet, kept
+        as the recipe scaled to the budget; the retrain of a new best is reserved. Returns the note for its line."""
+        self.budget.epoch_seconds.append(deadline.per_epoch)
+        complete = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        note = ""
+        if deadline.cut_at is not None and pruning.pruned_at is None:
+            if complete:
+                pruning.pruned_at = deadline.cut_at
+                return f"cut at the budget after epoch {deadline.cut_at}"
+            epochs = deadline.cut_at  # nothing complete yet: this recipe, scaled to what the budget holds, is the one to retrain
+            trial.set_user_attr("scaled_epochs", epochs)
+            note = (f"scaled to the budget: {epochs} of {deadline.epochs} epochs fit with the retrain ({deadline.per_epoch:.2g} s an epoch); "
+                    f"the retrain runs {epochs}")
+        if pruning.pruned_at is None:
+            score = pruning.last_score if pruning.last_score is not None else accuracy
+            if not complete or score > trial.study.best_value:
+                self.budget.best_reserve = deadline.reserve(epochs)
+        return note
 
 
 # ----------------------------------------------------------------------------------------------
