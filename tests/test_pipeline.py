@@ -76,6 +76,8 @@ def test_quickstart_structure_in_mlflow(tracked, tmp_path):
         (lambda c: c["stages"][1].update(data="nowhere"), "data 'nowhere' is not one of the datasets"),
         (lambda c: c["stages"][3].update(weights="later-stage"), "neither an earlier stage id"),
         (lambda c: c["stages"][0]["train"].update(epochs="many"), "stages.0.pretrain.train.epochs"),
+        (lambda c: c["datasets"]["target"].update(photos={"crops": 64}), "unknown key 'datasets.target.photos.crops'; did you mean 'crop'?"),
+        (lambda c: c["datasets"]["target"].update(vall=0.2), "did you mean 'val'?"),
     ],
 )
 def test_validation_errors_name_the_key(tmp_path, edit, message):
@@ -222,3 +224,24 @@ def test_photos_pipeline_runs_small(tracked, tmp_path):
     assert (tmp_path / "photos-0" / "test" / "brick").is_dir() and (tmp_path / "photos-1").is_dir()
     assert sorted(e.label for e in summary.leaderboard.entries) == ["default", "imagenet + svm", "pixels + svm"]
     assert all(e.n == 2 for e in summary.leaderboard.entries)
+
+
+def test_an_inline_space_reads_its_augmentation_file_beside_the_pipeline_from_any_folder(tmp_path, monkeypatch):
+    """The file is validated relative to the pipeline file, and read from there too when the command runs elsewhere."""
+    from tlkit.pipeline import _resolve_files, _space
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "aug.yaml").write_text((ROOT / "pipelines" / "augment" / "digits.yaml").read_text())
+    config = yaml.safe_load((ROOT / "pipelines" / "quickstart.yaml").read_text())
+    config["stages"].append({"id": "searched", "stage": "tune", "data": "target", "trials": 2,
+                             "space": {"lr": [1e-3, 2e-3], "augment": ["light", "aug.yaml"]}})
+    path = folder / "tune.yaml"
+    path.write_text(yaml.safe_dump(config))
+    resolved = _resolve_files(load_pipeline(path), folder)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    space = _space(resolved.stages[-1], None)  # as the stage runs it, from another working folder
+    augment = next(d for d in space.dimensions if d.name == "augment")
+    assert augment.choices == ("light", str((folder / "aug.yaml").resolve()))

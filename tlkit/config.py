@@ -297,11 +297,18 @@ def _explain(error: ValidationError, model: type[BaseModel]) -> str:
     first = error.errors()[0]
     path = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        key = str(first["loc"][-1])
+        key, loc = str(first["loc"][-1]), first["loc"]
+        sections = {"photos": PhotosConfig, "digits": DigitsConfig, "backbone": BackboneConfig, "compute": ComputeConfig,
+                    "train": TrainConfig, "baseline": BaselineConfig}
         known: set[str] = set()
-        for cls in (PipelineConfig, DatasetConfig, DigitsConfig, BackboneConfig, ComputeConfig, TrainConfig, BaselineConfig,
-                    PretrainStage, FinetuneStage, TuneStage, BaselineStage, EvaluateStage, PredictStage, ExportStage):
-            known |= set(cls.model_fields)
+        if len(loc) > 1 and loc[-2] in sections:  # the section the key sits in: suggest only its own keys
+            known = set(sections[str(loc[-2])].model_fields)
+        elif loc[0] == "datasets" and len(loc) == 3:
+            known = set(DatasetConfig.model_fields)
+        else:
+            for cls in (PipelineConfig, DatasetConfig, DigitsConfig, PhotosConfig, BackboneConfig, ComputeConfig, TrainConfig, BaselineConfig,
+                        PretrainStage, FinetuneStage, TuneStage, BaselineStage, EvaluateStage, PredictStage, ExportStage):
+                known |= set(cls.model_fields)
         close = difflib.get_close_matches(key, sorted(known), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"unknown key {path!r}{hint}"

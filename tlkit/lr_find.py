@@ -104,6 +104,7 @@ def find_lr(module, loader, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps:
         module.load_state_dict(saved)
         module.apply_phase(max(phase, 0))
     if len(lrs) < 5:
-        raise TlkitError("the LR sweep diverged at once; lower --min-lr or check the data")
+        raise TlkitError(f"the LR sweep diverged at once, from its smallest rate ({min_lr:g}); check the images and labels, "
+                         "or pass a small --lr instead of auto")
     lrs_a, losses_a = np.array(lrs), np.array(losses)
     return LRFindResult(lrs_a, losses_a, _suggest(lrs_a, losses_a))

@@ -123,10 +123,15 @@ def _resolve_files(config: PipelineConfig, base: Path) -> PipelineConfig:
             train.augment = local(train.augment)
         if isinstance(stage, TuneStage) and isinstance(stage.space, str):
             stage.space = local(stage.space)
+        elif isinstance(stage, TuneStage) and isinstance(stage.space, dict) and "augment" in stage.space:
+            # an inline space's augmentation files too: it is read later, from whatever folder the command runs in
+            spec = stage.space["augment"]
+            named = lambda v: local(v) if isinstance(v, str) and v.endswith((".yaml", ".yml")) else v  # noqa: E731
+            stage.space["augment"] = [named(v) for v in spec] if isinstance(spec, list) else named(spec)
     return config
 
 
-def _space(stage: TuneStage, base: Path):
+def _space(stage: TuneStage, base: Path | None):
     """A tune stage's search space, validated (a file's path is already absolute, see _resolve_files)."""
     from tlkit.space import load_space, parse_space
 
@@ -347,7 +352,7 @@ def _run_tune(stage: TuneStage, manifest: Manifest, backbone: BackboneConfig, co
         how = f"pruned after epoch {t.epochs}/{t.max_epochs}" if t.state == "PRUNED" else f"selection accuracy {t.accuracy:.4f}"
         console.print(f"  trial {t.number} [{t.done}{'/' + str(t.total) if t.total else ''}]: {how} ({t.seconds:.0f} s)", highlight=False)
 
-    outcome = run_tune(manifest, backbone, _space(stage, Path.cwd()), base=stage.train, trials=stage.trials,
+    outcome = run_tune(manifest, backbone, _space(stage, None), base=stage.train, trials=stage.trials,
                        budget_s=parse_duration(stage.budget) if stage.budget is not None else None, study=stage.study or f"{config.name}.{stage.id}.{key}",
                        storage=stage.storage, selection_fraction=stage.selection, compute=config.compute, run_name=stage.id,
                        tracking_uri=tracking_uri, data_label=str(manifest.root), report=line, progress=False)
