@@ -4,12 +4,14 @@ Both sides use the same model, input size, batch size and precision. The upper b
 frozen model alone on tensors that are already decoded, resized and normalised in memory, so the
 ratio shows what decoding, the DataLoader, Lightning's predict loop and the cache write cost.
 
-With --photos the files are photo-sized JPEGs of mixed sizes (0.3-5 MP, bench/photos.py), and a
-third side runs: decode + forward done the simplest fast way by hand (PIL's draft decode, resize,
-centre crop, normalise, forward), the bound for a loop that decodes the files itself.
+With --photos the files are photo-sized JPEGs of mixed sizes (0.3-5 MP, bench/photos.py), with --folder
+the real photos of an image folder, and a third side runs: decode + forward done the simplest fast way by hand (PIL's draft decode, resize,
+centre crop, normalise, forward; the resize with the interpolation the model's data config names), the bound
+for a loop that decodes the files itself.
 
     python bench/extract.py                       # resnet18, 224 px, 512 JPEGs of 256 px, median of 3
     python bench/extract.py --photos --n 160      # real-size photos
+    python bench/extract.py --folder ../shared/datasets/hymenoptera --batch 32   # real photos from a folder (all of them)
     python bench/extract.py --model resnet50 --n 256
 """
 
@@ -66,6 +68,7 @@ def bare_decode_forward(model: torch.nn.Module, paths: list[Path], data_config: 
 
     size = data_config["input_size"][-1]
     side = int(size / data_config["crop_pct"])
+    resample = Image.Resampling.BICUBIC if data_config.get("interpolation") == "bicubic" else Image.Resampling.BILINEAR
     mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1) * 255
     std = torch.tensor(data_config["std"]).view(1, 3, 1, 1) * 255
     model = model.eval().to(memory_format=torch.channels_last)
@@ -79,7 +82,7 @@ def bare_decode_forward(model: torch.nn.Module, paths: list[Path], data_config: 
                     image.draft("RGB", (side, side))
                     image = image.convert("RGB")
                     scale = side / min(image.size)
-                    image = image.resize((max(side, round(image.width * scale)), max(side, round(image.height * scale))), Image.Resampling.BILINEAR)
+                    image = image.resize((max(side, round(image.width * scale)), max(side, round(image.height * scale))), resample)
                     left, top = (image.width - size) // 2, (image.height - size) // 2
                     arrays.append(np.asarray(image.crop((left, top, left + size, top + size))))
             x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().sub_(mean).div_(std)
@@ -97,6 +100,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--photos", action="store_true", help="photo-sized JPEGs of mixed sizes (0.3-5 MP) instead of --image-size ones")
+    parser.add_argument("--folder", type=Path, default=None, help="real photos: every image of this folder (--n is then their number)")
     parser.add_argument("--repeats", type=int, default=3, help="alternate the sides this many times; medians (and minimums) count")
     args = parser.parse_args()
 
@@ -105,7 +109,9 @@ def main() -> None:
     precision = runtime.resolve_precision(args.precision)
     tmp = Path(tempfile.mkdtemp(prefix="tlkit-bench-"))
     try:
-        if args.photos:
+        if args.folder is not None:
+            what = f"real photos of {args.folder}"
+        elif args.photos:
             sys.path.insert(0, str(Path(__file__).parent))
             from photos import write_photos
 
@@ -114,7 +120,8 @@ def main() -> None:
         else:
             write_images(tmp / "images", args.n, args.image_size)
             what = f"JPEGs of {args.image_size} px"
-        manifest = ingest(tmp / "images", val=0, test=0, cache=False)
+        manifest = ingest(args.folder if args.folder is not None else tmp / "images", val=0, test=0, cache=False)
+        args.n = len(manifest.records)
         backbone = create_backbone(args.model, img_size=args.size)
         paths = [manifest.abspath(r) for r in manifest.records]
         print(f"{args.model} at {args.size} px, {args.n} {what}, batch {args.batch}, "
@@ -136,7 +143,7 @@ def main() -> None:
                              cache=tmp / "cache", use_cache=False, progress=False)
             tlkit_times.append(time.perf_counter() - start)
             bare_times.append(bare_forward(backbone.model, batches, precision))
-            if args.photos:
+            if args.photos or args.folder is not None:
                 by_hand_times.append(bare_decode_forward(backbone.model, paths, backbone.data_config, args.batch, precision))
         start = time.perf_counter()
         cached = extract_features(manifest, backbone, batch_size=args.batch, precision=precision, cache=tmp / "cache", progress=False)
