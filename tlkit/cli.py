@@ -9,11 +9,14 @@ import os
 import re
 import shlex
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+_STARTED = time.monotonic()  # about when the process started (heavy imports come later, inside the commands)
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -774,7 +777,7 @@ def tune_command(
     outcome = run_tune(data, backbone, search, base=TrainConfig(seed=seed), trials=trials, budget_s=budget_s, study=study, storage=storage,
                        selection_fraction=selection, split=_split(val, test, seed, shots),
                        compute=_compute(devices, precision, 64, workers, image_cache_mb), cache=cache_dir, tracking_uri=tracking_uri,
-                       data_label=data, report=line, run_name=run_name)
+                       data_label=data, report=line, run_name=run_name, started=_STARTED)  # start-up counts against the budget too
     counts = outcome.trials
     console.print(f"study {outcome.study} ({outcome.storage}): {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed",
                   highlight=False)

@@ -491,6 +491,7 @@ def run_tune(
     data_label: str | None = None,
     report: Callable[[TrialLine], None] | None = None,
     progress: bool = True,
+    started: float | None = None,
 ) -> TuneOutcome:
     """Search fine-tuning recipes with Optuna, then retrain the best one and score it on the held-out split.
 
@@ -505,11 +506,12 @@ def run_tune(
         storage: Optuna storage URL (default: SQLite optuna.db beside mlflow.db).
         selection_fraction: share of train carved out as the selection split when the data has no test split.
         report: called after each trial this worker ran.
+        started: the `time.monotonic()` the budget counts from (the command's start; default: now).
 
     Returns:
         The study's outcome; `final` is the retrained best recipe (None when another worker retrains it).
     """
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     # Trials never train on their selection split nor stop on it; the final retrain decides use_val itself.
     base = (base or TrainConfig()).model_copy(update={"use_val": "select", "patience": None})
     if trials is None and budget_s is None:
