@@ -747,6 +747,8 @@ def tune_command(
     run_name: RunName = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Run the tune workers as tasks on a Ray cluster: auto, HOST:6379 or ray://HOST:10001 (needs pip install 'tlkit[ray]').")] = None,
+    ray_workers: Annotated[int, typer.Option("--ray-workers", min=1, help="With --ray: tune workers on the one study, one core each (--workers is the DataLoader's).")] = 2,
 ):
     """Search fine-tuning recipes (Optuna TPE, pruning), retrain the best and score it on held-out data."""
     from tlkit.config import TrainConfig, parse_duration
@@ -765,19 +767,23 @@ def tune_command(
     from tlkit.tune import run_tune
 
     def line(t) -> None:
-        of = f"/{t.total}" if t.total else ""
-        shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
-        if t.state == "PRUNED":
-            how = f"pruned after epoch {t.epochs}/{t.max_epochs}, selection score {t.value:.4f}"
-        else:
-            how = f"selection accuracy {t.accuracy:.4f}"
-        console.print(f"trial {t.number} [{t.done}{of}]: {how}  ({t.seconds:.0f} s)  {shown}" + (f"  ({t.note})" if t.note else ""),
-                      highlight=False, soft_wrap=True)
+        console.print(t.text(), highlight=False, soft_wrap=True)
 
-    outcome = run_tune(data, backbone, search, base=TrainConfig(seed=seed), trials=trials, budget_s=budget_s, study=study, storage=storage,
-                       selection_fraction=selection, split=_split(val, test, seed, shots),
-                       compute=_compute(devices, precision, 64, workers, image_cache_mb), cache=cache_dir, tracking_uri=tracking_uri,
-                       data_label=data, report=line, run_name=run_name, started=_STARTED)  # start-up counts against the budget too
+    job = dict(data=data, backbone_config=backbone, space=search, base=TrainConfig(seed=seed), trials=trials, budget_s=budget_s, study=study,
+               storage=storage, selection_fraction=selection, split=_split(val, test, seed, shots),
+               compute=_compute(devices, precision, 64, workers, image_cache_mb), cache=cache_dir, data_label=data, run_name=run_name)
+    if ray is None:
+        outcome = run_tune(**job, tracking_uri=tracking_uri, report=line, started=_STARTED)  # start-up counts against the budget too
+    else:
+        from tlkit import tracking
+        from tlkit.cluster import connected, run_tune_workers
+
+        if budget_s is not None:
+            job["budget_s"] = budget_s - (time.monotonic() - _STARTED)
+        with connected(ray) as cluster:
+            outcomes = run_tune_workers(cluster, ray_workers, {**job, "tracking_uri": tracking.resolve_tracking_uri(tracking_uri),
+                                                               "experiment": tracking.experiment_name()})
+        outcome = next((o for o in outcomes if o.final is not None), outcomes[-1])
     counts = outcome.trials
     console.print(f"study {outcome.study} ({outcome.storage}): {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed",
                   highlight=False)
@@ -939,6 +945,8 @@ def run_command(
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the pipeline's).")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Points (sweep point, seed) to run at once, each in its own process "
                                                 "with its share of the cores (default: the file's jobs, else 1).")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Run the points as tasks on a Ray cluster: auto, HOST:6379 or ray://HOST:10001 "
+                                               "(default: the file's ray.address; needs pip install 'tlkit[ray]').")] = None,
 ):
     """Run a pipeline file: its stages in order, every sweep point and seed, as nested MLflow runs."""
     from tlkit.sweep import plan_pipeline
@@ -947,7 +955,7 @@ def run_command(
     from tlkit.pipeline import print_summary, run_pipeline
 
     summary = run_pipeline(pipeline, overrides=set_, tracking_uri=tracking_uri, experiment=experiment, reuse=not fresh, jobs=jobs,
-                           console=console)
+                           ray=ray, console=console)
     print_summary(summary, console)
 
 

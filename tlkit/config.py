@@ -257,6 +257,15 @@ Stage = Annotated[
 MODEL_STAGES = ("pretrain", "finetune", "tune", "baseline")  # stages whose run saves a model that later stages may use
 
 
+class RayConfig(Settings):
+    """Where a pipeline's points run with `tlkit run --ray` (see tlkit.cluster)."""
+
+    address: str | None = Field(None, description="auto, HOST:6379 or ray://HOST:10001; `tlkit run --ray` overrides it")
+    num_cpus: float = Field(1, gt=0, description="CPU cores a point asks for (its torch threads)")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs a point asks for (default: 1 for a point that trains, when the cluster has GPUs and devices is not cpu)")
+    max_retries: int = Field(3, ge=0, description="times a point is run again when its node or worker process is lost")
+
+
 class PipelineConfig(Settings):
     name: str
     experiment: str | None = None
@@ -267,6 +276,7 @@ class PipelineConfig(Settings):
     sweep: dict[str, list] | None = Field(None, description="dotted setting -> values; every combination runs")
     seeds: list[int] | None = Field(None, min_length=1, description="run every grid point once per seed")
     jobs: int = Field(1, ge=1, description="points (grid point, seed) run at once, each in its own process with its share of the cores")
+    ray: RayConfig | None = Field(None, description="run the points as tasks on a Ray cluster (see `tlkit run --ray`)")
 
     @model_validator(mode="after")
     def _check_references(self) -> PipelineConfig:

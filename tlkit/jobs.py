@@ -103,6 +103,14 @@ def _start_job(cores: int, counter, stop, locks: str, total: int, start: float, 
     _JOB.update(counter=counter, stop=stop, locks=Path(locks), total=total, start=start, tracking_uri=tracking_uri, reuse=reuse)
 
 
+def _count() -> int:
+    """One more stage done, over all the jobs: the new total."""
+    counter = _JOB["counter"]
+    with counter.get_lock():
+        counter.value += 1
+        return counter.value
+
+
 @contextmanager
 def _claim(key: str):
     """Hold `key` against the other jobs: the first to ask computes the stage, the others wait here."""
@@ -119,7 +127,7 @@ def _run_job(point: Point, plan: Plan, parent_run_id: str) -> list[SummaryRow]:
 
     if _JOB["stop"].is_set():  # another point failed or Ctrl-C: this one was queued already
         raise TlkitError("stopped before it started")
-    progress = _Progress(_JOB["total"], start=_JOB["start"], shared=_JOB["counter"])
+    progress = _Progress(_JOB["total"], start=_JOB["start"], count=_count)
     console = Console(markup=False, soft_wrap=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
 import numpy as np
 import yaml
@@ -179,21 +179,20 @@ def _metric_key(text: str) -> str:
 
 @dataclass
 class _Progress:
-    """'[done/total, minutes]' before each stage; `shared` is a counter the jobs of --jobs share."""
+    """'[done/total, minutes]' before each stage; `count` (when the stages of several processes add up: --jobs,
+    --ray) adds one to a counter they share and returns the new total."""
 
     total: int
     start: float = field(default_factory=time.time)
-    shared: Any = None  # a multiprocessing.Value("i")
+    count: Callable[[], int] | None = None
     done: int = 0
 
     def step(self) -> str:
-        if self.shared is None:
+        if self.count is None:
             self.done += 1
             done = self.done
         else:
-            with self.shared.get_lock():
-                self.shared.value += 1
-                done = self.shared.value
+            done = self.count()
         return f"[{done}/{self.total}, {(time.time() - self.start) / 60:.1f} min]"
 
 
@@ -209,6 +208,7 @@ def run_pipeline(
     experiment: str | None = None,
     reuse: bool = True,
     jobs: int | None = None,
+    ray: str | None = None,
     console: Console | None = None,
 ) -> PipelineSummary:
     """Validate a pipeline file (every grid point and seed) and run it. Nothing runs if anything is invalid.
@@ -221,6 +221,8 @@ def run_pipeline(
         reuse: reuse finished runs whose inputs are unchanged (False recomputes everything).
         jobs: points (grid point, seed) run at once, each in its own process (default: the file's
             `jobs`, else 1); see jobs.py.
+        ray: the address of a Ray cluster to run the points on (default: the file's `ray.address`, else
+            none: run here); see cluster.py.
         console: where progress goes.
     """
     console = console or Console(markup=False)
@@ -231,6 +233,9 @@ def run_pipeline(
         for stage in point.config.stages:
             if isinstance(stage, TuneStage):
                 _space(stage, base_dir)
+    address = ray or (plan.base.ray.address if plan.base.ray else None)
+    if address and jobs is not None and jobs > 1:
+        raise TlkitError("--jobs runs points in processes on this machine, --ray on a cluster: give one of them")
     jobs = plan.base.jobs if jobs is None else jobs
     if jobs < 1:
         raise TlkitError(f"--jobs {jobs}: run at least 1 point at a time (1 runs them one after another)")
@@ -238,23 +243,52 @@ def run_pipeline(
     experiment = experiment or plan.base.experiment or plan.base.name
     tracking.configure(tracking_uri, experiment)
     manifests: dict[str, Manifest] = {}
+    if address:
+        from tlkit.cluster import connected
+
+        with connected(address) as cluster:
+            return _run_all(plan, points, experiment, tracking_uri, reuse, jobs, manifests, console, overrides, cluster=cluster)
+    return _run_all(plan, points, experiment, tracking_uri, reuse, jobs, manifests, console, overrides)
+
+
+def _run_all(plan: Plan, points: list[Point], experiment: str, tracking_uri: str | None, reuse: bool, jobs: int, manifests: dict,
+             console: Console, overrides: list[str] | None, *, cluster=None) -> PipelineSummary:
+    """Every point under one pipeline run: one after another here, in `jobs` processes, or as tasks on a Ray `cluster`."""
+    from tlkit.config import RayConfig
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    if jobs > 1 or cluster is not None:
+        for point in points:  # sample data is written here, once, before the jobs or the cluster's tasks read it
+            for name in {s.data for s in point.config.stages if getattr(s, "data", None)}:
+                _prepare_data(point.config, name, manifests, console)
+    if cluster is not None:  # every refusal before the pipeline run exists
+        from tlkit.cluster import alive_nodes, check_paths, check_store, point_paths
+
+        nodes = alive_nodes(cluster)
+        check_store(uri, len(nodes))
+        check_paths(cluster, nodes, point_paths(points))
     progress = _Progress(sum(len(p.config.stages) for p in points))
     params = {"pipeline": plan.base.name, "stages": len(plan.base.stages), "points": len(points), "jobs": jobs, "overrides": list(overrides or [])}
+    if cluster is not None:
+        params["ray_nodes"] = len(nodes)
     if plan.base.sweep:
         params["sweep"] = {k: json.dumps(v) for k, v in plan.base.sweep.items()}
     if plan.base.seeds:
         params["seeds"] = plan.base.seeds
     with tracking.start_run("pipeline", run_name=plan.base.name, params=params) as parent:
-        summary = PipelineSummary(plan.base.name, experiment, parent, tracking.resolve_tracking_uri(tracking_uri))
+        summary = PipelineSummary(plan.base.name, experiment, parent, uri)
         tracking.log_text(yaml.safe_dump(plan.raw, sort_keys=False), "pipeline.yaml")
         if not plan.swept:
             tracking.log_text(yaml.safe_dump(points[0].config.model_dump(mode="json"), sort_keys=False), "pipeline.resolved.yaml")
-        if jobs > 1:
+        if cluster is not None:
+            from tlkit.cluster import run_points as run_on_cluster
+
+            for rows in run_on_cluster(points, plan, settings=plan.base.ray or RayConfig(), parent_run_id=parent, experiment=experiment,
+                                       tracking_uri=uri, reuse=reuse, progress=progress, console=console, ray=cluster):
+                summary.rows += rows
+        elif jobs > 1:
             from tlkit.jobs import run_points
 
-            for point in points:  # sample data is written here, once, before the jobs read it
-                for name in {s.data for s in point.config.stages if getattr(s, "data", None)}:
-                    _prepare_data(point.config, name, manifests, console)
             for rows in run_points(points, plan, jobs=jobs, parent_run_id=parent, experiment=experiment, tracking_uri=tracking_uri,
                                    reuse=reuse, progress=progress, console=console):
                 summary.rows += rows
@@ -269,9 +303,10 @@ def run_pipeline(
 
 
 def _run_point(point: Point, plan: Plan, manifests: dict, progress: _Progress, tracking_uri: str | None, reuse: bool, console: Console, *,
-               claim=_no_claim, parent_run_id: str | None = None, lines: bool = False) -> list[SummaryRow]:
+               claim=_no_claim, parent_run_id: str | None = None, lines: bool = False, resume_from: list[str] | None = None) -> list[SummaryRow]:
     """One (grid point, seed): its stages in order. A job of --jobs passes the pipeline run as `parent_run_id`,
-    a `claim(key)` lock shared with the other jobs, and `lines` (one line per finished stage, no rules)."""
+    a `claim(key)` lock shared with the other jobs, and `lines` (one line per finished stage, no rules); a retried
+    point of --ray passes the runs its lost attempt left (`resume_from`): a training stage continues from their checkpoint."""
     config = point.config
     params = {**{f"sweep.{point.names.get(k, k)}": v for k, v in point.settings.items()}, **({"seed": point.seed} if point.seed is not None else {})}
     tags = {"tlkit.point": point.group, "tlkit.seed": "" if point.seed is None else str(point.seed)}
@@ -289,7 +324,7 @@ def _run_point(point: Point, plan: Plan, manifests: dict, progress: _Progress, t
                 console.rule(header) if console.is_terminal else console.print(Text("== ") + header, soft_wrap=True)
             start = time.perf_counter()
             with tracking.tagging({"tlkit.stage_id": stage.id, **tags}):
-                result, reused = _run_or_reuse(stage, config, outputs, manifests, tracking_uri, reuse, console, claim)
+                result, reused = _run_or_reuse(stage, config, outputs, manifests, tracking_uri, reuse, console, claim, resume_from or [])
             seconds = time.perf_counter() - start
             if result.model_uri:
                 outputs[stage.id] = result.model_uri
@@ -306,7 +341,7 @@ def _run_point(point: Point, plan: Plan, manifests: dict, progress: _Progress, t
 
 
 def _run_or_reuse(stage, config: PipelineConfig, outputs: dict[str, str], manifests: dict, tracking_uri: str | None, reuse: bool,
-                  console: Console, claim=_no_claim) -> tuple[StageResult, str | None]:
+                  console: Console, claim=_no_claim, resume_from: list[str] = ()) -> tuple[StageResult, str | None]:
     """Run one stage, or stand in for an earlier run with the same inputs. Returns (result, reused run id).
 
     `claim(key)` holds the stage's key while it looks for a finished run and computes: with --jobs, a job
@@ -336,7 +371,18 @@ def _run_or_reuse(stage, config: PipelineConfig, outputs: dict[str, str], manife
         with tracking.tagging({"tlkit.stage_key": key}):
             if isinstance(stage, TuneStage):
                 return _run_tune(stage, manifest, backbone, config, key if reuse else f"{key}-{time.time_ns()}", tracking_uri, console), None
-            return _run_stage(stage, manifest, backbone, model, config, tracking_uri), None
+            return _run_stage(stage, manifest, backbone, model, config, tracking_uri, _checkpoint_of(resume_from, key, tracking_uri)), None
+
+
+def _checkpoint_of(runs: list[str], key: str, tracking_uri: str | None) -> Path | None:
+    """The last checkpoint that one of `runs` (a lost attempt's) saved for the stage with this key, if it is here."""
+    from tlkit.stages import checkpoint_dir
+
+    for run_id in runs:
+        last = checkpoint_dir(run_id) / "last.ckpt"
+        if last.exists() and tracking.get_run(run_id, tracking_uri).data.tags.get("tlkit.stage_key") == key:
+            return last
+    return None
 
 
 def _run_tune(stage: TuneStage, manifest: Manifest, backbone: BackboneConfig, config: PipelineConfig, key: str, tracking_uri: str | None,
@@ -349,8 +395,7 @@ def _run_tune(stage: TuneStage, manifest: Manifest, backbone: BackboneConfig, co
     from tlkit.tune import run_tune
 
     def line(t) -> None:
-        how = f"pruned after epoch {t.epochs}/{t.max_epochs}" if t.state == "PRUNED" else f"selection accuracy {t.accuracy:.4f}"
-        console.print(f"  trial {t.number} [{t.done}{'/' + str(t.total) if t.total else ''}]: {how} ({t.seconds:.0f} s)", highlight=False)
+        console.print(f"  {t.text(settings=False)}", highlight=False)
 
     outcome = run_tune(manifest, backbone, _space(stage, None), base=stage.train, trials=stage.trials,
                        budget_s=parse_duration(stage.budget) if stage.budget is not None else None, study=stage.study or f"{config.name}.{stage.id}.{key}",
@@ -365,7 +410,7 @@ def _run_tune(stage: TuneStage, manifest: Manifest, backbone: BackboneConfig, co
 
 
 def _run_stage(stage, manifest: Manifest, backbone: BackboneConfig | None, model: str | None, config: PipelineConfig,
-               tracking_uri: str | None) -> StageResult:
+               tracking_uri: str | None, start_from: Path | None = None) -> StageResult:
     if isinstance(stage, EvaluateStage):
         return run_evaluate(model, manifest, split=stage.split, tta=stage.tta, explain_top=stage.explain, method=stage.method,
                             attack=stage.attack, eps=stage.eps, run_name=stage.id, tracking_uri=tracking_uri)
@@ -373,7 +418,8 @@ def _run_stage(stage, manifest: Manifest, backbone: BackboneConfig | None, model
         return run_baseline(manifest, backbone, stage.baseline, compute=config.compute, run_name=stage.id, tracking_uri=tracking_uri)
     if isinstance(stage, ExtractStage):
         return run_extract(manifest, backbone, compute=config.compute, run_name=stage.id, tracking_uri=tracking_uri)[1]
-    return run_train(stage.stage, manifest, backbone, stage.train, compute=config.compute, run_name=stage.id, tracking_uri=tracking_uri)
+    return run_train(stage.stage, manifest, backbone, stage.train, compute=config.compute, run_name=stage.id, tracking_uri=tracking_uri,
+                     start_from=start_from)
 
 
 def _log_aggregates(summary: PipelineSummary) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from tlkit import bundle, tracking
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, SplitConfig, TrainConfig
 from tlkit.errors import TlkitError
-from tlkit.files import write_csv
+from tlkit.files import replacing, write_csv
 from tlkit.ingest import Manifest, format_report, ingest
 
 if TYPE_CHECKING:
@@ -308,11 +308,13 @@ def run_train(
     progress: bool = True,
     probe: bool = True,
     cache: Path | None = None,
+    start_from: Path | None = None,
 ) -> StageResult:
     """Train backbone + new head (kind 'pretrain' or 'finetune'); save the best epoch as the run's model.
 
     `resume` is the id of an interrupted run: training continues from its last checkpoint, into
-    the same MLflow run. With `probe` (finetune of pretrained weights), the linear SVM on the same
+    the same MLflow run. `start_from` is a lost run's last checkpoint (a retried point of `tlkit run
+    --ray`): training continues from it in a new run, tagged `tlkit.resumed_from`. With `probe` (finetune of pretrained weights), the linear SVM on the same
     backbone's frozen features is fitted first (from the feature cache when it has them) and its
     held-out accuracy logged beside the fine-tune's as `probe_heldout_accuracy`, so a fine-tune that
     does worse than its own linear probe is known, not hidden.
@@ -340,6 +342,11 @@ def run_train(
         _log_figure(train_batch_figure(manifest, backbone.data_config, train.augment, hflip=train.hflip, seed=train.seed,
                                        title=f"training images as the model sees them (augment: {Path(train.augment).name})"), "plots/train_batch.png")
         workdir = checkpoint_dir(run_id)
+        if start_from is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+            with replacing(workdir / "last.ckpt") as target:
+                shutil.copyfile(start_from, target)
+            tracking.set_tags({"tlkit.resumed_from": start_from.parent.name})
         result = train_classifier(
             manifest,
             backbone,
@@ -351,7 +358,7 @@ def run_train(
             cache=cache,
             callbacks=[MetricsCallback(run_id)],
             workdir=workdir,
-            resume=resume is not None,
+            resume=resume is not None or start_from is not None,
             progress=progress,
         )
         resolved = result.settings

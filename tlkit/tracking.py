@@ -110,7 +110,7 @@ def client(tracking_uri: str | None = None) -> MlflowClient:
                                  "run tlkit in a folder you can write, or pass --tracking-uri for a store elsewhere") from None
             raise
         _READY.add(uri)
-        reap_dead_runs(uri)
+        reap_dead_runs(uri, quiet=REAP_QUIETLY)
     return MlflowClient(uri)
 
 
@@ -119,6 +119,7 @@ def client(tracking_uri: str | None = None) -> MlflowClient:
 # records the host, pid and process start time that made it; the next command on that host finds the
 # runs whose process is gone and marks them KILLED, saying how to resume them.
 
+REAP_QUIETLY = False  # a Ray task: the runs of a lost attempt are its retry's to report (tlkit.cluster), not a resume hint's
 COMMAND: str | None = None  # the command line that started this process (the CLI sets it), recorded on its top runs
 _HOST = socket.gethostname()
 

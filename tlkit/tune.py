@@ -313,6 +313,18 @@ class TrialLine:
     total: int | None
     note: str = ""
 
+    def text(self, *, settings: bool = True) -> str:
+        """'trial 3 [4/15]: selection accuracy 0.9123  (41 s)  lr=0.001 …', as the CLI and pipelines print it."""
+        of = f"/{self.total}" if self.total else ""
+        if self.state == "PRUNED":
+            how = f"pruned after epoch {self.epochs}/{self.max_epochs}, selection score {self.value:.4f}"
+        else:
+            how = f"selection accuracy {self.accuracy:.4f}"
+        line = f"trial {self.number} [{self.done}{of}]: {how}  ({self.seconds:.0f} s)"
+        if settings:
+            line += "  " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.items())
+        return line + (f"  ({self.note})" if self.note else "")
+
 
 class Objective:
     """One trial: sample settings, fine-tune on the trial data with pruning, log a child run, return the score."""
