@@ -7,7 +7,7 @@ cluster on this machine (a head and a worker node, one CPU each, on loopback); a
 so `--jobs 2` also runs against the same kind of `mlflow server`, to tell Ray's cost from the server's.
 Rounds alternate the order (this machine's speed drifts); medians.
 
-    python bench/cluster.py                 # 4 points, 1 round
+    python bench/cluster.py                 # 6 points, 1 round
     python bench/cluster.py --seeds 4 --rounds 2
 """
 
@@ -42,7 +42,7 @@ def pipeline(folder: Path, seeds: int) -> Path:
         "stages": [
             {"id": "pre", "stage": "pretrain", "data": "digits", "train": {"epochs": 3, "seed": 0, "augment": "none"}},
             {"id": "tuned", "stage": "finetune", "data": "digits", "weights": "pre",
-             "train": {"epochs": 6, "freeze_epochs": 1, "augment": "none", "batch_size": 16}},
+             "train": {"epochs": 30, "freeze_epochs": 1, "augment": "none", "batch_size": 16}},
         ],
     }
     path = folder / "pipeline.yaml"
@@ -89,7 +89,7 @@ SEEDS = 2
 def main() -> None:
     global SEEDS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=2, help="points = 2 x seeds")
+    parser.add_argument("--seeds", type=int, default=3, help="points = 2 x seeds")
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     SEEDS = args.seeds

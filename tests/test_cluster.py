@@ -43,6 +43,14 @@ def test_a_file_store_is_refused_on_a_cluster_of_several_nodes_and_allowed_on_on
     check_store("http://127.0.0.1:5000", 2)
 
 
+def test_jobs_and_ray_together_are_refused_before_anything_runs(workdir, tmp_path, digits_target):
+    from tlkit.pipeline import run_pipeline
+
+    with pytest.raises(TlkitError, match=r"^--jobs runs points in processes on this machine, --ray on a cluster: give one of them$"):
+        run_pipeline(_pipeline(tmp_path, digits_target), jobs=2, ray="auto")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -167,6 +175,20 @@ def test_points_run_on_both_nodes_share_one_stage_and_finish(two_nodes, mlflow_s
     assert len(pretrains) == 4 and sum("tlkit.reused_from" not in r.data.tags for r in pretrains) == 1  # computed once on the cluster
     assert "tuned.heldout_accuracy_mean" in pipeline.data.metrics or any(k.endswith("heldout_accuracy_mean") for k in pipeline.data.metrics)
 
+    assert "\x1b[" not in out  # no colour codes in a file
+
+    # a point that fails for a real reason fails the pipeline with its one-line error, and stops the others
+    config = yaml.safe_load(path.read_text())
+    config.update(name="cluster-fail", seeds=[0], sweep={"stages.label.images": [[str(digits_target / "5")], [str(tmp_path / "missing")]]})
+    config["stages"] = [{"id": "pixels", "stage": "baseline", "data": "digits", "baseline": {"classifier": "pixels"}},
+                        {"id": "label", "stage": "predict", "model": "pixels", "images": [str(digits_target / "5")]}]
+    path.write_text(yaml.safe_dump(config))
+    failing = _tlkit(["run", str(path), "--ray", cluster.address, "--tracking-uri", mlflow_server], tmp_path)
+    out, _ = failing.communicate(timeout=300)
+    assert failing.returncode == 1, out
+    assert out.strip().splitlines()[-1].startswith("error: images=[") and "missing] seed=0: no usable images" in out, out
+    assert "RUNNING" not in {r.info.status for r in _runs(mlflow_server, "cluster-fail")}
+
     # a node that cannot read a path the pipeline names is refused before any point runs, naming the node and the path
     from tlkit.cluster import alive_nodes, check_paths, connected
 
@@ -227,10 +249,7 @@ def test_ctrl_c_cancels_every_task_and_the_same_command_resumes(two_nodes, mlflo
     assert "RUNNING" not in {r.info.status for r in runs}, [(r.info.run_name, r.info.status) for r in runs]
     assert "KILLED" in {r.info.status for r in runs}
 
-    config = yaml.safe_load(path.read_text())
-    config["stages"][1]["train"]["epochs"] = 2
-    path.write_text(yaml.safe_dump(config))  # the resume need not take as long
-    again = _tlkit(command, tmp_path)
+    again = _tlkit(command, tmp_path)  # the same command
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out
     pretrains = [r for r in _runs(mlflow_server) if r.data.tags.get("tlkit.stage_id") == "pre" and r.info.status == "FINISHED"]

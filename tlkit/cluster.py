@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +54,8 @@ CANCEL_WAIT_S = 60.0  # how long Ctrl-C waits for cancelled points to mark their
 def import_ray():
     """The `ray` module, or a one-line error naming the extra."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every point's lines, not "[repeated 3x across cluster]"
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in a file or a CI log
     try:
         import ray
     except ImportError:
