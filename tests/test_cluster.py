@@ -43,6 +43,19 @@ def test_a_file_store_is_refused_on_a_cluster_of_several_nodes_and_allowed_on_on
     check_store("http://127.0.0.1:5000", 2)
 
 
+def test_an_address_where_nothing_answers_is_a_one_line_error_not_a_wait(monkeypatch):
+    from tlkit.cluster import check_reachable
+
+    port = _free_port()  # nothing listens there now
+    started = time.monotonic()
+    with pytest.raises(TlkitError, match=rf"^nothing answers at 127\.0\.0\.1:{port}: .*; start the cluster with `ray start --head`"):
+        check_reachable(f"127.0.0.1:{port}")
+    with pytest.raises(TlkitError, match=rf"^nothing answers at 127\.0\.0\.1:{port} \(where 'auto' leads\)"):
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        check_reachable("auto")
+    assert time.monotonic() - started < 15
+
+
 def test_jobs_and_ray_together_are_refused_before_anything_runs(workdir, tmp_path, digits_target):
     from tlkit.pipeline import run_pipeline
 

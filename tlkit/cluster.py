@@ -30,6 +30,7 @@ import hashlib
 import os
 import socket
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,10 +64,35 @@ def import_ray():
     return ray
 
 
+def _bootstrap(address: str) -> str | None:
+    """HOST:PORT that `address` leads to: itself, or for auto $RAY_ADDRESS or the cluster this machine joined last."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")
+        if not address or address == "auto":
+            current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+            address = current.read_text().strip() if current.is_file() else ""
+    return address.split("://", 1)[-1] or None
+
+
+def check_reachable(address: str, *, timeout: float = 5.0) -> None:
+    """A one-line error when nothing answers at the cluster's address (Ray itself would wait for it for ever)."""
+    target = _bootstrap(address)
+    if target is None:
+        return  # auto with no cluster known here: Ray says so at once
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as err:
+        via = f" (where {address!r} leads)" if target != address.split("://", 1)[-1] else ""
+        raise TlkitError(f"nothing answers at {target}{via}: {getattr(err, 'strerror', None) or err}; start the cluster with "
+                         "`ray start --head` or give its address (HOST:6379, ray://HOST:10001)") from None
+
+
 @contextmanager
 def connected(address: str):
     """Connected to the cluster at `address` (auto, HOST:PORT or ray://HOST:10001) for the block."""
     ray = import_ray()
+    check_reachable(address)
     env = {k: v for k, v in os.environ.items() if k.startswith(("TLKIT_", "MLFLOW_")) and k != "TLKIT_CPUS"}
     try:
         ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=True)
