@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -101,7 +102,7 @@ def main() -> None:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TLKIT_"))}, **LOOPBACK_ONLY}
     work = Path(tempfile.mkdtemp(prefix="tlkit-bench-server-"))
     server, url = mlflow_server(work)
-    loopback = {"node_ip_address": "127.0.0.1", "num_cpus": 1}
+    loopback = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "temp_dir": str(work / "ray")}
     cluster = Cluster(initialize_head=True, head_node_args={**loopback, "include_dashboard": False})
     try:
         cluster.add_node(**loopback)
@@ -122,6 +123,7 @@ def main() -> None:
         cluster.shutdown()
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
     points = 2 * args.seeds
     medians = {name: statistics.median(values) for name, values in times.items()}
     base = medians["--jobs 1 (sqlite)"]
