@@ -10,19 +10,18 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import TINY_MODEL
-from test_tune_postgres import postgres  # noqa: F401  (a fixture: a PostgreSQL server on loopback)
+from conftest import TINY_MODEL, free_port, mlflow_server_on
+from test_pipeline import sweep_pipeline
+from test_tune_postgres import postgres  # noqa: F401, F811  (a fixture: a PostgreSQL server on loopback)
 from tlkit.errors import TlkitError
 
 ray = pytest.importorskip("ray", reason="pip install 'tlkit[ray]'")
@@ -48,7 +47,7 @@ def test_a_file_store_is_refused_on_a_cluster_of_several_nodes_and_allowed_on_on
 def test_an_address_where_nothing_answers_is_a_one_line_error_not_a_wait(monkeypatch):
     from tlkit.cluster import check_reachable
 
-    port = _free_port()  # nothing listens there now
+    port = free_port()  # nothing listens there now
     started = time.monotonic()
     with pytest.raises(TlkitError, match=rf"^nothing answers at 127\.0\.0\.1:{port}: .*; start the cluster with `ray start --head`"):
         check_reachable(f"127.0.0.1:{port}")
@@ -66,12 +65,6 @@ def test_jobs_and_ray_together_are_refused_before_anything_runs(workdir, tmp_pat
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Ray addresses nodes by this machine's network address unless told to keep to loopback (as it does on macOS):
 # the tests' nodes, driver and workers listen and talk on 127.0.0.1 only.
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -86,64 +79,32 @@ def two_nodes(monkeypatch):
     for key, value in LOOPBACK_ONLY.items():
         monkeypatch.setenv(key, value)  # the nodes' processes
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # this process, which imported Ray already
-
-    loopback = {"node_ip_address": "127.0.0.1", "num_cpus": 1}
-    cluster = Cluster(initialize_head=True, head_node_args={**loopback, "include_dashboard": False}, shutdown_at_exit=True)
+    folder = tempfile.mkdtemp(prefix="tlkit-ray-", dir="/tmp")  # sessions, logs and sockets (a short path: socket names are limited)
+    node = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "temp_dir": folder}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False}, shutdown_at_exit=True)
     try:
-        worker = cluster.add_node(**loopback)
+        worker = cluster.add_node(**node)
         cluster.wait_for_nodes()
         yield cluster, worker
     finally:
         cluster.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         (tmp_path / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
-            time.sleep(1)
+    with mlflow_server_on(f"sqlite:///{tmp_path / 'server.db'}", tmp_path) as url:
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
 
 
 def _pipeline(tmp_path: Path, digits: Path, *, epochs: int = 2) -> Path:
-    """4 points (2 learning-rate ratios x 2 seeds) that share one source pretraining (its seed is pinned)."""
-    config = {
-        "name": "cluster-test",
-        "datasets": {"digits": {"path": str(digits), "val": 0.2, "test": 0.3, "seed": 0}},
-        "backbone": {"model": TINY_MODEL, "img_size": 32},
-        "compute": {"num_workers": 0},
-        "sweep": {"stages.tuned.train.lr_mult": [2, 4]},
-        "seeds": [0, 1],
-        "stages": [
-            {"id": "pre", "stage": "pretrain", "data": "digits", "train": {"epochs": 1, "seed": 0, "augment": "none"}},
-            {"id": "tuned", "stage": "finetune", "data": "digits", "weights": "pre",
-             "train": {"epochs": epochs, "freeze_epochs": 1, "augment": "none", "batch_size": 16}},
-        ],
-    }
-    path = tmp_path / "cluster.yaml"
+    """test_pipeline's 4 points (2 learning-rate ratios x 2 seeds), cut to the source pretraining they share
+    (its seed is pinned) and a fine-tune per point."""
+    path = sweep_pipeline(tmp_path, digits)
+    config = yaml.safe_load(path.read_text())
+    config["name"] = "cluster-test"
+    config["stages"] = [s for s in config["stages"] if s["id"] in ("pre", "tuned")]
+    config["stages"][1]["train"]["epochs"] = epochs
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 

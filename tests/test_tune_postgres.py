@@ -9,12 +9,9 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -22,7 +19,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, free_port, mlflow_server_on
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +27,6 @@ pytestmark = pytest.mark.slow
 def _pg(name: str) -> str | None:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     return found[-1] if found else shutil.which(name)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -50,7 +41,7 @@ def postgres():
     folder = Path(tempfile.mkdtemp(prefix="tlkit-pg-", dir="/tmp"))
     if as_user:
         shutil.chown(folder, "postgres")
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     subprocess.run([*as_user, initdb, "-D", str(data), "-U", "tlkit", "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
     subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"], check=True, capture_output=True)
@@ -67,31 +58,8 @@ def postgres():
 @pytest.fixture
 def mlflow_server(postgres, tmp_path):
     """`mlflow server` with its runs in the PostgreSQL database `mlflow`: the team-server setup of the README."""
-    port = _free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{postgres}/mlflow", "--artifacts-destination",
-         (tmp_path / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
-            time.sleep(1)
+    with mlflow_server_on(f"{postgres}/mlflow", tmp_path) as url:
         yield url
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=30)
-        log.close()
 
 
 def test_two_workers_finish_one_study_on_postgresql_with_no_trial_lost_or_run_twice(postgres, mlflow_server, digits_target, tmp_path):

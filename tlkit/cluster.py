@@ -7,7 +7,7 @@ What holds across machines, and how:
   sqlite:/// store is refused when the cluster has more than one node); each run is tagged with the node
   it ran on (`tlkit.node`, `tlkit.node_ip`).
 - A stage that several points share is computed once: the file lock of --jobs becomes a lock held by a
-  small Ray actor on the driver's node (`_Coordinator`), which also counts finished stages for the
+  small Ray actor on the head node (`_Coordinator`), which also counts finished stages for the
   '[done/total, minutes]' lines. A lock whose holder's node is gone is free again; a retried point
   takes over the locks its lost attempt held.
 - A lost node or worker process: Ray runs the point again elsewhere (`ray.max_retries`, default 3). The
@@ -168,7 +168,7 @@ def point_token(parent_run_id: str, point: Point) -> str:
 
 
 class _Coordinator:
-    """Lives on the driver's node for one pipeline run: the stage locks, and the count of finished stages."""
+    """Lives on the head node for one pipeline run: the stage locks, and the count of finished stages."""
 
     def __init__(self):
         self.held: dict[str, tuple[str, str]] = {}  # stage key -> (holder's token, holder's node id)
@@ -208,7 +208,8 @@ def run_points(points: list[Point], plan: Plan, *, settings: RayConfig, parent_r
                reuse: bool, progress: _Progress, console: Console, ray) -> list[list[SummaryRow]]:
     """Each point's summary rows, in the order of `points`, computed as tasks on the connected cluster."""
     nodes = alive_nodes(ray)
-    gpus = float(ray.cluster_resources().get("GPU", 0))
+    resources_total = ray.cluster_resources()
+    gpus = float(resources_total.get("GPU", 0))
     # on the head node, which the cluster cannot lose and go on (its GCS is there): not on a worker node that may be lost
     coordinator = ray.remote(num_cpus=0, max_restarts=0)(_Coordinator).options(resources={HEAD: 0.001}).remote()
     task = ray.remote(_run_point_task)
@@ -220,47 +221,51 @@ def run_points(points: list[Point], plan: Plan, *, settings: RayConfig, parent_r
         refs.append(task.options(**resources, max_retries=settings.max_retries, retry_exceptions=False, name=f"tlkit point {point.label}")
                     .remote(point, job, resources["num_cpus"]))
     console.print(f"{len(points)} points on the Ray cluster ({len(nodes)} node{'s' if len(nodes) > 1 else ''}, "
-                  f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {gpus:g} GPUs); a line per finished stage", highlight=False)
-    by_ref = dict(zip(refs, points))
-    pending = list(refs)
+                  f"{resources_total.get('CPU', 0):g} CPUs, {gpus:g} GPUs); a line per finished stage", highlight=False)
+    labels = {ref: point.label for ref, point in zip(refs, points)}
+    rows, pending = {}, list(refs)
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                _result(ray, ref, by_ref[ref], settings.max_retries)
+                rows[ref] = _result(ray, ref, labels[ref], settings.max_retries)
     except BaseException:
-        _cancel(ray, refs, parent_run_id, tracking_uri)
+        _cancel(ray, refs)
+        end_runs(tracking_uri, f"tags.`tlkit.ray_pipeline` = '{parent_run_id}'")  # whatever a lost task left RUNNING
         raise
-    return [ray.get(ref) for ref in refs]
+    return [rows[ref] for ref in refs]
 
 
-def _result(ray, ref, point: Point, retries: int):
-    """The point's rows, or its error as a one-line TlkitError (the first line of the point's own error)."""
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _result(ray, ref, label: str, retries: int):
+    """The task's result, or its error as a one-line TlkitError (the first line of the task's own error)."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if err.cause is not None else err
         if isinstance(cause, TlkitError):
-            raise TlkitError(str(cause)) from None
-        raise TlkitError(f"{point.label}: {type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}") from None
+            raise TlkitError(str(cause) if str(cause).startswith(f"{label}: ") else f"{label}: {cause}") from None
+        raise TlkitError(f"{label}: {type(cause).__name__}: {_first_line(cause)}") from None
     except ray.exceptions.RayError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TlkitError(f"{point.label}: its task was lost {retries + 1} times ({type(err).__name__}: {first}); "
+        raise TlkitError(f"{label}: its task was lost {retries + 1} times ({type(err).__name__}: {_first_line(err)}); "
                          "check the cluster's nodes (ray status) and run again: finished stages are reused") from None
 
 
-def _cancel(ray, refs: list, parent_run_id: str, tracking_uri: str) -> None:
-    """Stop every point as Ctrl-C would stop a local one (its runs end KILLED); whatever a lost task left RUNNING is marked too."""
+def _cancel(ray, refs: list) -> None:
+    """Stop every task as Ctrl-C stops a local point: it gets KeyboardInterrupt and ends its runs KILLED."""
     for ref in refs:
         try:
-            ray.cancel(ref)  # not force: the task gets KeyboardInterrupt and ends its runs KILLED
+            ray.cancel(ref)
         except Exception:  # noqa: BLE001
             pass
     try:
         ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
     except Exception:  # noqa: BLE001
         pass
-    end_runs(tracking_uri, f"tags.`tlkit.ray_pipeline` = '{parent_run_id}'")
 
 
 def end_runs(tracking_uri: str, tag_filter: str) -> list[str]:
@@ -285,27 +290,35 @@ def end_runs(tracking_uri: str, tag_filter: str) -> list[str]:
     return ended
 
 
+def _start_task(cwd: str, cores: float, tracking_uri: str, experiment: str) -> dict[str, str]:
+    """A Ray worker process set up as a job of --jobs is; returns the tags naming its node."""
+    import ray
+
+    if os.path.isdir(cwd):
+        os.chdir(cwd)  # relative paths (data, .tlkit/cache, checkpoints) as on the driver
+    runtime.quiet()
+    runtime.tune_allocator()
+    runtime.use_cpus(max(1, int(cores)))
+    runtime.hide_progress_bars()
+    tracking.REAP_QUIETLY = True
+    tracking.configure(tracking_uri, experiment)
+    return {"tlkit.node": ray.get_runtime_context().get_node_id()[:16], "tlkit.node_ip": ray.util.get_node_ip_address(),
+            "tlkit.node_host": socket.gethostname()}
+
+
 def _run_point_task(point: Point, job: dict[str, Any], cores: float) -> list[SummaryRow]:
     """One point, in a Ray worker process: as a job of --jobs runs it, with the coordinator for locks and counts."""
     import ray
 
     from tlkit.pipeline import _Progress, _run_point
 
-    if os.path.isdir(job["cwd"]):
-        os.chdir(job["cwd"])  # relative paths (data, .tlkit/cache, checkpoints) as on the driver
-    runtime.quiet()
-    runtime.tune_allocator()
-    runtime.use_cpus(max(1, int(cores)))
-    runtime.hide_progress_bars()
-    tracking.REAP_QUIETLY = True
-    tracking.configure(job["tracking_uri"], job["experiment"])
+    tags = _start_task(job["cwd"], cores, job["tracking_uri"], job["experiment"])
+    node = ray.get_runtime_context().get_node_id()
     token = point_token(job["parent_run_id"], point)
     coordinator = job["coordinator"]
     lost = end_runs(job["tracking_uri"], f"tags.`tlkit.ray_point` = '{token}'")  # an earlier attempt of this point, lost with its node
     ray.get(coordinator.release_all.remote(token))
-    node = ray.get_runtime_context().get_node_id()
-    tags = {"tlkit.node": node[:16], "tlkit.node_ip": ray.util.get_node_ip_address(), "tlkit.node_host": socket.gethostname(),
-            "tlkit.ray_point": token, "tlkit.ray_pipeline": job["parent_run_id"]}
+    tags.update({"tlkit.ray_point": token, "tlkit.ray_pipeline": job["parent_run_id"]})
     if lost:
         tags["tlkit.retry_of"] = ",".join(lost)
 
@@ -346,34 +359,16 @@ def run_tune_workers(ray, workers: int, tune_kwargs: dict[str, Any], *, cores: f
     job = {**tune_kwargs, "storage": storage}
     refs = [task.remote(job, os.getcwd(), cores, i) for i in range(workers)]
     try:
-        outcomes = []
-        for ref, index in zip(refs, range(workers)):
-            try:
-                outcomes.append(ray.get(ref))
-            except ray.exceptions.RayTaskError as err:
-                cause = err.cause if err.cause is not None else err
-                raise TlkitError(f"tune worker {index}: {str(cause).strip().splitlines()[0]}") from None
-        return outcomes
+        return [_result(ray, ref, f"tune worker {index}", retries=0) for index, ref in enumerate(refs)]
     except BaseException:
-        for ref in refs:
-            ray.cancel(ref)
-        ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
+        _cancel(ray, refs)
         raise
 
 
 def _tune_worker_task(job: dict[str, Any], cwd: str, cores: float, index: int):
     from tlkit.tune import run_tune
 
-    if os.path.isdir(cwd):
-        os.chdir(cwd)
-    runtime.quiet()
-    runtime.tune_allocator()
-    runtime.use_cpus(max(1, int(cores)))
-    runtime.hide_progress_bars()
-    tracking.configure(job["tracking_uri"], job.pop("experiment"))
+    tags = _start_task(cwd, cores, job["tracking_uri"], job.pop("experiment"))
     console = Console(markup=False, soft_wrap=True)
-    import ray
-
-    with tracking.tagging({"tlkit.node": ray.get_runtime_context().get_node_id()[:16], "tlkit.node_ip": ray.util.get_node_ip_address(),
-                           "tlkit.node_host": socket.gethostname()}):
+    with tracking.tagging(tags):
         return run_tune(**job, report=lambda t: console.print(f"worker {index}: {t.text()}", highlight=False), progress=False)
