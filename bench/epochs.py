@@ -28,10 +28,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from photos import write_photos  # noqa: E402
 
-from tlkit import augment, finetune, runtime  # noqa: E402
-from tlkit.backbone import create_backbone  # noqa: E402
+from tlkit.data import augment
+
+from tlkit.train import finetune
+
+from tlkit.core import runtime  # noqa: E402
+from tlkit.models.backbone import create_backbone  # noqa: E402
 from tlkit.config import TrainConfig  # noqa: E402
-from tlkit.ingest import ingest  # noqa: E402
+from tlkit.data.ingest import ingest  # noqa: E402
 
 
 class EpochTimer(L.Callback):

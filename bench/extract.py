@@ -28,11 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlkit import augment, runtime
-from tlkit.backbone import create_backbone
-from tlkit.features import extract_features
-from tlkit.images import load_rgb
-from tlkit.ingest import ingest
+from tlkit.data import augment
+
+from tlkit.core import runtime
+from tlkit.models.backbone import create_backbone
+from tlkit.features.extract import extract_features
+from tlkit.data.images import load_rgb
+from tlkit.data.ingest import ingest
 
 
 def write_images(root: Path, n: int, size: int) -> None:

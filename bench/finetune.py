@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from tlkit import runtime
-from tlkit.backbone import create_backbone, layer_groups
-from tlkit.finetune import ImageClassifier, LatestCheckpoint, MetricsCallback, PhaseCallback
-from tlkit.strategies import group_lrs, merge_groups, plan_phases
+from tlkit.core import runtime
+from tlkit.models.backbone import create_backbone, layer_groups, merge_groups
+from tlkit.train.finetune import ImageClassifier, LatestCheckpoint, MetricsCallback, PhaseCallback
+from tlkit.train.strategies import group_lrs, plan_phases
 
 
 def make_module(backbone, classes: int, lr: float) -> ImageClassifier:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tlkit.ingest import ingest
+from tlkit.data.ingest import ingest
 
 
 def write_images(root: Path, n: int) -> None:

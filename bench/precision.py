@@ -10,7 +10,7 @@ fp32 is faster), and what the rule picks. Random weights and images: the time of
 import timm
 import torch
 
-from tlkit import runtime
+from tlkit.core import runtime
 
 CASES = [("resnet18", 32, 8), ("resnet18", 64, 16), ("resnet18", 224, 16), ("resnet50", 224, 16), ("efficientnet_lite0", 64, 8),
          ("efficientnet_lite0", 224, 16), ("mobilenetv3_large_100", 224, 16), ("convnext_atto", 96, 16), ("convnext_atto", 224, 16)]

@@ -68,10 +68,10 @@ def main() -> None:
 
     import torch
 
-    from tlkit import tracking
+    from tlkit.core import tracking
     from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig
-    from tlkit.network import load_model
-    from tlkit.stages import run_baseline
+    from tlkit.models.network import load_model
+    from tlkit.runs.stages import run_baseline
 
     work = Path(tempfile.mkdtemp(prefix="tlkit-bench-serve-"))
     os.chdir(work)

@@ -37,7 +37,7 @@ def fastai_style(data: Path, model: str, weights: str, size: int, seed: int) -> 
     from torchvision.transforms import v2 as T
 
     from tlkit.config import BackboneConfig
-    from tlkit.stages import make_backbone
+    from tlkit.runs.stages import make_backbone
 
     torch.manual_seed(seed)
     np.random.seed(seed)

@@ -14,8 +14,8 @@ import numpy as np
 import timm
 import torch
 
-from tlkit.explain import saliency
-from tlkit.network import load_model
+from tlkit.review.explain import saliency
+from tlkit.models.network import load_model
 
 
 def main(model: str, folder: str, n: int = 256) -> None:

@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tlkit import runtime
-from tlkit.sample_data import write_digits
+from tlkit.core import runtime
+from tlkit.data.samples import write_digits
 
 runtime.quiet()
 
@@ -73,7 +73,7 @@ def tracked(workdir):
     """An MLflow store in tmp_path, configured; yields an MlflowClient on it."""
     from mlflow import MlflowClient
 
-    from tlkit import tracking
+    from tlkit.core import tracking
 
     tracking.configure(None, "tests")
     yield MlflowClient(tracking.resolve_tracking_uri())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tlkit import augment
+from tlkit.data import augment
 from tlkit.errors import TlkitError
 
 CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic", "crop_pct": 0.875}

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import TINY_MODEL
-from tlkit import backbone as bb
+from tlkit.models import backbone as bb
 from tlkit.errors import TlkitError
 
 
@@ -109,7 +109,7 @@ def test_a_weights_file_brings_the_preprocessing_it_records(tmp_path, caplog):
 
     from safetensors.torch import save_file
 
-    from tlkit.backbone import create_backbone, create_model
+    from tlkit.models.backbone import create_backbone, create_model
 
     state = {k: v.contiguous() for k, v in create_model(TINY_MODEL, img_size=32).state_dict().items()}
     recorded = tmp_path / "recorded.safetensors"
@@ -126,6 +126,6 @@ def test_a_weights_file_brings_the_preprocessing_it_records(tmp_path, caplog):
     save_file(state, str(bare))
     with caplog.at_level("WARNING", logger="tlkit"):
         default = create_backbone(TINY_MODEL, weights=bare, img_size=32).data_config
-    from tlkit.backbone import data_config_for
+    from tlkit.models.backbone import data_config_for
 
     assert default == data_config_for(create_model(TINY_MODEL, img_size=32), 32) and "does not record the preprocessing" in caplog.text

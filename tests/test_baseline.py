@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from tlkit.baseline import fit_baseline
+from tlkit.features.baseline import fit_baseline
 from tlkit.errors import TlkitError
-from tlkit.features import FeatureSet
+from tlkit.features.extract import FeatureSet
 
 
 def blobs(n_per_class=20, splits=("train", "val", "test"), seed=0) -> FeatureSet:
@@ -55,7 +55,7 @@ def test_without_test_split_val_is_held_out_and_chooses_nothing():
     """Train/val data: C from cross-validation on train, the model fit on train alone, scored on val."""
     from sklearn.base import clone
 
-    from tlkit.baseline import build_classifier
+    from tlkit.features.baseline import build_classifier
 
     data = blobs(splits=("train", "val"))
     result = fit_baseline(data, classifier="logreg")

@@ -8,8 +8,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from tlkit import calibrate, heads
-from tlkit.evaluate import calibration
+from tlkit.features import calibrate
+
+from tlkit.models import heads
+from tlkit.core.metrics import calibration
 
 
 def overconfident(n, classes=3, true_t=3.0, seed=0):

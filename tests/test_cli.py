@@ -79,7 +79,7 @@ def test_baseline_pretrain_finetune_predict(runner, workdir, digits_source, digi
     # runs are named for what they are, and the UI's view ranks only those with a held-out score on their own data
     from mlflow import MlflowClient
 
-    from tlkit import tracking
+    from tlkit.core import tracking
 
     client = MlflowClient(tracking.resolve_tracking_uri())
     experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT).experiment_id
@@ -134,7 +134,7 @@ def test_finetune_strategies_and_lr_find_from_the_cli(runner, workdir, digits_so
     common = ("--model", TINY_MODEL, "--no-pretrained", "--img-size", 32, "--workers", 0, "--batch-size", 16, "--augment", "none")
     result = invoke(runner, "finetune", digits_source, *common, "--strategy", "gradual", "--epochs", 3, "--groups", 2, "--lrs", "1e-4,1e-3,1e-2")
     assert result.exit_code == 0, result.output
-    from tlkit import tracking
+    from tlkit.core import tracking
     from tlkit.cli import _PRECISION_NAMES
 
     used = tracking.get_run(result.stdout.split("MLflow run ")[1].split()[0]).data.params["precision"]
@@ -165,7 +165,7 @@ def test_one_epoch_with_default_settings_trains(runner, workdir, digits_source):
 
 
 def test_messages_print_brackets_and_paths_literally(runner, workdir, digits_source, monkeypatch):
-    from tlkit import review
+    from tlkit.runs import evaluate as review
     from tlkit.errors import TlkitError
 
     def no_onnx(*args, **kwargs):

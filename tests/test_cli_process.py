@@ -38,9 +38,9 @@ def test_first_command_and_a_finetune_print_only_tlkit_lines(tmp_path, digits_so
 
 def test_library_callers_get_no_lightning_chatter_either(tmp_path, digits_source):
     script = (
-        "from tlkit import tracking\n"
+        "from tlkit.core import tracking\n"
         "from tlkit.config import BackboneConfig, TrainConfig\n"
-        "from tlkit.stages import run_train\n"
+        "from tlkit.runs.stages import run_train\n"
         "tracking.configure(None, 'lib')\n"
         f"r = run_train('finetune', {str(digits_source)!r}, BackboneConfig(model={TINY_MODEL!r}, img_size=32), "
         "TrainConfig(epochs=2, strategy='freeze-unfreeze', augment='none'), progress=False)\n"

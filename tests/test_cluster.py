@@ -28,7 +28,7 @@ ray = pytest.importorskip("ray", reason="pip install 'tlkit[ray]'")
 
 
 def test_ray_without_the_extra_is_a_one_line_error_naming_it(monkeypatch):
-    from tlkit import cluster
+    from tlkit.pipelines import cluster
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(TlkitError, match=r"^--ray needs Ray, an optional extra: pip install 'tlkit\[ray\]'$"):
@@ -36,7 +36,7 @@ def test_ray_without_the_extra_is_a_one_line_error_naming_it(monkeypatch):
 
 
 def test_a_file_store_is_refused_on_a_cluster_of_several_nodes_and_allowed_on_one():
-    from tlkit.cluster import check_store
+    from tlkit.pipelines.cluster import check_store
 
     with pytest.raises(TlkitError, match=r"sqlite:////tmp/mlflow.db is a file on this machine, which the 2 nodes .* start an MLflow server"):
         check_store("sqlite:////tmp/mlflow.db", 2)
@@ -45,7 +45,7 @@ def test_a_file_store_is_refused_on_a_cluster_of_several_nodes_and_allowed_on_on
 
 
 def test_an_address_where_nothing_answers_is_a_one_line_error_not_a_wait(monkeypatch):
-    from tlkit.cluster import check_reachable
+    from tlkit.pipelines.cluster import check_reachable
 
     port = free_port()  # nothing listens there now
     started = time.monotonic()
@@ -58,7 +58,7 @@ def test_an_address_where_nothing_answers_is_a_one_line_error_not_a_wait(monkeyp
 
 
 def test_jobs_and_ray_together_are_refused_before_anything_runs(workdir, tmp_path, digits_target):
-    from tlkit.pipeline import run_pipeline
+    from tlkit.pipelines.pipeline import run_pipeline
 
     with pytest.raises(TlkitError, match=r"^--jobs runs points in processes on this machine, --ray on a cluster: give one of them$"):
         run_pipeline(_pipeline(tmp_path, digits_target), jobs=2, ray="auto")
@@ -166,7 +166,7 @@ def test_points_run_on_both_nodes_share_one_stage_and_finish(two_nodes, mlflow_s
     assert "RUNNING" not in {r.info.status for r in _runs(mlflow_server, "cluster-fail")}
 
     # a node that cannot read a path the pipeline names is refused before any point runs, naming the node and the path
-    from tlkit.cluster import alive_nodes, check_paths, connected
+    from tlkit.pipelines.cluster import alive_nodes, check_paths, connected
 
     with connected(cluster.address) as connection:
         with pytest.raises(TlkitError, match=r"^node 127\.0\.0\.1 cannot read /nonexistent/images; every node reads the data from the same path"):

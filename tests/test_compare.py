@@ -2,9 +2,9 @@ import csv
 
 import pytest
 
-from tlkit.compare import build_leaderboard, descendants, lower_is_better
+from tlkit.runs.compare import build_leaderboard, descendants, lower_is_better
 from tlkit.errors import TlkitError
-from tlkit.tracking import RunRecord
+from tlkit.core.tracking import RunRecord
 
 
 def run(run_id, name, value, *, params=None, parent=None, reused=None, metric="heldout_accuracy", status="FINISHED") -> RunRecord:
@@ -66,7 +66,7 @@ def test_compare_command_prints_writes_and_logs(tracked, tmp_path, digits_target
     from test_pipeline import sweep_pipeline
 
     from tlkit.cli import app
-    from tlkit.pipeline import run_pipeline
+    from tlkit.pipelines.pipeline import run_pipeline
 
     summary = run_pipeline(sweep_pipeline(tmp_path, digits_target), experiment="cmp",
                            overrides=["stages=[{id: svm, stage: baseline, data: digits, baseline: {classifier: pixels}}]",

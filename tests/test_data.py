@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from tlkit import augment
-from tlkit.data import ImageDataset, make_loader
+from tlkit.data import augment
+from tlkit.data.loaders import ImageDataset, make_loader
 from test_augment import CONFIG
 
 
@@ -53,7 +53,7 @@ def test_decoded_images_give_the_same_batches_as_decoding_every_epoch(tmp_path):
     """In memory, on disk (memory budget 0) or not cached at all: bit-identical augmented batches."""
     import hashlib
 
-    from tlkit.data import DecodedImages
+    from tlkit.data.loaders import DecodedImages
 
     paths = photo_files(tmp_path / "img")
     transform = augment.ToTensor(augment.train_transform(CONFIG, "medium"))

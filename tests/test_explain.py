@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL
-from tlkit.attack import fgsm_accuracy, parse_eps
-from tlkit.backbone import create_model, data_config_for, feature_width
+from tlkit.review.attack import fgsm_accuracy, parse_eps
+from tlkit.models.backbone import create_model, data_config_for, feature_width
 from tlkit.errors import TlkitError
-from tlkit.evaluate import calibration
-from tlkit.explain import filters_figure, first_conv_filters, gradcam, occlusion, saliency
-from tlkit.network import Network
+from tlkit.core.metrics import calibration
+from tlkit.review.explain import filters_figure, first_conv_filters, gradcam, occlusion, saliency
+from tlkit.models.network import Network
 
 SIDE, CORNER = 32, 8  # the class is written in the top-left 8x8 corner; everything else is noise
 
@@ -133,6 +133,6 @@ def test_first_layer_filters_are_drawn():
 
 
 def test_overview_grid_leaves_no_empty_column():
-    from tlkit.explain import grid_columns
+    from tlkit.review.explain import grid_columns
 
     assert [grid_columns(n) for n in (1, 2, 3, 4, 5, 6, 7, 8, 9)] == [1, 2, 3, 4, 3, 3, 4, 4, 3]

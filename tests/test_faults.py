@@ -155,7 +155,7 @@ def test_ingest_on_a_full_disk_keeps_the_old_manifest(tmp_path, digits_target, s
 
 
 def test_a_write_that_fails_leaves_the_old_file_whole(tmp_path, monkeypatch):
-    from tlkit import files
+    from tlkit.core import files
 
     target = files.write_text(tmp_path / "report.json", "old")
     real = Path.write_bytes
@@ -178,9 +178,9 @@ def test_a_write_that_fails_leaves_the_old_file_whole(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def store_with_a_model(tmp_path_factory, digits_target):
     """A store (mlflow.db, mlruns/) holding one baseline; yields (folder, run id)."""
-    from tlkit import tracking
+    from tlkit.core import tracking
     from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig
-    from tlkit.stages import run_baseline
+    from tlkit.runs.stages import run_baseline
 
     folder = tmp_path_factory.mktemp("faults")
     with pytest.MonkeyPatch.context() as patch:
@@ -320,7 +320,7 @@ def test_predict_leaves_no_litter_and_export_asks_before_overwriting(store_with_
 
 
 def test_runs_record_their_process_and_command_without_passwords(tracked, monkeypatch):
-    from tlkit import tracking
+    from tlkit.core import tracking
 
     monkeypatch.setenv("TLKIT_COMMAND", "tlkit tune data --storage postgresql://me:secret@db/optuna")
     with tracking.start_run("tune") as run_id:
@@ -337,7 +337,7 @@ def test_ctrl_c_inside_a_database_write_still_ends_the_run_killed(tracked, monke
     """Ctrl-C can land inside MLflow's write and spoil the connection: the run is still ended KILLED, on a new one."""
     import mlflow
 
-    from tlkit import tracking
+    from tlkit.core import tracking
 
     real_end_run = mlflow.end_run
 

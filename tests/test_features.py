@@ -1,9 +1,9 @@
 import numpy as np
 
 from conftest import TINY_MODEL
-from tlkit import features as feats
-from tlkit.backbone import create_backbone
-from tlkit.ingest import ingest
+from tlkit.features import extract as feats
+from tlkit.models.backbone import create_backbone
+from tlkit.data.ingest import ingest
 
 
 def test_extract_caches_by_model_weights_and_data(workdir, digits_source, monkeypatch):
@@ -17,7 +17,7 @@ def test_extract_caches_by_model_weights_and_data(workdir, digits_source, monkey
     def refuse(*args, **kwargs):
         raise AssertionError("the second identical call must read the cache")
 
-    monkeypatch.setattr("tlkit.extraction.run_predict", refuse)
+    monkeypatch.setattr("tlkit.features.forward.forward_loader", refuse)
     second = feats.extract_features(manifest, backbone, batch_size=32, num_workers=0, progress=False)
     assert second.cached and np.array_equal(second.X, first.X) and second.key == first.key
     other = create_backbone(TINY_MODEL, img_size=32, seed=9)
@@ -30,8 +30,8 @@ def test_extract_caches_by_model_weights_and_data(workdir, digits_source, monkey
 def test_features_match_a_plain_forward_pass(workdir, digits_source):
     import torch
 
-    from tlkit import augment
-    from tlkit.images import load_rgb
+    from tlkit.data import augment
+    from tlkit.data.images import load_rgb
 
     manifest = ingest(digits_source)
     backbone = create_backbone(TINY_MODEL, img_size=32)

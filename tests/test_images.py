@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlkit.images import BadImage, inspect_image, load_rgb, to_rgb
+from tlkit.data.images import BadImage, inspect_image, load_rgb, to_rgb
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "I", "F", "1"])

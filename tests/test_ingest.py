@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tlkit.errors import TlkitError
-from tlkit.ingest import Manifest, format_report, ingest
+from tlkit.data.ingest import Manifest, format_report, ingest
 
 
 def test_class_folders_get_stratified_reproducible_splits(digits_source):
@@ -111,10 +111,10 @@ def test_manifest_round_trip_and_fingerprint(tmp_path, digits_source):
     relabelled = Manifest(manifest.root, manifest.classes, list(manifest.records), "", manifest.report, "", {})
     from dataclasses import replace
 
-    from tlkit.ingest import _fingerprint
+    from tlkit.data.ingest import records_fingerprint
 
     relabelled.records[0] = replace(relabelled.records[0], label="1")
-    assert _fingerprint(relabelled.records) != manifest.fingerprint
+    assert records_fingerprint(relabelled.records) != manifest.fingerprint
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,7 @@ def test_bad_sources_are_one_line_errors(tmp_path, digits_source, make, match):
 
 
 def test_empty_class_folders_and_huge_images_are_reported(tmp_path, digits_source, monkeypatch):
-    import tlkit.ingest as ingest_module
+    import tlkit.data.ingest as ingest_module
 
     root = tmp_path / "data"
     shutil.copytree(digits_source, root)
@@ -161,7 +161,7 @@ def test_a_really_huge_image_is_flagged_with_its_size(tmp_path, digits_source):
 
 
 def test_an_unchanged_folder_is_not_decoded_again_and_a_changed_file_is(tmp_path, digits_source, monkeypatch):
-    from tlkit import ingest as ingest_module
+    from tlkit.data import ingest as ingest_module
 
     data = tmp_path / "data"
     shutil.copytree(digits_source, data)

@@ -12,7 +12,7 @@ import yaml
 
 from test_pipeline import _runs, sweep_pipeline
 from tlkit.errors import TlkitError
-from tlkit.pipeline import run_pipeline
+from tlkit.pipelines.pipeline import run_pipeline
 
 
 def test_two_jobs_run_points_at_once_with_the_structure_and_reuse_of_one(tracked, tmp_path, digits_target):

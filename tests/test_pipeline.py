@@ -6,7 +6,7 @@ import yaml
 from conftest import TINY_MODEL
 from tlkit.config import load_pipeline
 from tlkit.errors import TlkitError
-from tlkit.pipeline import run_pipeline, summary_text
+from tlkit.pipelines.pipeline import run_pipeline, summary_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_quickstart_structure_in_mlflow(tracked, tmp_path):
                    "imagenet + finetune"]
     from mlflow import MlflowClient
 
-    from tlkit import tracking
+    from tlkit.core import tracking
 
     client = MlflowClient(tracking.resolve_tracking_uri())
     experiment = client.get_experiment_by_name("qs-test")
@@ -164,12 +164,12 @@ def test_changed_input_reruns_only_what_depends_on_it(tracked, tmp_path, digits_
 
 
 def test_ctrl_c_marks_every_open_run_killed(tracked, tmp_path, digits_target, monkeypatch):
-    import tlkit.finetune
+    import tlkit.train.finetune
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tlkit.finetune, "train_classifier", interrupted)
+    monkeypatch.setattr(tlkit.train.finetune, "train_classifier", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(sweep_pipeline(tmp_path, digits_target), experiment="killed")
     statuses = {r.info.run_name: r.info.status for r in _runs(tracked, "killed")}
@@ -194,7 +194,7 @@ def test_evaluate_and_predict_stages_need_an_earlier_model(tmp_path):
 
 def test_photos_pipeline_structure(tmp_path):
     """pipelines/photos.yaml: real-photo crops per seed, lite0 ImageNet weights, pixels / probes / every strategy."""
-    from tlkit.sweep import plan_pipeline
+    from tlkit.pipelines.sweep import plan_pipeline
 
     plan = plan_pipeline(ROOT / "pipelines" / "photos.yaml")
     assert plan.base.seeds == [0, 1, 2] and len(plan.points) == 15  # 5 strategies x 3 seeds
@@ -228,7 +228,8 @@ def test_photos_pipeline_runs_small(tracked, tmp_path):
 
 def test_an_inline_space_reads_its_augmentation_file_beside_the_pipeline_from_any_folder(tmp_path, monkeypatch):
     """The file is validated relative to the pipeline file, and read from there too when the command runs elsewhere."""
-    from tlkit.pipeline import _resolve_files, _space
+    from tlkit.pipelines.pipeline import resolve_files
+    from tlkit.pipelines.points import space_of
 
     folder = tmp_path / "project"
     folder.mkdir()
@@ -238,10 +239,10 @@ def test_an_inline_space_reads_its_augmentation_file_beside_the_pipeline_from_an
                              "space": {"lr": [1e-3, 2e-3], "augment": ["light", "aug.yaml"]}})
     path = folder / "tune.yaml"
     path.write_text(yaml.safe_dump(config))
-    resolved = _resolve_files(load_pipeline(path), folder)
+    resolved = resolve_files(load_pipeline(path), folder)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    space = _space(resolved.stages[-1], None)  # as the stage runs it, from another working folder
+    space = space_of(resolved.stages[-1], None)  # as the stage runs it, from another working folder
     augment = next(d for d in space.dimensions if d.name == "augment")
     assert augment.choices == ("light", str((folder / "aug.yaml").resolve()))

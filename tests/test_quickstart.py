@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tlkit.pipeline import run_pipeline
+from tlkit.pipelines.pipeline import run_pipeline
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml"
 

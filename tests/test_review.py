@@ -14,13 +14,13 @@ import torch
 
 from conftest import TINY_MODEL
 from test_cli import assert_one_line_error, invoke
-from tlkit import tracking
+from tlkit.core import tracking
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, TrainConfig
 from tlkit.errors import TlkitError
-from tlkit.network import load_model
-from tlkit.predict import predict_images
-from tlkit.review import run_evaluate, run_explain, run_export
-from tlkit.stages import run_baseline, run_train
+from tlkit.models.network import load_model
+from tlkit.review.predict import predict_images
+from tlkit.runs.evaluate import run_evaluate, run_explain, run_export
+from tlkit.runs.stages import run_baseline, run_train
 
 KINDS = ["finetune", "svm", "logreg", "pixels"]
 CLASSES = [2, 3]
@@ -158,7 +158,7 @@ def test_explain_maps_every_class_with_two_classes_too(here, tmp_path, n, kind):
         result = run_explain(uri, [str(p) for p in paths], method=method, target=target, out=folder)
         assert len(result.files) == 2 and (folder / "overview.png").is_file()
     images = loaded.pixels(paths)
-    from tlkit.explain import saliency
+    from tlkit.review.explain import saliency
 
     for target in range(n):  # every class's score depends on the image (Grad-CAM may rightly find no evidence *for* a class)
         heat = saliency(loaded.network, images, torch.full((len(paths),), target))
@@ -274,7 +274,7 @@ def test_a_damaged_head_is_one_line(here, tmp_path, runner):
 
 
 def test_served_model_never_reads_a_path(here):
-    from tlkit.serving import Refused
+    from tlkit.review.serving import Refused
 
     import mlflow.pyfunc
     import pandas as pd

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL
-from tlkit import runtime
-from tlkit.backbone import create_backbone
-from tlkit.cache import cache_dir
+from tlkit.core import runtime
+from tlkit.models.backbone import create_backbone
+from tlkit.core.cache import cache_dir
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_a_named_precision_is_kept(bf16_cpu):
 
 
 def test_a_job_gets_its_share_of_the_cores_for_threads_and_loader_workers(monkeypatch):
-    from tlkit.data import default_workers
+    from tlkit.data.loaders import default_workers
 
     monkeypatch.setenv("TLKIT_CPUS", "16")
     assert runtime.cpu_share() == 16 and default_workers() == (min(8, 15) if torch.cuda.is_available() else 2)
@@ -68,7 +68,7 @@ def test_a_job_gets_its_share_of_the_cores_for_threads_and_loader_workers(monkey
 
 
 def test_hidden_progress_bars_stay_hidden_even_when_asked_for(monkeypatch):
-    from tlkit.progress import PlainProgress
+    from tlkit.core.progress import PlainProgress
 
     def lines(trainer):
         return [c for c in trainer.callbacks if isinstance(c, PlainProgress)]

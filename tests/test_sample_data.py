@@ -2,7 +2,7 @@ import pytest
 from PIL import Image
 
 from tlkit.errors import TlkitError
-from tlkit.sample_data import parse_classes, write_digits
+from tlkit.data.samples import parse_classes, write_digits
 
 
 def test_writes_requested_classes_and_sizes(tmp_path):
@@ -38,7 +38,7 @@ def test_parse_classes_rejects_bad_specs(spec):
 def test_photo_crops_of_different_splits_never_overlap():
     import numpy as np
 
-    from tlkit.sample_data import crop_boxes
+    from tlkit.data.samples import crop_boxes
 
     boxes = crop_boxes(451, 300, crop=64, counts=(50, 50, 50), rng=np.random.default_rng(0))
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
@@ -51,8 +51,8 @@ def test_photo_crops_of_different_splits_never_overlap():
 
 def test_photos_are_a_pre_split_tree_of_real_crops(tmp_path):
     pytest.importorskip("skimage")
-    from tlkit.ingest import ingest
-    from tlkit.sample_data import PHOTO_SOURCES, write_photos
+    from tlkit.data.ingest import ingest
+    from tlkit.data.samples import PHOTO_SOURCES, write_photos
 
     written = write_photos(tmp_path, crop=32, counts=(3, 2, 4), seed=1)
     assert written["test"] == {label: 4 for label in PHOTO_SOURCES}

@@ -15,10 +15,10 @@ from PIL import Image
 
 from conftest import TINY_MODEL
 from test_ui import free_port, serving
-from tlkit import tracking
+from tlkit.core import tracking
 from tlkit.config import BackboneConfig, ComputeConfig, TrainConfig
-from tlkit.predict import predict_images
-from tlkit.stages import run_train
+from tlkit.review.predict import predict_images
+from tlkit.runs.stages import run_train
 
 pytestmark = pytest.mark.slow  # a real server: ~20 s of start-up and requests, with the slow tests (the same model in-process: test_review)
 

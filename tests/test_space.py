@@ -6,7 +6,7 @@ import pytest
 
 from tlkit.config import TrainConfig
 from tlkit.errors import TlkitError
-from tlkit.space import DEFAULT_SPACE, load_space, parse_space, settings_for
+from tlkit.pipelines.space import DEFAULT_SPACE, load_space, parse_space, settings_for
 
 
 class FirstChoice:

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL
-from tlkit import tracking
+from tlkit.core import tracking
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, SplitConfig, TrainConfig
 from tlkit.errors import TlkitError
-from tlkit.stages import run_baseline, run_extract, run_ingest, run_predict, run_train
+from tlkit.runs.stages import run_baseline, run_extract, run_ingest, run_predict, run_train
 
 TINY = BackboneConfig(model=TINY_MODEL, img_size=32)
 CPU = ComputeConfig(num_workers=0, batch_size=32)
@@ -121,7 +121,7 @@ def test_tracking_default_store_is_sqlite_with_local_artifacts(workdir):
 
 
 def test_resume_continues_the_same_mlflow_run(tracked, digits_source, monkeypatch):
-    from tlkit import finetune
+    from tlkit.train import finetune
 
     class Interrupted(finetune.PhaseCallback):
         def on_train_epoch_end(self, trainer, module):
@@ -159,7 +159,7 @@ def test_ddp_on_cpu_with_two_processes_logs_one_run(tracked, digits_source):
 
 
 def test_lr_find_stage_logs_plot_and_suggestion(tracked, digits_source):
-    from tlkit.stages import run_lr_find
+    from tlkit.runs.stages import run_lr_find
 
     result = run_lr_find(digits_source, TINY, TrainConfig(batch_size=16, augment="none"), compute=CPU)
     assert result.metrics["suggested_lr"] > 0

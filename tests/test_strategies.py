@@ -1,7 +1,8 @@
 import pytest
 
 from tlkit.errors import TlkitError
-from tlkit.strategies import Phase, group_lrs, merge_groups, phase_index, plan_phases
+from tlkit.models.backbone import merge_groups
+from tlkit.train.strategies import Phase, group_lrs, phase_index, plan_phases
 
 
 def test_freeze_unfreeze_is_head_then_everything_at_half_rate():

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from tlkit.errors import TlkitError
-from tlkit.sweep import apply_seed, parse_assignment, plan_pipeline, set_path, short_names
+from tlkit.pipelines.sweep import apply_seed, parse_assignment, plan_pipeline, set_path, short_names
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "pipelines" / "quickstart.yaml"

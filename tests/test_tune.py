@@ -12,14 +12,14 @@ import pytest
 import yaml
 
 from conftest import TINY_MODEL
-from tlkit.backbone import create_backbone
+from tlkit.models.backbone import create_backbone
 from tlkit.cli import app
 from tlkit.config import BackboneConfig, ComputeConfig, SplitConfig, TrainConfig
 from tlkit.errors import TlkitError
-from tlkit.finetune import train_classifier
-from tlkit.ingest import ingest
-from tlkit.space import parse_space
-from tlkit import tune
+from tlkit.train.finetune import train_classifier
+from tlkit.data.ingest import ingest
+from tlkit.pipelines.space import parse_space
+from tlkit.pipelines import tune
 
 SPACE = {"lr": {"low": 2e-3, "high": 2e-2, "log": True}, "epochs": [2, 3], "strategy": ["full", "freeze-unfreeze"], "freeze_epochs": 1,
          "augment": "none", "hflip": False}
@@ -87,7 +87,7 @@ def test_trials_never_see_the_heldout_split_and_the_best_is_retrained_once(track
         seen.append(manifest)
         return real(manifest, *args, **kwargs)
 
-    monkeypatch.setattr("tlkit.finetune.train_classifier", spy)
+    monkeypatch.setattr("tlkit.train.finetune.train_classifier", spy)
     outcome = _tune(digits_target, tmp_path)
     heldout = _paths(ingest(digits_target, val=0.2, test=0.3, seed=0), "test")
     trials, final = seen[:-1], seen[-1]
@@ -116,7 +116,7 @@ def test_trials_never_see_the_heldout_split_and_the_best_is_retrained_once(track
     again = _tune(digits_target, tmp_path)
     assert not seen and again.final.run_id == outcome.final.run_id and again.parent_run_id == outcome.parent_run_id
 
-    from tlkit.compare import compare
+    from tlkit.runs.compare import compare
 
     board, _ = compare(experiment="tests", out=tmp_path / "compare")
     assert [e.label for e in board.entries] == [parent.info.run_name]  # the study is one row; its retrain is not counted twice
@@ -190,7 +190,7 @@ def test_the_cli_checks_its_options_before_anything_runs(runner, workdir, digits
 
 
 def test_a_pipeline_tune_stage_feeds_later_stages_and_is_reused(workdir, digits_target, tmp_path):
-    from tlkit.pipeline import run_pipeline
+    from tlkit.pipelines.pipeline import run_pipeline
 
     pipeline = workdir / "tune.yaml"
     pipeline.write_text(yaml.safe_dump({
@@ -224,12 +224,13 @@ def test_shipped_tune_pipelines_name_valid_spaces():
     from pathlib import Path
 
     from tlkit.config import TuneStage, load_pipeline
-    from tlkit.pipeline import _resolve_files, _space
+    from tlkit.pipelines.pipeline import resolve_files
+    from tlkit.pipelines.points import space_of
 
     folder = Path(__file__).resolve().parents[1] / "pipelines"
-    stages = [s for path in folder.glob("tune-*.yaml") for s in _resolve_files(load_pipeline(path), folder).stages if isinstance(s, TuneStage)]
+    stages = [s for path in folder.glob("tune-*.yaml") for s in resolve_files(load_pipeline(path), folder).stages if isinstance(s, TuneStage)]
     assert len(stages) == 2 and all(stage.trials == 15 for stage in stages)
-    assert all(_space(stage, folder).searched() for stage in stages)
+    assert all(space_of(stage, folder).searched() for stage in stages)
 
 
 def test_trial_0_is_the_base_recipe(tracked, digits_target, tmp_path):
@@ -244,7 +245,7 @@ def test_trial_0_is_the_base_recipe(tracked, digits_target, tmp_path):
 def test_a_budget_bounds_the_whole_tune_and_scales_a_recipe_that_would_not_fit(tracked, digits_target):
     """A 60-epoch recipe in a 15 s budget: trial 0 is cut to what fits beside its retrain, the retrain runs that many
     epochs, and the command ends within the budget plus about one epoch."""
-    from tlkit.space import parse_space
+    from tlkit.pipelines.space import parse_space
 
     space = parse_space({**SPACE, "lr": [1e-2, 5e-3], "epochs": 60, "strategy": "full"})
     lines = []

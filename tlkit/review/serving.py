@@ -1,0 +1,146 @@
+"""The served model: request rows of encoded images -> class and calibrated probabilities (an MLflow pyfunc).
+
+`mlflow models serve -m runs:/RUN_ID/model` runs `ImageModel`. Each request row is one image, as
+base64 text (a `data:image/...;base64,` prefix is allowed) or as bytes (the Python API). The answer
+for an image equals `tlkit predict` on the same file: the bytes are decoded as a file is (JPEG at
+reduced size, EXIF orientation), then scored by the same float32 network (tlkit.models.network).
+
+What a client cannot do:
+- make the server open a file: text is base64 or refused, never a path;
+- send more than TLKIT_SERVE_MAX_REQUEST_MB of image data in one request (default 32), or an image of
+  more than TLKIT_SERVE_MAX_PIXELS pixels (default 40 million, checked in the header before decoding);
+- send another format than JPEG, PNG or WebP (Pillow's other decoders are not reachable).
+Each refusal is HTTP 400 with one line naming the input and the limit: no stack trace, nothing of the
+request echoed back.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import os
+
+import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+FORMATS = ("JPEG", "PNG", "WEBP")
+MAX_REQUEST_MB = 32.0
+MAX_PIXELS = 40_000_000
+
+log = logging.getLogger("tlkit.review.serving")
+
+
+class Refused(MlflowException):
+    """An error answered as one line, with no stack trace and nothing of the request.
+
+    MLflow's scoring server rewrites the message of an MlflowException raised by a model to
+    "Failed to predict data '<the request>'. Error: ..." (mlflow.pyfunc.scoring_server.invocations),
+    which echoes the input back; this exception keeps the message it was made with.
+    """
+
+    def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE):
+        self._line = message
+        super().__init__(message, error_code=error_code)
+
+    @property
+    def message(self) -> str:
+        return self._line
+
+    @message.setter
+    def message(self, value: str) -> None:  # the scoring server's rewrite, which would echo the request
+        pass
+
+
+def limits() -> tuple[int, int]:
+    """(bytes per request, pixels per image), from the environment of the serving process."""
+    try:
+        megabytes = float(os.environ.get("TLKIT_SERVE_MAX_REQUEST_MB", MAX_REQUEST_MB))
+        pixels = int(float(os.environ.get("TLKIT_SERVE_MAX_PIXELS", MAX_PIXELS)))
+    except ValueError:
+        raise Refused("TLKIT_SERVE_MAX_REQUEST_MB and TLKIT_SERVE_MAX_PIXELS must be numbers; fix the server's environment",
+                      INTERNAL_ERROR) from None
+    return int(megabytes * 2**20), pixels
+
+
+def image_bytes(value, index: int) -> bytes:
+    """One request value -> the encoded image's bytes. Text is base64, never a path."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("data:") and "," in text[:100]:
+            text = text.split(",", 1)[1]
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise Refused(f"input {index}: not a base64-encoded JPEG, PNG or WebP image") from None
+    raise Refused(f"input {index}: expected base64 text or bytes, got {type(value).__name__}")
+
+
+def check_image(data: bytes, index: int, max_pixels: int) -> None:
+    """Refuse anything but a JPEG, PNG or WebP within the pixel limit, from its header alone."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001  any decoder complaint means the same to the client
+        raise Refused(f"input {index}: not a base64-encoded JPEG, PNG or WebP image") from None
+    if width * height > max_pixels:
+        raise Refused(f"input {index}: {width}x{height} is {width * height / 1e6:.1f} megapixels, above the limit of "
+                      f"{max_pixels / 1e6:g} (TLKIT_SERVE_MAX_PIXELS)")
+
+
+def decode_request(values: list, decode, *, max_bytes: int, max_pixels: int) -> list:
+    """Request values -> decoded images (`decode(file, formats=...)` reads one), every check before any decoding."""
+    size = sum(len(v) for v in values if isinstance(v, (str, bytes, bytearray, memoryview)))
+    if size > max_bytes:
+        raise Refused(f"request of {size / 2**20:.1f} MB is above the limit of {max_bytes / 2**20:g} MB (TLKIT_SERVE_MAX_REQUEST_MB); "
+                      "send fewer or smaller images per request")
+    if not values:
+        raise Refused("the request holds no images; send one row per image, column 'image'")
+    encoded = [image_bytes(v, i) for i, v in enumerate(values)]
+    for i, data in enumerate(encoded):
+        check_image(data, i, max_pixels)
+    images = []
+    for i, data in enumerate(encoded):
+        try:
+            images.append(decode(io.BytesIO(data), formats=FORMATS))
+        except Exception:  # noqa: BLE001  a header that passed, a body that does not decode (truncated)
+            raise Refused(f"input {i}: the image data is damaged and does not decode") from None
+    return images
+
+
+class ImageModel(mlflow.pyfunc.PythonModel):
+    """A tlkit model as an MLflow pyfunc: one image per row in, its class and a probability per class out."""
+
+    # Inputs are a column of base64 strings or bytes, which MLflow's type-hint validation cannot
+    # express; MLflow's own opt-out, without its warning on every import.
+    _skip_type_hint_validation = True
+
+    def load_context(self, context) -> None:
+        from tlkit.models.network import load_model
+
+        self.model = load_model(context.artifacts["bundle"])
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        columns = list(getattr(model_input, "columns", []))
+        if not columns:
+            raise Refused("expected a table with one column of images, 'image'; see the README's serving section")
+        column = model_input["image"] if "image" in columns else model_input.iloc[:, 0]
+        max_bytes, max_pixels = limits()
+        images = decode_request(list(column), self.model.decode, max_bytes=max_bytes, max_pixels=max_pixels)
+        try:
+            probabilities = self.model.predict_proba(images)
+        except Exception:  # a bug, not the client's input: the trace goes to the server's log, one line to the client
+            log.exception("scoring failed")
+            raise Refused("internal error while scoring; the server's log has the details", INTERNAL_ERROR) from None
+        classes = self.model.classes
+        frame = pd.DataFrame(probabilities, columns=classes)
+        frame.insert(0, "class", [classes[i] for i in probabilities.argmax(axis=1)])
+        return frame

@@ -1,0 +1,3 @@
+"""Tracked stages: one MLflow run per stage (stages, evaluate) with one result type, and the leaderboard over
+runs (compare).
+"""

@@ -1,0 +1,85 @@
+"""Strategy name + epochs + layer groups -> training phases and per-group learning rates.
+
+Pure functions: what trains when, and how fast. The LightningModule in finetune.py applies them.
+
+Recipes:
+- linear-probe:    body frozen, head trained.
+- full:            everything trainable from the start.
+- freeze-unfreeze: head only for `freeze_epochs`, then everything with discriminative learning rates
+                   and a fresh schedule at half the head rate (fastai's `fine_tune`).
+- gradual:         unfreeze one group more, from the top, every `unfreeze_every` epochs (ULMFiT).
+- lp-ft:           the head first fitted to convergence on frozen features (L-BFGS logistic
+                   regression), then everything fine-tuned from that head (Kumar et al. 2022).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tlkit.errors import TlkitError
+
+STRATEGIES = ("freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """From epoch `start` on, the top `trainable` body groups (and the head) train at `lr_scale` x their rate."""
+
+    start: int
+    trainable: int
+    name: str
+    lr_scale: float = 1.0
+
+
+def default_freeze_epochs(epochs: int) -> int:
+    """freeze-unfreeze without --freeze-epochs: one head-only epoch, none when there is a single epoch
+    (it then trains everything; fastai's fine_tune(1) would add a second epoch instead)."""
+    return 1 if epochs > 1 else 0
+
+
+def plan_phases(strategy: str, *, epochs: int, n_groups: int, freeze_epochs: int | None = None, unfreeze_every: int = 1) -> list[Phase]:
+    """The phases of `strategy` over `epochs` epochs for a body of `n_groups` layer groups."""
+    if strategy not in STRATEGIES:
+        raise TlkitError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy == "linear-probe":
+        return [Phase(0, 0, "head")]
+    if strategy in ("full", "lp-ft"):
+        return [Phase(0, n_groups, "all")]
+    if strategy == "freeze-unfreeze":
+        if freeze_epochs is None:
+            freeze_epochs = default_freeze_epochs(epochs)
+            if freeze_epochs == 0:
+                return [Phase(0, n_groups, "all", lr_scale=0.5)]
+        if not 0 < freeze_epochs < epochs:
+            raise TlkitError(f"--freeze-epochs must be at least 1 and below --epochs ({epochs}), got {freeze_epochs}")
+        return [Phase(0, 0, "head"), Phase(freeze_epochs, n_groups, "all", lr_scale=0.5)]
+    if unfreeze_every < 1:
+        raise TlkitError(f"--unfreeze-every must be at least 1, got {unfreeze_every}")
+    phases = [Phase(k * unfreeze_every, k, "head" if k == 0 else f"top {k}") for k in range(n_groups + 1)]
+    return [p for p in phases if p.start < epochs]
+
+
+def phase_index(phases: list[Phase], epoch: int) -> int:
+    return max(i for i, p in enumerate(phases) if p.start <= epoch)
+
+
+def phase_end(phases: list[Phase], index: int, epochs: int) -> int:
+    """First epoch after phase `index`."""
+    return phases[index + 1].start if index + 1 < len(phases) else epochs
+
+
+def group_lrs(lr: float, n_groups: int, *, lr_mult: float = 3.0, lrs: list[float] | None = None) -> list[float]:
+    """Learning rates of the body groups (input side first) followed by the head.
+
+    Each earlier group gets `lr_mult` x less than the next later one (a geometric spread), unless
+    `lrs` gives all n_groups + 1 rates explicitly.
+    """
+    if lrs is not None:
+        if len(lrs) != n_groups + 1:
+            raise TlkitError(f"--lrs needs {n_groups + 1} values ({n_groups} layer groups, input side first, then the head), got {len(lrs)}")
+        if any(v < 0 for v in lrs):
+            raise TlkitError("--lrs values must be >= 0")
+        return [float(v) for v in lrs]
+    if lr_mult < 1:
+        raise TlkitError(f"--lr-mult must be >= 1 (earlier groups learn slower), got {lr_mult}")
+    return [lr / lr_mult ** (n_groups - i) for i in range(n_groups)] + [lr]
