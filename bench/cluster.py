@@ -34,16 +34,28 @@ LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray keeps to 127.0
 def pipeline(folder: Path, seeds: int) -> Path:
     config = {
         "name": "bench-cluster",
-        "datasets": {"digits": {"path": str(folder / "digits"), "val": 0.2, "test": 0.3, "seed": 0,
-                                "digits": {"classes": "0-2", "per_class": 60, "size": 32, "seed": 0}}},
+        "datasets": {
+            "digits": {
+                "path": str(folder / "digits"),
+                "val": 0.2,
+                "test": 0.3,
+                "seed": 0,
+                "digits": {"classes": "0-2", "per_class": 60, "size": 32, "seed": 0},
+            }
+        },
         "backbone": {"model": "test_resnet", "img_size": 32},
         "compute": {"num_workers": 0, "precision": "32-true"},
         "sweep": {"stages.tuned.train.lr_mult": [2, 4]},
         "seeds": list(range(seeds)),
         "stages": [
             {"id": "pre", "stage": "pretrain", "data": "digits", "train": {"epochs": 3, "seed": 0, "augment": "none"}},
-            {"id": "tuned", "stage": "finetune", "data": "digits", "weights": "pre",
-             "train": {"epochs": 30, "freeze_epochs": 1, "augment": "none", "batch_size": 16}},
+            {
+                "id": "tuned",
+                "stage": "finetune",
+                "data": "digits",
+                "weights": "pre",
+                "train": {"epochs": 30, "freeze_epochs": 1, "augment": "none", "batch_size": 16},
+            },
         ],
     }
     path = folder / "pipeline.yaml"
@@ -59,9 +71,27 @@ def free_port() -> int:
 
 def mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-                               "--artifacts-destination", (folder / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'server.db'}",
+            "--artifacts-destination",
+            (folder / "artifacts").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -77,7 +107,9 @@ def timed(args: list[str], env: dict) -> float:
     with tempfile.TemporaryDirectory(prefix="tlkit-bench-cluster-") as tmp:
         path = pipeline(Path(tmp), SEEDS)
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "tlkit", "run", str(path), *args], cwd=tmp, env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "tlkit", "run", str(path), *args], cwd=tmp, env=env, capture_output=True, text=True
+        )
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             raise RuntimeError(done.stdout[-3000:] + done.stderr[-3000:])
@@ -131,8 +163,10 @@ def main() -> None:
     for name, median in medians.items():
         print(f"  {name:42s} {median:6.1f} s   {base / median:4.2f}x of --jobs 1")
     extra = medians["--ray, 2 nodes x 1 CPU (mlflow server)"] - medians["--jobs 2 (mlflow server)"]
-    print(f"Ray's cost over --jobs 2 on the same server: {extra:+.1f} s in all, {extra / points * 2:+.1f} s per point "
-          "(two run at once: each slot ran points/2 of them)")
+    print(
+        f"Ray's cost over --jobs 2 on the same server: {extra:+.1f} s in all, {extra / points * 2:+.1f} s per point "
+        "(two run at once: each slot ran points/2 of them)"
+    )
 
 
 if __name__ == "__main__":

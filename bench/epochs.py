@@ -28,14 +28,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from photos import write_photos  # noqa: E402
 
-from tlkit.data import augment
-
-from tlkit.train import finetune
-
-from tlkit.core import runtime  # noqa: E402
-from tlkit.models.backbone import create_backbone  # noqa: E402
 from tlkit.config import TrainConfig  # noqa: E402
+from tlkit.core import runtime  # noqa: E402
+from tlkit.data import augment
 from tlkit.data.ingest import ingest  # noqa: E402
+from tlkit.models.backbone import create_backbone  # noqa: E402
+from tlkit.train import finetune
 
 
 class EpochTimer(L.Callback):
@@ -110,8 +108,11 @@ def main() -> None:
         manifest = ingest(tmp / "images", val=0.25, test=0, cache=False)
         backbone = create_backbone(args.model, img_size=args.size)
         settings = TrainConfig(epochs=args.epochs, strategy="full", batch_size=args.batch, augment="light")
-        print(f"{args.model} at {args.size} px, {len(manifest.split('train'))} train + {len(manifest.split('val'))} val photos of 0.3-5 MP, "
-              f"batch {args.batch}, {args.epochs} epochs, precision {precision}, {torch.get_num_threads()} threads")
+        print(
+            f"{args.model} at {args.size} px, {len(manifest.split('train'))} train + {len(manifest.split('val'))} val "
+            "photos of 0.3-5 MP, "
+            f"batch {args.batch}, {args.epochs} epochs, precision {precision}, {torch.get_num_threads()} threads"
+        )
         plain_epoch(manifest, backbone, settings, precision)  # warm-up
         runs: dict[str, list[list[float]]] = {"full": [], "reduced": [], "tlkit": []}
         plain: list[float] = []
@@ -126,7 +127,10 @@ def main() -> None:
     for way, epochs in runs.items():
         first = statistics.median(e[0] for e in epochs)
         later = statistics.median(t for e in epochs for t in e[1:])
-        print(f"{way:8s} epoch 1 {first:6.2f} s   epochs 2-{args.epochs} {later:6.2f} s   = {later / bound:4.2f} x the plain steps")
+        print(
+            f"{way:8s} epoch 1 {first:6.2f} s   epochs 2-{args.epochs} {later:6.2f} s   = {later / bound:4.2f} x the "
+            "plain steps"
+        )
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ frozen model alone on tensors that are already decoded, resized and normalised i
 ratio shows what decoding, the DataLoader, Lightning's predict loop and the cache write cost.
 
 With --photos the files are photo-sized JPEGs of mixed sizes (0.3-5 MP, bench/photos.py), with --folder
-the real photos of an image folder, and a third side runs: decode + forward done the simplest fast way by hand (PIL's draft decode, resize,
+the real photos of an image folder, and a third side runs: decode + forward done the simplest fast way by hand (PIL's
+draft decode, resize,
 centre crop, normalise, forward; the resize with the interpolation the model's data config names), the bound
 for a loop that decodes the files itself.
 
     python bench/extract.py                       # resnet18, 224 px, 512 JPEGs of 256 px, median of 3
     python bench/extract.py --photos --n 160      # real-size photos
-    python bench/extract.py --folder ../shared/datasets/hymenoptera --batch 32   # real photos from a folder (all of them)
+    python bench/extract.py --folder ../shared/datasets/hymenoptera --batch 32   # real photos from a folder (all of
+    them)
     python bench/extract.py --model resnet50 --n 256
 """
 
@@ -28,13 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlkit.data import augment
-
 from tlkit.core import runtime
-from tlkit.models.backbone import create_backbone
-from tlkit.features.extract import extract_features
+from tlkit.data import augment
 from tlkit.data.images import load_rgb
 from tlkit.data.ingest import ingest
+from tlkit.features.extract import extract_features
+from tlkit.models.backbone import create_backbone
 
 
 def write_images(root: Path, n: int, size: int) -> None:
@@ -64,7 +65,9 @@ def bare_forward(model: torch.nn.Module, batches: list[torch.Tensor], precision:
         return time.perf_counter() - start
 
 
-def bare_decode_forward(model: torch.nn.Module, paths: list[Path], data_config: dict, batch: int, precision: str) -> float:
+def bare_decode_forward(
+    model: torch.nn.Module, paths: list[Path], data_config: dict, batch: int, precision: str
+) -> float:
     """Seconds for files -> features by hand: draft decode, resize the short side, centre crop, normalise, forward."""
     from PIL import Image
 
@@ -84,7 +87,9 @@ def bare_decode_forward(model: torch.nn.Module, paths: list[Path], data_config: 
                     image.draft("RGB", (side, side))
                     image = image.convert("RGB")
                     scale = side / min(image.size)
-                    image = image.resize((max(side, round(image.width * scale)), max(side, round(image.height * scale))), resample)
+                    image = image.resize(
+                        (max(side, round(image.width * scale)), max(side, round(image.height * scale))), resample
+                    )
                     left, top = (image.width - size) // 2, (image.height - size) // 2
                     arrays.append(np.asarray(image.crop((left, top, left + size, top + size))))
             x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().sub_(mean).div_(std)
@@ -101,9 +106,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--photos", action="store_true", help="photo-sized JPEGs of mixed sizes (0.3-5 MP) instead of --image-size ones")
-    parser.add_argument("--folder", type=Path, default=None, help="real photos: every image of this folder (--n is then their number)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternate the sides this many times; medians (and minimums) count")
+    parser.add_argument(
+        "--photos", action="store_true", help="photo-sized JPEGs of mixed sizes (0.3-5 MP) instead of --image-size ones"
+    )
+    parser.add_argument(
+        "--folder", type=Path, default=None, help="real photos: every image of this folder (--n is then their number)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="alternate the sides this many times; medians (and minimums) count"
+    )
     args = parser.parse_args()
 
     runtime.quiet()
@@ -126,33 +137,67 @@ def main() -> None:
         args.n = len(manifest.records)
         backbone = create_backbone(args.model, img_size=args.size)
         paths = [manifest.abspath(r) for r in manifest.records]
-        print(f"{args.model} at {args.size} px, {args.n} {what}, batch {args.batch}, "
-              f"precision {precision}, {torch.get_num_threads()} threads")
+        print(
+            f"{args.model} at {args.size} px, {args.n} {what}, batch {args.batch}, "
+            f"precision {precision}, {torch.get_num_threads()} threads"
+        )
 
         # Warm-up: the first Lightning/oneDNN call pays one-off costs that a real run pays once too.
-        extract_features(manifest, backbone, batch_size=args.batch, num_workers=args.workers, precision=precision,
-                         cache=tmp / "warm", use_cache=False, progress=False)
+        extract_features(
+            manifest,
+            backbone,
+            batch_size=args.batch,
+            num_workers=args.workers,
+            precision=precision,
+            cache=tmp / "warm",
+            use_cache=False,
+            progress=False,
+        )
         transform = augment.eval_transform(backbone.data_config)
         side = augment.decode_side(transform)
         tensors = torch.stack([augment.apply(transform, load_rgb(path, side)) for path in paths])
-        batches = [tensors[i : i + args.batch].contiguous(memory_format=torch.channels_last) for i in range(0, len(tensors), args.batch)]
+        batches = [
+            tensors[i : i + args.batch].contiguous(memory_format=torch.channels_last)
+            for i in range(0, len(tensors), args.batch)
+        ]
         # Interleave the sides and compare medians: single runs on a shared 2-core machine were seen
         # to vary by 30% or more.
         tlkit_times, bare_times, by_hand_times = [], [], []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            extract_features(manifest, backbone, batch_size=args.batch, num_workers=args.workers, precision=precision,
-                             cache=tmp / "cache", use_cache=False, progress=False)
+            extract_features(
+                manifest,
+                backbone,
+                batch_size=args.batch,
+                num_workers=args.workers,
+                precision=precision,
+                cache=tmp / "cache",
+                use_cache=False,
+                progress=False,
+            )
             tlkit_times.append(time.perf_counter() - start)
             bare_times.append(bare_forward(backbone.model, batches, precision))
             if args.photos or args.folder is not None:
-                by_hand_times.append(bare_decode_forward(backbone.model, paths, backbone.data_config, args.batch, precision))
+                by_hand_times.append(
+                    bare_decode_forward(backbone.model, paths, backbone.data_config, args.batch, precision)
+                )
         start = time.perf_counter()
-        cached = extract_features(manifest, backbone, batch_size=args.batch, precision=precision, cache=tmp / "cache", progress=False)
+        cached = extract_features(
+            manifest, backbone, batch_size=args.batch, precision=precision, cache=tmp / "cache", progress=False
+        )
         cached_s = time.perf_counter() - start
         assert cached.cached
-        print("tlkit runs (s):", " ".join(f"{t:.2f}" for t in tlkit_times), "  bare forward runs (s):", " ".join(f"{t:.2f}" for t in bare_times),
-              *(["  by-hand decode + forward runs (s):", " ".join(f"{t:.2f}" for t in by_hand_times)] if by_hand_times else []))
+        print(
+            "tlkit runs (s):",
+            " ".join(f"{t:.2f}" for t in tlkit_times),
+            "  bare forward runs (s):",
+            " ".join(f"{t:.2f}" for t in bare_times),
+            *(
+                ["  by-hand decode + forward runs (s):", " ".join(f"{t:.2f}" for t in by_hand_times)]
+                if by_hand_times
+                else []
+            ),
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -162,7 +207,10 @@ def main() -> None:
         hand_rate = args.n / statistics.median(by_hand_times)
         print(f"by-hand decode + forward (files):        {hand_rate:8.1f} images/s (median)")
     print(f"tlkit extract (files -> cache):          {tlkit_rate:8.1f} images/s (median)")
-    print(f"ratio tlkit / bare forward:              {tlkit_rate / bare_rate:8.2f} median, {min(bare_times) / min(tlkit_times):.2f} best vs best")
+    print(
+        f"ratio tlkit / bare forward:              {tlkit_rate / bare_rate:8.2f} median, "
+        f"{min(bare_times) / min(tlkit_times):.2f} best vs best"
+    )
     if by_hand_times:
         print(f"ratio tlkit / by-hand decode + forward:  {tlkit_rate / hand_rate:8.2f} median")
     print(f"second, cached call:                     {cached_s * 1000:8.1f} ms")

@@ -4,7 +4,8 @@ Same model, input size, batch size, precision, optimizer groups and one-cycle sc
 decoded tensors in memory, so the ratio shows what tlkit's machinery costs per step: Lightning's
 loop, the phase and metrics callbacks, the resume checkpoint.
 
-    python bench/finetune.py                     # resnet18, 128 px, 512 images, batch 32, 3 epochs, 5 interleaved rounds
+    python bench/finetune.py                     # resnet18, 128 px, 512 images, batch 32, 3 epochs, 5 interleaved
+    rounds
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from tlkit.train.strategies import group_lrs, plan_phases
 def make_module(backbone, classes: int, lr: float) -> ImageClassifier:
     groups = merge_groups(layer_groups(backbone.model), 4)
     module = ImageClassifier(
-        copy.deepcopy(backbone.model), backbone.num_features, classes,
-        groups=[names for _, names in groups], lrs=group_lrs(lr, len(groups), lr_mult=3.0),
+        copy.deepcopy(backbone.model),
+        backbone.num_features,
+        classes,
+        groups=[names for _, names in groups],
+        lrs=group_lrs(lr, len(groups), lr_mult=3.0),
         phases=plan_phases("full", epochs=1, n_groups=len(groups)),
     )
     return module.to(memory_format=torch.channels_last)
@@ -40,7 +44,9 @@ def plain_loop(module: ImageClassifier, loader: DataLoader, epochs: int, precisi
     module.apply_phase(0)
     groups = [g for g in module.parameter_groups() if g["params"]]
     optimizer = torch.optim.AdamW(groups, fused=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=epochs * len(loader), pct_start=0.25)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=epochs * len(loader), pct_start=0.25
+    )
     autocast = precision.startswith("bf16")
     module.train()
     start = time.perf_counter()
@@ -63,9 +69,15 @@ def tlkit_fit(module: ImageClassifier, loader: DataLoader, epochs: int, precisio
     saved a full checkpoint every epoch that tlkit never writes: about 5 % of the tlkit side."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer = runtime.build_trainer(
-            devices=1, precision=precision, progress=False, root_dir=tmp, max_epochs=epochs,
+            devices=1,
+            precision=precision,
+            progress=False,
+            root_dir=tmp,
+            max_epochs=epochs,
             callbacks=[LatestCheckpoint(f"{tmp}/last.ckpt"), PhaseCallback(), MetricsCallback()],
-            enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
         )
         start = time.perf_counter()
         trainer.fit(module, loader)
@@ -80,7 +92,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--repeats", type=int, default=5, help="alternate the two sides this many times; medians and minimums count")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="alternate the two sides this many times; medians and minimums count"
+    )
     args = parser.parse_args()
 
     runtime.quiet()
@@ -89,10 +103,14 @@ def main() -> None:
     torch.manual_seed(0)
     images = torch.randn(args.n, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (args.n,))
-    loader = DataLoader(TensorDataset(images, labels, torch.arange(args.n)), batch_size=args.batch, shuffle=True, drop_last=True)
+    loader = DataLoader(
+        TensorDataset(images, labels, torch.arange(args.n)), batch_size=args.batch, shuffle=True, drop_last=True
+    )
     backbone = create_backbone(args.model, img_size=args.size)
-    print(f"{args.model} at {args.size} px, {args.n} images in memory, batch {args.batch}, {args.epochs} epochs, "
-          f"precision {precision}, {torch.get_num_threads()} threads")
+    print(
+        f"{args.model} at {args.size} px, {args.n} images in memory, batch {args.batch}, {args.epochs} epochs, "
+        f"precision {precision}, {torch.get_num_threads()} threads"
+    )
 
     plain_loop(make_module(backbone, 10, 1e-3), loader, 1, precision)  # warm-up: oneDNN picks its kernels once
     # Alternate the sides and compare medians (and minimums): on a shared 2-core machine single runs
@@ -102,11 +120,18 @@ def main() -> None:
         tlkit_times.append(tlkit_fit(make_module(backbone, 10, 1e-3), loader, args.epochs, precision))
         plain_times.append(plain_loop(make_module(backbone, 10, 1e-3), loader, args.epochs, precision))
     tlkit_s, plain_s = statistics.median(tlkit_times), statistics.median(plain_times)
-    print("tlkit runs (s):", " ".join(f"{t:.2f}" for t in tlkit_times), "  plain runs (s):", " ".join(f"{t:.2f}" for t in plain_times))
+    print(
+        "tlkit runs (s):",
+        " ".join(f"{t:.2f}" for t in tlkit_times),
+        "  plain runs (s):",
+        " ".join(f"{t:.2f}" for t in plain_times),
+    )
     seen = args.epochs * len(loader) * args.batch
     print(f"plain PyTorch loop:   {seen / plain_s:8.1f} images/s (median)")
     print(f"tlkit (Lightning):    {seen / tlkit_s:8.1f} images/s (median)")
-    print(f"ratio tlkit / plain:  {plain_s / tlkit_s:8.2f} median, {min(plain_times) / min(tlkit_times):.2f} best vs best")
+    print(
+        f"ratio tlkit / plain:  {plain_s / tlkit_s:8.2f} median, {min(plain_times) / min(tlkit_times):.2f} best vs best"
+    )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,10 @@ def main() -> None:
         assert len(fingerprints) == 1, "the cache must not change the fingerprint"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{args.n} images; first ingest (s): {' '.join(f'{t:.2f}' for t in first)}; unchanged folder again (s): {' '.join(f'{t:.2f}' for t in again)}")
+    print(
+        f"{args.n} images; first ingest (s): {' '.join(f'{t:.2f}' for t in first)}; unchanged folder again (s): "
+        f"{' '.join(f'{t:.2f}' for t in again)}"
+    )
     print(f"ratio again / first: {statistics.median(again) / statistics.median(first):.3f} (median)")
 
 

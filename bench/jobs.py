@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def timed_run(pipeline: Path, jobs: int, overrides: list[str]) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TLKIT_"))}
     with tempfile.TemporaryDirectory(prefix="tlkit-bench-jobs-") as tmp:
-        args = [sys.executable, "-m", "tlkit", "run", str(pipeline), "--jobs", str(jobs)] + [a for o in overrides for a in ("--set", o)]
+        args = [sys.executable, "-m", "tlkit", "run", str(pipeline), "--jobs", str(jobs)] + [
+            a for o in overrides for a in ("--set", o)
+        ]
         start = time.perf_counter()
         subprocess.run(args, cwd=tmp, env=env, check=True, capture_output=True)
         return time.perf_counter() - start
@@ -37,7 +39,9 @@ def main() -> None:
     parser.add_argument("--pipeline", type=Path, default=ROOT / "pipelines" / "photos.yaml")
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="pipeline override, as tlkit run --set")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="pipeline override, as tlkit run --set"
+    )
     args = parser.parse_args()
     times: dict[int, list[float]] = {n: [] for n in args.jobs}
     for round_ in range(args.rounds):

@@ -12,8 +12,17 @@ import torch
 
 from tlkit.core import runtime
 
-CASES = [("resnet18", 32, 8), ("resnet18", 64, 16), ("resnet18", 224, 16), ("resnet50", 224, 16), ("efficientnet_lite0", 64, 8),
-         ("efficientnet_lite0", 224, 16), ("mobilenetv3_large_100", 224, 16), ("convnext_atto", 96, 16), ("convnext_atto", 224, 16)]
+CASES = [
+    ("resnet18", 32, 8),
+    ("resnet18", 64, 16),
+    ("resnet18", 224, 16),
+    ("resnet50", 224, 16),
+    ("efficientnet_lite0", 64, 8),
+    ("efficientnet_lite0", 224, 16),
+    ("mobilenetv3_large_100", 224, 16),
+    ("convnext_atto", 96, 16),
+    ("convnext_atto", 224, 16),
+]
 
 
 def step_seconds(model: torch.nn.Module, size: int, batch: int, autocast: bool) -> float:
@@ -39,8 +48,11 @@ def main() -> None:
         model = timm.create_model(name, pretrained=False, num_classes=2).train()
         bf16, fp32 = step_seconds(model, size, batch, True), step_seconds(model, size, batch, False)
         rule = "fp32" if runtime.has_depthwise_convolutions(model) else "bf16"
-        print(f"{name:24s} {size:4d} px  batch {batch:3d}  bf16 {bf16 * 1000:7.0f} ms  fp32 {fp32 * 1000:7.0f} ms  "
-              f"fp32/bf16 {fp32 / bf16:5.2f}  auto: {rule}", flush=True)
+        print(
+            f"{name:24s} {size:4d} px  batch {batch:3d}  bf16 {bf16 * 1000:7.0f} ms  fp32 {fp32 * 1000:7.0f} ms  "
+            f"fp32/bf16 {fp32 / bf16:5.2f}  auto: {rule}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def photos(root: Path, n: int = 12) -> None:
         base = np.stack([np.sin((4 + 4 * (i % 2)) * xx + phase[c]) * np.cos(4 * yy - phase[c]) for c in range(3)], -1)
         folder = root / f"class{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(127 + 90 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=90)
+        Image.fromarray(np.clip(127 + 90 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)).save(
+            folder / f"{i}.jpg", quality=90
+        )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -62,14 +64,16 @@ def post(url: str, body: bytes) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=40, help="sequential requests (latency)")
-    parser.add_argument("--concurrent", type=int, default=96, help="requests sent by the concurrent clients (throughput)")
+    parser.add_argument(
+        "--concurrent", type=int, default=96, help="requests sent by the concurrent clients (throughput)"
+    )
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
 
     import torch
 
-    from tlkit.core import tracking
     from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig
+    from tlkit.core import tracking
     from tlkit.models.network import load_model
     from tlkit.runs.stages import run_baseline
 
@@ -77,8 +81,12 @@ def main() -> None:
     os.chdir(work)
     photos(work / "data")
     tracking.configure(None, "bench-serve")
-    model = run_baseline(work / "data", BackboneConfig(model="efficientnet_lite0", weights=WEIGHTS, img_size=224), BaselineConfig(),
-                         compute=ComputeConfig(num_workers=0)).model_uri
+    model = run_baseline(
+        work / "data",
+        BackboneConfig(model="efficientnet_lite0", weights=WEIGHTS, img_size=224),
+        BaselineConfig(),
+        compute=ComputeConfig(num_workers=0),
+    ).model_uri
     jpeg = io.BytesIO()
     Image.open(sorted((work / "data").rglob("*.jpg"))[0]).save(jpeg, format="JPEG", quality=90)
     data = jpeg.getvalue()
@@ -101,11 +109,32 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri(),
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"{model}/model", "--env-manager", "local",
-                               "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri(),
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    }
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"{model}/model",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -128,14 +157,25 @@ def main() -> None:
         server.wait(timeout=30)
 
     ms = 1000
-    print(f"efficientnet_lite0 baseline, 224 px, one {len(data) / 1024:.0f} KB JPEG a request, {torch.get_num_threads()} torch threads here")
+    print(
+        f"efficientnet_lite0 baseline, 224 px, one {len(data) / 1024:.0f} KB JPEG a request, "
+        f"{torch.get_num_threads()} torch threads here"
+    )
     print(f"  bare forward pass (decoded tensor)       p50 {statistics.median(bare) * ms:6.1f} ms")
     print(f"  in-process predict_proba (JPEG bytes)    p50 {statistics.median(in_process) * ms:6.1f} ms")
-    print(f"  mlflow models serve, sequential          p50 {statistics.median(served) * ms:6.1f} ms   p95 {percentile(served, 95) * ms:6.1f} ms")
-    print(f"  mlflow models serve, {args.clients} clients           p50 {statistics.median(concurrent) * ms:6.1f} ms   "
-          f"p95 {percentile(concurrent, 95) * ms:6.1f} ms   {args.concurrent / wall:5.1f} images/s")
-    print(f"  ratio served p50 / in-process p50: {statistics.median(served) / statistics.median(in_process):.2f}; "
-          f"throughput at {args.clients} clients / in-process rate: {(args.concurrent / wall) * statistics.median(in_process):.2f}")
+    print(
+        f"  mlflow models serve, sequential          p50 {statistics.median(served) * ms:6.1f} ms   p95 "
+        f"{percentile(served, 95) * ms:6.1f} ms"
+    )
+    print(
+        f"  mlflow models serve, {args.clients} clients           p50 {statistics.median(concurrent) * ms:6.1f} ms   "
+        f"p95 {percentile(concurrent, 95) * ms:6.1f} ms   {args.concurrent / wall:5.1f} images/s"
+    )
+    print(
+        f"  ratio served p50 / in-process p50: {statistics.median(served) / statistics.median(in_process):.2f}; "
+        f"throughput at {args.clients} clients / in-process rate: "
+        f"{(args.concurrent / wall) * statistics.median(in_process):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,10 +34,19 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tlkit-bench-startup-") as tmp:
         cwd = Path(tmp)
-        subprocess.run([*TLKIT, "data", "digits", "digits", "--classes", "0-4", "--per-class", "40"], cwd=cwd, check=True, capture_output=True)
+        subprocess.run(
+            [*TLKIT, "data", "digits", "digits", "--classes", "0-4", "--per-class", "40"],
+            cwd=cwd,
+            check=True,
+            capture_output=True,
+        )
         backbone = ["--model", "resnet18", "--no-pretrained", "--img-size", "64"]
-        subprocess.run([*TLKIT, "extract", "digits", *backbone], cwd=cwd, check=True, capture_output=True)  # fills the cache
-        out = subprocess.run([*TLKIT, "baseline", "digits", *backbone], cwd=cwd, check=True, capture_output=True, text=True).stdout
+        subprocess.run(
+            [*TLKIT, "extract", "digits", *backbone], cwd=cwd, check=True, capture_output=True
+        )  # fills the cache
+        out = subprocess.run(
+            [*TLKIT, "baseline", "digits", *backbone], cwd=cwd, check=True, capture_output=True, text=True
+        ).stdout
         run_id = re.search(r"MLflow run (\w+)", out).group(1)
         image = str(next((cwd / "digits").rglob("*.png")))
         commands = {
@@ -52,7 +61,10 @@ def main() -> None:
             for name, command in commands.items():
                 times[name].append(timed(command, cwd))
     for name, values in times.items():
-        print(f"{name:36s} median {statistics.median(values):5.2f} s   min {min(values):5.2f} s   ({' '.join(f'{v:.2f}' for v in values)})")
+        print(
+            f"{name:36s} median {statistics.median(values):5.2f} s   min {min(values):5.2f} s   "
+            f"({' '.join(f'{v:.2f}' for v in values)})"
+        )
 
 
 if __name__ == "__main__":

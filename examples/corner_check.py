@@ -14,8 +14,8 @@ import numpy as np
 import timm
 import torch
 
-from tlkit.review.explain import saliency
 from tlkit.models.network import load_model
+from tlkit.review.explain import saliency
 
 
 def main(model: str, folder: str, n: int = 256) -> None:
@@ -43,8 +43,10 @@ def main(model: str, folder: str, n: int = 256) -> None:
         x = torch.rand(16, 3, px, px, requires_grad=True)
         net(x)[:, 0].sum().backward()
         reached = (x.grad.abs().amax(1).sum(0) > 0).nonzero()
-        print(f"untrained resnet18 at {px} px: input gradient only in rows 0..{int(reached[:, 0].max())}, "
-              f"columns 0..{int(reached[:, 1].max())}")
+        print(
+            f"untrained resnet18 at {px} px: input gradient only in rows 0..{int(reached[:, 0].max())}, "
+            f"columns 0..{int(reached[:, 1].max())}"
+        )
 
 
 if __name__ == "__main__":

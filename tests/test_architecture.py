@@ -9,8 +9,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "tlkit"
 # Bottom to top: a module may import its own package and any package on a lower line.
-LAYERS = [("errors", "config"), ("core",), ("data",), ("models",), ("features",), ("train",), ("review",), ("runs",),
-          ("pipelines",), ("cli", "serving", "__main__")]
+LAYERS = [
+    ("errors", "config"),
+    ("core",),
+    ("data",),
+    ("models",),
+    ("features",),
+    ("train",),
+    ("review",),
+    ("runs",),
+    ("pipelines",),
+    ("cli", "serving", "__main__"),
+]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 
@@ -32,7 +42,9 @@ def _imports(name: str) -> list[tuple[str, str, int]]:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tlkit":
             for alias in node.names:
                 submodule = f"{node.module}.{alias.name}"
-                found.append((submodule, "", node.lineno) if submodule in MODULES else (node.module, alias.name, node.lineno))
+                found.append(
+                    (submodule, "", node.lineno) if submodule in MODULES else (node.module, alias.name, node.lineno)
+                )
         elif isinstance(node, ast.Import):
             found += [(alias.name, "", node.lineno) for alias in node.names if alias.name.split(".")[0] == "tlkit"]
     return found
@@ -51,10 +63,16 @@ def test_every_module_sits_in_a_layer():
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if m != "tlkit"))
 def test_imports_point_down_at_public_names(name):
     rank = RANK[_layer(name)]
-    upward = [f"line {line}: {target}" for target, _, line in _imports(name)
-              if target != "tlkit" and RANK[_layer(target)] > rank]
-    private = [f"line {line}: {target}.{what}" for target, what, line in _imports(name)
-               if what.startswith("_") and not what.startswith("__")]
+    upward = [
+        f"line {line}: {target}"
+        for target, _, line in _imports(name)
+        if target != "tlkit" and RANK[_layer(target)] > rank
+    ]
+    private = [
+        f"line {line}: {target}.{what}"
+        for target, what, line in _imports(name)
+        if what.startswith("_") and not what.startswith("__")
+    ]
     assert not upward, f"{name} imports from a higher layer: {upward}"
     assert not private, f"{name} imports a private name of another module: {private}"
 
@@ -67,7 +85,7 @@ def test_no_import_circle():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt]
+                return path[path.index(nxt) :] + [node, nxt] if nxt in path else [node, nxt]
             if nxt not in state and (circle := visit(nxt, path + [node])):
                 return circle
         state[node] = 2

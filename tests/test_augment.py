@@ -7,7 +7,13 @@ import torch
 from tlkit.data import augment
 from tlkit.errors import TlkitError
 
-CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic", "crop_pct": 0.875}
+CONFIG = {
+    "input_size": (3, 32, 32),
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.25, 0.25, 0.25),
+    "interpolation": "bicubic",
+    "crop_pct": 0.875,
+}
 
 
 def test_eval_transform_resizes_crops_and_normalises():

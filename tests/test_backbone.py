@@ -2,11 +2,11 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 from safetensors.torch import save_file
 
-from conftest import TINY_MODEL
-from tlkit.models import backbone as bb
 from tlkit.errors import TlkitError
+from tlkit.models import backbone as bb
 
 
 def test_unknown_model_suggests_close_names():
@@ -46,7 +46,11 @@ def test_list_matches_patterns():
 def test_weights_files_load_in_common_layouts(tmp_path, wrap):
     source = bb.create_backbone(TINY_MODEL, seed=5)
     state = source.model.state_dict()
-    state = {**state, "fc.weight": torch.zeros(10, source.num_features), "fc.bias": torch.zeros(10)}  # a classifier is ignored
+    state = {
+        **state,
+        "fc.weight": torch.zeros(10, source.num_features),
+        "fc.bias": torch.zeros(10),
+    }  # a classifier is ignored
     if wrap == "safetensors":
         path = tmp_path / "w.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
@@ -64,7 +68,11 @@ def test_weights_files_load_in_common_layouts(tmp_path, wrap):
 def test_weights_that_do_not_fit_are_a_clear_error(tmp_path):
     torch.save(bb.create_backbone("test_vit").model.state_dict(), tmp_path / "vit.pth")
     # names and shapes of the first keys that do not fit
-    with pytest.raises(TlkitError, match=r"do not fit model 'test_resnet'.*missing \(e\.g\. conv1\.0\.weight \(\d+, 3, \d+, \d+\)\).*unexpected \(e\.g\. \S+ \("):
+    with pytest.raises(
+        TlkitError,
+        match=r"do not fit model 'test_resnet'.*missing \(e\.g\. conv1\.0\.weight \(\d+, 3, \d+, \d+\)\).*unexpected "
+        r"\(e\.g\. \S+ \(",
+    ):
         bb.create_backbone(TINY_MODEL, weights=tmp_path / "vit.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(TlkitError, match="cannot read weights file"):
@@ -113,7 +121,11 @@ def test_a_weights_file_brings_the_preprocessing_it_records(tmp_path, caplog):
 
     state = {k: v.contiguous() for k, v in create_model(TINY_MODEL, img_size=32).state_dict().items()}
     recorded = tmp_path / "recorded.safetensors"
-    save_file(state, str(recorded), metadata={"tlkit.preprocessing": json.dumps({"mean": [0.3] * 3, "std": [0.6] * 3, "crop_pct": 1.0})})
+    save_file(
+        state,
+        str(recorded),
+        metadata={"tlkit.preprocessing": json.dumps({"mean": [0.3] * 3, "std": [0.6] * 3, "crop_pct": 1.0})},
+    )
     backbone = create_backbone(TINY_MODEL, weights=recorded, img_size=32)
     assert backbone.data_config["mean"] == (0.3, 0.3, 0.3) and backbone.data_config["crop_pct"] == 1.0
 
@@ -128,4 +140,7 @@ def test_a_weights_file_brings_the_preprocessing_it_records(tmp_path, caplog):
         default = create_backbone(TINY_MODEL, weights=bare, img_size=32).data_config
     from tlkit.models.backbone import data_config_for
 
-    assert default == data_config_for(create_model(TINY_MODEL, img_size=32), 32) and "does not record the preprocessing" in caplog.text
+    assert (
+        default == data_config_for(create_model(TINY_MODEL, img_size=32), 32)
+        and "does not record the preprocessing" in caplog.text
+    )

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from tlkit.features.baseline import fit_baseline
 from tlkit.errors import TlkitError
+from tlkit.features.baseline import fit_baseline
 from tlkit.features.extract import FeatureSet
 
 
@@ -23,7 +23,9 @@ def test_separable_features_are_learned(classifier):
     result = fit_baseline(blobs(), classifier=classifier)
     assert result.metrics["heldout_accuracy"] > 0.95
     assert result.selection == "validation split" and result.C > 0
-    assert {"heldout_balanced_accuracy", "heldout_macro_f1", "heldout_precision.a", "heldout_recall.c"} <= set(result.metrics)
+    assert {"heldout_balanced_accuracy", "heldout_macro_f1", "heldout_precision.a", "heldout_recall.c"} <= set(
+        result.metrics
+    )
     assert len(result.estimator.predict(blobs().X)) == 180
 
 

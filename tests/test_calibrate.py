@@ -8,10 +8,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from tlkit.features import calibrate
-
-from tlkit.models import heads
 from tlkit.core.metrics import calibration
+from tlkit.features import calibrate
+from tlkit.models import heads
 
 
 def overconfident(n, classes=3, true_t=3.0, seed=0):
@@ -65,7 +64,9 @@ def test_logistic_regression_head_gives_sklearns_probabilities(classes):
     np.testing.assert_allclose(got, model.predict_proba(X), atol=1e-5)
     linear = head.as_linear()  # the normalisation and temperature folded into one layer (timm's classifier)
     with torch.no_grad():
-        np.testing.assert_allclose(linear(torch.as_tensor(X, dtype=torch.float32)).numpy(), head.numpy_logits(X), atol=1e-4)
+        np.testing.assert_allclose(
+            linear(torch.as_tensor(X, dtype=torch.float32)).numpy(), head.numpy_logits(X), atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("classes", [2, 3])
@@ -85,7 +86,9 @@ def test_svm_head_keeps_sklearns_decisions_and_scores_every_class(classes):
 
 def test_a_head_round_trips_through_its_tensors():
     X, y = blobs(3)
-    head = heads.from_sklearn(Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression())]).fit(X, y), 3, temperature=1.7)
+    head = heads.from_sklearn(
+        Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression())]).fit(X, y), 3, temperature=1.7
+    )
     again = heads.from_state(heads.state(head), head.norm)
     np.testing.assert_allclose(again.numpy_logits(X), head.numpy_logits(X))
     assert float(again.temperature) == pytest.approx(1.7)

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 import torch
-
 from conftest import TINY_MODEL
+
 from tlkit.cli import app
 
 
@@ -52,14 +52,18 @@ def test_baseline_pretrain_finetune_predict(runner, workdir, digits_source, digi
     result = invoke(runner, "baseline", digits_target, "--classifier", "pixels")
     assert result.exit_code == 0 and "heldout_accuracy" in result.stdout
 
-    result = invoke(runner, "pretrain", digits_source, "--model", TINY_MODEL, "--img-size", 32, "--epochs", 2, "--workers", 0)
+    result = invoke(
+        runner, "pretrain", digits_source, "--model", TINY_MODEL, "--img-size", 32, "--epochs", 2, "--workers", 0
+    )
     assert result.exit_code == 0, result.output
     run_id = result.stdout.split("MLflow run ")[1].split()[0]
 
     result = invoke(runner, "baseline", digits_target, "--weights", f"runs:/{run_id}", "--workers", 0)
     assert result.exit_code == 0 and f"{TINY_MODEL} + svm" in result.stdout, result.output
 
-    result = invoke(runner, "finetune", digits_target, "--weights", f"runs:/{run_id}", "--epochs", 2, "--workers", 0, "--no-hflip")
+    result = invoke(
+        runner, "finetune", digits_target, "--weights", f"runs:/{run_id}", "--epochs", 2, "--workers", 0, "--no-hflip"
+    )
     assert result.exit_code == 0, result.output
     finetuned = result.stdout.split("MLflow run ")[1].split()[0]
 
@@ -71,9 +75,22 @@ def test_baseline_pretrain_finetune_predict(runner, workdir, digits_source, digi
 
     result = invoke(runner, "evaluate", f"runs:/{finetuned}", digits_target, "--split", "val")
     assert result.exit_code == 0 and "val_accuracy" in result.stdout, result.output
-    assert_one_line_error(invoke(runner, "evaluate", f"runs:/{finetuned}", digits_source), "does not know class(es) 0, 1, 2")
-    result = invoke(runner, "baseline", digits_target, "--classifier", "logreg", "--weights", f"runs:/{run_id}", "--workers", 0,
-                    "--run-name", "my probe")
+    assert_one_line_error(
+        invoke(runner, "evaluate", f"runs:/{finetuned}", digits_source), "does not know class(es) 0, 1, 2"
+    )
+    result = invoke(
+        runner,
+        "baseline",
+        digits_target,
+        "--classifier",
+        "logreg",
+        "--weights",
+        f"runs:/{run_id}",
+        "--workers",
+        0,
+        "--run-name",
+        "my probe",
+    )
     assert result.exit_code == 0, result.output
 
     # runs are named for what they are, and the UI's view ranks only those with a held-out score on their own data
@@ -84,11 +101,22 @@ def test_baseline_pretrain_finetune_predict(runner, workdir, digits_source, digi
     client = MlflowClient(tracking.resolve_tracking_uri())
     experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT).experiment_id
     names = sorted(r.info.run_name for r in client.search_runs([experiment]))
-    assert names == sorted(["pixels + svm", f"{TINY_MODEL} pretrain (full)", f"{TINY_MODEL} + svm", "my probe",
-                            f"{TINY_MODEL} finetune (freeze-unfreeze)", "predict (1 image)", "evaluate on val"]), names
+    assert names == sorted(
+        [
+            "pixels + svm",
+            f"{TINY_MODEL} pretrain (full)",
+            f"{TINY_MODEL} + svm",
+            "my probe",
+            f"{TINY_MODEL} finetune (freeze-unfreeze)",
+            "predict (1 image)",
+            "evaluate on val",
+        ]
+    ), names
     view = tracking._runs_view("heldout_accuracy")
     ranked = client.search_runs([experiment], view["searchFilter"], order_by=["metrics.heldout_accuracy DESC"])
-    assert sorted(r.info.run_name for r in ranked) == sorted(["pixels + svm", f"{TINY_MODEL} + svm", "my probe", f"{TINY_MODEL} finetune (freeze-unfreeze)"])
+    assert sorted(r.info.run_name for r in ranked) == sorted(
+        ["pixels + svm", f"{TINY_MODEL} + svm", "my probe", f"{TINY_MODEL} finetune (freeze-unfreeze)"]
+    )
 
 
 def test_bad_inputs_are_one_line_errors(runner, workdir, digits_source, tmp_path):
@@ -96,16 +124,25 @@ def test_bad_inputs_are_one_line_errors(runner, workdir, digits_source, tmp_path
     (tmp_path / "empty").mkdir()
     assert_one_line_error(invoke(runner, "ingest", tmp_path / "empty"), "no usable images")
     (tmp_path / "one" / "cat").mkdir(parents=True)
-    (tmp_path / "one" / "cat" / "a.png").write_bytes((digits_source / "0" / next(iter(sorted(p.name for p in (digits_source / "0").iterdir())))).read_bytes())
+    (tmp_path / "one" / "cat" / "a.png").write_bytes(
+        (digits_source / "0" / next(iter(sorted(p.name for p in (digits_source / "0").iterdir())))).read_bytes()
+    )
     assert_one_line_error(invoke(runner, "ingest", tmp_path / "one"), "one class only")
-    assert_one_line_error(invoke(runner, "extract", digits_source, "--model", "resnet_18"), "unknown model", "did you mean")
+    assert_one_line_error(
+        invoke(runner, "extract", digits_source, "--model", "resnet_18"), "unknown model", "did you mean"
+    )
     (tmp_path / "bad.csv").write_text("file,class\na.png,cat\n")
     assert_one_line_error(invoke(runner, "ingest", tmp_path / "bad.csv"), "lacks column(s) path, label")
     torch.save({"weight": torch.zeros(3)}, tmp_path / "w.pth")
-    assert_one_line_error(invoke(runner, "extract", digits_source, "--model", TINY_MODEL, "--weights", tmp_path / "w.pth"), "do not fit model")
+    assert_one_line_error(
+        invoke(runner, "extract", digits_source, "--model", TINY_MODEL, "--weights", tmp_path / "w.pth"),
+        "do not fit model",
+    )
     assert_one_line_error(invoke(runner, "predict", "runs:/0123abcd", digits_source), "no run '0123abcd'")
     assert_one_line_error(invoke(runner, "extract", digits_source), "pass --model NAME")
-    assert_one_line_error(invoke(runner, "ingest", digits_source, "--val", "0.7", "--test", "0.5"), "must leave images for training")
+    assert_one_line_error(
+        invoke(runner, "ingest", digits_source, "--val", "0.7", "--test", "0.5"), "must leave images for training"
+    )
 
 
 def test_hub_weights_without_network_fail_fast(runner, workdir, digits_source, monkeypatch):
@@ -115,7 +152,22 @@ def test_hub_weights_without_network_fail_fast(runner, workdir, digits_source, m
 
 
 def test_augment_preview_draws_the_training_view(runner, workdir, digits_source):
-    result = invoke(runner, "augment", "preview", digits_source, "--augment", "medium", "--model", TINY_MODEL, "--img-size", 48, "--n", 6, "--out", "grid.png")
+    result = invoke(
+        runner,
+        "augment",
+        "preview",
+        digits_source,
+        "--augment",
+        "medium",
+        "--model",
+        TINY_MODEL,
+        "--img-size",
+        48,
+        "--n",
+        6,
+        "--out",
+        "grid.png",
+    )
     assert result.exit_code == 0 and "6 augmented training images drawn to grid.png" in result.stdout, result.output
     from PIL import Image
 
@@ -131,42 +183,110 @@ def test_backbone_info_merges_groups(runner):
 
 
 def test_finetune_strategies_and_lr_find_from_the_cli(runner, workdir, digits_source):
-    common = ("--model", TINY_MODEL, "--no-pretrained", "--img-size", 32, "--workers", 0, "--batch-size", 16, "--augment", "none")
-    result = invoke(runner, "finetune", digits_source, *common, "--strategy", "gradual", "--epochs", 3, "--groups", 2, "--lrs", "1e-4,1e-3,1e-2")
+    common = (
+        "--model",
+        TINY_MODEL,
+        "--no-pretrained",
+        "--img-size",
+        32,
+        "--workers",
+        0,
+        "--batch-size",
+        16,
+        "--augment",
+        "none",
+    )
+    result = invoke(
+        runner,
+        "finetune",
+        digits_source,
+        *common,
+        "--strategy",
+        "gradual",
+        "--epochs",
+        3,
+        "--groups",
+        2,
+        "--lrs",
+        "1e-4,1e-3,1e-2",
+    )
     assert result.exit_code == 0, result.output
-    from tlkit.core import tracking
     from tlkit.cli import _PRECISION_NAMES
+    from tlkit.core import tracking
 
     used = tracking.get_run(result.stdout.split("MLflow run ")[1].split()[0]).data.params["precision"]
     assert f"finetune (gradual, {_PRECISION_NAMES[used]})" in result.stdout  # the title says the precision the run used
     result = invoke(runner, "lr-find", digits_source, *common)
     assert result.exit_code == 0 and "suggested head learning rate" in result.stdout, result.output
-    result = invoke(runner, "finetune", digits_source, *common, "--lr", "auto", "--epochs", 2, "--strategy", "linear-probe")
+    result = invoke(
+        runner, "finetune", digits_source, *common, "--lr", "auto", "--epochs", 2, "--strategy", "linear-probe"
+    )
     assert result.exit_code == 0, result.output
 
 
 def test_bad_training_options_are_one_line_errors(runner, workdir, digits_source):
     common = ("--model", TINY_MODEL, "--no-pretrained", "--img-size", 32)
     assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--strategy", "fastest"), "--strategy")
-    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--groups", 2, "--lrs", "1,2"), "--lrs needs 3 values")
-    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--lr", "fast"), "--lr must be a number or auto")
-    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--strategy", "freeze-unfreeze", "--epochs", 2, "--freeze-epochs", 2),
-                          "--freeze-epochs (2) must be below --epochs (2)")
-    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--resume", "feedface"), "no run 'feedface'")
-    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--use-val", "train", "--patience", 2), "drop --patience or --use-val 'select'")
-    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--use-val", "train", "--test", 0), "no test split to report on")
-    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--test", 0, "--patience", 2), "val is where results are reported")
+    assert_one_line_error(
+        invoke(runner, "finetune", digits_source, *common, "--groups", 2, "--lrs", "1,2"), "--lrs needs 3 values"
+    )
+    assert_one_line_error(
+        invoke(runner, "finetune", digits_source, *common, "--lr", "fast"), "--lr must be a number or auto"
+    )
+    assert_one_line_error(
+        invoke(
+            runner,
+            "finetune",
+            digits_source,
+            *common,
+            "--strategy",
+            "freeze-unfreeze",
+            "--epochs",
+            2,
+            "--freeze-epochs",
+            2,
+        ),
+        "--freeze-epochs (2) must be below --epochs (2)",
+    )
+    assert_one_line_error(
+        invoke(runner, "finetune", digits_source, *common, "--resume", "feedface"), "no run 'feedface'"
+    )
+    assert_one_line_error(
+        invoke(runner, "finetune", digits_source, *common, "--use-val", "train", "--patience", 2),
+        "drop --patience or --use-val 'select'",
+    )
+    assert_one_line_error(
+        invoke(runner, "finetune", digits_source, *common, "--use-val", "train", "--test", 0),
+        "no test split to report on",
+    )
+    assert_one_line_error(
+        invoke(runner, "finetune", digits_source, *common, "--test", 0, "--patience", 2),
+        "val is where results are reported",
+    )
     assert not Path("mlflow.db").exists()  # every option error came before MLflow was touched
 
 
 def test_one_epoch_with_default_settings_trains(runner, workdir, digits_source):
-    result = invoke(runner, "finetune", digits_source, "--model", TINY_MODEL, "--no-pretrained", "--img-size", 32, "--epochs", 1, "--workers", 0)
+    result = invoke(
+        runner,
+        "finetune",
+        digits_source,
+        "--model",
+        TINY_MODEL,
+        "--no-pretrained",
+        "--img-size",
+        32,
+        "--epochs",
+        1,
+        "--workers",
+        0,
+    )
     assert result.exit_code == 0 and "heldout_accuracy" in result.stdout, result.output
 
 
 def test_messages_print_brackets_and_paths_literally(runner, workdir, digits_source, monkeypatch):
-    from tlkit.runs import evaluate as review
     from tlkit.errors import TlkitError
+    from tlkit.runs import evaluate as review
 
     def no_onnx(*args, **kwargs):
         raise TlkitError("ONNX export needs the onnx and onnxscript packages: pip install 'tlkit[export]'")
@@ -181,4 +301,6 @@ def test_messages_print_brackets_and_paths_literally(runner, workdir, digits_sou
             (data / f"[{name}]" / image.name).write_bytes(image.read_bytes())
     result = invoke(runner, "baseline", data, "--classifier", "pixels")
     assert result.exit_code == 0, result.output
-    assert "warning: class folder(s) with no usable image, left out of the dataset: [empty]" in " ".join(result.stderr.split())
+    assert "warning: class folder(s) with no usable image, left out of the dataset: [empty]" in " ".join(
+        result.stderr.split()
+    )

@@ -13,14 +13,26 @@ import pytest
 from conftest import TINY_MODEL
 
 TLKIT = [sys.executable, "-m", "tlkit"]
-NOISE = ("Creating initial MLflow database", "INFO mlflow", "weights_only", "litlogger", "GPU available", "TPU available",
-         "LeafSpec", "_pytree", "Warning", "Traceback")
+NOISE = (
+    "Creating initial MLflow database",
+    "INFO mlflow",
+    "weights_only",
+    "litlogger",
+    "GPU available",
+    "TPU available",
+    "LeafSpec",
+    "_pytree",
+    "Warning",
+    "Traceback",
+)
 TRAIN = ("--model", TINY_MODEL, "--no-pretrained", "--img-size", "32", "--workers", "0")
 
 
 def run(args, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return subprocess.run([*TLKIT, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [*TLKIT, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kwargs
+    )
 
 
 def assert_quiet(output: str) -> None:
@@ -56,10 +68,18 @@ def test_library_callers_get_no_lightning_chatter_either(tmp_path, digits_source
 def test_parallel_commands_on_a_new_store_all_succeed(tmp_path, digits_source):
     """Several processes creating mlflow.db at once crashed in MLflow's schema migration; now one creates it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    commands = [["baseline", digits_source, "--classifier", "pixels"], ["baseline", digits_source, "--classifier", "pixels", "--seed", "1"],
-                ["extract", digits_source, *TRAIN], ["ingest", digits_source, "--out", "m.json"]]
-    processes = [subprocess.Popen([*TLKIT, *map(str, c)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for c in commands]
+    commands = [
+        ["baseline", digits_source, "--classifier", "pixels"],
+        ["baseline", digits_source, "--classifier", "pixels", "--seed", "1"],
+        ["extract", digits_source, *TRAIN],
+        ["ingest", digits_source, "--out", "m.json"],
+    ]
+    processes = [
+        subprocess.Popen(
+            [*TLKIT, *map(str, c)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for c in commands
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in processes]
     assert all(code == 0 for code, _ in results), results
     assert not any("Traceback" in err for _, err in results)
@@ -77,7 +97,10 @@ def test_ctrl_c_names_the_run_and_the_command_that_resumes_it(tmp_path, digits_s
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("interrupted: run "), err
     run_id = lines[0].split()[2]
-    assert lines[0].endswith(f"continue it with: tlkit finetune {digits_source} {' '.join(TRAIN)} --epochs 400 --strategy freeze-unfreeze --resume {run_id}")
+    assert lines[0].endswith(
+        f"continue it with: tlkit finetune {digits_source} {' '.join(TRAIN)} --epochs 400 --strategy freeze-unfreeze "
+        f"--resume {run_id}"
+    )
 
 
 def imported_by(args, cwd: Path) -> set[str]:
@@ -87,10 +110,13 @@ def imported_by(args, cwd: Path) -> set[str]:
         "from tlkit.cli import main\n"
         f"sys.argv = ['tlkit', *{[str(a) for a in args]!r}]\n"
         "try:\n    main()\nexcept SystemExit as stop:\n    assert not stop.code, stop.code\n"
-        "print('IMPORTED', *sorted(m for m in ('lightning', 'torchmetrics', 'torch', 'timm', 'albumentations', 'sklearn') if m in sys.modules))\n"
+        "print('IMPORTED', *sorted(m for m in ('lightning', 'torchmetrics', 'torch', 'timm', 'albumentations', "
+        "'sklearn') if m in sys.modules))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"TLKIT_CACHE": str(cwd / "cache")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     return set(result.stdout.split("IMPORTED")[-1].split())
 
@@ -116,8 +142,13 @@ def test_a_fine_tune_piped_to_a_file_writes_a_line_per_epoch_as_it_goes(tmp_path
     log = tmp_path / "log.txt"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TLKIT_PROGRESS"))}
     with open(log, "w") as out:
-        process = subprocess.Popen([*TLKIT, "finetune", str(digits_source), *TRAIN, "--epochs", "40", "--strategy", "full"], cwd=tmp_path,
-                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [*TLKIT, "finetune", str(digits_source), *TRAIN, "--epochs", "40", "--strategy", "full"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 120
             while "epoch 2/40" not in log.read_text() and time.monotonic() < deadline:
@@ -131,9 +162,25 @@ def test_a_fine_tune_piped_to_a_file_writes_a_line_per_epoch_as_it_goes(tmp_path
     first = next(line for line in text.splitlines() if line.startswith("epoch 1/40"))
     assert "elapsed, eta" in first and "train_loss" in first and "val_accuracy" in first
     assert "\x1b" not in text and "\r" not in text  # no colours, no cursor moves, no redrawn bars
-    quiet = subprocess.run([*TLKIT, "finetune", str(digits_source), *TRAIN, "--epochs", "1"], cwd=tmp_path, capture_output=True, text=True,
-                           env={**env, "TLKIT_PROGRESS": "off"}, timeout=300)
+    quiet = subprocess.run(
+        [*TLKIT, "finetune", str(digits_source), *TRAIN, "--epochs", "1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env, "TLKIT_PROGRESS": "off"},
+        timeout=300,
+    )
     assert quiet.returncode == 0 and "epoch 1/1" not in quiet.stdout, quiet.stderr
-    wrong = subprocess.run([*TLKIT, "finetune", str(digits_source), *TRAIN], cwd=tmp_path, capture_output=True, text=True,
-                           env={**env, "TLKIT_PROGRESS": "bars"}, timeout=300)
-    assert wrong.returncode == 1 and wrong.stderr.strip().startswith("error: TLKIT_PROGRESS='bars'") and len(wrong.stderr.splitlines()) == 1
+    wrong = subprocess.run(
+        [*TLKIT, "finetune", str(digits_source), *TRAIN],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env, "TLKIT_PROGRESS": "bars"},
+        timeout=300,
+    )
+    assert (
+        wrong.returncode == 1
+        and wrong.stderr.strip().startswith("error: TLKIT_PROGRESS='bars'")
+        and len(wrong.stderr.splitlines()) == 1
+    )

@@ -2,12 +2,14 @@ import csv
 
 import pytest
 
-from tlkit.runs.compare import build_leaderboard, descendants, lower_is_better
-from tlkit.errors import TlkitError
 from tlkit.core.tracking import RunRecord
+from tlkit.errors import TlkitError
+from tlkit.runs.compare import build_leaderboard, descendants, lower_is_better
 
 
-def run(run_id, name, value, *, params=None, parent=None, reused=None, metric="heldout_accuracy", status="FINISHED") -> RunRecord:
+def run(
+    run_id, name, value, *, params=None, parent=None, reused=None, metric="heldout_accuracy", status="FINISHED"
+) -> RunRecord:
     tags = {"tlkit.stage_id": name}
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -30,7 +32,10 @@ def test_seeds_of_one_setting_make_one_row_sorted_best_first():
     ]
     board = build_leaderboard(runs, "heldout_accuracy", no_history)
     assert [(e.label, e.settings.get("train.strategy"), e.n) for e in board.entries] == [
-        ("tuned", "gradual", 1), ("tuned", "full", 2), ("pixels", None, 1)]
+        ("tuned", "gradual", 1),
+        ("tuned", "full", 2),
+        ("pixels", None, 1),
+    ]
     full = board.entries[1]
     assert full.mean == pytest.approx(0.85) and full.std == pytest.approx(0.05)
     assert board.columns == ["train.strategy"]  # seeds and fingerprints are not settings
@@ -48,8 +53,12 @@ def test_reused_runs_count_once_and_history_gives_the_best_epoch():
 
 
 def test_weights_from_runs_are_named_by_stage_not_id():
-    runs = [run("pre1", "pre", 1.0), run("t1", "tuned", 0.8, params={"weights": "runs:/pre1"}),
-            run("pre2", "pre", 1.0), run("t2", "tuned", 0.9, params={"weights": "runs:/pre2"})]
+    runs = [
+        run("pre1", "pre", 1.0),
+        run("t1", "tuned", 0.8, params={"weights": "runs:/pre1"}),
+        run("pre2", "pre", 1.0),
+        run("t2", "tuned", 0.9, params={"weights": "runs:/pre2"}),
+    ]
     board = build_leaderboard(runs, "heldout_accuracy", no_history)
     tuned = [e for e in board.entries if e.label == "tuned"]
     assert len(tuned) == 1 and tuned[0].settings["weights"] == "runs:/pre" and tuned[0].n == 2
@@ -68,9 +77,14 @@ def test_compare_command_prints_writes_and_logs(tracked, tmp_path, digits_target
     from tlkit.cli import app
     from tlkit.pipelines.pipeline import run_pipeline
 
-    summary = run_pipeline(sweep_pipeline(tmp_path, digits_target), experiment="cmp",
-                           overrides=["stages=[{id: svm, stage: baseline, data: digits, baseline: {classifier: pixels}}]",
-                                      "sweep={stages.svm.baseline.pixel_size: [8, 16]}"])
+    summary = run_pipeline(
+        sweep_pipeline(tmp_path, digits_target),
+        experiment="cmp",
+        overrides=[
+            "stages=[{id: svm, stage: baseline, data: digits, baseline: {classifier: pixels}}]",
+            "sweep={stages.svm.baseline.pixel_size: [8, 16]}",
+        ],
+    )
     out = tmp_path / "board"
     result = runner.invoke(app, ["compare", "--parent", summary.run_id, "--out", str(out)])
     assert result.exit_code == 0, result.output

@@ -14,8 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_site_builds_strictly(tmp_path):
     pytest.importorskip("mkdocs")
     pytest.importorskip("material")
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300, env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reference = (tmp_path / "site" / "reference" / "cli" / "index.html").read_text()
     assert "tlkit finetune" in reference and "--run-name" in reference and "&lt;folder&gt;" in reference
@@ -40,7 +46,9 @@ def test_the_cli_reference_has_every_command_and_option():
         while stack:
             name, command = stack.pop()
             if isinstance(command, click.Group):
-                stack += [(f"{name} {sub}", command.get_command(context, sub)) for sub in command.list_commands(context)]
+                stack += [
+                    (f"{name} {sub}", command.get_command(context, sub)) for sub in command.list_commands(context)
+                ]
                 continue
             assert f"## `tlkit {name}`" in page, name
             section = page.split(f"## `tlkit {name}`", 1)[1].split("\n## ", 1)[0]

@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_MODEL
-from tlkit.review.attack import fgsm_accuracy, parse_eps
-from tlkit.models.backbone import create_model, data_config_for, feature_width
-from tlkit.errors import TlkitError
+
 from tlkit.core.metrics import calibration
-from tlkit.review.explain import filters_figure, first_conv_filters, gradcam, occlusion, saliency
+from tlkit.errors import TlkitError
+from tlkit.models.backbone import create_model, data_config_for, feature_width
 from tlkit.models.network import Network
+from tlkit.review.attack import fgsm_accuracy, parse_eps
+from tlkit.review.explain import filters_figure, first_conv_filters, gradcam, occlusion, saliency
 
 SIDE, CORNER = 32, 8  # the class is written in the top-left 8x8 corner; everything else is noise
 

@@ -16,21 +16,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 from PIL import Image
-
+from test_cli import assert_one_line_error, invoke
 from typer.testing import CliRunner
 
-from conftest import TINY_MODEL
-from test_cli import assert_one_line_error, invoke
-
-FINETUNE = ["--model", TINY_MODEL, "--no-pretrained", "--img-size", "32", "--augment", "none", "--no-hflip", "--workers", "0",
-            "--batch-size", "16"]
+FINETUNE = [
+    "--model",
+    TINY_MODEL,
+    "--no-pretrained",
+    "--img-size",
+    "32",
+    "--augment",
+    "none",
+    "--no-hflip",
+    "--workers",
+    "0",
+    "--batch-size",
+    "16",
+]
 
 
 def tlkit(*args, cwd, env=None, timeout=300):
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "tlkit", *map(str, args)], cwd=cwd, capture_output=True, text=True, errors="surrogateescape", timeout=timeout,
-                            env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "COLUMNS": "200", **(env or {})})
+    result = subprocess.run(
+        [sys.executable, "-m", "tlkit", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        timeout=timeout,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "COLUMNS": "200", **(env or {})},
+    )
     result.seconds = time.monotonic() - started
     return result
 
@@ -71,9 +88,22 @@ def wait_for(path: Path, process, seconds=120):
 def test_a_killed_fine_tune_is_found_marked_killed_and_resumed(tmp_path, digits_target):
     checkpoints = tmp_path / "ckpt"
     env = {"TLKIT_CHECKPOINTS": str(checkpoints)}
-    command = [sys.executable, "-m", "tlkit", "finetune", str(digits_target), *FINETUNE, "--epochs", "30", "--strategy", "freeze-unfreeze"]
+    command = [
+        sys.executable,
+        "-m",
+        "tlkit",
+        "finetune",
+        str(digits_target),
+        *FINETUNE,
+        "--epochs",
+        "30",
+        "--strategy",
+        "freeze-unfreeze",
+    ]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    process = subprocess.Popen(command, cwd=tmp_path, env={**clean, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env={**clean, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         wait_for(checkpoints, process)
         (run_dir,) = list(checkpoints.iterdir())
@@ -123,7 +153,19 @@ def test_full_disk_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, digit
     env = {"TLKIT_CHECKPOINTS": str(disk)}
     # gradual unfreezing: a checkpoint at each phase change, each larger than the last (more optimizer state);
     # 6 MB holds the first and not the second beside it
-    failed = tlkit("finetune", digits_target, *FINETUNE, "--epochs", "8", "--strategy", "gradual", "--unfreeze-every", "1", cwd=tmp_path, env=env)
+    failed = tlkit(
+        "finetune",
+        digits_target,
+        *FINETUNE,
+        "--epochs",
+        "8",
+        "--strategy",
+        "gradual",
+        "--unfreeze-every",
+        "1",
+        cwd=tmp_path,
+        env=env,
+    )
     line = one_line(failed, "no space left on the disk of", "MB free", "marked FAILED", "--resume")
     run_id = line.split("; run ")[1].split()[0]
     assert statuses(tmp_path)[run_id] == "FAILED", line
@@ -137,7 +179,8 @@ def test_full_disk_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, digit
     assert statuses(tmp_path)[run_id] == "FINISHED"
 
 
-@pytest.mark.slow  # a tmpfs and two ingests in subprocesses, ~6 s (the same helper: test_a_write_that_fails_leaves_the_old_file_whole)
+# a tmpfs and two ingests in subprocesses, ~6 s (the same helper: test_a_write_that_fails_leaves_the_old_file_whole)
+@pytest.mark.slow
 def test_ingest_on_a_full_disk_keeps_the_old_manifest(tmp_path, digits_target, small_disk, monkeypatch):
     disk, _ = small_disk
     manifest = disk / "m.json"
@@ -178,8 +221,8 @@ def test_a_write_that_fails_leaves_the_old_file_whole(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def store_with_a_model(tmp_path_factory, digits_target):
     """A store (mlflow.db, mlruns/) holding one baseline; yields (folder, run id)."""
-    from tlkit.core import tracking
     from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig
+    from tlkit.core import tracking
     from tlkit.runs.stages import run_baseline
 
     folder = tmp_path_factory.mktemp("faults")
@@ -188,7 +231,12 @@ def store_with_a_model(tmp_path_factory, digits_target):
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
         tracking.configure(None, None)
-        result = run_baseline(digits_target, BackboneConfig(model=TINY_MODEL, img_size=32), BaselineConfig(), compute=ComputeConfig(num_workers=0))
+        result = run_baseline(
+            digits_target,
+            BackboneConfig(model=TINY_MODEL, img_size=32),
+            BaselineConfig(),
+            compute=ComputeConfig(num_workers=0),
+        )
     return folder, result.run_id
 
 
@@ -199,7 +247,11 @@ def test_a_damaged_store_is_one_line_at_once(store_with_a_model, tmp_path, digit
     database = copy / "mlflow.db"
     database.write_bytes(database.read_bytes()[: database.stat().st_size // 2])
     image = sorted(Path(digits_target).rglob("*.png"))[0]
-    for command in (["predict", f"runs:/{run_id}", image], ["compare"], ["baseline", digits_target, "--model", TINY_MODEL]):
+    for command in (
+        ["predict", f"runs:/{run_id}", image],
+        ["compare"],
+        ["baseline", digits_target, "--model", TINY_MODEL],
+    ):
         one_line(tlkit(*command, cwd=copy), "mlflow.db is damaged", "restore it from a backup", within=2.0)
     database.write_bytes(b"not a database at all" * 10)
     one_line(tlkit("compare", cwd=copy), "is damaged", within=2.0)
@@ -221,7 +273,11 @@ def test_a_read_only_folder_reads_and_says_what_it_cannot_write(store_with_a_mod
         listed = tlkit("compare", "--out", tmp_path / "board", cwd=copy, env=env)  # reads the store, writes elsewhere
         assert listed.returncode == 0 and (tmp_path / "board" / "leaderboard.csv").is_file(), listed.stderr
         image = sorted(Path(digits_target).rglob("*.png"))[0]
-        one_line(tlkit("predict", f"runs:/{run_id}", image, "--out", tmp_path / "p.csv", cwd=copy, env=env), "is read-only", "--tracking-uri")
+        one_line(
+            tlkit("predict", f"runs:/{run_id}", image, "--out", tmp_path / "p.csv", cwd=copy, env=env),
+            "is read-only",
+            "--tracking-uri",
+        )
     finally:
         subprocess.run(["umount", str(copy)], capture_output=True)
         os.chmod(copy, 0o755)
@@ -254,7 +310,9 @@ def test_odd_names_and_files_are_used_or_reported_never_a_crash(odd_folder, tmp_
     assert "several frames" in report and "first frame is used" in report
     names = [r["path"] for r in json.loads((tmp_path / "m.json").read_text())["images"]]
     odd = [n for n in names if "caf" in n]
-    assert len(odd) == 1 and os.fsencode(odd[0]).endswith(b"caf\xe9-\xff.png")  # the JSON escape gives back the very bytes
+    assert len(odd) == 1 and os.fsencode(odd[0]).endswith(
+        b"caf\xe9-\xff.png"
+    )  # the JSON escape gives back the very bytes
     baseline = tlkit("baseline", odd_folder, "--classifier", "pixels", cwd=tmp_path)
     assert baseline.returncode == 0, baseline.stderr[-3000:]
     model = baseline.stdout.split("runs:/")[1].split(";")[0].split(")")[0].strip()
@@ -296,12 +354,16 @@ def test_damaged_model_folders_name_the_file(store_with_a_model, workdir, digits
     assert_one_line_error(invoke(runner, "predict", model, image), "head.safetensors", "damaged")
 
 
-def test_predict_leaves_no_litter_and_export_asks_before_overwriting(store_with_a_model, tmp_path, digits_target, monkeypatch):
+def test_predict_leaves_no_litter_and_export_asks_before_overwriting(
+    store_with_a_model, tmp_path, digits_target, monkeypatch
+):
     import tempfile
 
     folder, run_id = store_with_a_model
     monkeypatch.chdir(folder)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store in `folder`, whatever an earlier test configured
+    monkeypatch.delenv(
+        "MLFLOW_TRACKING_URI", raising=False
+    )  # the store in `folder`, whatever an earlier test configured
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.setenv("TLKIT_CACHE", str(tmp_path / "cache"))
     image = sorted(Path(digits_target).rglob("*.png"))[0]
@@ -315,8 +377,12 @@ def test_predict_leaves_no_litter_and_export_asks_before_overwriting(store_with_
     out = tmp_path / "export"
     first = invoke(runner, "export", f"runs:/{run_id}", "--format", "torchscript", "--out", out)
     assert first.exit_code == 0 and str(out) in " ".join(first.stdout.split()), first.output
-    assert_one_line_error(invoke(runner, "export", f"runs:/{run_id}", "--format", "torchscript", "--out", out), "exists", "--force")
-    assert invoke(runner, "export", f"runs:/{run_id}", "--format", "torchscript", "--out", out, "--force").exit_code == 0
+    assert_one_line_error(
+        invoke(runner, "export", f"runs:/{run_id}", "--format", "torchscript", "--out", out), "exists", "--force"
+    )
+    assert (
+        invoke(runner, "export", f"runs:/{run_id}", "--format", "torchscript", "--out", out, "--force").exit_code == 0
+    )
 
 
 def test_runs_record_their_process_and_command_without_passwords(tracked, monkeypatch):
@@ -342,7 +408,9 @@ def test_ctrl_c_inside_a_database_write_still_ends_the_run_killed(tracked, monke
     real_end_run = mlflow.end_run
 
     def broken_end_run(status="FINISHED"):
-        real_end_run.__globals__["_active_run_stack"].get().pop()  # MLflow pops the run before it writes, then the write fails
+        real_end_run.__globals__[
+            "_active_run_stack"
+        ].get().pop()  # MLflow pops the run before it writes, then the write fails
         raise RuntimeError("cannot start a transaction within a transaction")
 
     with pytest.raises(KeyboardInterrupt):

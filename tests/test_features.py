@@ -1,9 +1,9 @@
 import numpy as np
-
 from conftest import TINY_MODEL
+
+from tlkit.data.ingest import ingest
 from tlkit.features import extract as feats
 from tlkit.models.backbone import create_backbone
-from tlkit.data.ingest import ingest
 
 
 def test_extract_caches_by_model_weights_and_data(workdir, digits_source, monkeypatch):

@@ -2,19 +2,18 @@
 
 import warnings
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_MODEL
-from tlkit.models.backbone import create_backbone
-from tlkit.config import TrainConfig
-from tlkit.errors import TlkitError
-from tlkit.train.finetune import build_module, train_classifier, train_loader
-from tlkit.data.ingest import ingest
-from tlkit.train.lr_find import find_lr
 
-import lightning as L
+from tlkit.config import TrainConfig
+from tlkit.data.ingest import ingest
+from tlkit.errors import TlkitError
+from tlkit.models.backbone import create_backbone
+from tlkit.train.finetune import build_module, train_classifier, train_loader
+from tlkit.train.lr_find import find_lr
 
 
 def fast(**overrides) -> TrainConfig:
@@ -38,7 +37,9 @@ class Recorder(L.Callback):
 def train(manifest, settings, **kwargs):
     recorder = Recorder()
     backbone = create_backbone(TINY_MODEL, img_size=32)
-    result = train_classifier(manifest, backbone, settings, num_workers=0, precision="32-true", progress=False, callbacks=[recorder], **kwargs)
+    result = train_classifier(
+        manifest, backbone, settings, num_workers=0, precision="32-true", progress=False, callbacks=[recorder], **kwargs
+    )
     return result, recorder, backbone
 
 
@@ -82,12 +83,21 @@ def test_frozen_groups_do_not_move_and_bn_statistics_stay_fixed(workdir, manifes
 def test_bn_train_policy_updates_statistics_of_frozen_groups(workdir, manifest):
     backbone = create_backbone(TINY_MODEL, img_size=32)
     before = {k: v.clone() for k, v in backbone.model.state_dict().items() if "running_mean" in k}
-    result = train_classifier(manifest, backbone, fast(strategy="linear-probe", bn="train"), num_workers=0, precision="32-true", progress=False)
+    result = train_classifier(
+        manifest,
+        backbone,
+        fast(strategy="linear-probe", bn="train"),
+        num_workers=0,
+        precision="32-true",
+        progress=False,
+    )
     after = result.module.backbone.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in before.items())
     weights = {k: v for k, v in after.items() if k.endswith(".weight")}
-    assert all(torch.equal(weights[k], backbone_state) for k, backbone_state in
-               ((k, create_backbone(TINY_MODEL, img_size=32).model.state_dict()[k]) for k in weights))
+    assert all(
+        torch.equal(weights[k], backbone_state)
+        for k, backbone_state in ((k, create_backbone(TINY_MODEL, img_size=32).model.state_dict()[k]) for k in weights)
+    )
 
 
 def test_freeze_unfreeze_switches_at_the_right_epoch(workdir, manifest):
@@ -125,12 +135,30 @@ def test_resume_continues_from_the_last_checkpoint(workdir, manifest):
     settings = fast(epochs=4, strategy="freeze-unfreeze", freeze_epochs=1)
     backbone = create_backbone(TINY_MODEL, img_size=32)
     with pytest.raises(RuntimeError, match="power cut"):
-        train_classifier(manifest, backbone, settings, num_workers=0, precision="32-true", progress=False, callbacks=[Stop()], workdir=workdir / "ck")
+        train_classifier(
+            manifest,
+            backbone,
+            settings,
+            num_workers=0,
+            precision="32-true",
+            progress=False,
+            callbacks=[Stop()],
+            workdir=workdir / "ck",
+        )
     saved = torch.load(workdir / "ck" / "last.ckpt", weights_only=True)
     assert saved["epoch"] == 0 and saved["tlkit_phase"] == 0
     recorder = Recorder()
-    result = train_classifier(manifest, create_backbone(TINY_MODEL, img_size=32), settings, num_workers=0, precision="32-true",
-                              progress=False, callbacks=[recorder], workdir=workdir / "ck", resume=True)
+    result = train_classifier(
+        manifest,
+        create_backbone(TINY_MODEL, img_size=32),
+        settings,
+        num_workers=0,
+        precision="32-true",
+        progress=False,
+        callbacks=[recorder],
+        workdir=workdir / "ck",
+        resume=True,
+    )
     assert result.epochs_run == 4 and len(recorder.trainable) == 3  # epochs 1, 2, 3 only
     with pytest.raises(TlkitError, match="nothing to resume"):
         train_classifier(manifest, backbone, settings, workdir=workdir / "none", resume=True, progress=False)
@@ -169,9 +197,19 @@ def test_use_val_train_trains_on_val_and_keeps_the_last_epoch(workdir, manifest)
     backbone = create_backbone(TINY_MODEL, img_size=32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train_classifier(manifest, backbone, fast(epochs=1, use_val="train", strategy="full"), num_workers=0, precision="32-true", progress=False, callbacks=[Batches()])
+        train_classifier(
+            manifest,
+            backbone,
+            fast(epochs=1, use_val="train", strategy="full"),
+            num_workers=0,
+            precision="32-true",
+            progress=False,
+            callbacks=[Batches()],
+        )
     assert seen == [n_train + n_val]
-    assert not [w for w in caught if "val_dataloader" in str(w.message)]  # no val loader is the plan, not a mistake to report
+    assert not [
+        w for w in caught if "val_dataloader" in str(w.message)
+    ]  # no val loader is the plan, not a mistake to report
     assert result.heldout_split == "test" and len(result.y_true) == len(manifest.split("test"))
 
 

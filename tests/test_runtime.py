@@ -6,11 +6,11 @@ import time
 
 import pytest
 import torch
-
 from conftest import TINY_MODEL
+
 from tlkit.core import runtime
-from tlkit.models.backbone import create_backbone
 from tlkit.core.cache import cache_dir
+from tlkit.models.backbone import create_backbone
 
 
 @pytest.fixture
@@ -46,7 +46,10 @@ def test_auto_is_decided_by_the_architecture_never_by_a_timing(bf16_cpu, monkeyp
 
 def test_a_named_precision_is_kept(bf16_cpu):
     assert runtime.training_precision("32-true", _module()) == "32-true"
-    assert runtime.training_precision("bf16-mixed", create_backbone("test_efficientnet", img_size=32).model) == "bf16-mixed"
+    assert (
+        runtime.training_precision("bf16-mixed", create_backbone("test_efficientnet", img_size=32).model)
+        == "bf16-mixed"
+    )
 
 
 def test_a_job_gets_its_share_of_the_cores_for_threads_and_loader_workers(monkeypatch):
@@ -75,7 +78,10 @@ def test_hidden_progress_bars_stay_hidden_even_when_asked_for(monkeypatch):
 
     monkeypatch.setitem(runtime._BARS, "on", True)
     monkeypatch.setenv("TLKIT_PROGRESS", "rich")
-    assert runtime.build_trainer(devices=1, precision="32-true", progress=True, root_dir=None).progress_bar_callback is not None
+    assert (
+        runtime.build_trainer(devices=1, precision="32-true", progress=True, root_dir=None).progress_bar_callback
+        is not None
+    )
     monkeypatch.setenv("TLKIT_PROGRESS", "plain")  # what output to a file gets by default
     plain = runtime.build_trainer(devices=1, precision="32-true", progress=True, root_dir=None)
     assert plain.progress_bar_callback is None and len(lines(plain)) == 1

@@ -1,8 +1,8 @@
 import pytest
 from PIL import Image
 
-from tlkit.errors import TlkitError
 from tlkit.data.samples import parse_classes, write_digits
+from tlkit.errors import TlkitError
 
 
 def test_writes_requested_classes_and_sizes(tmp_path):
@@ -21,10 +21,14 @@ def test_all_digits_by_default(tmp_path):
 def test_subsample_is_seeded(tmp_path):
     write_digits(tmp_path / "a", classes="1", per_class=3, seed=7)
     write_digits(tmp_path / "b", classes="1", per_class=3, seed=7)
-    assert sorted(p.name for p in (tmp_path / "a").rglob("*.png")) == sorted(p.name for p in (tmp_path / "b").rglob("*.png"))
+    assert sorted(p.name for p in (tmp_path / "a").rglob("*.png")) == sorted(
+        p.name for p in (tmp_path / "b").rglob("*.png")
+    )
 
 
-@pytest.mark.parametrize("spec,expected", [("0-4", [0, 1, 2, 3, 4]), ("5,7,9", [5, 7, 9]), ("1-2,8", [1, 2, 8]), (None, list(range(10)))])
+@pytest.mark.parametrize(
+    "spec,expected", [("0-4", [0, 1, 2, 3, 4]), ("5,7,9", [5, 7, 9]), ("1-2,8", [1, 2, 8]), (None, list(range(10)))]
+)
 def test_parse_classes(spec, expected):
     assert parse_classes(spec) == expected
 

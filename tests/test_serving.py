@@ -11,16 +11,18 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import TINY_MODEL
+from PIL import Image
 from test_ui import free_port, serving
-from tlkit.core import tracking
+
 from tlkit.config import BackboneConfig, ComputeConfig, TrainConfig
+from tlkit.core import tracking
 from tlkit.review.predict import predict_images
 from tlkit.runs.stages import run_train
 
-pytestmark = pytest.mark.slow  # a real server: ~20 s of start-up and requests, with the slow tests (the same model in-process: test_review)
+pytestmark = (
+    pytest.mark.slow
+)  # a real server: ~20 s of start-up and requests, with the slow tests (the same model in-process: test_review)
 
 
 def photo(path, width, height, seed=0):
@@ -36,12 +38,18 @@ def photo(path, width, height, seed=0):
 
 
 def png_header_only(width, height):
-    """A PNG whose header claims width x height (a decompression bomb as a server first sees it), a few hundred bytes."""
+    """A PNG whose header claims width x height (a decompression bomb as a server sees it), a few hundred bytes."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def post(base, rows):
@@ -56,21 +64,43 @@ def post(base, rows):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, digits_pair):
-    """A two-class fine-tune, served by `mlflow models serve` with a 3 MB request limit; yields (base URL, model uri, folder)."""
+    """A two-class fine-tune, served by `mlflow models serve` with a 3 MB request limit; yields (base URL, model uri,
+    folder)."""
     folder = tmp_path_factory.mktemp("serving")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         tracking.configure(None, "serving")
         train = TrainConfig(epochs=2, strategy="full", augment="none", hflip=False, lr=3e-3)
-        model = run_train("finetune", digits_pair, BackboneConfig(model=TINY_MODEL, img_size=32), train,
-                          compute=ComputeConfig(num_workers=0), progress=False).model_uri
+        model = run_train(
+            "finetune",
+            digits_pair,
+            BackboneConfig(model=TINY_MODEL, img_size=32),
+            train,
+            compute=ComputeConfig(num_workers=0),
+            progress=False,
+        ).model_uri
         port = free_port()
         patch.setenv("MLFLOW_TRACKING_URI", tracking.resolve_tracking_uri())
         patch.setenv("TLKIT_SERVE_MAX_REQUEST_MB", "3")
-        patch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])  # it execs uvicorn from the environment
-        command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"{model}/model", "--env-manager", "local",
-                   "-h", "127.0.0.1", "-p", str(port)]
+        patch.setenv(
+            "PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+        )  # it execs uvicorn from the environment
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"{model}/model",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ]
         with serving(command, port, ping="/ping") as base:
             yield base, model, folder
 
@@ -108,7 +138,11 @@ def refused(status, body, *fragments, sent=""):
 def test_served_model_refuses_paths_floods_and_bombs_in_one_line(served, tmp_path):
     base, _, _ = served
     image = photo(tmp_path / "p.jpg", 64, 64)
-    for path in (str(image), "/etc/passwd", "/etc/nonexistent"):  # never opened: the same answer whether the file exists or not
+    for path in (
+        str(image),
+        "/etc/passwd",
+        "/etc/nonexistent",
+    ):  # never opened: the same answer whether the file exists or not
         refused(*post(base, [path]), "input 0: not a base64-encoded JPEG, PNG or WebP image", sent=path)
     bomb = base64.b64encode(png_header_only(19000, 19000)).decode()
     refused(*post(base, [bomb]), "19000x19000", "TLKIT_SERVE_MAX_PIXELS")

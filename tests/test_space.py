@@ -61,7 +61,9 @@ def test_the_default_space_is_valid_and_samples_a_runnable_recipe():
 
 
 def test_strategy_specific_settings_are_sampled_only_for_their_strategy():
-    space = parse_space({"strategy": ["full", "gradual"], "freeze_epochs": {"low": 1, "high": 3}, "unfreeze_every": [1, 2]})
+    space = parse_space(
+        {"strategy": ["full", "gradual"], "freeze_epochs": {"low": 1, "high": 3}, "unfreeze_every": [1, 2]}
+    )
     trial = FirstChoice()
     values = space.sample(trial)
     assert values == {"strategy": "full"} and trial.asked == ["strategy"]  # neither applies to full
@@ -69,7 +71,9 @@ def test_strategy_specific_settings_are_sampled_only_for_their_strategy():
 
 def test_freeze_epochs_is_capped_below_epochs():
     space = parse_space({"epochs": [2], "freeze_epochs": {"low": 1, "high": 5}, "lr": [0.001, 0.01]})
-    settings = settings_for(space.sample(FirstChoice()), TrainConfig())  # FirstChoice takes the high end of int ranges: 5
+    settings = settings_for(
+        space.sample(FirstChoice()), TrainConfig()
+    )  # FirstChoice takes the high end of int ranges: 5
     assert settings.epochs == 2 and settings.freeze_epochs == 1
 
 
@@ -108,9 +112,22 @@ def test_the_written_out_default_space_is_the_default():
 
 def test_the_base_recipe_is_the_first_trial_when_the_space_contains_it():
     defaults = parse_space(None).defaults(TrainConfig())
-    assert defaults == {"lr": 1e-3, "lr_mult": 3.0, "strategy": "freeze-unfreeze", "epochs": 20, "freeze_epochs": 1, "augment": "light",
-                        "label_smoothing": 0.0, "bn": "keep-stats"}
-    assert settings_for(defaults, TrainConfig()) == TrainConfig(freeze_epochs=1)  # exactly `tlkit finetune` with no training flags
-    assert parse_space({"lr": {"low": 1e-2, "high": 1e-1}}).defaults(TrainConfig()) == {}  # 1e-3 is outside: no start point
-    assert parse_space({"lr": [0.006, 0.01], "strategy": ["full", "gradual"]}).defaults(TrainConfig(lr=0.006, strategy="gradual")) == {
-        "lr": 0.006, "strategy": "gradual"}
+    assert defaults == {
+        "lr": 1e-3,
+        "lr_mult": 3.0,
+        "strategy": "freeze-unfreeze",
+        "epochs": 20,
+        "freeze_epochs": 1,
+        "augment": "light",
+        "label_smoothing": 0.0,
+        "bn": "keep-stats",
+    }
+    assert settings_for(defaults, TrainConfig()) == TrainConfig(
+        freeze_epochs=1
+    )  # exactly `tlkit finetune` with no training flags
+    assert (
+        parse_space({"lr": {"low": 1e-2, "high": 1e-1}}).defaults(TrainConfig()) == {}
+    )  # 1e-3 is outside: no start point
+    assert parse_space({"lr": [0.006, 0.01], "strategy": ["full", "gradual"]}).defaults(
+        TrainConfig(lr=0.006, strategy="gradual")
+    ) == {"lr": 0.006, "strategy": "gradual"}

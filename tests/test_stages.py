@@ -4,10 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_MODEL
-from tlkit.core import tracking
+
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, SplitConfig, TrainConfig
+from tlkit.core import tracking
 from tlkit.errors import TlkitError
 from tlkit.runs.stages import run_baseline, run_extract, run_ingest, run_predict, run_train
 
@@ -49,10 +49,17 @@ def test_baseline_run_contents_and_prediction(tracked, digits_source, classifier
     assert float(params["C"]) > 0 and params["data.fingerprint"] == run.data.tags["tlkit.data_fingerprint"]
     assert metrics["heldout_accuracy"] == result.metrics["heldout_accuracy"] > 0.5
     files = artifacts(tracked, result.run_id)
-    assert {"plots/confusion_matrix.png", "model/MLmodel", "model/artifacts/bundle/tlkit-model.json", "model/artifacts/bundle/head.safetensors",
-            "data/report.txt"} <= files
+    assert {
+        "plots/confusion_matrix.png",
+        "model/MLmodel",
+        "model/artifacts/bundle/tlkit-model.json",
+        "model/artifacts/bundle/head.safetensors",
+        "data/report.txt",
+    } <= files
     assert ("model/artifacts/bundle/backbone.safetensors" in files) == (classifier != "pixels")
-    assert not [f for f in files if f.endswith((".pkl", ".joblib", ".pickle"))]  # tensors, JSON and code: no pickle anywhere in the run
+    assert not [
+        f for f in files if f.endswith((".pkl", ".joblib", ".pickle"))
+    ]  # tensors, JSON and code: no pickle anywhere in the run
 
     images = sorted(str(p) for p in Path(digits_source, "2").glob("*.png"))[:5]
     rows, skipped, predicted = run_predict(f"runs:/{result.run_id}", images, top_k=2)
@@ -70,15 +77,28 @@ def test_pretrain_then_finetune_from_the_run(tracked, digits_source, digits_targ
     assert [m.step for m in history] == [0, 1]
     assert {"train_loss", "train_accuracy", "val_loss", "heldout_accuracy", "best_epoch"} <= set(run.data.metrics)
     assert run.data.params["train.epochs"] == "2" and run.data.params["train.strategy"] == "freeze-unfreeze"
-    assert run.data.params["phases"] == json.dumps(["head@0", "all@1"]) and len(json.loads(run.data.params["group_lrs"])) == 5
-    assert {"model/artifacts/bundle/backbone.safetensors", "model/artifacts/bundle/head.safetensors", "plots/confusion_matrix.png",
-            "plots/train_batch.png", "plots/training_curves.png"} <= artifacts(tracked, pre.run_id)
-    assert run.data.params["heldout_split"] == "test" and run.data.params["selection.epoch"] == "best val_score on the val split"
+    assert (
+        run.data.params["phases"] == json.dumps(["head@0", "all@1"])
+        and len(json.loads(run.data.params["group_lrs"])) == 5
+    )
+    assert {
+        "model/artifacts/bundle/backbone.safetensors",
+        "model/artifacts/bundle/head.safetensors",
+        "plots/confusion_matrix.png",
+        "plots/train_batch.png",
+        "plots/training_curves.png",
+    } <= artifacts(tracked, pre.run_id)
+    assert (
+        run.data.params["heldout_split"] == "test"
+        and run.data.params["selection.epoch"] == "best val_score on the val split"
+    )
     (dataset,) = run.inputs.dataset_inputs  # the UI's Dataset column: name, tlkit's fingerprint, the splits
     assert dataset.dataset.name == "source" and dataset.dataset.digest == run.data.tags["tlkit.data_fingerprint"]
     assert json.loads(dataset.dataset.profile) == {"classes": 3, "n_train": 66, "n_val": 12, "n_test": 12}
 
-    fine = run_train("finetune", digits_target, BackboneConfig(weights=pre.model_uri), train, compute=CPU, progress=False)
+    fine = run_train(
+        "finetune", digits_target, BackboneConfig(weights=pre.model_uri), train, compute=CPU, progress=False
+    )
     fine_run = tracked.get_run(fine.run_id)
     assert fine_run.data.params["weights"] == pre.model_uri and fine_run.data.params["model"] == TINY_MODEL
     assert fine_run.data.params["img_size"] == "32"  # preprocessing travels with the weights
@@ -136,14 +156,24 @@ def test_resume_continues_the_same_mlflow_run(tracked, digits_source, monkeypatc
     interrupted = tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])[0]
     assert interrupted.info.status == "KILLED"
     monkeypatch.setattr(finetune, "PhaseCallback", original)
-    result = run_train("finetune", digits_source, TINY, train, compute=CPU, progress=False, resume=interrupted.info.run_id)
+    result = run_train(
+        "finetune", digits_source, TINY, train, compute=CPU, progress=False, resume=interrupted.info.run_id
+    )
     assert result.run_id == interrupted.info.run_id
     run = tracked.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["epochs_run"] == 3
     assert [m.step for m in tracked.get_metric_history(result.run_id, "val_accuracy")] == [0, 1, 2]
     assert len(tracked.search_runs([run.info.experiment_id])) == 1
     with pytest.raises(TlkitError, match="other settings"):
-        run_train("finetune", digits_source, TINY, train.model_copy(update={"epochs": 5}), compute=CPU, progress=False, resume=result.run_id)
+        run_train(
+            "finetune",
+            digits_source,
+            TINY,
+            train.model_copy(update={"epochs": 5}),
+            compute=CPU,
+            progress=False,
+            resume=result.run_id,
+        )
 
 
 @pytest.mark.slow  # a minute of processes, servers or browsers: with the slow tests

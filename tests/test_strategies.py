@@ -6,7 +6,10 @@ from tlkit.train.strategies import Phase, group_lrs, phase_index, plan_phases
 
 
 def test_freeze_unfreeze_is_head_then_everything_at_half_rate():
-    assert plan_phases("freeze-unfreeze", epochs=5, n_groups=4, freeze_epochs=2) == [Phase(0, 0, "head"), Phase(2, 4, "all", 0.5)]
+    assert plan_phases("freeze-unfreeze", epochs=5, n_groups=4, freeze_epochs=2) == [
+        Phase(0, 0, "head"),
+        Phase(2, 4, "all", 0.5),
+    ]
 
 
 def test_gradual_unfreezes_one_group_from_the_top_every_k_epochs():

@@ -55,7 +55,10 @@ def test_written_seeds_are_pinned_the_rest_follow():
 
 def test_plan_expands_grid_times_seeds(tmp_path):
     config = raw()
-    config["sweep"] = {"stages.pretrained + finetune.train.strategy": ["full", "gradual"], "backbone.img_size": [32, 48]}
+    config["sweep"] = {
+        "stages.pretrained + finetune.train.strategy": ["full", "gradual"],
+        "backbone.img_size": [32, 48],
+    }
     config["seeds"] = [0, 1, 2]
     plan = plan_pipeline(write(tmp_path, config))
     assert len(plan.points) == 12 and plan.swept
@@ -87,4 +90,8 @@ def test_a_bad_grid_point_fails_before_anything_runs(tmp_path):
 
 def test_short_names_stay_unique():
     keys = ["stages.a.train.lr", "stages.b.train.lr", "backbone.model"]
-    assert short_names(keys) == {"stages.a.train.lr": "a.train.lr", "stages.b.train.lr": "b.train.lr", "backbone.model": "model"}
+    assert short_names(keys) == {
+        "stages.a.train.lr": "a.train.lr",
+        "stages.b.train.lr": "b.train.lr",
+        "backbone.model": "model",
+    }

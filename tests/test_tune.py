@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import logging
 import sys
-
-import optuna
 import time
 
+import optuna
 import pytest
 import yaml
-
 from conftest import TINY_MODEL
-from tlkit.models.backbone import create_backbone
+
 from tlkit.cli import app
 from tlkit.config import BackboneConfig, ComputeConfig, SplitConfig, TrainConfig
-from tlkit.errors import TlkitError
-from tlkit.train.finetune import train_classifier
 from tlkit.data.ingest import ingest
-from tlkit.pipelines.space import parse_space
+from tlkit.errors import TlkitError
+from tlkit.models.backbone import create_backbone
 from tlkit.pipelines import tune
+from tlkit.pipelines.space import parse_space
+from tlkit.train.finetune import train_classifier
 
-SPACE = {"lr": {"low": 2e-3, "high": 2e-2, "log": True}, "epochs": [2, 3], "strategy": ["full", "freeze-unfreeze"], "freeze_epochs": 1,
-         "augment": "none", "hflip": False}
+SPACE = {
+    "lr": {"low": 2e-3, "high": 2e-2, "log": True},
+    "epochs": [2, 3],
+    "strategy": ["full", "freeze-unfreeze"],
+    "freeze_epochs": 1,
+    "augment": "none",
+    "hflip": False,
+}
 BACKBONE = BackboneConfig(model=TINY_MODEL, img_size=32)
 
 
@@ -73,13 +78,21 @@ def test_a_hopeless_trial_is_pruned_before_its_schedule_ends(digits_target):
 
 
 def _tune(data, tmp_path, **kwargs):
-    options = dict(trials=3, split=SplitConfig(val=0.2, test=0.3), compute=None, storage=f"sqlite:///{tmp_path / 'optuna.db'}",
-                   base=TrainConfig(seed=0), progress=False)
+    options = dict(
+        trials=3,
+        split=SplitConfig(val=0.2, test=0.3),
+        compute=None,
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+        base=TrainConfig(seed=0),
+        progress=False,
+    )
     options.update(kwargs)
     return tune.run_tune(data, BACKBONE, parse_space(SPACE), **options)
 
 
-def test_trials_never_see_the_heldout_split_and_the_best_is_retrained_once(tracked, digits_target, tmp_path, monkeypatch):
+def test_trials_never_see_the_heldout_split_and_the_best_is_retrained_once(
+    tracked, digits_target, tmp_path, monkeypatch
+):
     seen = []
     real = train_classifier
 
@@ -100,7 +113,10 @@ def test_trials_never_see_the_heldout_split_and_the_best_is_retrained_once(track
     children = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     trial_runs = [r for r in children if r.data.tags["tlkit.stage"] == "trial"]
     assert len(trial_runs) == 3 and all(r.info.status == "FINISHED" for r in trial_runs)
-    assert all(len(tracked.get_metric_history(r.info.run_id, "val_accuracy")) == int(r.data.metrics["epochs_run"]) for r in trial_runs)  # the curve
+    assert all(
+        len(tracked.get_metric_history(r.info.run_id, "val_accuracy")) == int(r.data.metrics["epochs_run"])
+        for r in trial_runs
+    )  # the curve
     assert all("heldout_accuracy" not in r.data.metrics for r in trial_runs)  # trials have no held-out figure
     assert sum(r.data.tags.get("tlkit.best_trial") == "true" for r in trial_runs) == 1
     finals = [r for r in children if r.data.tags.get("tlkit.role") == "tune-final"]
@@ -119,7 +135,9 @@ def test_trials_never_see_the_heldout_split_and_the_best_is_retrained_once(track
     from tlkit.runs.compare import compare
 
     board, _ = compare(experiment="tests", out=tmp_path / "compare")
-    assert [e.label for e in board.entries] == [parent.info.run_name]  # the study is one row; its retrain is not counted twice
+    assert [e.label for e in board.entries] == [
+        parent.info.run_name
+    ]  # the study is one row; its retrain is not counted twice
 
 
 class _CtrlC(tune.PruningCallback):
@@ -130,11 +148,30 @@ class _CtrlC(tune.PruningCallback):
             raise KeyboardInterrupt
 
 
-def test_ctrl_c_marks_open_runs_killed_and_the_same_command_resumes(tracked, digits_target, tmp_path, monkeypatch, runner):
+def test_ctrl_c_marks_open_runs_killed_and_the_same_command_resumes(
+    tracked, digits_target, tmp_path, monkeypatch, runner
+):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
-    argv = ["tune", str(digits_target), "--model", TINY_MODEL, "--no-pretrained", "--img-size", "32", "--space", str(space), "--trials", "3",
-            "--val", "0.2", "--test", "0.3", "--experiment", "tests"]
+    argv = [
+        "tune",
+        str(digits_target),
+        "--model",
+        TINY_MODEL,
+        "--no-pretrained",
+        "--img-size",
+        "32",
+        "--space",
+        str(space),
+        "--trials",
+        "3",
+        "--val",
+        "0.2",
+        "--test",
+        "0.3",
+        "--experiment",
+        "tests",
+    ]
     monkeypatch.setattr(tune, "PruningCallback", _CtrlC)
     monkeypatch.setattr(sys, "argv", ["tlkit", *argv])  # the resume hint repeats the command line
     logged = []
@@ -147,20 +184,31 @@ def test_ctrl_c_marks_open_runs_killed_and_the_same_command_resumes(tracked, dig
         logging.getLogger("optuna").removeHandler(keep)
     assert result.exit_code == 130, result.output
     assert "the same command resumes the study" in result.output
-    assert not [r for r in logged if r.levelno >= logging.WARNING]  # no "Trial 1 failed ... KeyboardInterrupt" and its 110-line traceback
+    assert not [
+        r for r in logged if r.levelno >= logging.WARNING
+    ]  # no "Trial 1 failed ... KeyboardInterrupt" and its 110-line traceback
     storage = tune.open_storage(tune.default_storage())
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
     runs = tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])
     status = {r.info.run_name.split(" (")[0]: r.info.status for r in runs}
-    assert status["trial 0"] == "FINISHED" and status["trial 1"] == "KILLED" and status[f"tune {TINY_MODEL}: {summary.study_name}"] == "KILLED"
+    assert (
+        status["trial 0"] == "FINISHED"
+        and status["trial 1"] == "KILLED"
+        and status[f"tune {TINY_MODEL}: {summary.study_name}"] == "KILLED"
+    )
 
     monkeypatch.setattr(tune, "PruningCallback", _CtrlC.__mro__[1])
     result = runner.invoke(app, argv)
     assert result.exit_code == 0, result.output
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]  # trial 0 kept, the failed one redone
+    assert [t.state.name for t in study.trials] == [
+        "COMPLETE",
+        "FAIL",
+        "COMPLETE",
+        "COMPLETE",
+    ]  # trial 0 kept, the failed one redone
     runs = tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])
     parents = [r for r in runs if r.data.tags.get("tlkit.stage") == "tune"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # one study, one parent run, continued
@@ -170,8 +218,16 @@ def test_ctrl_c_marks_open_runs_killed_and_the_same_command_resumes(tracked, dig
 def test_a_study_started_with_other_inputs_is_refused(tracked, digits_target, tmp_path):
     _tune(digits_target, tmp_path, trials=1, study="shared")
     with pytest.raises(TlkitError, match="was started with other space"):
-        tune.run_tune(digits_target, BACKBONE, parse_space({**SPACE, "epochs": [2]}), trials=1, study="shared", split=SplitConfig(val=0.2, test=0.3),
-                      storage=f"sqlite:///{tmp_path / 'optuna.db'}", progress=False)
+        tune.run_tune(
+            digits_target,
+            BACKBONE,
+            parse_space({**SPACE, "epochs": [2]}),
+            trials=1,
+            study="shared",
+            split=SplitConfig(val=0.2, test=0.3),
+            storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+            progress=False,
+        )
 
 
 def test_an_unreachable_storage_is_a_one_line_error_in_seconds():
@@ -193,23 +249,35 @@ def test_a_pipeline_tune_stage_feeds_later_stages_and_is_reused(workdir, digits_
     from tlkit.pipelines.pipeline import run_pipeline
 
     pipeline = workdir / "tune.yaml"
-    pipeline.write_text(yaml.safe_dump({
-        "name": "tune-test",
-        "datasets": {"d": {"path": str(digits_target), "val": 0.2, "test": 0.3}},
-        "backbone": {"model": TINY_MODEL, "img_size": 32},
-        "stages": [
-            {"id": "tuned", "stage": "tune", "data": "d", "trials": 2, "space": SPACE},
-            {"id": "scored", "stage": "evaluate", "model": "tuned", "data": "d"},
-            {"id": "shipped", "stage": "export", "model": "tuned", "format": "torchscript", "out": "exported-{seed}",
-             "force": True},
-        ],
-        "seeds": [3],
-    }))
+    pipeline.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tune-test",
+                "datasets": {"d": {"path": str(digits_target), "val": 0.2, "test": 0.3}},
+                "backbone": {"model": TINY_MODEL, "img_size": 32},
+                "stages": [
+                    {"id": "tuned", "stage": "tune", "data": "d", "trials": 2, "space": SPACE},
+                    {"id": "scored", "stage": "evaluate", "model": "tuned", "data": "d"},
+                    {
+                        "id": "shipped",
+                        "stage": "export",
+                        "model": "tuned",
+                        "format": "torchscript",
+                        "out": "exported-{seed}",
+                        "force": True,
+                    },
+                ],
+                "seeds": [3],
+            }
+        )
+    )
     summary = run_pipeline(pipeline)
     rows = {row.id: row for row in summary.rows}
     # evaluate scores the tune's model on the split the tune reported on (test here): the same figure
     assert rows["scored"].metrics["test_accuracy"] == pytest.approx(rows["tuned"].metrics["heldout_accuracy"])
-    assert rows["shipped"].metrics["max_abs_difference"] < 1e-3 and sorted(p.suffix for p in (workdir / "exported-3").iterdir()) == [".json", ".pt"]
+    assert rows["shipped"].metrics["max_abs_difference"] < 1e-3 and sorted(
+        p.suffix for p in (workdir / "exported-3").iterdir()
+    ) == [".json", ".pt"]
     again = run_pipeline(pipeline)
     assert {row.id: row.reused_from for row in again.rows}["tuned"] == rows["tuned"].run_id
 
@@ -228,16 +296,31 @@ def test_shipped_tune_pipelines_name_valid_spaces():
     from tlkit.pipelines.points import space_of
 
     folder = Path(__file__).resolve().parents[1] / "pipelines"
-    stages = [s for path in folder.glob("tune-*.yaml") for s in resolve_files(load_pipeline(path), folder).stages if isinstance(s, TuneStage)]
+    stages = [
+        s
+        for path in folder.glob("tune-*.yaml")
+        for s in resolve_files(load_pipeline(path), folder).stages
+        if isinstance(s, TuneStage)
+    ]
     assert len(stages) == 2 and all(stage.trials == 15 for stage in stages)
     assert all(space_of(stage, folder).searched() for stage in stages)
 
 
 def test_trial_0_is_the_base_recipe(tracked, digits_target, tmp_path):
-    space = parse_space({"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "epochs": [2, 3], "augment": "none", "hflip": False})
+    space = parse_space(
+        {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "epochs": [2, 3], "augment": "none", "hflip": False}
+    )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    outcome = tune.run_tune(digits_target, BACKBONE, space, base=TrainConfig(epochs=2, augment="none", hflip=False), trials=1,
-                            split=SplitConfig(val=0.2, test=0.3), storage=storage, progress=False)
+    outcome = tune.run_tune(
+        digits_target,
+        BACKBONE,
+        space,
+        base=TrainConfig(epochs=2, augment="none", hflip=False),
+        trials=1,
+        split=SplitConfig(val=0.2, test=0.3),
+        storage=storage,
+        progress=False,
+    )
     (first,) = optuna.load_study(study_name=outcome.study, storage=storage).trials
     assert first.params == {"lr": 1e-3, "epochs": 2} and first.user_attrs["default_recipe"]
 
@@ -250,8 +333,17 @@ def test_a_budget_bounds_the_whole_tune_and_scales_a_recipe_that_would_not_fit(t
     space = parse_space({**SPACE, "lr": [1e-2, 5e-3], "epochs": 60, "strategy": "full"})
     lines = []
     start = time.monotonic()
-    outcome = tune.run_tune(digits_target, BACKBONE, space, base=TrainConfig(seed=0), trials=None, budget_s=15,
-                            split=SplitConfig(val=0.2, test=0.3), compute=ComputeConfig(num_workers=0), report=lines.append)
+    outcome = tune.run_tune(
+        digits_target,
+        BACKBONE,
+        space,
+        base=TrainConfig(seed=0),
+        trials=None,
+        budget_s=15,
+        split=SplitConfig(val=0.2, test=0.3),
+        compute=ComputeConfig(num_workers=0),
+        report=lines.append,
+    )
     elapsed = time.monotonic() - start
     first = lines[0]
     epoch = first.seconds / first.epochs

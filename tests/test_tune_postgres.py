@@ -6,53 +6,17 @@ temporary data directory, as the user `postgres` when the tests run as root (ini
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from conftest import TINY_MODEL, mlflow_server_on
 from mlflow import MlflowClient
 
-from conftest import TINY_MODEL, free_port, mlflow_server_on
-
 pytestmark = pytest.mark.slow
-
-
-def _pg(name: str) -> str | None:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found[-1] if found else shutil.which(name)
-
-
-@pytest.fixture
-def postgres():
-    """A PostgreSQL server on 127.0.0.1 with databases `optuna` and `mlflow`; yields its base URL."""
-    import psycopg
-
-    initdb, pg_ctl = _pg("initdb"), _pg("pg_ctl")
-    if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    folder = Path(tempfile.mkdtemp(prefix="tlkit-pg-", dir="/tmp"))
-    if as_user:
-        shutil.chown(folder, "postgres")
-    data, port = folder / "data", free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "tlkit", "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"], check=True, capture_output=True)
-    try:
-        with psycopg.connect(host="127.0.0.1", port=port, user="tlkit", dbname="postgres", autocommit=True) as connection:
-            connection.execute("CREATE DATABASE optuna")
-            connection.execute("CREATE DATABASE mlflow")
-        yield f"postgresql://tlkit@127.0.0.1:{port}"
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -62,29 +26,75 @@ def mlflow_server(postgres, tmp_path):
         yield url
 
 
-def test_two_workers_finish_one_study_on_postgresql_with_no_trial_lost_or_run_twice(postgres, mlflow_server, digits_target, tmp_path):
+def test_two_workers_finish_one_study_on_postgresql_with_no_trial_lost_or_run_twice(
+    postgres, mlflow_server, digits_target, tmp_path
+):
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"lr": {"low": 2e-3, "high": 2e-2, "log": True}, "epochs": [2, 3], "strategy": ["full", "freeze-unfreeze"],
-                                     "freeze_epochs": 1, "augment": "none", "hflip": False}))
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "lr": {"low": 2e-3, "high": 2e-2, "log": True},
+                "epochs": [2, 3],
+                "strategy": ["full", "freeze-unfreeze"],
+                "freeze_epochs": 1,
+                "augment": "none",
+                "hflip": False,
+            }
+        )
+    )
     storage = f"{postgres}/optuna"
-    argv = [sys.executable, "-m", "tlkit", "tune", str(digits_target), "--model", TINY_MODEL, "--no-pretrained", "--img-size", "32",
-            "--space", str(space), "--trials", "8", "--study", "shared", "--storage", storage, "--tracking-uri", mlflow_server,
-            "--experiment", "team", "--val", "0.2", "--test", "0.3", "--precision", "32-true"]
+    argv = [
+        sys.executable,
+        "-m",
+        "tlkit",
+        "tune",
+        str(digits_target),
+        "--model",
+        TINY_MODEL,
+        "--no-pretrained",
+        "--img-size",
+        "32",
+        "--space",
+        str(space),
+        "--trials",
+        "8",
+        "--study",
+        "shared",
+        "--storage",
+        storage,
+        "--tracking-uri",
+        mlflow_server,
+        "--experiment",
+        "team",
+        "--val",
+        "0.2",
+        "--test",
+        "0.3",
+        "--precision",
+        "32-true",
+    ]
     env = {**os.environ, "TLKIT_CACHE": str(tmp_path / "cache")}
-    workers = [subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n\n".join(outputs)
 
     study = optuna.load_study(study_name="shared", storage=storage)
     counted = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     assert len(counted) == 8, [(t.number, t.state.name) for t in study.trials]
-    assert all("over_budget" in t.user_attrs for t in study.trials if t not in counted)  # none lost: every other trial never ran
+    assert all(
+        "over_budget" in t.user_attrs for t in study.trials if t not in counted
+    )  # none lost: every other trial never ran
     assert len({t.user_attrs["worker"] for t in counted}) == 2  # both workers took trials
 
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("team").experiment_id])
     trials = [r for r in runs if r.data.tags.get("tlkit.stage") == "trial"]
-    assert sorted(int(r.data.tags["tlkit.trial"]) for r in trials) == sorted(t.number for t in counted)  # each trial run once
+    assert sorted(int(r.data.tags["tlkit.trial"]) for r in trials) == sorted(
+        t.number for t in counted
+    )  # each trial run once
     assert {r.info.run_id for r in trials} == {t.user_attrs["mlflow_run_id"] for t in counted}
     parents = [r for r in runs if r.data.tags.get("tlkit.stage") == "tune"]
     assert len(parents) == 1 and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)

@@ -71,7 +71,10 @@ def disk_full_message(err: OSError, fallback: str | os.PathLike = ".") -> str:
     except OSError:
         amount = "free space unknown"
     what = "file size limit reached" if err.errno == errno.EFBIG else "no space left"
-    return f"{what} on the disk of {where} (mounted at {mount_point(where)}): {amount}; free some space and run the command again"
+    return (
+        f"{what} on the disk of {where} (mounted at {mount_point(where)}): {amount}; free some space and run the "
+        "command again"
+    )
 
 
 def check_writable(folder: str | os.PathLike, purpose: str) -> None:
@@ -81,8 +84,10 @@ def check_writable(folder: str | os.PathLike, purpose: str) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not os.access(probe, os.W_OK):
-        raise TlkitError(f"cannot write {purpose} in {probe} (read-only or no permission); run tlkit in a folder you can write, "
-                         "or point that path elsewhere")
+        raise TlkitError(
+            f"cannot write {purpose} in {probe} (read-only or no permission); run tlkit in a folder you can write, "
+            "or point that path elsewhere"
+        )
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
@@ -129,8 +134,11 @@ def check_sqlite_store(uri: str | None) -> None:
         if pages and header[24:28] == header[92:96] and size < pages * page_size:
             damaged = True
     if damaged:
-        raise TlkitError(f"the tracking store {path} is damaged (its SQLite header {'is not SQLite' if not header.startswith(b'SQLite') else 'promises more pages than the file holds'}); "
-                         "restore it from a backup, or move it away and start a new store (or pass --tracking-uri sqlite:///new.db)")
+        raise TlkitError(
+            f"the tracking store {path} is damaged (its SQLite header "
+            f"{'is not SQLite' if not header.startswith(b'SQLite') else 'promises more pages than the file holds'}); "
+            "restore it from a backup, or move it away and start a new store (or pass --tracking-uri sqlite:///new.db)"
+        )
 
 
 def printable(text: str) -> str:

@@ -17,7 +17,9 @@ from sklearn.metrics import (  # noqa: E402
 )
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], *, prefix: str = "heldout_") -> dict[str, float]:
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], *, prefix: str = "heldout_"
+) -> dict[str, float]:
     """Accuracy, balanced accuracy, macro-F1 and per-class precision/recall, named `<prefix><metric>`."""
     labels = list(range(len(classes)))
     metrics = {
@@ -62,7 +64,15 @@ def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> tuple[
             continue
         accuracy, mean_confidence = float(correct[inside].mean()), float(confidence[inside].mean())
         ece += inside.mean() * abs(accuracy - mean_confidence)
-        table.append({"low": float(low), "high": float(high), "count": int(inside.sum()), "accuracy": accuracy, "confidence": mean_confidence})
+        table.append(
+            {
+                "low": float(low),
+                "high": float(high),
+                "count": int(inside.sum()),
+                "accuracy": accuracy,
+                "confidence": mean_confidence,
+            }
+        )
     return float(ece), table
 
 
@@ -71,7 +81,9 @@ def reliability_figure(table: list[dict], ece: float):
     figure, axis = plt.subplots(figsize=(4.5, 4.5), dpi=100)
     centres = [(b["low"] + b["high"]) / 2 for b in table]
     widths = [b["high"] - b["low"] for b in table]
-    axis.bar(centres, [b["accuracy"] for b in table], width=widths, edgecolor="black", color="#4c72b0", label="accuracy")
+    axis.bar(
+        centres, [b["accuracy"] for b in table], width=widths, edgecolor="black", color="#4c72b0", label="accuracy"
+    )
     axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     axis.plot(centres, [b["confidence"] for b in table], "o", color="#dd8452", label="mean confidence")
     axis.set_xlim(0, 1)
@@ -104,7 +116,9 @@ def image_grid(images: list[np.ndarray], titles: list[str], *, columns: int = 4,
     return figure
 
 
-def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], *, title: str = "", normalise: bool = False):
+def confusion_figure(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], *, title: str = "", normalise: bool = False
+):
     """Confusion matrix, rows = true class, with counts (or, normalised, row fractions) in the cells."""
     matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
     if normalise:
@@ -120,7 +134,9 @@ def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
     if len(classes) <= 30:
         threshold = matrix.max() / 2 if matrix.size else 0
         for (i, j), value in np.ndenumerate(matrix):
-            axis.text(j, i, str(value), ha="center", va="center", fontsize=8, color="white" if value > threshold else "black")
+            axis.text(
+                j, i, str(value), ha="center", va="center", fontsize=8, color="white" if value > threshold else "black"
+            )
     figure.tight_layout()
     return figure
 
@@ -148,7 +164,16 @@ def curves_figure(history: dict[str, list[tuple[int, float]]], phases: list[tupl
                 axis.plot([e + 1 for e in epochs], values, style, marker=".", label=split)
         for start, name in phases:  # epoch `start` is plotted at start + 1: the phase begins just before it
             axis.axvline(start + 0.5, color="grey", linestyle=":", linewidth=1)
-            axis.text(start + 0.6, 0.98, f"phase: {name}", transform=axis.get_xaxis_transform(), rotation=90, fontsize=7, va="top", color="grey")
+            axis.text(
+                start + 0.6,
+                0.98,
+                f"phase: {name}",
+                transform=axis.get_xaxis_transform(),
+                rotation=90,
+                fontsize=7,
+                va="top",
+                color="grey",
+            )
         axis.set_xlabel("epoch")
         axis.set_ylabel(kind)
         axis.xaxis.set_major_locator(plt.MaxNLocator(integer=True))

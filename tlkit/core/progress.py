@@ -17,7 +17,11 @@ SHOWN = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 def clock(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 def say(line: str) -> None:
@@ -44,7 +48,10 @@ class PlainProgress(L.Callback):
         per_epoch = elapsed / max(1, done - self._first_epoch)
         metrics = trainer.callback_metrics
         values = "  ".join(f"{k} {float(metrics[k]):.4f}" for k in SHOWN if k in metrics)
-        say(f"epoch {done}/{total}  {clock(elapsed)} elapsed, eta {clock(per_epoch * (total - done))}  {values}".rstrip())
+        say(
+            f"epoch {done}/{total}  {clock(elapsed)} elapsed, "
+            f"eta {clock(per_epoch * (total - done))}  {values}".rstrip()
+        )
 
     def on_predict_start(self, trainer: L.Trainer, pl_module) -> None:
         self._start = self._said = time.monotonic()
@@ -53,8 +60,15 @@ class PlainProgress(L.Callback):
         total = trainer.num_predict_batches[dataloader_idx] if trainer.num_predict_batches else 0
         now = time.monotonic()
         step = max(1, int(total) // 10) if total else 0
-        if trainer.is_global_zero and total and (batch_idx + 1 == total or ((batch_idx + 1) % step == 0 and now - self._said >= 1.0)
-                                                 or now - self._said >= self.every_s):
+        if (
+            trainer.is_global_zero
+            and total
+            and (
+                batch_idx + 1 == total
+                or ((batch_idx + 1) % step == 0 and now - self._said >= 1.0)
+                or now - self._said >= self.every_s
+            )
+        ):
             self._said = now
             elapsed = now - self._start
             eta = elapsed / (batch_idx + 1) * (total - batch_idx - 1)

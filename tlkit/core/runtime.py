@@ -160,7 +160,8 @@ _NOISE = (
     ".*LeafSpec.*",  # Lightning's own use of a deprecated torch API
     ".*module\\(s\\) in eval mode.*",  # frozen BatchNorm, on purpose
     ".*Checkpoint directory .* exists and is not empty.*",  # --resume
-    ".*The dirpath has changed from.*",  # a retried point continues from a lost run's checkpoint (tlkit.pipelines.cluster)
+    ".*The dirpath has changed "
+    "from.*",  # a retried point continues from a lost run's checkpoint (tlkit.pipelines.cluster)
     ".*have no `val_dataloader`.*",  # use_val 'train' has no val loader, on purpose
     ".*You defined a `validation_step` but have no `val_dataloader`.*",
 )

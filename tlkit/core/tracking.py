@@ -11,16 +11,16 @@ import errno
 import json
 import logging
 import os
-import socket
-import urllib.parse
-import warnings
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tqdm bars per download are noise
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ... at" per run on a server: tlkit prints its own footer
+os.environ.setdefault(
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"
+)  # "View run ... at" per run on a server: tlkit prints its own footer
 
 import mlflow  # noqa: E402
 import mlflow.data.meta_dataset  # noqa: E402
@@ -44,7 +46,12 @@ except ImportError:  # Windows: no advisory locks; create the store before start
 
 # MLflow sets its own loggers to INFO at import; its start-up lines ("Creating initial MLflow database
 # tables...", alembic's migrations) are not the user's business. Here, so library callers get it too.
-for _name in ("mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store", "alembic", "alembic.runtime.migration"):
+for _name in (
+    "mlflow.store.db.utils",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "alembic",
+    "alembic.runtime.migration",
+):
     logging.getLogger(_name).setLevel(logging.WARNING)
 # It logs a database error's whole traceback at ERROR, then raises it; the CLI says it in one line (cli._known_failure).
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
@@ -86,7 +93,8 @@ def _create_store(uri: str) -> None:
         lock = open(database.with_name(database.name + ".lock"), "a")
     except OSError as err:
         if database.exists() and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return  # a store in a read-only folder: made long ago, read as it is (a command that writes a run says so then)
+            # a store in a read-only folder: made long ago, read as it is (a command that writes a run says so then)
+            return
         raise
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -106,8 +114,11 @@ def client(tracking_uri: str | None = None) -> MlflowClient:
             raise TlkitError(f"cannot use tracking store {uri}: {err.message.splitlines()[0]}") from None
         except OSError as err:
             if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise TlkitError(f"cannot write the tracking store's lock file in {Path(err.filename or '.').parent} ({err.strerror}); "
-                                 "run tlkit in a folder you can write, or pass --tracking-uri for a store elsewhere") from None
+                raise TlkitError(
+                    f"cannot write the tracking store's lock file in {Path(err.filename or '.').parent} "
+                    f"({err.strerror}); "
+                    "run tlkit in a folder you can write, or pass --tracking-uri for a store elsewhere"
+                ) from None
             raise
         _READY.add(uri)
         reap_dead_runs(uri, quiet=REAP_QUIETLY)
@@ -119,7 +130,8 @@ def client(tracking_uri: str | None = None) -> MlflowClient:
 # records the host, pid and process start time that made it; the next command on that host finds the
 # runs whose process is gone and marks them KILLED, saying how to resume them.
 
-REAP_QUIETLY = False  # a Ray task: the runs of a lost attempt are its retry's to report (tlkit.pipelines.cluster), not a resume hint's
+# a Ray task: the runs of a lost attempt are its retry's to report (tlkit.pipelines.cluster), not a resume hint's
+REAP_QUIETLY = False
 COMMAND: str | None = None  # the command line that started this process (the CLI sets it), recorded on its top runs
 _HOST = socket.gethostname()
 
@@ -139,7 +151,9 @@ def _alive(pid: int, started: str) -> bool:
         return False
     except PermissionError:
         return True  # someone else's process with that pid: not ours to judge
-    return not started or not _process_start(pid) or _process_start(pid) == started  # the same pid, started again, is another process
+    return (
+        not started or not _process_start(pid) or _process_start(pid) == started
+    )  # the same pid, started again, is another process
 
 
 def _process_tags() -> dict[str, str]:
@@ -152,7 +166,11 @@ def reap_dead_runs(uri: str, *, quiet: bool = False) -> list[str]:
     store = MlflowClient(uri)
     try:
         ids = [e.experiment_id for e in store.search_experiments()]
-        running = store.search_runs(ids, f"attributes.status = 'RUNNING' and tags.`tlkit.host` = '{_HOST}'", max_results=1000) if ids else []
+        running = (
+            store.search_runs(ids, f"attributes.status = 'RUNNING' and tags.`tlkit.host` = '{_HOST}'", max_results=1000)
+            if ids
+            else []
+        )
     except MlflowException:
         return []
     reaped = []
@@ -180,11 +198,19 @@ def _death_notice(store: MlflowClient, run) -> str:
     text = f"run {run_id} ({name}) died without finishing (its process is gone); it is now marked KILLED"
     if stage in ("finetune", "pretrain"):
         epochs = [m.step for m in store.get_metric_history(run_id, "train_loss")]
-        text = f"run {run_id} ({name}) died " + (f"after epoch {max(epochs) + 1}" if epochs else "before it logged an epoch") + "; marked KILLED"
+        text = (
+            f"run {run_id} ({name}) died "
+            + (f"after epoch {max(epochs) + 1}" if epochs else "before it logged an epoch")
+            + "; marked KILLED"
+        )
         command = run.data.tags.get("tlkit.command")
         if command and " --resume " not in f" {command} ":
             command = f"{command} --resume {run_id}"
-        text += f"; resume with: {command}" if command else f"; resume it with the command that started it and --resume {run_id}"
+        text += (
+            f"; resume with: {command}"
+            if command
+            else f"; resume it with the command that started it and --resume {run_id}"
+        )
     elif run.data.tags.get("tlkit.command"):
         text += f"; run it again with: {run.data.tags['tlkit.command']}"
     return text
@@ -222,7 +248,9 @@ def _ensure_experiment() -> str:
         else:
             experiment_id = found.experiment_id
             if found.lifecycle_stage == "deleted":
-                raise TlkitError(f"experiment {name!r} is deleted; restore it in the MLflow UI or choose another --experiment")
+                raise TlkitError(
+                    f"experiment {name!r} is deleted; restore it in the MLflow UI or choose another --experiment"
+                )
     except MlflowException as err:
         raise TlkitError(f"cannot use tracking store {uri}: {err.message.splitlines()[0]}") from None
     mlflow.set_experiment(experiment_id=experiment_id)
@@ -286,15 +314,25 @@ def start_run(
         get_run(run_id)  # before anything is created: an unknown id is an error, not a new store
     if not nested:
         _ensure_experiment()
-    all_tags = {"tlkit.stage": stage, "tlkit.version": __version__, **_process_tags(), **(tags or {}), **_TAGS}  # the context's tags win
+    all_tags = {
+        "tlkit.stage": stage,
+        "tlkit.version": __version__,
+        **_process_tags(),
+        **(tags or {}),
+        **_TAGS,
+    }  # the context's tags win
     command = COMMAND or os.environ.get("TLKIT_COMMAND")
     if command and not nested and parent_run_id is None:
-        all_tags["tlkit.command"] = re.sub(r"://[^/@\s]*@", "://***@", command)  # no passwords of URIs in a tag anyone can read
+        all_tags["tlkit.command"] = re.sub(
+            r"://[^/@\s]*@", "://***@", command
+        )  # no passwords of URIs in a tag anyone can read
     if run_id is not None:  # resume: continue that run, now in this process
         run = mlflow.start_run(run_id=run_id, nested=nested)
         mlflow.set_tags(_process_tags())
     else:
-        run = mlflow.start_run(run_name=run_name or stage, nested=nested, tags=all_tags, parent_run_id=None if nested else parent_run_id)
+        run = mlflow.start_run(
+            run_name=run_name or stage, nested=nested, tags=all_tags, parent_run_id=None if nested else parent_run_id
+        )
     try:
         if params:
             try:
@@ -302,7 +340,10 @@ def start_run(
             except MlflowException as err:
                 if run_id is None:
                     raise
-                raise TlkitError(f"cannot resume run {run_id} with other settings ({err.message.splitlines()[0]}); resume with the options it was started with") from None
+                raise TlkitError(
+                    f"cannot resume run {run_id} with other settings ({err.message.splitlines()[0]}); resume with the "
+                    "options it was started with"
+                ) from None
         yield run.info.run_id
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit after its clean-up
         KILLED.append(run.info.run_id)
@@ -326,9 +367,12 @@ def _end_run(status: str) -> None:
     (`reap_dead_runs`); the error the user sees is the first one, not this."""
     run = mlflow.active_run()
     try:
-        mlflow.end_run(status=status)  # pops the run off MLflow's stack before it writes, so a failed write leaves no stale run
+        mlflow.end_run(
+            status=status
+        )  # pops the run off MLflow's stack before it writes, so a failed write leaves no stale run
     except Exception:  # noqa: BLE001
-        # Ctrl-C can land inside a database write and leave this process's connection unusable: try once more on a new one
+        # Ctrl-C can land inside a database write and leave this process's connection unusable: try once more on a new
+        # one
         try:
             if run is not None:
                 MlflowClient(mlflow.get_tracking_uri()).set_terminated(run.info.run_id, status)
@@ -407,7 +451,18 @@ def _requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for package in ("torch", "torchvision", "timm", "lightning", "scikit-learn", "albumentations", "safetensors", "pillow", "mlflow", "pandas"):
+    for package in (
+        "torch",
+        "torchvision",
+        "timm",
+        "lightning",
+        "scikit-learn",
+        "albumentations",
+        "safetensors",
+        "pillow",
+        "mlflow",
+        "pandas",
+    ):
         try:
             pins.append(f"{package}=={version(package)}")
         except PackageNotFoundError:
@@ -426,8 +481,9 @@ def log_model(bundle_dir: Path, path: str, *, code: Path) -> None:
             bundle_dir = Path(shutil.copytree(bundle_dir, Path(tmp) / "bundle"))
         target = Path(tmp) / "model"
         # Requirements given, not inferred: inference loads the model in a subprocess, seconds per run.
-        mlflow.pyfunc.save_model(str(target), python_model=str(code), artifacts={"bundle": str(bundle_dir)},
-                                 pip_requirements=_requirements())
+        mlflow.pyfunc.save_model(
+            str(target), python_model=str(code), artifacts={"bundle": str(bundle_dir)}, pip_requirements=_requirements()
+        )
         mlflow.log_artifacts(str(target), artifact_path=path)
 
 
@@ -436,20 +492,28 @@ def parse_run_ref(ref: str) -> tuple[str, str]:
     rest = ref[len(RUNS_PREFIX) :].strip("/")
     run_id, _, path = rest.partition("/")
     if not run_id:
-        raise TlkitError(f"{ref!r} names no run; write runs:/RUN_ID (the id is shown by every command and in `tlkit ui`)")
+        raise TlkitError(
+            f"{ref!r} names no run; write runs:/RUN_ID (the id is shown by every command and in `tlkit ui`)"
+        )
     return run_id, path
 
 
 def get_run(run_id: str, tracking_uri: str | None = None):
     """The MLflow run, or a TlkitError naming the store that was searched."""
     uri = resolve_tracking_uri(tracking_uri or _TARGET["uri"])
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():  # do not create a store to find nothing in it
-        raise TlkitError(f"no run {run_id!r}: the tracking store {uri} does not exist yet; run tlkit where mlflow.db is, or pass --tracking-uri")
+    if (
+        uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists()
+    ):  # do not create a store to find nothing in it
+        raise TlkitError(
+            f"no run {run_id!r}: the tracking store {uri} does not exist yet; run tlkit where mlflow.db is, or pass "
+            "--tracking-uri"
+        )
     try:
         return client(uri).get_run(run_id)
     except MlflowException:
         raise TlkitError(
-            f"no run {run_id!r} in tracking store {uri}; check the id in `tlkit ui`, or pass --tracking-uri for another store"
+            f"no run {run_id!r} in tracking store {uri}; check the id in `tlkit ui`, or pass --tracking-uri for "
+            "another store"
         ) from None
 
 
@@ -481,7 +545,11 @@ def download_artifacts(run_id: str, path: str, *, tracking_uri: str | None = Non
     try:
         runs.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=runs, prefix=f".{run_id}."))
-        got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(staging), tracking_uri=uri))
+        got = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=path, dst_path=str(staging), tracking_uri=uri
+            )
+        )
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(target, ignore_errors=True)
         try:
@@ -492,7 +560,10 @@ def download_artifacts(run_id: str, path: str, *, tracking_uri: str | None = Non
     except (MlflowException, OSError) as err:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise TlkitError(f"run {run_id} has no artifact {path!r} ({str(err).splitlines()[0]}); is it a tlkit training or baseline run?") from None
+        raise TlkitError(
+            f"run {run_id} has no artifact {path!r} ({str(err).splitlines()[0]}); is it a tlkit training or baseline "
+            "run?"
+        ) from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -561,23 +632,35 @@ def experiment_id(name: str, tracking_uri: str | None = None) -> str:
     return found.experiment_id
 
 
-def search_runs(experiment_ids: list[str], *, filter_string: str = "", tracking_uri: str | None = None) -> list[RunRecord]:
+def search_runs(
+    experiment_ids: list[str], *, filter_string: str = "", tracking_uri: str | None = None
+) -> list[RunRecord]:
     """Every run of the experiments that matches the filter, newest first."""
     store = client(tracking_uri)
     records, token = [], None
     while True:
-        page = store.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token, order_by=["attributes.start_time DESC"])
+        page = store.search_runs(
+            experiment_ids,
+            filter_string=filter_string,
+            max_results=1000,
+            page_token=token,
+            order_by=["attributes.start_time DESC"],
+        )
         records += [_record(run) for run in page]
         token = page.token
         if not token:
             return records
 
 
-def find_finished_run(tag: str, value: str, *, stage: str | None = None, tracking_uri: str | None = None) -> RunRecord | None:
+def find_finished_run(
+    tag: str, value: str, *, stage: str | None = None, tracking_uri: str | None = None
+) -> RunRecord | None:
     """The newest finished run of the active experiment carrying tag=value (and, given `stage`, of that
     stage: a tune's trials carry its tags too), followed to its origin."""
     experiment = mlflow.active_run().info.experiment_id if mlflow.active_run() else _ensure_experiment()
-    query = f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'" + (f" and tags.`tlkit.stage` = '{stage}'" if stage else "")
+    query = f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'" + (
+        f" and tags.`tlkit.stage` = '{stage}'" if stage else ""
+    )
     found = search_runs([experiment], filter_string=query, tracking_uri=tracking_uri)
     if not found:
         return None
@@ -590,8 +673,10 @@ def metric_history(run_id: str, key: str, *, tracking_uri: str | None = None) ->
 
 
 def metric_steps(run_id: str, key: str, *, tracking_uri: str | None = None) -> list[tuple[int, float]]:
-    """(step, value) of every logged value of a metric, by step; a resumed run's repeated steps count once (the last)."""
-    latest = {m.step: m.value for m in sorted(client(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+    """(step, value) of every logged value of a metric, by step; a resumed run's repeated step counts once."""
+    latest = {
+        m.step: m.value for m in sorted(client(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    }
     return sorted(latest.items())
 
 
@@ -603,12 +688,18 @@ def record_reuse(origin: RunRecord, *, stage: str, run_name: str) -> str:
 
     The model and plots stay in the origin run (tag `tlkit.reused_from`); nothing is computed.
     """
-    tags = {k: v for k, v in origin.tags.items() if k.startswith("tlkit.") and k not in POINT_TAGS and k != "tlkit.stage"}
+    tags = {
+        k: v for k, v in origin.tags.items() if k.startswith("tlkit.") and k not in POINT_TAGS and k != "tlkit.stage"
+    }
     tags["tlkit.reused_from"] = origin.run_id
     with start_run(stage, run_name=run_name, tags=tags) as run_id:
         log_params(origin.params)
         log_metrics(origin.metrics)
-        log_text(f"Inputs unchanged: these results are those of run {origin.run_id} ({origin.name}); its artifacts hold the model and plots.\n", "reused.txt")
+        log_text(
+            f"Inputs unchanged: these results are those of run {origin.run_id} ({origin.name}); its artifacts hold "
+            "the model and plots.\n",
+            "reused.txt",
+        )
     return run_id
 
 
@@ -653,25 +744,40 @@ class MetricsBuffer:
 # source task, so they stay out of the ranking (they are still in the experiment, a click away).
 RANKED = {"tlkit.ranked": "true"}
 VIEW_KEY = "tlkit"  # the runs-table view tlkit stores on each experiment (the UI's own "share view" mechanism)
-VIEW_COLUMNS = ("attributes.`Dataset`", "metrics.`heldout_accuracy`", "metrics.`heldout_balanced_accuracy`", "params.`heldout_split`",
-                "params.`model`", "params.`weights`", "params.`classifier`", "params.`train.strategy`", "tags.`tlkit.stage`")
+VIEW_COLUMNS = (
+    "attributes.`Dataset`",
+    "metrics.`heldout_accuracy`",
+    "metrics.`heldout_balanced_accuracy`",
+    "params.`heldout_split`",
+    "params.`model`",
+    "params.`weights`",
+    "params.`classifier`",
+    "params.`train.strategy`",
+    "tags.`tlkit.stage`",
+)
 
 
 def _runs_view(metric: str) -> dict:
-    """A saved state of the runs table: best `metric` first, the held-out figures and the method's settings as columns."""
+    """A saved state of the runs table: best `metric` first; held-out figures and the method's settings as columns."""
     return {
         "orderByKey": f"metrics.`{metric}`",
         "orderByAsc": False,
         # only ranked runs; a run that reused another's result shows once, as the original
         "searchFilter": "tags.`tlkit.ranked` = 'true' AND tags.`tlkit.reused_from` IS NULL",
         "lifecycleFilter": "Active",
-        "selectedColumns": [*VIEW_COLUMNS[:1], f"metrics.`{metric}`", *(c for c in VIEW_COLUMNS[1:] if c != f"metrics.`{metric}`")],
+        "selectedColumns": [
+            *VIEW_COLUMNS[:1],
+            f"metrics.`{metric}`",
+            *(c for c in VIEW_COLUMNS[1:] if c != f"metrics.`{metric}`"),
+        ],
         "runsExpanded": {},
         "groupBy": None,
     }
 
 
-def ui_url(base: str, experiment: str | None = None, *, metric: str = "heldout_accuracy", tracking_uri: str | None = None) -> str:
+def ui_url(
+    base: str, experiment: str | None = None, *, metric: str = "heldout_accuracy", tracking_uri: str | None = None
+) -> str:
     """The UI page of an experiment's runs table, model-training view, best `metric` first, its columns shown.
 
     Without `experiment`, the experiment of the newest run. The view is stored on the experiment as the

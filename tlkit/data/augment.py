@@ -46,7 +46,10 @@ def _eval_geometry(data_config: dict) -> list:
     height, width = _size(data_config)
     crop_pct = float(data_config.get("crop_pct") or 1.0)
     scale = int(math.floor(min(height, width) / crop_pct))
-    return [A.SmallestMaxSize(max_size=scale, interpolation=_interpolation(data_config)), A.CenterCrop(height=height, width=width)]
+    return [
+        A.SmallestMaxSize(max_size=scale, interpolation=_interpolation(data_config)),
+        A.CenterCrop(height=height, width=width),
+    ]
 
 
 def eval_side(data_config: dict) -> int:
@@ -106,9 +109,13 @@ def train_transform(data_config: dict, preset: str = "light", *, hflip: bool = T
     if preset in ("medium", "heavy"):
         strength = 0.2 if preset == "medium" else 0.4
         steps.append(A.ColorJitter(brightness=strength, contrast=strength, saturation=strength, hue=0.02, p=0.8))
-        steps.append(A.Affine(rotate=(-10, 10) if preset == "medium" else (-20, 20), translate_percent=(-0.05, 0.05), p=0.5))
+        steps.append(
+            A.Affine(rotate=(-10, 10) if preset == "medium" else (-20, 20), translate_percent=(-0.05, 0.05), p=0.5)
+        )
     if preset == "heavy":
-        steps.append(A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.2), hole_width_range=(0.05, 0.2), p=0.5))
+        steps.append(
+            A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.2), hole_width_range=(0.05, 0.2), p=0.5)
+        )
     return A.Compose(steps + _normalize(data_config))
 
 
@@ -119,7 +126,10 @@ def load_transform(path: str | os.PathLike) -> A.Compose:
     except FileNotFoundError:
         raise TlkitError(f"augmentation file {path} does not exist") from None
     except Exception as err:  # albumentations raises several types for a malformed file
-        raise TlkitError(f"cannot read augmentation file {path}: {err}; write it with albumentations' A.save(..., data_format='yaml')") from None
+        raise TlkitError(
+            f"cannot read augmentation file {path}: {err}; write it with albumentations' A.save(..., "
+            "data_format='yaml')"
+        ) from None
 
 
 def resolve_train_transform(data_config: dict, augment: str, *, hflip: bool = True) -> A.Compose:

@@ -39,7 +39,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def load_rgb(path: str | os.PathLike | IO[bytes], min_side: int | None = None, *, formats: tuple[str, ...] | None = None) -> np.ndarray:
+def load_rgb(
+    path: str | os.PathLike | IO[bytes], min_side: int | None = None, *, formats: tuple[str, ...] | None = None
+) -> np.ndarray:
     """Decode `path` (a file, or an open file of image bytes) to an HxWx3 uint8 array, upright per its EXIF orientation.
 
     With `min_side`, an image whose shorter side is longer is reduced to exactly that shorter side
@@ -56,7 +58,11 @@ def load_rgb(path: str | os.PathLike | IO[bytes], min_side: int | None = None, *
     if min_side is not None and min(rgb.size) > min_side:
         width, height = rgb.size
         scale = min_side / min(width, height)
-        size = (min_side, max(min_side, round(height * scale))) if width <= height else (max(min_side, round(width * scale)), min_side)
+        size = (
+            (min_side, max(min_side, round(height * scale)))
+            if width <= height
+            else (max(min_side, round(width * scale)), min_side)
+        )
         rgb = rgb.resize(size, Image.Resampling.BICUBIC)
     return np.asarray(rgb)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tlkit.errors import TlkitError
 from tlkit.data.images import BadImage, frame_count, inspect_image
+from tlkit.errors import TlkitError
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FORMAT = "tlkit-manifest/1"
@@ -107,7 +107,9 @@ class Manifest:
         }
         from tlkit.core.files import write_text
 
-        return write_text(path, json.dumps(data, indent=1))  # ASCII: a file name that is not UTF-8 is kept as \udcXX escapes
+        return write_text(
+            path, json.dumps(data, indent=1)
+        )  # ASCII: a file name that is not UTF-8 is kept as \udcXX escapes
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
@@ -116,7 +118,9 @@ class Manifest:
         except (OSError, json.JSONDecodeError) as err:
             raise TlkitError(f"cannot read manifest {path}: {err}; re-create it with `tlkit ingest`") from None
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-            raise TlkitError(f"{path} is not a tlkit manifest; pass an image folder, a CSV, or a file from `tlkit ingest`")
+            raise TlkitError(
+                f"{path} is not a tlkit manifest; pass an image folder, a CSV, or a file from `tlkit ingest`"
+            )
         return cls(
             root=Path(data["root"]),
             classes=list(data["classes"]),
@@ -140,7 +144,9 @@ def _list_files(folder: Path, skipped: list | None = None) -> list[Path]:
         if p.is_file():
             files.append(p)
         elif p.is_symlink() and skipped is not None:
-            skipped.append((str(p), "symbolic link to a folder, not followed" if p.is_dir() else "broken or looping symbolic link"))
+            skipped.append(
+                (str(p), "symbolic link to a folder, not followed" if p.is_dir() else "broken or looping symbolic link")
+            )
     return sorted(files)
 
 
@@ -240,7 +246,13 @@ def _check_files(root: Path, paths: list[str], *, workers: int, cache: str | os.
     """
     from tlkit.core.cache import cache_dir, read_json, write_json
 
-    store = None if cache is False else cache_dir(None if cache is True else cache) / "ingest" / f"{hashlib.sha256(str(root).encode()).hexdigest()[:20]}.json"
+    store = (
+        None
+        if cache is False
+        else cache_dir(None if cache is True else cache)
+        / "ingest"
+        / f"{hashlib.sha256(str(root).encode()).hexdigest()[:20]}.json"
+    )
     known = (read_json(store) or {}) if store is not None else {}
     results: list = [None] * len(paths)
     stamps: list = [None] * len(paths)
@@ -262,7 +274,11 @@ def _check_files(root: Path, paths: list[str], *, workers: int, cache: str | os.
             for i, result in zip(todo, pool.map(_hash_and_inspect, [paths[i] for i in todo])):
                 results[i] = result
     if store is not None and (todo or len(known) != len(paths)):
-        fresh = {os.path.abspath(p): [*stamp, result] for p, stamp, result in zip(paths, stamps, results) if stamp is not None}
+        fresh = {
+            os.path.abspath(p): [*stamp, result]
+            for p, stamp, result in zip(paths, stamps, results)
+            if stamp is not None
+        }
         try:
             write_json(store, fresh)
         except OSError:  # a read-only or full cache folder: ingest still works, only slower next time
@@ -316,7 +332,9 @@ def _make_splits(rows: list[tuple], *, val: float, test: float, seed: int, shots
 def records_fingerprint(records: list[ImageRecord]) -> str:
     digest = hashlib.sha256()
     for r in sorted(records, key=lambda r: r.path):
-        digest.update(f"{r.path}\t{r.sha256}\t{r.label}\n".encode("utf-8", "surrogateescape"))  # names need not be UTF-8
+        digest.update(
+            f"{r.path}\t{r.sha256}\t{r.label}\n".encode("utf-8", "surrogateescape")
+        )  # names need not be UTF-8
     return digest.hexdigest()[:16]
 
 
@@ -332,8 +350,10 @@ def _report(records: list[ImageRecord], classes: list[str], skipped: list, folde
     if report.large_images:
         path, width, height = max(report.large_images, key=lambda item: item[1] * item[2])
         report.warnings.append(
-            f"{len(report.large_images)} image(s) above {LARGE_IMAGE_PIXELS // 1_000_000} megapixels, the largest {path} "
-            f"({width} x {height}, {width * height / 1e6:.0f} MP): each is decoded in full whenever it is read (every epoch), "
+            f"{len(report.large_images)} image(s) above {LARGE_IMAGE_PIXELS // 1_000_000} megapixels, the largest "
+            f"{path} "
+            f"({width} x {height}, {width * height / 1e6:.0f} MP): each is decoded in full whenever it is read (every "
+            "epoch), "
             "which is slow and memory-hungry; downscale them (the model sees at most a few hundred pixels a side)"
         )
     for c in classes:
@@ -367,7 +387,8 @@ def _report(records: list[ImageRecord], classes: list[str], skipped: list, folde
         )
     if report.cross_split_duplicates:
         report.warnings.append(
-            f"{len(report.cross_split_duplicates)} identical image(s) appear in more than one split (leaks into evaluation)"
+            f"{len(report.cross_split_duplicates)} identical image(s) appear in more than one split (leaks into "
+            "evaluation)"
         )
     return report
 
@@ -436,7 +457,9 @@ def ingest(
     given = [split for _, _, split, *_ in good]
     if all(s is not None for s in given):
         if shots is not None:
-            raise TlkitError("--shots makes the splits, but the data already gives them; drop --shots or the split column")
+            raise TlkitError(
+                "--shots makes the splits, but the data already gives them; drop --shots or the split column"
+            )
         splits, settings = given, {"splits": "given"}
     else:
         if any(s is not None for s in given):
@@ -453,8 +476,10 @@ def ingest(
     records.sort(key=lambda r: r.path)
     report = _report(records, classes, skipped, folders)
     if animated:
-        report.warnings.append(f"{len(animated)} image(s) with several frames (animated GIF, WebP or PNG, multi-page TIFF), e.g. "
-                               f"{animated[0][0]} ({animated[0][1]} frames): the first frame is used")
+        report.warnings.append(
+            f"{len(animated)} image(s) with several frames (animated GIF, WebP or PNG, multi-page TIFF), e.g. "
+            f"{animated[0][0]} ({animated[0][1]} frames): the first frame is used"
+        )
     return Manifest(
         root=root,
         classes=classes,
@@ -477,7 +502,9 @@ def format_report(manifest: Manifest, *, max_items: int = 10) -> str:
         row = report.counts[c]
         totals.update(row)
         lines.append(f"{c:<{width}}  {row['train']:>6} {row['val']:>6} {row['test']:>6} {sum(row.values()):>6}")
-    lines.append(f"{'all':<{width}}  {totals['train']:>6} {totals['val']:>6} {totals['test']:>6} {sum(totals.values()):>6}")
+    lines.append(
+        f"{'all':<{width}}  {totals['train']:>6} {totals['val']:>6} {totals['test']:>6} {sum(totals.values()):>6}"
+    )
     if report.skipped:
         lines += ["", f"skipped {len(report.skipped)} file(s):"]
         lines += [f"  {path}: {reason}" for path, reason in report.skipped[:max_items]]

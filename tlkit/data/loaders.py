@@ -10,25 +10,34 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tlkit.data.images import load_rgb
 from tlkit.core.runtime import cpu_share
+from tlkit.data.images import load_rgb
 
 
 class ImageDataset(Dataset):
-    """Decodes image files (or takes decoded HxWx3 arrays) and applies a transform; items are (image tensor, label, index).
+    """Decodes image files (or takes decoded HxWx3 arrays) and applies a transform; items are (image tensor, label,
+    index).
 
     Files are decoded at the shorter side the transform reads (`transform.decode_side`, see
     augment.decode_side), or read from `decoded`, which holds exactly those arrays.
     """
 
-    def __init__(self, paths: Sequence[Path | np.ndarray], labels: Sequence[int] | None, transform: Callable[[np.ndarray], torch.Tensor],
-                 decoded: DecodedImages | None = None):
+    def __init__(
+        self,
+        paths: Sequence[Path | np.ndarray],
+        labels: Sequence[int] | None,
+        transform: Callable[[np.ndarray], torch.Tensor],
+        decoded: DecodedImages | None = None,
+    ):
         self.paths = [p if isinstance(p, np.ndarray) else str(p) for p in paths]
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.transform = transform
         self.side = getattr(transform, "decode_side", None)
         if decoded is not None and (len(decoded) != len(self.paths) or decoded.side != self.side):
-            raise ValueError(f"decoded images ({len(decoded)} at side {decoded.side}) do not match the dataset ({len(self.paths)} at side {self.side})")
+            raise ValueError(
+                f"decoded images ({len(decoded)} at side {decoded.side}) do not match the dataset ({len(self.paths)} "
+                f"at side {self.side})"
+            )
         self.decoded = decoded
 
     def __len__(self) -> int:
@@ -58,8 +67,17 @@ class DecodedImages:
     processes read them back instead of decoding. Item i is exactly `images.load_rgb(paths[i], side)`.
     """
 
-    def __init__(self, paths: Sequence[Path], digests: Sequence[str], sizes: Sequence[tuple[int, int]], side: int | None, *,
-                 memory_mb: float, cache: str | os.PathLike | None = None, workers: int | None = None):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        digests: Sequence[str],
+        sizes: Sequence[tuple[int, int]],
+        side: int | None,
+        *,
+        memory_mb: float,
+        cache: str | os.PathLike | None = None,
+        workers: int | None = None,
+    ):
         from concurrent.futures import ThreadPoolExecutor
 
         from tlkit.core.cache import cache_dir

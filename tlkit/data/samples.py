@@ -108,13 +108,18 @@ def _photo_path(name: str) -> Path:
     return path
 
 
-def crop_boxes(width: int, height: int, *, crop: int, counts: tuple[int, ...], rng: np.random.Generator) -> dict[str, list[tuple[int, int, int, int]]]:
+def crop_boxes(
+    width: int, height: int, *, crop: int, counts: tuple[int, ...], rng: np.random.Generator
+) -> dict[str, list[tuple[int, int, int, int]]]:
     """Random (left, top, right, bottom) crops per split, each inside its split's vertical band of the photo."""
     boxes: dict[str, list[tuple[int, int, int, int]]] = {}
     for (split, (lo, hi)), n in zip(PHOTO_BANDS.items(), counts):
         left, right = int(lo * width), int(hi * width)
         if right - left < crop or height < crop:
-            raise TlkitError(f"--crop {crop} does not fit the {split} band ({right - left} x {height} px) of a {width} x {height} photo; use a smaller --crop")
+            raise TlkitError(
+                f"--crop {crop} does not fit the {split} band ({right - left} x {height} px) of a {width} x {height} "
+                "photo; use a smaller --crop"
+            )
         xs = rng.integers(left, right - crop + 1, size=n)
         ys = rng.integers(0, height - crop + 1, size=n)
         boxes[split] = [(int(x), int(y), int(x) + crop, int(y) + crop) for x, y in zip(xs, ys)]

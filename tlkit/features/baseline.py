@@ -26,12 +26,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from tlkit.features import calibrate
-
-from tlkit.models import heads
-from tlkit.errors import TlkitError
 from tlkit.core.metrics import calibration, classification_metrics
+from tlkit.errors import TlkitError
+from tlkit.features import calibrate
 from tlkit.features.extract import FeatureSet
+from tlkit.models import heads
 
 CLASSIFIERS = ("svm", "logreg")
 C_GRID = {"svm": np.logspace(-2, 3, 6), "logreg": np.logspace(-4, 2, 7)}
@@ -40,7 +39,12 @@ C_GRID = {"svm": np.logspace(-2, 3, 6), "logreg": np.logspace(-4, 2, 7)}
 def build_classifier(kind: str, *, seed: int = 0) -> Pipeline:
     """The unfitted sklearn pipeline for `kind` (svm or logreg)."""
     if kind == "svm":
-        return Pipeline([("normalize", Normalizer(norm="l2")), ("clf", LinearSVC(C=1.0, dual=False, max_iter=5000, random_state=seed))])
+        return Pipeline(
+            [
+                ("normalize", Normalizer(norm="l2")),
+                ("clf", LinearSVC(C=1.0, dual=False, max_iter=5000, random_state=seed)),
+            ]
+        )
     if kind == "logreg":
         return Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(C=1.0, max_iter=2000))])
     raise TlkitError(f"unknown classifier {kind!r}; choose one of {', '.join(CLASSIFIERS)} or pixels")
@@ -90,14 +94,21 @@ def _selection(features: FeatureSet, heldout: str) -> tuple[np.ndarray, np.ndarr
         raise TlkitError("the training split has fewer than two classes; add images or lower --val/--test")
     if heldout == "test" and len(y_val):
         fold = np.concatenate([np.full(len(y_train), -1), np.zeros(len(y_val), dtype=int)])
-        return np.concatenate([X_train, X_val]), np.concatenate([y_train, y_val]), PredefinedSplit(fold), "validation split"
+        return (
+            np.concatenate([X_train, X_val]),
+            np.concatenate([y_train, y_val]),
+            PredefinedSplit(fold),
+            "validation split",
+        )
     cv = cross_validation(y_train)
     if cv is None:
         return X_train, y_train, None, "none (too few images for cross-validation; C=1)"
     return X_train, y_train, cv, f"{cv.get_n_splits()}-fold cross-validation on train"
 
 
-def fit_baseline(features: FeatureSet, *, classifier: str = "svm", seed: int = 0, calibrated: bool = True) -> BaselineResult:
+def fit_baseline(
+    features: FeatureSet, *, classifier: str = "svm", seed: int = 0, calibrated: bool = True
+) -> BaselineResult:
     """Choose C, refit, calibrate, and score on the held-out split (test, else val; never the split that chose C or T).
 
     Args:
@@ -119,7 +130,9 @@ def fit_baseline(features: FeatureSet, *, classifier: str = "svm", seed: int = 0
         estimator, C, score = search.best_estimator_, float(search.best_params_["clf__C"]), float(search.best_score_)
     X_eval, y_eval = features.subset(heldout)
     if not len(y_eval):
-        raise TlkitError("no held-out images (test and val splits are empty); ingest with --test 0.2 or give a test/ folder")
+        raise TlkitError(
+            "no held-out images (test and val splits are empty); ingest with --test 0.2 or give a test/ folder"
+        )
     n_classes = len(features.classes)
     head = heads.from_sklearn(estimator, n_classes)
     temperature, how = 1.0, "none (calibrated=False)"
@@ -137,7 +150,9 @@ def fit_baseline(features: FeatureSet, *, classifier: str = "svm", seed: int = 0
     return BaselineResult(estimator, head, C, selection, score, metrics, heldout, y_eval, y_pred, how)
 
 
-def _temperature(pipeline: Pipeline, C: float, X: np.ndarray, y: np.ndarray, n_classes: int, seed: int) -> tuple[float, str]:
+def _temperature(
+    pipeline: Pipeline, C: float, X: np.ndarray, y: np.ndarray, n_classes: int, seed: int
+) -> tuple[float, str]:
     """T fitted on out-of-fold logits of the refit data (each image scored by a model fitted without it)."""
     cv = cross_validation(y, seed=seed)
     if cv is None:
@@ -148,4 +163,6 @@ def _temperature(pipeline: Pipeline, C: float, X: np.ndarray, y: np.ndarray, n_c
         for fit_on, score_on in cv.split(X, y):
             fold = clone(pipeline).set_params(clf__C=C).fit(X[fit_on], y[fit_on])
             logits[score_on] = heads.from_sklearn(fold, n_classes).numpy_logits(X[score_on])
-    return calibrate.fit_temperature(logits, y), f"temperature on {cv.get_n_splits()}-fold out-of-fold decision values of the refit images"
+    return calibrate.fit_temperature(
+        logits, y
+    ), f"temperature on {cv.get_n_splits()}-fold out-of-fold decision values of the refit images"

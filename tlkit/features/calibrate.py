@@ -37,8 +37,12 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     y = np.asarray(y)
     if len(y) < MIN_IMAGES or len(np.unique(y)) < 2:
         return 1.0
-    found = minimize_scalar(lambda log_t: nll(logits, y, float(np.exp(log_t))), bounds=np.log(T_RANGE), method="bounded",
-                            options={"xatol": 1e-4})
+    found = minimize_scalar(
+        lambda log_t: nll(logits, y, float(np.exp(log_t))),
+        bounds=np.log(T_RANGE),
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
     return float(np.exp(found.x))
 
 
@@ -61,8 +65,14 @@ def cross_fitted(logits: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int
     return fit_temperature(logits, y), probs
 
 
-def calibrate_logits(heldout: np.ndarray, y_heldout: np.ndarray, *, fit: tuple[np.ndarray, np.ndarray] | None = None,
-                     split: str = "test", seed: int = 0) -> tuple[float, dict[str, float], str]:
+def calibrate_logits(
+    heldout: np.ndarray,
+    y_heldout: np.ndarray,
+    *,
+    fit: tuple[np.ndarray, np.ndarray] | None = None,
+    split: str = "test",
+    seed: int = 0,
+) -> tuple[float, dict[str, float], str]:
     """A trained model's temperature, its held-out calibration error before and after, and how T was fitted.
 
     With `fit` (the logits and labels of a split that is not held out), T is fitted there. Without one,
@@ -77,8 +87,13 @@ def calibrate_logits(heldout: np.ndarray, y_heldout: np.ndarray, *, fit: tuple[n
         after, how = softmax(heldout, temperature), "temperature on the val split (T changes no prediction)"
     else:
         temperature, after = cross_fitted(heldout, y_heldout, seed=seed)
-        how = (f"temperature cross-fitted on the held-out {split} split (no other split is left: each image's reported "
-               "probability comes from a T fitted without it; the saved T from all of it)")
-    metrics = {"heldout_ece_uncalibrated": calibration(y_heldout, softmax(heldout))[0], "heldout_ece": calibration(y_heldout, after)[0],
-               "temperature": temperature}
+        how = (
+            f"temperature cross-fitted on the held-out {split} split (no other split is left: each image's reported "
+            "probability comes from a T fitted without it; the saved T from all of it)"
+        )
+    metrics = {
+        "heldout_ece_uncalibrated": calibration(y_heldout, softmax(heldout))[0],
+        "heldout_ece": calibration(y_heldout, after)[0],
+        "temperature": temperature,
+    }
     return temperature, metrics, how

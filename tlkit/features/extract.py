@@ -67,13 +67,18 @@ def _load_cached(path: Path, manifest: Manifest, key: str, meta: dict) -> Featur
         return None  # a damaged cache file is recomputed, not trusted
     if list(hashes) != [r.sha256 for r in manifest.records]:
         return None
-    return FeatureSet(X, manifest.labels(), np.array([r.split for r in manifest.records]), manifest.classes, key, meta, cached=True)
+    return FeatureSet(
+        X, manifest.labels(), np.array([r.split for r in manifest.records]), manifest.classes, key, meta, cached=True
+    )
 
 
 def _save(path: Path, X: np.ndarray, manifest: Manifest) -> None:
     from tlkit.core.files import replacing
 
-    with replacing(path) as partial, open(partial, "wb") as handle:  # a concurrent reader sees the old file or the new one
+    with (
+        replacing(path) as partial,
+        open(partial, "wb") as handle,
+    ):  # a concurrent reader sees the old file or the new one
         np.savez(handle, X=X, sha256=np.array([r.sha256 for r in manifest.records]))
 
 
@@ -125,7 +130,11 @@ def extract_features(
     model = backbone.model  # built here when `backbone` came from its card
     key, meta = describe()  # the built model's own digest and preprocessing, should the card have been stale
     path = cache_dir(cache) / "features" / f"{key}.npz"
-    dataset = ImageDataset([manifest.abspath(r) for r in manifest.records], None, augment.ToTensor(augment.eval_transform(backbone.data_config)))
+    dataset = ImageDataset(
+        [manifest.abspath(r) for r in manifest.records],
+        None,
+        augment.ToTensor(augment.eval_transform(backbone.data_config)),
+    )
     loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers)
     X = forward_loader(model, backbone.num_features, loader, devices=devices, precision=precision, progress=progress)
     _save(path, X, manifest)

@@ -53,7 +53,9 @@ class _ShardWriter(BasePredictionWriter):
         torch.save(predictions, self.folder / f"shard-{trainer.global_rank}.pt")
 
 
-def forward_loader(model: torch.nn.Module, num_features: int, loader, *, devices, precision: str, progress: bool) -> np.ndarray:
+def forward_loader(
+    model: torch.nn.Module, num_features: int, loader, *, devices, precision: str, progress: bool
+) -> np.ndarray:
     """Features of every item of `loader`, in dataset order, from Lightning's predict loop on `devices`."""
     n = len(loader.dataset)
     with tempfile.TemporaryDirectory(prefix="tlkit-extract-") as tmp:

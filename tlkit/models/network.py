@@ -13,21 +13,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Union
+from typing import IO
 
 import numpy as np
 import torch
 from torch import nn
 
 from tlkit.data import augment
-
+from tlkit.data.images import load_rgb
+from tlkit.errors import TlkitError
 from tlkit.models import bundle
 from tlkit.models.backbone import create_model, load_state
-from tlkit.errors import TlkitError
 from tlkit.models.heads import LinearHead
-from tlkit.data.images import load_rgb
 
-ImageSource = Union[str, os.PathLike, IO[bytes]]
+ImageSource = str | os.PathLike | IO[bytes]
 
 
 class Pixels(nn.Module):
@@ -121,7 +120,9 @@ class LoadedModel:
     @torch.inference_mode()
     def predict_proba(self, images: list[ImageSource | np.ndarray], *, batch_size: int = 64) -> np.ndarray:
         """(n_images, n_classes) calibrated class probabilities, in float32 on the CPU."""
-        out = [self.probs(self.network(self.pixels(images[i : i + batch_size]))) for i in range(0, len(images), batch_size)]
+        out = [
+            self.probs(self.network(self.pixels(images[i : i + batch_size]))) for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
     @torch.no_grad()
@@ -133,7 +134,9 @@ class LoadedModel:
         views = [images, *([images.flip(-1)] if flip else [])]
         for top, left in ((0, 0), (0, width - w), (height - h, 0), (height - h, width - w)):
             patch = images[..., top : top + h, left : left + w]
-            views.append(torch.nn.functional.interpolate(patch, size=(height, width), mode="bilinear", align_corners=False))
+            views.append(
+                torch.nn.functional.interpolate(patch, size=(height, width), mode="bilinear", align_corners=False)
+            )
         return torch.stack([self.probs(self.network(v)) for v in views]).mean(0)
 
 
@@ -156,8 +159,11 @@ def load_model(ref: str, *, tracking_uri: str | None = None) -> LoadedModel:
     with torch.no_grad():
         width = network.backbone.forward_head(network.features(probe), pre_logits=True).shape[1]
     if width != expected or head.linear.out_features != len(saved.classes):
-        raise TlkitError(f"{Path(folder).name}: the head expects {expected} features and {head.linear.out_features} classes, the model gives "
-                         f"{width} and names {len(saved.classes)}; the model folder is damaged: save the model again")
+        raise TlkitError(
+            f"{Path(folder).name}: the head expects {expected} features and {head.linear.out_features} classes, the "
+            "model gives "
+            f"{width} and names {len(saved.classes)}; the model folder is damaged: save the model again"
+        )
     for parameter in network.parameters():
         parameter.requires_grad_(False)  # gradients flow to the input only
     return LoadedModel(network, saved)

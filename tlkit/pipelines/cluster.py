@@ -32,9 +32,10 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -84,8 +85,10 @@ def check_reachable(address: str, *, timeout: float = 5.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except (OSError, ValueError) as err:
         via = f" (where {address!r} leads)" if target != address.split("://", 1)[-1] else ""
-        raise TlkitError(f"nothing answers at {target}{via}: {getattr(err, 'strerror', None) or err}; start the cluster with "
-                         "`ray start --head` or give its address (HOST:6379, ray://HOST:10001)") from None
+        raise TlkitError(
+            f"nothing answers at {target}{via}: {getattr(err, 'strerror', None) or err}; start the cluster with "
+            "`ray start --head` or give its address (HOST:6379, ray://HOST:10001)"
+        ) from None
 
 
 @contextmanager
@@ -98,8 +101,10 @@ def connected(address: str):
         ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TlkitError(f"cannot connect to the Ray cluster at {address!r} ({first}); start one with `ray start --head` "
-                         "or give its address (auto, HOST:6379, ray://HOST:10001)") from None
+        raise TlkitError(
+            f"cannot connect to the Ray cluster at {address!r} ({first}); start one with `ray start --head` "
+            "or give its address (auto, HOST:6379, ray://HOST:10001)"
+        ) from None
     try:
         yield ray
     finally:
@@ -114,23 +119,33 @@ def check_store(tracking_uri: str, nodes: int) -> None:
     """A store that lives in this machine's files cannot be shared by the nodes of a real cluster."""
     local = tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
     if local and nodes > 1:
-        raise TlkitError(f"the tracking store {tracking_uri} is a file on this machine, which the {nodes} nodes of the Ray cluster "
-                         "cannot share; start an MLflow server (mlflow server --backend-store-uri sqlite:///mlflow.db --host 0.0.0.0) "
-                         "and pass --tracking-uri http://THIS_HOST:5000")
+        raise TlkitError(
+            f"the tracking store {tracking_uri} is a file on this machine, which the {nodes} nodes of the Ray cluster "
+            "cannot share; start an MLflow server (mlflow server --backend-store-uri sqlite:///mlflow.db --host "
+            "0.0.0.0) "
+            "and pass --tracking-uri http://THIS_HOST:5000"
+        )
 
 
 def check_paths(ray, nodes: list[dict], paths: list[str]) -> None:
-    """Every node can read every path (the folder tlkit runs in first), or a one-line error naming the node and the path."""
+    """Every node can read every path (the folder tlkit runs in first), or a one-line error naming the node and the
+    path."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(num_cpus=0, max_retries=0)(_missing)
-    refs = {node["NodeManagerAddress"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(paths)
-            for node in nodes}
+    refs = {
+        node["NodeManagerAddress"]: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(paths)
+        for node in nodes
+    }
     for address, ref in refs.items():
         missing = ray.get(ref, timeout=120)
         if missing:
-            raise TlkitError(f"node {address} cannot read {missing[0]}; every node reads the data from the same path: put it on a "
-                             "filesystem all nodes mount there (or run without --ray)")
+            raise TlkitError(
+                f"node {address} cannot read {missing[0]}; every node reads the data from the same path: put it on a "
+                "filesystem all nodes mount there (or run without --ray)"
+            )
 
 
 def _missing(paths: list[str]) -> list[str]:
@@ -145,7 +160,11 @@ def point_paths(points: list[Point]) -> list[str]:
         for spec in config.datasets.values():
             found.append(str(Path(spec.folder).resolve()))
         for stage in config.stages:
-            for value in (getattr(stage, "weights", None), getattr(getattr(stage, "train", None), "augment", None), getattr(stage, "space", None)):
+            for value in (
+                getattr(stage, "weights", None),
+                getattr(getattr(stage, "train", None), "augment", None),
+                getattr(stage, "space", None),
+            ):
                 if isinstance(value, str) and Path(value).is_absolute():
                     found.append(value)
         if config.backbone.weights and Path(config.backbone.weights).is_absolute():
@@ -187,7 +206,8 @@ class _Coordinator:
             del self.held[key]
 
     def release_all(self, token: str) -> None:
-        """An attempt of a point starts: whatever an earlier, lost attempt of it held is free, and its stages count no more."""
+        """An attempt of a point starts: whatever an earlier, lost attempt of it held is free, and its stages count no
+        more."""
         for key in [k for k, (holder, _) in self.held.items() if holder == token]:
             del self.held[key]
         self.done -= self.done_by.pop(token, 0)
@@ -204,24 +224,51 @@ class _Coordinator:
         return any(n["NodeID"] == node and n.get("Alive") for n in ray.nodes())
 
 
-def run_points(points: list[Point], plan: Plan, *, settings: RayConfig, parent_run_id: str, experiment: str, tracking_uri: str,
-               reuse: bool, progress: Progress, console: Console, ray) -> list[list[SummaryRow]]:
+def run_points(
+    points: list[Point],
+    plan: Plan,
+    *,
+    settings: RayConfig,
+    parent_run_id: str,
+    experiment: str,
+    tracking_uri: str,
+    reuse: bool,
+    progress: Progress,
+    console: Console,
+    ray,
+) -> list[list[SummaryRow]]:
     """Each point's summary rows, in the order of `points`, computed as tasks on the connected cluster."""
     nodes = alive_nodes(ray)
     resources_total = ray.cluster_resources()
     gpus = float(resources_total.get("GPU", 0))
-    # on the head node, which the cluster cannot lose and go on (its GCS is there): not on a worker node that may be lost
+    # on the head node, which the cluster cannot lose and go on (its GCS is there): not on a worker node that may be
+    # lost
     coordinator = ray.remote(num_cpus=0, max_restarts=0)(_Coordinator).options(resources={HEAD: 0.001}).remote()
     task = ray.remote(_run_point_task)
-    job = {"plan": plan, "parent_run_id": parent_run_id, "experiment": experiment, "tracking_uri": tracking_uri, "reuse": reuse,
-           "total": progress.total, "start": progress.start, "cwd": os.getcwd(), "coordinator": coordinator}
+    job = {
+        "plan": plan,
+        "parent_run_id": parent_run_id,
+        "experiment": experiment,
+        "tracking_uri": tracking_uri,
+        "reuse": reuse,
+        "total": progress.total,
+        "start": progress.start,
+        "cwd": os.getcwd(),
+        "coordinator": coordinator,
+    }
     refs = []
     for point in points:
         resources = point_resources(point, settings, gpus)
-        refs.append(task.options(**resources, max_retries=settings.max_retries, retry_exceptions=False, name=f"tlkit point {point.label}")
-                    .remote(point, job, resources["num_cpus"]))
-    console.print(f"{len(points)} points on the Ray cluster ({len(nodes)} node{'s' if len(nodes) > 1 else ''}, "
-                  f"{resources_total.get('CPU', 0):g} CPUs, {gpus:g} GPUs); a line per finished stage", highlight=False)
+        refs.append(
+            task.options(
+                **resources, max_retries=settings.max_retries, retry_exceptions=False, name=f"tlkit point {point.label}"
+            ).remote(point, job, resources["num_cpus"])
+        )
+    console.print(
+        f"{len(points)} points on the Ray cluster ({len(nodes)} node{'s' if len(nodes) > 1 else ''}, "
+        f"{resources_total.get('CPU', 0):g} CPUs, {gpus:g} GPUs); a line per finished stage",
+        highlight=False,
+    )
     labels = {ref: point.label for ref, point in zip(refs, points)}
     rows, pending = {}, list(refs)
     try:
@@ -251,8 +298,10 @@ def _result(ray, ref, label: str, retries: int):
             raise TlkitError(str(cause) if str(cause).startswith(f"{label}: ") else f"{label}: {cause}") from None
         raise TlkitError(f"{label}: {type(cause).__name__}: {_first_line(cause)}") from None
     except ray.exceptions.RayError as err:
-        raise TlkitError(f"{label}: its task was lost {retries + 1} times ({type(err).__name__}: {_first_line(err)}); "
-                         "check the cluster's nodes (ray status) and run again: finished stages are reused") from None
+        raise TlkitError(
+            f"{label}: its task was lost {retries + 1} times ({type(err).__name__}: {_first_line(err)}); "
+            "check the cluster's nodes (ray status) and run again: finished stages are reused"
+        ) from None
 
 
 def _cancel(ray, refs: list) -> None:
@@ -278,8 +327,16 @@ def end_runs(tracking_uri: str, tag_filter: str) -> list[str]:
     ended = []
     try:
         ids = [e.experiment_id for e in store.search_experiments()]
-        found = store.search_runs(ids, f"attributes.status != 'FINISHED' and {tag_filter}", max_results=1000,
-                                  order_by=["attributes.start_time DESC"]) if ids else []
+        found = (
+            store.search_runs(
+                ids,
+                f"attributes.status != 'FINISHED' and {tag_filter}",
+                max_results=1000,
+                order_by=["attributes.start_time DESC"],
+            )
+            if ids
+            else []
+        )
         for run in found:
             if run.info.status == "RUNNING":
                 store.set_terminated(run.info.run_id, "KILLED")
@@ -302,8 +359,11 @@ def _start_task(cwd: str, cores: float, tracking_uri: str, experiment: str) -> d
     runtime.hide_progress_bars()
     tracking.REAP_QUIETLY = True
     tracking.configure(tracking_uri, experiment)
-    return {"tlkit.node": ray.get_runtime_context().get_node_id()[:16], "tlkit.node_ip": ray.util.get_node_ip_address(),
-            "tlkit.node_host": socket.gethostname()}
+    return {
+        "tlkit.node": ray.get_runtime_context().get_node_id()[:16],
+        "tlkit.node_ip": ray.util.get_node_ip_address(),
+        "tlkit.node_host": socket.gethostname(),
+    }
 
 
 def _run_point_task(point: Point, job: dict[str, Any], cores: float) -> list[SummaryRow]:
@@ -314,7 +374,9 @@ def _run_point_task(point: Point, job: dict[str, Any], cores: float) -> list[Sum
     node = ray.get_runtime_context().get_node_id()
     token = point_token(job["parent_run_id"], point)
     coordinator = job["coordinator"]
-    lost = end_runs(job["tracking_uri"], f"tags.`tlkit.ray_point` = '{token}'")  # an earlier attempt of this point, lost with its node
+    lost = end_runs(
+        job["tracking_uri"], f"tags.`tlkit.ray_point` = '{token}'"
+    )  # an earlier attempt of this point, lost with its node
     ray.get(coordinator.release_all.remote(token))
     tags.update({"tlkit.ray_point": token, "tlkit.ray_pipeline": job["parent_run_id"]})
     if lost:
@@ -331,8 +393,17 @@ def _run_point_task(point: Point, job: dict[str, Any], cores: float) -> list[Sum
 
     count: Callable[[], int] = lambda: ray.get(coordinator.step.remote(token))  # noqa: E731
     progress = Progress(job["total"], start=job["start"], count=count)
-    how = PointRun(job["plan"], progress, job["tracking_uri"], job["reuse"], Console(markup=False, soft_wrap=True), claim=claim,
-                   parent_run_id=job["parent_run_id"], lines=True, resume_from=lost)
+    how = PointRun(
+        job["plan"],
+        progress,
+        job["tracking_uri"],
+        job["reuse"],
+        Console(markup=False, soft_wrap=True),
+        claim=claim,
+        parent_run_id=job["parent_run_id"],
+        lines=True,
+        resume_from=lost,
+    )
     try:
         with tracking.tagging(tags):
             return run_point(point, how, {})
@@ -342,16 +413,26 @@ def _run_point_task(point: Point, job: dict[str, Any], cores: float) -> list[Sum
 
 def run_tune_workers(ray, workers: int, tune_kwargs: dict[str, Any], *, cores: float = 1) -> list:
     """`workers` tune workers on one study, as tasks on the connected cluster (the Optuna storage coordinates
-    them, as it does workers started by hand); each worker's outcome, the one that retrained the best recipe among them."""
+    them, as it does workers started by hand); each worker's outcome, one of them the retrained best recipe."""
     nodes = alive_nodes(ray)
     check_store(tune_kwargs["tracking_uri"], len(nodes))
     from tlkit.pipelines.tune import default_storage
 
     storage = tune_kwargs.get("storage") or default_storage(tune_kwargs["tracking_uri"])
     if storage.startswith("sqlite:") and len(nodes) > 1:
-        raise TlkitError(f"the study's storage {storage} is a file on this machine, which the {len(nodes)} nodes of the Ray cluster cannot "
-                         "share; give --storage postgresql://USER:PASSWORD@HOST/DB (pip install 'tlkit[postgres]')")
-    paths = [os.getcwd(), *(str(Path(v).resolve()) for v in (tune_kwargs.get("data"),) if isinstance(v, (str, Path)) and Path(v).exists())]
+        raise TlkitError(
+            f"the study's storage {storage} is a file on this machine, which the {len(nodes)} nodes of the Ray "
+            "cluster cannot "
+            "share; give --storage postgresql://USER:PASSWORD@HOST/DB (pip install 'tlkit[postgres]')"
+        )
+    paths = [
+        os.getcwd(),
+        *(
+            str(Path(v).resolve())
+            for v in (tune_kwargs.get("data"),)
+            if isinstance(v, (str, Path)) and Path(v).exists()
+        ),
+    ]
     check_paths(ray, nodes, paths)
     task = ray.remote(_tune_worker_task).options(num_cpus=cores, max_retries=0)
     job = {**tune_kwargs, "storage": storage}
@@ -369,4 +450,6 @@ def _tune_worker_task(job: dict[str, Any], cwd: str, cores: float, index: int):
     tags = _start_task(cwd, cores, job["tracking_uri"], job.pop("experiment"))
     console = Console(markup=False, soft_wrap=True)
     with tracking.tagging(tags):
-        return run_tune(**job, report=lambda t: console.print(f"worker {index}: {t.text()}", highlight=False), progress=False)
+        return run_tune(
+            **job, report=lambda t: console.print(f"worker {index}: {t.text()}", highlight=False), progress=False
+        )

@@ -32,7 +32,6 @@ from tlkit.errors import TlkitError
 from tlkit.pipelines.points import PointRun, Progress, SummaryRow, run_point
 from tlkit.pipelines.sweep import Plan, Point
 
-
 try:
     import fcntl
 except ImportError:  # Windows: no advisory file locks
@@ -41,29 +40,59 @@ except ImportError:  # Windows: no advisory file locks
 _JOB: dict = {}  # what the initializer hands every task of this job process
 
 
-def run_points(points: list[Point], plan: Plan, *, jobs: int, parent_run_id: str, experiment: str, tracking_uri: str | None,
-               reuse: bool, progress: Progress, console: Console) -> list[list[SummaryRow]]:
+def run_points(
+    points: list[Point],
+    plan: Plan,
+    *,
+    jobs: int,
+    parent_run_id: str,
+    experiment: str,
+    tracking_uri: str | None,
+    reuse: bool,
+    progress: Progress,
+    console: Console,
+) -> list[list[SummaryRow]]:
     """Each point's summary rows, in the order of `points`, computed by `jobs` processes."""
     if fcntl is None:
         raise TlkitError("--jobs needs file locks (Linux or macOS); run without --jobs here")
-    context = multiprocessing.get_context("spawn")  # not fork: torch's thread pools and MLflow's connections do not survive a fork
+    context = multiprocessing.get_context(
+        "spawn"
+    )  # not fork: torch's thread pools and MLflow's connections do not survive a fork
     counter, stop = context.Value("i", 0), context.Event()
     cores = max(1, runtime.cpu_share() // jobs)
     locks = tempfile.mkdtemp(prefix="tlkit-jobs-")
-    console.print(f"{len(points)} points, {jobs} at a time ({cores} core{'s' if cores > 1 else ''} each); a line per finished stage",
-                  highlight=False)
-    setup = (cores, counter, stop, locks, progress.total, progress.start, tracking.resolve_tracking_uri(tracking_uri), experiment, reuse)
+    console.print(
+        f"{len(points)} points, {jobs} at a time ({cores} core{'s' if cores > 1 else ''} each); a line per finished "
+        "stage",
+        highlight=False,
+    )
+    setup = (
+        cores,
+        counter,
+        stop,
+        locks,
+        progress.total,
+        progress.start,
+        tracking.resolve_tracking_uri(tracking_uri),
+        experiment,
+        reuse,
+    )
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_job, initargs=setup) as pool:
             futures = [pool.submit(_run_job, point, plan, parent_run_id) for point in points]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
-                failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None)
+                failed = next(
+                    (f for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None
+                )
                 if failed is not None:
                     _stop_jobs(stop, futures, interrupt=True)
                     if isinstance(failed.exception(), BrokenProcessPool):
-                        raise TlkitError(f"a job's process ended abruptly (out of memory, or killed); its point's runs may be left RUNNING; "
-                                         f"run again with fewer --jobs than {jobs}") from None
+                        raise TlkitError(
+                            "a job's process ended abruptly (out of memory, or killed); its point's runs may be left "
+                            "RUNNING; "
+                            f"run again with fewer --jobs than {jobs}"
+                        ) from None
                     raise failed.exception()
             except KeyboardInterrupt:  # the jobs got Ctrl-C from the terminal too: let them mark their runs KILLED
                 _stop_jobs(stop, futures, interrupt=False)
@@ -91,14 +120,18 @@ def _stop_jobs(stop, futures, *, interrupt: bool) -> None:
                 pass
 
 
-def _start_job(cores: int, counter, stop, locks: str, total: int, start: float, tracking_uri: str, experiment: str, reuse: bool) -> None:
+def _start_job(
+    cores: int, counter, stop, locks: str, total: int, start: float, tracking_uri: str, experiment: str, reuse: bool
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops a point, not an idle job waiting for one (see _run_job)
     runtime.quiet()
     runtime.tune_allocator()
     runtime.use_cpus(cores)
     runtime.hide_progress_bars()
     tracking.configure(tracking_uri, experiment)
-    _JOB.update(counter=counter, stop=stop, locks=Path(locks), total=total, start=start, tracking_uri=tracking_uri, reuse=reuse)
+    _JOB.update(
+        counter=counter, stop=stop, locks=Path(locks), total=total, start=start, tracking_uri=tracking_uri, reuse=reuse
+    )
 
 
 def _count() -> int:
@@ -124,8 +157,16 @@ def _run_job(point: Point, plan: Plan, parent_run_id: str) -> list[SummaryRow]:
     if _JOB["stop"].is_set():  # another point failed or Ctrl-C: this one was queued already
         raise TlkitError("stopped before it started")
     progress = Progress(_JOB["total"], start=_JOB["start"], count=_count)
-    how = PointRun(plan, progress, _JOB["tracking_uri"], _JOB["reuse"], Console(markup=False, soft_wrap=True), claim=_claim,
-                   parent_run_id=parent_run_id, lines=True)
+    how = PointRun(
+        plan,
+        progress,
+        _JOB["tracking_uri"],
+        _JOB["reuse"],
+        Console(markup=False, soft_wrap=True),
+        claim=_claim,
+        parent_run_id=parent_run_id,
+        lines=True,
+    )
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return run_point(point, how, {})

@@ -115,13 +115,26 @@ def run_pipeline(
         from tlkit.pipelines.cluster import connected
 
         with connected(address) as cluster:
-            return _run_all(plan, points, experiment, tracking_uri, reuse, jobs, manifests, console, overrides, cluster=cluster)
+            return _run_all(
+                plan, points, experiment, tracking_uri, reuse, jobs, manifests, console, overrides, cluster=cluster
+            )
     return _run_all(plan, points, experiment, tracking_uri, reuse, jobs, manifests, console, overrides)
 
 
-def _run_all(plan: Plan, points: list[Point], experiment: str, tracking_uri: str | None, reuse: bool, jobs: int, manifests: dict,
-             console: Console, overrides: list[str] | None, *, cluster=None) -> PipelineSummary:
-    """Every point under one pipeline run: one after another here, in `jobs` processes, or as tasks on a Ray `cluster`."""
+def _run_all(
+    plan: Plan,
+    points: list[Point],
+    experiment: str,
+    tracking_uri: str | None,
+    reuse: bool,
+    jobs: int,
+    manifests: dict,
+    console: Console,
+    overrides: list[str] | None,
+    *,
+    cluster=None,
+) -> PipelineSummary:
+    """Every point under one pipeline run: one after another here, in `jobs` processes, or as Ray tasks (`cluster`)."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if jobs > 1 or cluster is not None:
         for point in points:  # sample data is written here, once, before the jobs or the cluster's tasks read it
@@ -134,7 +147,13 @@ def _run_all(plan: Plan, points: list[Point], experiment: str, tracking_uri: str
         check_store(uri, len(nodes))
         check_paths(cluster, nodes, point_paths(points))
     progress = Progress(sum(len(p.config.stages) for p in points))
-    params = {"pipeline": plan.base.name, "stages": len(plan.base.stages), "points": len(points), "jobs": jobs, "overrides": list(overrides or [])}
+    params = {
+        "pipeline": plan.base.name,
+        "stages": len(plan.base.stages),
+        "points": len(points),
+        "jobs": jobs,
+        "overrides": list(overrides or []),
+    }
     if cluster is not None:
         params["ray_nodes"] = len(nodes)
     if plan.base.sweep:
@@ -145,18 +164,39 @@ def _run_all(plan: Plan, points: list[Point], experiment: str, tracking_uri: str
         summary = PipelineSummary(plan.base.name, experiment, parent, uri)
         tracking.log_text(yaml.safe_dump(plan.raw, sort_keys=False), "pipeline.yaml")
         if not plan.swept:
-            tracking.log_text(yaml.safe_dump(points[0].config.model_dump(mode="json"), sort_keys=False), "pipeline.resolved.yaml")
+            tracking.log_text(
+                yaml.safe_dump(points[0].config.model_dump(mode="json"), sort_keys=False), "pipeline.resolved.yaml"
+            )
         if cluster is not None:
             from tlkit.pipelines.cluster import run_points as run_on_cluster
 
-            for rows in run_on_cluster(points, plan, settings=plan.base.ray or RayConfig(), parent_run_id=parent, experiment=experiment,
-                                       tracking_uri=uri, reuse=reuse, progress=progress, console=console, ray=cluster):
+            for rows in run_on_cluster(
+                points,
+                plan,
+                settings=plan.base.ray or RayConfig(),
+                parent_run_id=parent,
+                experiment=experiment,
+                tracking_uri=uri,
+                reuse=reuse,
+                progress=progress,
+                console=console,
+                ray=cluster,
+            ):
                 summary.rows += rows
         elif jobs > 1:
             from tlkit.pipelines.jobs import run_points
 
-            for rows in run_points(points, plan, jobs=jobs, parent_run_id=parent, experiment=experiment, tracking_uri=tracking_uri,
-                                   reuse=reuse, progress=progress, console=console):
+            for rows in run_points(
+                points,
+                plan,
+                jobs=jobs,
+                parent_run_id=parent,
+                experiment=experiment,
+                tracking_uri=tracking_uri,
+                reuse=reuse,
+                progress=progress,
+                console=console,
+            ):
                 summary.rows += rows
         else:
             how = PointRun(plan, progress, tracking_uri, reuse, console)
@@ -210,8 +250,14 @@ def summary_table(summary: PipelineSummary) -> Table:
 def _run_lines(summary: PipelineSummary) -> str:
     lines = []
     for row in summary.rows:
-        where = f" [{row.point}{' ' if row.point else ''}seed={row.seed}]" if row.seed is not None else (f" [{row.point}]" if row.point else "")
-        lines.append(f"  {row.id}{where}: runs:/{row.run_id}" + (f" (reuses runs:/{row.reused_from})" if row.reused_from else ""))
+        where = (
+            f" [{row.point}{' ' if row.point else ''}seed={row.seed}]"
+            if row.seed is not None
+            else (f" [{row.point}]" if row.point else "")
+        )
+        lines.append(
+            f"  {row.id}{where}: runs:/{row.run_id}" + (f" (reuses runs:/{row.reused_from})" if row.reused_from else "")
+        )
     return "\n".join(lines)
 
 
@@ -227,12 +273,17 @@ def print_summary(summary: PipelineSummary, console: Console) -> None:
     console.print()
     if summary.leaderboard is not None:
         console.print(leaderboard_table(summary.leaderboard))
-        console.print(f"Every run, seed by seed: summary.txt of pipeline run {summary.run_id}; the table as CSV and PNG: its compare/ folder.", highlight=False)
+        console.print(
+            f"Every run, seed by seed: summary.txt of pipeline run {summary.run_id}; the table as CSV and PNG: its "
+            "compare/ folder.",
+            highlight=False,
+        )
     else:
         console.print(summary_table(summary))
         console.print("runs (use as --weights or predict MODEL):\n" + _run_lines(summary), highlight=False)
     console.print(
         f"All runs are in MLflow experiment {summary.experiment} under pipeline run {summary.run_id}.\n"
-        f"Open them side by side: `tlkit ui --experiment {summary.experiment}` prints the page (store: {summary.tracking_uri}).",
+        f"Open them side by side: `tlkit ui --experiment {summary.experiment}` prints the page (store: "
+        f"{summary.tracking_uri}).",
         highlight=False,
     )

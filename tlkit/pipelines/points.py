@@ -14,10 +14,10 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import yaml
 from rich.console import Console
@@ -132,7 +132,10 @@ def prepare_data(config: PipelineConfig, name: str, cache: dict[str, Manifest], 
         if spec.photos is not None and not path.exists():
             p = spec.photos
             written = write_photos(path, crop=p.crop, counts=(p.train, p.val, p.test), grey=p.grey, seed=spec.seed)
-            console.print(f"wrote {sum(sum(n.values()) for n in written.values())} photo crops ({len(written['train'])} classes) to {path}")
+            console.print(
+                f"wrote {sum(sum(n.values()) for n in written.values())} photo crops ({len(written['train'])} "
+                f"classes) to {path}"
+            )
         cache[key] = load_data(path, spec)
     return cache[key]
 
@@ -140,7 +143,11 @@ def prepare_data(config: PipelineConfig, name: str, cache: dict[str, Manifest], 
 def backbone_for(config: PipelineConfig, stage: ModelStage, outputs: dict[str, str]) -> BackboneConfig:
     """The pipeline's backbone with the stage's overrides; a weights value naming a stage becomes its run."""
     merged = config.backbone.model_copy(
-        update={k: getattr(stage, k) for k in ("model", "pretrained", "weights", "img_size") if getattr(stage, k) is not None}
+        update={
+            k: getattr(stage, k)
+            for k in ("model", "pretrained", "weights", "img_size")
+            if getattr(stage, k) is not None
+        }
     )
     if merged.weights in outputs:
         merged = merged.model_copy(update={"weights": outputs[merged.weights], "pretrained": False})
@@ -168,14 +175,22 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def stage_key(stage, manifest: Manifest | None, backbone: BackboneConfig | None, model_ref: str | None, config: PipelineConfig) -> str:
+def stage_key(
+    stage, manifest: Manifest | None, backbone: BackboneConfig | None, model_ref: str | None, config: PipelineConfig
+) -> str:
     """Everything a stage's result depends on, hashed: equal keys mean the stage need not run again."""
-    payload: dict = {"stage": stage.model_dump(mode="json", exclude={"id"}), "version": __version__, "precision": config.compute.precision}
+    payload: dict = {
+        "stage": stage.model_dump(mode="json", exclude={"id"}),
+        "version": __version__,
+        "precision": config.compute.precision,
+    }
     if manifest is not None:
         payload["data"] = [manifest.fingerprint, manifest.split_settings]
     if backbone is not None:
         payload["backbone"] = backbone.model_dump(mode="json")
-        if backbone.weights and not backbone.weights.startswith((tracking.RUNS_PREFIX, "pkg:")):  # runs and packages do not change
+        if backbone.weights and not backbone.weights.startswith(
+            (tracking.RUNS_PREFIX, "pkg:")
+        ):  # runs and packages do not change
             payload["weights_file"] = file_digest(backbone.weights)
     if model_ref is not None:
         payload["model"] = model_ref
@@ -199,13 +214,22 @@ def metric_key(text: str) -> str:
 def _predict(stage: PredictStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.stages import run_predict
 
-    return run_predict(inputs.model, stage.images, top_k=stage.top_k, run_name=stage.id, tracking_uri=inputs.tracking_uri)[2]
+    return run_predict(
+        inputs.model, stage.images, top_k=stage.top_k, run_name=stage.id, tracking_uri=inputs.tracking_uri
+    )[2]
 
 
 def _export(stage: ExportStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.evaluate import run_export
 
-    result = run_export(inputs.model, stage.format, Path(stage.out), run_name=stage.id, tracking_uri=inputs.tracking_uri, force=stage.force)
+    result = run_export(
+        inputs.model,
+        stage.format,
+        Path(stage.out),
+        run_name=stage.id,
+        tracking_uri=inputs.tracking_uri,
+        force=stage.force,
+    )
     inputs.console.print(f"{stage.id}: written {result.files[0]} and {result.files[1]}", highlight=False)
     return result
 
@@ -213,28 +237,58 @@ def _export(stage: ExportStage, inputs: StageInputs) -> StageResult:
 def _evaluate(stage: EvaluateStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.evaluate import run_evaluate
 
-    return run_evaluate(inputs.model, inputs.manifest, split=stage.split, tta=stage.tta, explain_top=stage.explain, method=stage.method,
-                        attack=stage.attack, eps=stage.eps, run_name=stage.id, tracking_uri=inputs.tracking_uri)
+    return run_evaluate(
+        inputs.model,
+        inputs.manifest,
+        split=stage.split,
+        tta=stage.tta,
+        explain_top=stage.explain,
+        method=stage.method,
+        attack=stage.attack,
+        eps=stage.eps,
+        run_name=stage.id,
+        tracking_uri=inputs.tracking_uri,
+    )
 
 
 def _baseline(stage: BaselineStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.stages import run_baseline
 
-    return run_baseline(inputs.manifest, inputs.backbone, stage.baseline, compute=inputs.config.compute, run_name=stage.id,
-                        tracking_uri=inputs.tracking_uri)
+    return run_baseline(
+        inputs.manifest,
+        inputs.backbone,
+        stage.baseline,
+        compute=inputs.config.compute,
+        run_name=stage.id,
+        tracking_uri=inputs.tracking_uri,
+    )
 
 
 def _extract(stage: ExtractStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.stages import run_extract
 
-    return run_extract(inputs.manifest, inputs.backbone, compute=inputs.config.compute, run_name=stage.id, tracking_uri=inputs.tracking_uri)[1]
+    return run_extract(
+        inputs.manifest,
+        inputs.backbone,
+        compute=inputs.config.compute,
+        run_name=stage.id,
+        tracking_uri=inputs.tracking_uri,
+    )[1]
 
 
 def _train(stage: PretrainStage | FinetuneStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.stages import run_train
 
-    return run_train(stage.stage, inputs.manifest, inputs.backbone, stage.train, compute=inputs.config.compute, run_name=stage.id,
-                     tracking_uri=inputs.tracking_uri, start_from=inputs.start_from)
+    return run_train(
+        stage.stage,
+        inputs.manifest,
+        inputs.backbone,
+        stage.train,
+        compute=inputs.config.compute,
+        run_name=stage.id,
+        tracking_uri=inputs.tracking_uri,
+        start_from=inputs.start_from,
+    )
 
 
 def _tune(stage: TuneStage, inputs: StageInputs) -> StageResult:
@@ -250,22 +304,48 @@ def _tune(stage: TuneStage, inputs: StageInputs) -> StageResult:
     def line(t) -> None:
         console.print(f"  {t.text(settings=False)}", highlight=False)
 
-    outcome = run_tune(inputs.manifest, inputs.backbone, space_of(stage, None), base=stage.train, trials=stage.trials,
-                       budget_s=parse_duration(stage.budget) if stage.budget is not None else None,
-                       study=stage.study or f"{config.name}.{stage.id}.{inputs.key}", storage=stage.storage,
-                       selection_fraction=stage.selection, compute=config.compute, run_name=stage.id,
-                       tracking_uri=inputs.tracking_uri, data_label=str(inputs.manifest.root), report=line, progress=False)
+    outcome = run_tune(
+        inputs.manifest,
+        inputs.backbone,
+        space_of(stage, None),
+        base=stage.train,
+        trials=stage.trials,
+        budget_s=parse_duration(stage.budget) if stage.budget is not None else None,
+        study=stage.study or f"{config.name}.{stage.id}.{inputs.key}",
+        storage=stage.storage,
+        selection_fraction=stage.selection,
+        compute=config.compute,
+        run_name=stage.id,
+        tracking_uri=inputs.tracking_uri,
+        data_label=str(inputs.manifest.root),
+        report=line,
+        progress=False,
+    )
     if outcome.final is None:
-        raise TlkitError(f"stage {stage.id}: {outcome.waiting}; a pipeline's tune stage needs the retrained recipe (run extra workers with `tlkit tune --study {outcome.study}`)")
+        raise TlkitError(
+            f"stage {stage.id}: {outcome.waiting}; a pipeline's tune stage needs the retrained recipe (run extra "
+            f"workers with `tlkit tune --study {outcome.study}`)"
+        )
     final = outcome.final
     console.print(f"  best recipe (trial {outcome.best_trial}): {outcome.command}", highlight=False, soft_wrap=True)
-    details = {"final_run": final.run_id, "study": outcome.study, "best_params": outcome.best_params, "trials": outcome.trials}
+    details = {
+        "final_run": final.run_id,
+        "study": outcome.study,
+        "best_params": outcome.best_params,
+        "trials": outcome.trials,
+    }
     return StageResult("tune", outcome.parent_run_id, dict(final.metrics), final.model_uri, details)
 
 
 RUNNERS: dict[type, Callable[..., StageResult]] = {
-    PredictStage: _predict, ExportStage: _export, EvaluateStage: _evaluate, BaselineStage: _baseline, ExtractStage: _extract,
-    PretrainStage: _train, FinetuneStage: _train, TuneStage: _tune,
+    PredictStage: _predict,
+    ExportStage: _export,
+    EvaluateStage: _evaluate,
+    BaselineStage: _baseline,
+    ExtractStage: _extract,
+    PretrainStage: _train,
+    FinetuneStage: _train,
+    TuneStage: _tune,
 }
 ALWAYS_RUN = (PredictStage, ExportStage)  # images on disk may change under the same paths; exported files may be gone
 
@@ -277,10 +357,16 @@ ALWAYS_RUN = (PredictStage, ExportStage)  # images on disk may change under the 
 def run_point(point: Point, how: PointRun, manifests: dict[str, Manifest]) -> list[SummaryRow]:
     """One (grid point, seed): its stages in order, as one point run when the pipeline is swept."""
     config, plan, console, progress = point.config, how.plan, how.console, how.progress
-    params = {**{f"sweep.{point.names.get(k, k)}": v for k, v in point.settings.items()}, **({"seed": point.seed} if point.seed is not None else {})}
+    params = {
+        **{f"sweep.{point.names.get(k, k)}": v for k, v in point.settings.items()},
+        **({"seed": point.seed} if point.seed is not None else {}),
+    }
     tags = {"tlkit.point": point.group, "tlkit.seed": "" if point.seed is None else str(point.seed)}
-    context = (tracking.start_run("point", run_name=point.label, params=params, tags=tags, parent_run_id=how.parent_run_id) if plan.swept
-               else nullcontext())
+    context = (
+        tracking.start_run("point", run_name=point.label, params=params, tags=tags, parent_run_id=how.parent_run_id)
+        if plan.swept
+        else nullcontext()
+    )
     rows: list[SummaryRow] = []
     outputs: dict[str, str] = {}  # stage id -> runs:/ of the model it saved
     with context:
@@ -289,7 +375,9 @@ def run_point(point: Point, how: PointRun, manifests: dict[str, Manifest]) -> li
         for i, stage in enumerate(config.stages, start=1):
             where = f"{point.label} · " if plan.swept else ""
             if not how.lines:
-                header = Text(f"{progress.step()} {where}stage {i}/{len(config.stages)}: {stage.id}", style="bold") + Text(f" ({stage.stage})")
+                header = Text(
+                    f"{progress.step()} {where}stage {i}/{len(config.stages)}: {stage.id}", style="bold"
+                ) + Text(f" ({stage.stage})")
                 console.rule(header) if console.is_terminal else console.print(Text("== ") + header, soft_wrap=True)
             start = time.perf_counter()
             with tracking.tagging({"tlkit.stage_id": stage.id, **tags}):
@@ -298,7 +386,11 @@ def run_point(point: Point, how: PointRun, manifests: dict[str, Manifest]) -> li
             if result.model_uri:
                 outputs[stage.id] = result.model_uri
             data = getattr(stage, "data", "")
-            rows.append(SummaryRow(stage.id, stage.stage, data, result.run_id, result.metrics, seconds, point.group, point.seed, reused))
+            rows.append(
+                SummaryRow(
+                    stage.id, stage.stage, data, result.run_id, result.metrics, seconds, point.group, point.seed, reused
+                )
+            )
             accuracy = result.metrics.get("heldout_accuracy")
             if accuracy is not None:
                 tracking.log_metrics({f"{metric_key(stage.id)}.heldout_accuracy": accuracy})
@@ -309,8 +401,9 @@ def run_point(point: Point, how: PointRun, manifests: dict[str, Manifest]) -> li
     return rows
 
 
-def _run_or_reuse(stage, config: PipelineConfig, outputs: dict[str, str], manifests: dict[str, Manifest],
-                  how: PointRun) -> tuple[StageResult, str | None]:
+def _run_or_reuse(
+    stage, config: PipelineConfig, outputs: dict[str, str], manifests: dict[str, Manifest], how: PointRun
+) -> tuple[StageResult, str | None]:
     """Run one stage, or stand in for an earlier run with the same inputs. Returns (result, reused run id).
 
     `how.claim(key)` holds the stage's key while it looks for a finished run and computes: with --jobs, a job
@@ -327,12 +420,24 @@ def _run_or_reuse(stage, config: PipelineConfig, outputs: dict[str, str], manife
             found = tracking.find_finished_run("tlkit.stage_key", key, stage=stage.stage, tracking_uri=how.tracking_uri)
             if found is not None:
                 run_id = tracking.record_reuse(found, stage=stage.stage, run_name=stage.id)
-                holder = found.tags.get("tlkit.final_run", found.run_id)  # a tune's model is in its retrained-recipe run
+                holder = found.tags.get(
+                    "tlkit.final_run", found.run_id
+                )  # a tune's model is in its retrained-recipe run
                 model_uri = f"{tracking.RUNS_PREFIX}{holder}" if stage.stage in MODEL_STAGES else None
-                return StageResult(stage.stage, run_id, dict(found.metrics), model_uri, {"reused_from": found.run_id}), found.run_id
+                return StageResult(
+                    stage.stage, run_id, dict(found.metrics), model_uri, {"reused_from": found.run_id}
+                ), found.run_id
         study_key = key if how.reuse or not isinstance(stage, TuneStage) else f"{key}-{time.time_ns()}"
-        inputs = StageInputs(config, manifest, backbone, model, study_key, how.tracking_uri, how.console,
-                             _checkpoint_of(how.resume_from, key, how.tracking_uri))
+        inputs = StageInputs(
+            config,
+            manifest,
+            backbone,
+            model,
+            study_key,
+            how.tracking_uri,
+            how.console,
+            _checkpoint_of(how.resume_from, key, how.tracking_uri),
+        )
         with tracking.tagging({"tlkit.stage_key": key}):
             return runner(stage, inputs), None
 

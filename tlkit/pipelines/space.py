@@ -31,8 +31,12 @@ from tlkit.errors import TlkitError
 
 # Settings a tune controls itself: the seed is the study's, the rest would let trials choose on
 # the held-out split or change what the selection split means.
-RESERVED = {"seed": "the study's --seed sets it", "use_val": "tune chooses the split use itself",
-            "patience": "a trial's curve is judged by the pruner, not by early stopping", "lrs": "search lr and lr_mult instead"}
+RESERVED = {
+    "seed": "the study's --seed sets it",
+    "use_val": "tune chooses the split use itself",
+    "patience": "a trial's curve is judged by the pruner, not by early stopping",
+    "lrs": "search lr and lr_mult instead",
+}
 AUGMENT_PRESETS = ("none", "light", "medium", "heavy")  # augment.PRESETS, without importing albumentations
 WHOLE_NUMBERS = {"epochs", "freeze_epochs", "unfreeze_every", "groups", "batch_size"}
 ONLY_FOR = {"freeze_epochs": "freeze-unfreeze", "unfreeze_every": "gradual"}  # sampled only for that strategy
@@ -94,7 +98,9 @@ class SearchSpace:
             value = getattr(base, dim.name)
             if dim.name == "freeze_epochs" and value is None:
                 value = 1  # what freeze-unfreeze does when it is not set
-            inside = value in dim.choices if dim.choices is not None else value is not None and dim.low <= value <= dim.high
+            inside = (
+                value in dim.choices if dim.choices is not None else value is not None and dim.low <= value <= dim.high
+            )
             if not inside:
                 return {}  # the default is outside the space: nothing to start from
             values[dim.name] = value
@@ -142,25 +148,42 @@ def _check_value(source: str, key: str, value: Any) -> None:
 def _dimension(source: str, key: str, spec: Any, base_dir: Path | None) -> Dimension:
     if key not in TrainConfig.model_fields:
         close = difflib.get_close_matches(key, sorted(TrainConfig.model_fields), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; the settings are: {', '.join(sorted(set(TrainConfig.model_fields) - set(RESERVED)))}"
+        hint = (
+            f"; did you mean {close[0]!r}?"
+            if close
+            else f"; the settings are: {', '.join(sorted(set(TrainConfig.model_fields) - set(RESERVED)))}"
+        )
         raise TlkitError(f"{source}: unknown setting {key!r}{hint}")
     if key in RESERVED:
         raise TlkitError(f"{source}: {key!r} cannot be searched or fixed in a search space ({RESERVED[key]})")
 
     def local(value: Any) -> Any:  # augmentation files are relative to the space file, as in pipelines
-        if key == "augment" and isinstance(value, str) and value.endswith((".yaml", ".yml")) and base_dir is not None and not Path(value).is_absolute():
+        if (
+            key == "augment"
+            and isinstance(value, str)
+            and value.endswith((".yaml", ".yml"))
+            and base_dir is not None
+            and not Path(value).is_absolute()
+        ):
             return str((base_dir / value).resolve())
         return value
 
     if isinstance(spec, dict):
         unknown = set(spec) - {"low", "high", "log"}
         if unknown or not {"low", "high"} <= set(spec):
-            raise TlkitError(f"{_where(source, key)}: a range is {{low: A, high: B, log: true|false}}; got keys {', '.join(map(str, spec))}")
+            raise TlkitError(
+                f"{_where(source, key)}: a range is {{low: A, high: B, log: true|false}}; got keys "
+                f"{', '.join(map(str, spec))}"
+            )
         low, high, log = spec["low"], spec["high"], spec.get("log", False)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not isinstance(log, bool):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not isinstance(
+            log, bool
+        ):
             raise TlkitError(f"{_where(source, key)}: low and high must be numbers and log true or false")
         if not low < high:
-            raise TlkitError(f"{_where(source, key)}: low ({low}) must be below high ({high}); for one value write {key}: {low}")
+            raise TlkitError(
+                f"{_where(source, key)}: low ({low}) must be below high ({high}); for one value write {key}: {low}"
+            )
         if log and low <= 0:
             raise TlkitError(f"{_where(source, key)}: a log range needs low > 0, got {low}")
         integer = isinstance(low, int) and isinstance(high, int)
@@ -178,7 +201,10 @@ def _dimension(source: str, key: str, spec: Any, base_dir: Path | None) -> Dimen
             raise TlkitError(f"{_where(source, key)}: a choice must be a single value, got {value!r}")
         _check_value(source, key, value)
         if key == "augment" and value not in AUGMENT_PRESETS and not Path(value).is_file():
-            raise TlkitError(f"{_where(source, key)}: {value!r} is neither a preset ({', '.join(AUGMENT_PRESETS)}) nor an existing albumentations YAML file")
+            raise TlkitError(
+                f"{_where(source, key)}: {value!r} is neither a preset ({', '.join(AUGMENT_PRESETS)}) nor an existing "
+                "albumentations YAML file"
+            )
     if len(set(map(str, choices))) != len(choices):
         raise TlkitError(f"{_where(source, key)}: a value is listed twice")
     return Dimension(key, choices=tuple(choices))
@@ -189,7 +215,10 @@ def parse_space(raw: dict | None, source: str = "search space", base_dir: Path |
     if raw is None:
         return parse_space(DEFAULT_SPACE, "default search space")
     if not isinstance(raw, dict) or not raw:
-        raise TlkitError(f"{source}: a search space is a YAML mapping of settings, e.g. `lr: {{low: 1.0e-4, high: 1.0e-2, log: true}}`")
+        raise TlkitError(
+            f"{source}: a search space is a YAML mapping of settings, e.g. `lr: "
+            f"{{low: 1.0e-4, high: 1.0e-2, log: true}}`"
+        )
     dims = tuple(_dimension(source, str(key), spec, base_dir) for key, spec in raw.items())
     space = SearchSpace(dims, source)
     if not space.searched():

@@ -72,7 +72,9 @@ def set_path(raw: dict, key: str, value: Any) -> None:
                 break
         targets = _stages(raw, ref, key)
         if ref == "*":  # every stage that has the first section (e.g. `train`)
-            targets = [s for s in targets if rest[0] in s or (len(rest) > 1 and SEEDED_SECTIONS.get(s.get("stage")) == rest[0])]
+            targets = [
+                s for s in targets if rest[0] in s or (len(rest) > 1 and SEEDED_SECTIONS.get(s.get("stage")) == rest[0])
+            ]
             if not targets:
                 raise TlkitError(f"{key}: no stage has a {rest[0]!r} section")
     else:
@@ -138,7 +140,11 @@ class Point:
 
 
 def _show(value: Any) -> str:
-    return value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+    return (
+        value
+        if isinstance(value, str)
+        else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+    )
 
 
 @dataclass
@@ -173,6 +179,8 @@ def plan_pipeline(path: str | Path, overrides: list[str] | None = None) -> Plan:
                 set_path(point_raw, key, value)
             if seed is not None:
                 apply_seed(point_raw, seed)
-            where = f"{path} ({Point(settings, seed, base, names).label})" if settings or seed is not None else str(path)
+            where = (
+                f"{path} ({Point(settings, seed, base, names).label})" if settings or seed is not None else str(path)
+            )
             points.append(Point(settings, seed, validate_pipeline(point_raw, where), names))
     return Plan(base, points, raw)

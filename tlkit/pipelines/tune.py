@@ -1,4 +1,5 @@
-"""Data + backbone + search space -> an Optuna study of fine-tuning recipes; the best one retrained and scored on held-out data.
+"""Data + backbone + search space -> an Optuna study of fine-tuning recipes; the best one retrained and scored on
+held-out data.
 
 The only module that imports Optuna. The study lives in Optuna's storage (SQLite beside
 `mlflow.db` by default, any SQLAlchemy URL such as PostgreSQL to share it), so several processes or
@@ -38,15 +39,16 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from tlkit.core import runtime, tracking
 from tlkit.config import BackboneConfig, ComputeConfig, SplitConfig, TrainConfig
-from tlkit.errors import TlkitError
+from tlkit.core import runtime, tracking
 from tlkit.data.ingest import Manifest, records_fingerprint
+from tlkit.errors import TlkitError
 from tlkit.pipelines.space import SearchSpace, settings_for
 from tlkit.runs.stages import StageResult, load_data, make_backbone, run_train
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# tlkit prints one line per trial itself, and a failed trial's error once: Optuna's warning repeats it with its traceback
+# tlkit prints one line per trial itself, and a failed trial's error once: Optuna's warning repeats it with its
+# traceback
 # (110 lines for a Ctrl-C)
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -98,19 +100,41 @@ def tune_splits(manifest: Manifest, *, fraction: float = SELECTION_FRACTION, see
         raise TlkitError("the training split is empty; ingest with smaller --val/--test or give a train/ folder")
     if test:
         if not val:
-            raise TlkitError("tune scores trials on the val split and reports on test, but this data has no val split; ingest with --val > 0")
+            raise TlkitError(
+                "tune scores trials on the val split and reports on test, but this data has no val split; ingest with "
+                "--val > 0"
+            )
         records = [r for r in manifest.records if r.split != "test"]
-        trials = replace(manifest, records=records, fingerprint=records_fingerprint(records), split_settings={**manifest.split_settings, "tune": "test left out"})
+        trials = replace(
+            manifest,
+            records=records,
+            fingerprint=records_fingerprint(records),
+            split_settings={**manifest.split_settings, "tune": "test left out"},
+        )
         return TuneSplits(trials, manifest, "train", "test", "the val split")
     if not val:
-        raise TlkitError("tune needs a held-out split to report on and this data has only train; ingest with --val or --test > 0")
+        raise TlkitError(
+            "tune needs a held-out split to report on and this data has only train; ingest with --val or --test > 0"
+        )
     selected = _carve(train, fraction, seed)
     if not selected:
-        raise TlkitError("too few training images to carve a selection split out of train (a class needs 2 or more); add images or a test split")
+        raise TlkitError(
+            "too few training images to carve a selection split out of train (a class needs 2 or more); add images or "
+            "a test split"
+        )
     records = [replace(r, split="val") if r.path in selected else r for r in train]
-    trials = replace(manifest, records=records, fingerprint=records_fingerprint(records),
-                     split_settings={**manifest.split_settings, "tune": f"selection = {fraction:.0%} of train (seed {seed}); val left out"})
-    return TuneSplits(trials, manifest, "select", "val", f"{len(selected)} images ({fraction:.0%} of each class) carved out of train")
+    trials = replace(
+        manifest,
+        records=records,
+        fingerprint=records_fingerprint(records),
+        split_settings={
+            **manifest.split_settings,
+            "tune": f"selection = {fraction:.0%} of train (seed {seed}); val left out",
+        },
+    )
+    return TuneSplits(
+        trials, manifest, "select", "val", f"{len(selected)} images ({fraction:.0%} of each class) carved out of train"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,8 +162,14 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage with heartbeats (a crashed worker's trial is failed, not left running forever)."""
     kwargs: dict = {}
     shown = shown_url(url)  # as the user wrote it, without the password
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") and not importlib.util.find_spec("psycopg2"):
-        url = "postgresql+psycopg://" + url[len("postgresql://") :]  # the driver tlkit[postgres] installs, whatever SQLAlchemy's default
+    if (
+        url.startswith("postgresql://")
+        and importlib.util.find_spec("psycopg")
+        and not importlib.util.find_spec("psycopg2")
+    ):
+        url = (
+            "postgresql+psycopg://" + url[len("postgresql://") :]
+        )  # the driver tlkit[postgres] installs, whatever SQLAlchemy's default
     if url.startswith("postgresql"):
         kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable server is an error in seconds, not a hang
     if url.startswith("sqlite:///"):
@@ -148,15 +178,22 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     try:
         for attempt in range(STORAGE_ATTEMPTS):
             try:
-                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+                )
             except Exception as err:
                 # Workers started together on a new database race to create Optuna's tables ("duplicate key value
                 # violates unique constraint", seen in tests/test_tune_postgres.py): the loser finds them made.
-                if attempt + 1 == STORAGE_ATTEMPTS or not any(word in str(err) for word in ("duplicate key", "already exists", "UniqueViolation")):
+                if attempt + 1 == STORAGE_ATTEMPTS or not any(
+                    word in str(err) for word in ("duplicate key", "already exists", "UniqueViolation")
+                ):
                     raise
                 time.sleep(1.0 + attempt)
     except ModuleNotFoundError as err:
-        raise TlkitError(f"storage {shown} needs the Python package {err.name!r}; pip install 'tlkit[postgres]' (psycopg) for PostgreSQL") from None
+        raise TlkitError(
+            f"storage {shown} needs the Python package {err.name!r}; pip install 'tlkit[postgres]' (psycopg) for "
+            "PostgreSQL"
+        ) from None
     except Exception as err:  # sqlalchemy's errors: bad URL, server down, wrong password
         line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TlkitError(f"cannot open Optuna storage {shown}: {line}") from None
@@ -165,11 +202,14 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 def _sampler(seed: int, n_trials: int | None) -> optuna.samplers.TPESampler:
     # TPE starts modelling after n_startup_trials random ones: 10 by default, two thirds of a 15-trial study.
     startup = max(3, min(10, (n_trials or 30) // 3))
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True
+    )
 
 
 def _pruner() -> optuna.pruners.BasePruner:
-    # Steps are percent of a trial's schedule, so trials of 5 and 20 epochs are compared at the same point of their schedule.
+    # Steps are percent of a trial's schedule, so trials of 5 and 20 epochs are compared at the same point of their
+    # schedule.
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=PRUNE_WARMUP_PCT)
 
 
@@ -181,10 +221,14 @@ def open_study(name: str, storage, *, seed: int, n_trials: int | None) -> tuple[
     trials (their sampler seed differs).
     """
     try:
-        return optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=_sampler(seed, n_trials), pruner=_pruner()), True
+        return optuna.create_study(
+            study_name=name, storage=storage, direction="maximize", sampler=_sampler(seed, n_trials), pruner=_pruner()
+        ), True
     except optuna.exceptions.DuplicatedStudyError:
         worker_seed = seed + 1 + int.from_bytes(os.urandom(2), "little")
-        return optuna.load_study(study_name=name, storage=storage, sampler=_sampler(worker_seed, n_trials), pruner=_pruner()), False
+        return optuna.load_study(
+            study_name=name, storage=storage, sampler=_sampler(worker_seed, n_trials), pruner=_pruner()
+        ), False
 
 
 def _wait_for_parent(study: optuna.Study, timeout_s: float = 120.0) -> dict:
@@ -195,7 +239,10 @@ def _wait_for_parent(study: optuna.Study, timeout_s: float = 120.0) -> dict:
         if record:
             return record
         if time.monotonic() > deadline:
-            raise TlkitError(f"study {study.study_name!r} exists but its creator never recorded its MLflow run; start over with another --study name")
+            raise TlkitError(
+                f"study {study.study_name!r} exists but its creator never recorded its MLflow run; start over with "
+                "another --study name"
+            )
         time.sleep(1.0)
         study = optuna.load_study(study_name=study.study_name, storage=study._storage)
 
@@ -294,7 +341,9 @@ class _OverBudget(Exception):
 
 def _counted(study: optuna.Study) -> list:
     """Trials that count towards --trials: finished, pruned, or running/waiting now (failed ones are redone)."""
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING))
+    return study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    )
 
 
 @dataclass
@@ -322,15 +371,28 @@ class TrialLine:
             how = f"selection accuracy {self.accuracy:.4f}"
         line = f"trial {self.number} [{self.done}{of}]: {how}  ({self.seconds:.0f} s)"
         if settings:
-            line += "  " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.items())
+            line += "  " + " ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.items()
+            )
         return line + (f"  ({self.note})" if self.note else "")
 
 
 class Objective:
     """One trial: sample settings, fine-tune on the trial data with pruning, log a child run, return the score."""
 
-    def __init__(self, study_name: str, space: SearchSpace, base: TrainConfig, splits: TuneSplits, backbone, compute: ComputeConfig,
-                 cache: Path | None, limit: int | None, report: Callable[[TrialLine], None] | None, budget: Budget | None = None):
+    def __init__(
+        self,
+        study_name: str,
+        space: SearchSpace,
+        base: TrainConfig,
+        splits: TuneSplits,
+        backbone,
+        compute: ComputeConfig,
+        cache: Path | None,
+        limit: int | None,
+        report: Callable[[TrialLine], None] | None,
+        budget: Budget | None = None,
+    ):
         self.study_name, self.space, self.base, self.splits = study_name, space, base, splits
         self.backbone, self.compute, self.cache, self.limit, self.report = backbone, compute, cache, limit, report
         self.budget = budget
@@ -352,33 +414,76 @@ class Objective:
         start = time.perf_counter()
         pruning = PruningCallback(trial)
         deadline = DeadlineCallback(self.budget, settings.epochs) if self.budget is not None else None
-        backbone = replace(self.backbone, model=copy.deepcopy(self.backbone.model))  # every trial starts from the same weights
+        backbone = replace(
+            self.backbone, model=copy.deepcopy(self.backbone.model)
+        )  # every trial starts from the same weights
         tags = {"tlkit.study": self.study_name, "tlkit.trial": str(trial.number)}
-        with tracking.start_run("trial", run_name=f"trial {trial.number} ({_recipe_label(values)})", params={"train": settings.model_dump()}, tags=tags) as run_id:
+        with tracking.start_run(
+            "trial",
+            run_name=f"trial {trial.number} ({_recipe_label(values)})",
+            params={"train": settings.model_dump()},
+            tags=tags,
+        ) as run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
             try:
-                result = train_classifier(self.splits.trials, backbone, settings, devices=self.compute.devices, precision=self.compute.precision,
-                                          num_workers=self.compute.num_workers, image_cache_mb=self.compute.image_cache_mb, cache=self.cache,
-                                          callbacks=[MetricsCallback(run_id), pruning, *([deadline] if deadline else [])], calibrated=False,
-                                          progress=runtime.progress_mode() == "plain")  # epoch lines in a log; no bars between trial lines
-            except SystemExit as stop:  # Lightning turns Ctrl-C into SystemExit: Optuna marks a KeyboardInterrupt's trial FAIL
+                result = train_classifier(
+                    self.splits.trials,
+                    backbone,
+                    settings,
+                    devices=self.compute.devices,
+                    precision=self.compute.precision,
+                    num_workers=self.compute.num_workers,
+                    image_cache_mb=self.compute.image_cache_mb,
+                    cache=self.cache,
+                    callbacks=[MetricsCallback(run_id), pruning, *([deadline] if deadline else [])],
+                    calibrated=False,
+                    progress=runtime.progress_mode() == "plain",
+                )  # epoch lines in a log; no bars between trial lines
+            except (
+                SystemExit
+            ) as stop:  # Lightning turns Ctrl-C into SystemExit: Optuna marks a KeyboardInterrupt's trial FAIL
                 raise KeyboardInterrupt from stop
-            note = self._keep_to_budget(trial, deadline, pruning, settings.epochs, result.metrics["heldout_accuracy"]) if deadline else ""
+            note = (
+                self._keep_to_budget(trial, deadline, pruning, settings.epochs, result.metrics["heldout_accuracy"])
+                if deadline
+                else ""
+            )
             state = "PRUNED" if pruning.pruned_at is not None else "COMPLETE"
             accuracy = result.metrics["heldout_accuracy"]  # the trial data's held-out split is the selection split
             tracking.set_tags({"tlkit.trial_state": state})
-            tracking.log_metrics({"selection_accuracy": accuracy, "selection_score": accuracy if pruning.last_score is None else pruning.last_score, "epochs_run": pruning.epochs,
-                                  "seconds": time.perf_counter() - start})
+            tracking.log_metrics(
+                {
+                    "selection_accuracy": accuracy,
+                    "selection_score": accuracy if pruning.last_score is None else pruning.last_score,
+                    "epochs_run": pruning.epochs,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
         if self.report:
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) + 1
-            self.report(TrialLine(trial.number, state, pruning.last_score, accuracy, values, time.perf_counter() - start, pruning.epochs,
-                                  settings.epochs, done, self.limit, note))
+            self.report(
+                TrialLine(
+                    trial.number,
+                    state,
+                    pruning.last_score,
+                    accuracy,
+                    values,
+                    time.perf_counter() - start,
+                    pruning.epochs,
+                    settings.epochs,
+                    done,
+                    self.limit,
+                    note,
+                )
+            )
         if pruning.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at} of {settings.epochs}")
         return pruning.last_score if pruning.last_score is not None else accuracy
 
-    def _keep_to_budget(self, trial: optuna.Trial, deadline: DeadlineCallback, pruning: PruningCallback, epochs: int, accuracy: float) -> str:
+    def _keep_to_budget(
+        self, trial: optuna.Trial, deadline: DeadlineCallback, pruning: PruningCallback, epochs: int, accuracy: float
+    ) -> str:
         """After a trial under a budget: a trial the deadline cut is pruned, or, when no trial is complete yet, kept
         as the recipe scaled to the budget; the retrain of a new best is reserved. Returns the note for its line."""
         self.budget.epoch_seconds.append(deadline.per_epoch)
@@ -388,10 +493,15 @@ class Objective:
             if complete:
                 pruning.pruned_at = deadline.cut_at
                 return f"cut at the budget after epoch {deadline.cut_at}"
-            epochs = deadline.cut_at  # nothing complete yet: this recipe, scaled to what the budget holds, is the one to retrain
+            epochs = (
+                deadline.cut_at
+            )  # nothing complete yet: this recipe, scaled to what the budget holds, is the one to retrain
             trial.set_user_attr("scaled_epochs", epochs)
-            note = (f"scaled to the budget: {epochs} of {deadline.epochs} epochs fit with the retrain ({deadline.per_epoch:.2g} s an epoch); "
-                    f"the retrain runs {epochs}")
+            note = (
+                f"scaled to the budget: {epochs} of {deadline.epochs} epochs fit with the retrain "
+                f"({deadline.per_epoch:.2g} s an epoch); "
+                f"the retrain runs {epochs}"
+            )
         if pruning.pruned_at is None:
             score = pruning.last_score if pruning.last_score is not None else accuracy
             if not complete or score > trial.study.best_value:
@@ -417,10 +527,18 @@ class TuneOutcome:
     waiting: str | None = None  # why this worker did not retrain the best recipe
 
 
-def default_study_name(manifest: Manifest, backbone: BackboneConfig, space: SearchSpace, base: TrainConfig, selection: str) -> str:
+def default_study_name(
+    manifest: Manifest, backbone: BackboneConfig, space: SearchSpace, base: TrainConfig, selection: str
+) -> str:
     """The same inputs give the same name, so running the same command again resumes the study."""
-    payload = [manifest.fingerprint, manifest.split_settings, backbone.model_dump(mode="json"), space.digest,
-               base.model_dump(mode="json"), selection]
+    payload = [
+        manifest.fingerprint,
+        manifest.split_settings,
+        backbone.model_dump(mode="json"),
+        space.digest,
+        base.model_dump(mode="json"),
+        selection,
+    ]
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"tune-{backbone.model or 'run'}-{digest}"
 
@@ -461,13 +579,18 @@ def _log_study_plots(study: optuna.Study) -> None:
 
     from tlkit.core.metrics import close
 
-    for name, draw in (("optimization_history", plots.plot_optimization_history), ("param_importances", plots.plot_param_importances)):
+    for name, draw in (
+        ("optimization_history", plots.plot_optimization_history),
+        ("param_importances", plots.plot_param_importances),
+    ):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 axes = draw(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. importances of a single complete trial
-            logging.getLogger("tlkit").warning(f"no {name.replace('_', ' ')} plot: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            logging.getLogger("tlkit").warning(
+                f"no {name.replace('_', ' ')} plot: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            )
             continue
         figure = axes.figure if hasattr(axes, "figure") else axes[0].figure
         figure.set_size_inches(8, 5)
@@ -534,7 +657,9 @@ def run_tune(
     splits = tune_splits(manifest, fraction=selection_fraction, seed=base.seed)
     budget = None
     if budget_s:  # the clock started with the command (`started`)
-        retrained = len(splits.final.split("train")) + (len(splits.final.split("val")) if splits.final_use_val == "train" else 0)
+        retrained = len(splits.final.split("train")) + (
+            len(splits.final.split("val")) if splits.final_use_val == "train" else 0
+        )
         budget = Budget(budget_s, retrained / max(1, len(splits.trials.split("train"))), start=started)
     from tlkit.train.finetune import check_settings
 
@@ -544,22 +669,42 @@ def run_tune(
     rdb = open_storage(storage_url)
     name = study or default_study_name(manifest, backbone_config, space, base, splits.selection)
     optuna_study, created = open_study(name, rdb, seed=base.seed, n_trials=trials)
-    inputs = {"data": manifest.fingerprint, "model": backbone.name, "weights": backbone.weights, "space": space.digest,
-              "base": base.model_dump(mode="json"), "heldout": splits.heldout}
+    inputs = {
+        "data": manifest.fingerprint,
+        "model": backbone.name,
+        "weights": backbone.weights,
+        "space": space.digest,
+        "base": base.model_dump(mode="json"),
+        "heldout": splits.heldout,
+    }
     params = {
-        "model": backbone.name, "weights": backbone.weights, "study": name, "storage": shown_url(storage_url), "trials": trials,
-        "budget_s": budget_s, "space": {d.name: d.describe() for d in space.dimensions}, "space_source": space.source,
-        "train": base.model_dump(exclude_unset=True), "heldout_split": splits.heldout, "selection.recipe": f"trial score on {splits.selection}",
+        "model": backbone.name,
+        "weights": backbone.weights,
+        "study": name,
+        "storage": shown_url(storage_url),
+        "trials": trials,
+        "budget_s": budget_s,
+        "space": {d.name: d.describe() for d in space.dimensions},
+        "space_source": space.source,
+        "train": base.model_dump(exclude_unset=True),
+        "heldout_split": splits.heldout,
+        "selection.recipe": f"trial score on {splits.selection}",
     }
     if created:
-        context = tracking.start_run("tune", run_name=run_name or f"tune {backbone.name}: {name}", params=params,
-                                     tags={"tlkit.study": name, **tracking.RANKED})
+        context = tracking.start_run(
+            "tune",
+            run_name=run_name or f"tune {backbone.name}: {name}",
+            params=params,
+            tags={"tlkit.study": name, **tracking.RANKED},
+        )
     else:
         record = _wait_for_parent(optuna_study)
         differs = [k for k, v in inputs.items() if record["inputs"].get(k) != v]
         if differs:
-            raise TlkitError(f"study {name!r} in {shown_url(storage_url)} was started with other {', '.join(differs)}; "
-                             "run it with the same inputs, or name a new study with --study")
+            raise TlkitError(
+                f"study {name!r} in {shown_url(storage_url)} was started with other {', '.join(differs)}; "
+                "run it with the same inputs, or name a new study with --study"
+            )
         context = tracking.start_run("tune", run_id=record["mlflow_run_id"])
     with context as parent:
         if created:
@@ -576,28 +721,43 @@ def run_tune(
         left = None if trials is None else trials - len(optuna_study.get_trials(deepcopy=False, states=finished))
         if left is None or left > 0:  # a resumed study runs only the trials it lacks
             stop_at_limit = [optuna.study.MaxTrialsCallback(trials, states=finished)] if trials is not None else []
-            optuna_study.optimize(objective, n_trials=left, catch=(_OverBudget,), callbacks=stop_at_limit, gc_after_trial=True)
+            optuna_study.optimize(
+                objective, n_trials=left, catch=(_OverBudget,), callbacks=stop_at_limit, gc_after_trial=True
+            )
         outcome = TuneOutcome(name, shown_url(storage_url), parent, _trial_counts(optuna_study))
         complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             if outcome.trials["RUNNING"]:
                 outcome.waiting = "no trial has completed yet; other workers are still running trials"
                 return outcome
-            raise TlkitError(f"study {name!r}: no trial completed ({outcome.trials['PRUNED']} pruned, {outcome.trials['FAIL']} failed); "
-                             "give more --trials or widen the search space")
+            raise TlkitError(
+                f"study {name!r}: no trial completed ({outcome.trials['PRUNED']} pruned, {outcome.trials['FAIL']} "
+                "failed); "
+                "give more --trials or widen the search space"
+            )
         best = optuna_study.best_trial
         outcome.best_params, outcome.best_value, outcome.best_trial = dict(best.params), best.value, best.number
-        done = outcome.trials["RUNNING"] == 0 and (trials is None or outcome.trials["COMPLETE"] + outcome.trials["PRUNED"] >= trials)
+        done = outcome.trials["RUNNING"] == 0 and (
+            trials is None or outcome.trials["COMPLETE"] + outcome.trials["PRUNED"] >= trials
+        )
         if not done:
-            outcome.waiting = (f"{outcome.trials['RUNNING']} trial(s) still running in other workers; the last one to finish retrains the best recipe"
-                               if outcome.trials["RUNNING"] else "the study has not had all its trials; run the same command again to continue it")
+            outcome.waiting = (
+                f"{outcome.trials['RUNNING']} trial(s) still running in other workers; the last one to finish "
+                "retrains the best recipe"
+                if outcome.trials["RUNNING"]
+                else "the study has not had all its trials; run the same command again to continue it"
+            )
             return outcome
         values = space.sample(optuna.trial.FixedTrial(best.params))
         if "scaled_epochs" in best.user_attrs:  # the recipe as the budget scaled it
             values["epochs"] = best.user_attrs["scaled_epochs"]
         final_settings = settings_for(values, base).model_copy(update={"use_val": splits.final_use_val})
-        outcome.command = reproduce_command(data_label or str(getattr(data, "source", data)), backbone_config, split, final_settings)
-        final = _retrain_once(optuna_study, rdb, splits, backbone_config, final_settings, compute, cache, tracking_uri, progress)
+        outcome.command = reproduce_command(
+            data_label or str(getattr(data, "source", data)), backbone_config, split, final_settings
+        )
+        final = _retrain_once(
+            optuna_study, rdb, splits, backbone_config, final_settings, compute, cache, tracking_uri, progress
+        )
         if final is None:
             outcome.waiting = "another worker is retraining the best recipe"
             return outcome
@@ -607,16 +767,22 @@ def run_tune(
         tracking.set_run_tags(best.user_attrs["mlflow_run_id"], {"tlkit.best_trial": "true"})
         tracking.set_tags({"tlkit.best_trial_run": best.user_attrs["mlflow_run_id"], "tlkit.final_run": final.run_id})
         tracking.log_params({"best." + k: v for k, v in best.params.items()})
-        tracking.log_metrics({
-            **final.metrics, **{k: v for k, v in final.details.items() if k == "probe_heldout_accuracy" and v is not None},
-            "best_selection_score": best.value, "best_trial": best.number,
-            **{f"trials_{k.lower()}": v for k, v in outcome.trials.items() if k != "RUNNING"},
-            "seconds": _study_seconds(optuna_study),
-        })
+        tracking.log_metrics(
+            {
+                **final.metrics,
+                **{k: v for k, v in final.details.items() if k == "probe_heldout_accuracy" and v is not None},
+                "best_selection_score": best.value,
+                "best_trial": best.number,
+                **{f"trials_{k.lower()}": v for k, v in outcome.trials.items() if k != "RUNNING"},
+                "seconds": _study_seconds(optuna_study),
+            }
+        )
         tracking.log_text(outcome.command + "\n", "best_command.txt")
         if run_name is None and created:  # named for what it found, now that it is known
             counted = outcome.trials["COMPLETE"] + outcome.trials["PRUNED"]
-            tracking.set_tags({"mlflow.runName": f"tune {backbone.name}: {counted} trials, best {_recipe_label(best.params)}"})
+            tracking.set_tags(
+                {"mlflow.runName": f"tune {backbone.name}: {counted} trials, best {_recipe_label(best.params)}"}
+            )
         _log_study_plots(optuna_study)
         tracking.log_text(_trials_table(optuna_study), "trials.tsv")
     return outcome
@@ -625,8 +791,15 @@ def run_tune(
 def _recipe_label(values: dict) -> str:
     """A recipe in a few words, for run names: its strategy and rate first (`lp-ft, lr 3e-04`)."""
     parts = [str(values["strategy"])] if "strategy" in values else []
-    parts += [f"{k.replace('_', ' ')} {v:.0e}" if isinstance(v, float) and abs(v) < 0.01 else f"{k.replace('_', ' ')} {v:g}" if isinstance(v, float)
-              else f"{k.replace('_', ' ')} {v}" for k, v in values.items() if k != "strategy"]
+    parts += [
+        f"{k.replace('_', ' ')} {v:.0e}"
+        if isinstance(v, float) and abs(v) < 0.01
+        else f"{k.replace('_', ' ')} {v:g}"
+        if isinstance(v, float)
+        else f"{k.replace('_', ' ')} {v}"
+        for k, v in values.items()
+        if k != "strategy"
+    ]
     return ", ".join(parts[:3]) + (", …" if len(parts) > 3 else "")
 
 
@@ -642,13 +815,31 @@ def _trials_table(study: optuna.Study) -> str:
     for t in study.trials:
         if "over_budget" in t.user_attrs:
             continue
-        lines.append("\t".join([str(t.number), t.state.name, "" if t.value is None else f"{t.value:.4f}",
-                                *(str(t.params.get(k, "")) for k in keys), t.user_attrs.get("mlflow_run_id", "")]))
+        lines.append(
+            "\t".join(
+                [
+                    str(t.number),
+                    t.state.name,
+                    "" if t.value is None else f"{t.value:.4f}",
+                    *(str(t.params.get(k, "")) for k in keys),
+                    t.user_attrs.get("mlflow_run_id", ""),
+                ]
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
-def _retrain_once(study: optuna.Study, storage, splits: TuneSplits, backbone_config: BackboneConfig, settings: TrainConfig,
-                  compute: ComputeConfig, cache: Path | None, tracking_uri: str | None, progress: bool) -> StageResult | None:
+def _retrain_once(
+    study: optuna.Study,
+    storage,
+    splits: TuneSplits,
+    backbone_config: BackboneConfig,
+    settings: TrainConfig,
+    compute: ComputeConfig,
+    cache: Path | None,
+    tracking_uri: str | None,
+    progress: bool,
+) -> StageResult | None:
     """Retrain the best recipe on train + selection and score it on the held-out split, once per study.
 
     The retraining is the single trial of a companion study (`NAME#final`): Optuna gives a trial number
@@ -664,8 +855,17 @@ def _retrain_once(study: optuna.Study, storage, splits: TuneSplits, backbone_con
     if finished:  # retrained before (a resumed or repeated command): report that run
         run_id = finished[0].user_attrs["mlflow_run_id"]
         record = tracking.get_run(run_id, tracking_uri)
-        return StageResult("finetune", run_id, {k: v for k, v in record.data.metrics.items() if k.startswith("heldout_")}, f"runs:/{run_id}",
-                           {"probe_heldout_accuracy": record.data.metrics.get("probe_heldout_accuracy"), "heldout_split": splits.heldout, "reused": True})
+        return StageResult(
+            "finetune",
+            run_id,
+            {k: v for k, v in record.data.metrics.items() if k.startswith("heldout_")},
+            f"runs:/{run_id}",
+            {
+                "probe_heldout_accuracy": record.data.metrics.get("probe_heldout_accuracy"),
+                "heldout_split": splits.heldout,
+                "reused": True,
+            },
+        )
     result: dict = {}
 
     def retrain(trial: optuna.Trial) -> float:
@@ -675,9 +875,21 @@ def _retrain_once(study: optuna.Study, storage, splits: TuneSplits, backbone_con
             raise _OverBudget("another worker retrains the best recipe")
         try:
             # ranked through its study's run, which carries the same figures
-            with tracking.tagging({"tlkit.role": "tune-final", "tlkit.study": study.study_name, "tlkit.ranked": "false"}):
-                stage = run_train("finetune", splits.final, backbone_config, settings, compute=compute, run_name="best recipe",
-                                  tracking_uri=tracking_uri, progress=progress, probe=True, cache=cache)
+            with tracking.tagging(
+                {"tlkit.role": "tune-final", "tlkit.study": study.study_name, "tlkit.ranked": "false"}
+            ):
+                stage = run_train(
+                    "finetune",
+                    splits.final,
+                    backbone_config,
+                    settings,
+                    compute=compute,
+                    run_name="best recipe",
+                    tracking_uri=tracking_uri,
+                    progress=progress,
+                    probe=True,
+                    cache=cache,
+                )
         except SystemExit as stop:
             raise KeyboardInterrupt from stop
         trial.set_user_attr("mlflow_run_id", stage.run_id)

@@ -23,8 +23,9 @@ def fgsm(network: Network, images: torch.Tensor, labels: torch.Tensor, eps: floa
     return (images + eps * x.grad.sign()).clamp(0, 1).detach()
 
 
-def fgsm_accuracy(network: Network, images: torch.Tensor, labels: torch.Tensor, eps_values: list[float], *,
-                  batch_size: int = 64) -> tuple[dict[float, float], dict[float, torch.Tensor]]:
+def fgsm_accuracy(
+    network: Network, images: torch.Tensor, labels: torch.Tensor, eps_values: list[float], *, batch_size: int = 64
+) -> tuple[dict[float, float], dict[float, torch.Tensor]]:
     """Accuracy at each eps (eps 0 is the clean accuracy), and the adversarial images of the first batch."""
     accuracy, examples = {}, {}
     for eps in eps_values:

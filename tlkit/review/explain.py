@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tlkit.errors import TlkitError
 from tlkit.core.metrics import plt
+from tlkit.errors import TlkitError
 from tlkit.models.network import Network
 
 METHODS = ("saliency", "gradcam", "occlusion")
@@ -22,8 +22,15 @@ SMOOTHGRAD_NOISE = 0.15  # of the [0, 1] pixel range: Smilkov et al. found 10-20
 CAM_MIN_SIDE = 6  # Grad-CAM on the deepest stage whose map has at least this many cells a side
 
 
-def saliency(network: Network, images: torch.Tensor, targets: torch.Tensor, *, samples: int = SMOOTHGRAD_SAMPLES,
-             noise: float = SMOOTHGRAD_NOISE, seed: int = 0) -> np.ndarray:
+def saliency(
+    network: Network,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    samples: int = SMOOTHGRAD_SAMPLES,
+    noise: float = SMOOTHGRAD_NOISE,
+    seed: int = 0,
+) -> np.ndarray:
     """SmoothGrad (Smilkov et al. 2017): |d score_target / d pixel| averaged over `samples` copies of the image with
     Gaussian noise, max over colour channels, then blurred a little. A single gradient (Simonyan et al. 2014) is
     speckled noise on photos; averaging keeps what is there in every copy. Scores are logits, not softmax."""
@@ -55,12 +62,18 @@ def _as_grid(features: torch.Tensor, network: Network) -> torch.Tensor:
     if features.ndim == 4:
         return features
     if features.ndim != 3:
-        raise TlkitError(f"Grad-CAM needs a feature map or tokens; {type(network.backbone).__name__} gives shape {tuple(features.shape)}")
+        raise TlkitError(
+            f"Grad-CAM needs a feature map or tokens; {type(network.backbone).__name__} gives shape "
+            f"{tuple(features.shape)}"
+        )
     prefix = int(getattr(network.backbone, "num_prefix_tokens", 0))
     tokens = features[:, prefix:]
     side = int(round(tokens.shape[1] ** 0.5))
     if side * side != tokens.shape[1]:
-        raise TlkitError(f"cannot arrange {tokens.shape[1]} tokens of {type(network.backbone).__name__} in a square grid for Grad-CAM")
+        raise TlkitError(
+            f"cannot arrange {tokens.shape[1]} tokens of {type(network.backbone).__name__} in a square grid for "
+            "Grad-CAM"
+        )
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
 
 
@@ -85,6 +98,7 @@ def gradcam(network: Network, images: torch.Tensor, targets: torch.Tensor) -> np
     stage = _cam_stage(network, min(images.shape[-2:]))
     kept: dict[str, torch.Tensor] = {}
     if stage is not None:
+
         def keep(_module, _inputs, output):
             if isinstance(output, torch.Tensor) and output.ndim == 4:
                 output.retain_grad()
@@ -110,13 +124,23 @@ def gradcam(network: Network, images: torch.Tensor, targets: torch.Tensor) -> np
 
 
 @torch.no_grad()
-def occlusion(network: Network, images: torch.Tensor, targets: torch.Tensor, *, patch: int = 8, stride: int = 4,
-              batch_size: int = 64) -> np.ndarray:
+def occlusion(
+    network: Network,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    patch: int = 8,
+    stride: int = 4,
+    batch_size: int = 64,
+) -> np.ndarray:
     """Occlusion sensitivity (Zeiler & Fergus 2014): the drop of the target's probability when a grey
     patch covers each place, averaged over the patches that cover a pixel. Batched."""
     n, _, height, width = images.shape
     if patch < 1 or stride < 1 or patch > min(height, width):
-        raise TlkitError(f"--patch must be between 1 and the input size {min(height, width)}, and --stride at least 1; got {patch}, {stride}")
+        raise TlkitError(
+            f"--patch must be between 1 and the input size {min(height, width)}, and --stride at least 1; got "
+            f"{patch}, {stride}"
+        )
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.softmax(network(x), dim=1).gather(1, t[:, None])[:, 0]
@@ -159,14 +183,16 @@ TITLES = {"saliency": "SmoothGrad saliency", "gradcam": "Grad-CAM", "occlusion":
 
 
 def normalised(heat: np.ndarray) -> np.ndarray:
-    """The map's positive part in [0, 1], scaled by its 99.5th percentile: a few extreme pixels do not wash out the rest."""
+    """The map's positive part in [0, 1], scaled by its 99.5th percentile: a few extreme pixels do not wash out the
+    rest."""
     positive = np.clip(heat, 0, None)
     scale = float(np.percentile(positive, 99.5)) or float(positive.max()) or 1.0
     return np.clip(positive / scale, 0, 1)
 
 
 def _overlay(axis, image: np.ndarray, heat: np.ndarray) -> None:
-    """The map over the image in a colour map, opaque where it is high and clear where it is low: the image stays visible."""
+    """The map over the image in a colour map, opaque where it is high and clear where it is low: the image stays
+    visible."""
     from matplotlib import colormaps
 
     level = normalised(heat)
@@ -207,7 +233,9 @@ def overview_figure(images: list[np.ndarray], heats: list[np.ndarray], titles: l
     """Many explanations on one page: each image beside its map over the image, in a grid without empty columns."""
     columns = grid_columns(len(images))
     rows = int(np.ceil(len(images) / columns))
-    figure, axes = plt.subplots(rows, 2 * columns, figsize=(2 * columns * 1.6, rows * 1.8 + 0.2), dpi=110, squeeze=False)
+    figure, axes = plt.subplots(
+        rows, 2 * columns, figsize=(2 * columns * 1.6, rows * 1.8 + 0.2), dpi=110, squeeze=False
+    )
     for axis in axes.flat:
         axis.axis("off")
     for k, (image, heat, title) in enumerate(zip(images, heats, titles)):

@@ -59,11 +59,15 @@ def export_module(loaded: LoadedModel, *, timm_layout: bool = False) -> nn.Modul
     backbone = copy.deepcopy(loaded.network.backbone).eval()
     linear = loaded.network.head.as_linear()
     if timm_layout and loaded.is_pixels:
-        raise TlkitError("a pixels baseline has no timm model to hold its weights; export it as --format onnx or torchscript")
+        raise TlkitError(
+            "a pixels baseline has no timm model to hold its weights; export it as --format onnx or torchscript"
+        )
     if linear is None or not timm_layout:
         if timm_layout:
-            raise TlkitError("this SVM baseline L2-normalises features before its linear layer, which timm's classifier "
-                             "cannot hold; export it as --format onnx or torchscript")
+            raise TlkitError(
+                "this SVM baseline L2-normalises features before its linear layer, which timm's classifier "
+                "cannot hold; export it as --format onnx or torchscript"
+            )
         return _Logits(backbone, copy.deepcopy(loaded.network.head)).eval()
     backbone.reset_classifier(len(loaded.classes))  # timm's contract: a fresh classifier of the right size
     classifier = backbone.get_classifier()
@@ -85,11 +89,17 @@ def sidecar(loaded: LoadedModel, fmt: str, source: str) -> dict:
         "std": [1.0, 1.0, 1.0] if pixels else list(config["std"]),
         "interpolation": "bilinear" if pixels else config.get("interpolation", "bilinear"),
         "crop_pct": 1.0 if pixels else config.get("crop_pct", 1.0),
-        "preprocess": ("RGB; resize to input_size, aspect not kept (Pillow bilinear); scale to [0, 1]; float32 NCHW" if pixels else
-                       "RGB; resize the short side to input_size / crop_pct with `interpolation`; centre crop to input_size; "
-                       "scale to [0, 1]; subtract mean, divide by std; float32 NCHW"),
-        "output": ("logits: softmax gives the calibrated class probabilities" if fmt == "safetensors" else
-                   "calibrated class probabilities (N, n_classes), the same as `tlkit predict`"),
+        "preprocess": (
+            "RGB; resize to input_size, aspect not kept (Pillow bilinear); scale to [0, 1]; float32 NCHW"
+            if pixels
+            else "RGB; resize the short side to input_size / crop_pct with `interpolation`; centre crop to input_size; "
+            "scale to [0, 1]; subtract mean, divide by std; float32 NCHW"
+        ),
+        "output": (
+            "logits: softmax gives the calibrated class probabilities"
+            if fmt == "safetensors"
+            else "calibrated class probabilities (N, n_classes), the same as `tlkit predict`"
+        ),
         "temperature": float(loaded.network.head.temperature),
         "source": source,
         "tlkit_version": __version__,
@@ -106,9 +116,13 @@ def export(loaded: LoadedModel, fmt: str, out: Path, *, source: str, check: bool
     out.mkdir(parents=True, exist_ok=True)
     stem = (loaded.bundle.model_name or f"pixels-{loaded.bundle.pixel_size}").replace("/", "_")
     path = out / f"{stem}{SUFFIX[fmt]}"
-    partial = out / f".{stem}.partial{SUFFIX[fmt]}"  # renamed once written and checked: a crash leaves the old file whole
+    partial = (
+        out / f".{stem}.partial{SUFFIX[fmt]}"
+    )  # renamed once written and checked: a crash leaves the old file whole
     if path.exists() and not force:
-        raise TlkitError(f"{path} exists; pass --force (in a pipeline, force: true) to overwrite it, or choose another --out")
+        raise TlkitError(
+            f"{path} exists; pass --force (in a pipeline, force: true) to overwrite it, or choose another --out"
+        )
     module = export_module(loaded, timm_layout=fmt == "safetensors")
     if fmt != "safetensors":
         module = _Probabilities(module).eval()
@@ -118,21 +132,39 @@ def export(loaded: LoadedModel, fmt: str, out: Path, *, source: str, check: bool
         expected = module(example).numpy()
     try:
         if fmt == "safetensors":
-            config = loaded.bundle.data_config  # the preprocessing travels with the weights: --weights FILE reads it back
-            preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if k in ("mean", "std", "interpolation", "crop_pct")}
-            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(partial),
-                      metadata={"tlkit.preprocessing": json.dumps(preprocessing)})
+            config = (
+                loaded.bundle.data_config
+            )  # the preprocessing travels with the weights: --weights FILE reads it back
+            preprocessing = {
+                k: list(v) if isinstance(v, tuple) else v
+                for k, v in config.items()
+                if k in ("mean", "std", "interpolation", "crop_pct")
+            }
+            save_file(
+                {k: v.detach().contiguous() for k, v in module.state_dict().items()},
+                str(partial),
+                metadata={"tlkit.preprocessing": json.dumps(preprocessing)},
+            )
             difference = None
         elif fmt == "torchscript":
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; it still runs anywhere libtorch does
+                warnings.simplefilter(
+                    "ignore"
+                )  # torch.jit is deprecated in favour of torch.export; it still runs anywhere libtorch does
                 torch.jit.trace(module, example).save(str(partial))
-                difference = float(np.abs(torch.jit.load(str(partial))(example).detach().numpy() - expected).max()) if check else None
+                difference = (
+                    float(np.abs(torch.jit.load(str(partial))(example).detach().numpy() - expected).max())
+                    if check
+                    else None
+                )
         else:
             difference = _export_onnx(module, example, partial, expected, check)
         if difference is not None and difference > TOLERANCE:
-            raise TlkitError(f"the {fmt} export's probabilities differ from PyTorch's by {difference:.1e} (> {TOLERANCE:g}) on a test batch; "
-                             "nothing was written: report it with the model name and the versions of torch and onnxruntime")
+            raise TlkitError(
+                f"the {fmt} export's probabilities differ from PyTorch's by {difference:.1e} (> {TOLERANCE:g}) on a "
+                "test batch; "
+                "nothing was written: report it with the model name and the versions of torch and onnxruntime"
+            )
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -141,15 +173,26 @@ def export(loaded: LoadedModel, fmt: str, out: Path, *, source: str, check: bool
     return {"model": path, "sidecar": info, "max_abs_difference": difference}
 
 
-def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, expected: np.ndarray, check: bool) -> float | None:
+def _export_onnx(
+    module: nn.Module, example: torch.Tensor, path: Path, expected: np.ndarray, check: bool
+) -> float | None:
     try:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError:
         raise TlkitError("ONNX export needs the onnx and onnxscript packages: pip install 'tlkit[export]'") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["probabilities"],
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch", max=4096)}}, dynamo=True, external_data=False, verbose=False)
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["input"],
+            output_names=["probabilities"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", max=4096)}},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
     if not check:
         return None
     try:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tlkit.errors import TlkitError
 from tlkit.data.images import BadImage, inspect_image
+from tlkit.errors import TlkitError
 from tlkit.models.network import LoadedModel, load_model
 
 
@@ -38,7 +38,9 @@ def top_k_rows(classes: list[str], paths: list[Path], probabilities: np.ndarray,
     return rows
 
 
-def predict_images(ref: str, images: list[str], *, top_k: int = 1, tracking_uri: str | None = None) -> tuple[list[dict], list[tuple[str, str]], LoadedModel]:
+def predict_images(
+    ref: str, images: list[str], *, top_k: int = 1, tracking_uri: str | None = None
+) -> tuple[list[dict], list[tuple[str, str]], LoadedModel]:
     """Top-k classes for each image; unusable files are returned as skipped, not fatal."""
     if top_k < 1:
         raise TlkitError(f"--top-k must be at least 1, got {top_k}")

@@ -60,8 +60,10 @@ def limits() -> tuple[int, int]:
         megabytes = float(os.environ.get("TLKIT_SERVE_MAX_REQUEST_MB", MAX_REQUEST_MB))
         pixels = int(float(os.environ.get("TLKIT_SERVE_MAX_PIXELS", MAX_PIXELS)))
     except ValueError:
-        raise Refused("TLKIT_SERVE_MAX_REQUEST_MB and TLKIT_SERVE_MAX_PIXELS must be numbers; fix the server's environment",
-                      INTERNAL_ERROR) from None
+        raise Refused(
+            "TLKIT_SERVE_MAX_REQUEST_MB and TLKIT_SERVE_MAX_PIXELS must be numbers; fix the server's environment",
+            INTERNAL_ERROR,
+        ) from None
     return int(megabytes * 2**20), pixels
 
 
@@ -90,16 +92,21 @@ def check_image(data: bytes, index: int, max_pixels: int) -> None:
     except Exception:  # noqa: BLE001  any decoder complaint means the same to the client
         raise Refused(f"input {index}: not a base64-encoded JPEG, PNG or WebP image") from None
     if width * height > max_pixels:
-        raise Refused(f"input {index}: {width}x{height} is {width * height / 1e6:.1f} megapixels, above the limit of "
-                      f"{max_pixels / 1e6:g} (TLKIT_SERVE_MAX_PIXELS)")
+        raise Refused(
+            f"input {index}: {width}x{height} is {width * height / 1e6:.1f} megapixels, above the limit of "
+            f"{max_pixels / 1e6:g} (TLKIT_SERVE_MAX_PIXELS)"
+        )
 
 
 def decode_request(values: list, decode, *, max_bytes: int, max_pixels: int) -> list:
     """Request values -> decoded images (`decode(file, formats=...)` reads one), every check before any decoding."""
     size = sum(len(v) for v in values if isinstance(v, (str, bytes, bytearray, memoryview)))
     if size > max_bytes:
-        raise Refused(f"request of {size / 2**20:.1f} MB is above the limit of {max_bytes / 2**20:g} MB (TLKIT_SERVE_MAX_REQUEST_MB); "
-                      "send fewer or smaller images per request")
+        raise Refused(
+            f"request of {size / 2**20:.1f} MB is above the limit of {max_bytes / 2**20:g} MB "
+            "(TLKIT_SERVE_MAX_REQUEST_MB); "
+            "send fewer or smaller images per request"
+        )
     if not values:
         raise Refused("the request holds no images; send one row per image, column 'image'")
     encoded = [image_bytes(v, i) for i, v in enumerate(values)]

@@ -16,15 +16,36 @@ import numpy as np
 from rich.table import Table
 
 from tlkit.core import tracking
-from tlkit.errors import TlkitError
-from tlkit.core.metrics import close, plt
 from tlkit.core.files import save_figure
+from tlkit.core.metrics import close, plt
+from tlkit.errors import TlkitError
 
 # Params that record what happened rather than what was asked for: not settings to compare by.
 DERIVED = {
-    "data.fingerprint", "data.n_train", "data.n_val", "data.n_test", "weights_digest", "feature_key", "C", "C_selection",
-    "lr_resolved", "batch_size_resolved", "group_lrs", "heldout_split", "selection.C", "selection.epoch", "selection.probe_C", "phases", "layer_groups", "precision", "num_features", "data.source",
-    "study", "storage", "space_source", "selection.recipe",
+    "data.fingerprint",
+    "data.n_train",
+    "data.n_val",
+    "data.n_test",
+    "weights_digest",
+    "feature_key",
+    "C",
+    "C_selection",
+    "lr_resolved",
+    "batch_size_resolved",
+    "group_lrs",
+    "heldout_split",
+    "selection.C",
+    "selection.epoch",
+    "selection.probe_C",
+    "phases",
+    "layer_groups",
+    "precision",
+    "num_features",
+    "data.source",
+    "study",
+    "storage",
+    "space_source",
+    "selection.recipe",
 }
 LOWER_IS_BETTER = ("loss", "error", "ece", "seconds")
 
@@ -63,8 +84,16 @@ class Leaderboard:
 
     def rows(self) -> list[dict]:
         return [
-            {"rank": i, "run": e.label, **{c: e.settings.get(c, "") for c in self.columns}, f"{self.metric}_mean": e.mean,
-             f"{self.metric}_std": e.std, "n": e.n, "values": " ".join(f"{v:.4f}" for v in e.values), "runs": " ".join(e.run_ids)}
+            {
+                "rank": i,
+                "run": e.label,
+                **{c: e.settings.get(c, "") for c in self.columns},
+                f"{self.metric}_mean": e.mean,
+                f"{self.metric}_std": e.std,
+                "n": e.n,
+                "values": " ".join(f"{v:.4f}" for v in e.values),
+                "runs": " ".join(e.run_ids),
+            }
             for i, e in enumerate(self.entries, start=1)
         ]
 
@@ -89,16 +118,24 @@ def best_value(values: list[float], metric: str) -> float:
     return min(values) if lower_is_better(metric) else max(values)
 
 
-def build_leaderboard(runs: list[tracking.RunRecord], metric: str, history: Callable[[str, str], list[float]]) -> Leaderboard:
+def build_leaderboard(
+    runs: list[tracking.RunRecord], metric: str, history: Callable[[str, str], list[float]]
+) -> Leaderboard:
     """Group runs that have `metric` into rows, best mean first; `history(run_id, metric)` gives per-epoch values."""
     names = {run.run_id: run.tags.get("tlkit.stage_id", run.name) for run in runs}
-    seed = lambda run: int(run.tags["tlkit.seed"]) if run.tags.get("tlkit.seed", "").lstrip("-").isdigit() else float("inf")  # noqa: E731
+
+    def seed(run: tracking.RunRecord) -> float:
+        text = run.tags.get("tlkit.seed", "")
+        return int(text) if text.lstrip("-").isdigit() else float("inf")
+
     runs = sorted(runs, key=seed)  # a row's values in seed order, however the runs finished (tlkit run --jobs)
     groups: dict[tuple, Entry] = {}
     origins: dict[tuple, set[str]] = {}
     for run in runs:
         if metric.startswith("heldout_") and metric not in run.metrics and f"test_{metric[8:]}" in run.metrics:
-            run.metrics[metric] = run.metrics[f"test_{metric[8:]}"]  # a run of tlkit < 0.3 named its held-out figures test_*
+            run.metrics[metric] = run.metrics[
+                f"test_{metric[8:]}"
+            ]  # a run of tlkit < 0.3 named its held-out figures test_*
         if metric not in run.metrics or run.status != "FINISHED" or run.tags.get("tlkit.role") == "tune-final":
             continue  # a tune's retrained recipe is shown by its study's run
         label = run.tags.get("tlkit.stage_id", run.name)
@@ -112,7 +149,10 @@ def build_leaderboard(runs: list[tracking.RunRecord], metric: str, history: Call
         entry.values.append(best_value(values, metric))
         entry.run_ids.append(run.run_id)
     if not groups:
-        raise TlkitError(f"no finished run has a metric {metric!r}; pick one with --metric (e.g. heldout_accuracy, best_val_accuracy)")
+        raise TlkitError(
+            f"no finished run has a metric {metric!r}; pick one with --metric (e.g. heldout_accuracy, "
+            "best_val_accuracy)"
+        )
     entries = list(groups.values())
     # A setting is a column when it tells apart two rows of the same method.
     columns = []
@@ -150,7 +190,9 @@ def leaderboard_table(board: Leaderboard, title: str = "") -> Table:
     table.add_column("n", justify="right")
     for i, e in enumerate(board.entries, start=1):
         spread = f" ± {e.std:.4f}" if e.n > 1 else ""
-        table.add_row(str(i), e.label, *(e.settings.get(c, "") for c in board.columns), f"{e.mean:.4f}{spread}", str(e.n))
+        table.add_row(
+            str(i), e.label, *(e.settings.get(c, "") for c in board.columns), f"{e.mean:.4f}{spread}", str(e.n)
+        )
     return table
 
 
@@ -201,7 +243,9 @@ def compare(
     else:
         name = experiment or tracking.DEFAULT_EXPERIMENT
         runs = tracking.search_runs([tracking.experiment_id(name, tracking_uri)], tracking_uri=tracking_uri)
-    board = build_leaderboard(runs, metric, lambda run_id, key: tracking.metric_history(run_id, key, tracking_uri=tracking_uri))
+    board = build_leaderboard(
+        runs, metric, lambda run_id, key: tracking.metric_history(run_id, key, tracking_uri=tracking_uri)
+    )
     target = Path(out) if out else Path(tempfile.mkdtemp(prefix="tlkit-compare-"))
     target.mkdir(parents=True, exist_ok=True)
     stem = "leaderboard" if metric == "heldout_accuracy" else f"leaderboard-{metric}"

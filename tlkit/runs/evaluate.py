@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlkit.core import tracking
-from tlkit.review.attack import fgsm_accuracy, to_image
 from tlkit.config import BackboneConfig, SplitConfig
-from tlkit.errors import TlkitError
+from tlkit.core import tracking
+from tlkit.core.files import save_figure
 from tlkit.core.metrics import (
     calibration,
     classification_metrics,
@@ -29,11 +28,19 @@ from tlkit.core.metrics import (
     reliability_figure,
     top_k_accuracy,
 )
-from tlkit.review.explain import METHODS, explain, explanation_figure, filters_figure, first_conv_filters, overview_figure
-from tlkit.review.export import export
-from tlkit.core.files import save_figure
 from tlkit.data.ingest import Manifest
+from tlkit.errors import TlkitError
 from tlkit.models.network import LoadedModel, load_model
+from tlkit.review.attack import fgsm_accuracy, to_image
+from tlkit.review.explain import (
+    METHODS,
+    explain,
+    explanation_figure,
+    filters_figure,
+    first_conv_filters,
+    overview_figure,
+)
+from tlkit.review.export import export
 from tlkit.review.predict import expand_images
 from tlkit.runs.stages import StageResult, load_data, log_data, make_backbone
 
@@ -50,8 +57,9 @@ def _batches(paths: list[Path], loaded: LoadedModel):
         yield start, loaded.pixels(paths[start : start + BATCH])
 
 
-def _maps_for(loaded: LoadedModel, paths: list[Path], targets: list[int], method: str, titles: list[str], folder: Path,
-              **options) -> list[Path]:
+def _maps_for(
+    loaded: LoadedModel, paths: list[Path], targets: list[int], method: str, titles: list[str], folder: Path, **options
+) -> list[Path]:
     """One explanation PNG per image, written to `folder`, and `overview.png` with the first OVERVIEW on one page."""
     folder.mkdir(parents=True, exist_ok=True)
     written, shown = [], []
@@ -109,9 +117,13 @@ def run_evaluate(
     classes = loaded.classes
     missing = sorted({r.label for r in records} - set(classes))
     if missing:
-        raise TlkitError(f"the model does not know class(es) {', '.join(missing)}; it was trained on {', '.join(classes)}")
+        raise TlkitError(
+            f"the model does not know class(es) {', '.join(missing)}; it was trained on {', '.join(classes)}"
+        )
     if method == "gradcam" and explain_top and loaded.is_pixels:
-        raise TlkitError("Grad-CAM needs a backbone's feature map and a pixels baseline has none; use --method saliency or occlusion")
+        raise TlkitError(
+            "Grad-CAM needs a backbone's feature map and a pixels baseline has none; use --method saliency or occlusion"
+        )
     index = {c: i for i, c in enumerate(classes)}
     y_true = np.array([index[r.label] for r in records])
     paths = [manifest.abspath(r) for r in records]
@@ -123,10 +135,19 @@ def run_evaluate(
         if k < len(classes):
             metrics[f"{prefix}top{k}_accuracy"] = top_k_accuracy(y_true, scores, k)
     confused = most_confused(y_true, y_pred, classes)
-    details: dict = {"most_confused": confused, "calibration": loaded.bundle.head.get("calibration", "none"), "split": split}
+    details: dict = {
+        "most_confused": confused,
+        "calibration": loaded.bundle.head.get("calibration", "none"),
+        "split": split,
+    }
     model_run = _model_run(model)
     params = {"model_uri": model, "split": split, "tta": tta, "attack": attack or "none", "explain_top": explain_top}
-    with tracking.start_run("evaluate", run_name=run_name or f"evaluate on {split}" + (" (tta)" if tta else ""), params=params, tags={"tlkit.model_run": model_run}) as run_id:
+    with tracking.start_run(
+        "evaluate",
+        run_name=run_name or f"evaluate on {split}" + (" (tta)" if tta else ""),
+        params=params,
+        tags={"tlkit.model_run": model_run},
+    ) as run_id:
         log_data(manifest)
         ece, bins = calibration(y_true, scores)
         metrics[f"{prefix}ece"] = ece
@@ -135,27 +156,49 @@ def run_evaluate(
         close(figure)
         _log_predictions(paths, y_true, scores, classes)
         for normalise, name in ((False, "confusion_matrix.png"), (True, "confusion_matrix_normalised.png")):
-            figure = confusion_figure(y_true, y_pred, classes, title=f"{split} split" + (", row fractions" if normalise else ""), normalise=normalise)
+            figure = confusion_figure(
+                y_true,
+                y_pred,
+                classes,
+                title=f"{split} split" + (", row fractions" if normalise else ""),
+                normalise=normalise,
+            )
             tracking.log_figure(figure, f"plots/{name}")
             close(figure)
-        tracking.log_dict({"most_confused": [{"true": t, "predicted": p, "count": n} for t, p, n in confused]}, "most_confused.json")
+        tracking.log_dict(
+            {"most_confused": [{"true": t, "predicted": p, "count": n} for t, p, n in confused]}, "most_confused.json"
+        )
         loss = losses(y_true, scores)
         worst = np.argsort(-loss)[:top_losses]
-        details["top_losses"] = [(str(paths[i]), classes[y_true[i]], classes[y_pred[i]], float(scores[i, y_pred[i]])) for i in worst]
+        details["top_losses"] = [
+            (str(paths[i]), classes[y_true[i]], classes[y_pred[i]], float(scores[i, y_pred[i]])) for i in worst
+        ]
         _log_top_losses(worst, paths, y_true, y_pred, scores, classes, loaded)
         if tta:
             flip = tta_flip if tta_flip is not None else bool(loaded.bundle.extra.get("hflip", not loaded.is_pixels))
-            tta_scores = np.concatenate([loaded.tta_probs(images, flip=flip).numpy() for _, images in _batches(paths, loaded)])
+            tta_scores = np.concatenate(
+                [loaded.tta_probs(images, flip=flip).numpy() for _, images in _batches(paths, loaded)]
+            )
             metrics[f"{prefix}tta_accuracy"] = float((tta_scores.argmax(1) == y_true).mean())
-            details["tta_views"] = "image, mirror, 4 corner crops" if flip else "image, 4 corner crops (no mirror: the model trained without flips)"
+            details["tta_views"] = (
+                "image, mirror, 4 corner crops"
+                if flip
+                else "image, 4 corner crops (no mirror: the model trained without flips)"
+            )
         if explain_top:
             chosen = list(worst[:explain_top])
             titles = [f"true {classes[y_true[i]]} -> {classes[y_pred[i]]} ({scores[i, y_pred[i]]:.2f})" for i in chosen]
             with tempfile.TemporaryDirectory() as tmp:
-                _maps_for(loaded, [paths[i] for i in chosen], [int(y_pred[i]) for i in chosen], method, titles, Path(tmp))
+                _maps_for(
+                    loaded, [paths[i] for i in chosen], [int(y_pred[i]) for i in chosen], method, titles, Path(tmp)
+                )
                 tracking.log_artifacts(Path(tmp), f"explain/top_losses-{method}")
         if attack == "fgsm":
-            metrics.update(_log_fgsm(loaded, paths, y_true, sorted(set([0.0, *(eps or [1 / 255, 2 / 255, 4 / 255, 8 / 255])])), prefix))
+            metrics.update(
+                _log_fgsm(
+                    loaded, paths, y_true, sorted(set([0.0, *(eps or [1 / 255, 2 / 255, 4 / 255, 8 / 255])])), prefix
+                )
+            )
             details["fgsm"] = "float32 network, as every scoring path: eps 0 is its clean accuracy"
         tracking.log_metrics(metrics)
         tracking.log_dict({k: v for k, v in details.items() if k != "top_losses"}, "evaluation.json")
@@ -172,7 +215,8 @@ def _heldout_split(model: str, manifest: Manifest, tracking_uri: str | None) -> 
 
 
 def _log_predictions(paths: list[Path], y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> None:
-    """predictions.csv: per image its true class, the predicted one, and every class's probability (as `tlkit predict` gives them)."""
+    """predictions.csv: per image its true class, the predicted one, and every class's probability (as `tlkit predict`
+    gives them)."""
     import csv
     import io
 
@@ -186,13 +230,18 @@ def _log_predictions(paths: list[Path], y_true: np.ndarray, probabilities: np.nd
 
 def _log_top_losses(worst, paths, y_true, y_pred, scores, classes, loaded: LoadedModel) -> None:
     images = [loaded.prepare(loaded.decode(paths[i])) for i in worst]
-    titles = [f"{classes[y_true[i]]} -> {classes[y_pred[i]]}\n{scores[i, y_pred[i]]:.2f}, true {scores[i, y_true[i]]:.2f}" for i in worst]
+    titles = [
+        f"{classes[y_true[i]]} -> {classes[y_pred[i]]}\n{scores[i, y_pred[i]]:.2f}, true {scores[i, y_true[i]]:.2f}"
+        for i in worst
+    ]
     figure = image_grid(images, titles, columns=min(4, max(1, len(images))), title="top losses (true -> predicted)")
     tracking.log_figure(figure, "plots/top_losses.png")
     close(figure)
 
 
-def _log_fgsm(loaded: LoadedModel, paths: list[Path], y_true: np.ndarray, eps_values: list[float], prefix: str) -> dict[str, float]:
+def _log_fgsm(
+    loaded: LoadedModel, paths: list[Path], y_true: np.ndarray, eps_values: list[float], prefix: str
+) -> dict[str, float]:
     """Accuracy at each budget (metrics, and a curve), and originals beside adversarial examples."""
     images = torch.cat([batch for _, batch in _batches(paths, loaded)])
     accuracy, examples = fgsm_accuracy(loaded.network, images, torch.from_numpy(y_true), eps_values, batch_size=BATCH)
@@ -213,7 +262,10 @@ def _log_fgsm(loaded: LoadedModel, paths: list[Path], y_true: np.ndarray, eps_va
     grid, titles = [], []
     for i in range(shown):
         grid += [to_image(images[i]), to_image(examples[strongest][i])]
-        titles += [f"original: {loaded.classes[clean[i]]}", f"eps {strongest * 255:.0f}/255: {loaded.classes[fooled[i]]}"]
+        titles += [
+            f"original: {loaded.classes[clean[i]]}",
+            f"eps {strongest * 255:.0f}/255: {loaded.classes[fooled[i]]}",
+        ]
     figure = image_grid(grid, titles, columns=4)
     tracking.log_figure(figure, "plots/fgsm_examples.png")
     close(figure)
@@ -237,9 +289,13 @@ def run_explain(
         raise TlkitError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     loaded = load_model(model, tracking_uri=tracking_uri)
     if method == "gradcam" and loaded.is_pixels:
-        raise TlkitError("Grad-CAM needs a backbone's feature map and a pixels baseline has none; use --method saliency or occlusion")
+        raise TlkitError(
+            "Grad-CAM needs a backbone's feature map and a pixels baseline has none; use --method saliency or occlusion"
+        )
     if target is not None and target not in loaded.classes:
-        raise TlkitError(f"--target {target!r} is not a class of this model; its classes are {', '.join(loaded.classes)}")
+        raise TlkitError(
+            f"--target {target!r} is not a class of this model; its classes are {', '.join(loaded.classes)}"
+        )
     paths, skipped = expand_images(images)
     if not paths:
         detail = f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""
@@ -251,48 +307,89 @@ def run_explain(
         predicted += probs.argmax(1).tolist()
         confidence += probs.max(1).values.tolist()
     targets = [loaded.classes.index(target)] * len(paths) if target else predicted
-    titles = [f"{Path(p).name}: {loaded.classes[t]}" + ("" if target else f" ({c:.2f})") for p, t, c in zip(paths, targets, confidence)]
+    titles = [
+        f"{Path(p).name}: {loaded.classes[t]}" + ("" if target else f" ({c:.2f})")
+        for p, t, c in zip(paths, targets, confidence)
+    ]
     folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="tlkit-explain-"))
     options = {"patch": patch, "stride": stride} if method == "occlusion" else {}
     files = _maps_for(loaded, paths, targets, method, titles, folder, **options)
     params = {"model_uri": model, "method": method, "target": target or "predicted", "images": len(paths)}
     if method == "occlusion":
         params |= {"patch": patch, "stride": stride}
-    with tracking.start_run("explain", run_name=run_name or f"explain ({method}, {len(paths)} image{'s' if len(paths) != 1 else ''})", params=params, tags={"tlkit.model_run": _model_run(model)}) as run_id:
+    with tracking.start_run(
+        "explain",
+        run_name=run_name or f"explain ({method}, {len(paths)} image{'s' if len(paths) != 1 else ''})",
+        params=params,
+        tags={"tlkit.model_run": _model_run(model)},
+    ) as run_id:
         tracking.log_artifacts(folder, f"explain/{method}")
     return StageResult("explain", run_id, details={"skipped": skipped, "folder": folder}, files=files)
 
 
-def run_filters(model: str, *, pretrained: bool = False, weights: str | None = None, out: Path | None = None,
-                tracking_uri: str | None = None) -> StageResult:
+def run_filters(
+    model: str,
+    *,
+    pretrained: bool = False,
+    weights: str | None = None,
+    out: Path | None = None,
+    tracking_uri: str | None = None,
+) -> StageResult:
     """The first convolution's filters of a timm model (hub or file weights) or of a run's backbone, as a PNG grid."""
 
     if model.startswith(tracking.RUNS_PREFIX):
         backbone = make_backbone(BackboneConfig(weights=model), tracking_uri=tracking_uri)
     else:
-        backbone = make_backbone(BackboneConfig(model=model, pretrained=pretrained, weights=weights), tracking_uri=tracking_uri)
+        backbone = make_backbone(
+            BackboneConfig(model=model, pretrained=pretrained, weights=weights), tracking_uri=tracking_uri
+        )
     weights_tensor = first_conv_filters(backbone.model)
-    figure = filters_figure(weights_tensor, f"{backbone.name}: first convolution, {weights_tensor.shape[0]} filters "
-                            f"{weights_tensor.shape[2]}x{weights_tensor.shape[3]} ({backbone.weights})")
+    figure = filters_figure(
+        weights_tensor,
+        f"{backbone.name}: first convolution, {weights_tensor.shape[0]} filters "
+        f"{weights_tensor.shape[2]}x{weights_tensor.shape[3]} ({backbone.weights})",
+    )
     path = Path(out or f"{backbone.name}-filters.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(figure, path)
     close(figure)
-    with tracking.start_run("filters", params={"model": backbone.name, "weights": backbone.weights},
-                            tags={"tlkit.model_run": _model_run(model)}) as run_id:
+    with tracking.start_run(
+        "filters",
+        params={"model": backbone.name, "weights": backbone.weights},
+        tags={"tlkit.model_run": _model_run(model)},
+    ) as run_id:
         tracking.log_artifact(path, "plots")
-    return StageResult("filters", run_id, details={"shape": tuple(weights_tensor.shape), "weights": backbone.weights}, files=[path])
+    return StageResult(
+        "filters", run_id, details={"shape": tuple(weights_tensor.shape), "weights": backbone.weights}, files=[path]
+    )
 
 
-def run_export(model: str, fmt: str, out: Path, *, run_name: str | None = None, tracking_uri: str | None = None,
-               force: bool = False) -> StageResult:
+def run_export(
+    model: str,
+    fmt: str,
+    out: Path,
+    *,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+    force: bool = False,
+) -> StageResult:
     """The model as ONNX / TorchScript / safetensors + JSON sidecar in `out`; checked against PyTorch."""
     loaded = load_model(model, tracking_uri=tracking_uri)
     written = export(loaded, fmt, Path(out), source=model, force=force)
     metrics = {} if written["max_abs_difference"] is None else {"max_abs_difference": written["max_abs_difference"]}
-    with tracking.start_run("export", run_name=run_name or f"export {fmt}", params={"model_uri": model, "format": fmt, "out": str(Path(out).resolve())},
-                            tags={"tlkit.model_run": _model_run(model)}) as run_id:
+    with tracking.start_run(
+        "export",
+        run_name=run_name or f"export {fmt}",
+        params={"model_uri": model, "format": fmt, "out": str(Path(out).resolve())},
+        tags={"tlkit.model_run": _model_run(model)},
+    ) as run_id:
         tracking.log_artifact(written["sidecar"], "export")
         if metrics:
             tracking.log_metrics(metrics)
-    return StageResult("export", run_id, metrics, details=json.loads(written["sidecar"].read_text()), files=[written["model"], written["sidecar"]])
+    return StageResult(
+        "export",
+        run_id,
+        metrics,
+        details=json.loads(written["sidecar"].read_text()),
+        files=[written["model"], written["sidecar"]],
+    )

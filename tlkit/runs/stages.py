@@ -15,20 +15,18 @@ import time
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
-from tlkit.models import bundle
-
-from tlkit.core import tracking
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, SplitConfig, TrainConfig
-from tlkit.errors import TlkitError
+from tlkit.core import tracking
 from tlkit.core.files import replacing, write_csv
 from tlkit.data.ingest import Manifest, format_report, ingest
+from tlkit.errors import TlkitError
+from tlkit.models import bundle
 
 if TYPE_CHECKING:
-    from tlkit.models.backbone import Backbone
     from tlkit.features.extract import FeatureSet
+    from tlkit.models.backbone import Backbone
 
 # Each stage imports the heavy libraries it uses (timm, Lightning, scikit-learn, matplotlib) when it
 # runs: a command pays for its own imports only (Lightning alone takes 4 s), and a cached extract none.
@@ -64,16 +62,21 @@ def load_data(data: str | Path | Manifest, split: SplitConfig | None = None, *, 
         for warning in manifest.report.warnings:
             log.warning(warning)
         if manifest.report.skipped:
-            log.warning(f"{len(manifest.report.skipped)} file(s) skipped, e.g. {manifest.report.skipped[0][0]}: {manifest.report.skipped[0][1]} "
-                        "(`tlkit ingest` lists them all)")
+            log.warning(
+                f"{len(manifest.report.skipped)} file(s) skipped, e.g. {manifest.report.skipped[0][0]}: "
+                f"{manifest.report.skipped[0][1]} "
+                "(`tlkit ingest` lists them all)"
+            )
     return manifest
 
 
 def require_heldout(manifest: Manifest) -> None:
     """Refuse data with nothing to report on, before any model is built or run started."""
     if not manifest.split("val") and not manifest.split("test"):
-        raise TlkitError("the data has no val or test split to report on (every image is in train); let tlkit make them (--val 0.15 "
-                         "--test 0.15, with no split column or train/ folder), or give val/ or test/ images")
+        raise TlkitError(
+            "the data has no val or test split to report on (every image is in train); let tlkit make them (--val 0.15 "
+            "--test 0.15, with no split column or train/ folder), or give val/ or test/ images"
+        )
 
 
 def log_data(manifest: Manifest) -> None:
@@ -88,8 +91,12 @@ def log_data(manifest: Manifest) -> None:
         }
     )
     tracking.set_tags({"tlkit.data_fingerprint": manifest.fingerprint})
-    tracking.log_dataset(str(manifest.root), name=manifest.root.name, digest=manifest.fingerprint,
-                         profile={"classes": len(manifest.classes), **{f"n_{s}": n for s, n in counts.items()}})
+    tracking.log_dataset(
+        str(manifest.root),
+        name=manifest.root.name,
+        digest=manifest.fingerprint,
+        profile={"classes": len(manifest.classes), **{f"n_{s}": n for s, n in counts.items()}},
+    )
     tracking.log_text(format_report(manifest, max_items=10_000), "data/report.txt")
 
 
@@ -103,7 +110,9 @@ def log_backbone(backbone: Backbone) -> None:
             "num_features": backbone.num_features,
         }
     )
-    tracking.log_dict({k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()}, "data_config.json")
+    tracking.log_dict(
+        {k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()}, "data_config.json"
+    )
 
 
 def _log_selection(heldout: str, chosen: dict[str, str]) -> None:
@@ -125,8 +134,11 @@ def _log_confusion(y_true, y_pred, classes: list[str], split: str) -> None:
     _log_figure(confusion_figure(y_true, y_pred, classes, title=f"{split} split"), "plots/confusion_matrix.png")
 
 
-def make_backbone(config: BackboneConfig, *, tracking_uri: str | None = None, lazy: bool = False, cache: Path | None = None) -> Backbone:
-    """The backbone of `config`; `lazy`: from its card when one exists (tlkit.models.cards), built on first use of `.model`."""
+def make_backbone(
+    config: BackboneConfig, *, tracking_uri: str | None = None, lazy: bool = False, cache: Path | None = None
+) -> Backbone:
+    """The backbone of `config`; `lazy`: from its card when one exists (tlkit.models.cards), built on first use of
+    `.model`."""
     if lazy:
         from tlkit.models.cards import backbone_for
 
@@ -134,26 +146,43 @@ def make_backbone(config: BackboneConfig, *, tracking_uri: str | None = None, la
     from tlkit.models.backbone import create_backbone
 
     return create_backbone(
-        config.model, pretrained=config.pretrained, weights=config.weights, img_size=config.img_size, seed=config.seed, tracking_uri=tracking_uri
+        config.model,
+        pretrained=config.pretrained,
+        weights=config.weights,
+        img_size=config.img_size,
+        seed=config.seed,
+        tracking_uri=tracking_uri,
     )
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def run_ingest(data: str | Path, split: SplitConfig, *, out: Path | None = None, run_name: str | None = None) -> tuple[Manifest, Path, StageResult]:
+def run_ingest(
+    data: str | Path, split: SplitConfig, *, out: Path | None = None, run_name: str | None = None
+) -> tuple[Manifest, Path, StageResult]:
     """Ingest `data`, write the manifest to `out`, and log the report as a run."""
     manifest = load_data(data, split, warn=False)  # the caller prints the whole report
     out = Path(out or f"{Path(data).resolve().name}.manifest.json")
     manifest.save(out)
-    with tracking.start_run("ingest", run_name=run_name or f"ingest {Path(data).name}", params=split.model_dump()) as run_id:
+    with tracking.start_run(
+        "ingest", run_name=run_name or f"ingest {Path(data).name}", params=split.model_dump()
+    ) as run_id:
         log_data(manifest)
         tracking.log_artifact(out, "data")
-        tracking.log_metrics({"images": len(manifest.records), "skipped": len(manifest.report.skipped), "duplicate_groups": len(manifest.report.duplicates)})
+        tracking.log_metrics(
+            {
+                "images": len(manifest.records),
+                "skipped": len(manifest.report.skipped),
+                "duplicate_groups": len(manifest.report.duplicates),
+            }
+        )
     return manifest, out, StageResult("ingest", run_id)
 
 
-def _features(manifest: Manifest, backbone: Backbone | None, compute: ComputeConfig, pixel_size: int, cache: Path | None) -> FeatureSet:
+def _features(
+    manifest: Manifest, backbone: Backbone | None, compute: ComputeConfig, pixel_size: int, cache: Path | None
+) -> FeatureSet:
     from tlkit.features.extract import extract_features, pixel_features
 
     if backbone is None:
@@ -183,7 +212,9 @@ def run_extract(
     manifest = load_data(data, split)
     compute = compute or ComputeConfig()
     backbone = make_backbone(backbone_config, tracking_uri=tracking_uri, lazy=True, cache=cache)
-    with tracking.start_run("extract", run_name=run_name or f"{backbone.name} features", params={"compute": compute.model_dump()}) as run_id:
+    with tracking.start_run(
+        "extract", run_name=run_name or f"{backbone.name} features", params={"compute": compute.model_dump()}
+    ) as run_id:
         log_data(manifest)
         log_backbone(backbone)
         start = time.perf_counter()
@@ -191,8 +222,12 @@ def run_extract(
         seconds = time.perf_counter() - start
         tracking.log_params({"precision": features.meta["precision"], "feature_key": features.key})
         tracking.set_tags({"tlkit.cache_hit": str(features.cached)})
-        tracking.log_metrics({"images": len(features.X), "seconds": seconds, "images_per_s": len(features.X) / max(seconds, 1e-9)})
-    return features, StageResult("extract", run_id, details={"seconds": seconds, "cached": features.cached, "shape": features.X.shape})
+        tracking.log_metrics(
+            {"images": len(features.X), "seconds": seconds, "images_per_s": len(features.X) / max(seconds, 1e-9)}
+        )
+    return features, StageResult(
+        "extract", run_id, details={"seconds": seconds, "cached": features.cached, "shape": features.X.shape}
+    )
 
 
 def run_baseline(
@@ -230,12 +265,16 @@ def run_baseline(
         tracking.log_params({"C": result.C, "feature_key": features.key})
         _log_selection(result.heldout_split, {"C": result.selection, "temperature": result.calibration})
         tracking.set_tags({"tlkit.cache_hit": str(features.cached)})
-        tracking.log_metrics({**result.metrics, "selection_accuracy": result.selection_score, "fit_seconds": fit_seconds})
+        tracking.log_metrics(
+            {**result.metrics, "selection_accuracy": result.selection_score, "fit_seconds": fit_seconds}
+        )
         _log_confusion(result.y_true, result.y_pred, manifest.classes, result.heldout_split)
         saved = bundle.Bundle(
             kind="baseline",
             model_name=None if pixels else backbone.name,
-            data_config=dict(backbone.data_config) if backbone else {"input_size": (3, baseline.pixel_size, baseline.pixel_size)},
+            data_config=dict(backbone.data_config)
+            if backbone
+            else {"input_size": (3, baseline.pixel_size, baseline.pixel_size)},
             classes=manifest.classes,
             features="pixels" if pixels else "backbone",
             pixel_size=baseline.pixel_size if pixels else None,
@@ -244,8 +283,13 @@ def run_baseline(
             extra={"classifier": classifier, "C": result.C},
         )
         _save_model(saved, None if pixels else backbone.model, result.head)
-    details = {"C": result.C, "cached": features.cached, "model": "pixels" if pixels else backbone.name, "heldout_split": result.heldout_split,
-               "selection": result.selection}
+    details = {
+        "C": result.C,
+        "cached": features.cached,
+        "model": "pixels" if pixels else backbone.name,
+        "heldout_split": result.heldout_split,
+        "selection": result.selection,
+    }
     return StageResult("baseline", run_id, result.metrics, f"runs:/{run_id}", details)
 
 
@@ -261,12 +305,14 @@ def checkpoint_dir(run_id: str) -> Path:
     return Path(os.environ.get("TLKIT_CHECKPOINTS", ".tlkit/checkpoints")) / run_id
 
 
-def _resolve_auto_lr(manifest: Manifest, backbone: Backbone, train: TrainConfig, compute: ComputeConfig) -> tuple[TrainConfig, object]:
+def _resolve_auto_lr(
+    manifest: Manifest, backbone: Backbone, train: TrainConfig, compute: ComputeConfig
+) -> tuple[TrainConfig, object]:
     """--lr auto: sweep the rates (ratios kept), log the plot to the active run, return the suggested rate."""
     from tlkit.core.metrics import close
+    from tlkit.core.runtime import resolve_precision
     from tlkit.train.finetune import build_module, train_loader, with_batch_size
     from tlkit.train.lr_find import find_lr
-    from tlkit.core.runtime import resolve_precision
 
     probe = with_batch_size(train, manifest).model_copy(update={"lr": 1e-3})
     module = build_module(manifest, backbone, probe)
@@ -296,7 +342,9 @@ def run_lr_find(
         log_data(manifest)
         log_backbone(backbone)
         _, found = _resolve_auto_lr(manifest, backbone, train, compute)
-    return StageResult("lr-find", run_id, {"suggested_lr": found.suggestion}, details={"lrs": found.lrs, "losses": found.losses})
+    return StageResult(
+        "lr-find", run_id, {"suggested_lr": found.suggestion}, details={"lrs": found.lrs, "losses": found.losses}
+    )
 
 
 def run_train(
@@ -319,33 +367,51 @@ def run_train(
 
     `resume` is the id of an interrupted run: training continues from its last checkpoint, into
     the same MLflow run. `start_from` is a lost run's last checkpoint (a retried point of `tlkit run
-    --ray`): training continues from it in a new run, tagged `tlkit.resumed_from`. With `probe` (finetune of pretrained weights), the linear SVM on the same
+    --ray`): training continues from it in a new run, tagged `tlkit.resumed_from`. With `probe` (finetune of pretrained
+    weights), the linear SVM on the same
     backbone's frozen features is fitted first (from the feature cache when it has them) and its
     held-out accuracy logged beside the fine-tune's as `probe_heldout_accuracy`, so a fine-tune that
     does worse than its own linear probe is known, not hidden.
     """
     manifest = load_data(data, split)
     require_heldout(manifest)  # before torch, Lightning and the model load
-    from tlkit.models import heads
-    from tlkit.features.baseline import fit_baseline
     from tlkit.core.metrics import curves_figure
+    from tlkit.features.baseline import fit_baseline
+    from tlkit.models import heads
     from tlkit.train.finetune import MetricsCallback, check_settings, train_batch_figure, train_classifier
 
     compute = compute or ComputeConfig()
     backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
     check_settings(manifest, backbone, train)  # every setting's error before the run (and the store) exists
     name = run_name or f"{backbone.name} {kind} ({train.strategy})"
-    with tracking.start_run(kind, run_name=name, params={"train": train.model_dump()}, run_id=resume, tags=tracking.RANKED if kind == "finetune" else None) as run_id:
+    with tracking.start_run(
+        kind,
+        run_name=name,
+        params={"train": train.model_dump()},
+        run_id=resume,
+        tags=tracking.RANKED if kind == "finetune" else None,
+    ) as run_id:
         log_data(manifest)
         log_backbone(backbone)
         probe_result = None
         if probe and kind == "finetune" and not backbone.weights.startswith("random"):
             # before training: the backbone is trained in place
-            probe_result = fit_baseline(_features(manifest, backbone, compute, 0, cache), classifier="svm", seed=train.seed, calibrated=False)
+            probe_result = fit_baseline(
+                _features(manifest, backbone, compute, 0, cache), classifier="svm", seed=train.seed, calibrated=False
+            )
         if train.lr == "auto":
             train, found = _resolve_auto_lr(manifest, backbone, train, compute)
-        _log_figure(train_batch_figure(manifest, backbone.data_config, train.augment, hflip=train.hflip, seed=train.seed,
-                                       title=f"training images as the model sees them (augment: {Path(train.augment).name})"), "plots/train_batch.png")
+        _log_figure(
+            train_batch_figure(
+                manifest,
+                backbone.data_config,
+                train.augment,
+                hflip=train.hflip,
+                seed=train.seed,
+                title=f"training images as the model sees them (augment: {Path(train.augment).name})",
+            ),
+            "plots/train_batch.png",
+        )
         workdir = checkpoint_dir(run_id)
         if start_from is not None:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -380,7 +446,10 @@ def run_train(
             )
         _log_selection(result.heldout_split, resolved["selection"])
         tracking.log_dict(resolved["train_transform"], "augment/train_transform.json")
-        summary = {"best_epoch": result.best_epoch if result.best_epoch is not None else -1, "epochs_run": result.epochs_run}
+        summary = {
+            "best_epoch": result.best_epoch if result.best_epoch is not None else -1,
+            "epochs_run": result.epochs_run,
+        }
         if result.best_val_accuracy is not None:
             summary["best_val_accuracy"] = result.best_val_accuracy
         if "probe_selection_accuracy" in resolved:
@@ -389,9 +458,15 @@ def run_train(
             summary["probe_heldout_accuracy"] = probe_result.metrics["heldout_accuracy"]
         tracking.log_metrics({**result.metrics, **summary})
         _log_confusion(result.y_true, result.y_pred, manifest.classes, result.heldout_split)
-        history = {key: tracking.metric_steps(run_id, key) for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")}
+        history = {
+            key: tracking.metric_steps(run_id, key)
+            for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
+        }
         phases = [(p["start"], p["name"]) for p in resolved["phases"]]
-        _log_figure(curves_figure(history, phases, title=f"{kind} {backbone.name}: {train.strategy}"), "plots/training_curves.png")
+        _log_figure(
+            curves_figure(history, phases, title=f"{kind} {backbone.name}: {train.strategy}"),
+            "plots/training_curves.png",
+        )
         saved = bundle.Bundle(
             kind=kind,
             model_name=backbone.name,
@@ -401,15 +476,27 @@ def run_train(
             head={"calibration": resolved["selection"].get("temperature", "none")},
             extra={"best_epoch": result.best_epoch, "strategy": train.strategy, "hflip": train.hflip},
         )
-        _save_model(saved, result.module.backbone, heads.from_linear(result.module.head, temperature=result.temperature))
+        _save_model(
+            saved, result.module.backbone, heads.from_linear(result.module.head, temperature=result.temperature)
+        )
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the model is in the run; checkpoints only serve --resume
-    details = {**summary, "best_epoch": result.best_epoch, "heldout_split": result.heldout_split,  # None, not -1, when no epoch was chosen
-               "precision": resolved["precision"]}
+    details = {
+        **summary,
+        "best_epoch": result.best_epoch,
+        "heldout_split": result.heldout_split,  # None, not -1, when no epoch was chosen
+        "precision": resolved["precision"],
+    }
     return StageResult(kind, run_id, result.metrics, f"runs:/{run_id}", details)
 
 
 def run_predict(
-    model: str, images: list[str], *, top_k: int = 1, out: Path | None = None, run_name: str | None = None, tracking_uri: str | None = None
+    model: str,
+    images: list[str],
+    *,
+    top_k: int = 1,
+    out: Path | None = None,
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
 ) -> tuple[list[dict], list[tuple[str, str]], StageResult]:
     """Top-k classes per image from a saved model; the predictions CSV is logged as an artifact."""
     from tlkit.review.predict import predict_images
@@ -418,7 +505,11 @@ def run_predict(
     with tempfile.TemporaryDirectory() as tmp:
         target = write_csv(Path(out) if out else Path(tmp) / "predictions.csv", rows)
         count = len(rows) // max(1, min(top_k, len(loaded.classes)))
-        with tracking.start_run("predict", run_name=run_name or f"predict ({count} image{'s' if count != 1 else ''})", params={"model_uri": model, "top_k": top_k, "images": count}) as run_id:
+        with tracking.start_run(
+            "predict",
+            run_name=run_name or f"predict ({count} image{'s' if count != 1 else ''})",
+            params={"model_uri": model, "top_k": top_k, "images": count},
+        ) as run_id:
             tracking.log_artifact(target, "predictions")
             tracking.log_metrics({"skipped": len(skipped)})
     return rows, skipped, StageResult("predict", run_id)

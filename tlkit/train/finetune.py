@@ -23,20 +23,21 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch.utils.data import WeightedRandomSampler
 
-from tlkit.data import augment
-
-from tlkit.core import runtime
-from tlkit.models.backbone import Backbone, layer_groups, merge_groups
 from tlkit.config import TrainConfig
+from tlkit.core import runtime
+from tlkit.core.metrics import classification_metrics
+from tlkit.data import augment
+from tlkit.data.ingest import Manifest
 from tlkit.data.loaders import DecodedImages, ImageDataset, default_image_cache_mb, make_loader
 from tlkit.errors import TlkitError
-from tlkit.core.metrics import classification_metrics
-from tlkit.data.ingest import Manifest
 from tlkit.features.forward import infer
+from tlkit.models.backbone import Backbone, layer_groups, merge_groups
 from tlkit.train.strategies import Phase, group_lrs, phase_end, phase_index, plan_phases
 
 DEFAULT_BATCH = 32
-MIN_STEPS_PER_EPOCH = 8  # the default batch shrinks (to 8 at least) so that a small training set still makes this many steps
+MIN_STEPS_PER_EPOCH = (
+    8  # the default batch shrinks (to 8 at least) so that a small training set still makes this many steps
+)
 MONITOR = "val_score"  # val accuracy, ties broken by lower val loss (see ImageClassifier.on_validation_epoch_end)
 MIN_SCHEDULED_STEPS = 8
 CHECKPOINT_EVERY_S = 30.0  # last.ckpt (for --resume) at most this often, besides phase ends
@@ -111,17 +112,49 @@ class ImageClassifier(L.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing)
         accuracy = (logits.argmax(1) == labels).float().mean()
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
-        self.log("train_accuracy", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
+        self.log(
+            "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True
+        )
+        self.log(
+            "train_accuracy",
+            accuracy,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(labels),
+            sync_dist=True,
+        )
         return loss
 
     def validation_step(self, batch, batch_idx):
         images, labels, _ = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, reduction="sum")
-        self._val_sums += torch.stack([(logits.argmax(1) == labels).sum().float(), loss.float(), torch.tensor(len(labels), dtype=torch.float32, device=loss.device)])
-        self.log("val_loss", loss / len(labels), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
-        self.log("val_accuracy", (logits.argmax(1) == labels).float().mean(), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
+        self._val_sums += torch.stack(
+            [
+                (logits.argmax(1) == labels).sum().float(),
+                loss.float(),
+                torch.tensor(len(labels), dtype=torch.float32, device=loss.device),
+            ]
+        )
+        self.log(
+            "val_loss",
+            loss / len(labels),
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(labels),
+            sync_dist=True,
+        )
+        self.log(
+            "val_accuracy",
+            (logits.argmax(1) == labels).float().mean(),
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(labels),
+            sync_dist=True,
+        )
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, device=self.device)
@@ -136,7 +169,9 @@ class ImageClassifier(L.LightningModule):
         """
         correct, loss_sum, n = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
         if n:
-            self.log("val_score", selection_score(correct, loss_sum, int(n)), on_step=False, on_epoch=True, sync_dist=False)
+            self.log(
+                "val_score", selection_score(correct, loss_sum, int(n)), on_step=False, on_epoch=True, sync_dist=False
+            )
 
     # -- freezing --------------------------------------------------------------------------------
 
@@ -196,7 +231,10 @@ class ImageClassifier(L.LightningModule):
         """
         scale = self.phases[max(self.phase, 0)].lr_scale
         named = dict(self.backbone.named_parameters())
-        layers = [(f"group{i}", [named[n] for n in names], trains) for i, (names, trains) in enumerate(zip(self.groups, self.trainable_groups()))]
+        layers = [
+            (f"group{i}", [named[n] for n in names], trains)
+            for i, (names, trains) in enumerate(zip(self.groups, self.trainable_groups()))
+        ]
         layers.append(("head", list(self.head.parameters()), True))
         out = []
         for (name, params, trains), lr in zip(layers, self.lrs):
@@ -204,7 +242,9 @@ class ImageClassifier(L.LightningModule):
             no_decay = [p for p in params if p.ndim <= 1]
             effective = lr * scale if trains else 0.0
             out.append({"params": decay, "lr": effective, "weight_decay": self.weight_decay, "name": name, "log": True})
-            out.append({"params": no_decay, "lr": effective, "weight_decay": 0.0, "name": f"{name}.no_decay", "log": False})
+            out.append(
+                {"params": no_decay, "lr": effective, "weight_decay": 0.0, "name": f"{name}.no_decay", "log": False}
+            )
         return out
 
     def configure_optimizers(self):
@@ -245,7 +285,9 @@ def adamw(groups: list[dict]) -> torch.optim.AdamW:
     foreach and 12 ms fused (same updates, to float rounding).
     """
     devices = {p.device.type for g in groups for p in g["params"]}
-    fused = bool(devices) and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for g in groups for p in g["params"])
+    fused = (
+        bool(devices) and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for g in groups for p in g["params"])
+    )
     return torch.optim.AdamW(groups, fused=fused or None)
 
 
@@ -272,10 +314,12 @@ class LatestCheckpoint(L.Callback):
             self._saved_at = time.monotonic()
 
     def save(self, trainer: L.Trainer) -> None:
-        """Write beside last.ckpt, then rename over it: a full disk or a kill mid-write leaves the previous one whole."""
+        """Write beside last.ckpt, then rename over it: a full disk or a kill mid-write keeps the previous one."""
         partial = self.path.with_name(f".{self.path.name}.partial")
         try:
-            trainer.save_checkpoint(partial, weights_only=False)  # the optimizer state too: --resume continues the schedule
+            trainer.save_checkpoint(
+                partial, weights_only=False
+            )  # the optimizer state too: --resume continues the schedule
             if trainer.is_global_zero:
                 os.replace(partial, self.path)
         finally:
@@ -351,14 +395,24 @@ class TrainResult:
 
 def _dataset(manifest: Manifest, split: str, transform, decoded: DecodedImages | None = None) -> ImageDataset:
     records = manifest.split(split)
-    return ImageDataset([manifest.abspath(r) for r in records], manifest.labels(records), augment.ToTensor(transform), decoded)
+    return ImageDataset(
+        [manifest.abspath(r) for r in records], manifest.labels(records), augment.ToTensor(transform), decoded
+    )
 
 
-def decode_split(manifest: Manifest, split: str, transform, *, memory_mb: float, cache: Path | None = None) -> DecodedImages:
+def decode_split(
+    manifest: Manifest, split: str, transform, *, memory_mb: float, cache: Path | None = None
+) -> DecodedImages:
     """The split's images decoded once at the side `transform` reads (see data.DecodedImages)."""
     records = manifest.split(split)
-    return DecodedImages([manifest.abspath(r) for r in records], [r.sha256 for r in records], [(r.width, r.height) for r in records],
-                         augment.decode_side(transform), memory_mb=memory_mb, cache=cache)
+    return DecodedImages(
+        [manifest.abspath(r) for r in records],
+        [r.sha256 for r in records],
+        [(r.width, r.height) for r in records],
+        augment.decode_side(transform),
+        memory_mb=memory_mb,
+        cache=cache,
+    )
 
 
 def build_module(manifest: Manifest, backbone: Backbone, settings: TrainConfig) -> ImageClassifier:
@@ -366,7 +420,13 @@ def build_module(manifest: Manifest, backbone: Backbone, settings: TrainConfig) 
     if settings.lr == "auto":
         raise TlkitError("lr 'auto' must be resolved with tlkit.train.lr_find before building the module")
     groups = merge_groups(layer_groups(backbone.model), settings.groups)
-    phases = plan_phases(settings.strategy, epochs=settings.epochs, n_groups=len(groups), freeze_epochs=settings.freeze_epochs, unfreeze_every=settings.unfreeze_every)
+    phases = plan_phases(
+        settings.strategy,
+        epochs=settings.epochs,
+        n_groups=len(groups),
+        freeze_epochs=settings.freeze_epochs,
+        unfreeze_every=settings.unfreeze_every,
+    )
     if settings.balance not in BALANCE:
         raise TlkitError(f"unknown --balance {settings.balance!r}; choose one of {', '.join(BALANCE)}")
     counts = np.bincount(manifest.labels(manifest.split("train")), minlength=len(manifest.classes)).astype(np.float64)
@@ -402,11 +462,20 @@ def with_batch_size(settings: TrainConfig, manifest: Manifest) -> TrainConfig:
     return settings.model_copy(update={"batch_size": max(8, min(DEFAULT_BATCH, n_train // MIN_STEPS_PER_EPOCH))})
 
 
-def train_loader(manifest: Manifest, backbone: Backbone, settings: TrainConfig, *, num_workers: int | None = None,
-                 memory_mb: float | None = None, cache: Path | None = None):
+def train_loader(
+    manifest: Manifest,
+    backbone: Backbone,
+    settings: TrainConfig,
+    *,
+    num_workers: int | None = None,
+    memory_mb: float | None = None,
+    cache: Path | None = None,
+):
     """The shuffled, augmented training loader; with `memory_mb`, its images are decoded once (decode_split)."""
     transform = augment.resolve_train_transform(backbone.data_config, settings.augment, hflip=settings.hflip)
-    decoded = None if memory_mb is None else decode_split(manifest, "train", transform, memory_mb=memory_mb, cache=cache)
+    decoded = (
+        None if memory_mb is None else decode_split(manifest, "train", transform, memory_mb=memory_mb, cache=cache)
+    )
     dataset = _dataset(manifest, "train", transform, decoded)
     # A last batch of one image breaks BatchNorm in training; drop the incomplete batch (reshuffled each epoch).
     drop_last = len(dataset) > settings.batch_size
@@ -414,25 +483,49 @@ def train_loader(manifest: Manifest, backbone: Backbone, settings: TrainConfig, 
     if settings.balance == "sampler":
         labels = np.asarray(dataset.labels)
         per_sample = 1.0 / np.bincount(labels)[labels]
-        sampler = WeightedRandomSampler(per_sample.tolist(), num_samples=len(labels), replacement=True, generator=torch.Generator().manual_seed(settings.seed))
-    loader = make_loader(dataset, batch_size=settings.batch_size, shuffle=True, num_workers=num_workers, seed=settings.seed,
-                         drop_last=drop_last, sampler=sampler)
+        sampler = WeightedRandomSampler(
+            per_sample.tolist(),
+            num_samples=len(labels),
+            replacement=True,
+            generator=torch.Generator().manual_seed(settings.seed),
+        )
+    loader = make_loader(
+        dataset,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        seed=settings.seed,
+        drop_last=drop_last,
+        sampler=sampler,
+    )
     return loader, transform
 
 
-def train_batch_figure(manifest: Manifest, data_config: dict, augment_name: str, *, hflip: bool = True, n: int = 16, seed: int = 0,
-                       title: str = ""):
-    """A grid of `n` training images as the model sees them: augmented, then shown denormalised (fastai's show_batch)."""
+def train_batch_figure(
+    manifest: Manifest,
+    data_config: dict,
+    augment_name: str,
+    *,
+    hflip: bool = True,
+    n: int = 16,
+    seed: int = 0,
+    title: str = "",
+):
+    """A grid of `n` training images as the model sees them: augmented, shown denormalised (fastai's show_batch)."""
     from tlkit.core.metrics import denormalise, image_grid
 
     transform = augment.resolve_train_transform(data_config, augment_name, hflip=hflip)
     loader = make_loader(_dataset(manifest, "train", transform), batch_size=n, shuffle=True, num_workers=0, seed=seed)
     images, labels, _ = next(iter(loader))
     pixels = denormalise(images.float().numpy(), data_config["mean"], data_config["std"])
-    return image_grid(list(pixels), [manifest.classes[i] for i in labels.tolist()], columns=min(8, len(pixels)), cell=1.6, title=title)
+    return image_grid(
+        list(pixels), [manifest.classes[i] for i in labels.tolist()], columns=min(8, len(pixels)), cell=1.6, title=title
+    )
 
 
-def fit_linear_probe(module: ImageClassifier, manifest: Manifest, backbone: Backbone, *, precision: str, num_workers: int | None) -> tuple[float, str]:
+def fit_linear_probe(
+    module: ImageClassifier, manifest: Manifest, backbone: Backbone, *, precision: str, num_workers: int | None
+) -> tuple[float, str]:
     """LP-FT's first step: fit the head to convergence on frozen features (L-BFGS logistic regression).
 
     The regularisation is chosen on the val split when a test split reports, else by cross-validation
@@ -459,14 +552,20 @@ def fit_linear_probe(module: ImageClassifier, manifest: Manifest, backbone: Back
     if cv is None:
         how = "none (C=1)"
     else:
-        search = GridSearchCV(LogisticRegression(max_iter=3000), {"C": [0.01, 0.1, 1.0, 10.0]}, cv=cv, scoring="accuracy", refit=False)
+        search = GridSearchCV(
+            LogisticRegression(max_iter=3000), {"C": [0.01, 0.1, 1.0, 10.0]}, cv=cv, scoring="accuracy", refit=False
+        )
         search.fit(X_search, y_search)
         C, score = float(search.best_params_["C"]), float(search.best_score_)
-    probe = LogisticRegression(C=C, max_iter=3000).fit(X, y)  # the head starts from train alone: val still judges epochs fairly
+    probe = LogisticRegression(C=C, max_iter=3000).fit(
+        X, y
+    )  # the head starts from train alone: val still judges epochs fairly
     weight = np.zeros((len(manifest.classes), X.shape[1]), dtype=np.float32)
     bias = np.zeros(len(manifest.classes), dtype=np.float32)
     weight[probe.classes_] = probe.coef_ if len(probe.classes_) > 2 else np.vstack([-probe.coef_, probe.coef_])
-    bias[probe.classes_] = probe.intercept_ if len(probe.classes_) > 2 else np.array([-probe.intercept_[0], probe.intercept_[0]])
+    bias[probe.classes_] = (
+        probe.intercept_ if len(probe.classes_) > 2 else np.array([-probe.intercept_[0], probe.intercept_[0]])
+    )
     with torch.no_grad():
         module.head.weight.copy_(torch.from_numpy(weight))
         module.head.bias.copy_(torch.from_numpy(bias))
@@ -479,7 +578,13 @@ def check_settings(manifest: Manifest, backbone: Backbone, settings: TrainConfig
     groups = merge_groups(layer_groups(backbone.model), settings.groups)
     if settings.lr != "auto":
         group_lrs(settings.lr, len(groups), lr_mult=settings.lr_mult, lrs=settings.lrs)
-    plan_phases(settings.strategy, epochs=settings.epochs, n_groups=len(groups), freeze_epochs=settings.freeze_epochs, unfreeze_every=settings.unfreeze_every)
+    plan_phases(
+        settings.strategy,
+        epochs=settings.epochs,
+        n_groups=len(groups),
+        freeze_epochs=settings.freeze_epochs,
+        unfreeze_every=settings.unfreeze_every,
+    )
 
 
 def check_data(manifest: Manifest, settings: TrainConfig) -> None:
@@ -487,14 +592,22 @@ def check_data(manifest: Manifest, settings: TrainConfig) -> None:
     if not manifest.split("train"):
         raise TlkitError("the training split is empty; ingest with smaller --val/--test or give a train/ folder")
     if not manifest.split("val") and not manifest.split("test"):
-        raise TlkitError("the data has no val or test split to report on (every image is in train); let tlkit make them (--val 0.15 "
-                         "--test 0.15, with no split column or train/ folder), or give val/ or test/ images")
+        raise TlkitError(
+            "the data has no val or test split to report on (every image is in train); let tlkit make them (--val 0.15 "
+            "--test 0.15, with no split column or train/ folder), or give val/ or test/ images"
+        )
     if not manifest.split("test"):
         if settings.use_val == "train":
-            raise TlkitError("use_val 'train' trains on the val split and the data has no test split to report on; ingest with --test > 0 or use --use-val select")
+            raise TlkitError(
+                "use_val 'train' trains on the val split and the data has no test split to report on; ingest with "
+                "--test > 0 or use --use-val select"
+            )
         if settings.patience is not None:
-            raise TlkitError("--patience stops on the val split, but this data has no test split, so val is where results are reported; "
-                             "drop --patience (the schedule runs to its end) or add a test split")
+            raise TlkitError(
+                "--patience stops on the val split, but this data has no test split, so val is where results are "
+                "reported; "
+                "drop --patience (the schedule runs to its end) or add a test split"
+            )
 
 
 def train_classifier(
@@ -552,14 +665,18 @@ def train_classifier(
     L.seed_everything(settings.seed, workers=True, verbose=False)  # the precision probe may have drawn random numbers
     # Train and val are read every epoch: decode them once, at the size the transforms read.
     budget = default_image_cache_mb() if image_cache_mb is None else image_cache_mb
-    loader, train_tf = train_loader(manifest, backbone, settings, num_workers=num_workers, memory_mb=budget, cache=cache)
+    loader, train_tf = train_loader(
+        manifest, backbone, settings, num_workers=num_workers, memory_mb=budget, cache=cache
+    )
     train_images = loader.dataset.decoded
     eval_tf = augment.eval_transform(backbone.data_config)
     val_loader = None
     if has_val:
         left = budget - (train_images.nbytes / 2**20 if train_images is not None and train_images.in_memory else 0)
         val_images = decode_split(manifest, "val", eval_tf, memory_mb=left, cache=cache)
-        val_loader = make_loader(_dataset(manifest, "val", eval_tf, val_images), batch_size=settings.batch_size * 2, num_workers=num_workers)
+        val_loader = make_loader(
+            _dataset(manifest, "val", eval_tf, val_images), batch_size=settings.batch_size * 2, num_workers=num_workers
+        )
     probe = None
     if settings.strategy == "lp-ft" and not resume:
         probe = fit_linear_probe(module, manifest, backbone, precision=precision, num_workers=num_workers)
@@ -567,14 +684,25 @@ def train_classifier(
     workdir = Path(workdir or tempfile.mkdtemp(prefix="tlkit-train-"))
     last = workdir / "last.ckpt"
     if resume and not last.exists():
-        raise TlkitError(f"nothing to resume: {last} does not exist (the run saved no epoch yet, or ran on another machine)")
+        raise TlkitError(
+            f"nothing to resume: {last} does not exist (the run saved no epoch yet, or ran on another machine)"
+        )
     # The best epoch's weights only (a third of a checkpoint with AdamW's state): it is read for nothing else.
-    best = ModelCheckpoint(dirpath=workdir, filename="best", monitor=MONITOR, mode="max", save_top_k=1, enable_version_counter=False,
-                           save_weights_only=True)
+    best = ModelCheckpoint(
+        dirpath=workdir,
+        filename="best",
+        monitor=MONITOR,
+        mode="max",
+        save_top_k=1,
+        enable_version_counter=False,
+        save_weights_only=True,
+    )
     latest = LatestCheckpoint(workdir / "last.ckpt")  # Lightning's save_last refreshes it only with a new best
     extra: list[L.Callback] = [*([best] if selects else []), latest, PhaseCallback(), *(callbacks or [])]
     if settings.patience is not None:
-        extra.append(_LastPhaseEarlyStopping(module.phases[-1].start, monitor=MONITOR, mode="max", patience=settings.patience))
+        extra.append(
+            _LastPhaseEarlyStopping(module.phases[-1].start, monitor=MONITOR, mode="max", patience=settings.patience)
+        )
     trainer = runtime.build_trainer(
         devices=devices,
         precision=precision,
@@ -582,13 +710,16 @@ def train_classifier(
         root_dir=workdir,
         max_epochs=settings.epochs,
         callbacks=extra,
-        enable_checkpointing=selects,  # the best-epoch ModelCheckpoint; without it Lightning would add one that saves every epoch
+        # the best-epoch ModelCheckpoint; without it Lightning would add one that saves every epoch
+        enable_checkpointing=selects,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
     with runtime.quiet_lightning():
         # tlkit's own checkpoints hold tensors, numbers and strings only: read them with weights_only=True
-        trainer.fit(module, loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True if resume else None)
+        trainer.fit(
+            module, loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True if resume else None
+        )
 
     epochs_run = trainer.current_epoch  # epochs completed, a resumed run's earlier ones included
     best_epoch = None
@@ -598,17 +729,29 @@ def train_classifier(
         best_epoch = int(state["epoch"])
     module.apply_phase(len(module.phases) - 1)
     heldout = manifest.eval_split
-    eval_loader = make_loader(_dataset(manifest, heldout, eval_tf), batch_size=settings.batch_size * 2, num_workers=num_workers)
+    eval_loader = make_loader(
+        _dataset(manifest, heldout, eval_tf), batch_size=settings.batch_size * 2, num_workers=num_workers
+    )
     y_true = manifest.labels(manifest.split(heldout))
     y_pred = infer(module, eval_loader, precision=precision).argmax(1)
-    metrics = classification_metrics(y_true, y_pred, manifest.classes, prefix="heldout_")  # the held-out split's, as in baselines
+    metrics = classification_metrics(
+        y_true, y_pred, manifest.classes, prefix="heldout_"
+    )  # the held-out split's, as in baselines
     best_val = None
     if selects:
         y_val = manifest.labels(manifest.split("val"))
         best_val = float((infer(module, val_loader, precision=precision).argmax(1) == y_val).mean())
-    resolved = {"precision": precision, "batch_size": settings.batch_size, "phases": [p.__dict__ for p in module.phases], "group_lrs": module.lrs,
-                "groups": module.group_labels, "train_transform": augment.to_dict(train_tf)}
-    resolved["selection"] = {"epoch": "best val_score on the val split" if selects else "last (the schedule runs to its end)"}
+    resolved = {
+        "precision": precision,
+        "batch_size": settings.batch_size,
+        "phases": [p.__dict__ for p in module.phases],
+        "group_lrs": module.lrs,
+        "groups": module.group_labels,
+        "train_transform": augment.to_dict(train_tf),
+    }
+    resolved["selection"] = {
+        "epoch": "best val_score on the val split" if selects else "last (the schedule runs to its end)"
+    }
     if probe is not None:
         resolved["probe_selection_accuracy"], resolved["selection"]["probe_C"] = probe
     temperature = 1.0
@@ -616,9 +759,14 @@ def train_classifier(
         from tlkit.features.calibrate import calibrate_logits
 
         heldout_logits = infer(module, eval_loader, precision="32-true")
-        fit = (infer(module, val_loader, precision="32-true"), manifest.labels(manifest.split("val"))) if selects else None
-        temperature, calibration, resolved["selection"]["temperature"] = calibrate_logits(heldout_logits, y_true, fit=fit, split=heldout,
-                                                                                         seed=settings.seed)
+        fit = (
+            (infer(module, val_loader, precision="32-true"), manifest.labels(manifest.split("val")))
+            if selects
+            else None
+        )
+        temperature, calibration, resolved["selection"]["temperature"] = calibrate_logits(
+            heldout_logits, y_true, fit=fit, split=heldout, seed=settings.seed
+        )
         metrics.update(calibration)
     return TrainResult(
         module=module,

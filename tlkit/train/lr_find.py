@@ -51,7 +51,9 @@ def _suggest(lrs: np.ndarray, losses: np.ndarray) -> float:
     return float(lrs[skip + int(np.argmin(slope))])
 
 
-def find_lr(module, loader, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 100, precision: str = "32-true") -> LRFindResult:
+def find_lr(
+    module, loader, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 100, precision: str = "32-true"
+) -> LRFindResult:
     """Sweep the head learning rate from `min_lr` to `max_lr` over `steps` batches (loader repeats).
 
     Args:
@@ -102,7 +104,9 @@ def find_lr(module, loader, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps:
         module.load_state_dict(saved)
         module.apply_phase(max(phase, 0))
     if len(lrs) < 5:
-        raise TlkitError(f"the LR sweep diverged at once, from its smallest rate ({min_lr:g}); check the images and labels, "
-                         "or pass a small --lr instead of auto")
+        raise TlkitError(
+            f"the LR sweep diverged at once, from its smallest rate ({min_lr:g}); check the images and labels, "
+            "or pass a small --lr instead of auto"
+        )
     lrs_a, losses_a = np.array(lrs), np.array(losses)
     return LRFindResult(lrs_a, losses_a, _suggest(lrs_a, losses_a))

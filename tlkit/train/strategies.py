@@ -37,7 +37,9 @@ def default_freeze_epochs(epochs: int) -> int:
     return 1 if epochs > 1 else 0
 
 
-def plan_phases(strategy: str, *, epochs: int, n_groups: int, freeze_epochs: int | None = None, unfreeze_every: int = 1) -> list[Phase]:
+def plan_phases(
+    strategy: str, *, epochs: int, n_groups: int, freeze_epochs: int | None = None, unfreeze_every: int = 1
+) -> list[Phase]:
     """The phases of `strategy` over `epochs` epochs for a body of `n_groups` layer groups."""
     if strategy not in STRATEGIES:
         raise TlkitError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -76,7 +78,10 @@ def group_lrs(lr: float, n_groups: int, *, lr_mult: float = 3.0, lrs: list[float
     """
     if lrs is not None:
         if len(lrs) != n_groups + 1:
-            raise TlkitError(f"--lrs needs {n_groups + 1} values ({n_groups} layer groups, input side first, then the head), got {len(lrs)}")
+            raise TlkitError(
+                f"--lrs needs {n_groups + 1} values ({n_groups} layer groups, input side first, then the head), got "
+                f"{len(lrs)}"
+            )
         if any(v < 0 for v in lrs):
             raise TlkitError("--lrs values must be >= 0")
         return [float(v) for v in lrs]
