@@ -13,13 +13,15 @@ def cli_reference() -> str:
     import typer.main
     from typer.cli import get_docs_for_click
 
-    from tlkit.cli import app
+    from tlkit.cli.app import app
 
     command = typer.main.get_command(app)
     with click.Context(command, info_name="tlkit") as context:
         body = get_docs_for_click(obj=command, ctx=context, name="tlkit", title="CLI reference")
-    intro = ("Generated from the command-line app at build time: the same text as `tlkit COMMAND --help`.\n"
-             "Defaults shown are the code's own.\n\n")
+    intro = (
+        "Generated from the command-line app at build time: the same text as `tlkit COMMAND --help`.\n"
+        "Defaults shown are the code's own.\n\n"
+    )
     title, rest = body.split("\n", 1)
     return f"{title}\n\n{intro}{_escape_help(rest.lstrip())}"
 
@@ -32,7 +34,9 @@ def _escape_help(text: str) -> str:
             fenced = not fenced
         elif not fenced:
             parts = line.split("`")
-            line = "`".join(part if i % 2 else part.replace("<", "&lt;").replace(">", "&gt;") for i, part in enumerate(parts))
+            line = "`".join(
+                part if i % 2 else part.replace("<", "&lt;").replace(">", "&gt;") for i, part in enumerate(parts)
+            )
         lines.append(line)
     return "\n".join(lines)
 

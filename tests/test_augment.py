@@ -19,7 +19,8 @@ CONFIG = {
 def test_eval_transform_resizes_crops_and_normalises():
     image = np.full((50, 80, 3), 255, np.uint8)
     out = augment.apply(augment.eval_transform(CONFIG), image)
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert out.shape == (3, 32, 32)
+    assert out.dtype == torch.float32
     assert torch.allclose(out, torch.full_like(out, (1.0 - 0.5) / 0.25))
 
 

@@ -18,7 +18,8 @@ def test_random_init_is_reproducible_and_seeded():
     a = bb.create_backbone(TINY_MODEL, img_size=32, seed=1)
     assert bb.create_backbone(TINY_MODEL, img_size=32, seed=1).digest == a.digest
     assert bb.create_backbone(TINY_MODEL, img_size=32, seed=2).digest != a.digest
-    assert a.weights == "random(seed=1)" and a.data_config["input_size"] == (3, 32, 32)
+    assert a.weights == "random(seed=1)"
+    assert a.data_config["input_size"] == (3, 32, 32)
     assert a.model(torch.randn(2, 3, 32, 32)).shape == (2, a.num_features)
 
 
@@ -29,9 +30,11 @@ def test_transformer_is_built_for_the_requested_size():
 
 def test_info_shows_groups_and_preprocessing():
     info = bb.backbone_info("resnet18")
-    assert info["num_features"] == 512 and info["num_params"] > 11_000_000
+    assert info["num_features"] == 512
+    assert info["num_params"] > 11000000
     labels = [label for label, _ in info["layer_groups"]]
-    assert labels[0].startswith("conv1") and labels[-1].startswith("layer4")
+    assert labels[0].startswith("conv1")
+    assert labels[-1].startswith("layer4")
     assert sum(n for _, n in info["layer_groups"]) == info["num_params"]
     assert info["data_config"]["input_size"] == (3, 224, 224)
     assert "resnet18.a1_in1k" in info["pretrained_tags"]
@@ -62,7 +65,8 @@ def test_weights_files_load_in_common_layouts(tmp_path, wrap):
             state = {f"module.{k}": v for k, v in state.items()}
         torch.save(state, path)
     loaded = bb.create_backbone(TINY_MODEL, weights=path)
-    assert loaded.digest == source.digest and loaded.weights.startswith("file:")
+    assert loaded.digest == source.digest
+    assert loaded.weights.startswith("file:")
 
 
 def test_weights_that_do_not_fit_are_a_clear_error(tmp_path):
@@ -107,7 +111,8 @@ def test_reachability_probe_respects_its_timeout(monkeypatch):
     monkeypatch.setattr(bb.socket, "create_connection", hang)
     start = time.perf_counter()
     reason = bb._reachable("huggingface.co", 0.5)
-    assert reason == "timed out" and time.perf_counter() - start < 2
+    assert reason == "timed out"
+    assert time.perf_counter() - start < 2
 
 
 def test_a_weights_file_brings_the_preprocessing_it_records(tmp_path, caplog):
@@ -127,7 +132,8 @@ def test_a_weights_file_brings_the_preprocessing_it_records(tmp_path, caplog):
         metadata={"tlkit.preprocessing": json.dumps({"mean": [0.3] * 3, "std": [0.6] * 3, "crop_pct": 1.0})},
     )
     backbone = create_backbone(TINY_MODEL, weights=recorded, img_size=32)
-    assert backbone.data_config["mean"] == (0.3, 0.3, 0.3) and backbone.data_config["crop_pct"] == 1.0
+    assert backbone.data_config["mean"] == (0.3, 0.3, 0.3)
+    assert backbone.data_config["crop_pct"] == 1.0
 
     beside = tmp_path / "beside.safetensors"
     save_file(state, str(beside))
@@ -140,7 +146,5 @@ def test_a_weights_file_brings_the_preprocessing_it_records(tmp_path, caplog):
         default = create_backbone(TINY_MODEL, weights=bare, img_size=32).data_config
     from tlkit.models.backbone import data_config_for
 
-    assert (
-        default == data_config_for(create_model(TINY_MODEL, img_size=32), 32)
-        and "does not record the preprocessing" in caplog.text
-    )
+    assert default == data_config_for(create_model(TINY_MODEL, img_size=32), 32)
+    assert "does not record the preprocessing" in caplog.text

@@ -22,7 +22,8 @@ def blobs(n_per_class=20, splits=("train", "val", "test"), seed=0) -> FeatureSet
 def test_separable_features_are_learned(classifier):
     result = fit_baseline(blobs(), classifier=classifier)
     assert result.metrics["heldout_accuracy"] > 0.95
-    assert result.selection == "validation split" and result.C > 0
+    assert result.selection == "validation split"
+    assert result.C > 0
     assert {"heldout_balanced_accuracy", "heldout_macro_f1", "heldout_precision.a", "heldout_recall.c"} <= set(
         result.metrics
     )
@@ -61,15 +62,18 @@ def test_without_test_split_val_is_held_out_and_chooses_nothing():
 
     data = blobs(splits=("train", "val"))
     result = fit_baseline(data, classifier="logreg")
-    assert result.heldout_split == "val" and "cross-validation on train" in result.selection
+    assert result.heldout_split == "val"
+    assert "cross-validation on train" in result.selection
     assert result.estimator.named_steps["scale"].n_samples_seen_ == 60  # train only: val never seen
     X_val, y_val = data.subset("val")
     alone = clone(build_classifier("logreg")).set_params(clf__C=result.C).fit(*data.subset("train"))
-    assert (alone.predict(X_val) == result.y_pred).all() and len(result.y_true) == len(y_val)
+    assert (alone.predict(X_val) == result.y_pred).all()
+    assert len(result.y_true) == len(y_val)
     assert "val_accuracy" not in result.metrics  # one held-out figure, under heldout_*, with heldout_split saying which
 
 
 def test_with_test_split_val_chooses_c_and_test_reports():
     result = fit_baseline(blobs(), classifier="svm")
-    assert result.heldout_split == "test" and result.selection == "validation split"
+    assert result.heldout_split == "test"
+    assert result.selection == "validation split"
     assert len(result.y_true) == 60

@@ -42,11 +42,13 @@ def test_temperature_lowers_calibration_error_on_heldout_data(classes):
 def test_cross_fitted_scores_each_image_with_a_temperature_fitted_without_it():
     logits, y = overconfident(300, classes=2, true_t=2.0, seed=2)
     t, probs = calibrate.cross_fitted(logits, y)
-    assert t == pytest.approx(calibrate.fit_temperature(logits, y)) and t > 1.3
+    assert t == pytest.approx(calibrate.fit_temperature(logits, y))
+    assert t > 1.3
     assert not np.allclose(probs, calibrate.softmax(logits, t))  # fold temperatures, not the final one
     assert calibration(y, probs)[0] < calibration(y, calibrate.softmax(logits))[0]
     t_single, plain = calibrate.cross_fitted(logits[:12], np.r_[np.zeros(11, int), 1])  # a class of one image: no folds
-    assert t_single == 1.0 and np.allclose(plain, calibrate.softmax(logits[:12]))
+    assert t_single == 1.0
+    assert np.allclose(plain, calibrate.softmax(logits[:12]))
 
 
 def blobs(classes, n=60, d=6, seed=0):

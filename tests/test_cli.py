@@ -7,17 +7,19 @@ from pathlib import Path
 import torch
 from conftest import TINY_MODEL
 
-from tlkit.cli import app
+from tlkit.cli.app import app
 
 
 def invoke(runner, *args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
+def assert_one_line_error(result, *fragments, usage: bool = False):
+    """One `error:` line on stderr, no traceback; exit code 1, or 2 for a value the options refuse (`usage`)."""
+    assert result.exit_code == (2 if usage else 1), result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), result.stderr
     assert "Traceback" not in result.output
     for fragment in fragments:
         assert fragment in " ".join(result.stderr.split()), result.stderr
@@ -25,32 +27,41 @@ def assert_one_line_error(result, *fragments):
 
 def test_data_digits_and_ingest(runner, workdir):
     result = invoke(runner, "data", "digits", "d", "--classes", "0-2", "--per-class", "12", "--size", "16")
-    assert result.exit_code == 0 and "wrote 36 images" in result.output
+    assert result.exit_code == 0
+    assert "wrote 36 images" in result.output
     result = invoke(runner, "ingest", "d", "--val", "0.25", "--test", "0.25", "--out", "m.json")
     assert result.exit_code == 0, result.output
-    assert "fingerprint" in result.output and "all" in result.output and "MLflow run" in result.output
+    assert "fingerprint" in result.output
+    assert "all" in result.output
+    assert "MLflow run" in result.output
     assert json.loads(Path("m.json").read_text())["format"] == "tlkit-manifest/1"
 
 
 def test_backbone_list_and_info(runner):
     result = invoke(runner, "backbone", "list", "resnet1")
-    assert result.exit_code == 0 and "resnet18" in result.stdout.split()
+    assert result.exit_code == 0
+    assert "resnet18" in result.stdout.split()
     result = invoke(runner, "backbone", "info", "resnet18")
     assert result.exit_code == 0
-    assert "features 512" in result.stdout and "layer4" in result.stdout and "resnet18.a1_in1k" in result.stdout
+    assert "features 512" in result.stdout
+    assert "layer4" in result.stdout
+    assert "resnet18.a1_in1k" in result.stdout
 
 
 def test_extract_twice_reads_the_cache(runner, workdir, digits_source):
     args = ("extract", digits_source, "--model", TINY_MODEL, "--no-pretrained", "--img-size", 32, "--workers", 0)
     first = invoke(runner, *args)
-    assert first.exit_code == 0 and "computed" in first.stdout, first.output
+    assert first.exit_code == 0, first.output
+    assert "computed" in first.stdout, first.output
     second = invoke(runner, *args)
-    assert second.exit_code == 0 and "read from cache" in second.stdout
+    assert second.exit_code == 0
+    assert "read from cache" in second.stdout
 
 
 def test_baseline_pretrain_finetune_predict(runner, workdir, digits_source, digits_target):
     result = invoke(runner, "baseline", digits_target, "--classifier", "pixels")
-    assert result.exit_code == 0 and "heldout_accuracy" in result.stdout
+    assert result.exit_code == 0
+    assert "heldout_accuracy" in result.stdout
 
     result = invoke(
         runner, "pretrain", digits_source, "--model", TINY_MODEL, "--img-size", 32, "--epochs", 2, "--workers", 0
@@ -59,7 +70,8 @@ def test_baseline_pretrain_finetune_predict(runner, workdir, digits_source, digi
     run_id = result.stdout.split("MLflow run ")[1].split()[0]
 
     result = invoke(runner, "baseline", digits_target, "--weights", f"runs:/{run_id}", "--workers", 0)
-    assert result.exit_code == 0 and f"{TINY_MODEL} + svm" in result.stdout, result.output
+    assert result.exit_code == 0, result.output
+    assert f"{TINY_MODEL} + svm" in result.stdout, result.output
 
     result = invoke(
         runner, "finetune", digits_target, "--weights", f"runs:/{run_id}", "--epochs", 2, "--workers", 0, "--no-hflip"
@@ -71,10 +83,12 @@ def test_baseline_pretrain_finetune_predict(runner, workdir, digits_source, digi
     result = invoke(runner, "predict", f"runs:/{finetuned}", image, "--top-k", 3, "--out", "preds.csv")
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(open("preds.csv")))
-    assert [r["rank"] for r in rows] == ["1", "2", "3"] and {r["class"] for r in rows} <= {"5", "6", "7"}
+    assert [r["rank"] for r in rows] == ["1", "2", "3"]
+    assert {r["class"] for r in rows} <= {"5", "6", "7"}
 
     result = invoke(runner, "evaluate", f"runs:/{finetuned}", digits_target, "--split", "val")
-    assert result.exit_code == 0 and "val_accuracy" in result.stdout, result.output
+    assert result.exit_code == 0, result.output
+    assert "val_accuracy" in result.stdout, result.output
     assert_one_line_error(
         invoke(runner, "evaluate", f"runs:/{finetuned}", digits_source), "does not know class(es) 0, 1, 2"
     )
@@ -168,7 +182,8 @@ def test_augment_preview_draws_the_training_view(runner, workdir, digits_source)
         "--out",
         "grid.png",
     )
-    assert result.exit_code == 0 and "6 augmented training images drawn to grid.png" in result.stdout, result.output
+    assert result.exit_code == 0, result.output
+    assert "6 augmented training images drawn to grid.png" in result.stdout, result.output
     from PIL import Image
 
     assert Image.open("grid.png").size[0] > 300
@@ -211,13 +226,14 @@ def test_finetune_strategies_and_lr_find_from_the_cli(runner, workdir, digits_so
         "1e-4,1e-3,1e-2",
     )
     assert result.exit_code == 0, result.output
-    from tlkit.cli import _PRECISION_NAMES
+    from tlkit.cli.app import _PRECISION_NAMES
     from tlkit.core import tracking
 
     used = tracking.get_run(result.stdout.split("MLflow run ")[1].split()[0]).data.params["precision"]
     assert f"finetune (gradual, {_PRECISION_NAMES[used]})" in result.stdout  # the title says the precision the run used
     result = invoke(runner, "lr-find", digits_source, *common)
-    assert result.exit_code == 0 and "suggested head learning rate" in result.stdout, result.output
+    assert result.exit_code == 0, result.output
+    assert "suggested head learning rate" in result.stdout, result.output
     result = invoke(
         runner, "finetune", digits_source, *common, "--lr", "auto", "--epochs", 2, "--strategy", "linear-probe"
     )
@@ -226,12 +242,19 @@ def test_finetune_strategies_and_lr_find_from_the_cli(runner, workdir, digits_so
 
 def test_bad_training_options_are_one_line_errors(runner, workdir, digits_source):
     common = ("--model", TINY_MODEL, "--no-pretrained", "--img-size", 32)
-    assert_one_line_error(invoke(runner, "finetune", digits_source, *common, "--strategy", "fastest"), "--strategy")
+    assert_one_line_error(
+        invoke(runner, "finetune", digits_source, *common, "--strategy", "fastest"),
+        "--strategy",
+        "'fastest' is not one of 'freeze-unfreeze', 'linear-probe', 'full', 'gradual', 'lp-ft'",
+        "finetune --help",
+        usage=True,
+    )
     assert_one_line_error(
         invoke(runner, "finetune", digits_source, *common, "--groups", 2, "--lrs", "1,2"), "--lrs needs 3 values"
     )
     assert_one_line_error(
-        invoke(runner, "finetune", digits_source, *common, "--lr", "fast"), "--lr must be a number or auto"
+        invoke(runner, "finetune", digits_source, *common, "--lr", "fast"),
+        "--lr must be a number or 'auto'; got 'fast'",
     )
     assert_one_line_error(
         invoke(
@@ -281,7 +304,8 @@ def test_one_epoch_with_default_settings_trains(runner, workdir, digits_source):
         "--workers",
         0,
     )
-    assert result.exit_code == 0 and "heldout_accuracy" in result.stdout, result.output
+    assert result.exit_code == 0, result.output
+    assert "heldout_accuracy" in result.stdout, result.output
 
 
 def test_messages_print_brackets_and_paths_literally(runner, workdir, digits_source, monkeypatch):
@@ -304,3 +328,28 @@ def test_messages_print_brackets_and_paths_literally(runner, workdir, digits_sou
     assert "warning: class folder(s) with no usable image, left out of the dataset: [empty]" in " ".join(
         result.stderr.split()
     )
+
+
+def test_the_options_are_the_settings_models_own():
+    """cli/settings.json (read at start-up instead of importing pydantic) is what the models say today."""
+    import json
+
+    from tlkit.cli.options import SPEC_FILE, spec_from_models
+
+    assert json.loads(SPEC_FILE.read_text()) == spec_from_models(), "stale: run python -m tlkit.cli.options"
+
+
+def test_a_command_and_its_pipeline_stage_share_their_defaults(runner):
+    from tlkit.config import ExportStage, FinetuneStage, PretrainConfig, PretrainStage, TrainConfig
+
+    finetune = invoke(runner, "finetune", "--help").stdout
+    pretrain = invoke(runner, "pretrain", "--help").stdout
+    assert FinetuneStage(id="f", stage="finetune", data="d").train == TrainConfig()
+    assert PretrainStage(id="p", stage="pretrain", data="d").train == PretrainConfig()
+    assert PretrainStage(id="p", stage="pretrain", data="d").pretrained is False
+    for help_text, settings in ((finetune, TrainConfig()), (pretrain, PretrainConfig())):
+        shown = " ".join(help_text.replace("│", " ").split())
+        assert f"[default: {settings.epochs}]" in shown
+        assert f"[default: {settings.strategy}]" in shown
+    assert ExportStage(id="e", stage="export", model="m").format == "onnx"
+    assert "[default: onnx]" in " ".join(invoke(runner, "export", "--help").stdout.replace("│", " ").split())

@@ -45,7 +45,8 @@ def test_first_command_and_a_finetune_print_only_tlkit_lines(tmp_path, digits_so
     result = run(["finetune", digits_source, *TRAIN, "--epochs", "3", "--strategy", "freeze-unfreeze"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert_quiet(result.stdout + result.stderr)
-    assert "heldout_accuracy" in result.stdout and (tmp_path / "mlflow.db").exists()
+    assert "heldout_accuracy" in result.stdout
+    assert (tmp_path / "mlflow.db").exists()
 
 
 def test_library_callers_get_no_lightning_chatter_either(tmp_path, digits_source):
@@ -54,7 +55,8 @@ def test_library_callers_get_no_lightning_chatter_either(tmp_path, digits_source
         "from tlkit.config import BackboneConfig, TrainConfig\n"
         "from tlkit.runs.stages import run_train\n"
         "tracking.configure(None, 'lib')\n"
-        f"r = run_train('finetune', {str(digits_source)!r}, BackboneConfig(model={TINY_MODEL!r}, img_size=32), "
+        f"backbone = BackboneConfig(model={TINY_MODEL!r}, pretrained=False, img_size=32)\n"
+        f"r = run_train('finetune', {str(digits_source)!r}, backbone, "
         "TrainConfig(epochs=2, strategy='freeze-unfreeze', augment='none'), progress=False)\n"
         "print('accuracy', r.metrics['heldout_accuracy'])\n"
     )
@@ -95,7 +97,8 @@ def test_ctrl_c_names_the_run_and_the_command_that_resumes_it(tmp_path, digits_s
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("interrupted: run "), err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("interrupted: run "), err
     run_id = lines[0].split()[2]
     assert lines[0].endswith(
         f"continue it with: tlkit finetune {digits_source} {' '.join(TRAIN)} --epochs 400 --strategy freeze-unfreeze "
@@ -132,7 +135,8 @@ def test_predict_and_a_cached_extract_import_only_what_they_need(tmp_path, digit
     run_id = baseline.stdout.split("MLflow run ")[1].split()[0]
     image = next(Path(digits_source).rglob("*.png"))
     used = imported_by(["predict", f"runs:/{run_id}", image], tmp_path)
-    assert "torch" in used and not used & {"lightning", "torchmetrics"}
+    assert "torch" in used
+    assert not used & {"lightning", "torchmetrics"}
     assert not imported_by(["ingest", digits_source, "--out", "m.json"], tmp_path) & {"lightning", "torch", "timm"}
 
 
@@ -160,8 +164,11 @@ def test_a_fine_tune_piped_to_a_file_writes_a_line_per_epoch_as_it_goes(tmp_path
             process.wait()
     text = log.read_text()
     first = next(line for line in text.splitlines() if line.startswith("epoch 1/40"))
-    assert "elapsed, eta" in first and "train_loss" in first and "val_accuracy" in first
-    assert "\x1b" not in text and "\r" not in text  # no colours, no cursor moves, no redrawn bars
+    assert "elapsed, eta" in first
+    assert "train_loss" in first
+    assert "val_accuracy" in first
+    assert "\x1b" not in text
+    assert "\r" not in text  # no colours, no cursor moves, no redrawn bars
     quiet = subprocess.run(
         [*TLKIT, "finetune", str(digits_source), *TRAIN, "--epochs", "1"],
         cwd=tmp_path,
@@ -170,7 +177,8 @@ def test_a_fine_tune_piped_to_a_file_writes_a_line_per_epoch_as_it_goes(tmp_path
         env={**env, "TLKIT_PROGRESS": "off"},
         timeout=300,
     )
-    assert quiet.returncode == 0 and "epoch 1/1" not in quiet.stdout, quiet.stderr
+    assert quiet.returncode == 0, quiet.stderr
+    assert "epoch 1/1" not in quiet.stdout, quiet.stderr
     wrong = subprocess.run(
         [*TLKIT, "finetune", str(digits_source), *TRAIN],
         cwd=tmp_path,
@@ -179,8 +187,6 @@ def test_a_fine_tune_piped_to_a_file_writes_a_line_per_epoch_as_it_goes(tmp_path
         env={**env, "TLKIT_PROGRESS": "bars"},
         timeout=300,
     )
-    assert (
-        wrong.returncode == 1
-        and wrong.stderr.strip().startswith("error: TLKIT_PROGRESS='bars'")
-        and len(wrong.stderr.splitlines()) == 1
-    )
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip().startswith("error: TLKIT_PROGRESS='bars'")
+    assert len(wrong.stderr.splitlines()) == 1

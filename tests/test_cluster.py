@@ -166,9 +166,8 @@ def test_points_run_on_both_nodes_share_one_stage_and_finish(two_nodes, mlflow_s
     pipeline = next(r for r in runs if r.data.tags.get("tlkit.stage") == "pipeline")
     assert all(r.data.tags["mlflow.parentRunId"] == pipeline.info.run_id for r in points)
     pretrains = [r for r in runs if r.data.tags.get("tlkit.stage_id") == "pre"]
-    assert (
-        len(pretrains) == 4 and sum("tlkit.reused_from" not in r.data.tags for r in pretrains) == 1
-    )  # computed once on the cluster
+    assert len(pretrains) == 4
+    assert sum("tlkit.reused_from" not in r.data.tags for r in pretrains) == 1  # computed once on the cluster
     assert "tuned.heldout_accuracy_mean" in pipeline.data.metrics or any(
         k.endswith("heldout_accuracy_mean") for k in pipeline.data.metrics
     )
@@ -190,9 +189,8 @@ def test_points_run_on_both_nodes_share_one_stage_and_finish(two_nodes, mlflow_s
     failing = _tlkit(["run", str(path), "--ray", cluster.address, "--tracking-uri", mlflow_server], tmp_path)
     out, _ = failing.communicate(timeout=300)
     assert failing.returncode == 1, out
-    assert out.strip().splitlines()[-1].startswith("error: images=[") and "missing] seed=0: no usable images" in out, (
-        out
-    )
+    assert out.strip().splitlines()[-1].startswith("error: images=["), out
+    assert "missing] seed=0: no usable images" in out, out
     assert "RUNNING" not in {r.info.status for r in _runs(mlflow_server, "cluster-fail")}
 
     # a node that cannot read a path the pipeline names is refused before any point runs, naming the node and the path
@@ -248,9 +246,8 @@ def test_a_lost_node_s_point_is_retried_on_the_other_and_the_pipeline_finishes(
         "lr_mult=4 seed=1",
     ]
     retried = [r for r in runs if r.data.tags.get("tlkit.resumed_from") == victim.info.run_id]
-    assert len(retried) == 1 and retried[0].info.status == "FINISHED", (
-        "the retry continues from the lost run's checkpoint"
-    )
+    assert len(retried) == 1, "the retry continues from the lost run's checkpoint"
+    assert retried[0].info.status == "FINISHED", "the retry continues from the lost run's checkpoint"
     assert retried[0].data.tags["tlkit.node"] == cluster.head_node.node_id[:16]
     assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
 
@@ -265,7 +262,8 @@ def test_ctrl_c_cancels_every_task_and_the_same_command_resumes(two_nodes, mlflo
     while not any(
         r.data.tags.get("tlkit.stage") == "finetune" and r.info.status == "RUNNING" for r in _runs(mlflow_server)
     ):
-        assert time.monotonic() < deadline and process.poll() is None, "no fine-tune got under way"
+        assert time.monotonic() < deadline, "no fine-tune got under way"
+        assert process.poll() is None, "no fine-tune got under way"
         time.sleep(0.3)
     os.kill(process.pid, signal.SIGINT)  # the driver alone: the points run in Ray's worker processes
     out, _ = process.communicate(timeout=180)
@@ -335,7 +333,8 @@ def test_tune_workers_as_ray_tasks_share_one_study(two_nodes, postgres, mlflow_s
     ]
     refused = _tlkit(command, tmp_path)  # the default storage, a SQLite file here, cannot be shared by two nodes
     out, _ = refused.communicate(timeout=300)
-    assert refused.returncode == 1 and "cannot share; give --storage postgresql://" in out, out
+    assert refused.returncode == 1, out
+    assert "cannot share; give --storage postgresql://" in out, out
 
     storage = f"{postgres}/optuna"
     process = _tlkit([*command, "--storage", storage], tmp_path)
@@ -355,5 +354,8 @@ def test_tune_workers_as_ray_tasks_share_one_study(two_nodes, postgres, mlflow_s
         worker.node_id[:16],
     }  # the search spread over both
     finals = [r for r in runs if r.data.tags.get("tlkit.role") == "tune-final"]
-    assert len(finals) == 1 and finals[0].info.status == "FINISHED"
-    assert "reproduce it:" in out and "worker 0: trial" in out and "worker 1: trial" in out
+    assert len(finals) == 1
+    assert finals[0].info.status == "FINISHED"
+    assert "reproduce it:" in out
+    assert "worker 0: trial" in out
+    assert "worker 1: trial" in out

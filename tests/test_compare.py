@@ -37,7 +37,8 @@ def test_seeds_of_one_setting_make_one_row_sorted_best_first():
         ("pixels", None, 1),
     ]
     full = board.entries[1]
-    assert full.mean == pytest.approx(0.85) and full.std == pytest.approx(0.05)
+    assert full.mean == pytest.approx(0.85)
+    assert full.std == pytest.approx(0.05)
     assert board.columns == ["train.strategy"]  # seeds and fingerprints are not settings
 
 
@@ -49,7 +50,8 @@ def test_reused_runs_count_once_and_history_gives_the_best_epoch():
     board = build_leaderboard([run("r1", "tuned", 0.6, metric="val_accuracy")], "val_accuracy", lambda r, k: curves[r])
     assert board.entries[0].mean == 0.9  # best epoch, not the last
     loss = build_leaderboard([run("r1", "tuned", 0.6, metric="val_loss")], "val_loss", lambda r, k: [0.9, 0.3, 0.5])
-    assert loss.entries[0].mean == 0.3 and lower_is_better("val_loss")
+    assert loss.entries[0].mean == 0.3
+    assert lower_is_better("val_loss")
 
 
 def test_weights_from_runs_are_named_by_stage_not_id():
@@ -61,7 +63,9 @@ def test_weights_from_runs_are_named_by_stage_not_id():
     ]
     board = build_leaderboard(runs, "heldout_accuracy", no_history)
     tuned = [e for e in board.entries if e.label == "tuned"]
-    assert len(tuned) == 1 and tuned[0].settings["weights"] == "runs:/pre" and tuned[0].n == 2
+    assert len(tuned) == 1
+    assert tuned[0].settings["weights"] == "runs:/pre"
+    assert tuned[0].n == 2
 
 
 def test_descendants_and_unknown_metric():
@@ -74,7 +78,7 @@ def test_descendants_and_unknown_metric():
 def test_compare_command_prints_writes_and_logs(tracked, tmp_path, digits_target, runner):
     from test_pipeline import sweep_pipeline
 
-    from tlkit.cli import app
+    from tlkit.cli.app import app
     from tlkit.pipelines.pipeline import run_pipeline
 
     summary = run_pipeline(
@@ -88,15 +92,19 @@ def test_compare_command_prints_writes_and_logs(tracked, tmp_path, digits_target
     out = tmp_path / "board"
     result = runner.invoke(app, ["compare", "--parent", summary.run_id, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "pixel_size" in result.output and "± " in result.output
+    assert "pixel_size" in result.output
+    assert "± " in result.output
     rows = list(csv.DictReader(open(out / "leaderboard.csv")))
-    assert sorted(r["pixel_size"] for r in rows) == ["16", "8"] and {r["n"] for r in rows} == {"2"}
+    assert sorted(r["pixel_size"] for r in rows) == ["16", "8"]
+    assert {r["n"] for r in rows} == {"2"}
     assert (out / "leaderboard.png").stat().st_size > 1000
     assert float(rows[0]["heldout_accuracy_mean"]) >= float(rows[1]["heldout_accuracy_mean"])
     listed = runner.invoke(app, ["compare", "--experiment", "cmp", "--out", str(out)])
-    assert listed.exit_code == 0 and "pixel_size" in listed.output
+    assert listed.exit_code == 0
+    assert "pixel_size" in listed.output
     missing = runner.invoke(app, ["compare", "--experiment", "nope"])
-    assert missing.exit_code == 1 and "no experiment 'nope'" in missing.output
+    assert missing.exit_code == 1
+    assert "no experiment 'nope'" in missing.output
 
 
 def test_a_rows_values_are_in_seed_order_however_the_runs_finished():
@@ -105,4 +113,5 @@ def test_a_rows_values_are_in_seed_order_however_the_runs_finished():
     for record, seed in zip(runs, (2, 10, 0, 1)):
         record.tags["tlkit.seed"] = str(seed)
     entry = build_leaderboard(runs, "heldout_accuracy", no_history).entries[0]
-    assert entry.values == [0.5, 0.6, 0.7, 0.9] and entry.run_ids == ["s0", "s1", "s2", "s10"]
+    assert entry.values == [0.5, 0.6, 0.7, 0.9]
+    assert entry.run_ids == ["s0", "s1", "s2", "s10"]

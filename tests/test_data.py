@@ -63,7 +63,8 @@ def test_decoded_images_give_the_same_batches_as_decoding_every_epoch(tmp_path):
     paths = photo_files(tmp_path / "img")
     transform = augment.ToTensor(augment.train_transform(CONFIG, "medium"))
     side = transform.decode_side
-    assert side is not None and side < 300  # these JPEGs are decoded reduced
+    assert side is not None
+    assert side < 300  # these JPEGs are decoded reduced
     digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
     sizes = [Image_size(p) for p in paths]
 
@@ -75,9 +76,9 @@ def test_decoded_images_give_the_same_batches_as_decoding_every_epoch(tmp_path):
     plain = batches(None)
     in_memory = DecodedImages(paths, digests, sizes, side, memory_mb=100, cache=tmp_path / "cache")
     on_disk = DecodedImages(paths, digests, sizes, side, memory_mb=0, cache=tmp_path / "cache")
-    assert (
-        in_memory.in_memory and not on_disk.in_memory and len(list((tmp_path / "cache").rglob("*.npy"))) == len(paths)
-    )
+    assert in_memory.in_memory
+    assert not on_disk.in_memory
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == len(paths)
     for cached in (in_memory, on_disk):
         assert all(torch.equal(a, b) for a, b in zip(plain, batches(cached)))
     again = DecodedImages(

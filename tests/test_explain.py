@@ -60,7 +60,8 @@ def test_saliency_mass_sits_on_the_region_the_network_uses(corner_network):
         assert maps.shape == (8, SIDE, SIDE)
         blocks = block_mass(maps)
         others = np.delete(blocks.ravel(), 0)
-        assert blocks[0, 0] == blocks.max() and blocks[0, 0] > ratio * others.mean(), blocks
+        assert blocks[0, 0] == blocks.max(), blocks
+        assert blocks[0, 0] > ratio * others.mean(), blocks
 
 
 def test_smoothgrad_is_repeatable_and_less_speckled_than_one_gradient(corner_network):
@@ -80,13 +81,16 @@ def test_occluding_the_region_drops_the_probability(corner_network):
     maps = occlusion(corner_network, images, labels, patch=8, stride=4)
     inside = maps[:, :CORNER, :CORNER].mean()
     outside = maps[:, CORNER:, CORNER:].mean()
-    assert inside > 0.1 and inside > 5 * abs(outside)  # about half the probability goes when the whole corner is grey
+    assert inside > 0.1
+    assert inside > 5 * abs(outside)  # about half the probability goes when the whole corner is grey
 
 
 def test_gradcam_has_the_image_size_and_positive_mass(corner_network):
     images, labels = corner_data(3, seed=4)
     maps = gradcam(corner_network, images, labels)
-    assert maps.shape == (3, SIDE, SIDE) and maps.sum() > 0 and (maps >= 0).all()
+    assert maps.shape == (3, SIDE, SIDE)
+    assert maps.sum() > 0
+    assert (maps >= 0).all()
     assert block_mass(maps)[0, 0] == block_mass(maps).max()  # on the corner the class is written in
 
 
@@ -95,13 +99,16 @@ def test_gradcam_handles_transformer_tokens():
     config = data_config_for(backbone, SIDE)
     network = Network(backbone, torch.nn.Linear(feature_width(backbone), 3), config["mean"], config["std"]).eval()
     maps = gradcam(network, torch.rand(2, 3, SIDE, SIDE), torch.tensor([0, 2]))
-    assert maps.shape == (2, SIDE, SIDE) and np.isfinite(maps).all()
+    assert maps.shape == (2, SIDE, SIDE)
+    assert np.isfinite(maps).all()
 
 
 def test_fgsm_accuracy_falls_as_eps_rises(corner_network):
     images, labels = corner_data(64, seed=5)
     accuracy, examples = fgsm_accuracy(corner_network, images, labels, [0.0, 0.1, 0.5])
-    assert accuracy[0.0] > 0.95 and accuracy[0.0] >= accuracy[0.1] >= accuracy[0.5] and accuracy[0.5] < 0.5
+    assert accuracy[0.0] > 0.95
+    assert accuracy[0.0] >= accuracy[0.1] >= accuracy[0.5]
+    assert accuracy[0.5] < 0.5
     assert (examples[0.1] - images[: len(examples[0.1])]).abs().max() <= 0.1 + 1e-6  # the budget holds
     assert parse_eps(["8/255", "0.01,0.02"]) == [0.01, 0.02, 8 / 255]
     with pytest.raises(TlkitError, match="is not a number"):
@@ -119,7 +126,8 @@ def test_ece_of_a_calibrated_predictor_is_about_zero_and_of_an_overconfident_one
     probs[np.arange(n), predicted] = confidence
     probs[np.arange(n), 1 - predicted] = 1 - confidence
     ece, bins = calibration(y_true, probs)
-    assert ece < 0.02 and sum(b["count"] for b in bins) == n
+    assert ece < 0.02
+    assert sum(b["count"] for b in bins) == n
     overconfident = np.where(probs > 0.5, 0.99, 0.01)
     coin = rng.integers(0, 2, n)
     assert calibration(coin, overconfident)[0] > 0.4

@@ -56,7 +56,8 @@ def one_line(result, *fragments, within: float | None = None):
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
     assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
     assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     if within is not None:
@@ -115,9 +116,12 @@ def test_a_killed_fine_tune_is_found_marked_killed_and_resumed(tmp_path, digits_
     assert statuses(tmp_path)[run_id] == "RUNNING"
     listed = tlkit("compare", cwd=tmp_path)  # any command that opens the store
     notice = [line for line in listed.stderr.splitlines() if run_id in line]
-    assert notice and "died" in notice[0] and "marked KILLED" in notice[0], listed.stderr
+    assert notice, listed.stderr
+    assert "died" in notice[0], listed.stderr
+    assert "marked KILLED" in notice[0], listed.stderr
     resume = notice[0].split("resume with: ")[1].strip()
-    assert resume.startswith("tlkit finetune") and resume.endswith(f"--resume {run_id}")
+    assert resume.startswith("tlkit finetune")
+    assert resume.endswith(f"--resume {run_id}")
     assert statuses(tmp_path)[run_id] == "KILLED"
     assert run_id not in tlkit("compare", cwd=tmp_path).stderr  # said once
     resumed = tlkit(*resume.split()[1:], cwd=tmp_path, env=env)
@@ -171,7 +175,8 @@ def test_full_disk_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, digit
     assert statuses(tmp_path)[run_id] == "FAILED", line
     last = disk / run_id / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)  # the previous checkpoint, whole
-    assert state["epoch"] >= 0 and not list((disk / run_id).glob(".*partial*"))
+    assert state["epoch"] >= 0
+    assert not list((disk / run_id).glob(".*partial*"))
     resize(64)  # space freed
     resume = line.split("continues from its last checkpoint with: ")[1].strip()
     resumed = tlkit(*resume.split()[1:], cwd=tmp_path, env=env)
@@ -210,8 +215,10 @@ def test_a_write_that_fails_leaves_the_old_file_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(OSError) as failure:
         files.write_text(target, "new and longer")
-    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
-    assert files.is_disk_full(failure.value) and "MB free" in files.disk_full_message(failure.value)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert files.is_disk_full(failure.value)
+    assert "MB free" in files.disk_full_message(failure.value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +240,7 @@ def store_with_a_model(tmp_path_factory, digits_target):
         tracking.configure(None, None)
         result = run_baseline(
             digits_target,
-            BackboneConfig(model=TINY_MODEL, img_size=32),
+            BackboneConfig(model=TINY_MODEL, pretrained=False, img_size=32),
             BaselineConfig(),
             compute=ComputeConfig(num_workers=0),
         )
@@ -271,7 +278,8 @@ def test_a_read_only_folder_reads_and_says_what_it_cannot_write(store_with_a_mod
             if mounted.returncode != 0:
                 pytest.skip("cannot make a read-only folder here")
         listed = tlkit("compare", "--out", tmp_path / "board", cwd=copy, env=env)  # reads the store, writes elsewhere
-        assert listed.returncode == 0 and (tmp_path / "board" / "leaderboard.csv").is_file(), listed.stderr
+        assert listed.returncode == 0, listed.stderr
+        assert (tmp_path / "board" / "leaderboard.csv").is_file(), listed.stderr
         image = sorted(Path(digits_target).rglob("*.png"))[0]
         one_line(
             tlkit("predict", f"runs:/{run_id}", image, "--out", tmp_path / "p.csv", cwd=copy, env=env),
@@ -306,13 +314,14 @@ def test_odd_names_and_files_are_used_or_reported_never_a_crash(odd_folder, tmp_
     result = tlkit("ingest", odd_folder, "--out", tmp_path / "m.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = result.stdout + result.stderr
-    assert "symbolic link to a folder, not followed" in report and "broken or looping symbolic link" in report
-    assert "several frames" in report and "first frame is used" in report
+    assert "symbolic link to a folder, not followed" in report
+    assert "broken or looping symbolic link" in report
+    assert "several frames" in report
+    assert "first frame is used" in report
     names = [r["path"] for r in json.loads((tmp_path / "m.json").read_text())["images"]]
     odd = [n for n in names if "caf" in n]
-    assert len(odd) == 1 and os.fsencode(odd[0]).endswith(
-        b"caf\xe9-\xff.png"
-    )  # the JSON escape gives back the very bytes
+    assert len(odd) == 1
+    assert os.fsencode(odd[0]).endswith(b"caf\xe9-\xff.png")  # the JSON escape gives back the very bytes
     baseline = tlkit("baseline", odd_folder, "--classifier", "pixels", cwd=tmp_path)
     assert baseline.returncode == 0, baseline.stderr[-3000:]
     model = baseline.stdout.split("runs:/")[1].split(";")[0].split(")")[0].strip()
@@ -376,7 +385,8 @@ def test_predict_leaves_no_litter_and_export_asks_before_overwriting(
     assert len(list((tmp_path / "cache" / "runs").iterdir())) == 1  # one copy of the model, reused
     out = tmp_path / "export"
     first = invoke(runner, "export", f"runs:/{run_id}", "--format", "torchscript", "--out", out)
-    assert first.exit_code == 0 and str(out) in " ".join(first.stdout.split()), first.output
+    assert first.exit_code == 0, first.output
+    assert str(out) in " ".join(first.stdout.split()), first.output
     assert_one_line_error(
         invoke(runner, "export", f"runs:/{run_id}", "--format", "torchscript", "--out", out), "exists", "--force"
     )
@@ -394,7 +404,9 @@ def test_runs_record_their_process_and_command_without_passwords(tracked, monkey
             pass
     tags = tracked.get_run(run_id).data.tags
     assert tags["tlkit.command"] == "tlkit tune data --storage postgresql://***@db/optuna"
-    assert tags["tlkit.pid"] == str(os.getpid()) and tags["tlkit.host"] and tags["tlkit.process_start"]
+    assert tags["tlkit.pid"] == str(os.getpid())
+    assert tags["tlkit.host"]
+    assert tags["tlkit.process_start"]
     assert "tlkit.command" not in tracked.get_run(trial_id).data.tags  # the command started the top run only
     assert tracking.reap_dead_runs(tracking.resolve_tracking_uri()) == []  # this process is alive: nothing to reap
 

@@ -10,8 +10,10 @@ def test_extract_caches_by_model_weights_and_data(workdir, digits_source, monkey
     manifest = ingest(digits_source)
     backbone = create_backbone(TINY_MODEL, img_size=32)
     first = feats.extract_features(manifest, backbone, batch_size=32, num_workers=0, progress=False)
-    assert first.X.shape == (90, backbone.num_features) and not first.cached
-    assert np.isfinite(first.X).all() and first.X.std() > 0
+    assert first.X.shape == (90, backbone.num_features)
+    assert not first.cached
+    assert np.isfinite(first.X).all()
+    assert first.X.std() > 0
     assert list(first.y) == list(manifest.labels())
 
     def refuse(*args, **kwargs):
@@ -19,12 +21,15 @@ def test_extract_caches_by_model_weights_and_data(workdir, digits_source, monkey
 
     monkeypatch.setattr("tlkit.features.forward.forward_loader", refuse)
     second = feats.extract_features(manifest, backbone, batch_size=32, num_workers=0, progress=False)
-    assert second.cached and np.array_equal(second.X, first.X) and second.key == first.key
+    assert second.cached
+    assert np.array_equal(second.X, first.X)
+    assert second.key == first.key
     other = create_backbone(TINY_MODEL, img_size=32, seed=9)
     monkeypatch.undo()
     monkeypatch.chdir(workdir)
     third = feats.extract_features(manifest, other, batch_size=32, num_workers=0, progress=False)
-    assert not third.cached and third.key != first.key
+    assert not third.cached
+    assert third.key != first.key
 
 
 def test_features_match_a_plain_forward_pass(workdir, digits_source):
@@ -46,6 +51,8 @@ def test_features_match_a_plain_forward_pass(workdir, digits_source):
 def test_split_subsets_and_pixel_features(workdir, digits_source):
     manifest = ingest(digits_source)
     pixels = feats.pixel_features(manifest, size=8)
-    assert pixels.X.shape == (90, 8 * 8 * 3) and 0 <= pixels.X.min() and pixels.X.max() <= 1
+    assert pixels.X.shape == (90, 8 * 8 * 3)
+    assert 0 <= pixels.X.min()
+    assert pixels.X.max() <= 1
     X, y = pixels.subset("train")
     assert len(X) == len(manifest.split("train")) == len(y)

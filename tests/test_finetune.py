@@ -50,9 +50,11 @@ def manifest(digits_source):
 
 def test_training_learns_and_restores_the_best_epoch(workdir, manifest):
     result, _, _ = train(manifest, fast(epochs=6, strategy="full", lr_mult=1))  # from scratch: no spread
-    assert result.epochs_run == 6 and 0 <= result.best_epoch < 6
+    assert result.epochs_run == 6
+    assert 0 <= result.best_epoch < 6
     assert result.metrics["heldout_accuracy"] > 0.6  # 3 classes: chance is 0.33
-    assert result.heldout_split == "test" and len(result.y_pred) == len(manifest.split("test"))
+    assert result.heldout_split == "test"
+    assert len(result.y_pred) == len(manifest.split("test"))
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
@@ -64,7 +66,8 @@ def test_group_lrs_keep_their_ratios_through_the_schedule(workdir, manifest, sch
         assert rates[-1] > 0
         np.testing.assert_allclose(np.array(rates[1:]) / np.array(rates[:-1]), 4.0, rtol=1e-6)
     heads = [s["head"] for s in recorder.lrs]
-    assert max(heads) == pytest.approx(3e-3, rel=0.02) and heads[-1] < max(heads)
+    assert max(heads) == pytest.approx(0.003, rel=0.02)
+    assert heads[-1] < max(heads)
     if schedule == "onecycle":
         assert heads[0] < max(heads)  # one-cycle warms up before it anneals
 
@@ -146,7 +149,8 @@ def test_resume_continues_from_the_last_checkpoint(workdir, manifest):
             workdir=workdir / "ck",
         )
     saved = torch.load(workdir / "ck" / "last.ckpt", weights_only=True)
-    assert saved["epoch"] == 0 and saved["tlkit_phase"] == 0
+    assert saved["epoch"] == 0
+    assert saved["tlkit_phase"] == 0
     recorder = Recorder()
     result = train_classifier(
         manifest,
@@ -159,7 +163,8 @@ def test_resume_continues_from_the_last_checkpoint(workdir, manifest):
         workdir=workdir / "ck",
         resume=True,
     )
-    assert result.epochs_run == 4 and len(recorder.trainable) == 3  # epochs 1, 2, 3 only
+    assert result.epochs_run == 4
+    assert len(recorder.trainable) == 3  # epochs 1, 2, 3 only
     with pytest.raises(TlkitError, match="nothing to resume"):
         train_classifier(manifest, backbone, settings, workdir=workdir / "none", resume=True, progress=False)
 
@@ -171,7 +176,8 @@ def test_lr_finder_keeps_ratios_and_restores_weights(workdir, manifest):
     before = {k: v.clone() for k, v in module.state_dict().items()}
     loader, _ = train_loader(manifest, backbone, settings, num_workers=0)
     result = find_lr(module, loader, steps=40, min_lr=1e-5, max_lr=1.0)
-    assert 1e-5 <= result.suggestion <= 1.0 and len(result.lrs) == len(result.losses) >= 5
+    assert 1e-05 <= result.suggestion <= 1.0
+    assert len(result.lrs) == len(result.losses) >= 5
     assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
     assert result.losses[0] > result.losses.min()  # the loss fell somewhere in the sweep
 
@@ -193,7 +199,9 @@ def test_use_val_train_trains_on_val_and_keeps_the_last_epoch(workdir, manifest)
 
     n_train, n_val = len(manifest.split("train")), len(manifest.split("val"))
     result, _, _ = train(manifest, fast(epochs=2, use_val="train"))
-    assert result.best_epoch is None and result.best_val_accuracy is None and result.epochs_run == 2
+    assert result.best_epoch is None
+    assert result.best_val_accuracy is None
+    assert result.epochs_run == 2
     backbone = create_backbone(TINY_MODEL, img_size=32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -210,14 +218,17 @@ def test_use_val_train_trains_on_val_and_keeps_the_last_epoch(workdir, manifest)
     assert not [
         w for w in caught if "val_dataloader" in str(w.message)
     ]  # no val loader is the plan, not a mistake to report
-    assert result.heldout_split == "test" and len(result.y_true) == len(manifest.split("test"))
+    assert result.heldout_split == "test"
+    assert len(result.y_true) == len(manifest.split("test"))
 
 
 def test_without_test_split_val_chooses_no_epoch(workdir, digits_source):
     """Train/val data: the schedule runs to its end, the last epoch is kept and scored on val."""
     manifest = ingest(digits_source, val=0.3, test=0.0, seed=0)
     result, _, _ = train(manifest, fast(epochs=3, strategy="full", lr_mult=1))
-    assert result.heldout_split == "val" and result.best_epoch is None and result.best_val_accuracy is None
+    assert result.heldout_split == "val"
+    assert result.best_epoch is None
+    assert result.best_val_accuracy is None
     assert result.settings["selection"]["epoch"].startswith("last")
     assert len(result.y_true) == len(manifest.split("val"))
     with pytest.raises(TlkitError, match="--patience stops on the val split, but this data has no test split"):
@@ -238,7 +249,8 @@ def test_keep_stats_keeps_every_batchnorm_in_eval_mode_while_training(workdir, m
     module.apply_phase(0)
     module.train()
     norms = [m for m in module.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert norms and not any(m.training for m in norms)
+    assert norms
+    assert not any(m.training for m in norms)
     assert all(p.requires_grad for m in norms for p in m.parameters())  # scale and shift still learn
     before = [m.running_mean.clone() for m in norms]
     module(torch.randn(4, 3, 32, 32) * 5 + 3)
@@ -248,6 +260,7 @@ def test_keep_stats_keeps_every_batchnorm_in_eval_mode_while_training(workdir, m
 def test_one_epoch_runs_with_the_default_freeze(workdir, manifest):
     """freeze-unfreeze with --epochs 1 and no --freeze-epochs: no head-only epoch, everything trains once."""
     result, recorder, _ = train(manifest, fast(epochs=1, strategy="freeze-unfreeze"))
-    assert result.epochs_run == 1 and recorder.trainable == [(True, True, True)]
+    assert result.epochs_run == 1
+    assert recorder.trainable == [(True, True, True)]
     with pytest.raises(ValueError, match="freeze_epochs \\(2\\) must be below epochs \\(2\\)"):
         fast(epochs=2, strategy="freeze-unfreeze", freeze_epochs=2)

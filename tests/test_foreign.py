@@ -83,8 +83,10 @@ def test_lite0_package_gives_real_imagenet_weights_and_their_normalisation():
     from tlkit.data import augment
 
     lite0 = bb.create_backbone(None, weights=LITE0)
-    assert lite0.name == "efficientnet_lite0" and lite0.weights == LITE0
-    assert lite0.data_config["mean"] == (0.5, 0.5, 0.5) and lite0.data_config["std"] == (0.5, 0.5, 0.5)
+    assert lite0.name == "efficientnet_lite0"
+    assert lite0.weights == LITE0
+    assert lite0.data_config["mean"] == (0.5, 0.5, 0.5)
+    assert lite0.data_config["std"] == (0.5, 0.5, 0.5)
     # the classifier too, to check the features against ImageNet's labels
     full = timm.create_model("efficientnet_lite0", num_classes=1000).eval()
     _, path = foreign.resolve_package(LITE0)

@@ -92,7 +92,8 @@ def test_real_photos_one_answer_and_calibrated_probabilities(workdir, tmp_path):
         result = run_explain(
             results["svm"].model_uri, [str(p) for p in shown], method=method, out=tmp_path / method, **options
         )
-        assert len(result.files) == 3 and (tmp_path / method / "overview.png").stat().st_size > 50_000
+        assert len(result.files) == 3
+        assert (tmp_path / method / "overview.png").stat().st_size > 50000
         artifacts.mkdir(exist_ok=True)
         (artifacts / f"explain-hymenoptera-{method}.png").write_bytes((tmp_path / method / "overview.png").read_bytes())
     from tlkit.review.explain import saliency

@@ -16,7 +16,8 @@ def test_every_mode_becomes_8bit_rgb(mode):
         )
     )
     out = to_rgb(image)
-    assert out.mode == "RGB" and out.size == (24, 16)
+    assert out.mode == "RGB"
+    assert out.size == (24, 16)
 
 
 def test_sixteen_bit_is_scaled_not_clipped():
@@ -53,9 +54,8 @@ def test_large_jpegs_are_decoded_at_the_side_the_transform_reads(tmp_path, size)
     path = tmp_path / "big.jpg"
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
     reduced = load_rgb(path, 300)
-    assert min(reduced.shape[:2]) == 300 and reduced.shape[1] / reduced.shape[0] == pytest.approx(
-        size[0] / size[1], rel=0.01
-    )
+    assert min(reduced.shape[:2]) == 300
+    assert reduced.shape[1] / reduced.shape[0] == pytest.approx(size[0] / size[1], rel=0.01)
     assert np.array_equal(load_rgb(path, 300), reduced)  # deterministic: a cache may stand in for it
     small = tmp_path / "small.png"
     Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(small)

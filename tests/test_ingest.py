@@ -15,14 +15,17 @@ def test_class_folders_get_stratified_reproducible_splits(digits_source):
     assert manifest.classes == ["0", "1", "2"]
     per_class = Counter((r.label, r.split) for r in manifest.records)
     for label in manifest.classes:
-        assert per_class[(label, "val")] == 6 and per_class[(label, "test")] == 6 and per_class[(label, "train")] == 18
+        assert per_class[label, "val"] == 6
+        assert per_class[label, "test"] == 6
+        assert per_class[label, "train"] == 18
     assert ingest(digits_source, val=0.2, test=0.2, seed=3).records == manifest.records
     assert ingest(digits_source, val=0.2, test=0.2, seed=4).records != manifest.records
 
 
 def test_records_carry_hash_and_size(digits_source):
     record = ingest(digits_source).records[0]
-    assert len(record.sha256) == 64 and (record.width, record.height) == (32, 32)
+    assert len(record.sha256) == 64
+    assert (record.width, record.height) == (32, 32)
 
 
 def test_shots_label_few_images_and_test_on_the_rest(digits_target):
@@ -46,7 +49,8 @@ def test_awkward_files_are_converted_or_skipped_with_reasons(awkward_images):
     assert any(set(group) == {"a/rgb.png", "b/duplicate_of_rgb.png"} for group in manifest.report.duplicates)
     assert any("different labels" in w for w in manifest.report.warnings)
     text = format_report(manifest)
-    assert "zero bytes" in text and "truncated" in text
+    assert "zero bytes" in text
+    assert "truncated" in text
 
 
 def test_duplicates_stay_in_one_split_when_tlkit_splits(tmp_path, digits_source):
@@ -68,7 +72,9 @@ def test_pre_split_tree_keeps_given_splits_and_reports_leaks(tmp_path, digits_so
                 shutil.copy(path, root / split / label / path.name)
     manifest = ingest(root)
     assert manifest.split_settings == {"splits": "given"}
-    assert len(manifest.split("train")) == 40 and len(manifest.split("val")) == 10 and len(manifest.split("test")) == 12
+    assert len(manifest.split("train")) == 40
+    assert len(manifest.split("val")) == 10
+    assert len(manifest.split("test")) == 12
     assert len(manifest.report.cross_split_duplicates) == 2
     assert any("more than one split" in w for w in manifest.report.warnings)
 
@@ -99,7 +105,8 @@ def test_csv_missing_path_is_skipped_and_missing_column_is_an_error(tmp_path, di
     files = sorted(digits_source.rglob("*.png"))[:40]
     rows = [(str(p), p.parent.name) for p in files] + [("nowhere.png", "0")]
     manifest = ingest(_write_csv(tmp_path / "a.csv", rows, header=("path", "label")))
-    assert ("nowhere.png" in manifest.report.skipped[0][0]) and manifest.report.skipped[0][1] == "file does not exist"
+    assert "nowhere.png" in manifest.report.skipped[0][0]
+    assert manifest.report.skipped[0][1] == "file does not exist"
     with pytest.raises(TlkitError, match="lacks column.*label"):
         ingest(_write_csv(tmp_path / "b.csv", [(str(files[0]),)], header=("path",)))
 
@@ -108,7 +115,8 @@ def test_manifest_round_trip_and_fingerprint(tmp_path, digits_source):
     manifest = ingest(digits_source)
     path = manifest.save(tmp_path / "m.json")
     loaded = ingest(path)
-    assert loaded.records == manifest.records and loaded.fingerprint == manifest.fingerprint
+    assert loaded.records == manifest.records
+    assert loaded.fingerprint == manifest.fingerprint
     assert loaded.abspath(loaded.records[0]).exists()
     relabelled = Manifest(manifest.root, manifest.classes, list(manifest.records), "", manifest.report, "", {})
     from dataclasses import replace
@@ -151,7 +159,8 @@ def test_empty_class_folders_and_huge_images_are_reported(tmp_path, digits_sourc
     (root / "only_junk" / "notes.txt").write_text("not an image")
     monkeypatch.setattr(ingest_module, "LARGE_IMAGE_PIXELS", 32 * 32 - 1)  # every 32 px digit counts as huge here
     manifest = ingest(root)
-    assert manifest.classes == ["0", "1", "2"] and manifest.report.empty_classes == ["empty_class", "only_junk"]
+    assert manifest.classes == ["0", "1", "2"]
+    assert manifest.report.empty_classes == ["empty_class", "only_junk"]
     assert len(manifest.report.large_images) == len(manifest.records)
     report = format_report(manifest)
     assert "class folder(s) with no usable image, left out of the dataset: empty_class, only_junk" in report
@@ -182,7 +191,9 @@ def test_an_unchanged_folder_is_not_decoded_again_and_a_changed_file_is(tmp_path
     assert len(checked) == 90
     checked.clear()
     second = ingest(data, cache=cache)
-    assert checked == [] and second.fingerprint == first.fingerprint and second.records == first.records
+    assert checked == []
+    assert second.fingerprint == first.fingerprint
+    assert second.records == first.records
 
     changed = sorted((data / "5").iterdir())[0] if (data / "5").exists() else sorted(next(data.iterdir()).iterdir())[0]
     from PIL import Image
@@ -196,7 +207,8 @@ def test_an_unchanged_folder_is_not_decoded_again_and_a_changed_file_is(tmp_path
     }[str(changed.relative_to(data))]
     checked.clear()
     os.utime(changed, ns=(1, 1))  # touched back in time, contents as they were: checked again, same answer
-    assert ingest(data, cache=cache).fingerprint == third.fingerprint and checked == [str(changed)]
+    assert ingest(data, cache=cache).fingerprint == third.fingerprint
+    assert checked == [str(changed)]
     checked.clear()
     ingest(data, cache=False)
     assert len(checked) == 90

@@ -42,11 +42,13 @@ def test_two_jobs_run_points_at_once_with_the_structure_and_reuse_of_one(tracked
     # the seed-pinned pretraining is shared by all four points: computed once, even with two jobs wanting it at the
     # start
     pretrains = [r for r in runs if r.data.tags.get("tlkit.stage_id") == "pre"]
-    assert len(pretrains) == 4 and sum("tlkit.reused_from" not in r.data.tags for r in pretrains) == 1
+    assert len(pretrains) == 4
+    assert sum("tlkit.reused_from" not in r.data.tags for r in pretrains) == 1
     # two points were under way at the same time
     spans = sorted((p.info.start_time, p.info.end_time) for p in points)
     assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans))
-    assert summary.leaderboard is not None and {e.label for e in summary.leaderboard.entries} >= {"svm", "tuned"}
+    assert summary.leaderboard is not None
+    assert {e.label for e in summary.leaderboard.entries} >= {"svm", "tuned"}
 
 
 @pytest.mark.slow
@@ -60,15 +62,17 @@ def test_a_failing_point_stops_the_other_jobs_and_fails_the_pipeline(tracked, tm
         run_pipeline(path, experiment="jobs-fail", jobs=2)
     runs = _runs(tracked, "jobs-fail")
     statuses = {r.info.status for r in runs}
-    assert "RUNNING" not in statuses and "FAILED" in statuses
+    assert "RUNNING" not in statuses
+    assert "FAILED" in statuses
     assert next(r for r in runs if r.data.tags.get("tlkit.stage") == "pipeline").info.status == "FAILED"
 
 
 def test_jobs_below_one_is_refused_before_anything_runs(workdir, tmp_path, digits_target, runner):
-    from tlkit.cli import app
+    from tlkit.cli.app import app
 
     result = runner.invoke(app, ["run", str(sweep_pipeline(tmp_path, digits_target)), "--jobs", "0"])
-    assert result.exit_code == 1 and "--jobs 0: run at least 1 point at a time" in result.output
+    assert result.exit_code == 1
+    assert "--jobs 0: run at least 1 point at a time" in result.output
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -101,5 +105,6 @@ def test_ctrl_c_stops_every_job_and_leaves_no_run_running(tmp_path, digits_targe
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = _runs(client, "sweep-test")
-    assert runs and not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    assert runs
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     assert next(r for r in runs if r.data.tags.get("tlkit.stage") == "pipeline").info.status == "KILLED"

@@ -40,7 +40,8 @@ def test_auto_is_decided_by_the_architecture_never_by_a_timing(bf16_cpu, monkeyp
     monkeypatch.setattr(time, "perf_counter", lambda: pytest.fail("timed"))
     assert runtime.training_precision("auto", _module()) == "bf16-mixed"  # plain convolutions: bf16
     mobile = create_backbone("test_efficientnet", img_size=32).model  # depthwise convolutions: fp32
-    assert runtime.has_depthwise_convolutions(mobile) and runtime.training_precision("auto", mobile) == "32-true"
+    assert runtime.has_depthwise_convolutions(mobile)
+    assert runtime.training_precision("auto", mobile) == "32-true"
     assert not (cache_dir() / "machine.json").exists() or "train:" not in (cache_dir() / "machine.json").read_text()
 
 
@@ -56,16 +57,19 @@ def test_a_job_gets_its_share_of_the_cores_for_threads_and_loader_workers(monkey
     from tlkit.data.loaders import default_workers
 
     monkeypatch.setenv("TLKIT_CPUS", "16")
-    assert runtime.cpu_share() == 16 and default_workers() == (min(8, 15) if torch.cuda.is_available() else 2)
+    assert runtime.cpu_share() == 16
+    assert default_workers() == (min(8, 15) if torch.cuda.is_available() else 2)
     monkeypatch.setenv("TLKIT_CPUS", "3")
-    assert runtime.cpu_share() == 3 and (torch.cuda.is_available() or default_workers() == 0)
+    assert runtime.cpu_share() == 3
+    assert torch.cuda.is_available() or default_workers() == 0
     monkeypatch.setenv("TLKIT_CPUS", "none")  # not a count: the cores this process may run on
     assert runtime.cpu_share() >= 1
     threads = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
     try:
         runtime.use_cpus(1)
-        assert torch.get_num_threads() == 1 and runtime.cpu_share() == 1
+        assert torch.get_num_threads() == 1
+        assert runtime.cpu_share() == 1
     finally:
         torch.set_num_threads(threads)
 
@@ -84,9 +88,11 @@ def test_hidden_progress_bars_stay_hidden_even_when_asked_for(monkeypatch):
     )
     monkeypatch.setenv("TLKIT_PROGRESS", "plain")  # what output to a file gets by default
     plain = runtime.build_trainer(devices=1, precision="32-true", progress=True, root_dir=None)
-    assert plain.progress_bar_callback is None and len(lines(plain)) == 1
+    assert plain.progress_bar_callback is None
+    assert len(lines(plain)) == 1
     runtime.hide_progress_bars()
     for mode in ("rich", "plain"):
         monkeypatch.setenv("TLKIT_PROGRESS", mode)
         hidden = runtime.build_trainer(devices=1, precision="32-true", progress=True, root_dir=None)
-        assert hidden.progress_bar_callback is None and not lines(hidden)
+        assert hidden.progress_bar_callback is None
+        assert not lines(hidden)

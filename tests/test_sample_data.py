@@ -9,13 +9,15 @@ def test_writes_requested_classes_and_sizes(tmp_path):
     counts = write_digits(tmp_path, classes="3-4", per_class=5, size=24, seed=1)
     assert counts == {"3": 5, "4": 5}
     files = sorted(tmp_path.rglob("*.png"))
-    assert len(files) == 10 and {f.parent.name for f in files} == {"3", "4"}
+    assert len(files) == 10
+    assert {f.parent.name for f in files} == {"3", "4"}
     assert Image.open(files[0]).size == (24, 24)
 
 
 def test_all_digits_by_default(tmp_path):
     counts = write_digits(tmp_path, size=8)
-    assert sum(counts.values()) == 1797 and len(counts) == 10
+    assert sum(counts.values()) == 1797
+    assert len(counts) == 10
 
 
 def test_subsample_is_seeded(tmp_path):
@@ -61,7 +63,8 @@ def test_photos_are_a_pre_split_tree_of_real_crops(tmp_path):
     written = write_photos(tmp_path, crop=32, counts=(3, 2, 4), seed=1)
     assert written["test"] == {label: 4 for label in PHOTO_SOURCES}
     manifest = ingest(tmp_path)
-    assert manifest.split_settings == {"splits": "given"} and len(manifest.classes) == 8
+    assert manifest.split_settings == {"splits": "given"}
+    assert len(manifest.classes) == 8
     assert Image.open(sorted(tmp_path.rglob("*.png"))[0]).size == (32, 32)
     first = sorted(p.read_bytes() for p in tmp_path.rglob("*.png"))
     write_photos(tmp_path / "again", crop=32, counts=(3, 2, 4), seed=1)

@@ -50,14 +50,17 @@ def test_a_bad_space_is_one_line_naming_the_key(raw, message):
     with pytest.raises(TlkitError) as err:
         parse_space(raw, "space.yaml")
     text = str(err.value)
-    assert message in text and text.startswith("space.yaml") and "\n" not in text
+    assert message in text
+    assert text.startswith("space.yaml")
+    assert "\n" not in text
 
 
 def test_the_default_space_is_valid_and_samples_a_runnable_recipe():
     space = parse_space(None)
     assert set(space.searched()) == set(DEFAULT_SPACE)
     settings = settings_for(space.sample(FirstChoice()), TrainConfig(seed=3))
-    assert settings.seed == 3 and settings.strategy == "freeze-unfreeze"
+    assert settings.seed == 3
+    assert settings.strategy == "freeze-unfreeze"
 
 
 def test_strategy_specific_settings_are_sampled_only_for_their_strategy():
@@ -66,7 +69,8 @@ def test_strategy_specific_settings_are_sampled_only_for_their_strategy():
     )
     trial = FirstChoice()
     values = space.sample(trial)
-    assert values == {"strategy": "full"} and trial.asked == ["strategy"]  # neither applies to full
+    assert values == {"strategy": "full"}
+    assert trial.asked == ["strategy"]  # neither applies to full
 
 
 def test_freeze_epochs_is_capped_below_epochs():
@@ -74,7 +78,8 @@ def test_freeze_epochs_is_capped_below_epochs():
     settings = settings_for(
         space.sample(FirstChoice()), TrainConfig()
     )  # FirstChoice takes the high end of int ranges: 5
-    assert settings.epochs == 2 and settings.freeze_epochs == 1
+    assert settings.epochs == 2
+    assert settings.freeze_epochs == 1
 
 
 def test_fixed_values_apply_to_every_trial_and_files_are_relative_to_the_space(tmp_path):
@@ -84,10 +89,12 @@ def test_fixed_values_apply_to_every_trial_and_files_are_relative_to_the_space(t
     path.write_text("lr: {low: 1.0e-4, high: 1.0e-2, log: true}\nhflip: false\naugment: [none, aug/digits.yaml]\n")
     space = load_space(path)
     dims = {d.name: d for d in space.dimensions}
-    assert dims["hflip"].fixed and dims["lr"].log
+    assert dims["hflip"].fixed
+    assert dims["lr"].log
     assert dims["augment"].choices[1] == str((tmp_path / "aug" / "digits.yaml").resolve())
     values = space.sample(FirstChoice())
-    assert values["hflip"] is False and values["lr"] == pytest.approx(1e-4)
+    assert values["hflip"] is False
+    assert values["lr"] == pytest.approx(0.0001)
     assert space.digest != parse_space(None).digest
 
 

@@ -15,7 +15,8 @@ def test_freeze_unfreeze_is_head_then_everything_at_half_rate():
 def test_gradual_unfreezes_one_group_from_the_top_every_k_epochs():
     phases = plan_phases("gradual", epochs=7, n_groups=3, unfreeze_every=2)
     assert [(p.start, p.trainable) for p in phases] == [(0, 0), (2, 1), (4, 2), (6, 3)]
-    assert phase_index(phases, 5) == 2 and phase_index(phases, 6) == 3
+    assert phase_index(phases, 5) == 2
+    assert phase_index(phases, 6) == 3
 
 
 @pytest.mark.parametrize("strategy,expected", [("linear-probe", [(0, 0)]), ("full", [(0, 4)]), ("lp-ft", [(0, 4)])])
@@ -44,4 +45,5 @@ def test_merge_keeps_order_and_every_parameter():
     merged = merge_groups(groups, 3)
     assert len(merged) == 3
     assert [n for _, names in merged for n in names] == [n for _, names in groups for n in names]
-    assert merge_groups(groups, None) == groups and merge_groups(groups, 10) == groups
+    assert merge_groups(groups, None) == groups
+    assert merge_groups(groups, 10) == groups

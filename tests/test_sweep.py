@@ -61,13 +61,16 @@ def test_plan_expands_grid_times_seeds(tmp_path):
     }
     config["seeds"] = [0, 1, 2]
     plan = plan_pipeline(write(tmp_path, config))
-    assert len(plan.points) == 12 and plan.swept
+    assert len(plan.points) == 12
+    assert plan.swept
     first = plan.points[0]
     assert first.label == "strategy=full img_size=32 seed=0"
     assert first.group == "strategy=full img_size=32"
-    assert first.config.stages[4].train.strategy == "full" and first.config.backbone.img_size == 32
+    assert first.config.stages[4].train.strategy == "full"
+    assert first.config.backbone.img_size == 32
     last = plan.points[-1]
-    assert last.config.stages[4].train.strategy == "gradual" and last.config.datasets["target"].seed == 2
+    assert last.config.stages[4].train.strategy == "gradual"
+    assert last.config.datasets["target"].seed == 2
 
 
 def test_overrides_apply_before_validation(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import TINY_MODEL
 
-from tlkit.cli import app
+from tlkit.cli.app import app
 from tlkit.config import BackboneConfig, ComputeConfig, SplitConfig, TrainConfig
 from tlkit.data.ingest import ingest
 from tlkit.errors import TlkitError
@@ -28,7 +28,7 @@ SPACE = {
     "augment": "none",
     "hflip": False,
 }
-BACKBONE = BackboneConfig(model=TINY_MODEL, img_size=32)
+BACKBONE = BackboneConfig(model=TINY_MODEL, pretrained=False, img_size=32)
 
 
 def _paths(manifest, *splits):
@@ -38,8 +38,10 @@ def _paths(manifest, *splits):
 def test_with_a_test_split_trials_get_train_and_val_only(digits_target):
     manifest = ingest(digits_target, val=0.2, test=0.3, seed=0)
     splits = tune.tune_splits(manifest)
-    assert splits.heldout == "test" and splits.final_use_val == "train"
-    assert not _paths(splits.trials, "test") and not (_paths(splits.trials, "train", "val") & _paths(manifest, "test"))
+    assert splits.heldout == "test"
+    assert splits.final_use_val == "train"
+    assert not _paths(splits.trials, "test")
+    assert not _paths(splits.trials, "train", "val") & _paths(manifest, "test")
     assert _paths(splits.trials, "val") == _paths(manifest, "val")
     assert splits.trials.fingerprint != manifest.fingerprint  # a different set of images
 
@@ -47,7 +49,9 @@ def test_with_a_test_split_trials_get_train_and_val_only(digits_target):
 def test_with_train_and_val_only_the_selection_split_comes_out_of_train(digits_target):
     manifest = ingest(digits_target, val=0.3, test=0.0, seed=0)
     splits = tune.tune_splits(manifest, fraction=0.2, seed=1)
-    assert splits.heldout == "val" and splits.final_use_val == "select" and splits.final is manifest
+    assert splits.heldout == "val"
+    assert splits.final_use_val == "select"
+    assert splits.final is manifest
     trial_paths = _paths(splits.trials, "train", "val", "test")
     assert not (trial_paths & _paths(manifest, "val"))  # the held-out val images are not in the trials' data at all
     assert trial_paths == _paths(manifest, "train")
@@ -73,7 +77,8 @@ def test_a_hopeless_trial_is_pruned_before_its_schedule_ends(digits_target):
     pruning = tune.PruningCallback(study.ask())
     settings = TrainConfig(epochs=8, lr=1e-9, strategy="full", augment="none", hflip=False)
     result = train_classifier(manifest, backbone, settings, callbacks=[pruning], progress=False, precision="32-true")
-    assert pruning.pruned_at is not None and pruning.pruned_at < 8
+    assert pruning.pruned_at is not None
+    assert pruning.pruned_at < 8
     assert result.epochs_run == pruning.pruned_at  # training stopped at that epoch's end
 
 
@@ -104,15 +109,18 @@ def test_trials_never_see_the_heldout_split_and_the_best_is_retrained_once(
     outcome = _tune(digits_target, tmp_path)
     heldout = _paths(ingest(digits_target, val=0.2, test=0.3, seed=0), "test")
     trials, final = seen[:-1], seen[-1]
-    assert len(trials) == 3 and all(not (_paths(m, "train", "val", "test") & heldout) for m in trials)
+    assert len(trials) == 3
+    assert all(not _paths(m, "train", "val", "test") & heldout for m in trials)
     assert _paths(final, "test") == heldout  # the retrain is scored on the held-out split ...
-    assert outcome.final is not None and outcome.trials["COMPLETE"] + outcome.trials["PRUNED"] == 3
+    assert outcome.final is not None
+    assert outcome.trials["COMPLETE"] + outcome.trials["PRUNED"] == 3
 
     runs = {r.info.run_id: r for r in tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])}
     parent = runs[outcome.parent_run_id]
     children = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     trial_runs = [r for r in children if r.data.tags["tlkit.stage"] == "trial"]
-    assert len(trial_runs) == 3 and all(r.info.status == "FINISHED" for r in trial_runs)
+    assert len(trial_runs) == 3
+    assert all(r.info.status == "FINISHED" for r in trial_runs)
     assert all(
         len(tracked.get_metric_history(r.info.run_id, "val_accuracy")) == int(r.data.metrics["epochs_run"])
         for r in trial_runs
@@ -120,17 +128,22 @@ def test_trials_never_see_the_heldout_split_and_the_best_is_retrained_once(
     assert all("heldout_accuracy" not in r.data.metrics for r in trial_runs)  # trials have no held-out figure
     assert sum(r.data.tags.get("tlkit.best_trial") == "true" for r in trial_runs) == 1
     finals = [r for r in children if r.data.tags.get("tlkit.role") == "tune-final"]
-    assert len(finals) == 1 and finals[0].info.run_id == outcome.final.run_id
+    assert len(finals) == 1
+    assert finals[0].info.run_id == outcome.final.run_id
     assert parent.data.metrics["heldout_accuracy"] == finals[0].data.metrics["heldout_accuracy"]
-    assert parent.data.params["heldout_split"] == "test" and "val split" in parent.data.params["selection.recipe"]
+    assert parent.data.params["heldout_split"] == "test"
+    assert "val split" in parent.data.params["selection.recipe"]
     artifacts = {a.path for a in tracked.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/param_importances.png"} <= artifacts
-    assert "--use-val train" in outcome.command and "--no-hflip" in outcome.command
+    assert "--use-val train" in outcome.command
+    assert "--no-hflip" in outcome.command
 
     # the same call again: the study is complete, nothing is trained or logged twice
     seen.clear()
     again = _tune(digits_target, tmp_path)
-    assert not seen and again.final.run_id == outcome.final.run_id and again.parent_run_id == outcome.parent_run_id
+    assert not seen
+    assert again.final.run_id == outcome.final.run_id
+    assert again.parent_run_id == outcome.parent_run_id
 
     from tlkit.runs.compare import compare
 
@@ -193,11 +206,9 @@ def test_ctrl_c_marks_open_runs_killed_and_the_same_command_resumes(
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
     runs = tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])
     status = {r.info.run_name.split(" (")[0]: r.info.status for r in runs}
-    assert (
-        status["trial 0"] == "FINISHED"
-        and status["trial 1"] == "KILLED"
-        and status[f"tune {TINY_MODEL}: {summary.study_name}"] == "KILLED"
-    )
+    assert status["trial 0"] == "FINISHED"
+    assert status["trial 1"] == "KILLED"
+    assert status[f"tune {TINY_MODEL}: {summary.study_name}"] == "KILLED"
 
     monkeypatch.setattr(tune, "PruningCallback", _CtrlC.__mro__[1])
     result = runner.invoke(app, argv)
@@ -211,7 +222,8 @@ def test_ctrl_c_marks_open_runs_killed_and_the_same_command_resumes(
     ]  # trial 0 kept, the failed one redone
     runs = tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])
     parents = [r for r in runs if r.data.tags.get("tlkit.stage") == "tune"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # one study, one parent run, continued
+    assert len(parents) == 1
+    assert parents[0].info.status == "FINISHED"  # one study, one parent run, continued
     assert "reproduce it: tlkit finetune" in result.output
 
 
@@ -237,12 +249,15 @@ def test_an_unreachable_storage_is_a_one_line_error_in_seconds():
 
 def test_the_cli_checks_its_options_before_anything_runs(runner, workdir, digits_target):
     result = runner.invoke(app, ["tune", str(digits_target), "--model", TINY_MODEL, "--budget", "soon"])
-    assert result.exit_code == 1 and "is not a duration" in result.output
+    assert result.exit_code == 1
+    assert "is not a duration" in result.output
     bad = workdir / "space.yaml"
     bad.write_text("lr_mul: [1, 2]\n")
     result = runner.invoke(app, ["tune", str(digits_target), "--model", TINY_MODEL, "--space", str(bad)])
-    assert result.exit_code == 1 and "did you mean 'lr_mult'" in result.output
-    assert not (workdir / "mlflow.db").exists() and not (workdir / "optuna.db").exists()
+    assert result.exit_code == 1
+    assert "did you mean 'lr_mult'" in result.output
+    assert not (workdir / "mlflow.db").exists()
+    assert not (workdir / "optuna.db").exists()
 
 
 def test_a_pipeline_tune_stage_feeds_later_stages_and_is_reused(workdir, digits_target, tmp_path):
@@ -254,7 +269,7 @@ def test_a_pipeline_tune_stage_feeds_later_stages_and_is_reused(workdir, digits_
             {
                 "name": "tune-test",
                 "datasets": {"d": {"path": str(digits_target), "val": 0.2, "test": 0.3}},
-                "backbone": {"model": TINY_MODEL, "img_size": 32},
+                "backbone": {"model": TINY_MODEL, "pretrained": False, "img_size": 32},
                 "stages": [
                     {"id": "tuned", "stage": "tune", "data": "d", "trials": 2, "space": SPACE},
                     {"id": "scored", "stage": "evaluate", "model": "tuned", "data": "d"},
@@ -275,9 +290,8 @@ def test_a_pipeline_tune_stage_feeds_later_stages_and_is_reused(workdir, digits_
     rows = {row.id: row for row in summary.rows}
     # evaluate scores the tune's model on the split the tune reported on (test here): the same figure
     assert rows["scored"].metrics["test_accuracy"] == pytest.approx(rows["tuned"].metrics["heldout_accuracy"])
-    assert rows["shipped"].metrics["max_abs_difference"] < 1e-3 and sorted(
-        p.suffix for p in (workdir / "exported-3").iterdir()
-    ) == [".json", ".pt"]
+    assert rows["shipped"].metrics["max_abs_difference"] < 0.001
+    assert sorted(p.suffix for p in (workdir / "exported-3").iterdir()) == [".json", ".pt"]
     again = run_pipeline(pipeline)
     assert {row.id: row.reused_from for row in again.rows}["tuned"] == rows["tuned"].run_id
 
@@ -302,7 +316,8 @@ def test_shipped_tune_pipelines_name_valid_spaces():
         for s in resolve_files(load_pipeline(path), folder).stages
         if isinstance(s, TuneStage)
     ]
-    assert len(stages) == 2 and all(stage.trials == 15 for stage in stages)
+    assert len(stages) == 2
+    assert all(stage.trials == 15 for stage in stages)
     assert all(space_of(stage, folder).searched() for stage in stages)
 
 
@@ -322,7 +337,8 @@ def test_trial_0_is_the_base_recipe(tracked, digits_target, tmp_path):
         progress=False,
     )
     (first,) = optuna.load_study(study_name=outcome.study, storage=storage).trials
-    assert first.params == {"lr": 1e-3, "epochs": 2} and first.user_attrs["default_recipe"]
+    assert first.params == {"lr": 0.001, "epochs": 2}
+    assert first.user_attrs["default_recipe"]
 
 
 def test_a_budget_bounds_the_whole_tune_and_scales_a_recipe_that_would_not_fit(tracked, digits_target):
@@ -348,7 +364,9 @@ def test_a_budget_bounds_the_whole_tune_and_scales_a_recipe_that_would_not_fit(t
     first = lines[0]
     epoch = first.seconds / first.epochs
     assert elapsed <= 15 + epoch + 2, (elapsed, epoch)
-    assert first.state == "COMPLETE" and first.epochs < 60 and "scaled to the budget" in first.note, first
+    assert first.state == "COMPLETE", first
+    assert first.epochs < 60, first
+    assert "scaled to the budget" in first.note, first
     assert outcome.final is not None
     final = tracked.get_run(outcome.final.run_id)
     assert int(final.data.params["train.epochs"]) == first.epochs  # the recipe as scaled

@@ -97,8 +97,10 @@ def test_two_workers_finish_one_study_on_postgresql_with_no_trial_lost_or_run_tw
     )  # each trial run once
     assert {r.info.run_id for r in trials} == {t.user_attrs["mlflow_run_id"] for t in counted}
     parents = [r for r in runs if r.data.tags.get("tlkit.stage") == "tune"]
-    assert len(parents) == 1 and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
+    assert len(parents) == 1
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
     finals = [r for r in runs if r.data.tags.get("tlkit.role") == "tune-final"]
-    assert len(finals) == 1 and finals[0].info.status == "FINISHED"  # the best recipe retrained once, by one worker
+    assert len(finals) == 1
+    assert finals[0].info.status == "FINISHED"  # the best recipe retrained once, by one worker
     assert "heldout_accuracy" in parents[0].data.metrics
     assert sum("reproduce it:" in out for out in outputs) >= 1

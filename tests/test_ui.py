@@ -61,7 +61,7 @@ def serving(command: list[str], port: int, cwd: Path | None = None, ping: str = 
 def test_ui_serves_runs_and_artifacts(tracked, digits_source):
     result = run_baseline(
         digits_source,
-        BackboneConfig(model=TINY_MODEL, img_size=32),
+        BackboneConfig(model=TINY_MODEL, pretrained=False, img_size=32),
         BaselineConfig(),
         compute=ComputeConfig(num_workers=0),
     )
@@ -163,7 +163,7 @@ def test_tlkit_ui_points_at_the_runs_with_their_held_out_accuracy(tracked, digit
     for classifier in ("pixels", "svm"):
         run_baseline(
             digits_source,
-            BackboneConfig(model=TINY_MODEL, img_size=32),
+            BackboneConfig(model=TINY_MODEL, pretrained=False, img_size=32),
             BaselineConfig(classifier=classifier),
             compute=ComputeConfig(num_workers=0),
         )
@@ -172,7 +172,8 @@ def test_tlkit_ui_points_at_the_runs_with_their_held_out_accuracy(tracked, digit
     command = [sys.executable, "-m", "tlkit", "ui", "--port", str(port), "--experiment", "tests"]
     with serving(command, port) as base:
         url = tracking.ui_url(base, "tests")  # what the command printed (it stores the same view)
-        assert url.startswith(f"{base}/#/experiments/") and "workflowType=machine_learning" in url
+        assert url.startswith(f"{base}/#/experiments/")
+        assert "workflowType=machine_learning" in url
         driver = _browser()
         try:
             driver.get(url)
@@ -183,9 +184,8 @@ def test_tlkit_ui_points_at_the_runs_with_their_held_out_accuracy(tracked, digit
             from selenium.webdriver.common.by import By
 
             shown = driver.find_element(By.TAG_NAME, "body").text  # what is on the screen
-            assert "ingest source" not in shown and "2 matching runs" in shown, (
-                shown
-            )  # the two baselines, not the ingest run
+            assert "ingest source" not in shown, shown
+            assert "2 matching runs" in shown, shown  # the two baselines, not the ingest run
         finally:
             driver.quit()
     assert (SCREENSHOTS / "tlkit-ui.png").stat().st_size > 10_000
@@ -229,7 +229,8 @@ def test_pipeline_logs_to_a_tracking_server(workdir, tmp_path, digits_target):
         runs = client.search_runs([experiment.experiment_id])
         assert {r.info.run_name for r in runs} >= {"sweep-test", "pre", "features", "svm", "tuned", "check", "label"}
         tuned = next(r for r in runs if r.info.run_name == "tuned")
-        assert "heldout_accuracy" in tuned.data.metrics and tuned.info.artifact_uri.startswith("mlflow-artifacts:")
+        assert "heldout_accuracy" in tuned.data.metrics
+        assert tuned.info.artifact_uri.startswith("mlflow-artifacts:")
         bundle = "model/artifacts/bundle"
         assert {a.path for a in client.list_artifacts(tuned.info.run_id, bundle)} >= {
             f"{bundle}/tlkit-model.json",

