@@ -14,9 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -102,11 +100,9 @@ def spec_from_models() -> dict[str, list[dict[str, Any]]]:
 
 
 def write_spec(path: Path = SPEC_FILE) -> None:
-    text = json.dumps(spec_from_models(), indent=1) + "\n"
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
+    from tlkit.core.files import write_text
+
+    write_text(path, json.dumps(spec_from_models(), indent=1) + "\n")
 
 
 @functools.cache

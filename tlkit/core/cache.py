@@ -19,12 +19,6 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    from tlkit.core.files import write_bytes
-
-    write_bytes(path, data)
-
-
 def read_json(path: Path) -> dict | None:
     """The JSON object in `path`, or None when it is missing or damaged (a cache is recomputed, not trusted)."""
     try:
@@ -35,7 +29,9 @@ def read_json(path: Path) -> dict | None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    write_atomic(path, json.dumps(data, separators=(",", ":")).encode())
+    from tlkit.core.files import write_bytes
+
+    write_bytes(path, json.dumps(data, separators=(",", ":")).encode())
 
 
 def package_version(name: str) -> str:

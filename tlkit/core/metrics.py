@@ -36,9 +36,10 @@ def classification_metrics(
 
 
 def top_k_accuracy(y_true: np.ndarray, scores: np.ndarray, k: int) -> float:
-    """Fraction of images whose true class is among the k highest scores."""
-    top = np.argsort(-scores, axis=1)[:, :k]
-    return float((top == y_true[:, None]).any(axis=1).mean())
+    """Fraction of images whose true class is among the k highest scores (scikit-learn's, every class labelled)."""
+    from sklearn.metrics import top_k_accuracy_score
+
+    return float(top_k_accuracy_score(y_true, scores, k=k, labels=np.arange(scores.shape[1])))
 
 
 def most_confused(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], n: int = 5) -> list[tuple[str, str, int]]:

@@ -302,6 +302,15 @@ def _split_counts(n: int, val: float, test: float) -> tuple[int, int]:
     return n_val, n_test
 
 
+def groups_by_class(items: list[tuple[str, str, object]]) -> dict[str, list[list]]:
+    """(label, content digest, value) items -> per class (sorted), the values grouped by identical content (groups
+    sorted by digest): what a split draws from, so identical images always land in the same split."""
+    by_class: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for label, digest, value in items:
+        by_class[label][digest].append(value)
+    return {label: [by_class[label][d] for d in sorted(by_class[label])] for label in sorted(by_class)}
+
+
 def _make_splits(rows: list[tuple], *, val: float, test: float, seed: int, shots: int | None) -> list[str]:
     """Stratified, seeded splits; identical files (same hash) always land in the same split.
 
@@ -309,12 +318,8 @@ def _make_splits(rows: list[tuple], *, val: float, test: float, seed: int, shots
     fraction `val` of them) and all the others become the test set: the few-label setting.
     """
     rng = np.random.default_rng(seed)
-    by_class: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for i, (_, label, _, digest) in enumerate(rows):
-        by_class[label][digest].append(i)
     splits = ["train"] * len(rows)
-    for label in sorted(by_class):
-        groups = [by_class[label][d] for d in sorted(by_class[label])]
+    for groups in groups_by_class([(label, digest, i) for i, (_, label, _, digest) in enumerate(rows)]).values():
         order = rng.permutation(len(groups))
         if shots is not None:
             labelled = min(shots, len(groups))

@@ -168,19 +168,16 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"weights file {path} does not exist; pass a .safetensors or state-dict file, or runs:/RUN_ID of a tlkit "
             "run"
         )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from timm.models import load_state_dict
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # timm's reader: .safetensors or torch.load (weights only), 'state_dict' / 'model' unwrapped, 'module.' cut
+        state = load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as err:  # torch and safetensors raise many types for a bad file
         raise TlkitError(
             f"cannot read weights file {path}: {str(err).splitlines()[0]}; give a .safetensors file or a saved state "
             "dict"
         ) from None
-    for wrapper in ("state_dict", "model", "model_state_dict"):  # Lightning and training-script checkpoints
+    for wrapper in ("model_state_dict",):  # training scripts' checkpoints (timm unwraps 'state_dict' and 'model')
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -189,8 +186,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Accept 'module.', 'model.' and 'backbone.' prefixes that wrappers add."""
-    for prefix in ("module.", "model.", "backbone."):
+    """Accept the 'model.' and 'backbone.' prefixes that wrappers add (timm's reader already cut 'module.')."""
+    for prefix in ("model.", "backbone."):
         if not (state.keys() & model_keys) and any(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state

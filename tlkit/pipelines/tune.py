@@ -41,7 +41,7 @@ from optuna.trial import TrialState
 
 from tlkit.config import BackboneConfig, ComputeConfig, SplitConfig, TrainConfig
 from tlkit.core import runtime, tracking
-from tlkit.data.ingest import Manifest, records_fingerprint
+from tlkit.data.ingest import Manifest, groups_by_class, records_fingerprint
 from tlkit.errors import TlkitError
 from tlkit.pipelines.space import SearchSpace, settings_for
 from tlkit.runs.stages import StageResult, load_data, make_backbone, run_train
@@ -80,11 +80,7 @@ def _carve(records: list, fraction: float, seed: int) -> set[str]:
     identical images kept together."""
     rng = np.random.default_rng(seed)
     chosen: set[str] = set()
-    by_class: dict[str, dict[str, list[str]]] = {}
-    for r in records:
-        by_class.setdefault(r.label, {}).setdefault(r.sha256, []).append(r.path)
-    for label in sorted(by_class):
-        groups = [by_class[label][k] for k in sorted(by_class[label])]
+    for groups in groups_by_class([(r.label, r.sha256, r.path) for r in records]).values():
         if len(groups) < 2:
             continue
         n = min(len(groups) - 1, max(1, round(fraction * len(groups))))

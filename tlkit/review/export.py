@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tlkit import __version__
-from tlkit.core.cache import write_atomic
+from tlkit.core.files import replacing, write_bytes
 from tlkit.errors import TlkitError
 from tlkit.models.network import LoadedModel
 
@@ -116,9 +115,6 @@ def export(loaded: LoadedModel, fmt: str, out: Path, *, source: str, check: bool
     out.mkdir(parents=True, exist_ok=True)
     stem = (loaded.bundle.model_name or f"pixels-{loaded.bundle.pixel_size}").replace("/", "_")
     path = out / f"{stem}{SUFFIX[fmt]}"
-    partial = (
-        out / f".{stem}.partial{SUFFIX[fmt]}"
-    )  # renamed once written and checked: a crash leaves the old file whole
     if path.exists() and not force:
         raise TlkitError(
             f"{path} exists; pass --force (in a pipeline, force: true) to overwrite it, or choose another --out"
@@ -130,11 +126,10 @@ def export(loaded: LoadedModel, fmt: str, out: Path, *, source: str, check: bool
     example = (example - loaded.network.mean) / loaded.network.std
     with torch.no_grad():
         expected = module(example).numpy()
-    try:
+    # written beside, renamed once written and checked: a crash or a failed check leaves the old file whole
+    with replacing(path) as partial:
         if fmt == "safetensors":
-            config = (
-                loaded.bundle.data_config
-            )  # the preprocessing travels with the weights: --weights FILE reads it back
+            config = loaded.bundle.data_config  # the preprocessing travels with the weights: --weights FILE reads it
             preprocessing = {
                 k: list(v) if isinstance(v, tuple) else v
                 for k, v in config.items()
@@ -148,9 +143,8 @@ def export(loaded: LoadedModel, fmt: str, out: Path, *, source: str, check: bool
             difference = None
         elif fmt == "torchscript":
             with warnings.catch_warnings():
-                warnings.simplefilter(
-                    "ignore"
-                )  # torch.jit is deprecated in favour of torch.export; it still runs anywhere libtorch does
+                # torch.jit is deprecated in favour of torch.export; it still runs anywhere libtorch does
+                warnings.simplefilter("ignore")
                 torch.jit.trace(module, example).save(str(partial))
                 difference = (
                     float(np.abs(torch.jit.load(str(partial))(example).detach().numpy() - expected).max())
@@ -162,14 +156,11 @@ def export(loaded: LoadedModel, fmt: str, out: Path, *, source: str, check: bool
         if difference is not None and difference > TOLERANCE:
             raise TlkitError(
                 f"the {fmt} export's probabilities differ from PyTorch's by {difference:.1e} (> {TOLERANCE:g}) on a "
-                "test batch; "
-                "nothing was written: report it with the model name and the versions of torch and onnxruntime"
+                "test batch; nothing was written: report it with the model name and the versions of torch and "
+                "onnxruntime"
             )
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     info = path.with_suffix(".json")
-    write_atomic(info, json.dumps(sidecar(loaded, fmt, source), indent=1).encode())
+    write_bytes(info, json.dumps(sidecar(loaded, fmt, source), indent=1).encode())
     return {"model": path, "sidecar": info, "max_abs_difference": difference}
 
 

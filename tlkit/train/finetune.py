@@ -372,9 +372,13 @@ class _LastPhaseEarlyStopping(EarlyStopping):
         super().__init__(**kwargs)
         self.start_epoch = start_epoch
 
-    def _run_early_stopping_check(self, trainer: L.Trainer) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch >= self.start_epoch:
-            super()._run_early_stopping_check(trainer)
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch >= self.start_epoch:
+            super().on_validation_end(trainer, pl_module)
 
 
 @dataclass
