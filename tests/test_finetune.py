@@ -264,3 +264,32 @@ def test_one_epoch_runs_with_the_default_freeze(workdir, manifest):
     assert recorder.trainable == [(True, True, True)]
     with pytest.raises(ValueError, match="freeze_epochs \\(2\\) must be below epochs \\(2\\)"):
         fast(epochs=2, strategy="freeze-unfreeze", freeze_epochs=2)
+
+
+def test_lp_ft_two_class_head_starts_with_the_probe_s_probabilities(workdir, tmp_path):
+    """The LP-FT head of a two-class task gives the fitted logistic regression's probabilities, not sharper ones."""
+    from sklearn.linear_model import LogisticRegression
+
+    from tlkit.data.loaders import ImageDataset, make_loader
+    from tlkit.data.samples import write_digits
+    from tlkit.features.forward import infer
+    from tlkit.train.finetune import fit_linear_probe
+
+    write_digits(tmp_path / "two", classes="0-1", per_class=20, size=32, seed=0)
+    two = ingest(tmp_path / "two", seed=0)
+    backbone = create_backbone(TINY_MODEL, img_size=32)
+    module = build_module(two, backbone, fast(strategy="lp-ft"))
+    fit_linear_probe(module, two, backbone, precision="32-true", num_workers=0)
+    from tlkit.data import augment
+
+    records = two.split("train")
+    transform = augment.ToTensor(augment.eval_transform(backbone.data_config))
+    dataset = ImageDataset([two.abspath(r) for r in records], two.labels(records), transform)
+    X = infer(backbone.model, make_loader(dataset, batch_size=64, num_workers=0))
+    y = two.labels(records)
+    with torch.no_grad():
+        logits = module.head(torch.from_numpy(X)).numpy()
+    odds = logits[:, 1] - logits[:, 0]  # log-odds of class 1: the probe's decision function, not twice it
+    probes = [LogisticRegression(C=C, max_iter=3000).fit(X, y) for C in (0.01, 0.1, 1.0, 10.0)]
+    errors = [float(np.abs(odds - p.decision_function(X)).max() / np.abs(p.decision_function(X)).max()) for p in probes]
+    assert min(errors) < 1e-3, errors

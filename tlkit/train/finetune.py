@@ -32,6 +32,7 @@ from tlkit.data.loaders import DecodedImages, ImageDataset, default_image_cache_
 from tlkit.errors import TlkitError
 from tlkit.features.forward import infer
 from tlkit.models.backbone import Backbone, layer_groups, merge_groups
+from tlkit.models.heads import class_rows
 from tlkit.train.strategies import Phase, group_lrs, phase_end, phase_index, plan_phases
 
 DEFAULT_BATCH = 32
@@ -561,15 +562,10 @@ def fit_linear_probe(
         )
         search.fit(X_search, y_search)
         C, score = float(search.best_params_["C"]), float(search.best_score_)
-    probe = LogisticRegression(C=C, max_iter=3000).fit(
-        X, y
-    )  # the head starts from train alone: val still judges epochs fairly
-    weight = np.zeros((len(manifest.classes), X.shape[1]), dtype=np.float32)
-    bias = np.zeros(len(manifest.classes), dtype=np.float32)
-    weight[probe.classes_] = probe.coef_ if len(probe.classes_) > 2 else np.vstack([-probe.coef_, probe.coef_])
-    bias[probe.classes_] = (
-        probe.intercept_ if len(probe.classes_) > 2 else np.array([-probe.intercept_[0], probe.intercept_[0]])
-    )
+    # the head starts from train alone: val still judges epochs fairly
+    probe = LogisticRegression(C=C, max_iter=3000).fit(X, y)
+    # one row per class, as every head converted from scikit-learn (two classes: -d/2 and d/2, the probe's odds)
+    weight, bias = class_rows(probe.coef_, probe.intercept_, probe.classes_, len(manifest.classes))
     with torch.no_grad():
         module.head.weight.copy_(torch.from_numpy(weight))
         module.head.bias.copy_(torch.from_numpy(bias))
