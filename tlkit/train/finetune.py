@@ -299,6 +299,9 @@ class LatestCheckpoint(L.Callback):
     end of training: the weights are in memory then, and the finished run is logged with its model
     (that last write was 4 % of `bench/finetune.py`'s tlkit side)."""
 
+    # Not ModelCheckpoint(train_time_interval=...): it saves on its own clock only, not at phase boundaries, and
+    # writes in place, where this writes beside and renames (a kill mid-write keeps the previous checkpoint).
+
     def __init__(self, path: Path, every_s: float | None = None):
         self.path = Path(path)
         self.every_s = CHECKPOINT_EVERY_S if every_s is None else every_s
@@ -343,6 +346,9 @@ class PhaseCallback(L.Callback):
 class MetricsCallback(L.Callback):
     """Sends Lightning's epoch metrics (step = epoch) and each layer group's lr (step = optimizer step) to
     an MLflow run, buffered and sent once per epoch (tracking.MetricsBuffer)."""
+
+    # Not LearningRateMonitor: it names rates by optimizer and index (lr-AdamW/pg3) and logs through a Lightning
+    # logger; these are named by layer group (lr.layer4) and share the buffered MLflow writer with the epoch metrics.
 
     def __init__(self, run_id: str | None = None, tracking_uri: str | None = None):
         from tlkit.core.tracking import MetricsBuffer
