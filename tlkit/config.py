@@ -447,7 +447,7 @@ def _explain(error: ValidationError, model: type[BaseModel]) -> str:
     path = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         key, loc = str(first["loc"][-1]), first["loc"]
-        sections = {
+        sections: dict[str, type[BaseModel]] = {
             "photos": PhotosConfig,
             "digits": DigitsConfig,
             "backbone": BackboneConfig,

@@ -11,7 +11,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -27,15 +27,16 @@ _STARTED = time.monotonic()  # about when the process started (heavy imports com
 class _OneLineUsageErrors(typer.core.TyperGroup):
     """A bad option or argument is one line on stderr (exit code 2), like every other error, not a boxed panel."""
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra):  # type: ignore[override]
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.Abort:
             sys.exit(1)
         except typer.TyperException as err:  # Typer's (vendored) click usage errors: bad values, unknown options
-            where = f"; see `{err.ctx.command_path} --help`" if getattr(err, "ctx", None) else ""
+            context = getattr(err, "ctx", None)
+            where = f"; see `{context.command_path} --help`" if context is not None else ""
             _error_line(err.format_message().replace("Value error, ", "").rstrip(".") + where)
             sys.exit(getattr(err, "exit_code", 2))
         sys.exit(code if isinstance(code, int) else 0)
@@ -134,7 +135,8 @@ def _known_failure(err: BaseException) -> str | None:
     read-only database), wherever in the chain of exceptions they sit; None for anything else (a bug: its traceback)."""
     from tlkit.core.files import disk_full_message, is_disk_full
 
-    chain, seen = [], err
+    chain: list[BaseException] = []
+    seen: BaseException | None = err
     while seen is not None and len(chain) < 10:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
@@ -143,7 +145,7 @@ def _known_failure(err: BaseException) -> str | None:
     store = tracking.resolve_tracking_uri() if tracking else "the tracking store"
     resume = _resume_hint()
     for e in chain:
-        if is_disk_full(e):
+        if isinstance(e, OSError) and is_disk_full(e):
             return disk_full_message(e) + resume
         if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
             return (
@@ -255,8 +257,12 @@ RunName = Annotated[
     str | None, typer.Option(help="Name of the MLflow run (default: what it is, e.g. 'efficientnet_lite0 + svm').")
 ]
 # the options of settings groups (tlkit.config's models, see options.py); the command gets each group as a dict
-TRAINING = dict(backbone="backbone", split="split", compute=("compute", ("-batch_size",)), tracking="tracking")
-EXTRACTING = dict(backbone="backbone", split="split", compute=("compute", ("-image_cache_mb",)), tracking="tracking")
+TRAINING: dict[str, Any] = dict(
+    backbone="backbone", split="split", compute=("compute", ("-batch_size",)), tracking="tracking"
+)
+EXTRACTING: dict[str, Any] = dict(
+    backbone="backbone", split="split", compute=("compute", ("-image_cache_mb",)), tracking="tracking"
+)
 
 
 def _devices(value: str):

@@ -121,7 +121,7 @@ def _parameter(option: dict[str, Any]) -> inspect.Parameter:
         flags = [f"--{name}/--no-{name}"]
         annotation: Any = bool
     elif kind == "choice":
-        annotation = Literal.__getitem__(tuple(option["choices"]))  # type: ignore[attr-defined]
+        annotation = Literal.__getitem__(tuple(option["choices"]))
     elif kind == "list[float]":
         annotation, default = str, None if default is None else ",".join(str(v) for v in default)
     else:

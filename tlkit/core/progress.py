@@ -43,7 +43,7 @@ class PlainProgress(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        done, total = trainer.current_epoch + 1, trainer.max_epochs
+        done, total = trainer.current_epoch + 1, trainer.max_epochs or 0
         elapsed = time.monotonic() - self._start
         per_epoch = elapsed / max(1, done - self._first_epoch)
         metrics = trainer.callback_metrics

@@ -277,7 +277,7 @@ def build_trainer(*, devices, precision: str, progress: bool, root_dir, **kwargs
         accelerator="auto",
         devices=devices,
         strategy="ddp_spawn" if device_count(devices) > 1 else "auto",
-        precision=precision,
+        precision=precision,  # type: ignore[arg-type]  # a Lightning precision string, checked by ComputeConfig
         logger=False,
         enable_model_summary=False,
         enable_progress_bar=mode == "rich",

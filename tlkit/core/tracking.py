@@ -42,7 +42,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; create the store before starting parallel commands
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 # MLflow sets its own loggers to INFO at import; its start-up lines ("Creating initial MLflow database
 # tables...", alembic's migrations) are not the user's business. Here, so library callers get it too.
@@ -74,7 +74,10 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-_TARGET = {"uri": None, "experiment": None}  # what `configure` chose; the store is touched at the first run
+_TARGET: dict[str, str | None] = {
+    "uri": None,
+    "experiment": None,
+}  # what `configure` chose; the store is touched at the first run
 _READY: set[str] = set()  # stores this process has created or checked
 
 
@@ -219,9 +222,12 @@ def _death_notice(store: MlflowClient, run) -> str:
 def configure(tracking_uri: str | None = None, experiment: str | None = None) -> None:
     """Choose the store and experiment. Nothing is created until the first run starts, so a command
     that fails on its options leaves no database behind."""
-    _TARGET["uri"] = resolve_tracking_uri(tracking_uri)
-    _TARGET["experiment"] = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    mlflow.set_tracking_uri(_TARGET["uri"])
+    uri = resolve_tracking_uri(tracking_uri)
+    _TARGET["uri"], _TARGET["experiment"] = (
+        uri,
+        experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT,
+    )
+    mlflow.set_tracking_uri(uri)
 
 
 def experiment_name() -> str:
@@ -244,7 +250,7 @@ def _ensure_experiment() -> str:
             try:
                 experiment_id = store.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
             except MlflowException:  # another process created it a moment ago
-                experiment_id = store.get_experiment_by_name(name).experiment_id
+                experiment_id = store.get_experiment_by_name(name).experiment_id  # type: ignore[union-attr]
         else:
             experiment_id = found.experiment_id
             if found.lifecycle_stage == "deleted":
@@ -657,7 +663,8 @@ def find_finished_run(
 ) -> RunRecord | None:
     """The newest finished run of the active experiment carrying tag=value (and, given `stage`, of that
     stage: a tune's trials carry its tags too), followed to its origin."""
-    experiment = mlflow.active_run().info.experiment_id if mlflow.active_run() else _ensure_experiment()
+    active = mlflow.active_run()
+    experiment = active.info.experiment_id if active else _ensure_experiment()
     query = f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'" + (
         f" and tags.`tlkit.stage` = '{stage}'" if stage else ""
     )

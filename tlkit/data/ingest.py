@@ -385,7 +385,7 @@ def _report(records: list[ImageRecord], classes: list[str], skipped: list, folde
     if no_train:
         report.warnings.append(f"classes with no training image: {', '.join(no_train)}")
     if totals and min(totals.values()) > 0 and max(totals.values()) / min(totals.values()) > IMBALANCE:
-        big, small = max(totals, key=totals.get), min(totals, key=totals.get)
+        big, small = max(totals, key=totals.__getitem__), min(totals, key=totals.__getitem__)
         report.warnings.append(
             f"imbalanced classes: {big} has {totals[big]} images, {small} has {totals[small]} "
             f"(ratio {totals[big] / totals[small]:.1f})"
@@ -460,6 +460,7 @@ def ingest(
         raise TlkitError(f"{source} has one class only ({classes[0]!r}); a classifier needs at least two class folders")
 
     given = [split for _, _, split, *_ in good]
+    settings: dict[str, object]
     if all(s is not None for s in given):
         if shots is not None:
             raise TlkitError(
@@ -502,7 +503,7 @@ def format_report(manifest: Manifest, *, max_items: int = 10) -> str:
     lines = [f"dataset {manifest.source}  fingerprint {manifest.fingerprint}", ""]
     width = max(len(c) for c in manifest.classes + ["class"])
     lines.append(f"{'class':<{width}}  {'train':>6} {'val':>6} {'test':>6} {'total':>6}")
-    totals = Counter()
+    totals: Counter[str] = Counter()
     for c in manifest.classes:
         row = report.counts[c]
         totals.update(row)

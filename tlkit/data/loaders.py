@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ class ImageDataset(Dataset):
     def __init__(
         self,
         paths: Sequence[Path | np.ndarray],
-        labels: Sequence[int] | None,
+        labels: Sequence[int] | np.ndarray | None,
         transform: Callable[[np.ndarray], torch.Tensor],
         decoded: DecodedImages | None = None,
     ):
@@ -86,14 +87,16 @@ class DecodedImages:
         self.paths = [str(p) for p in paths]
         self.nbytes = sum(decoded_bytes(w, h, side) for w, h in sizes)
         self.in_memory = self.nbytes <= memory_mb * 2**20
-        self.folder = None if self.in_memory else cache_dir(cache) / "images" / f"side-{side or 'full'}"
-        self.files = None if self.in_memory else [self.folder / d[:2] / f"{d}.npy" for d in digests]
+        self.files: list[Path] = []  # where decoded images go when they do not fit in memory
+        if not self.in_memory:
+            folder = cache_dir(cache) / "images" / f"side-{side or 'full'}"
+            self.files = [folder / d[:2] / f"{d}.npy" for d in digests]
+        self.arrays: list[np.ndarray] | None = None
         workers = workers or min(8, cpu_share() + 2)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             if self.in_memory:
                 self.arrays = list(pool.map(lambda path: load_rgb(path, side), self.paths))
             else:
-                self.arrays = None
                 list(pool.map(self._write, range(len(self.paths))))
 
     def _write(self, index: int) -> None:
@@ -137,7 +140,9 @@ def default_image_cache_mb() -> int:
 def _seed_worker(worker_id: int) -> None:
     """A worker's augmentations follow its torch seed: distinct per worker, reproducible from the loader's
     generator. (A copy of one seeded transform in every worker would repeat the same random draws.)"""
-    dataset = torch.utils.data.get_worker_info().dataset
+    info = torch.utils.data.get_worker_info()
+    assert info is not None  # called as a DataLoader's worker_init_fn
+    dataset: Any = info.dataset
     if hasattr(dataset, "reseed"):
         dataset.reseed(torch.initial_seed() % 2**32)
 
@@ -169,7 +174,7 @@ def make_loader(
     """A DataLoader with tlkit's defaults: seeded shuffling and augmentation, persistent workers, pinned
     memory on GPU. The same seed gives the same batches and the same augmentations."""
     workers = default_workers() if num_workers is None else num_workers
-    workers = min(workers, max(1, len(dataset) // max(1, batch_size)))  # no idle workers for tiny sets
+    workers = min(workers, max(1, len(dataset) // max(1, batch_size)))  # type: ignore[arg-type]  # no idle workers for tiny sets
     if hasattr(dataset, "reseed"):
         dataset.reseed(seed)  # in this process (no workers); workers reseed from their own seeds
     return DataLoader(

@@ -102,7 +102,7 @@ def _photo_path(name: str) -> Path:
     spec = importlib.util.find_spec("skimage")
     if spec is None:
         raise TlkitError("the sample photos need scikit-image: pip install 'tlkit[photos]'")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / name
+    path = Path(list(spec.submodule_search_locations or [])[0]) / "data" / name
     if not path.exists():
         raise TlkitError(f"{path} is missing from the installed scikit-image; reinstall it")
     return path

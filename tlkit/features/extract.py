@@ -88,7 +88,7 @@ def extract_features(
     *,
     batch_size: int = 64,
     num_workers: int | None = None,
-    devices: int | str = "auto",
+    devices: int | str | list[int] = "auto",
     precision: str = "auto",
     cache: str | os.PathLike | None = None,
     use_cache: bool = True,

@@ -14,6 +14,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import timm
@@ -58,7 +59,8 @@ class Backbone:
 
 def feature_width(model: torch.nn.Module) -> int:
     """Width of what a timm model with num_classes=0 returns (pre-logits), per timm's contract."""
-    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+    width: Any = getattr(model, "head_hidden_size", None) or getattr(model, "num_features")  # noqa: B009
+    return int(width)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source
     if layout is not None:
         model.load_state_dict(foreign.map_in_order(state, model_state, layout=layout, source=source))
         return layout.name
-    classifier = model.pretrained_cfg.get("classifier") or "fc"
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "fc"  # timm's contract
     classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     state = {k: v for k, v in state.items() if not (k not in model_state and k.startswith(classifiers))}
     missing = [k for k in model_state if k not in state]
@@ -360,7 +362,7 @@ def create_backbone(
             source = f"file:{path.resolve()}"
         elif pretrained:
             model = _create_from_hub(name, img_size)
-            source = f"hub:{model.pretrained_cfg.get('hf_hub_id') or name}"
+            source = f"hub:{getattr(model, 'pretrained_cfg', {}).get('hf_hub_id') or name}"
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -404,7 +406,8 @@ def layer_groups(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
     Models without a matcher fall back to one group per top-level child module.
     """
     try:
-        grouped = group_parameters(model, model.group_matcher(coarse=False))
+        matcher: Any = model.group_matcher  # timm's contract (AttributeError: a model without one)
+        grouped = group_parameters(model, matcher(coarse=False))
         groups = [names for _, names in sorted(grouped.items())]
     except (AttributeError, NotImplementedError):
         by_child: dict[str, list[str]] = {}

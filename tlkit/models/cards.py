@@ -19,8 +19,12 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tlkit.config import BackboneConfig
+
+if TYPE_CHECKING:
+    from tlkit.models.backbone import Backbone
 from tlkit.core.cache import cache_dir, package_version, read_json, write_json
 
 CARD_FORMAT = "tlkit-backbone-card/1"
@@ -84,6 +88,8 @@ def _card_path(key: str, cache: str | os.PathLike | None) -> Path:
 
 def _read(path: Path) -> BackboneCard | None:
     data = read_json(path)
+    if data is None:
+        return None
     try:
         data["data_config"]["input_size"] = tuple(data["data_config"]["input_size"])
         data["data_config"]["mean"] = tuple(data["data_config"]["mean"])
@@ -112,7 +118,7 @@ class LazyBackbone:
     def __init__(self, config: BackboneConfig, card: BackboneCard, path: Path, tracking_uri: str | None):
         self.config, self.path, self.tracking_uri = config, path, tracking_uri
         self._set(card)
-        self._built = None
+        self._built: Backbone | None = None
 
     def _set(self, card: BackboneCard) -> None:
         self.name, self.data_config, self.weights = card.name, card.data_config, card.weights

@@ -31,6 +31,10 @@ class LinearHead(nn.Module):
         temperature: divides the logits (calibrate.fit_temperature); 1 leaves them as trained.
     """
 
+    mean: torch.Tensor  # buffers (nn.Module's attribute typing cannot tell them from submodules)
+    scale: torch.Tensor
+    temperature: torch.Tensor
+
     def __init__(self, weight, bias, *, norm: str = "none", mean=None, scale=None, temperature: float = 1.0):
         super().__init__()
         if norm not in NORMS:

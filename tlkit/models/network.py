@@ -11,9 +11,10 @@ and the head are the same on every path, so one image gets one answer wherever i
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -45,6 +46,11 @@ class Pixels(nn.Module):
 
 class Network(nn.Module):
     """[0, 1] RGB images (N, 3, H, W) at the model's input size -> calibrated logits (softmax: probabilities)."""
+
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+    head: Any  # a LinearHead (models/heads.py)
+    backbone: Any  # a timm model (forward_features, forward_head: timm's contract), or Pixels
 
     def __init__(self, backbone: nn.Module, head: nn.Module, mean, std):
         super().__init__()
@@ -94,11 +100,11 @@ class LoadedModel:
         if self.is_pixels:
             from PIL import Image
 
-            side = int(self.bundle.pixel_size)
+            side = int(self.bundle.pixel_size or 0)  # a pixels baseline always names its size
             return np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR))
         return augment.eval_pixels(self.bundle.data_config, image)
 
-    def pixels(self, images: list[ImageSource | np.ndarray]) -> torch.Tensor:
+    def pixels(self, images: Sequence[ImageSource | np.ndarray]) -> torch.Tensor:
         """Image files (or images from `decode`) -> (N, 3, H, W) float in [0, 1], as the network reads them."""
         from concurrent.futures import ThreadPoolExecutor
 
@@ -118,7 +124,7 @@ class LoadedModel:
         return torch.softmax(logits.float(), dim=1)
 
     @torch.inference_mode()
-    def predict_proba(self, images: list[ImageSource | np.ndarray], *, batch_size: int = 64) -> np.ndarray:
+    def predict_proba(self, images: Sequence[ImageSource | np.ndarray], *, batch_size: int = 64) -> np.ndarray:
         """(n_images, n_classes) calibrated class probabilities, in float32 on the CPU."""
         out = [
             self.probs(self.network(self.pixels(images[i : i + batch_size]))) for i in range(0, len(images), batch_size)
@@ -150,8 +156,9 @@ def load_model(ref: str, *, tracking_uri: str | None = None) -> LoadedModel:
         backbone: nn.Module = Pixels()
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     else:
-        backbone = create_model(saved.model_name, img_size=int(saved.data_config["input_size"][-1]))
-        load_state(backbone, bundle.backbone_state(folder), source=ref, name=saved.model_name)
+        name = str(saved.model_name)  # a folder that is not a pixels baseline names its backbone (bundle.read)
+        backbone = create_model(name, img_size=int(saved.data_config["input_size"][-1]))
+        load_state(backbone, bundle.backbone_state(folder), source=ref, name=name)
         mean, std = saved.data_config["mean"], saved.data_config["std"]
     expected = head.linear.in_features
     network = Network(backbone, head, mean, std).eval()

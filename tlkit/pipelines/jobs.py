@@ -35,7 +35,7 @@ from tlkit.pipelines.sweep import Plan, Point
 try:
     import fcntl
 except ImportError:  # Windows: no advisory file locks
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 _JOB: dict = {}  # what the initializer hands every task of this job process
 
@@ -93,7 +93,7 @@ def run_points(
                             "RUNNING; "
                             f"run again with fewer --jobs than {jobs}"
                         ) from None
-                    raise failed.exception()
+                    raise failed.exception() or RuntimeError("a job failed")
             except KeyboardInterrupt:  # the jobs got Ctrl-C from the terminal too: let them mark their runs KILLED
                 _stop_jobs(stop, futures, interrupt=False)
                 raise
@@ -115,7 +115,8 @@ def _stop_jobs(stop, futures, *, interrupt: bool) -> None:
     if interrupt:
         for child in multiprocessing.active_children():
             try:
-                os.kill(child.pid, signal.SIGINT)
+                if child.pid is not None:
+                    os.kill(child.pid, signal.SIGINT)
             except ProcessLookupError:
                 pass
 

@@ -138,7 +138,7 @@ def _run_all(
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if jobs > 1 or cluster is not None:
         for point in points:  # sample data is written here, once, before the jobs or the cluster's tasks read it
-            for name in {s.data for s in point.config.stages if getattr(s, "data", None)}:
+            for name in {str(getattr(s, "data")) for s in point.config.stages if getattr(s, "data", None)}:  # noqa: B009
                 prepare_data(point.config, name, manifests, console)
     if cluster is not None:  # every refusal before the pipeline run exists
         from tlkit.pipelines.cluster import alive_nodes, check_paths, check_store, point_paths

@@ -114,6 +114,22 @@ class StageInputs:
     console: Console
     start_from: Path | None = None
 
+    # What a runner of that stage type always has (None only for the stage types that do not take it).
+    @property
+    def data(self) -> Manifest:
+        assert self.manifest is not None, "only predict and export stages have no dataset"
+        return self.manifest
+
+    @property
+    def network(self) -> BackboneConfig:
+        assert self.backbone is not None, "only evaluate, predict and export stages have no backbone"
+        return self.backbone
+
+    @property
+    def model_ref(self) -> str:
+        assert self.model is not None, "only evaluate, predict and export stages take a model"
+        return self.model
+
 
 # ----------------------------------------------------------------------------------------------
 # Resolving a stage's inputs
@@ -215,7 +231,7 @@ def _predict(stage: PredictStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.stages import run_predict
 
     return run_predict(
-        inputs.model, stage.images, top_k=stage.top_k, run_name=stage.id, tracking_uri=inputs.tracking_uri
+        inputs.model_ref, stage.images, top_k=stage.top_k, run_name=stage.id, tracking_uri=inputs.tracking_uri
     )[2]
 
 
@@ -223,7 +239,7 @@ def _export(stage: ExportStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.evaluate import run_export
 
     result = run_export(
-        inputs.model,
+        inputs.model_ref,
         stage.format,
         Path(stage.out),
         run_name=stage.id,
@@ -238,8 +254,8 @@ def _evaluate(stage: EvaluateStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.evaluate import run_evaluate
 
     return run_evaluate(
-        inputs.model,
-        inputs.manifest,
+        inputs.model_ref,
+        inputs.data,
         split=stage.split,
         tta=stage.tta,
         explain_top=stage.explain,
@@ -255,8 +271,8 @@ def _baseline(stage: BaselineStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.stages import run_baseline
 
     return run_baseline(
-        inputs.manifest,
-        inputs.backbone,
+        inputs.data,
+        inputs.network,
         stage.baseline,
         compute=inputs.config.compute,
         run_name=stage.id,
@@ -268,8 +284,8 @@ def _extract(stage: ExtractStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.stages import run_extract
 
     return run_extract(
-        inputs.manifest,
-        inputs.backbone,
+        inputs.data,
+        inputs.network,
         compute=inputs.config.compute,
         run_name=stage.id,
         tracking_uri=inputs.tracking_uri,
@@ -281,8 +297,8 @@ def _train(stage: PretrainStage | FinetuneStage, inputs: StageInputs) -> StageRe
 
     return run_train(
         stage.stage,
-        inputs.manifest,
-        inputs.backbone,
+        inputs.data,
+        inputs.network,
         stage.train,
         compute=inputs.config.compute,
         run_name=stage.id,
@@ -305,8 +321,8 @@ def _tune(stage: TuneStage, inputs: StageInputs) -> StageResult:
         console.print(f"  {t.text(settings=False)}", highlight=False)
 
     outcome = run_tune(
-        inputs.manifest,
-        inputs.backbone,
+        inputs.data,
+        inputs.network,
         space_of(stage, None),
         base=stage.train,
         trials=stage.trials,
@@ -317,7 +333,7 @@ def _tune(stage: TuneStage, inputs: StageInputs) -> StageResult:
         compute=config.compute,
         run_name=stage.id,
         tracking_uri=inputs.tracking_uri,
-        data_label=str(inputs.manifest.root),
+        data_label=str(inputs.data.root),
         report=line,
         progress=False,
     )

@@ -113,12 +113,12 @@ class SearchSpace:
         for dim in sorted(self.dimensions, key=lambda d: (d.name != "strategy", d.name in ONLY_FOR)):
             if dim.name in ONLY_FOR and values.get("strategy", TrainConfig().strategy) != ONLY_FOR[dim.name]:
                 continue
-            if dim.fixed:
+            if dim.fixed and dim.choices is not None:
                 values[dim.name] = dim.choices[0]
             elif dim.choices is not None:
                 values[dim.name] = trial.suggest_categorical(dim.name, list(dim.choices))
             elif dim.integer:
-                values[dim.name] = trial.suggest_int(dim.name, int(dim.low), int(dim.high), log=dim.log)
+                values[dim.name] = trial.suggest_int(dim.name, int(dim.low or 0), int(dim.high or 0), log=dim.log)
             else:
                 values[dim.name] = trial.suggest_float(dim.name, dim.low, dim.high, log=dim.log)
         return values

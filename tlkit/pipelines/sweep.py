@@ -73,7 +73,9 @@ def set_path(raw: dict, key: str, value: Any) -> None:
         targets = _stages(raw, ref, key)
         if ref == "*":  # every stage that has the first section (e.g. `train`)
             targets = [
-                s for s in targets if rest[0] in s or (len(rest) > 1 and SEEDED_SECTIONS.get(s.get("stage")) == rest[0])
+                s
+                for s in targets
+                if rest[0] in s or (len(rest) > 1 and SEEDED_SECTIONS.get(str(s.get("stage"))) == rest[0])
             ]
             if not targets:
                 raise TlkitError(f"{key}: no stage has a {rest[0]!r} section")
@@ -99,7 +101,7 @@ def apply_seed(raw: dict, seed: int) -> None:
     for stage in raw.get("stages") or []:
         if isinstance(stage, dict) and stage.get("stage") == "export" and isinstance(stage.get("out"), str):
             stage["out"] = stage["out"].replace("{seed}", str(seed))  # one folder per seed
-        section = SEEDED_SECTIONS.get(stage.get("stage")) if isinstance(stage, dict) else None
+        section = SEEDED_SECTIONS.get(str(stage.get("stage"))) if isinstance(stage, dict) else None
         if section:
             body = stage.setdefault(section, {})
             if isinstance(body, dict):

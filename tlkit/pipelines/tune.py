@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -185,6 +186,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 ):
                     raise
                 time.sleep(1.0 + attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
     except ModuleNotFoundError as err:
         raise TlkitError(
             f"storage {shown} needs the Python package {err.name!r}; pip install 'tlkit[postgres]' (psycopg) for "
@@ -264,9 +266,9 @@ class PruningCallback(L.Callback):
             return
         self.last_score = float(score)
         self.epochs = trainer.current_epoch + 1
-        step = round(100 * self.epochs / trainer.max_epochs)
+        step = round(100 * self.epochs / (trainer.max_epochs or 1))
         self.trial.report(self.last_score, step)
-        if self.epochs < trainer.max_epochs and self.trial.should_prune():
+        if self.epochs < (trainer.max_epochs or 0) and self.trial.should_prune():
             self.pruned_at = self.epochs
             trainer.should_stop = True
 
@@ -310,14 +312,14 @@ class DeadlineCallback(L.Callback):
         self.created = self.started = time.monotonic()
         self.cut_at: int | None = None
         self.per_epoch = 0.0
-        self.setup = 0.0
+        self.setup_s = 0.0  # not `setup`: a Lightning callback hook of that name
 
     def on_train_start(self, trainer: L.Trainer, module) -> None:
         self.started = time.monotonic()
-        self.setup = self.started - self.created  # model, loaders, the first batches decoded
+        self.setup_s = self.started - self.created  # model, loaders, the first batches decoded
 
     def reserve(self, epochs: int) -> float:
-        return self.budget.retrain_seconds(self.per_epoch, epochs, self.setup)
+        return self.budget.retrain_seconds(self.per_epoch, epochs, self.setup_s)
 
     def on_validation_end(self, trainer: L.Trainer, module) -> None:
         if trainer.sanity_checking:
@@ -326,7 +328,7 @@ class DeadlineCallback(L.Callback):
         self.per_epoch = (time.monotonic() - self.started) / done
         # one more epoch, and then the retrain of the best recipe so far, or of this one at that length, must still fit
         reserve = max(self.budget.best_reserve, self.reserve(done + 1))
-        if done < trainer.max_epochs and self.budget.left() - self.per_epoch < reserve:
+        if done < (trainer.max_epochs or 0) and self.budget.left() - self.per_epoch < reserve:
             self.cut_at = done
             trainer.should_stop = True
 
@@ -482,7 +484,9 @@ class Objective:
     ) -> str:
         """After a trial under a budget: a trial the deadline cut is pruned, or, when no trial is complete yet, kept
         as the recipe scaled to the budget; the retrain of a new best is reserved. Returns the note for its line."""
-        self.budget.epoch_seconds.append(deadline.per_epoch)
+        budget = self.budget
+        assert budget is not None  # called only under a budget
+        budget.epoch_seconds.append(deadline.per_epoch)
         complete = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         note = ""
         if deadline.cut_at is not None and pruning.pruned_at is None:
@@ -501,7 +505,7 @@ class Objective:
         if pruning.pruned_at is None:
             score = pruning.last_score if pruning.last_score is not None else accuracy
             if not complete or score > trial.study.best_value:
-                self.budget.best_reserve = deadline.reserve(epochs)
+                budget.best_reserve = deadline.reserve(epochs)
         return note
 
 
@@ -588,7 +592,7 @@ def _log_study_plots(study: optuna.Study) -> None:
                 f"no {name.replace('_', ' ')} plot: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
             )
             continue
-        figure = axes.figure if hasattr(axes, "figure") else axes[0].figure
+        figure: Any = axes.figure if hasattr(axes, "figure") else axes[0].figure  # type: ignore[index]
         figure.set_size_inches(8, 5)
         figure.tight_layout()
         tracking.log_figure(figure, f"plots/{name}.png")
@@ -767,7 +771,7 @@ def run_tune(
             {
                 **final.metrics,
                 **{k: v for k, v in final.details.items() if k == "probe_heldout_accuracy" and v is not None},
-                "best_selection_score": best.value,
+                "best_selection_score": float(best.value or 0.0),  # a complete trial has a value
                 "best_trial": best.number,
                 **{f"trials_{k.lower()}": v for k, v in outcome.trials.items() if k != "RUNNING"},
                 "seconds": _study_seconds(optuna_study),

@@ -20,7 +20,9 @@ def fgsm(network: Network, images: torch.Tensor, labels: torch.Tensor, eps: floa
         raise TlkitError(f"--eps is a fraction of the pixel range, between 0 and 1 (e.g. 0.03 or 8/255); got {eps}")
     x = images.clone().requires_grad_(True)
     F.cross_entropy(network(x), labels).backward()
-    return (images + eps * x.grad.sign()).clamp(0, 1).detach()
+    grad = x.grad
+    assert grad is not None  # x requires grad and the loss depends on it
+    return (images + eps * grad.sign()).clamp(0, 1).detach()
 
 
 def fgsm_accuracy(

@@ -39,6 +39,7 @@ def saliency(
     for _ in range(samples):
         x = (images + noise * torch.randn(images.shape, generator=generator)).requires_grad_(True)
         network(x).gather(1, targets[:, None]).sum().backward()
+        assert x.grad is not None  # x requires grad and the scores depend on it
         total += x.grad.abs().amax(dim=1)
     return _blur(total / samples, sigma=max(images.shape[-2:]) / 150).numpy()
 
@@ -112,10 +113,12 @@ def gradcam(network: Network, images: torch.Tensor, targets: torch.Tensor) -> np
             handle.remove()
     if "map" in kept:
         grid, grads = kept["map"], kept["map"].grad
+        assert grads is not None  # retain_grad above
     else:
         features = network.features(images).detach().requires_grad_(True)
         scores = network.scores_from_features(features)
         scores.gather(1, targets[:, None]).sum().backward()
+        assert features.grad is not None  # features require grad and the scores depend on them
         grid, grads = _as_grid(features, network), _as_grid(features.grad, network)
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * grid).sum(dim=1, keepdim=True))

@@ -17,6 +17,7 @@ import copy
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ class _Probabilities(nn.Module):
 
 def export_module(loaded: LoadedModel, *, timm_layout: bool = False) -> nn.Module:
     """Normalised images -> calibrated logits, as one module; timm's layout where the head allows it."""
-    backbone = copy.deepcopy(loaded.network.backbone).eval()
+    backbone: Any = copy.deepcopy(loaded.network.backbone).eval()  # timm's contract: reset_classifier, get_classifier
     linear = loaded.network.head.as_linear()
     if timm_layout and loaded.is_pixels:
         raise TlkitError(

@@ -121,7 +121,7 @@ def decode_request(values: list, decode, *, max_bytes: int, max_pixels: int) -> 
     return images
 
 
-class ImageModel(mlflow.pyfunc.PythonModel):
+class ImageModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]  # mlflow.pyfunc's lazy attributes
     """A tlkit model as an MLflow pyfunc: one image per row in, its class and a probability per class out."""
 
     # Inputs are a column of base64 strings or bytes, which MLflow's type-hint validation cannot

@@ -155,12 +155,12 @@ def build_leaderboard(
         )
     entries = list(groups.values())
     # A setting is a column when it tells apart two rows of the same method.
-    columns = []
-    for key in sorted({k for e in entries for k in e.settings}):
+    columns: list[str] = []
+    for setting in sorted({k for e in entries for k in e.settings}):
         for label in {e.label for e in entries}:
-            seen = {e.settings.get(key, "") for e in entries if e.label == label}
+            seen = {e.settings.get(setting, "") for e in entries if e.label == label}
             if len(seen) > 1:
-                columns.append(key)
+                columns.append(setting)
                 break
     sign = 1 if lower_is_better(metric) else -1
     entries.sort(key=lambda e: (sign * e.mean, e.std, e.label))

@@ -62,7 +62,8 @@ def _maps_for(
 ) -> list[Path]:
     """One explanation PNG per image, written to `folder`, and `overview.png` with the first OVERVIEW on one page."""
     folder.mkdir(parents=True, exist_ok=True)
-    written, shown = [], []
+    written: list[Path] = []
+    shown: list[tuple] = []
     for start, images in _batches(paths, loaded):
         chosen = torch.tensor(targets[start : start + len(images)])
         maps = explain(loaded.network, images, chosen, method, **options)
@@ -77,7 +78,8 @@ def _maps_for(
             if len(shown) < OVERVIEW:
                 shown.append((image, heat, titles[k]))
     if len(shown) > 1:
-        figure = overview_figure(*map(list, zip(*shown)), method)
+        images, heats, titles_shown = (list(column) for column in zip(*shown))
+        figure = overview_figure(images, heats, titles_shown, method)
         save_figure(figure, folder / "overview.png")
         close(figure)
     return written

@@ -13,7 +13,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,7 @@ from tlkit.models import bundle
 if TYPE_CHECKING:
     from tlkit.features.extract import FeatureSet
     from tlkit.models.backbone import Backbone
+    from tlkit.train.lr_find import LRFindResult
 
 # Each stage imports the heavy libraries it uses (timm, Lightning, scikit-learn, matplotlib) when it
 # runs: a command pays for its own imports only (Lightning alone takes 4 s), and a cached extract none.
@@ -251,7 +251,7 @@ def run_baseline(
     params = {"classifier": classifier, "features": "pixels" if pixels else "backbone", "seed": baseline.seed}
     if pixels:
         params["pixel_size"] = baseline.pixel_size
-    name = run_name or f"{'pixels' if pixels else backbone.name} + {classifier}"
+    name = run_name or f"{'pixels' if backbone is None else backbone.name} + {classifier}"
     with tracking.start_run("baseline", run_name=name, params=params, tags=tracking.RANKED) as run_id:
         log_data(manifest)
         if backbone is not None:
@@ -271,22 +271,22 @@ def run_baseline(
         _log_confusion(result.y_true, result.y_pred, manifest.classes, result.heldout_split)
         saved = bundle.Bundle(
             kind="baseline",
-            model_name=None if pixels else backbone.name,
+            model_name=None if backbone is None else backbone.name,
             data_config=dict(backbone.data_config)
             if backbone
             else {"input_size": (3, baseline.pixel_size, baseline.pixel_size)},
             classes=manifest.classes,
             features="pixels" if pixels else "backbone",
             pixel_size=baseline.pixel_size if pixels else None,
-            weights="" if pixels else backbone.weights,
+            weights="" if backbone is None else backbone.weights,
             head={"calibration": result.calibration},
             extra={"classifier": classifier, "C": result.C},
         )
-        _save_model(saved, None if pixels else backbone.model, result.head)
+        _save_model(saved, None if backbone is None else backbone.model, result.head)
     details = {
         "C": result.C,
         "cached": features.cached,
-        "model": "pixels" if pixels else backbone.name,
+        "model": "pixels" if backbone is None else backbone.name,
         "heldout_split": result.heldout_split,
         "selection": result.selection,
     }
@@ -297,7 +297,7 @@ def _save_model(saved: bundle.Bundle, backbone, head) -> None:
     """The model as the active run's `model/` artifact: a bundle (tensors + JSON) inside an MLflow pyfunc model."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = bundle.save_bundle(Path(tmp) / "bundle", saved, backbone=backbone, head=head)
-        tracking.log_model(folder, bundle.ARTIFACT_PATH, code=Path(find_spec("tlkit.review.pyfunc_model").origin))
+        tracking.log_model(folder, bundle.ARTIFACT_PATH, code=Path(__file__).parents[1] / "review" / "pyfunc_model.py")
 
 
 def checkpoint_dir(run_id: str) -> Path:
@@ -307,7 +307,7 @@ def checkpoint_dir(run_id: str) -> Path:
 
 def _resolve_auto_lr(
     manifest: Manifest, backbone: Backbone, train: TrainConfig, compute: ComputeConfig
-) -> tuple[TrainConfig, object]:
+) -> tuple[TrainConfig, LRFindResult]:
     """--lr auto: sweep the rates (ratios kept), log the plot to the active run, return the suggested rate."""
     from tlkit.core.metrics import close
     from tlkit.core.runtime import resolve_precision
@@ -446,7 +446,7 @@ def run_train(
             )
         _log_selection(result.heldout_split, resolved["selection"])
         tracking.log_dict(resolved["train_transform"], "augment/train_transform.json")
-        summary = {
+        summary: dict[str, float] = {
             "best_epoch": result.best_epoch if result.best_epoch is not None else -1,
             "epochs_run": result.epochs_run,
         }

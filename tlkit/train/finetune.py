@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -65,6 +66,8 @@ class ImageClassifier(L.LightningModule):
             "train" lets their statistics update; "keep-stats" keeps every BatchNorm layer's
             pretrained statistics, in trained groups too (their scale and shift still train).
     """
+
+    class_weights: torch.Tensor  # a buffer
 
     def __init__(
         self,
@@ -251,12 +254,13 @@ class ImageClassifier(L.LightningModule):
     def configure_optimizers(self):
         groups = [g for g in self.parameter_groups() if g["params"]]
         optimizer = adamw(groups)
-        epochs = self.trainer.max_epochs
+        epochs = self.trainer.max_epochs or 1
         per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // max(1, epochs))
         index = max(self.phase, 0)
         steps = (phase_end(self.phases, index, epochs) - self.phases[index].start) * per_epoch
         if self.schedule == "constant" or steps < MIN_SCHEDULED_STEPS:
             return optimizer
+        scheduler: torch.optim.lr_scheduler.LRScheduler
         if self.schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.25
@@ -307,9 +311,9 @@ class LatestCheckpoint(L.Callback):
         self.every_s = CHECKPOINT_EVERY_S if every_s is None else every_s
         self._saved_at = time.monotonic()
 
-    def on_train_epoch_end(self, trainer: L.Trainer, module: ImageClassifier) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, module: Any) -> None:  # an ImageClassifier
         done = trainer.current_epoch + 1
-        if done >= trainer.max_epochs or trainer.should_stop:
+        if done >= (trainer.max_epochs or 0) or trainer.should_stop:
             return
         boundary = any(p.start == done for p in module.phases)
         due = time.monotonic() - self._saved_at >= self.every_s
@@ -335,7 +339,7 @@ class LatestCheckpoint(L.Callback):
 class PhaseCallback(L.Callback):
     """At each epoch start, switch to the strategy's phase for that epoch and rebuild the optimizer."""
 
-    def on_train_epoch_start(self, trainer: L.Trainer, module: ImageClassifier) -> None:
+    def on_train_epoch_start(self, trainer: L.Trainer, module: Any) -> None:  # an ImageClassifier
         index = phase_index(module.phases, trainer.current_epoch)
         if index != module.phase:
             module.apply_phase(index)
@@ -489,7 +493,8 @@ def train_loader(
     )
     dataset = _dataset(manifest, "train", transform, decoded)
     # A last batch of one image breaks BatchNorm in training; drop the incomplete batch (reshuffled each epoch).
-    drop_last = len(dataset) > settings.batch_size
+    batch_size = settings.batch_size or DEFAULT_BATCH  # resolved by with_batch_size before training
+    drop_last = len(dataset) > batch_size
     sampler = None
     if settings.balance == "sampler":
         labels = np.asarray(dataset.labels)
@@ -502,7 +507,7 @@ def train_loader(
         )
     loader = make_loader(
         dataset,
-        batch_size=settings.batch_size,
+        batch_size=batch_size,
         shuffle=True,
         num_workers=num_workers,
         seed=settings.seed,
@@ -681,7 +686,9 @@ def train_classifier(
         left = budget - (train_images.nbytes / 2**20 if train_images is not None and train_images.in_memory else 0)
         val_images = decode_split(manifest, "val", eval_tf, memory_mb=left, cache=cache)
         val_loader = make_loader(
-            _dataset(manifest, "val", eval_tf, val_images), batch_size=settings.batch_size * 2, num_workers=num_workers
+            _dataset(manifest, "val", eval_tf, val_images),
+            batch_size=(settings.batch_size or DEFAULT_BATCH) * 2,
+            num_workers=num_workers,
         )
     probe = None
     if settings.strategy == "lp-ft" and not resume:
@@ -736,7 +743,9 @@ def train_classifier(
     module.apply_phase(len(module.phases) - 1)
     heldout = manifest.eval_split
     eval_loader = make_loader(
-        _dataset(manifest, heldout, eval_tf), batch_size=settings.batch_size * 2, num_workers=num_workers
+        _dataset(manifest, heldout, eval_tf),
+        batch_size=(settings.batch_size or DEFAULT_BATCH) * 2,
+        num_workers=num_workers,
     )
     y_true = manifest.labels(manifest.split(heldout))
     y_pred = infer(module, eval_loader, precision=precision).argmax(1)
@@ -747,7 +756,7 @@ def train_classifier(
     if selects:
         y_val = manifest.labels(manifest.split("val"))
         best_val = float((infer(module, val_loader, precision=precision).argmax(1) == y_val).mean())
-    resolved = {
+    resolved: dict[str, Any] = {
         "precision": precision,
         "batch_size": settings.batch_size,
         "phases": [p.__dict__ for p in module.phases],
