@@ -665,10 +665,6 @@ def run_tune(
 
     backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
     check_settings(splits.trials, backbone, base)
-    storage_url = storage or default_storage(tracking_uri)
-    rdb = open_storage(storage_url)
-    name = study or default_study_name(manifest, backbone_config, space, base, splits.selection)
-    optuna_study, created = open_study(name, rdb, seed=base.seed, n_trials=trials)
     inputs = {
         "data": manifest.fingerprint,
         "model": backbone.name,
@@ -677,11 +673,13 @@ def run_tune(
         "base": base.model_dump(mode="json"),
         "heldout": splits.heldout,
     }
+    name = study or default_study_name(manifest, backbone_config, space, base, splits.selection)
+    opened = _open(name, storage or default_storage(tracking_uri), inputs, seed=base.seed, trials=trials)
     params = {
         "model": backbone.name,
         "weights": backbone.weights,
-        "study": name,
-        "storage": shown_url(storage_url),
+        "study": opened.name,
+        "storage": shown_url(opened.url),
         "trials": trials,
         "budget_s": budget_s,
         "space": {d.name: d.describe() for d in space.dimensions},
@@ -690,63 +688,30 @@ def run_tune(
         "heldout_split": splits.heldout,
         "selection.recipe": f"trial score on {splits.selection}",
     }
-    if created:
+    if opened.created:
         context = tracking.start_run(
             "tune",
-            run_name=run_name or f"tune {backbone.name}: {name}",
+            run_name=run_name or f"tune {backbone.name}: {opened.name}",
             params=params,
-            tags={"tlkit.study": name, **tracking.RANKED},
+            tags={"tlkit.study": opened.name, **tracking.RANKED},
         )
     else:
-        record = _wait_for_parent(optuna_study)
-        differs = [k for k, v in inputs.items() if record["inputs"].get(k) != v]
-        if differs:
-            raise TlkitError(
-                f"study {name!r} in {shown_url(storage_url)} was started with other {', '.join(differs)}; "
-                "run it with the same inputs, or name a new study with --study"
-            )
-        context = tracking.start_run("tune", run_id=record["mlflow_run_id"])
+        context = tracking.start_run("tune", run_id=opened.parent_run_id)
     with context as parent:
-        if created:
+        if opened.created:
             start = space.defaults(base)
             if start:  # trial 0 is the base recipe (tlkit's defaults): the search can only end above it on selection
-                optuna_study.enqueue_trial(start, user_attrs={"default_recipe": True})
-            optuna_study.set_user_attr("tlkit", {"mlflow_run_id": parent, "inputs": inputs})
+                opened.study.enqueue_trial(start, user_attrs={"default_recipe": True})
+            opened.study.set_user_attr("tlkit", {"mlflow_run_id": parent, "inputs": opened.inputs})
             from tlkit.runs.stages import log_backbone, log_data
 
             log_data(manifest)
             log_backbone(backbone)
-        objective = Objective(name, space, base, splits, backbone, compute, cache, trials, report, budget)
-        finished = (TrialState.COMPLETE, TrialState.PRUNED)
-        left = None if trials is None else trials - len(optuna_study.get_trials(deepcopy=False, states=finished))
-        if left is None or left > 0:  # a resumed study runs only the trials it lacks
-            stop_at_limit = [optuna.study.MaxTrialsCallback(trials, states=finished)] if trials is not None else []
-            optuna_study.optimize(
-                objective, n_trials=left, catch=(_OverBudget,), callbacks=stop_at_limit, gc_after_trial=True
-            )
-        outcome = TuneOutcome(name, shown_url(storage_url), parent, _trial_counts(optuna_study))
-        complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not complete:
-            if outcome.trials["RUNNING"]:
-                outcome.waiting = "no trial has completed yet; other workers are still running trials"
-                return outcome
-            raise TlkitError(
-                f"study {name!r}: no trial completed ({outcome.trials['PRUNED']} pruned, {outcome.trials['FAIL']} "
-                "failed); "
-                "give more --trials or widen the search space"
-            )
-        best = optuna_study.best_trial
-        outcome.best_params, outcome.best_value, outcome.best_trial = dict(best.params), best.value, best.number
-        done = outcome.trials["RUNNING"] == 0 and (
-            trials is None or outcome.trials["COMPLETE"] + outcome.trials["PRUNED"] >= trials
-        )
-        if not done:
-            outcome.waiting = (
-                f"{outcome.trials['RUNNING']} trial(s) still running in other workers; the last one to finish "
-                "retrains the best recipe"
-                if outcome.trials["RUNNING"]
-                else "the study has not had all its trials; run the same command again to continue it"
-            )
+        objective = Objective(opened.name, space, base, splits, backbone, compute, cache, trials, report, budget)
+        _optimise(opened.study, objective, trials)
+        outcome = TuneOutcome(opened.name, shown_url(opened.url), parent, _trial_counts(opened.study))
+        best = _best_when_done(opened.study, outcome, trials)
+        if best is None:
             return outcome
         values = space.sample(optuna.trial.FixedTrial(best.params))
         if "scaled_epochs" in best.user_attrs:  # the recipe as the budget scaled it
@@ -756,7 +721,7 @@ def run_tune(
             data_label or str(getattr(data, "source", data)), backbone_config, split, final_settings
         )
         final = _retrain_once(
-            optuna_study, rdb, splits, backbone_config, final_settings, compute, cache, tracking_uri, progress
+            opened.study, opened.rdb, splits, backbone_config, final_settings, compute, cache, tracking_uri, progress
         )
         if final is None:
             outcome.waiting = "another worker is retraining the best recipe"
@@ -764,28 +729,100 @@ def run_tune(
         outcome.final = final
         if final.details.get("reused"):  # the study was finished before: its runs hold everything already
             return outcome
-        tracking.set_run_tags(best.user_attrs["mlflow_run_id"], {"tlkit.best_trial": "true"})
-        tracking.set_tags({"tlkit.best_trial_run": best.user_attrs["mlflow_run_id"], "tlkit.final_run": final.run_id})
-        tracking.log_params({"best." + k: v for k, v in best.params.items()})
-        tracking.log_metrics(
-            {
-                **final.metrics,
-                **{k: v for k, v in final.details.items() if k == "probe_heldout_accuracy" and v is not None},
-                "best_selection_score": float(best.value or 0.0),  # a complete trial has a value
-                "best_trial": best.number,
-                **{f"trials_{k.lower()}": v for k, v in outcome.trials.items() if k != "RUNNING"},
-                "seconds": _study_seconds(optuna_study),
-            }
-        )
-        tracking.log_text(outcome.command + "\n", "best_command.txt")
-        if run_name is None and created:  # named for what it found, now that it is known
-            counted = outcome.trials["COMPLETE"] + outcome.trials["PRUNED"]
-            tracking.set_tags(
-                {"mlflow.runName": f"tune {backbone.name}: {counted} trials, best {_recipe_label(best.params)}"}
-            )
-        _log_study_plots(optuna_study)
-        tracking.log_text(_trials_table(optuna_study), "trials.tsv")
+        named = run_name is None and opened.created  # named for what it found, now that it is known
+        _log_outcome(opened.study, outcome, best, backbone.name if named else None)
     return outcome
+
+
+@dataclass
+class _Opened:
+    """A study opened in its storage: created here, or joined (with the MLflow run its creator started)."""
+
+    name: str
+    url: str
+    rdb: Any
+    study: optuna.Study
+    created: bool
+    inputs: dict
+    parent_run_id: str | None = None
+
+
+def _open(name: str, url: str, inputs: dict, *, seed: int, trials: int | None) -> _Opened:
+    """Open the study, or join it: then wait for its creator's MLflow run, and refuse one started with other inputs."""
+    rdb = open_storage(url)
+    optuna_study, created = open_study(name, rdb, seed=seed, n_trials=trials)
+    if created:
+        return _Opened(name, url, rdb, optuna_study, True, inputs)
+    record = _wait_for_parent(optuna_study)
+    differs = [k for k, v in inputs.items() if record["inputs"].get(k) != v]
+    if differs:
+        raise TlkitError(
+            f"study {name!r} in {shown_url(url)} was started with other {', '.join(differs)}; "
+            "run it with the same inputs, or name a new study with --study"
+        )
+    return _Opened(name, url, rdb, optuna_study, False, inputs, record["mlflow_run_id"])
+
+
+def _optimise(study: optuna.Study, objective: Objective, trials: int | None) -> None:
+    """This worker's trials: those the study still lacks (a resumed study runs only those), or until the budget."""
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    left = None if trials is None else trials - len(study.get_trials(deepcopy=False, states=finished))
+    if left is None or left > 0:
+        stop_at_limit = [optuna.study.MaxTrialsCallback(trials, states=finished)] if trials is not None else []
+        study.optimize(objective, n_trials=left, catch=(_OverBudget,), callbacks=stop_at_limit, gc_after_trial=True)
+
+
+def _best_when_done(study: optuna.Study, outcome: TuneOutcome, trials: int | None) -> optuna.trial.FrozenTrial | None:
+    """The best trial, once the study has all its trials; else None, with why in `outcome.waiting`."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        if outcome.trials["RUNNING"]:
+            outcome.waiting = "no trial has completed yet; other workers are still running trials"
+            return None
+        raise TlkitError(
+            f"study {outcome.study!r}: no trial completed ({outcome.trials['PRUNED']} pruned, "
+            f"{outcome.trials['FAIL']} failed); give more --trials or widen the search space"
+        )
+    best = study.best_trial
+    outcome.best_params, outcome.best_value, outcome.best_trial = dict(best.params), best.value, best.number
+    done = outcome.trials["RUNNING"] == 0 and (
+        trials is None or outcome.trials["COMPLETE"] + outcome.trials["PRUNED"] >= trials
+    )
+    if done:
+        return best
+    outcome.waiting = (
+        f"{outcome.trials['RUNNING']} trial(s) still running in other workers; the last one to finish "
+        "retrains the best recipe"
+        if outcome.trials["RUNNING"]
+        else "the study has not had all its trials; run the same command again to continue it"
+    )
+    return None
+
+
+def _log_outcome(study: optuna.Study, outcome: TuneOutcome, best: optuna.trial.FrozenTrial, model: str | None) -> None:
+    """The study run's record of what it found: tags, the best params, metrics, command, plots, trials table; renamed
+    after its best recipe when `model` (its backbone's name) is given."""
+    final = outcome.final
+    assert final is not None  # called once the best recipe is retrained
+    tracking.set_run_tags(best.user_attrs["mlflow_run_id"], {"tlkit.best_trial": "true"})
+    tracking.set_tags({"tlkit.best_trial_run": best.user_attrs["mlflow_run_id"], "tlkit.final_run": final.run_id})
+    tracking.log_params({"best." + k: v for k, v in best.params.items()})
+    tracking.log_metrics(
+        {
+            **final.metrics,
+            **{k: v for k, v in final.details.items() if k == "probe_heldout_accuracy" and v is not None},
+            "best_selection_score": float(best.value or 0.0),  # a complete trial has a value
+            "best_trial": best.number,
+            **{f"trials_{k.lower()}": v for k, v in outcome.trials.items() if k != "RUNNING"},
+            "seconds": _study_seconds(study),
+        }
+    )
+    tracking.log_text(str(outcome.command) + "\n", "best_command.txt")
+    if model is not None:
+        counted = outcome.trials["COMPLETE"] + outcome.trials["PRUNED"]
+        tracking.set_tags({"mlflow.runName": f"tune {model}: {counted} trials, best {_recipe_label(best.params)}"})
+    _log_study_plots(study)
+    tracking.log_text(_trials_table(study), "trials.tsv")
 
 
 def _recipe_label(values: dict) -> str:

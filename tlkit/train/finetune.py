@@ -674,27 +674,104 @@ def train_classifier(
     module = module or build_module(manifest, backbone, settings)
     precision = runtime.training_precision(precision, module)
     L.seed_everything(settings.seed, workers=True, verbose=False)  # the precision probe may have drawn random numbers
-    # Train and val are read every epoch: decode them once, at the size the transforms read.
     budget = default_image_cache_mb() if image_cache_mb is None else image_cache_mb
-    loader, train_tf = train_loader(
-        manifest, backbone, settings, num_workers=num_workers, memory_mb=budget, cache=cache
-    )
-    train_images = loader.dataset.decoded
-    eval_tf = augment.eval_transform(backbone.data_config)
-    val_loader = None
-    if has_val:
-        left = budget - (train_images.nbytes / 2**20 if train_images is not None and train_images.in_memory else 0)
-        val_images = decode_split(manifest, "val", eval_tf, memory_mb=left, cache=cache)
-        val_loader = make_loader(
-            _dataset(manifest, "val", eval_tf, val_images),
-            batch_size=(settings.batch_size or DEFAULT_BATCH) * 2,
-            num_workers=num_workers,
-        )
+    loaders = _Loaders.build(manifest, backbone, settings, num_workers=num_workers, memory_mb=budget, cache=cache)
     probe = None
     if settings.strategy == "lp-ft" and not resume:
         probe = fit_linear_probe(module, manifest, backbone, precision=precision, num_workers=num_workers)
-
     workdir = Path(workdir or tempfile.mkdtemp(prefix="tlkit-train-"))
+    extra = _callbacks(module, settings, workdir, selects=selects, resume=resume, more=callbacks or [])
+    trainer = runtime.build_trainer(
+        devices=devices,
+        precision=precision,
+        progress=progress,
+        root_dir=workdir,
+        max_epochs=settings.epochs,
+        callbacks=extra,
+        # the best-epoch ModelCheckpoint; without it Lightning would add one that saves every epoch
+        enable_checkpointing=selects,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    last = workdir / "last.ckpt"
+    with runtime.quiet_lightning():
+        # tlkit's own checkpoints hold tensors, numbers and strings only: read them with weights_only=True
+        trainer.fit(
+            module,
+            loaders.train,
+            loaders.val,
+            ckpt_path=str(last) if resume else None,
+            weights_only=True if resume else None,
+        )
+    epochs_run = trainer.current_epoch  # epochs completed, a resumed run's earlier ones included
+    best_epoch = None
+    if selects:  # else the module holds the last epoch's weights already
+        state = torch.load(workdir / "best.ckpt", map_location="cpu", weights_only=True)
+        module.load_state_dict(state["state_dict"])
+        best_epoch = int(state["epoch"])
+    module.apply_phase(len(module.phases) - 1)
+    result = _evaluate(module, manifest, loaders, settings, precision=precision, selects=selects, calibrated=calibrated)
+    result.best_epoch, result.epochs_run = best_epoch, epochs_run
+    selection = {"epoch": "best val_score on the val split" if selects else "last (the schedule runs to its end)"}
+    if probe is not None:
+        selection["probe_C"] = probe[1]
+    result.settings = {
+        "precision": precision,
+        "batch_size": settings.batch_size,
+        "phases": [p.__dict__ for p in module.phases],
+        "group_lrs": module.lrs,
+        "groups": module.group_labels,
+        "train_transform": augment.to_dict(loaders.train_transform),
+        "selection": {**selection, **result.settings["selection"]},  # the temperature's, when calibrated
+    }
+    if probe is not None:
+        result.settings["probe_selection_accuracy"] = probe[0]
+    return result
+
+
+@dataclass
+class _Loaders:
+    """The loaders of a fit: train (augmented, decoded once), val (decoded once, if any), and the eval transform."""
+
+    train: Any
+    val: Any
+    train_transform: Any
+    eval_transform: Any
+    num_workers: int | None
+    batch_size: int
+
+    @classmethod
+    def build(
+        cls,
+        manifest: Manifest,
+        backbone: Backbone,
+        settings: TrainConfig,
+        *,
+        num_workers: int | None,
+        memory_mb: float,
+        cache: Path | None,
+    ) -> _Loaders:
+        # Train and val are read every epoch: decode them once, at the size the transforms read.
+        loader, train_tf = train_loader(
+            manifest, backbone, settings, num_workers=num_workers, memory_mb=memory_mb, cache=cache
+        )
+        train_images = loader.dataset.decoded
+        eval_tf = augment.eval_transform(backbone.data_config)
+        batch_size = (settings.batch_size or DEFAULT_BATCH) * 2
+        val_loader = None
+        if manifest.split("val"):
+            used = train_images.nbytes / 2**20 if train_images is not None and train_images.in_memory else 0
+            val_images = decode_split(manifest, "val", eval_tf, memory_mb=memory_mb - used, cache=cache)
+            val_loader = make_loader(
+                _dataset(manifest, "val", eval_tf, val_images), batch_size=batch_size, num_workers=num_workers
+            )
+        return cls(loader, val_loader, train_tf, eval_tf, num_workers, batch_size)
+
+
+def _callbacks(
+    module: ImageClassifier, settings: TrainConfig, workdir: Path, *, selects: bool, resume: bool, more: list
+) -> list[L.Callback]:
+    """The fit's callbacks: the best epoch (when val selects), last.ckpt for --resume, the phases, early stopping."""
     last = workdir / "last.ckpt"
     if resume and not last.exists():
         raise TlkitError(
@@ -710,88 +787,63 @@ def train_classifier(
         enable_version_counter=False,
         save_weights_only=True,
     )
-    latest = LatestCheckpoint(workdir / "last.ckpt")  # Lightning's save_last refreshes it only with a new best
-    extra: list[L.Callback] = [*([best] if selects else []), latest, PhaseCallback(), *(callbacks or [])]
+    latest = LatestCheckpoint(last)  # Lightning's save_last refreshes it only with a new best
+    extra: list[L.Callback] = [*([best] if selects else []), latest, PhaseCallback(), *more]
     if settings.patience is not None:
         extra.append(
             _LastPhaseEarlyStopping(module.phases[-1].start, monitor=MONITOR, mode="max", patience=settings.patience)
         )
-    trainer = runtime.build_trainer(
-        devices=devices,
-        precision=precision,
-        progress=progress,
-        root_dir=workdir,
-        max_epochs=settings.epochs,
-        callbacks=extra,
-        # the best-epoch ModelCheckpoint; without it Lightning would add one that saves every epoch
-        enable_checkpointing=selects,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-    )
-    with runtime.quiet_lightning():
-        # tlkit's own checkpoints hold tensors, numbers and strings only: read them with weights_only=True
-        trainer.fit(
-            module, loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True if resume else None
-        )
+    return extra
 
-    epochs_run = trainer.current_epoch  # epochs completed, a resumed run's earlier ones included
-    best_epoch = None
-    if selects:  # else the module holds the last epoch's weights already
-        state = torch.load(workdir / "best.ckpt", map_location="cpu", weights_only=True)
-        module.load_state_dict(state["state_dict"])
-        best_epoch = int(state["epoch"])
-    module.apply_phase(len(module.phases) - 1)
+
+def _evaluate(
+    module: ImageClassifier,
+    manifest: Manifest,
+    loaders: _Loaders,
+    settings: TrainConfig,
+    *,
+    precision: str,
+    selects: bool,
+    calibrated: bool,
+) -> TrainResult:
+    """The trained module on the held-out split (and val, when it selected): metrics, and the head's temperature."""
     heldout = manifest.eval_split
     eval_loader = make_loader(
-        _dataset(manifest, heldout, eval_tf),
-        batch_size=(settings.batch_size or DEFAULT_BATCH) * 2,
-        num_workers=num_workers,
+        _dataset(manifest, heldout, loaders.eval_transform),
+        batch_size=loaders.batch_size,
+        num_workers=loaders.num_workers,
     )
     y_true = manifest.labels(manifest.split(heldout))
     y_pred = infer(module, eval_loader, precision=precision).argmax(1)
-    metrics = classification_metrics(
-        y_true, y_pred, manifest.classes, prefix="heldout_"
-    )  # the held-out split's, as in baselines
+    metrics = classification_metrics(y_true, y_pred, manifest.classes, prefix="heldout_")  # as in baselines
     best_val = None
     if selects:
         y_val = manifest.labels(manifest.split("val"))
-        best_val = float((infer(module, val_loader, precision=precision).argmax(1) == y_val).mean())
-    resolved: dict[str, Any] = {
-        "precision": precision,
-        "batch_size": settings.batch_size,
-        "phases": [p.__dict__ for p in module.phases],
-        "group_lrs": module.lrs,
-        "groups": module.group_labels,
-        "train_transform": augment.to_dict(train_tf),
-    }
-    resolved["selection"] = {
-        "epoch": "best val_score on the val split" if selects else "last (the schedule runs to its end)"
-    }
-    if probe is not None:
-        resolved["probe_selection_accuracy"], resolved["selection"]["probe_C"] = probe
+        best_val = float((infer(module, loaders.val, precision=precision).argmax(1) == y_val).mean())
+    selection: dict[str, Any] = {}
     temperature = 1.0
     if calibrated:  # in float32, as every saved model is scored (network.LoadedModel)
         from tlkit.features.calibrate import calibrate_logits
 
         heldout_logits = infer(module, eval_loader, precision="32-true")
         fit = (
-            (infer(module, val_loader, precision="32-true"), manifest.labels(manifest.split("val")))
+            (infer(module, loaders.val, precision="32-true"), manifest.labels(manifest.split("val")))
             if selects
             else None
         )
-        temperature, calibration, resolved["selection"]["temperature"] = calibrate_logits(
+        temperature, calibration, selection["temperature"] = calibrate_logits(
             heldout_logits, y_true, fit=fit, split=heldout, seed=settings.seed
         )
         metrics.update(calibration)
     return TrainResult(
         module=module,
-        best_epoch=best_epoch,
+        best_epoch=None,
         best_val_accuracy=best_val,
         metrics=metrics,
         heldout_split=heldout,
         y_true=y_true,
         y_pred=y_pred,
-        epochs_run=epochs_run,
-        settings=resolved,
+        epochs_run=0,
+        settings={"selection": selection},
         temperature=temperature,
     )
