@@ -353,3 +353,25 @@ def test_a_command_and_its_pipeline_stage_share_their_defaults(runner):
         assert f"[default: {settings.strategy}]" in shown
     assert ExportStage(id="e", stage="export", model="m").format == "onnx"
     assert "[default: onnx]" in " ".join(invoke(runner, "export", "--help").stdout.replace("│", " ").split())
+
+
+def test_run_takes_its_experiment_from_mlflow_s_variable(runner, workdir, digits_target, monkeypatch):
+    import yaml
+    from mlflow import MlflowClient
+
+    pipeline = workdir / "p.yaml"
+    pipeline.write_text(
+        yaml.safe_dump(
+            {
+                "name": "env",
+                "experiment": "from-the-file",
+                "datasets": {"d": {"path": str(digits_target)}},
+                "stages": [{"id": "pixels", "stage": "baseline", "data": "d", "baseline": {"classifier": "pixels"}}],
+            }
+        )
+    )
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-the-environment")
+    assert invoke(runner, "run", pipeline).exit_code == 0
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert client.get_experiment_by_name("from-the-environment") is not None
+    assert client.get_experiment_by_name("from-the-file") is None

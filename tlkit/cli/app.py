@@ -1045,7 +1045,10 @@ def run_command(
         bool, typer.Option("--fresh", help="Recompute every stage, even those whose inputs are unchanged.")
     ] = False,
     tracking_uri: TrackingUri = None,
-    experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: the pipeline's).")] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment (default: the pipeline file's)."),
+    ] = None,
     jobs: Annotated[
         int | None,
         typer.Option(
