@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from photos import write_photos  # noqa: E402
 
-from tlkit.config import TrainConfig  # noqa: E402
+from tlkit.config import ComputeConfig, TrainConfig  # noqa: E402
 from tlkit.core import runtime  # noqa: E402
 from tlkit.data import augment
 from tlkit.data.ingest import ingest  # noqa: E402
@@ -57,7 +57,8 @@ def tlkit_epochs(manifest, backbone, settings, precision, way: str) -> list[floa
     for patch in patches:
         patch.start()
     try:
-        finetune.train_classifier(manifest, backbone, settings, precision=precision, callbacks=[timer], progress=False)
+        compute = ComputeConfig(precision=precision)
+        finetune.train_classifier(manifest, backbone, settings, compute=compute, callbacks=[timer], progress=False)
     finally:
         for patch in reversed(patches):
             patch.stop()

@@ -8,12 +8,14 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 
-from tlkit.config import TrainConfig
+from tlkit.config import ComputeConfig, TrainConfig
 from tlkit.data.ingest import ingest
 from tlkit.errors import TlkitError
 from tlkit.models.backbone import create_backbone
 from tlkit.train.finetune import build_module, train_classifier, train_loader
 from tlkit.train.lr_find import find_lr
+
+CPU32 = ComputeConfig(num_workers=0, precision="32-true")
 
 
 def fast(**overrides) -> TrainConfig:
@@ -38,7 +40,7 @@ def train(manifest, settings, **kwargs):
     recorder = Recorder()
     backbone = create_backbone(TINY_MODEL, img_size=32)
     result = train_classifier(
-        manifest, backbone, settings, num_workers=0, precision="32-true", progress=False, callbacks=[recorder], **kwargs
+        manifest, backbone, settings, compute=CPU32, progress=False, callbacks=[recorder], **kwargs
     )
     return result, recorder, backbone
 
@@ -76,7 +78,7 @@ def test_frozen_groups_do_not_move_and_bn_statistics_stay_fixed(workdir, manifes
     backbone = create_backbone(TINY_MODEL, img_size=32)
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     settings = fast(strategy="linear-probe", bn="frozen")
-    result = train_classifier(manifest, backbone, settings, num_workers=0, precision="32-true", progress=False)
+    result = train_classifier(manifest, backbone, settings, compute=CPU32, progress=False)
     after = result.module.backbone.state_dict()
     for key, value in before.items():
         assert torch.equal(after[key], value), f"{key} changed in a frozen body"
@@ -90,8 +92,7 @@ def test_bn_train_policy_updates_statistics_of_frozen_groups(workdir, manifest):
         manifest,
         backbone,
         fast(strategy="linear-probe", bn="train"),
-        num_workers=0,
-        precision="32-true",
+        compute=CPU32,
         progress=False,
     )
     after = result.module.backbone.state_dict()
@@ -142,8 +143,7 @@ def test_resume_continues_from_the_last_checkpoint(workdir, manifest):
             manifest,
             backbone,
             settings,
-            num_workers=0,
-            precision="32-true",
+            compute=CPU32,
             progress=False,
             callbacks=[Stop()],
             workdir=workdir / "ck",
@@ -156,8 +156,7 @@ def test_resume_continues_from_the_last_checkpoint(workdir, manifest):
         manifest,
         create_backbone(TINY_MODEL, img_size=32),
         settings,
-        num_workers=0,
-        precision="32-true",
+        compute=CPU32,
         progress=False,
         callbacks=[recorder],
         workdir=workdir / "ck",
@@ -209,8 +208,7 @@ def test_use_val_train_trains_on_val_and_keeps_the_last_epoch(workdir, manifest)
             manifest,
             backbone,
             fast(epochs=1, use_val="train", strategy="full"),
-            num_workers=0,
-            precision="32-true",
+            compute=CPU32,
             progress=False,
             callbacks=[Batches()],
         )

@@ -76,7 +76,9 @@ def test_a_hopeless_trial_is_pruned_before_its_schedule_ends(digits_target):
     backbone = create_backbone(TINY_MODEL, pretrained=False, img_size=32)
     pruning = tune.PruningCallback(study.ask())
     settings = TrainConfig(epochs=8, lr=1e-9, strategy="full", augment="none", hflip=False)
-    result = train_classifier(manifest, backbone, settings, callbacks=[pruning], progress=False, precision="32-true")
+    result = train_classifier(
+        manifest, backbone, settings, callbacks=[pruning], progress=False, compute=ComputeConfig(precision="32-true")
+    )
     assert pruning.pruned_at is not None
     assert pruning.pruned_at < 8
     assert result.epochs_run == pruning.pruned_at  # training stopped at that epoch's end

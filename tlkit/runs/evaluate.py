@@ -151,25 +151,7 @@ def run_evaluate(
         tags={"tlkit.model_run": model_run},
     ) as run_id:
         log_data(manifest)
-        ece, bins = calibration(y_true, scores)
-        metrics[f"{prefix}ece"] = ece
-        figure = reliability_figure(bins, ece)
-        tracking.log_figure(figure, "plots/reliability.png")
-        close(figure)
-        _log_predictions(paths, y_true, scores, classes)
-        for normalise, name in ((False, "confusion_matrix.png"), (True, "confusion_matrix_normalised.png")):
-            figure = confusion_figure(
-                y_true,
-                y_pred,
-                classes,
-                title=f"{split} split" + (", row fractions" if normalise else ""),
-                normalise=normalise,
-            )
-            tracking.log_figure(figure, f"plots/{name}")
-            close(figure)
-        tracking.log_dict(
-            {"most_confused": [{"true": t, "predicted": p, "count": n} for t, p, n in confused]}, "most_confused.json"
-        )
+        metrics[f"{prefix}ece"] = _log_scores(paths, y_true, scores, classes, split, confused)
         loss = losses(y_true, scores)
         worst = np.argsort(-loss)[:top_losses]
         details["top_losses"] = [
@@ -177,16 +159,7 @@ def run_evaluate(
         ]
         _log_top_losses(worst, paths, y_true, y_pred, scores, classes, loaded)
         if tta:
-            flip = tta_flip if tta_flip is not None else bool(loaded.bundle.extra.get("hflip", not loaded.is_pixels))
-            tta_scores = np.concatenate(
-                [loaded.tta_probs(images, flip=flip).numpy() for _, images in _batches(paths, loaded)]
-            )
-            metrics[f"{prefix}tta_accuracy"] = float((tta_scores.argmax(1) == y_true).mean())
-            details["tta_views"] = (
-                "image, mirror, 4 corner crops"
-                if flip
-                else "image, 4 corner crops (no mirror: the model trained without flips)"
-            )
+            metrics[f"{prefix}tta_accuracy"], details["tta_views"] = _tta_accuracy(loaded, paths, y_true, tta_flip)
         if explain_top:
             chosen = list(worst[:explain_top])
             titles = [f"true {classes[y_true[i]]} -> {classes[y_pred[i]]} ({scores[i, y_pred[i]]:.2f})" for i in chosen]
@@ -205,6 +178,40 @@ def run_evaluate(
         tracking.log_metrics(metrics)
         tracking.log_dict({k: v for k, v in details.items() if k != "top_losses"}, "evaluation.json")
     return StageResult("evaluate", run_id, metrics, details=details)
+
+
+def _log_scores(
+    paths: list[Path], y_true: np.ndarray, scores: np.ndarray, classes: list[str], split: str, confused: list
+) -> float:
+    """The scores into the evaluate run: reliability diagram, predictions.csv, confusion matrices, most-confused
+    pairs. Returns the expected calibration error."""
+    y_pred = scores.argmax(1)
+    ece, bins = calibration(y_true, scores)
+    figure = reliability_figure(bins, ece)
+    tracking.log_figure(figure, "plots/reliability.png")
+    close(figure)
+    _log_predictions(paths, y_true, scores, classes)
+    for normalise, name in ((False, "confusion_matrix.png"), (True, "confusion_matrix_normalised.png")):
+        title = f"{split} split" + (", row fractions" if normalise else "")
+        figure = confusion_figure(y_true, y_pred, classes, title=title, normalise=normalise)
+        tracking.log_figure(figure, f"plots/{name}")
+        close(figure)
+    pairs = [{"true": t, "predicted": p, "count": n} for t, p, n in confused]
+    tracking.log_dict({"most_confused": pairs}, "most_confused.json")
+    return ece
+
+
+def _tta_accuracy(loaded: LoadedModel, paths: list[Path], y_true: np.ndarray, flip: bool | None) -> tuple[float, str]:
+    """Accuracy of the predictions averaged over views (mirror by default when the model trained with flips)."""
+    if flip is None:
+        flip = bool(loaded.bundle.extra.get("hflip", not loaded.is_pixels))
+    tta_scores = np.concatenate([loaded.tta_probs(images, flip=flip).numpy() for _, images in _batches(paths, loaded)])
+    views = (
+        "image, mirror, 4 corner crops"
+        if flip
+        else "image, 4 corner crops (no mirror: the model trained without flips)"
+    )
+    return float((tta_scores.argmax(1) == y_true).mean()), views
 
 
 def _heldout_split(model: str, manifest: Manifest, tracking_uri: str | None) -> str:

@@ -24,8 +24,10 @@ from tlkit.errors import TlkitError
 from tlkit.models import bundle
 
 if TYPE_CHECKING:
+    from tlkit.features.baseline import BaselineResult
     from tlkit.features.extract import FeatureSet
     from tlkit.models.backbone import Backbone
+    from tlkit.train.finetune import TrainResult
     from tlkit.train.lr_find import LRFindResult
 
 # Each stage imports the heavy libraries it uses (timm, Lightning, scikit-learn, matplotlib) when it
@@ -375,9 +377,7 @@ def run_train(
     """
     manifest = load_data(data, split)
     require_heldout(manifest)  # before torch, Lightning and the model load
-    from tlkit.core.metrics import curves_figure
     from tlkit.features.baseline import fit_baseline
-    from tlkit.models import heads
     from tlkit.train.finetune import MetricsCallback, check_settings, train_batch_figure, train_classifier
 
     compute = compute or ComputeConfig()
@@ -422,71 +422,84 @@ def run_train(
             manifest,
             backbone,
             train,
-            devices=compute.devices,
-            precision=compute.precision,
-            num_workers=compute.num_workers,
-            image_cache_mb=compute.image_cache_mb,
+            compute=compute,
             cache=cache,
             callbacks=[MetricsCallback(run_id)],
             workdir=workdir,
             resume=resume is not None or start_from is not None,
             progress=progress,
         )
-        resolved = result.settings
-        if not resume:
-            tracking.log_params(
-                {
-                    "precision": resolved["precision"],
-                    "lr_resolved": train.lr,
-                    "batch_size_resolved": resolved["batch_size"],
-                    "layer_groups": resolved["groups"],
-                    "group_lrs": [f"{lr:.3g}" for lr in resolved["group_lrs"]],
-                    "phases": [f"{p['name']}@{p['start']}" for p in resolved["phases"]],
-                }
-            )
-        _log_selection(result.heldout_split, resolved["selection"])
-        tracking.log_dict(resolved["train_transform"], "augment/train_transform.json")
-        summary: dict[str, float] = {
-            "best_epoch": result.best_epoch if result.best_epoch is not None else -1,
-            "epochs_run": result.epochs_run,
-        }
-        if result.best_val_accuracy is not None:
-            summary["best_val_accuracy"] = result.best_val_accuracy
-        if "probe_selection_accuracy" in resolved:
-            summary["probe_selection_accuracy"] = resolved["probe_selection_accuracy"]
-        if probe_result is not None:
-            summary["probe_heldout_accuracy"] = probe_result.metrics["heldout_accuracy"]
-        tracking.log_metrics({**result.metrics, **summary})
-        _log_confusion(result.y_true, result.y_pred, manifest.classes, result.heldout_split)
-        history = {
-            key: tracking.metric_steps(run_id, key)
-            for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
-        }
-        phases = [(p["start"], p["name"]) for p in resolved["phases"]]
-        _log_figure(
-            curves_figure(history, phases, title=f"{kind} {backbone.name}: {train.strategy}"),
-            "plots/training_curves.png",
-        )
-        saved = bundle.Bundle(
-            kind=kind,
-            model_name=backbone.name,
-            data_config=dict(backbone.data_config),
-            classes=manifest.classes,
-            weights=backbone.weights,
-            head={"calibration": resolved["selection"].get("temperature", "none")},
-            extra={"best_epoch": result.best_epoch, "strategy": train.strategy, "hflip": train.hflip},
-        )
-        _save_model(
-            saved, result.module.backbone, heads.from_linear(result.module.head, temperature=result.temperature)
-        )
+        summary = _record_fit(run_id, kind, manifest, backbone, train, result, probe_result, resumed=resume is not None)
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the model is in the run; checkpoints only serve --resume
     details = {
         **summary,
         "best_epoch": result.best_epoch,
         "heldout_split": result.heldout_split,  # None, not -1, when no epoch was chosen
-        "precision": resolved["precision"],
+        "precision": result.settings["precision"],
     }
     return StageResult(kind, run_id, result.metrics, f"runs:/{run_id}", details)
+
+
+def _record_fit(
+    run_id: str,
+    kind: str,
+    manifest: Manifest,
+    backbone: Backbone,
+    train: TrainConfig,
+    result: TrainResult,
+    probe_result: BaselineResult | None,
+    *,
+    resumed: bool,
+) -> dict[str, float]:
+    """A finished fit into its run: resolved settings, selection, metrics beside the probe's, curves, the model."""
+    from tlkit.core.metrics import curves_figure
+    from tlkit.models import heads
+
+    resolved = result.settings
+    if not resumed:
+        tracking.log_params(
+            {
+                "precision": resolved["precision"],
+                "lr_resolved": train.lr,
+                "batch_size_resolved": resolved["batch_size"],
+                "layer_groups": resolved["groups"],
+                "group_lrs": [f"{lr:.3g}" for lr in resolved["group_lrs"]],
+                "phases": [f"{p['name']}@{p['start']}" for p in resolved["phases"]],
+            }
+        )
+    _log_selection(result.heldout_split, resolved["selection"])
+    tracking.log_dict(resolved["train_transform"], "augment/train_transform.json")
+    summary: dict[str, float] = {
+        "best_epoch": result.best_epoch if result.best_epoch is not None else -1,
+        "epochs_run": result.epochs_run,
+    }
+    if result.best_val_accuracy is not None:
+        summary["best_val_accuracy"] = result.best_val_accuracy
+    if "probe_selection_accuracy" in resolved:
+        summary["probe_selection_accuracy"] = resolved["probe_selection_accuracy"]
+    if probe_result is not None:
+        summary["probe_heldout_accuracy"] = probe_result.metrics["heldout_accuracy"]
+    tracking.log_metrics({**result.metrics, **summary})
+    _log_confusion(result.y_true, result.y_pred, manifest.classes, result.heldout_split)
+    history = {
+        key: tracking.metric_steps(run_id, key) for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
+    }
+    phases = [(p["start"], p["name"]) for p in resolved["phases"]]
+    _log_figure(
+        curves_figure(history, phases, title=f"{kind} {backbone.name}: {train.strategy}"),
+        "plots/training_curves.png",
+    )
+    saved = bundle.Bundle(
+        kind=kind,
+        model_name=backbone.name,
+        data_config=dict(backbone.data_config),
+        classes=manifest.classes,
+        weights=backbone.weights,
+        head={"calibration": resolved["selection"].get("temperature", "none")},
+        extra={"best_epoch": result.best_epoch, "strategy": train.strategy, "hflip": train.hflip},
+    )
+    _save_model(saved, result.module.backbone, heads.from_linear(result.module.head, temperature=result.temperature))
+    return summary
 
 
 def run_predict(

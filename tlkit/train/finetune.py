@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch.utils.data import WeightedRandomSampler
 
-from tlkit.config import TrainConfig
+from tlkit.config import ComputeConfig, TrainConfig
 from tlkit.core import runtime
 from tlkit.core.metrics import classification_metrics
 from tlkit.data import augment
@@ -626,10 +626,7 @@ def train_classifier(
     backbone: Backbone,
     settings: TrainConfig | None = None,
     *,
-    devices: int | str | list = "auto",
-    precision: str = "auto",
-    num_workers: int | None = None,
-    image_cache_mb: float | None = None,
+    compute: ComputeConfig | None = None,
     cache: Path | None = None,
     callbacks: list[L.Callback] | None = None,
     workdir: Path | None = None,
@@ -648,11 +645,10 @@ def train_classifier(
         manifest: the dataset (train split trains; val split picks the best epoch, or trains too with use_val 'train').
         backbone: the backbone to start from.
         settings: epochs, learning rates, strategy and the rest (TrainConfig()).
-        devices: Lightning devices; several run as spawned DDP processes.
-        precision: Lightning precision or "auto".
-        num_workers: DataLoader workers (default: per machine, see data.default_workers).
-        image_cache_mb: memory for the train and val images, decoded once before the first epoch
-            (default: data.default_image_cache_mb); what does not fit goes to .npy files under `cache`.
+        compute: devices (several run as spawned DDP processes), precision ("auto" or Lightning's), DataLoader
+            workers (default: per machine, see data.default_workers) and image_cache_mb, the memory for the train
+            and val images decoded once before the first epoch (default: data.default_image_cache_mb; what does not
+            fit goes to .npy files under `cache`); its batch_size is not used (settings.batch_size is).
         cache: tlkit's cache folder (default: $TLKIT_CACHE or .tlkit/cache).
         callbacks: extra Lightning callbacks.
         workdir: where checkpoints go (`last.ckpt`, `best.ckpt`); a temporary folder by default.
@@ -665,6 +661,8 @@ def train_classifier(
         The module with the best epoch's weights, and its metrics on the held-out split.
     """
     settings = with_batch_size(settings or TrainConfig(), manifest)
+    compute = compute or ComputeConfig()
+    devices, num_workers, image_cache_mb = compute.devices, compute.num_workers, compute.image_cache_mb
     check_data(manifest, settings)
     if settings.use_val == "train":
         manifest = manifest.with_val_as_train()  # as the baselines refit on train+val; the last epoch is kept
@@ -672,7 +670,7 @@ def train_classifier(
     selects = has_val and bool(manifest.split("test"))  # val may choose the epoch only when test reports
     L.seed_everything(settings.seed, workers=True, verbose=False)
     module = module or build_module(manifest, backbone, settings)
-    precision = runtime.training_precision(precision, module)
+    precision = runtime.training_precision(compute.precision, module)
     L.seed_everything(settings.seed, workers=True, verbose=False)  # the precision probe may have drawn random numbers
     budget = default_image_cache_mb() if image_cache_mb is None else image_cache_mb
     loaders = _Loaders.build(manifest, backbone, settings, num_workers=num_workers, memory_mb=budget, cache=cache)
