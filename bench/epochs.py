@@ -58,7 +58,9 @@ def tlkit_epochs(manifest, backbone, settings, precision, way: str) -> list[floa
         patch.start()
     try:
         compute = ComputeConfig(precision=precision)
-        finetune.train_classifier(manifest, backbone, settings, compute=compute, callbacks=[timer], progress=False)
+        finetune.train_classifier(
+            manifest, backbone, settings, compute=compute, fit=finetune.FitOptions(callbacks=[timer], progress=False)
+        )
     finally:
         for patch in reversed(patches):
             patch.stop()

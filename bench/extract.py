@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tlkit.config import ComputeConfig
 from tlkit.core import runtime
 from tlkit.data import augment
 from tlkit.data.images import load_rgb
@@ -143,16 +144,12 @@ def main() -> None:
         )
 
         # Warm-up: the first Lightning/oneDNN call pays one-off costs that a real run pays once too.
-        extract_features(
-            manifest,
-            backbone,
-            batch_size=args.batch,
-            num_workers=args.workers,
-            precision=precision,
-            cache=tmp / "warm",
-            use_cache=False,
-            progress=False,
-        )
+        def compute(cache: str) -> ComputeConfig:
+            return ComputeConfig(
+                batch_size=args.batch, num_workers=args.workers, precision=precision, cache_dir=str(tmp / cache)
+            )
+
+        extract_features(manifest, backbone, compute=compute("warm"), use_cache=False, progress=False)
         transform = augment.eval_transform(backbone.data_config)
         side = augment.decode_side(transform)
         tensors = torch.stack([augment.apply(transform, load_rgb(path, side)) for path in paths])
@@ -165,16 +162,7 @@ def main() -> None:
         tlkit_times, bare_times, by_hand_times = [], [], []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            extract_features(
-                manifest,
-                backbone,
-                batch_size=args.batch,
-                num_workers=args.workers,
-                precision=precision,
-                cache=tmp / "cache",
-                use_cache=False,
-                progress=False,
-            )
+            extract_features(manifest, backbone, compute=compute("cache"), use_cache=False, progress=False)
             tlkit_times.append(time.perf_counter() - start)
             bare_times.append(bare_forward(backbone.model, batches, precision))
             if args.photos or args.folder is not None:
@@ -182,9 +170,7 @@ def main() -> None:
                     bare_decode_forward(backbone.model, paths, backbone.data_config, args.batch, precision)
                 )
         start = time.perf_counter()
-        cached = extract_features(
-            manifest, backbone, batch_size=args.batch, precision=precision, cache=tmp / "cache", progress=False
-        )
+        cached = extract_features(manifest, backbone, compute=compute("cache"), progress=False)
         cached_s = time.perf_counter() - start
         assert cached.cached
         print(

@@ -32,7 +32,7 @@ def make_module(backbone, classes: int, lr: float) -> ImageClassifier:
         copy.deepcopy(backbone.model),
         backbone.num_features,
         classes,
-        groups=[names for _, names in groups],
+        groups=groups,
         lrs=group_lrs(lr, len(groups), lr_mult=3.0),
         phases=plan_phases("full", epochs=1, n_groups=len(groups)),
     )

@@ -53,11 +53,11 @@ def test_library_callers_get_no_lightning_chatter_either(tmp_path, digits_source
     script = (
         "from tlkit.core import tracking\n"
         "from tlkit.config import BackboneConfig, TrainConfig\n"
-        "from tlkit.runs.stages import run_train\n"
+        "from tlkit.runs.stages import RunOptions, run_train\n"
         "tracking.configure(None, 'lib')\n"
         f"backbone = BackboneConfig(model={TINY_MODEL!r}, pretrained=False, img_size=32)\n"
-        f"r = run_train('finetune', {str(digits_source)!r}, backbone, "
-        "TrainConfig(epochs=2, strategy='freeze-unfreeze', augment='none'), progress=False)\n"
+        f"r = run_train({str(digits_source)!r}, backbone, "
+        "TrainConfig(epochs=2, strategy='freeze-unfreeze', augment='none'), run=RunOptions(progress=False))\n"
         "print('accuracy', r.metrics['heldout_accuracy'])\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -1,6 +1,7 @@
 import numpy as np
 from conftest import TINY_MODEL
 
+from tlkit.config import ComputeConfig
 from tlkit.data.ingest import ingest
 from tlkit.features import extract as feats
 from tlkit.models.backbone import create_backbone
@@ -9,7 +10,9 @@ from tlkit.models.backbone import create_backbone
 def test_extract_caches_by_model_weights_and_data(workdir, digits_source, monkeypatch):
     manifest = ingest(digits_source)
     backbone = create_backbone(TINY_MODEL, img_size=32)
-    first = feats.extract_features(manifest, backbone, batch_size=32, num_workers=0, progress=False)
+    first = feats.extract_features(
+        manifest, backbone, compute=ComputeConfig(batch_size=32, num_workers=0), progress=False
+    )
     assert first.X.shape == (90, backbone.num_features)
     assert not first.cached
     assert np.isfinite(first.X).all()
@@ -20,14 +23,16 @@ def test_extract_caches_by_model_weights_and_data(workdir, digits_source, monkey
         raise AssertionError("the second identical call must read the cache")
 
     monkeypatch.setattr("tlkit.features.forward.forward_loader", refuse)
-    second = feats.extract_features(manifest, backbone, batch_size=32, num_workers=0, progress=False)
+    second = feats.extract_features(
+        manifest, backbone, compute=ComputeConfig(batch_size=32, num_workers=0), progress=False
+    )
     assert second.cached
     assert np.array_equal(second.X, first.X)
     assert second.key == first.key
     other = create_backbone(TINY_MODEL, img_size=32, seed=9)
     monkeypatch.undo()
     monkeypatch.chdir(workdir)
-    third = feats.extract_features(manifest, other, batch_size=32, num_workers=0, progress=False)
+    third = feats.extract_features(manifest, other, compute=ComputeConfig(batch_size=32, num_workers=0), progress=False)
     assert not third.cached
     assert third.key != first.key
 
@@ -40,7 +45,9 @@ def test_features_match_a_plain_forward_pass(workdir, digits_source):
 
     manifest = ingest(digits_source)
     backbone = create_backbone(TINY_MODEL, img_size=32)
-    got = feats.extract_features(manifest, backbone, precision="32-true", num_workers=0, progress=False)
+    got = feats.extract_features(
+        manifest, backbone, compute=ComputeConfig(precision="32-true", num_workers=0), progress=False
+    )
     transform = augment.eval_transform(backbone.data_config)
     batch = torch.stack([augment.apply(transform, load_rgb(manifest.abspath(r))) for r in manifest.records[:4]])
     with torch.no_grad():

@@ -12,10 +12,11 @@ from tlkit.config import ComputeConfig, TrainConfig
 from tlkit.data.ingest import ingest
 from tlkit.errors import TlkitError
 from tlkit.models.backbone import create_backbone
-from tlkit.train.finetune import build_module, train_classifier, train_loader
+from tlkit.train.finetune import FitOptions, build_module, train_classifier, train_loader
 from tlkit.train.lr_find import find_lr
 
 CPU32 = ComputeConfig(num_workers=0, precision="32-true")
+QUIET = FitOptions(progress=False)
 
 
 def fast(**overrides) -> TrainConfig:
@@ -39,9 +40,8 @@ class Recorder(L.Callback):
 def train(manifest, settings, **kwargs):
     recorder = Recorder()
     backbone = create_backbone(TINY_MODEL, img_size=32)
-    result = train_classifier(
-        manifest, backbone, settings, compute=CPU32, progress=False, callbacks=[recorder], **kwargs
-    )
+    fit = FitOptions(progress=False, callbacks=[recorder], **kwargs)
+    result = train_classifier(manifest, backbone, settings, compute=CPU32, fit=fit)
     return result, recorder, backbone
 
 
@@ -78,7 +78,7 @@ def test_frozen_groups_do_not_move_and_bn_statistics_stay_fixed(workdir, manifes
     backbone = create_backbone(TINY_MODEL, img_size=32)
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     settings = fast(strategy="linear-probe", bn="frozen")
-    result = train_classifier(manifest, backbone, settings, compute=CPU32, progress=False)
+    result = train_classifier(manifest, backbone, settings, compute=CPU32, fit=QUIET)
     after = result.module.backbone.state_dict()
     for key, value in before.items():
         assert torch.equal(after[key], value), f"{key} changed in a frozen body"
@@ -93,7 +93,7 @@ def test_bn_train_policy_updates_statistics_of_frozen_groups(workdir, manifest):
         backbone,
         fast(strategy="linear-probe", bn="train"),
         compute=CPU32,
-        progress=False,
+        fit=QUIET,
     )
     after = result.module.backbone.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in before.items())
@@ -144,9 +144,7 @@ def test_resume_continues_from_the_last_checkpoint(workdir, manifest):
             backbone,
             settings,
             compute=CPU32,
-            progress=False,
-            callbacks=[Stop()],
-            workdir=workdir / "ck",
+            fit=FitOptions(progress=False, callbacks=[Stop()], workdir=workdir / "ck"),
         )
     saved = torch.load(workdir / "ck" / "last.ckpt", weights_only=True)
     assert saved["epoch"] == 0
@@ -157,15 +155,14 @@ def test_resume_continues_from_the_last_checkpoint(workdir, manifest):
         create_backbone(TINY_MODEL, img_size=32),
         settings,
         compute=CPU32,
-        progress=False,
-        callbacks=[recorder],
-        workdir=workdir / "ck",
-        resume=True,
+        fit=FitOptions(progress=False, callbacks=[recorder], workdir=workdir / "ck", resume=True),
     )
     assert result.epochs_run == 4
     assert len(recorder.trainable) == 3  # epochs 1, 2, 3 only
     with pytest.raises(TlkitError, match="nothing to resume"):
-        train_classifier(manifest, backbone, settings, workdir=workdir / "none", resume=True, progress=False)
+        train_classifier(
+            manifest, backbone, settings, fit=FitOptions(workdir=workdir / "none", resume=True, progress=False)
+        )
 
 
 def test_lr_finder_keeps_ratios_and_restores_weights(workdir, manifest):
@@ -209,8 +206,7 @@ def test_use_val_train_trains_on_val_and_keeps_the_last_epoch(workdir, manifest)
             backbone,
             fast(epochs=1, use_val="train", strategy="full"),
             compute=CPU32,
-            progress=False,
-            callbacks=[Batches()],
+            fit=FitOptions(progress=False, callbacks=[Batches()]),
         )
     assert seen == [n_train + n_val]
     assert not [
@@ -236,7 +232,7 @@ def test_without_test_split_val_chooses_no_epoch(workdir, digits_source):
 def test_lp_ft_probe_never_chooses_on_the_held_out_val(workdir, digits_source):
     manifest = ingest(digits_source, val=0.3, test=0.0, seed=0)
     result, _, _ = train(manifest, fast(epochs=2, strategy="lp-ft"))
-    assert result.settings["selection"]["probe_C"] == "cross-validation on train"
+    assert result.settings["selection"]["probe_C"].endswith("-fold cross-validation on train")
     with_test, _, _ = train(ingest(digits_source, seed=0), fast(epochs=2, strategy="lp-ft"))
     assert with_test.settings["selection"]["probe_C"] == "validation split"
 

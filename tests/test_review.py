@@ -14,13 +14,13 @@ import torch
 from conftest import TINY_MODEL
 from test_cli import assert_one_line_error, invoke
 
-from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, TrainConfig
+from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, EvaluateConfig, TrainConfig
 from tlkit.core import tracking
 from tlkit.errors import TlkitError
 from tlkit.models.network import load_model
 from tlkit.review.predict import predict_images
 from tlkit.runs.evaluate import run_evaluate, run_explain, run_export
-from tlkit.runs.stages import run_baseline, run_train
+from tlkit.runs.stages import RunOptions, run_baseline, run_train
 
 KINDS = ["finetune", "svm", "logreg", "pixels"]
 CLASSES = [2, 3]
@@ -41,7 +41,7 @@ def store(tmp_path_factory, digits_target, digits_pair):
         compute = ComputeConfig(num_workers=0)
         for n, data in ((3, digits_target), (2, digits_pair)):
             train = TrainConfig(epochs=4, strategy="full", augment="none", hflip=False, lr=3e-3)
-            models[n, "finetune"] = run_train("finetune", data, backbone, train, compute=compute, progress=False)
+            models[n, "finetune"] = run_train(data, backbone, train, compute=compute, run=RunOptions(progress=False))
             for kind in ("svm", "logreg", "pixels"):
                 models[n, kind] = run_baseline(data, backbone, BaselineConfig(classifier=kind), compute=compute)
             models[n, "data"] = data
@@ -94,7 +94,7 @@ def test_predict_evaluate_and_served_model_give_one_answer(here, n, kind):
             np.testing.assert_allclose([row[c] for c in loaded.classes], predicted[str(path)], atol=1e-6)
             assert row["class"] == loaded.classes[int(np.argmax(predicted[str(path)]))]
 
-    evaluation = run_evaluate(uri, data, split="test")
+    evaluation = run_evaluate(uri, data, EvaluateConfig(split="test"))
     listed = tracking.client().download_artifacts(
         evaluation.run_id, "predictions.csv", str(here["folder"] / f"eval-{n}-{kind}")
     )
@@ -185,7 +185,9 @@ def test_evaluate_logs_metrics_plots_tta_maps_and_fgsm(here):
     from mlflow import MlflowClient
 
     uri, data = here[3, "finetune"].model_uri, here[3, "data"]
-    result = run_evaluate(uri, data, tta=True, explain_top=2, method="gradcam", attack="fgsm", eps=[2 / 255, 0.05])
+    result = run_evaluate(
+        uri, data, EvaluateConfig(tta=True, explain=2, method="gradcam", attack="fgsm", eps=[2 / 255, 0.05])
+    )
     m = result.metrics
     assert {
         "test_accuracy",
@@ -223,7 +225,7 @@ def test_evaluate_logs_metrics_plots_tta_maps_and_fgsm(here):
 def test_evaluate_two_classes_with_tta_maps_and_fgsm(here, kind):
     uri, data = here[2, kind].model_uri, here[2, "data"]
     method = "saliency" if kind == "pixels" else "gradcam"
-    result = run_evaluate(uri, data, tta=True, explain_top=1, method=method, attack="fgsm", eps=[0.05])
+    result = run_evaluate(uri, data, EvaluateConfig(tta=True, explain=1, method=method, attack="fgsm", eps=[0.05]))
     assert {"test_accuracy", "test_ece", "test_tta_accuracy", "test_fgsm_accuracy.eps_0.0500"} <= set(result.metrics)
     assert 0 <= result.metrics["test_ece"] <= 1
 

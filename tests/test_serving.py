@@ -18,7 +18,7 @@ from test_ui import free_port, serving
 from tlkit.config import BackboneConfig, ComputeConfig, TrainConfig
 from tlkit.core import tracking
 from tlkit.review.predict import predict_images
-from tlkit.runs.stages import run_train
+from tlkit.runs.stages import RunOptions, run_train
 
 pytestmark = (
     pytest.mark.slow
@@ -73,12 +73,11 @@ def served(tmp_path_factory, digits_pair):
         tracking.configure(None, "serving")
         train = TrainConfig(epochs=2, strategy="full", augment="none", hflip=False, lr=3e-3)
         model = run_train(
-            "finetune",
             digits_pair,
             BackboneConfig(model=TINY_MODEL, pretrained=False, img_size=32),
             train,
             compute=ComputeConfig(num_workers=0),
-            progress=False,
+            run=RunOptions(progress=False),
         ).model_uri
         port = free_port()
         patch.setenv("MLFLOW_TRACKING_URI", tracking.resolve_tracking_uri())

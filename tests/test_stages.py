@@ -6,13 +6,14 @@ from pathlib import Path
 import pytest
 from conftest import TINY_MODEL
 
-from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, SplitConfig, TrainConfig
+from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, PretrainConfig, SplitConfig, TrainConfig
 from tlkit.core import tracking
 from tlkit.errors import TlkitError
-from tlkit.runs.stages import run_baseline, run_extract, run_ingest, run_predict, run_train
+from tlkit.runs.stages import RunOptions, run_baseline, run_extract, run_ingest, run_predict, run_train
 
 TINY = BackboneConfig(model=TINY_MODEL, pretrained=False, img_size=32)
 CPU = ComputeConfig(num_workers=0, batch_size=32)
+QUIET = RunOptions(progress=False)
 
 
 def artifacts(client, run_id, path=""):
@@ -76,7 +77,7 @@ def test_baseline_run_contents_and_prediction(tracked, digits_source, classifier
 
 def test_pretrain_then_finetune_from_the_run(tracked, digits_source, digits_target):
     train = TrainConfig(epochs=2, batch_size=16, augment="none", strategy="freeze-unfreeze", bn="frozen")
-    pre = run_train("pretrain", digits_source, TINY, train, compute=CPU, progress=False)
+    pre = run_train(digits_source, TINY, PretrainConfig(**train.model_dump()), compute=CPU, run=QUIET)
     run = tracked.get_run(pre.run_id)
     history = tracked.get_metric_history(pre.run_id, "val_accuracy")
     assert [m.step for m in history] == [0, 1]
@@ -99,9 +100,7 @@ def test_pretrain_then_finetune_from_the_run(tracked, digits_source, digits_targ
     assert dataset.dataset.digest == run.data.tags["tlkit.data_fingerprint"]
     assert json.loads(dataset.dataset.profile) == {"classes": 3, "n_train": 66, "n_val": 12, "n_test": 12}
 
-    fine = run_train(
-        "finetune", digits_target, BackboneConfig(weights=pre.model_uri), train, compute=CPU, progress=False
-    )
+    fine = run_train(digits_target, BackboneConfig(weights=pre.model_uri), train, compute=CPU, run=QUIET)
     fine_run = tracked.get_run(fine.run_id)
     assert fine_run.data.params["weights"] == pre.model_uri
     assert fine_run.data.params["model"] == TINY_MODEL
@@ -159,13 +158,11 @@ def test_resume_continues_the_same_mlflow_run(tracked, digits_source, monkeypatc
     monkeypatch.setattr(finetune, "PhaseCallback", Interrupted)
     train = TrainConfig(epochs=3, batch_size=16, augment="none", strategy="freeze-unfreeze")
     with pytest.raises((KeyboardInterrupt, SystemExit)):
-        run_train("finetune", digits_source, TINY, train, compute=CPU, progress=False)
+        run_train(digits_source, TINY, train, compute=CPU, run=QUIET)
     interrupted = tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])[0]
     assert interrupted.info.status == "KILLED"
     monkeypatch.setattr(finetune, "PhaseCallback", original)
-    result = run_train(
-        "finetune", digits_source, TINY, train, compute=CPU, progress=False, resume=interrupted.info.run_id
-    )
+    result = run_train(digits_source, TINY, train, compute=CPU, run=QUIET, resume=interrupted.info.run_id)
     assert result.run_id == interrupted.info.run_id
     run = tracked.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -174,12 +171,11 @@ def test_resume_continues_the_same_mlflow_run(tracked, digits_source, monkeypatc
     assert len(tracked.search_runs([run.info.experiment_id])) == 1
     with pytest.raises(TlkitError, match="other settings"):
         run_train(
-            "finetune",
             digits_source,
             TINY,
             train.model_copy(update={"epochs": 5}),
             compute=CPU,
-            progress=False,
+            run=QUIET,
             resume=result.run_id,
         )
 
@@ -188,7 +184,7 @@ def test_resume_continues_the_same_mlflow_run(tracked, digits_source, monkeypatc
 def test_ddp_on_cpu_with_two_processes_logs_one_run(tracked, digits_source):
     train = TrainConfig(epochs=2, batch_size=8, augment="none", strategy="freeze-unfreeze")
     compute = ComputeConfig(devices=2, num_workers=0, precision="32-true")
-    result = run_train("finetune", digits_source, TINY, train, compute=compute, progress=False)
+    result = run_train(digits_source, TINY, train, compute=compute, run=QUIET)
     runs = tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])
     assert len(runs) == 1
     assert runs[0].info.run_id == result.run_id

@@ -12,13 +12,14 @@ import yaml
 from conftest import TINY_MODEL
 
 from tlkit.cli.app import app
-from tlkit.config import BackboneConfig, ComputeConfig, SplitConfig, TrainConfig
+from tlkit.config import BackboneConfig, ComputeConfig, SplitConfig, TrainConfig, TuneConfig
 from tlkit.data.ingest import ingest
 from tlkit.errors import TlkitError
 from tlkit.models.backbone import create_backbone
 from tlkit.pipelines import tune
 from tlkit.pipelines.space import parse_space
-from tlkit.train.finetune import train_classifier
+from tlkit.runs.stages import RunOptions
+from tlkit.train.finetune import FitOptions, train_classifier
 
 SPACE = {
     "lr": {"low": 2e-3, "high": 2e-2, "log": True},
@@ -76,25 +77,27 @@ def test_a_hopeless_trial_is_pruned_before_its_schedule_ends(digits_target):
     backbone = create_backbone(TINY_MODEL, pretrained=False, img_size=32)
     pruning = tune.PruningCallback(study.ask())
     settings = TrainConfig(epochs=8, lr=1e-9, strategy="full", augment="none", hflip=False)
-    result = train_classifier(
-        manifest, backbone, settings, callbacks=[pruning], progress=False, compute=ComputeConfig(precision="32-true")
-    )
+    fit = FitOptions(callbacks=[pruning], progress=False)
+    result = train_classifier(manifest, backbone, settings, fit=fit, compute=ComputeConfig(precision="32-true"))
     assert pruning.pruned_at is not None
     assert pruning.pruned_at < 8
     assert result.epochs_run == pruning.pruned_at  # training stopped at that epoch's end
 
 
-def _tune(data, tmp_path, **kwargs):
-    options = dict(
-        trials=3,
-        split=SplitConfig(val=0.2, test=0.3),
-        compute=None,
-        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+QUIET = RunOptions(progress=False)
+
+
+def _tune(data, tmp_path, space=SPACE, **settings):
+    study = TuneConfig(**{"trials": 3, "storage": f"sqlite:///{tmp_path / 'optuna.db'}", **settings})
+    job = tune.TuneJob(
+        data,
+        BACKBONE,
+        parse_space(space),
         base=TrainConfig(seed=0),
-        progress=False,
+        settings=study,
+        split=SplitConfig(val=0.2, test=0.3),
     )
-    options.update(kwargs)
-    return tune.run_tune(data, BACKBONE, parse_space(SPACE), **options)
+    return tune.run_tune(job, run=QUIET)
 
 
 def test_trials_never_see_the_heldout_split_and_the_best_is_retrained_once(
@@ -232,16 +235,7 @@ def test_ctrl_c_marks_open_runs_killed_and_the_same_command_resumes(
 def test_a_study_started_with_other_inputs_is_refused(tracked, digits_target, tmp_path):
     _tune(digits_target, tmp_path, trials=1, study="shared")
     with pytest.raises(TlkitError, match="was started with other space"):
-        tune.run_tune(
-            digits_target,
-            BACKBONE,
-            parse_space({**SPACE, "epochs": [2]}),
-            trials=1,
-            study="shared",
-            split=SplitConfig(val=0.2, test=0.3),
-            storage=f"sqlite:///{tmp_path / 'optuna.db'}",
-            progress=False,
-        )
+        _tune(digits_target, tmp_path, {**SPACE, "epochs": [2]}, trials=1, study="shared")
 
 
 def test_an_unreachable_storage_is_a_one_line_error_in_seconds():
@@ -328,16 +322,15 @@ def test_trial_0_is_the_base_recipe(tracked, digits_target, tmp_path):
         {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "epochs": [2, 3], "augment": "none", "hflip": False}
     )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    outcome = tune.run_tune(
+    job = tune.TuneJob(
         digits_target,
         BACKBONE,
         space,
         base=TrainConfig(epochs=2, augment="none", hflip=False),
-        trials=1,
+        settings=TuneConfig(trials=1, storage=storage),
         split=SplitConfig(val=0.2, test=0.3),
-        storage=storage,
-        progress=False,
     )
+    outcome = tune.run_tune(job, run=QUIET)
     (first,) = optuna.load_study(study_name=outcome.study, storage=storage).trials
     assert first.params == {"lr": 0.001, "epochs": 2}
     assert first.user_attrs["default_recipe"]
@@ -351,17 +344,16 @@ def test_a_budget_bounds_the_whole_tune_and_scales_a_recipe_that_would_not_fit(t
     space = parse_space({**SPACE, "lr": [1e-2, 5e-3], "epochs": 60, "strategy": "full"})
     lines = []
     start = time.monotonic()
-    outcome = tune.run_tune(
+    job = tune.TuneJob(
         digits_target,
         BACKBONE,
         space,
         base=TrainConfig(seed=0),
-        trials=None,
-        budget_s=15,
+        settings=TuneConfig(budget="15s"),
         split=SplitConfig(val=0.2, test=0.3),
         compute=ComputeConfig(num_workers=0),
-        report=lines.append,
     )
+    outcome = tune.run_tune(job, report=lines.append)
     elapsed = time.monotonic() - start
     first = lines[0]
     epoch = first.seconds / first.epochs

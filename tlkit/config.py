@@ -82,6 +82,11 @@ class ComputeConfig(Settings):
         description="MB of memory for training images decoded once (default: a quarter of RAM, at most 8192); the "
         "rest go to the cache folder",
     )
+    cache_dir: str | None = Field(
+        None,
+        description="cache folder for features and decoded images (default .tlkit/cache)",
+        json_schema_extra={"envvar": "TLKIT_CACHE"},
+    )
 
 
 class TrackingConfig(Settings):
@@ -97,6 +102,16 @@ class TrackingConfig(Settings):
     )
     run_name: str | None = Field(
         None, description="name of the MLflow run (default: what it is, e.g. 'efficientnet_lite0 + svm')"
+    )
+
+
+class ModelTrackingConfig(TrackingConfig):
+    """Where a run about a saved model is recorded: by default in that model's experiment."""
+
+    experiment: str | None = Field(
+        None,
+        description="MLflow experiment (default: the model run's)",
+        json_schema_extra={"envvar": "MLFLOW_EXPERIMENT_NAME"},
     )
 
 
@@ -287,26 +302,44 @@ class BaselineStage(ModelStage):
     baseline: BaselineConfig = BaselineConfig()
 
 
-class TuneStage(ModelStage):
-    """Search fine-tuning recipes (as `tlkit tune`); the best recipe, retrained, is the stage's model."""
+class TuneConfig(Settings):
+    """A recipe search: its size, its space, and where its study lives (`tlkit tune`, a pipeline's tune stage)."""
 
-    stage: Literal["tune"]
-    trials: int | None = Field(15, ge=1, description="trials in the study (null: as many as the budget allows)")
+    trials: int | None = Field(
+        None,
+        ge=1,
+        description="trials in the study, over all workers (default 15; with a budget alone: as many as fit)",
+    )
     budget: str | float | None = Field(
-        None, description="start no trial after this long: 30m, 2h, 90s (a number: minutes)"
+        None,
+        description="wall-clock budget, e.g. 30m, 2h, 90s (a number: minutes): trials and the retrain of the best "
+        "recipe end within it (plus about one epoch); a trial that would overrun is cut",
     )
     space: str | dict | None = Field(
-        None, description="search space file (relative to the pipeline file) or an inline mapping; default: tlkit's"
+        None,
+        description="search space YAML (in a pipeline: relative to its file, or an inline mapping; default: head lr, "
+        "lr_mult, strategy, epochs, freeze_epochs, augment, label smoothing, BatchNorm)",
     )
-    train: TrainConfig = TrainConfig()  # settings the space does not name; its seed seeds the study
-    selection: float = Field(0.2, gt=0, lt=1, description="without a test split: share of train that scores trials")
-    study: str | None = Field(None, description="Optuna study name (default: derived from the stage's inputs)")
-    storage: str | None = Field(None, description="Optuna storage URL (default: optuna.db beside mlflow.db)")
+    selection: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="without a test split: share of each class's training images that scores trials (val is then "
+        "held out)",
+    )
+    study: str | None = Field(
+        None,
+        description="study name (default: derived from data, model, space and seed, so the same command resumes it)",
+    )
+    storage: str | None = Field(
+        None,
+        description="Optuna storage URL, e.g. postgresql://user:pw@host/db to share the study between workers "
+        "(default: sqlite optuna.db beside mlflow.db)",
+        json_schema_extra={"envvar": "TLKIT_TUNE_STORAGE"},
+    )
 
     @model_validator(mode="after")
-    def _budgeted(self) -> TuneStage:
-        if self.trials is None and self.budget is None:
-            raise ValueError("give trials, budget, or both")
+    def _budgeted(self) -> TuneConfig:
         if self.budget is not None:
             try:
                 parse_duration(self.budget)
@@ -314,26 +347,56 @@ class TuneStage(ModelStage):
                 raise ValueError(str(err)) from None
         return self
 
+    @property
+    def budget_s(self) -> float | None:
+        return None if self.budget is None else parse_duration(self.budget)
+
+    @property
+    def trial_count(self) -> int | None:
+        """The trials to run: as given; 15 when neither trials nor a budget is; None (until the budget) with a budget
+        alone."""
+        return 15 if self.trials is None and self.budget is None else self.trials
+
+
+class TuneStage(ModelStage, TuneConfig):
+    """Search fine-tuning recipes (as `tlkit tune`); the best recipe, retrained, is the stage's model."""
+
+    stage: Literal["tune"]
+    train: TrainConfig = TrainConfig()  # settings the space does not name; its seed seeds the study
+
 
 class ExtractStage(ModelStage):
     stage: Literal["extract"]
 
 
-class EvaluateStage(Settings):
+class EvaluateConfig(Settings):
+    """How a saved model is scored (`tlkit evaluate`, a pipeline's evaluate stage)."""
+
+    split: Literal["train", "val", "test"] | None = Field(
+        None,
+        description="which split to score (default: the split the model's run reported on, as held out; else test, "
+        "else val)",
+    )
+    tta: bool = Field(False, description="also average predictions over the mirror image and 4 corner crops")
+    tta_flip: bool | None = Field(None, description="mirror in TTA (default: if the model trained with flips)")
+    explain: int = Field(0, ge=0, description="maps for the N top losses")
+    method: Literal["saliency", "gradcam", "occlusion"] = Field(
+        "saliency", description="saliency (gradients), gradcam (the last convolution's activations) or occlusion"
+    )
+    attack: Literal["fgsm"] | None = Field(None, description="fgsm: accuracy under the fast gradient sign attack")
+    eps: list[float] | None = Field(
+        None, description="FGSM budgets, fractions of the pixel range (default 1/255, 2/255, 4/255, 8/255)"
+    )
+    top_losses: int = Field(16, ge=1, description="images in the top-losses plot")
+
+
+class EvaluateStage(EvaluateConfig):
     """Score an earlier stage's model (or a runs:/ model) on a dataset's split."""
 
     id: str
     stage: Literal["evaluate"]
     model: str = Field(description="an earlier stage's id, or runs:/RUN_ID")
     data: str = Field(description="a dataset name from `datasets`")
-    split: Literal["train", "val", "test"] = "test"
-    tta: bool = Field(False, description="also average predictions over the mirror image and 4 corner crops")
-    explain: int = Field(0, ge=0, description="maps for the N top losses")
-    method: Literal["saliency", "gradcam", "occlusion"] = Field(
-        "saliency", description="saliency (gradients), gradcam (the last convolution's activations) or occlusion"
-    )
-    attack: Literal["fgsm"] | None = Field(None, description="fgsm: accuracy under the fast gradient sign attack")
-    eps: list[float] | None = Field(None, description="FGSM budgets, fractions of the pixel range")
 
 
 class PredictStage(Settings):

@@ -249,10 +249,6 @@ Weights = Annotated[
     str | None,
     typer.Option(help="Weights: a .safetensors / state-dict file, runs:/RUN_ID of a tlkit run, or pkg:NAME."),
 ]
-CacheDir = Annotated[
-    Path | None,
-    typer.Option(envvar="TLKIT_CACHE", help="Cache folder for features and decoded images (default .tlkit/cache)."),
-]
 RunName = Annotated[
     str | None, typer.Option(help="Name of the MLflow run (default: what it is, e.g. 'efficientnet_lite0 + svm').")
 ]
@@ -293,6 +289,13 @@ def _backbone(values: dict, seed: int):
 def _compute(values: dict, **fixed):
     values = dict(values)
     return build("ComputeConfig", values, devices=_devices(str(values.pop("devices"))), **fixed)
+
+
+def _run(tracking: dict):
+    """A command's tracking group -> the RunOptions its stage takes (the experiment is set by `_tracking`)."""
+    from tlkit.runs.stages import RunOptions
+
+    return RunOptions(tracking_uri=tracking["tracking_uri"], run_name=tracking.get("run_name"))
 
 
 def _tracking(uri, experiment: str | None = None, model: str | None = None) -> None:
@@ -468,7 +471,13 @@ def backbone_filters_command(
     from tlkit.runs.evaluate import run_filters
 
     _tracking(tracking_uri, experiment)
-    result = run_filters(model, pretrained=pretrained, weights=weights, out=out, tracking_uri=tracking_uri)
+    result = run_filters(
+        model,
+        pretrained=pretrained,
+        weights=weights,
+        out=out,
+        run=_run({"tracking_uri": tracking_uri, "run_name": None}),
+    )
     shape = result.details["shape"]
     console.print(
         f"{shape[0]} filters of {shape[2]}x{shape[3]} ({result.details['weights']}) drawn to {result.files[0]}",
@@ -521,20 +530,13 @@ def extract_command(
     compute: dict,
     tracking: dict,
     seed: Seed = 0,
-    cache_dir: CacheDir = None,
 ):
     """Run the frozen backbone over every image and cache the features."""
     from tlkit.runs.stages import run_extract
 
     _tracking(tracking)
     features, result = run_extract(
-        data,
-        _backbone(backbone, seed),
-        split=_split(split, seed),
-        compute=_compute(compute),
-        cache=cache_dir,
-        run_name=tracking["run_name"],
-        tracking_uri=tracking["tracking_uri"],
+        data, _backbone(backbone, seed), split=_split(split, seed), compute=_compute(compute), run=_run(tracking)
     )
     how = "read from cache" if features.cached else "computed"
     n, seconds = len(features.X), result.details["seconds"]
@@ -556,7 +558,6 @@ def baseline_command(
     compute: dict,
     tracking: dict,
     seed: Seed = 0,
-    cache_dir: CacheDir = None,
 ):
     """Fit a linear classifier on frozen features (C chosen on val) and report held-out metrics."""
     from tlkit.config import BackboneConfig
@@ -572,9 +573,7 @@ def baseline_command(
         settings,
         split=_split(split, seed),
         compute=_compute(compute),
-        cache=cache_dir,
-        run_name=tracking["run_name"],
-        tracking_uri=tracking["tracking_uri"],
+        run=_run(tracking),
     )
     title = f"{result.details['model']} + {'svm' if pixels else settings.classifier} (C={result.details['C']:g})"
     console.print(_metrics_table(title, result.metrics, result.details["heldout_split"]))
@@ -587,9 +586,7 @@ Resume = Annotated[
 ]
 
 
-def _train(
-    kind: str, data: str, options: dict, *, seed: int, cache_dir: Path | None, resume: str | None, probe: bool = False
-) -> None:
+def _train(kind: str, data: str, options: dict, *, seed: int, resume: str | None, probe: bool = False) -> None:
     """pretrain / finetune; `options`: the command's settings groups (train, backbone, split, compute, tracking)."""
     from tlkit.runs.stages import run_train
 
@@ -599,17 +596,7 @@ def _train(
     tracking = options["tracking"]
     _tracking(tracking)  # every option checked before anything touches MLflow
     result = run_train(
-        kind,
-        data,
-        backbone,
-        train,
-        split=split,
-        compute=compute,
-        tracking_uri=tracking["tracking_uri"],
-        resume=resume,
-        probe=probe,
-        cache=cache_dir,
-        run_name=tracking["run_name"],
+        data, backbone, train, split=split, compute=compute, run=_run(tracking), resume=resume, probe=probe
     )
     d = result.details
     kept = f"best epoch {d['best_epoch']}" if d["best_epoch"] is not None else f"last of {d['epochs_run']} epochs"
@@ -637,12 +624,11 @@ def pretrain_command(
     compute: dict,
     tracking: dict,
     seed: Seed = 0,
-    cache_dir: CacheDir = None,
     resume: Resume = None,
 ):
     """Train a backbone end to end on a source dataset; reuse it later with --weights runs:/RUN_ID."""
     options = dict(train=train, backbone=backbone, split=split, compute=compute, tracking=tracking)
-    _train("pretrain", data, options, seed=seed, cache_dir=cache_dir, resume=resume)
+    _train("pretrain", data, options, seed=seed, resume=resume)
 
 
 @app.command("finetune")
@@ -663,12 +649,11 @@ def finetune_command(
             help="Also score a linear SVM on the frozen features (cached) and say if it beats the fine-tune.",
         ),
     ] = True,
-    cache_dir: CacheDir = None,
     resume: Resume = None,
 ):
     """Fine-tune a backbone with a new head: discriminative learning rates and a freezing strategy."""
     options = dict(train=train, backbone=backbone, split=split, compute=compute, tracking=tracking)
-    _train("finetune", data, options, seed=seed, cache_dir=cache_dir, resume=resume, probe=probe)
+    _train("finetune", data, options, seed=seed, resume=resume, probe=probe)
 
 
 @app.command("lr-find")
@@ -695,7 +680,7 @@ def lr_find_command(
         settings,
         split=split_config,
         compute=_compute({"devices": "auto", **compute}, batch_size=settings.batch_size or 64),
-        tracking_uri=tracking["tracking_uri"],
+        run=_run(tracking),
     )
     console.print(
         f"suggested head learning rate: {result.metrics['suggested_lr']:.3g}  (plot: plots/lr_find.png in the run)"
@@ -705,56 +690,15 @@ def lr_find_command(
 
 @app.command("tune")
 @command
-@settings(backbone="backbone", split="split", compute=("compute", ("-batch_size",)), tracking="tracking")
+@settings(tune="tune", backbone="backbone", split="split", compute=("compute", ("-batch_size",)), tracking="tracking")
 def tune_command(
     data: DataArg,
+    tune: dict,
     backbone: dict,
     split: dict,
     compute: dict,
     tracking: dict,
-    trials: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Trials in the study, over all workers (default 15; with --budget alone: as many as fit)."
-        ),
-    ] = None,
-    budget: Annotated[
-        str | None,
-        typer.Option(
-            help="Wall-clock budget, e.g. 30m, 2h, 90s: trials and the retrain of the best recipe end within it (plus "
-            "about one epoch); a trial that would overrun is cut."
-        ),
-    ] = None,
-    space: Annotated[
-        Path | None,
-        typer.Option(
-            help="Search space YAML (default: head lr, lr_mult, strategy, epochs, freeze_epochs, augment, label "
-            "smoothing, BatchNorm)."
-        ),
-    ] = None,
-    study: Annotated[
-        str | None,
-        typer.Option(
-            help="Study name (default: derived from data, model, space and seed, so the same command resumes it)."
-        ),
-    ] = None,
-    storage: Annotated[
-        str | None,
-        typer.Option(
-            envvar="TLKIT_TUNE_STORAGE",
-            help="Optuna storage URL, e.g. postgresql://user:pw@host/db to share the study between workers (default: "
-            "sqlite optuna.db beside mlflow.db).",
-        ),
-    ] = None,
-    selection: Annotated[
-        float,
-        typer.Option(
-            help="Without a test split: share of each class's training images that scores trials (val is then held "
-            "out).",
-        ),
-    ] = 0.2,
     seed: Seed = 0,
-    cache_dir: CacheDir = None,
     ray: Annotated[
         str | None,
         typer.Option(
@@ -773,35 +717,25 @@ def tune_command(
     ] = 2,
 ):
     """Search fine-tuning recipes (Optuna TPE, pruning), retrain the best and score it on held-out data."""
-    from tlkit.config import TrainConfig, parse_duration
+    from tlkit.config import TrainConfig
     from tlkit.pipelines.space import load_space
 
-    if not 0 < selection < 1:
-        raise TlkitError(f"--selection must be between 0 and 1 (a share of train), got {selection}")
-    budget_s = parse_duration(budget) if budget is not None else None
-    if trials is None and budget_s is None:
-        trials = 15
-    search = load_space(space)  # every error of the space file before anything runs
-    job = dict(
-        data=data,
-        backbone_config=_backbone(backbone, seed),
-        space=search,
+    settings = build("TuneConfig", tune)
+    search = load_space(settings.space)  # every error of the space file before anything runs
+    from tlkit.pipelines.tune import TuneJob
+
+    job = TuneJob(
+        data,
+        _backbone(backbone, seed),
+        search,
         base=TrainConfig(seed=seed),
-        trials=trials,
-        budget_s=budget_s,
-        study=study,
-        storage=storage,
-        selection_fraction=selection,
+        settings=settings,
         split=_split(split, seed),
         compute=_compute(compute),
-        cache=cache_dir,
         data_label=data,
-        run_name=tracking["run_name"],
     )
     _tracking(tracking)
-    outcome = (
-        _tune_here(job, tracking["tracking_uri"]) if ray is None else _tune_on_ray(job, tracking, ray, ray_workers)
-    )
+    outcome = _tune_here(job, _run(tracking)) if ray is None else _tune_on_ray(job, _run(tracking), ray, ray_workers)
     counts = outcome.trials
     console.print(
         f"study {outcome.study} ({outcome.storage}): {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
@@ -837,23 +771,25 @@ def _trial_line(t) -> None:
     console.print(t.text(), highlight=False, soft_wrap=True)
 
 
-def _tune_here(job: dict, tracking_uri: str | None):
+def _tune_here(job, run):
     from tlkit.pipelines.tune import run_tune
 
-    return run_tune(**job, tracking_uri=tracking_uri, report=_trial_line, started=_STARTED)  # start-up counts too
+    return run_tune(job, run=run, report=_trial_line, started=_STARTED)  # start-up counts too
 
 
-def _tune_on_ray(job: dict, tracking: dict, address: str, workers: int):
+def _tune_on_ray(job, run, address: str, workers: int):
+    from dataclasses import replace
+
     from tlkit.core import tracking as mlflow_tracking
     from tlkit.pipelines.cluster import connected, run_tune_workers
 
-    if job["budget_s"] is not None:
-        job["budget_s"] -= time.monotonic() - _STARTED
-    uri = mlflow_tracking.resolve_tracking_uri(tracking["tracking_uri"])
+    budget_s = job.settings.budget_s
+    if budget_s is not None:  # the workers' clocks start later, elsewhere: the start-up here counts against the budget
+        left = max(1.0, budget_s - (time.monotonic() - _STARTED))
+        job = replace(job, settings=job.settings.model_copy(update={"budget": f"{left:.3f}s"}))
+    run = replace(run, tracking_uri=mlflow_tracking.resolve_tracking_uri(run.tracking_uri))
     with connected(address) as cluster:
-        outcomes = run_tune_workers(
-            cluster, workers, {**job, "tracking_uri": uri, "experiment": mlflow_tracking.experiment_name()}
-        )
+        outcomes = run_tune_workers(cluster, workers, job, run, mlflow_tracking.experiment_name())
     return next((o for o in outcomes if o.final is not None), outcomes[-1])
 
 
@@ -877,7 +813,7 @@ def predict_command(
 
     _tracking(tracking_uri, experiment)
     rows, skipped, result = run_predict(
-        model, images, top_k=top_k, out=out, run_name=run_name, tracking_uri=tracking_uri
+        model, images, top_k=top_k, out=out, run=_run({"tracking_uri": tracking_uri, "run_name": run_name})
     )
     score = "probability"
     table = Table()
@@ -899,53 +835,26 @@ def predict_command(
 
 @app.command("evaluate")
 @command
-@settings(review="evaluate", data_split="split")
+@settings(review=("evaluate", ("-eps",)), data_split="split", tracking="model-tracking")
 def evaluate_command(
     model: Annotated[str, typer.Argument(help="runs:/RUN_ID of a baseline, pretrain or finetune run.")],
     data: DataArg,
     review: dict,
     data_split: dict,
-    split: Annotated[
-        str | None,
-        typer.Option(
-            help="Which split to score: test, val or train (default: the split the model's run "
-            "reported on, as held out; else test, else val)."
-        ),
-    ] = None,
-    tta_flip: Annotated[
-        bool | None,
-        typer.Option("--tta-flip/--no-tta-flip", help="Mirror in TTA (default: if the model trained with flips)."),
-    ] = None,
+    tracking: dict,
     eps: Annotated[
         list[str] | None,
         typer.Option(help="FGSM budgets as fractions of the pixel range: 0.01, 8/255 (repeatable)."),
     ] = None,
     seed: Seed = 0,
-    run_name: RunName = None,
-    tracking_uri: TrackingUri = None,
-    experiment: ModelExperiment = None,
 ):
     """Score a saved model on a split: metrics, calibration, confusion matrices, top losses; TTA, maps, FGSM."""
     from tlkit.review.attack import parse_eps
     from tlkit.runs.evaluate import run_evaluate
 
-    if split not in (None, "train", "val", "test"):
-        raise TlkitError(f"--split must be train, val or test; got {split!r}")
-    _tracking(tracking_uri, experiment, model)
-    result = run_evaluate(
-        model,
-        data,
-        split=split,
-        data_split=_split(data_split, seed),
-        tta=review["tta"],
-        tta_flip=tta_flip,
-        explain_top=review["explain"],
-        method=review["method"],
-        attack=review["attack"],
-        eps=parse_eps(eps) if eps else None,
-        run_name=run_name,
-        tracking_uri=tracking_uri,
-    )
+    settings = build("EvaluateConfig", review, eps=parse_eps(eps) if eps else None)
+    _tracking(tracking["tracking_uri"], tracking["experiment"], model)
+    result = run_evaluate(model, data, settings, data_split=_split(data_split, seed), run=_run(tracking))
     m = result.metrics
     title = f"{model} on the {result.details['split']} split"
     table = Table(title=title, min_width=len(title) + 2)  # rich wraps a title to its table's width
@@ -960,7 +869,7 @@ def evaluate_command(
     console.print(f"the model's calibration: {result.details['calibration']}", highlight=False, soft_wrap=True)
     console.print(
         "in the run: predictions.csv, plots/top_losses.png, reliability.png, "
-        f"confusion_matrix*.png{', explain/' if review['explain'] else ''}",
+        f"confusion_matrix*.png{', explain/' if settings.explain else ''}",
         highlight=False,
     )
     _run_footer(result.run_id, model=False)
@@ -968,35 +877,25 @@ def evaluate_command(
 
 @app.command("explain")
 @command
-@settings(maps=("evaluate", ("method",)))
+@settings(maps=("evaluate", ("method",)), tracking="model-tracking")
 def explain_command(
     model: NetworkRef,
     images: Annotated[list[str], typer.Argument(help="Image files or folders.")],
     maps: dict,
+    tracking: dict,
     target: Annotated[str | None, typer.Option(help="Class to explain (default: the predicted one).")] = None,
     patch: Annotated[int, typer.Option(help="occlusion: side of the grey patch in input pixels.")] = 8,
     stride: Annotated[int, typer.Option(help="occlusion: step between patch positions.")] = 4,
     out: Annotated[Path, typer.Option(help="Folder for the PNGs (image | map | overlay).")] = Path("explain"),
-    run_name: RunName = None,
-    tracking_uri: TrackingUri = None,
-    experiment: ModelExperiment = None,
 ):
     """Where the network looks: a map per image (saliency, Grad-CAM or occlusion), beside the image."""
     from tlkit.core.files import printable
     from tlkit.runs.evaluate import run_explain
 
-    _tracking(tracking_uri, experiment, model)
+    _tracking(tracking["tracking_uri"], tracking["experiment"], model)
     method = maps["method"]
     result = run_explain(
-        model,
-        images,
-        method=method,
-        target=target,
-        patch=patch,
-        stride=stride,
-        out=out,
-        run_name=run_name,
-        tracking_uri=tracking_uri,
+        model, images, method=method, target=target, patch=patch, stride=stride, out=out, run=_run(tracking)
     )
     for path, why in result.details["skipped"]:
         errors.print(f"skipped {printable(path)}: {why}", highlight=False)
@@ -1022,7 +921,11 @@ def export_command(
 
     _tracking(tracking_uri, experiment, model)
     result = run_export(
-        model, export["format"], out, run_name=run_name, tracking_uri=tracking_uri, force=export["force"]
+        model,
+        export["format"],
+        out,
+        run=_run({"tracking_uri": tracking_uri, "run_name": run_name}),
+        force=export["force"],
     )
     console.print(f"written: {result.files[0]} and {result.files[1]}", highlight=False)
     if "max_abs_difference" in result.metrics:

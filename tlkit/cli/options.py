@@ -34,7 +34,9 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pretrain": ("PretrainConfig", ("seed",)),
     "baseline": ("BaselineConfig", ("seed",)),
     "tracking": ("TrackingConfig", ()),
-    "evaluate": ("EvaluateStage", ("id", "stage", "model", "data", "split", "eps")),  # --split and --eps: the CLI's
+    "model-tracking": ("ModelTrackingConfig", ()),
+    "tune": ("TuneConfig", ()),
+    "evaluate": ("EvaluateConfig", ("eps",)),  # --eps: repeatable fractions such as 8/255 on the command line
     "export": ("ExportStage", ("id", "stage", "model", "out")),  # --out: a Path on the command line
 }
 

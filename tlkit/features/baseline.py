@@ -82,28 +82,40 @@ def cross_validation(y: np.ndarray, *, seed: int = 0) -> StratifiedKFold | None:
     return StratifiedKFold(min(5, smallest), shuffle=True, random_state=seed) if smallest >= 2 else None
 
 
-def _selection(features: FeatureSet, heldout: str) -> tuple[np.ndarray, np.ndarray, object, str]:
-    """(X, y, cv, description) of the images that choose C and are refit on.
+@dataclass
+class CSearch:
+    """C chosen by accuracy (`search_C`): the value, its score where it was chosen, how, and the images that chose it
+    (train, with val when val chose), which the chosen model is refit on."""
 
-    With a test split, C is scored on the val split (when there is one). Without one, val is the
-    held-out split and must not choose anything: C comes from cross-validation on train alone.
-    """
-    X_train, y_train = features.subset("train")
-    X_val, y_val = features.subset("val")
-    if len(np.unique(y_train)) < 2:
-        raise TlkitError("the training split has fewer than two classes; add images or lower --val/--test")
-    if heldout == "test" and len(y_val):
-        fold = np.concatenate([np.full(len(y_train), -1), np.zeros(len(y_val), dtype=int)])
-        return (
-            np.concatenate([X_train, X_val]),
-            np.concatenate([y_train, y_val]),
-            PredefinedSplit(fold),
-            "validation split",
-        )
-    cv = cross_validation(y_train)
-    if cv is None:
-        return X_train, y_train, None, "none (too few images for cross-validation; C=1)"
-    return X_train, y_train, cv, f"{cv.get_n_splits()}-fold cross-validation on train"
+    C: float
+    score: float
+    how: str
+    X: np.ndarray
+    y: np.ndarray
+
+
+def search_C(
+    estimator, grid, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray] | None
+) -> CSearch:
+    """Choose C from `grid` by accuracy: on the val split when `val` is given (a test split reports, so val may
+    choose), else by k-fold cross-validation on train (val, then held out, must not choose); C=1 when a class has a
+    single training image. `estimator` is an sklearn estimator or a Pipeline whose classifier step is `clf`."""
+    X, y = train
+    if val is not None and len(val[1]):
+        fold = np.concatenate([np.full(len(y), -1), np.zeros(len(val[1]), dtype=int)])
+        X, y = np.concatenate([X, val[0]]), np.concatenate([y, val[1]])
+        cv, how = PredefinedSplit(fold), "validation split"
+    else:
+        cv = cross_validation(y)
+        if cv is None:
+            return CSearch(1.0, float("nan"), "none (too few images for cross-validation; C=1)", X, y)
+        how = f"{cv.get_n_splits()}-fold cross-validation on train"
+    name = "clf__C" if isinstance(estimator, Pipeline) else "C"
+    search = GridSearchCV(estimator, {name: list(grid)}, cv=cv, scoring="accuracy", refit=False, n_jobs=1)
+    with warnings.catch_warnings():  # an unconverged large-C grid point just scores worse
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        search.fit(X, y)
+    return CSearch(float(search.best_params_[name]), float(search.best_score_), how, X, y)
 
 
 def fit_baseline(
@@ -119,15 +131,14 @@ def fit_baseline(
     """
     pipeline = build_classifier(classifier, seed=seed)
     heldout = heldout_split(features.splits)
-    X, y, cv, selection = _selection(features, heldout)
-    if cv is None:
-        estimator, C, score = clone(pipeline).fit(X, y), 1.0, float("nan")
-    else:
-        search = GridSearchCV(pipeline, {"clf__C": C_GRID[classifier]}, cv=cv, scoring="accuracy", refit=True, n_jobs=1)
-        with warnings.catch_warnings():  # an unconverged large-C grid point just scores worse
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            search.fit(X, y)
-        estimator, C, score = search.best_estimator_, float(search.best_params_["clf__C"]), float(search.best_score_)
+    train = features.subset("train")
+    if len(np.unique(train[1])) < 2:
+        raise TlkitError("the training split has fewer than two classes; add images or lower --val/--test")
+    found = search_C(pipeline, C_GRID[classifier], train, features.subset("val") if heldout == "test" else None)
+    C, score, selection, X, y = found.C, found.score, found.how, found.X, found.y
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        estimator = clone(pipeline).set_params(clf__C=C).fit(X, y)
     X_eval, y_eval = features.subset(heldout)
     if not len(y_eval):
         raise TlkitError(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tlkit.config import ComputeConfig
 from tlkit.core import runtime
 from tlkit.core.cache import cache_dir
 from tlkit.data.images import load_rgb
@@ -86,11 +87,7 @@ def extract_features(
     manifest: Manifest,
     backbone: Backbone,
     *,
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    devices: int | str | list[int] = "auto",
-    precision: str = "auto",
-    cache: str | os.PathLike | None = None,
+    compute: ComputeConfig | None = None,
     use_cache: bool = True,
     progress: bool = True,
 ) -> FeatureSet:
@@ -99,14 +96,15 @@ def extract_features(
     Args:
         manifest: the dataset.
         backbone: the frozen feature extractor; its data config fixes the preprocessing.
-        batch_size, num_workers: DataLoader settings (workers default to the CPU count - 1).
-        devices: Lightning devices ("auto", a count, or a list).
-        precision: Lightning precision, or "auto" (bf16-mixed where the device runs it natively).
-        cache: cache folder (default $TLKIT_CACHE or .tlkit/cache).
+        compute: batch size, DataLoader workers (default: per machine, see data.default_workers), Lightning devices,
+            precision ("auto": bf16-mixed where the device runs it natively) and the cache folder (default
+            $TLKIT_CACHE or .tlkit/cache).
         use_cache: read an existing cache entry (the result is written either way).
         progress: show a progress bar.
     """
-    precision = runtime.resolve_precision(precision)
+    compute = compute or ComputeConfig()
+    cache = compute.cache_dir
+    precision = runtime.resolve_precision(compute.precision)
 
     def describe() -> tuple[str, dict]:
         meta = {
@@ -135,8 +133,10 @@ def extract_features(
         None,
         augment.ToTensor(augment.eval_transform(backbone.data_config)),
     )
-    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers)
-    X = forward_loader(model, backbone.num_features, loader, devices=devices, precision=precision, progress=progress)
+    loader = make_loader(dataset, batch_size=compute.batch_size, num_workers=compute.num_workers)
+    X = forward_loader(
+        model, backbone.num_features, loader, devices=compute.devices, precision=precision, progress=progress
+    )
     _save(path, X, manifest)
     return FeatureSet(X, manifest.labels(), np.array([r.split for r in manifest.records]), manifest.classes, key, meta)
 

@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,10 +43,12 @@ from rich.console import Console
 from tlkit.core import runtime, tracking
 from tlkit.errors import TlkitError
 from tlkit.pipelines.points import PointRun, Progress, SummaryRow, run_point
-from tlkit.pipelines.sweep import Plan, Point
+from tlkit.pipelines.sweep import Point
 
 if TYPE_CHECKING:
     from tlkit.config import RayConfig
+    from tlkit.pipelines.tune import TuneJob
+    from tlkit.runs.stages import RunOptions
 
 EXTRA = "pip install 'tlkit[ray]'"
 TRAINING_STAGES = ("pretrain", "finetune", "tune")
@@ -224,20 +227,10 @@ class _Coordinator:
         return any(n["NodeID"] == node and n.get("Alive") for n in ray.nodes())
 
 
-def run_points(
-    points: list[Point],
-    plan: Plan,
-    *,
-    settings: RayConfig,
-    parent_run_id: str,
-    experiment: str,
-    tracking_uri: str,
-    reuse: bool,
-    progress: Progress,
-    console: Console,
-    ray,
-) -> list[list[SummaryRow]]:
-    """Each point's summary rows, in the order of `points`, computed as tasks on the connected cluster."""
+def run_points(points: list[Point], how: PointRun, *, settings: RayConfig, ray) -> list[list[SummaryRow]]:
+    """Each point's summary rows, in the order of `points`, computed as tasks on the connected cluster (`how`: the
+    pipeline's plan, progress, store (resolved), experiment and run, which the points nest under)."""
+    tracking_uri, parent_run_id, console = str(how.tracking_uri), str(how.parent_run_id), how.console
     nodes = alive_nodes(ray)
     resources_total = ray.cluster_resources()
     gpus = float(resources_total.get("GPU", 0))
@@ -246,13 +239,13 @@ def run_points(
     coordinator = ray.remote(num_cpus=0, max_restarts=0)(_Coordinator).options(resources={HEAD: 0.001}).remote()
     task = ray.remote(_run_point_task)
     job = {
-        "plan": plan,
+        "plan": how.plan,
         "parent_run_id": parent_run_id,
-        "experiment": experiment,
+        "experiment": how.experiment,
         "tracking_uri": tracking_uri,
-        "reuse": reuse,
-        "total": progress.total,
-        "start": progress.start,
+        "reuse": how.reuse,
+        "total": how.progress.total,
+        "start": how.progress.start,
         "cwd": os.getcwd(),
         "coordinator": coordinator,
     }
@@ -411,14 +404,16 @@ def _run_point_task(point: Point, job: dict[str, Any], cores: float) -> list[Sum
         raise TlkitError(f"{point.label}: {err}") from None
 
 
-def run_tune_workers(ray, workers: int, tune_kwargs: dict[str, Any], *, cores: float = 1) -> list:
+def run_tune_workers(ray, workers: int, job: TuneJob, run: RunOptions, experiment: str, *, cores: float = 1) -> list:
     """`workers` tune workers on one study, as tasks on the connected cluster (the Optuna storage coordinates
-    them, as it does workers started by hand); each worker's outcome, one of them the retrained best recipe."""
+    them, as it does workers started by hand); each worker's outcome, one of them the retrained best recipe.
+    `run.tracking_uri` must be resolved: the workers record in the same store."""
     nodes = alive_nodes(ray)
-    check_store(tune_kwargs["tracking_uri"], len(nodes))
+    tracking_uri = str(run.tracking_uri)
+    check_store(tracking_uri, len(nodes))
     from tlkit.pipelines.tune import default_storage
 
-    storage = tune_kwargs.get("storage") or default_storage(tune_kwargs["tracking_uri"])
+    storage = job.settings.storage or default_storage(tracking_uri)
     if storage.startswith("sqlite:") and len(nodes) > 1:
         raise TlkitError(
             f"the study's storage {storage} is a file on this machine, which the {len(nodes)} nodes of the Ray "
@@ -427,16 +422,13 @@ def run_tune_workers(ray, workers: int, tune_kwargs: dict[str, Any], *, cores: f
         )
     paths = [
         os.getcwd(),
-        *(
-            str(Path(v).resolve())
-            for v in (tune_kwargs.get("data"),)
-            if isinstance(v, (str, Path)) and Path(v).exists()
-        ),
+        *(str(Path(v).resolve()) for v in (job.data,) if isinstance(v, (str, Path)) and Path(v).exists()),
     ]
     check_paths(ray, nodes, paths)
     task = ray.remote(_tune_worker_task).options(num_cpus=cores, max_retries=0)
-    job = {**tune_kwargs, "storage": storage}
-    refs = [task.remote(job, os.getcwd(), cores, i) for i in range(workers)]
+    job = replace(job, settings=job.settings.model_copy(update={"storage": storage}))
+    run = replace(run, progress=False)
+    refs = [task.remote(job, run, experiment, os.getcwd(), cores, i) for i in range(workers)]
     try:
         return [_result(ray, ref, f"tune worker {index}", retries=0) for index, ref in enumerate(refs)]
     except BaseException:
@@ -444,12 +436,10 @@ def run_tune_workers(ray, workers: int, tune_kwargs: dict[str, Any], *, cores: f
         raise
 
 
-def _tune_worker_task(job: dict[str, Any], cwd: str, cores: float, index: int):
+def _tune_worker_task(job: TuneJob, run: RunOptions, experiment: str, cwd: str, cores: float, index: int):
     from tlkit.pipelines.tune import run_tune
 
-    tags = _start_task(cwd, cores, job["tracking_uri"], job.pop("experiment"))
+    tags = _start_task(cwd, cores, str(run.tracking_uri), experiment)
     console = Console(markup=False, soft_wrap=True)
     with tracking.tagging(tags):
-        return run_tune(
-            **job, report=lambda t: console.print(f"worker {index}: {t.text()}", highlight=False), progress=False
-        )
+        return run_tune(job, run=run, report=lambda t: console.print(f"worker {index}: {t.text()}", highlight=False))

@@ -40,19 +40,10 @@ except ImportError:  # Windows: no advisory file locks
 _JOB: dict = {}  # what the initializer hands every task of this job process
 
 
-def run_points(
-    points: list[Point],
-    plan: Plan,
-    *,
-    jobs: int,
-    parent_run_id: str,
-    experiment: str,
-    tracking_uri: str | None,
-    reuse: bool,
-    progress: Progress,
-    console: Console,
-) -> list[list[SummaryRow]]:
-    """Each point's summary rows, in the order of `points`, computed by `jobs` processes."""
+def run_points(points: list[Point], how: PointRun, *, jobs: int) -> list[list[SummaryRow]]:
+    """Each point's summary rows, in the order of `points`, computed by `jobs` processes (`how`: the pipeline's
+    plan, progress, store, experiment and run, which the points nest under)."""
+    console, tracking_uri, parent_run_id = how.console, how.tracking_uri, how.parent_run_id
     if fcntl is None:
         raise TlkitError("--jobs needs file locks (Linux or macOS); run without --jobs here")
     context = multiprocessing.get_context(
@@ -66,20 +57,21 @@ def run_points(
         "stage",
         highlight=False,
     )
-    setup = (
-        cores,
-        counter,
-        stop,
-        locks,
-        progress.total,
-        progress.start,
-        tracking.resolve_tracking_uri(tracking_uri),
-        experiment,
-        reuse,
-    )
+    job = {
+        "counter": counter,
+        "stop": stop,
+        "locks": Path(locks),
+        "total": how.progress.total,
+        "start": how.progress.start,
+        "tracking_uri": tracking.resolve_tracking_uri(tracking_uri),
+        "experiment": how.experiment,
+        "reuse": how.reuse,
+    }
     try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_job, initargs=setup) as pool:
-            futures = [pool.submit(_run_job, point, plan, parent_run_id) for point in points]
+        with ProcessPoolExecutor(
+            max_workers=jobs, mp_context=context, initializer=_start_job, initargs=(cores, job)
+        ) as pool:
+            futures = [pool.submit(_run_job, point, how.plan, parent_run_id) for point in points]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
                 failed = next(
@@ -121,18 +113,16 @@ def _stop_jobs(stop, futures, *, interrupt: bool) -> None:
                 pass
 
 
-def _start_job(
-    cores: int, counter, stop, locks: str, total: int, start: float, tracking_uri: str, experiment: str, reuse: bool
-) -> None:
+def _start_job(cores: int, job: dict) -> None:
+    """A job process starts: `cores` threads, no bars, the pipeline's store and experiment; `job` holds what its
+    tasks share (the counter of finished stages, the stop event, the lock folder, the progress clock, reuse)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops a point, not an idle job waiting for one (see _run_job)
     runtime.quiet()
     runtime.tune_allocator()
     runtime.use_cpus(cores)
     runtime.hide_progress_bars()
-    tracking.configure(tracking_uri, experiment)
-    _JOB.update(
-        counter=counter, stop=stop, locks=Path(locks), total=total, start=start, tracking_uri=tracking_uri, reuse=reuse
-    )
+    tracking.configure(job["tracking_uri"], job["experiment"])
+    _JOB.update(job)
 
 
 def _count() -> int:
@@ -154,7 +144,7 @@ def _claim(key: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_job(point: Point, plan: Plan, parent_run_id: str) -> list[SummaryRow]:
+def _run_job(point: Point, plan: Plan, parent_run_id: str | None) -> list[SummaryRow]:
     if _JOB["stop"].is_set():  # another point failed or Ctrl-C: this one was queued already
         raise TlkitError("stopped before it started")
     progress = Progress(_JOB["total"], start=_JOB["start"], count=_count)

@@ -23,7 +23,7 @@ from tlkit.core import tracking
 from tlkit.data.ingest import Manifest
 from tlkit.errors import TlkitError
 from tlkit.pipelines.points import PointRun, Progress, SummaryRow, metric_key, prepare_data, run_point, space_of
-from tlkit.pipelines.sweep import Plan, Point, plan_pipeline
+from tlkit.pipelines.sweep import Point, plan_pipeline
 from tlkit.runs.compare import Leaderboard, compare, leaderboard_table
 
 
@@ -110,31 +110,22 @@ def run_pipeline(
     jobs = min(jobs, len(points))
     experiment = experiment or plan.base.experiment or plan.base.name
     tracking.configure(tracking_uri, experiment)
-    manifests: dict[str, Manifest] = {}
+    progress = Progress(sum(len(p.config.stages) for p in points))
+    how = PointRun(plan, progress, tracking_uri, reuse, console, experiment=experiment)
     if address:
         from tlkit.pipelines.cluster import connected
 
         with connected(address) as cluster:
-            return _run_all(
-                plan, points, experiment, tracking_uri, reuse, jobs, manifests, console, overrides, cluster=cluster
-            )
-    return _run_all(plan, points, experiment, tracking_uri, reuse, jobs, manifests, console, overrides)
+            return _run_all(points, how, jobs, overrides, cluster=cluster)
+    return _run_all(points, how, jobs, overrides)
 
 
 def _run_all(
-    plan: Plan,
-    points: list[Point],
-    experiment: str,
-    tracking_uri: str | None,
-    reuse: bool,
-    jobs: int,
-    manifests: dict,
-    console: Console,
-    overrides: list[str] | None,
-    *,
-    cluster=None,
+    points: list[Point], how: PointRun, jobs: int, overrides: list[str] | None, *, cluster=None
 ) -> PipelineSummary:
     """Every point under one pipeline run: one after another here, in `jobs` processes, or as Ray tasks (`cluster`)."""
+    plan, console, tracking_uri, experiment = how.plan, how.console, how.tracking_uri, how.experiment or ""
+    manifests: dict[str, Manifest] = {}
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if jobs > 1 or cluster is not None:
         for point in points:  # sample data is written here, once, before the jobs or the cluster's tasks read it
@@ -146,7 +137,6 @@ def _run_all(
         nodes = alive_nodes(cluster)
         check_store(uri, len(nodes))
         check_paths(cluster, nodes, point_paths(points))
-    progress = Progress(sum(len(p.config.stages) for p in points))
     params = {
         "pipeline": plan.base.name,
         "stages": len(plan.base.stages),
@@ -170,36 +160,15 @@ def _run_all(
         if cluster is not None:
             from tlkit.pipelines.cluster import run_points as run_on_cluster
 
-            for rows in run_on_cluster(
-                points,
-                plan,
-                settings=plan.base.ray or RayConfig(),
-                parent_run_id=parent,
-                experiment=experiment,
-                tracking_uri=uri,
-                reuse=reuse,
-                progress=progress,
-                console=console,
-                ray=cluster,
-            ):
+            shared = replace(how, tracking_uri=uri, parent_run_id=parent)
+            for rows in run_on_cluster(points, shared, settings=plan.base.ray or RayConfig(), ray=cluster):
                 summary.rows += rows
         elif jobs > 1:
             from tlkit.pipelines.jobs import run_points
 
-            for rows in run_points(
-                points,
-                plan,
-                jobs=jobs,
-                parent_run_id=parent,
-                experiment=experiment,
-                tracking_uri=tracking_uri,
-                reuse=reuse,
-                progress=progress,
-                console=console,
-            ):
+            for rows in run_points(points, replace(how, parent_run_id=parent), jobs=jobs):
                 summary.rows += rows
         else:
-            how = PointRun(plan, progress, tracking_uri, reuse, console)
             for point in points:
                 summary.rows += run_point(point, how, manifests)
         if plan.swept:

@@ -43,7 +43,7 @@ from tlkit.data.ingest import Manifest
 from tlkit.data.samples import write_digits, write_photos
 from tlkit.errors import TlkitError
 from tlkit.pipelines.sweep import Plan, Point
-from tlkit.runs.stages import StageResult, load_data
+from tlkit.runs.stages import RunOptions, StageResult, load_data
 
 
 @dataclass
@@ -86,15 +86,17 @@ def no_claim(key: str):
 class PointRun:
     """How one point runs: where it reports, what it may reuse, and (for --jobs and --ray) how it shares.
 
-    `claim(key)` is a lock shared with the other jobs or tasks; `parent_run_id` the pipeline run a job's
-    point nests under; `lines` prints one line per finished stage (no rules); `resume_from` the runs a
-    retried Ray point's lost attempt left (a training stage continues from their checkpoint)."""
+    `experiment` is the pipeline's MLflow experiment (a job or a Ray task opens it); `claim(key)` is a lock
+    shared with the other jobs or tasks; `parent_run_id` the pipeline run a job's point nests under; `lines`
+    prints one line per finished stage (no rules); `resume_from` the runs a retried Ray point's lost attempt left
+    (a training stage continues from their checkpoint)."""
 
     plan: Plan
     progress: Progress
     tracking_uri: str | None
     reuse: bool
     console: Console
+    experiment: str | None = None
     claim: Callable = no_claim
     parent_run_id: str | None = None
     lines: bool = False
@@ -129,6 +131,10 @@ class StageInputs:
     def model_ref(self) -> str:
         assert self.model is not None, "only evaluate, predict and export stages take a model"
         return self.model
+
+    def run(self, stage, *, progress: bool = True) -> RunOptions:
+        """The stage's run: in this pipeline's store, named by the stage's id."""
+        return RunOptions(tracking_uri=self.tracking_uri, run_name=stage.id, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,80 +236,49 @@ def metric_key(text: str) -> str:
 def _predict(stage: PredictStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.stages import run_predict
 
-    return run_predict(
-        inputs.model_ref, stage.images, top_k=stage.top_k, run_name=stage.id, tracking_uri=inputs.tracking_uri
-    )[2]
+    return run_predict(inputs.model_ref, stage.images, top_k=stage.top_k, run=inputs.run(stage))[2]
 
 
 def _export(stage: ExportStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.evaluate import run_export
 
-    result = run_export(
-        inputs.model_ref,
-        stage.format,
-        Path(stage.out),
-        run_name=stage.id,
-        tracking_uri=inputs.tracking_uri,
-        force=stage.force,
-    )
+    result = run_export(inputs.model_ref, stage.format, Path(stage.out), run=inputs.run(stage), force=stage.force)
     inputs.console.print(f"{stage.id}: written {result.files[0]} and {result.files[1]}", highlight=False)
     return result
 
 
 def _evaluate(stage: EvaluateStage, inputs: StageInputs) -> StageResult:
+    from tlkit.config import EvaluateConfig
     from tlkit.runs.evaluate import run_evaluate
 
-    return run_evaluate(
-        inputs.model_ref,
-        inputs.data,
-        split=stage.split,
-        tta=stage.tta,
-        explain_top=stage.explain,
-        method=stage.method,
-        attack=stage.attack,
-        eps=stage.eps,
-        run_name=stage.id,
-        tracking_uri=inputs.tracking_uri,
-    )
+    settings = EvaluateConfig(**stage.model_dump(include=set(EvaluateConfig.model_fields)))
+    return run_evaluate(inputs.model_ref, inputs.data, settings, run=inputs.run(stage))
 
 
 def _baseline(stage: BaselineStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.stages import run_baseline
 
     return run_baseline(
-        inputs.data,
-        inputs.network,
-        stage.baseline,
-        compute=inputs.config.compute,
-        run_name=stage.id,
-        tracking_uri=inputs.tracking_uri,
+        inputs.data, inputs.network, stage.baseline, compute=inputs.config.compute, run=inputs.run(stage)
     )
 
 
 def _extract(stage: ExtractStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.stages import run_extract
 
-    return run_extract(
-        inputs.data,
-        inputs.network,
-        compute=inputs.config.compute,
-        run_name=stage.id,
-        tracking_uri=inputs.tracking_uri,
-    )[1]
+    return run_extract(inputs.data, inputs.network, compute=inputs.config.compute, run=inputs.run(stage))[1]
 
 
 def _train(stage: PretrainStage | FinetuneStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.stages import run_train
 
     return run_train(
-        stage.stage,
         inputs.data,
         inputs.network,
         stage.train,
         compute=inputs.config.compute,
-        run_name=stage.id,
-        tracking_uri=inputs.tracking_uri,
-        start_from=inputs.start_from,
+        run=inputs.run(stage),
+        resume=inputs.start_from,
     )
 
 
@@ -312,31 +287,25 @@ def _tune(stage: TuneStage, inputs: StageInputs) -> StageResult:
 
     The study is named by the stage's inputs, so a pipeline interrupted during a tune resumes the study
     when run again (with --fresh, a new study)."""
-    from tlkit.config import parse_duration
-    from tlkit.pipelines.tune import run_tune
+    from tlkit.config import TuneConfig
+    from tlkit.pipelines.tune import TuneJob, run_tune
 
     console, config = inputs.console, inputs.config
 
     def line(t) -> None:
         console.print(f"  {t.text(settings=False)}", highlight=False)
 
-    outcome = run_tune(
+    settings = TuneConfig(**stage.model_dump(include=set(TuneConfig.model_fields)))
+    job = TuneJob(
         inputs.data,
         inputs.network,
         space_of(stage, None),
         base=stage.train,
-        trials=stage.trials,
-        budget_s=parse_duration(stage.budget) if stage.budget is not None else None,
-        study=stage.study or f"{config.name}.{stage.id}.{inputs.key}",
-        storage=stage.storage,
-        selection_fraction=stage.selection,
+        settings=settings.model_copy(update={"study": stage.study or f"{config.name}.{stage.id}.{inputs.key}"}),
         compute=config.compute,
-        run_name=stage.id,
-        tracking_uri=inputs.tracking_uri,
         data_label=str(inputs.data.root),
-        report=line,
-        progress=False,
     )
+    outcome = run_tune(job, run=inputs.run(stage, progress=False), report=line)
     if outcome.final is None:
         raise TlkitError(
             f"stage {stage.id}: {outcome.waiting}; a pipeline's tune stage needs the retrained recipe (run extra "

@@ -31,7 +31,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,12 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from tlkit.config import BackboneConfig, ComputeConfig, SplitConfig, TrainConfig
+from tlkit.config import BackboneConfig, ComputeConfig, SplitConfig, TrainConfig, TuneConfig
 from tlkit.core import runtime, tracking
 from tlkit.data.ingest import Manifest, groups_by_class, records_fingerprint
 from tlkit.errors import TlkitError
 from tlkit.pipelines.space import SearchSpace, settings_for
-from tlkit.runs.stages import StageResult, load_data, make_backbone, run_train
+from tlkit.runs.stages import RunOptions, StageResult, load_data, make_backbone, run_train
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # tlkit prints one line per trial itself, and a failed trial's error once: Optuna's warning repeats it with its
@@ -53,7 +53,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 # (110 lines for a Ctrl-C)
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
-SELECTION_FRACTION = 0.2  # of each class's training images, when the data has no test split
+SELECTION_FRACTION = TuneConfig().selection  # of each class's training images, when the data has no test split
 HEARTBEAT_S = 30  # a worker's running trial is refreshed this often ...
 GRACE_S = 120  # ... and failed by the next worker after this long without news (a crashed process)
 PRUNE_WARMUP_PCT = 30  # no trial is pruned before 30 % of its schedule: onecycle warms up for 25 %
@@ -381,22 +381,19 @@ class Objective:
     def __init__(
         self,
         study_name: str,
-        space: SearchSpace,
-        base: TrainConfig,
+        job: TuneJob,
         splits: TuneSplits,
         backbone,
-        compute: ComputeConfig,
-        cache: Path | None,
         limit: int | None,
         report: Callable[[TrialLine], None] | None,
         budget: Budget | None = None,
     ):
-        self.study_name, self.space, self.base, self.splits = study_name, space, base, splits
-        self.backbone, self.compute, self.cache, self.limit, self.report = backbone, compute, cache, limit, report
+        self.study_name, self.space, self.base, self.splits = study_name, job.space, job.base, splits
+        self.backbone, self.compute, self.limit, self.report = backbone, job.compute, limit, report
         self.budget = budget
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from tlkit.train.finetune import MetricsCallback, train_classifier
+        from tlkit.train.finetune import FitOptions, MetricsCallback, train_classifier
 
         study = trial.study
         if self.limit is not None and sum(t.number < trial.number for t in _counted(study)) >= self.limit:
@@ -425,16 +422,12 @@ class Objective:
             trial.set_user_attr("mlflow_run_id", run_id)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which process ran it
             try:
-                result = train_classifier(
-                    self.splits.trials,
-                    backbone,
-                    settings,
-                    compute=self.compute,
-                    cache=self.cache,
+                fit = FitOptions(
                     callbacks=[MetricsCallback(run_id), pruning, *([deadline] if deadline else [])],
                     calibrated=False,
-                    progress=runtime.progress_mode() == "plain",
-                )  # epoch lines in a log; no bars between trial lines
+                    progress=runtime.progress_mode() == "plain",  # epoch lines in a log; no bars between trial lines
+                )
+                result = train_classifier(self.splits.trials, backbone, settings, compute=self.compute, fit=fit)
             except (
                 SystemExit
             ) as stop:  # Lightning turns Ctrl-C into SystemExit: Optuna marks a KeyboardInterrupt's trial FAIL
@@ -604,39 +597,38 @@ def _trial_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
+@dataclass
+class TuneJob:
+    """What a study searches: the images, the backbone every trial starts from, the space, the settings the space
+    does not name (default: `tlkit finetune`'s; their seed seeds the study), the study's size and storage, the split
+    and the compute. `data_label` names the data in the command that reproduces the best recipe."""
+
+    data: str | Path | Manifest
+    backbone: BackboneConfig
+    space: SearchSpace
+    base: TrainConfig = field(default_factory=TrainConfig)
+    settings: TuneConfig = field(default_factory=TuneConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    data_label: str | None = None
+
+
 def run_tune(
-    data: str | Path | Manifest,
-    backbone_config: BackboneConfig,
-    space: SearchSpace,
+    job: TuneJob,
     *,
-    base: TrainConfig | None = None,
-    trials: int | None = 15,
-    budget_s: float | None = None,
-    study: str | None = None,
-    storage: str | None = None,
-    selection_fraction: float = SELECTION_FRACTION,
-    split: SplitConfig | None = None,
-    compute: ComputeConfig | None = None,
-    cache: Path | None = None,
-    run_name: str | None = None,
-    tracking_uri: str | None = None,
-    data_label: str | None = None,
+    run: RunOptions = RunOptions(),
     report: Callable[[TrialLine], None] | None = None,
-    progress: bool = True,
     started: float | None = None,
 ) -> TuneOutcome:
     """Search fine-tuning recipes with Optuna, then retrain the best one and score it on the held-out split.
 
     Args:
-        data: images (folder, CSV, manifest) or a Manifest.
-        backbone_config: the backbone every trial starts from.
-        space: the search space (tlkit.pipelines.space).
-        base: settings the space does not name (default: `tlkit finetune`'s); its seed seeds the study.
-        trials: number of trials in the study (COMPLETE + PRUNED, over all workers); None: until `budget_s`.
-        budget_s: this worker's wall-clock budget, trials and the retrain of the best recipe together (`Budget`).
-        study: the study's name (default: derived from the inputs, so the same command resumes it).
-        storage: Optuna storage URL (default: SQLite optuna.db beside mlflow.db).
-        selection_fraction: share of train carved out as the selection split when the data has no test split.
+        job: the data, backbone, space, base recipe and the study's settings (`TuneConfig`: trials, over all
+            workers, COMPLETE + PRUNED; the budget of this worker, trials and the retrain of the best recipe
+            together, see `Budget`; the study's name, default derived from the inputs so that the same command
+            resumes it; its storage, default SQLite optuna.db beside mlflow.db; the share of train carved out as
+            the selection split when the data has no test split).
+        run: the MLflow store, the study run's name, progress bars.
         report: called after each trial this worker ran.
         started: the `time.monotonic()` the budget counts from (the command's start; default: now).
 
@@ -645,13 +637,11 @@ def run_tune(
     """
     started = time.monotonic() if started is None else started
     # Trials never train on their selection split nor stop on it; the final retrain decides use_val itself.
-    base = (base or TrainConfig()).model_copy(update={"use_val": "select", "patience": None})
-    if trials is None and budget_s is None:
-        raise TlkitError("give --trials N, --budget TIME, or both")
-    split = split or SplitConfig()
-    compute = compute or ComputeConfig()
-    manifest = load_data(data, split)
-    splits = tune_splits(manifest, fraction=selection_fraction, seed=base.seed)
+    base = job.base.model_copy(update={"use_val": "select", "patience": None})
+    job = replace(job, base=base)
+    trials, budget_s, tracking_uri = job.settings.trial_count, job.settings.budget_s, run.tracking_uri
+    manifest = load_data(job.data, job.split)
+    splits = tune_splits(manifest, fraction=job.settings.selection, seed=base.seed)
     budget = None
     if budget_s:  # the clock started with the command (`started`)
         retrained = len(splits.final.split("train")) + (
@@ -660,8 +650,9 @@ def run_tune(
         budget = Budget(budget_s, retrained / max(1, len(splits.trials.split("train"))), start=started)
     from tlkit.train.finetune import check_settings
 
-    backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
+    backbone = make_backbone(job.backbone, tracking_uri=tracking_uri)
     check_settings(splits.trials, backbone, base)
+    space = job.space
     inputs = {
         "data": manifest.fingerprint,
         "model": backbone.name,
@@ -670,8 +661,9 @@ def run_tune(
         "base": base.model_dump(mode="json"),
         "heldout": splits.heldout,
     }
-    name = study or default_study_name(manifest, backbone_config, space, base, splits.selection)
-    opened = _open(name, storage or default_storage(tracking_uri), inputs, seed=base.seed, trials=trials)
+    name = job.settings.study or default_study_name(manifest, job.backbone, space, base, splits.selection)
+    storage = job.settings.storage or default_storage(tracking_uri)
+    opened = _open(name, storage, inputs, seed=base.seed, trials=trials)
     params = {
         "model": backbone.name,
         "weights": backbone.weights,
@@ -688,7 +680,7 @@ def run_tune(
     if opened.created:
         context = tracking.start_run(
             "tune",
-            run_name=run_name or f"tune {backbone.name}: {opened.name}",
+            run_name=run.named(f"tune {backbone.name}: {opened.name}"),
             params=params,
             tags={"tlkit.study": opened.name, **tracking.RANKED},
         )
@@ -704,7 +696,7 @@ def run_tune(
 
             log_data(manifest)
             log_backbone(backbone)
-        objective = Objective(opened.name, space, base, splits, backbone, compute, cache, trials, report, budget)
+        objective = Objective(opened.name, job, splits, backbone, trials, report, budget)
         _optimise(opened.study, objective, trials)
         outcome = TuneOutcome(opened.name, shown_url(opened.url), parent, _trial_counts(opened.study))
         best = _best_when_done(opened.study, outcome, trials)
@@ -715,18 +707,16 @@ def run_tune(
             values["epochs"] = best.user_attrs["scaled_epochs"]
         final_settings = settings_for(values, base).model_copy(update={"use_val": splits.final_use_val})
         outcome.command = reproduce_command(
-            data_label or str(getattr(data, "source", data)), backbone_config, split, final_settings
+            job.data_label or str(getattr(job.data, "source", job.data)), job.backbone, job.split, final_settings
         )
-        final = _retrain_once(
-            opened.study, opened.rdb, splits, backbone_config, final_settings, compute, cache, tracking_uri, progress
-        )
+        final = _retrain_once(opened.study, opened.rdb, splits, job, final_settings, run)
         if final is None:
             outcome.waiting = "another worker is retraining the best recipe"
             return outcome
         outcome.final = final
         if final.details.get("reused"):  # the study was finished before: its runs hold everything already
             return outcome
-        named = run_name is None and opened.created  # named for what it found, now that it is known
+        named = run.run_name is None and opened.created  # named for what it found, now that it is known
         _log_outcome(opened.study, outcome, best, backbone.name if named else None)
     return outcome
 
@@ -864,15 +854,7 @@ def _trials_table(study: optuna.Study) -> str:
 
 
 def _retrain_once(
-    study: optuna.Study,
-    storage,
-    splits: TuneSplits,
-    backbone_config: BackboneConfig,
-    settings: TrainConfig,
-    compute: ComputeConfig,
-    cache: Path | None,
-    tracking_uri: str | None,
-    progress: bool,
+    study: optuna.Study, storage, splits: TuneSplits, job: TuneJob, settings: TrainConfig, run: RunOptions
 ) -> StageResult | None:
     """Retrain the best recipe on train + selection and score it on the held-out split, once per study.
 
@@ -888,7 +870,7 @@ def _retrain_once(
     finished = marker.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if finished:  # retrained before (a resumed or repeated command): report that run
         run_id = finished[0].user_attrs["mlflow_run_id"]
-        record = tracking.get_run(run_id, tracking_uri)
+        record = tracking.get_run(run_id, run.tracking_uri)
         return StageResult(
             "finetune",
             run_id,
@@ -913,16 +895,12 @@ def _retrain_once(
                 {"tlkit.role": "tune-final", "tlkit.study": study.study_name, "tlkit.ranked": "false"}
             ):
                 stage = run_train(
-                    "finetune",
                     splits.final,
-                    backbone_config,
+                    job.backbone,
                     settings,
-                    compute=compute,
-                    run_name="best recipe",
-                    tracking_uri=tracking_uri,
-                    progress=progress,
+                    compute=job.compute,
+                    run=replace(run, run_name="best recipe"),
                     probe=True,
-                    cache=cache,
                 )
         except SystemExit as stop:
             raise KeyboardInterrupt from stop

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlkit.config import BackboneConfig, SplitConfig
+from tlkit.config import BackboneConfig, EvaluateConfig, SplitConfig
 from tlkit.core import tracking
 from tlkit.core.files import save_figure
 from tlkit.core.metrics import (
@@ -42,7 +42,7 @@ from tlkit.review.explain import (
 )
 from tlkit.review.export import export
 from tlkit.review.predict import expand_images
-from tlkit.runs.stages import StageResult, load_data, log_data, make_backbone
+from tlkit.runs.stages import RunOptions, StageResult, load_data, log_data, make_backbone
 
 BATCH = 64
 OVERVIEW = 16  # explanations on the one-page overview
@@ -88,29 +88,19 @@ def _maps_for(
 def run_evaluate(
     model: str,
     data: str | Path | Manifest,
+    settings: EvaluateConfig | None = None,
     *,
-    split: str | None = None,
     data_split: SplitConfig | None = None,
-    tta: bool = False,
-    tta_flip: bool | None = None,
-    explain_top: int = 0,
-    method: str = "saliency",
-    attack: str | None = None,
-    eps: list[float] | None = None,
-    top_losses: int = 16,
-    run_name: str | None = None,
-    tracking_uri: str | None = None,
+    run: RunOptions = RunOptions(),
 ):
     """Score a saved model on one split: accuracy, balanced accuracy, macro-F1, top-k, per-class
     metrics, most-confused pairs, calibration, confusion matrices and the top losses; optionally TTA,
     maps for the top losses, and accuracy under FGSM. Returns a StageResult."""
-
-    if method not in METHODS:
-        raise TlkitError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if attack not in (None, "fgsm"):
-        raise TlkitError(f"unknown attack {attack!r}; tlkit has fgsm")
+    settings = settings or EvaluateConfig()
+    method, attack, tta, explain_top = settings.method, settings.attack, settings.tta, settings.explain
+    tracking_uri = run.tracking_uri
     manifest = load_data(data, data_split)
-    split = split or _heldout_split(model, manifest, tracking_uri)
+    split = settings.split or _heldout_split(model, manifest, tracking_uri)
     records = manifest.split(split)
     if not records:
         have = ", ".join(s for s in ("train", "val", "test") if manifest.split(s))
@@ -146,20 +136,22 @@ def run_evaluate(
     params = {"model_uri": model, "split": split, "tta": tta, "attack": attack or "none", "explain_top": explain_top}
     with tracking.start_run(
         "evaluate",
-        run_name=run_name or f"evaluate on {split}" + (" (tta)" if tta else ""),
+        run_name=run.named(f"evaluate on {split}" + (" (tta)" if tta else "")),
         params=params,
         tags={"tlkit.model_run": model_run},
     ) as run_id:
         log_data(manifest)
         metrics[f"{prefix}ece"] = _log_scores(paths, y_true, scores, classes, split, confused)
         loss = losses(y_true, scores)
-        worst = np.argsort(-loss)[:top_losses]
+        worst = np.argsort(-loss)[: settings.top_losses]
         details["top_losses"] = [
             (str(paths[i]), classes[y_true[i]], classes[y_pred[i]], float(scores[i, y_pred[i]])) for i in worst
         ]
         _log_top_losses(worst, paths, y_true, y_pred, scores, classes, loaded)
         if tta:
-            metrics[f"{prefix}tta_accuracy"], details["tta_views"] = _tta_accuracy(loaded, paths, y_true, tta_flip)
+            metrics[f"{prefix}tta_accuracy"], details["tta_views"] = _tta_accuracy(
+                loaded, paths, y_true, settings.tta_flip
+            )
         if explain_top:
             chosen = list(worst[:explain_top])
             titles = [f"true {classes[y_true[i]]} -> {classes[y_pred[i]]} ({scores[i, y_pred[i]]:.2f})" for i in chosen]
@@ -171,7 +163,11 @@ def run_evaluate(
         if attack == "fgsm":
             metrics.update(
                 _log_fgsm(
-                    loaded, paths, y_true, sorted(set([0.0, *(eps or [1 / 255, 2 / 255, 4 / 255, 8 / 255])])), prefix
+                    loaded,
+                    paths,
+                    y_true,
+                    sorted(set([0.0, *(settings.eps or [1 / 255, 2 / 255, 4 / 255, 8 / 255])])),
+                    prefix,
                 )
             )
             details["fgsm"] = "float32 network, as every scoring path: eps 0 is its clean accuracy"
@@ -290,13 +286,12 @@ def run_explain(
     patch: int = 8,
     stride: int = 4,
     out: Path | None = None,
-    run_name: str | None = None,
-    tracking_uri: str | None = None,
+    run: RunOptions = RunOptions(),
 ) -> StageResult:
     """One PNG per image (image, map, overlay) for the target class (default: the predicted one)."""
     if method not in METHODS:
         raise TlkitError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    loaded = load_model(model, tracking_uri=tracking_uri)
+    loaded = load_model(model, tracking_uri=run.tracking_uri)
     if method == "gradcam" and loaded.is_pixels:
         raise TlkitError(
             "Grad-CAM needs a backbone's feature map and a pixels baseline has none; use --method saliency or occlusion"
@@ -328,7 +323,7 @@ def run_explain(
         params |= {"patch": patch, "stride": stride}
     with tracking.start_run(
         "explain",
-        run_name=run_name or f"explain ({method}, {len(paths)} image{'s' if len(paths) != 1 else ''})",
+        run_name=run.named(f"explain ({method}, {len(paths)} image{'s' if len(paths) != 1 else ''})"),
         params=params,
         tags={"tlkit.model_run": _model_run(model)},
     ) as run_id:
@@ -342,15 +337,15 @@ def run_filters(
     pretrained: bool = False,
     weights: str | None = None,
     out: Path | None = None,
-    tracking_uri: str | None = None,
+    run: RunOptions = RunOptions(),
 ) -> StageResult:
     """The first convolution's filters of a timm model (hub or file weights) or of a run's backbone, as a PNG grid."""
 
     if model.startswith(tracking.RUNS_PREFIX):
-        backbone = make_backbone(BackboneConfig(weights=model), tracking_uri=tracking_uri)
+        backbone = make_backbone(BackboneConfig(weights=model), tracking_uri=run.tracking_uri)
     else:
         backbone = make_backbone(
-            BackboneConfig(model=model, pretrained=pretrained, weights=weights), tracking_uri=tracking_uri
+            BackboneConfig(model=model, pretrained=pretrained, weights=weights), tracking_uri=run.tracking_uri
         )
     weights_tensor = first_conv_filters(backbone.model)
     figure = filters_figure(
@@ -364,6 +359,7 @@ def run_filters(
     close(figure)
     with tracking.start_run(
         "filters",
+        run_name=run.run_name,
         params={"model": backbone.name, "weights": backbone.weights},
         tags={"tlkit.model_run": _model_run(model)},
     ) as run_id:
@@ -378,17 +374,16 @@ def run_export(
     fmt: str,
     out: Path,
     *,
-    run_name: str | None = None,
-    tracking_uri: str | None = None,
+    run: RunOptions = RunOptions(),
     force: bool = False,
 ) -> StageResult:
     """The model as ONNX / TorchScript / safetensors + JSON sidecar in `out`; checked against PyTorch."""
-    loaded = load_model(model, tracking_uri=tracking_uri)
+    loaded = load_model(model, tracking_uri=run.tracking_uri)
     written = export(loaded, fmt, Path(out), source=model, force=force)
     metrics = {} if written["max_abs_difference"] is None else {"max_abs_difference": written["max_abs_difference"]}
     with tracking.start_run(
         "export",
-        run_name=run_name or f"export {fmt}",
+        run_name=run.named(f"export {fmt}"),
         params={"model_uri": model, "format": fmt, "out": str(Path(out).resolve())},
         tags={"tlkit.model_run": _model_run(model)},
     ) as run_id:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, SplitConfig, TrainConfig
+from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, PretrainConfig, SplitConfig, TrainConfig
 from tlkit.core import tracking
 from tlkit.core.files import replacing, write_csv
 from tlkit.data.ingest import Manifest, format_report, ingest
@@ -48,6 +48,19 @@ class StageResult:
     model_uri: str | None = None
     details: dict = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a tracked stage records and shows itself, whatever it computes: the MLflow store, the run's name (default:
+    what it is) and progress bars. A command or a pipeline point gives the same to each of its stages."""
+
+    tracking_uri: str | None = None
+    run_name: str | None = None
+    progress: bool = True
+
+    def named(self, default: str) -> str:
+        return self.run_name or default
 
 
 def load_data(data: str | Path | Manifest, split: SplitConfig | None = None, *, warn: bool = True) -> Manifest:
@@ -137,7 +150,7 @@ def _log_confusion(y_true, y_pred, classes: list[str], split: str) -> None:
 
 
 def make_backbone(
-    config: BackboneConfig, *, tracking_uri: str | None = None, lazy: bool = False, cache: Path | None = None
+    config: BackboneConfig, *, tracking_uri: str | None = None, lazy: bool = False, cache: str | Path | None = None
 ) -> Backbone:
     """The backbone of `config`; `lazy`: from its card when one exists (tlkit.models.cards), built on first use of
     `.model`."""
@@ -183,21 +196,13 @@ def run_ingest(
 
 
 def _features(
-    manifest: Manifest, backbone: Backbone | None, compute: ComputeConfig, pixel_size: int, cache: Path | None
+    manifest: Manifest, backbone: Backbone | None, compute: ComputeConfig, pixel_size: int, *, progress: bool = True
 ) -> FeatureSet:
     from tlkit.features.extract import extract_features, pixel_features
 
     if backbone is None:
-        return pixel_features(manifest, size=pixel_size, cache=cache)
-    return extract_features(
-        manifest,
-        backbone,
-        batch_size=compute.batch_size,
-        num_workers=compute.num_workers,
-        devices=compute.devices,
-        precision=compute.precision,
-        cache=cache,
-    )
+        return pixel_features(manifest, size=pixel_size, cache=compute.cache_dir)
+    return extract_features(manifest, backbone, compute=compute, progress=progress)
 
 
 def run_extract(
@@ -206,21 +211,19 @@ def run_extract(
     *,
     split: SplitConfig | None = None,
     compute: ComputeConfig | None = None,
-    cache: Path | None = None,
-    run_name: str | None = None,
-    tracking_uri: str | None = None,
+    run: RunOptions = RunOptions(),
 ) -> tuple[FeatureSet, StageResult]:
     """Frozen features of every image, cached; the run records throughput and whether the cache hit."""
     manifest = load_data(data, split)
     compute = compute or ComputeConfig()
-    backbone = make_backbone(backbone_config, tracking_uri=tracking_uri, lazy=True, cache=cache)
+    backbone = make_backbone(backbone_config, tracking_uri=run.tracking_uri, lazy=True, cache=compute.cache_dir)
     with tracking.start_run(
-        "extract", run_name=run_name or f"{backbone.name} features", params={"compute": compute.model_dump()}
+        "extract", run_name=run.named(f"{backbone.name} features"), params={"compute": compute.model_dump()}
     ) as run_id:
         log_data(manifest)
         log_backbone(backbone)
         start = time.perf_counter()
-        features = _features(manifest, backbone, compute, 0, cache)
+        features = _features(manifest, backbone, compute, 0, progress=run.progress)
         seconds = time.perf_counter() - start
         tracking.log_params({"precision": features.meta["precision"], "feature_key": features.key})
         tracking.set_tags({"tlkit.cache_hit": str(features.cached)})
@@ -239,26 +242,28 @@ def run_baseline(
     *,
     split: SplitConfig | None = None,
     compute: ComputeConfig | None = None,
-    cache: Path | None = None,
-    run_name: str | None = None,
-    tracking_uri: str | None = None,
+    run: RunOptions = RunOptions(),
 ) -> StageResult:
     """Fit a linear classifier on cached features (or raw pixels) and save it as the run's model."""
     manifest = load_data(data, split)
     require_heldout(manifest)
     compute = compute or ComputeConfig()
     pixels = baseline.classifier == "pixels"
-    backbone = None if pixels else make_backbone(backbone_config, tracking_uri=tracking_uri, lazy=True, cache=cache)
+    backbone = (
+        None
+        if pixels
+        else make_backbone(backbone_config, tracking_uri=run.tracking_uri, lazy=True, cache=compute.cache_dir)
+    )
     classifier = "svm" if pixels else baseline.classifier
     params = {"classifier": classifier, "features": "pixels" if pixels else "backbone", "seed": baseline.seed}
     if pixels:
         params["pixel_size"] = baseline.pixel_size
-    name = run_name or f"{'pixels' if backbone is None else backbone.name} + {classifier}"
+    name = run.named(f"{'pixels' if backbone is None else backbone.name} + {classifier}")
     with tracking.start_run("baseline", run_name=name, params=params, tags=tracking.RANKED) as run_id:
         log_data(manifest)
         if backbone is not None:
             log_backbone(backbone)
-        features = _features(manifest, backbone, compute, baseline.pixel_size, cache)
+        features = _features(manifest, backbone, compute, baseline.pixel_size, progress=run.progress)
         from tlkit.features.baseline import fit_baseline
 
         start = time.perf_counter()
@@ -334,13 +339,13 @@ def run_lr_find(
     *,
     split: SplitConfig | None = None,
     compute: ComputeConfig | None = None,
-    tracking_uri: str | None = None,
+    run: RunOptions = RunOptions(),
 ) -> StageResult:
     """Sweep learning rates for this backbone and data; log the loss-vs-LR plot and the suggestion."""
     manifest = load_data(data, split)
     compute = compute or ComputeConfig()
-    backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
-    with tracking.start_run("lr-find", params={"train": train.model_dump()}) as run_id:
+    backbone = make_backbone(backbone_config, tracking_uri=run.tracking_uri)
+    with tracking.start_run("lr-find", run_name=run.run_name, params={"train": train.model_dump()}) as run_id:
         log_data(manifest)
         log_backbone(backbone)
         _, found = _resolve_auto_lr(manifest, backbone, train, compute)
@@ -350,45 +355,41 @@ def run_lr_find(
 
 
 def run_train(
-    kind: str,
     data: str | Path | Manifest,
     backbone_config: BackboneConfig,
     train: TrainConfig,
     *,
     split: SplitConfig | None = None,
     compute: ComputeConfig | None = None,
-    run_name: str | None = None,
-    tracking_uri: str | None = None,
-    resume: str | None = None,
-    progress: bool = True,
+    run: RunOptions = RunOptions(),
+    resume: str | Path | None = None,
     probe: bool = True,
-    cache: Path | None = None,
-    start_from: Path | None = None,
 ) -> StageResult:
-    """Train backbone + new head (kind 'pretrain' or 'finetune'); save the best epoch as the run's model.
+    """Train backbone + new head and save the best epoch as the run's model: a pretrain run when `train` is a
+    PretrainConfig (`tlkit pretrain`, a pretrain stage), else a finetune run.
 
-    `resume` is the id of an interrupted run: training continues from its last checkpoint, into
-    the same MLflow run. `start_from` is a lost run's last checkpoint (a retried point of `tlkit run
-    --ray`): training continues from it in a new run, tagged `tlkit.resumed_from`. With `probe` (finetune of pretrained
-    weights), the linear SVM on the same
-    backbone's frozen features is fitted first (from the feature cache when it has them) and its
-    held-out accuracy logged beside the fine-tune's as `probe_heldout_accuracy`, so a fine-tune that
-    does worse than its own linear probe is known, not hidden.
+    `resume` continues an interrupted fit from its last checkpoint: a run id (str) into that same MLflow run; a
+    checkpoint file (Path: a lost Ray point's `last.ckpt`) into a new run, tagged `tlkit.resumed_from`. With
+    `probe` (finetune of pretrained weights), the linear SVM on the same backbone's frozen features is fitted first
+    (from the feature cache when it has them) and its held-out accuracy logged beside the fine-tune's as
+    `probe_heldout_accuracy`, so a fine-tune that does worse than its own linear probe is known, not hidden.
     """
+    kind = "pretrain" if isinstance(train, PretrainConfig) else "finetune"
+    start_from = resume if isinstance(resume, Path) else None
+    resume_run = resume if isinstance(resume, str) else None
     manifest = load_data(data, split)
     require_heldout(manifest)  # before torch, Lightning and the model load
     from tlkit.features.baseline import fit_baseline
-    from tlkit.train.finetune import MetricsCallback, check_settings, train_batch_figure, train_classifier
+    from tlkit.train.finetune import FitOptions, MetricsCallback, check_settings, train_batch_figure, train_classifier
 
     compute = compute or ComputeConfig()
-    backbone = make_backbone(backbone_config, tracking_uri=tracking_uri)
+    backbone = make_backbone(backbone_config, tracking_uri=run.tracking_uri)
     check_settings(manifest, backbone, train)  # every setting's error before the run (and the store) exists
-    name = run_name or f"{backbone.name} {kind} ({train.strategy})"
     with tracking.start_run(
         kind,
-        run_name=name,
+        run_name=run.named(f"{backbone.name} {kind} ({train.strategy})"),
         params={"train": train.model_dump()},
-        run_id=resume,
+        run_id=resume_run,
         tags=tracking.RANKED if kind == "finetune" else None,
     ) as run_id:
         log_data(manifest)
@@ -397,7 +398,10 @@ def run_train(
         if probe and kind == "finetune" and not backbone.weights.startswith("random"):
             # before training: the backbone is trained in place
             probe_result = fit_baseline(
-                _features(manifest, backbone, compute, 0, cache), classifier="svm", seed=train.seed, calibrated=False
+                _features(manifest, backbone, compute, 0, progress=run.progress),
+                classifier="svm",
+                seed=train.seed,
+                calibrated=False,
             )
         if train.lr == "auto":
             train, found = _resolve_auto_lr(manifest, backbone, train, compute)
@@ -418,18 +422,13 @@ def run_train(
             with replacing(workdir / "last.ckpt") as target:
                 shutil.copyfile(start_from, target)
             tracking.set_tags({"tlkit.resumed_from": start_from.parent.name})
-        result = train_classifier(
-            manifest,
-            backbone,
-            train,
-            compute=compute,
-            cache=cache,
-            callbacks=[MetricsCallback(run_id)],
-            workdir=workdir,
-            resume=resume is not None or start_from is not None,
-            progress=progress,
+        fit = FitOptions(
+            callbacks=[MetricsCallback(run_id)], workdir=workdir, resume=resume is not None, progress=run.progress
         )
-        summary = _record_fit(run_id, kind, manifest, backbone, train, result, probe_result, resumed=resume is not None)
+        result = train_classifier(manifest, backbone, train, compute=compute, fit=fit)
+        summary = _record_fit(
+            run_id, kind, manifest, backbone, train, result, probe_result, resumed=resume_run is not None
+        )
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the model is in the run; checkpoints only serve --resume
     details = {
         **summary,
@@ -508,19 +507,18 @@ def run_predict(
     *,
     top_k: int = 1,
     out: Path | None = None,
-    run_name: str | None = None,
-    tracking_uri: str | None = None,
+    run: RunOptions = RunOptions(),
 ) -> tuple[list[dict], list[tuple[str, str]], StageResult]:
     """Top-k classes per image from a saved model; the predictions CSV is logged as an artifact."""
     from tlkit.review.predict import predict_images
 
-    rows, skipped, loaded = predict_images(model, images, top_k=top_k, tracking_uri=tracking_uri)
+    rows, skipped, loaded = predict_images(model, images, top_k=top_k, tracking_uri=run.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         target = write_csv(Path(out) if out else Path(tmp) / "predictions.csv", rows)
         count = len(rows) // max(1, min(top_k, len(loaded.classes)))
         with tracking.start_run(
             "predict",
-            run_name=run_name or f"predict ({count} image{'s' if count != 1 else ''})",
+            run_name=run.named(f"predict ({count} image{'s' if count != 1 else ''})"),
             params={"model_uri": model, "top_k": top_k, "images": count},
         ) as run_id:
             tracking.log_artifact(target, "predictions")

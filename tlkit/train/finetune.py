@@ -42,10 +42,8 @@ MIN_STEPS_PER_EPOCH = (
 )
 MONITOR = "val_score"  # val accuracy, ties broken by lower val loss (see ImageClassifier.on_validation_epoch_end)
 MIN_SCHEDULED_STEPS = 8
+LP_FT_C_GRID = (0.01, 0.1, 1.0, 10.0)  # LP-FT's probe: L-BFGS logistic regression on raw features (no scaling)
 CHECKPOINT_EVERY_S = 30.0  # last.ckpt (for --resume) at most this often, besides phase ends
-SCHEDULES = ("onecycle", "cosine", "constant")
-BN_POLICIES = ("frozen", "train", "keep-stats")
-BALANCE = ("none", "weights", "sampler")
 
 
 class ImageClassifier(L.LightningModule):
@@ -55,16 +53,15 @@ class ImageClassifier(L.LightningModule):
         backbone: the timm model returning pooled features.
         num_features: width of those features.
         num_classes: number of target classes.
-        groups: parameter names of each body group, input side first (from `layer_groups`).
+        groups: (label, parameter names) of each body group, input side first (`layer_groups`, `merge_groups`).
         lrs: learning rate of each body group, then of the head (see `strategies.group_lrs`).
         phases: which groups train when (see `strategies.plan_phases`); default: all, always.
-        weight_decay: AdamW weight decay, never applied to biases and norm parameters.
-        label_smoothing: cross-entropy label smoothing (training loss only).
         class_weights: per-class loss weights, for imbalanced data.
-        schedule: onecycle, cosine (with 5% linear warm-up) or constant; restarted every phase.
-        bn: "frozen" keeps BatchNorm layers of frozen groups in eval mode (statistics fixed);
-            "train" lets their statistics update; "keep-stats" keeps every BatchNorm layer's
-            pretrained statistics, in trained groups too (their scale and shift still train).
+        settings: the recipe's loss and optimiser settings, read here: `weight_decay` (AdamW's, never on biases and
+            norm parameters), `label_smoothing` (training loss only), `schedule` (onecycle, cosine with 5% linear
+            warm-up, or constant; restarted every phase) and `bn` ("frozen" keeps BatchNorm layers of frozen groups
+            in eval mode, statistics fixed; "train" lets their statistics update; "keep-stats" keeps every BatchNorm
+            layer's pretrained statistics, in trained groups too, their scale and shift still training).
     """
 
     class_weights: torch.Tensor  # a buffer
@@ -75,32 +72,25 @@ class ImageClassifier(L.LightningModule):
         num_features: int,
         num_classes: int,
         *,
-        groups: list[list[str]],
+        groups: list[tuple[str, list[str]]],
         lrs: list[float],
         phases: list[Phase] | None = None,
-        weight_decay: float = 0.05,
-        label_smoothing: float = 0.0,
         class_weights: torch.Tensor | None = None,
-        schedule: str = "onecycle",
-        bn: str = "frozen",
-        group_labels: list[str] | None = None,
+        settings: TrainConfig | None = None,
     ):
         super().__init__()
-        if schedule not in SCHEDULES:
-            raise TlkitError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if bn not in BN_POLICIES:
-            raise TlkitError(f"unknown BatchNorm policy {bn!r}; choose one of {', '.join(BN_POLICIES)}")
+        settings = settings or TrainConfig()
         self.backbone = backbone
         self.head = torch.nn.Linear(num_features, num_classes)
-        self.groups = groups
+        self.groups = [names for _, names in groups]
+        self.group_labels = [label for label, _ in groups]
         self.lrs = list(lrs)
         self.phases = phases or [Phase(0, len(groups), "all")]
-        self.weight_decay = weight_decay
-        self.label_smoothing = label_smoothing
+        self.weight_decay = settings.weight_decay
+        self.label_smoothing = settings.label_smoothing
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(num_classes))
-        self.schedule = schedule
-        self.bn = bn
-        self.group_labels = group_labels or [f"group{i}" for i in range(len(groups))]
+        self.schedule = settings.schedule
+        self.bn = settings.bn
         self.phase = -1  # index into phases; -1 before training starts
         self.sweeping = False  # the LR finder trains every group
         self.freeze_by_lr = False  # under DDP: frozen groups keep requires_grad and get lr 0
@@ -416,7 +406,7 @@ def _dataset(manifest: Manifest, split: str, transform, decoded: DecodedImages |
 
 
 def decode_split(
-    manifest: Manifest, split: str, transform, *, memory_mb: float, cache: Path | None = None
+    manifest: Manifest, split: str, transform, *, memory_mb: float, cache: str | Path | None = None
 ) -> DecodedImages:
     """The split's images decoded once at the side `transform` reads (see data.DecodedImages)."""
     records = manifest.split(split)
@@ -442,8 +432,6 @@ def build_module(manifest: Manifest, backbone: Backbone, settings: TrainConfig) 
         freeze_epochs=settings.freeze_epochs,
         unfreeze_every=settings.unfreeze_every,
     )
-    if settings.balance not in BALANCE:
-        raise TlkitError(f"unknown --balance {settings.balance!r}; choose one of {', '.join(BALANCE)}")
     counts = np.bincount(manifest.labels(manifest.split("train")), minlength=len(manifest.classes)).astype(np.float64)
     weights = None
     if settings.balance == "weights":
@@ -452,15 +440,11 @@ def build_module(manifest: Manifest, backbone: Backbone, settings: TrainConfig) 
         backbone.model,
         backbone.num_features,
         len(manifest.classes),
-        groups=[names for _, names in groups],
+        groups=groups,
         lrs=group_lrs(settings.lr, len(groups), lr_mult=settings.lr_mult, lrs=settings.lrs),
         phases=phases,
-        weight_decay=settings.weight_decay,
-        label_smoothing=settings.label_smoothing,
         class_weights=weights,
-        schedule=settings.schedule,
-        bn=settings.bn,
-        group_labels=[label for label, _ in groups],
+        settings=settings,
     )
     return module.to(memory_format=torch.channels_last)
 
@@ -484,7 +468,7 @@ def train_loader(
     *,
     num_workers: int | None = None,
     memory_mb: float | None = None,
-    cache: Path | None = None,
+    cache: str | Path | None = None,
 ):
     """The shuffled, augmented training loader; with `memory_mb`, its images are decoded once (decode_split)."""
     transform = augment.resolve_train_transform(backbone.data_config, settings.augment, hflip=settings.hflip)
@@ -548,9 +532,8 @@ def fit_linear_probe(
     on train (val is then the held-out split). Returns the probe's selection accuracy and how C was chosen.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, PredefinedSplit
 
-    from tlkit.features.baseline import cross_validation
+    from tlkit.features.baseline import search_C
 
     eval_tf = augment.eval_transform(backbone.data_config)
 
@@ -559,20 +542,9 @@ def fit_linear_probe(
         return infer(backbone.model, loader, precision=precision), manifest.labels(manifest.split(split))
 
     X, y = features("train")
-    X_search, y_search, cv, how = X, y, cross_validation(y), "cross-validation on train"
-    if manifest.split("val") and manifest.split("test"):
-        X_val, y_val = features("val")
-        cv, how = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(y_val), dtype=int)]), "validation split"
-        X_search, y_search = np.concatenate([X, X_val]), np.concatenate([y, y_val])
-    C, score = 1.0, float("nan")
-    if cv is None:
-        how = "none (C=1)"
-    else:
-        search = GridSearchCV(
-            LogisticRegression(max_iter=3000), {"C": [0.01, 0.1, 1.0, 10.0]}, cv=cv, scoring="accuracy", refit=False
-        )
-        search.fit(X_search, y_search)
-        C, score = float(search.best_params_["C"]), float(search.best_score_)
+    val = features("val") if manifest.split("val") and manifest.split("test") else None
+    found = search_C(LogisticRegression(max_iter=3000), LP_FT_C_GRID, (X, y), val)
+    C, score, how = found.C, found.score, found.how
     # the head starts from train alone: val still judges epochs fairly
     probe = LogisticRegression(C=C, max_iter=3000).fit(X, y)
     # one row per class, as every head converted from scikit-learn (two classes: -d/2 and d/2, the probe's odds)
@@ -621,19 +593,30 @@ def check_data(manifest: Manifest, settings: TrainConfig) -> None:
             )
 
 
+@dataclass
+class FitOptions:
+    """How one fit runs, beside what it learns (TrainConfig) and where (ComputeConfig).
+
+    callbacks: extra Lightning callbacks. workdir: where checkpoints go (`last.ckpt`, `best.ckpt`; a temporary
+    folder by default). resume: continue from `workdir/last.ckpt`. progress: show a progress bar. calibrated: fit
+    the head's temperature (calibrate.calibrate_logits; tune's trials skip it).
+    """
+
+    callbacks: list[L.Callback] = field(default_factory=list)
+    workdir: Path | None = None
+    resume: bool = False
+    progress: bool = True
+    calibrated: bool = True
+
+
 def train_classifier(
     manifest: Manifest,
     backbone: Backbone,
     settings: TrainConfig | None = None,
     *,
     compute: ComputeConfig | None = None,
-    cache: Path | None = None,
-    callbacks: list[L.Callback] | None = None,
-    workdir: Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
+    fit: FitOptions | None = None,
     module: ImageClassifier | None = None,
-    calibrated: bool = True,
 ) -> TrainResult:
     """Train per `settings`; keep the best epoch by validation accuracy.
 
@@ -646,16 +629,12 @@ def train_classifier(
         backbone: the backbone to start from.
         settings: epochs, learning rates, strategy and the rest (TrainConfig()).
         compute: devices (several run as spawned DDP processes), precision ("auto" or Lightning's), DataLoader
-            workers (default: per machine, see data.default_workers) and image_cache_mb, the memory for the train
+            workers (default: per machine, see data.default_workers), image_cache_mb, the memory for the train
             and val images decoded once before the first epoch (default: data.default_image_cache_mb; what does not
-            fit goes to .npy files under `cache`); its batch_size is not used (settings.batch_size is).
-        cache: tlkit's cache folder (default: $TLKIT_CACHE or .tlkit/cache).
-        callbacks: extra Lightning callbacks.
-        workdir: where checkpoints go (`last.ckpt`, `best.ckpt`); a temporary folder by default.
-        resume: continue from `workdir/last.ckpt`.
-        progress: show a progress bar.
+            fit goes to .npy files under the cache folder, `cache_dir`); its batch_size is not used
+            (settings.batch_size is).
+        fit: callbacks, checkpoint folder, resume, progress bar, calibration (FitOptions()).
         module: a module from `build_module` (e.g. after an LR search); built here by default.
-        calibrated: fit the head's temperature (calibrate.calibrate_logits; tune's trials skip it).
 
     Returns:
         The module with the best epoch's weights, and its metrics on the held-out split.
@@ -673,16 +652,20 @@ def train_classifier(
     precision = runtime.training_precision(compute.precision, module)
     L.seed_everything(settings.seed, workers=True, verbose=False)  # the precision probe may have drawn random numbers
     budget = default_image_cache_mb() if image_cache_mb is None else image_cache_mb
-    loaders = _Loaders.build(manifest, backbone, settings, num_workers=num_workers, memory_mb=budget, cache=cache)
+    loaders = _Loaders.build(
+        manifest, backbone, settings, num_workers=num_workers, memory_mb=budget, cache=compute.cache_dir
+    )
+    fit = fit or FitOptions()
+    resume = fit.resume
     probe = None
     if settings.strategy == "lp-ft" and not resume:
         probe = fit_linear_probe(module, manifest, backbone, precision=precision, num_workers=num_workers)
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="tlkit-train-"))
-    extra = _callbacks(module, settings, workdir, selects=selects, resume=resume, more=callbacks or [])
+    workdir = Path(fit.workdir or tempfile.mkdtemp(prefix="tlkit-train-"))
+    extra = _callbacks(module, settings, workdir, selects=selects, resume=resume, more=fit.callbacks)
     trainer = runtime.build_trainer(
         devices=devices,
         precision=precision,
-        progress=progress,
+        progress=fit.progress,
         root_dir=workdir,
         max_epochs=settings.epochs,
         callbacks=extra,
@@ -708,7 +691,9 @@ def train_classifier(
         module.load_state_dict(state["state_dict"])
         best_epoch = int(state["epoch"])
     module.apply_phase(len(module.phases) - 1)
-    result = _evaluate(module, manifest, loaders, settings, precision=precision, selects=selects, calibrated=calibrated)
+    result = _evaluate(
+        module, manifest, loaders, settings, precision=precision, selects=selects, calibrated=fit.calibrated
+    )
     result.best_epoch, result.epochs_run = best_epoch, epochs_run
     selection = {"epoch": "best val_score on the val split" if selects else "last (the schedule runs to its end)"}
     if probe is not None:
@@ -747,7 +732,7 @@ class _Loaders:
         *,
         num_workers: int | None,
         memory_mb: float,
-        cache: Path | None,
+        cache: str | Path | None,
     ) -> _Loaders:
         # Train and val are read every epoch: decode them once, at the size the transforms read.
         loader, train_tf = train_loader(
