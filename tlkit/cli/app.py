@@ -721,8 +721,8 @@ def tune_command(
     from tlkit.pipelines.space import load_space
 
     settings = build("TuneConfig", tune)
-    search = load_space(settings.space)  # every error of the space file before anything runs
-    from tlkit.pipelines.tune import TuneJob
+    search = load_space(settings.space)  # every error of the space file before anything runs (Optuna not loaded)
+    from tlkit.pipelines.tune import TuneJob  # imports Optuna
 
     job = TuneJob(
         data,
