@@ -248,11 +248,9 @@ def _export(stage: ExportStage, inputs: StageInputs) -> StageResult:
 
 
 def _evaluate(stage: EvaluateStage, inputs: StageInputs) -> StageResult:
-    from tlkit.config import EvaluateConfig
     from tlkit.runs.evaluate import run_evaluate
 
-    settings = EvaluateConfig(**stage.model_dump(include=set(EvaluateConfig.model_fields)))
-    return run_evaluate(inputs.model_ref, inputs.data, settings, run=inputs.run(stage))
+    return run_evaluate(inputs.model_ref, inputs.data, stage, run=inputs.run(stage))  # the stage is an EvaluateConfig
 
 
 def _baseline(stage: BaselineStage, inputs: StageInputs) -> StageResult:
@@ -287,7 +285,6 @@ def _tune(stage: TuneStage, inputs: StageInputs) -> StageResult:
 
     The study is named by the stage's inputs, so a pipeline interrupted during a tune resumes the study
     when run again (with --fresh, a new study)."""
-    from tlkit.config import TuneConfig
     from tlkit.pipelines.tune import TuneJob, run_tune
 
     console, config = inputs.console, inputs.config
@@ -295,13 +292,12 @@ def _tune(stage: TuneStage, inputs: StageInputs) -> StageResult:
     def line(t) -> None:
         console.print(f"  {t.text(settings=False)}", highlight=False)
 
-    settings = TuneConfig(**stage.model_dump(include=set(TuneConfig.model_fields)))
     job = TuneJob(
         inputs.data,
         inputs.network,
         space_of(stage, None),
         base=stage.train,
-        settings=settings.model_copy(update={"study": stage.study or f"{config.name}.{stage.id}.{inputs.key}"}),
+        settings=stage.model_copy(update={"study": stage.study or f"{config.name}.{stage.id}.{inputs.key}"}),
         compute=config.compute,
         data_label=str(inputs.data.root),
     )
