@@ -117,10 +117,76 @@ def test_gradual_unfreezes_top_down(workdir, manifest):
     assert recorder.trainable == [(False, False, False), (False, False, True), (False, True, True), (True, True, True)]
 
 
-def test_lp_ft_starts_from_a_fitted_head(workdir, manifest):
-    result, recorder, _ = train(manifest, fast(epochs=2, strategy="lp-ft"))
+def test_lp_ft_starts_from_a_fitted_head(workdir, manifest, monkeypatch):
+    from tlkit.features import forward
+    from tlkit.features.extract import extract_features
+
+    backbone = create_backbone(TINY_MODEL, img_size=32)
+    extract_features(manifest, backbone, compute=CPU32, progress=False)  # the fine-tune's probe's pass
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("LP-FT's head must come from the cached frozen features")
+
+    monkeypatch.setattr(forward, "forward_loader", no_second_pass)
+    result = train_classifier(
+        manifest,
+        backbone,
+        fast(epochs=2, strategy="lp-ft"),
+        compute=CPU32,
+        fit=FitOptions(progress=False),
+    )
     assert result.settings["probe_selection_accuracy"] > 0.5
-    assert recorder.trainable[0] == (True, True, True)
+    assert result.epochs_run == 2
+
+
+def test_a_group_at_rate_zero_never_trains(workdir, manifest):
+    """--lrs 0,...: partial fine-tuning; the group gets no gradient (no backward pass through it), keeps its weights."""
+    backbone = create_backbone(TINY_MODEL, img_size=32)
+    groups = build_module(manifest, backbone, fast()).groups
+    before = {n: p.detach().clone() for n, p in backbone.model.named_parameters()}
+    recorder = Recorder()
+    train_classifier(
+        manifest,
+        backbone,
+        fast(epochs=2, strategy="full", lrs=[0, 1e-3, 1e-3, 3e-3]),
+        compute=CPU32,
+        fit=FitOptions(progress=False, callbacks=[recorder]),
+    )
+    assert recorder.trainable == [(False, True, True)] * 2
+    after = dict(backbone.model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in groups[0])
+    assert not all(torch.equal(before[n], after[n]) for n in groups[2])
+
+
+def test_held_out_val_is_scored_a_few_times_and_changes_nothing(workdir, digits_source, monkeypatch):
+    """Without a test split val chooses nothing: scoring it every epoch or at most 5 times gives the same model."""
+    from tlkit.train import finetune
+
+    manifest = ingest(digits_source, val=0.3, test=0.0, seed=0)
+
+    class Scored(L.Callback):
+        def __init__(self):
+            self.epochs = []
+
+        def on_validation_epoch_end(self, trainer, module):
+            self.epochs.append(trainer.current_epoch)
+
+    runs, default = {}, finetune.HELDOUT_CURVE_POINTS
+    for points in (default, 100):
+        monkeypatch.setattr(finetune, "HELDOUT_CURVE_POINTS", points)
+        scored = Scored()
+        result = train_classifier(
+            manifest,
+            create_backbone(TINY_MODEL, img_size=32),
+            fast(epochs=10, strategy="full"),
+            compute=CPU32,
+            fit=FitOptions(progress=False, callbacks=[scored]),
+        )
+        runs[points] = (scored.epochs, result)
+    (few, cheap), (every, full) = runs[default], runs[100]
+    assert (every, few) == (list(range(10)), [1, 3, 5, 7, 9])
+    np.testing.assert_array_equal(cheap.y_pred, full.y_pred)
+    assert torch.equal(cheap.module.head.weight, full.module.head.weight)
 
 
 def test_balance_weights_and_sampler(workdir, manifest):
@@ -261,29 +327,29 @@ def test_one_epoch_runs_with_the_default_freeze(workdir, manifest):
 
 
 def test_lp_ft_two_class_head_starts_with_the_probe_s_probabilities(workdir, tmp_path):
-    """The LP-FT head of a two-class task gives the fitted logistic regression's probabilities, not sharper ones."""
+    """The LP-FT head of a two-class task is the logistic-regression probe on the frozen features (standardised, the
+    scaling folded into the head): its log-odds are the probe's decision function, not twice it."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    from tlkit.data.loaders import ImageDataset, make_loader
     from tlkit.data.samples import write_digits
-    from tlkit.features.forward import infer
+    from tlkit.features.baseline import C_GRID
+    from tlkit.features.extract import extract_features
     from tlkit.train.finetune import fit_linear_probe
 
     write_digits(tmp_path / "two", classes="0-1", per_class=20, size=32, seed=0)
     two = ingest(tmp_path / "two", seed=0)
     backbone = create_backbone(TINY_MODEL, img_size=32)
     module = build_module(two, backbone, fast(strategy="lp-ft"))
-    fit_linear_probe(module, two, backbone, precision="32-true", num_workers=0)
-    from tlkit.data import augment
-
-    records = two.split("train")
-    transform = augment.ToTensor(augment.eval_transform(backbone.data_config))
-    dataset = ImageDataset([two.abspath(r) for r in records], two.labels(records), transform)
-    X = infer(backbone.model, make_loader(dataset, batch_size=64, num_workers=0))
-    y = two.labels(records)
+    features = extract_features(two, backbone, compute=ComputeConfig(num_workers=0), progress=False)
+    fit_linear_probe(module, features)
+    X, y = features.subset("train")
     with torch.no_grad():
-        logits = module.head(torch.from_numpy(X)).numpy()
-    odds = logits[:, 1] - logits[:, 0]  # log-odds of class 1: the probe's decision function, not twice it
-    probes = [LogisticRegression(C=C, max_iter=3000).fit(X, y) for C in (0.01, 0.1, 1.0, 10.0)]
+        logits = module.head(torch.from_numpy(X)).double().numpy()
+    odds = logits[:, 1] - logits[:, 0]  # log-odds of class 1
+    probes = [
+        make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000)).fit(X, y) for C in C_GRID["logreg"]
+    ]
     errors = [float(np.abs(odds - p.decision_function(X)).max() / np.abs(p.decision_function(X)).max()) for p in probes]
     assert min(errors) < 1e-3, errors

@@ -129,7 +129,9 @@ class TrainConfig(Settings):
         3.0, ge=1, description="each earlier layer group learns this many times slower than the next"
     )
     lrs: list[float] | None = Field(
-        None, description="explicit rates, comma-separated: body groups (input side first), then the head"
+        None,
+        description="explicit rates, comma-separated: body groups (input side first), then the head; a group at 0 "
+        "never trains",
     )
     groups: int | None = Field(
         4, ge=0, description="merge the backbone's layer groups into this many (0 or null: timm's own groups)"

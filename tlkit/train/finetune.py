@@ -13,9 +13,10 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -36,13 +37,18 @@ from tlkit.models.backbone import Backbone, layer_groups, merge_groups
 from tlkit.models.heads import class_rows
 from tlkit.train.strategies import Phase, group_lrs, phase_end, phase_index, plan_phases
 
+if TYPE_CHECKING:
+    from tlkit.features.extract import FeatureSet
+
 DEFAULT_BATCH = 32
 MIN_STEPS_PER_EPOCH = (
     8  # the default batch shrinks (to 8 at least) so that a small training set still makes this many steps
 )
 MONITOR = "val_score"  # val accuracy, ties broken by lower val loss (see ImageClassifier.on_validation_epoch_end)
 MIN_SCHEDULED_STEPS = 8
-LP_FT_C_GRID = (0.01, 0.1, 1.0, 10.0)  # LP-FT's probe: L-BFGS logistic regression on raw features (no scaling)
+# Without a test split the val split is held out: it chooses nothing, so scoring it during training only draws a curve
+# (the weights and every result are the same). At most this many points of it, not one every epoch.
+HELDOUT_CURVE_POINTS = 5
 CHECKPOINT_EVERY_S = 30.0  # last.ckpt (for --resume) at most this often, besides phase ends
 
 
@@ -175,7 +181,8 @@ class ImageClassifier(L.LightningModule):
             return [True] * len(self.groups)
         top = self.phases[max(self.phase, 0)].trainable
         n = len(self.groups)
-        return [i >= n - top for i in range(n)]
+        # a group whose rate is 0 never trains (`--lrs 0,0,...`: partial fine-tuning, no backward pass through it)
+        return [i >= n - top and self.lrs[i] > 0 for i in range(n)]
 
     def apply_phase(self, index: int) -> None:
         """Freeze and unfreeze groups for phase `index`; BatchNorm of frozen groups per the policy."""
@@ -523,36 +530,38 @@ def train_batch_figure(
     )
 
 
-def fit_linear_probe(
-    module: ImageClassifier, manifest: Manifest, backbone: Backbone, *, precision: str, num_workers: int | None
-) -> tuple[float, str]:
-    """LP-FT's first step: fit the head to convergence on frozen features (L-BFGS logistic regression).
+def fit_linear_probe(module: ImageClassifier, features: FeatureSet, *, seed: int = 0) -> tuple[float, str]:
+    """LP-FT's first step: the head starts as `tlkit baseline --classifier logreg` on the frozen features.
 
-    The regularisation is chosen on the val split when a test split reports, else by cross-validation
-    on train (val is then the held-out split). Returns the probe's selection accuracy and how C was chosen.
+    Logistic regression on standardised features, the standardisation folded into the linear head (w / scale,
+    b - w . mean / scale), so the network's first forward pass gives the probe's decision function. The features
+    are the probe's own (`extract_features`, cached): no second pass over the images. C is chosen on the val split
+    when a test split reports, else by cross-validation on train (val is then the held-out split); the head is
+    fitted on train alone, so val still judges epochs fairly. Returns the probe's selection accuracy and how C was
+    chosen.
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.base import clone
+    from sklearn.exceptions import ConvergenceWarning
 
-    from tlkit.features.baseline import search_C
+    from tlkit.features.baseline import C_GRID, build_classifier, search_C
 
-    eval_tf = augment.eval_transform(backbone.data_config)
-
-    def features(split: str) -> tuple[np.ndarray, np.ndarray]:
-        loader = make_loader(_dataset(manifest, split, eval_tf), batch_size=128, num_workers=num_workers)
-        return infer(backbone.model, loader, precision=precision), manifest.labels(manifest.split(split))
-
-    X, y = features("train")
-    val = features("val") if manifest.split("val") and manifest.split("test") else None
-    found = search_C(LogisticRegression(max_iter=3000), LP_FT_C_GRID, (X, y), val)
-    C, score, how = found.C, found.score, found.how
-    # the head starts from train alone: val still judges epochs fairly
-    probe = LogisticRegression(C=C, max_iter=3000).fit(X, y)
+    X, y = features.subset("train")
+    has = set(features.splits.tolist())
+    val = features.subset("val") if {"val", "test"} <= has else None
+    pipeline = build_classifier("logreg", seed=seed)
+    found = search_C(pipeline, C_GRID["logreg"], (X, y), val)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fitted = clone(pipeline).set_params(clf__C=found.C).fit(X, y)
+    scaler, clf = fitted.named_steps["scale"], fitted.named_steps["clf"]
     # one row per class, as every head converted from scikit-learn (two classes: -d/2 and d/2, the probe's odds)
-    weight, bias = class_rows(probe.coef_, probe.intercept_, probe.classes_, len(manifest.classes))
+    weight, bias = class_rows(clf.coef_, clf.intercept_, clf.classes_, module.head.out_features)
+    weight = weight.astype(np.float64) / scaler.scale_
+    bias = bias.astype(np.float64) - weight @ scaler.mean_
     with torch.no_grad():
         module.head.weight.copy_(torch.from_numpy(weight))
         module.head.bias.copy_(torch.from_numpy(bias))
-    return score, how
+    return found.score, found.how
 
 
 def check_settings(manifest: Manifest, backbone: Backbone, settings: TrainConfig) -> None:
@@ -622,7 +631,7 @@ def train_classifier(
 
     The val split chooses the best epoch only when a test split reports the result. Without a test
     split, val is the held-out split: the schedule runs to its end, the last epoch is kept, and val
-    only scores it (its per-epoch curve is logged for reading, never for choosing).
+    only scores it (a curve of at most HELDOUT_CURVE_POINTS points is logged for reading, never for choosing).
 
     Args:
         manifest: the dataset (train split trains; val split picks the best epoch, or trains too with use_val 'train').
@@ -659,7 +668,11 @@ def train_classifier(
     resume = fit.resume
     probe = None
     if settings.strategy == "lp-ft" and not resume:
-        probe = fit_linear_probe(module, manifest, backbone, precision=precision, num_workers=num_workers)
+        from tlkit.features.extract import extract_features
+
+        # the frozen features the fine-tune's probe has just extracted: read from the cache, not computed again
+        features = extract_features(manifest, backbone, compute=compute, progress=fit.progress)
+        probe = fit_linear_probe(module, features, seed=settings.seed)
     workdir = Path(fit.workdir or tempfile.mkdtemp(prefix="tlkit-train-"))
     extra = _callbacks(module, settings, workdir, selects=selects, resume=resume, more=fit.callbacks)
     trainer = runtime.build_trainer(
@@ -671,6 +684,7 @@ def train_classifier(
         callbacks=extra,
         # the best-epoch ModelCheckpoint; without it Lightning would add one that saves every epoch
         enable_checkpointing=selects,
+        check_val_every_n_epoch=1 if selects else math.ceil(settings.epochs / HELDOUT_CURVE_POINTS),
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
@@ -797,7 +811,8 @@ def _evaluate(
         num_workers=loaders.num_workers,
     )
     y_true = manifest.labels(manifest.split(heldout))
-    y_pred = infer(module, eval_loader, precision=precision).argmax(1)
+    logits = infer(module, eval_loader, precision=precision)
+    y_pred = logits.argmax(1)
     metrics = classification_metrics(y_true, y_pred, manifest.classes, prefix="heldout_")  # as in baselines
     best_val = None
     if selects:
@@ -808,7 +823,8 @@ def _evaluate(
     if calibrated:  # in float32, as every saved model is scored (network.LoadedModel)
         from tlkit.features.calibrate import calibrate_logits
 
-        heldout_logits = infer(module, eval_loader, precision="32-true")
+        # scored at the training precision above; a second pass only when that was not float32
+        heldout_logits = logits if precision == "32-true" else infer(module, eval_loader, precision="32-true")
         fit = (
             (infer(module, loaders.val, precision="32-true"), manifest.labels(manifest.split("val")))
             if selects
