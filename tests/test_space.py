@@ -123,7 +123,7 @@ def test_the_base_recipe_is_the_first_trial_when_the_space_contains_it():
         "lr": 1e-3,
         "lr_mult": 3.0,
         "strategy": "freeze-unfreeze",
-        "epochs": 20,
+        "epochs": 10,
         "freeze_epochs": 1,
         "augment": "light",
         "label_smoothing": 0.0,

@@ -40,6 +40,13 @@ def test_geometric_spread_and_explicit_rates():
         group_lrs(1.0, 2, lr_mult=0.5)
 
 
+def test_frozen_groups_get_rate_zero_and_one_group_must_train():
+    assert group_lrs(1e-3, 4, lr_mult=3.0, frozen=1) == pytest.approx([0.0, 1e-3 / 27, 1e-3 / 9, 1e-3 / 3, 1e-3])
+    assert group_lrs(1e-3, 2, lrs=[1e-5, 1e-4, 1e-3], frozen=1) == [0.0, 1e-4, 1e-3]
+    with pytest.raises(TlkitError, match="--frozen-groups 4 leaves none of the 4 layer groups to train"):
+        group_lrs(1e-3, 4, frozen=4)
+
+
 def test_merge_keeps_order_and_every_parameter():
     groups = [(f"g{i}", [f"p{i}.{j}" for j in range(size)]) for i, size in enumerate([1, 5, 2, 2, 8, 1])]
     merged = merge_groups(groups, 3)

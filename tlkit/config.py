@@ -118,7 +118,7 @@ class ModelTrackingConfig(TrackingConfig):
 class TrainConfig(Settings):
     """Training settings of `tlkit finetune` and a pipeline's finetune and tune stages (pretrain: PretrainConfig)."""
 
-    epochs: int = Field(20, ge=1, description="training epochs")
+    epochs: int = Field(10, ge=1, description="training epochs")
     batch_size: int | None = Field(
         None, ge=1, description="images per step (default: 32, or training images / 8 for small sets, at least 8)"
     )
@@ -135,6 +135,12 @@ class TrainConfig(Settings):
     )
     groups: int | None = Field(
         4, ge=0, description="merge the backbone's layer groups into this many (0 or null: timm's own groups)"
+    )
+    frozen_groups: int = Field(
+        0,
+        ge=0,
+        description="the first N layer groups (input side) never train: pretrained weights kept, no backward pass "
+        "through them",
     )
     strategy: Literal["freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft"] = Field(
         "freeze-unfreeze",

@@ -448,7 +448,9 @@ def build_module(manifest: Manifest, backbone: Backbone, settings: TrainConfig) 
         backbone.num_features,
         len(manifest.classes),
         groups=groups,
-        lrs=group_lrs(settings.lr, len(groups), lr_mult=settings.lr_mult, lrs=settings.lrs),
+        lrs=group_lrs(
+            settings.lr, len(groups), lr_mult=settings.lr_mult, lrs=settings.lrs, frozen=settings.frozen_groups
+        ),
         phases=phases,
         class_weights=weights,
         settings=settings,
@@ -569,7 +571,7 @@ def check_settings(manifest: Manifest, backbone: Backbone, settings: TrainConfig
     check_data(manifest, settings)
     groups = merge_groups(layer_groups(backbone.model), settings.groups)
     if settings.lr != "auto":
-        group_lrs(settings.lr, len(groups), lr_mult=settings.lr_mult, lrs=settings.lrs)
+        group_lrs(settings.lr, len(groups), lr_mult=settings.lr_mult, lrs=settings.lrs, frozen=settings.frozen_groups)
     plan_phases(
         settings.strategy,
         epochs=settings.epochs,

@@ -70,12 +70,24 @@ def phase_end(phases: list[Phase], index: int, epochs: int) -> int:
     return phases[index + 1].start if index + 1 < len(phases) else epochs
 
 
-def group_lrs(lr: float, n_groups: int, *, lr_mult: float = 3.0, lrs: list[float] | None = None) -> list[float]:
+def group_lrs(
+    lr: float, n_groups: int, *, lr_mult: float = 3.0, lrs: list[float] | None = None, frozen: int = 0
+) -> list[float]:
     """Learning rates of the body groups (input side first) followed by the head.
 
     Each earlier group gets `lr_mult` x less than the next later one (a geometric spread), unless
-    `lrs` gives all n_groups + 1 rates explicitly.
+    `lrs` gives all n_groups + 1 rates explicitly. The first `frozen` groups get 0: they never train.
     """
+    if frozen and frozen >= n_groups:
+        raise TlkitError(
+            f"--frozen-groups {frozen} leaves none of the {n_groups} layer groups to train; lower it, or use "
+            "--strategy linear-probe to train the head alone"
+        )
+    rates = _group_lrs(lr, n_groups, lr_mult=lr_mult, lrs=lrs)
+    return [0.0 if i < frozen else rate for i, rate in enumerate(rates)]
+
+
+def _group_lrs(lr: float, n_groups: int, *, lr_mult: float, lrs: list[float] | None) -> list[float]:
     if lrs is not None:
         if len(lrs) != n_groups + 1:
             raise TlkitError(
