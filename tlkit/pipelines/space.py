@@ -138,11 +138,14 @@ def _where(source: str, key: str) -> str:
 
 
 def _check_value(source: str, key: str, value: Any) -> None:
+    """The value's own type and range. Rules between settings (freeze_epochs below epochs) are a trial's to keep:
+    `settings_for` caps freeze_epochs per trial, so they are not judged here against the defaults."""
     try:
         TrainConfig.model_validate({key: value})
     except ValidationError as err:
-        first = err.errors()[0]
-        raise TlkitError(f"{_where(source, key)}: {value!r} is not a valid value ({first['msg']})") from None
+        own = [e for e in err.errors() if tuple(e["loc"])[:1] == (key,)]
+        if own:
+            raise TlkitError(f"{_where(source, key)}: {value!r} is not a valid value ({own[0]['msg']})") from None
 
 
 def _dimension(source: str, key: str, spec: Any, base_dir: Path | None) -> Dimension:
