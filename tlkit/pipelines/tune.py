@@ -426,6 +426,7 @@ class Objective:
                     callbacks=[MetricsCallback(run_id), pruning, *([deadline] if deadline else [])],
                     calibrated=False,
                     progress=runtime.progress_mode() == "plain",  # epoch lines in a log; no bars between trial lines
+                    val_every_epoch=True,  # the selection split: the pruner reads it every epoch
                 )
                 result = train_classifier(self.splits.trials, backbone, settings, compute=self.compute, fit=fit)
             except (

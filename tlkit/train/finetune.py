@@ -610,7 +610,9 @@ class FitOptions:
 
     callbacks: extra Lightning callbacks. workdir: where checkpoints go (`last.ckpt`, `best.ckpt`; a temporary
     folder by default). resume: continue from `workdir/last.ckpt`. progress: show a progress bar. calibrated: fit
-    the head's temperature (calibrate.calibrate_logits; tune's trials skip it).
+    the head's temperature (calibrate.calibrate_logits; tune's trials skip it). val_every_epoch: score val after
+    every epoch even where it chooses no epoch (a tune's trial: its pruner and its value read val's last score),
+    instead of at most HELDOUT_CURVE_POINTS times.
     """
 
     callbacks: list[L.Callback] = field(default_factory=list)
@@ -618,6 +620,7 @@ class FitOptions:
     resume: bool = False
     progress: bool = True
     calibrated: bool = True
+    val_every_epoch: bool = False
 
 
 def train_classifier(
@@ -686,7 +689,9 @@ def train_classifier(
         callbacks=extra,
         # the best-epoch ModelCheckpoint; without it Lightning would add one that saves every epoch
         enable_checkpointing=selects,
-        check_val_every_n_epoch=1 if selects else math.ceil(settings.epochs / HELDOUT_CURVE_POINTS),
+        check_val_every_n_epoch=1
+        if selects or fit.val_every_epoch
+        else math.ceil(settings.epochs / HELDOUT_CURVE_POINTS),
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
