@@ -8,8 +8,9 @@ Recipes:
 - freeze-unfreeze: head only for `freeze_epochs`, then everything with discriminative learning rates
                    and a fresh schedule at half the head rate (fastai's `fine_tune`).
 - gradual:         unfreeze one group more, from the top, every `unfreeze_every` epochs (ULMFiT).
-- lp-ft:           the head first fitted to convergence on the frozen features (the logistic-regression
-                   probe of `tlkit baseline`), then everything fine-tuned from that head (Kumar et al. 2022).
+- lp-ft:           the head first fitted to convergence on the frozen features (L-BFGS logistic
+                   regression on the probe's cached features), then everything fine-tuned from that head
+                   (Kumar et al. 2022).
 """
 
 from __future__ import annotations
