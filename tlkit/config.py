@@ -118,7 +118,9 @@ class ModelTrackingConfig(TrackingConfig):
 class TrainConfig(Settings):
     """Training settings of `tlkit finetune` and a pipeline's finetune and tune stages (pretrain: PretrainConfig)."""
 
-    epochs: int = Field(10, ge=1, description="training epochs")
+    epochs: int = Field(
+        10, ge=1, description="training epochs (not given: 10, or more for at least 100 optimizer steps on a small set)"
+    )
     batch_size: int | None = Field(
         None, ge=1, description="images per step (default: 32, or training images / 8 for small sets, at least 8)"
     )

@@ -461,6 +461,7 @@ def _record_fit(
                 "precision": resolved["precision"],
                 "lr_resolved": train.lr,
                 "batch_size_resolved": resolved["batch_size"],
+                "epochs_resolved": resolved["epochs"],
                 "layer_groups": resolved["groups"],
                 "group_lrs": [f"{lr:.3g}" for lr in resolved["group_lrs"]],
                 "phases": [f"{p['name']}@{p['start']}" for p in resolved["phases"]],
