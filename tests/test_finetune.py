@@ -193,7 +193,7 @@ def test_the_default_epochs_make_at_least_100_steps_on_a_small_set(manifest):
     """10 epochs by default, more where an epoch is only a few steps; epochs given are kept."""
     from dataclasses import replace
 
-    from tlkit.train.finetune import MIN_DEFAULT_STEPS, with_batch_size
+    from tlkit.train.finetune import MIN_DEFAULT_STEPS, with_resolved_defaults
 
     kept, seen = [], {}
     for r in manifest.records:  # 10 training images a class: 30 images, 8 a batch, 3 steps an epoch
@@ -201,11 +201,11 @@ def test_the_default_epochs_make_at_least_100_steps_on_a_small_set(manifest):
         if r.split != "train" or seen[(r.label, r.split)] <= 10:
             kept.append(r)
     small = replace(manifest, records=kept)
-    resolved = with_batch_size(TrainConfig(), small)
+    resolved = with_resolved_defaults(TrainConfig(), small)
     assert (resolved.batch_size, resolved.epochs) == (8, -(-MIN_DEFAULT_STEPS // 3))  # 34 epochs of 3 steps
-    assert with_batch_size(resolved, small).epochs == resolved.epochs  # resolved once
-    assert with_batch_size(TrainConfig(epochs=3), small).epochs == 3
-    assert with_batch_size(TrainConfig(batch_size=1), small).epochs == 10  # 30 steps an epoch: 10 epochs, 300 steps
+    assert with_resolved_defaults(resolved, small).epochs == resolved.epochs  # resolved once
+    assert with_resolved_defaults(TrainConfig(epochs=3), small).epochs == 3
+    assert with_resolved_defaults(TrainConfig(batch_size=1), small).epochs == 10  # 30 steps an epoch: 300 steps
 
 
 def test_balance_weights_and_sampler(workdir, manifest):

@@ -318,10 +318,10 @@ def _resolve_auto_lr(
     """--lr auto: sweep the rates (ratios kept), log the plot to the active run, return the suggested rate."""
     from tlkit.core.metrics import close
     from tlkit.core.runtime import resolve_precision
-    from tlkit.train.finetune import build_module, train_loader, with_batch_size
+    from tlkit.train.finetune import build_module, train_loader, with_resolved_defaults
     from tlkit.train.lr_find import find_lr
 
-    probe = with_batch_size(train, manifest).model_copy(update={"lr": 1e-3})
+    probe = with_resolved_defaults(train, manifest).model_copy(update={"lr": 1e-3})
     module = build_module(manifest, backbone, probe)
     loader, _ = train_loader(manifest, backbone, probe, num_workers=compute.num_workers)
     found = find_lr(module, loader, precision=resolve_precision(compute.precision))

@@ -460,7 +460,7 @@ def build_module(manifest: Manifest, backbone: Backbone, settings: TrainConfig) 
     return module.to(memory_format=torch.channels_last)
 
 
-def with_batch_size(settings: TrainConfig, manifest: Manifest) -> TrainConfig:
+def with_resolved_defaults(settings: TrainConfig, manifest: Manifest) -> TrainConfig:
     """`settings` with the default batch size resolved (32, or fewer for a small training set) and, where epochs were
     not given, the default 10 epochs raised to at least MIN_DEFAULT_STEPS optimizer steps.
 
@@ -498,7 +498,7 @@ def train_loader(
     )
     dataset = _dataset(manifest, "train", transform, decoded)
     # A last batch of one image breaks BatchNorm in training; drop the incomplete batch (reshuffled each epoch).
-    batch_size = settings.batch_size or DEFAULT_BATCH  # resolved by with_batch_size before training
+    batch_size = settings.batch_size or DEFAULT_BATCH  # resolved by with_resolved_defaults before training
     drop_last = len(dataset) > batch_size
     sampler = None
     if settings.balance == "sampler":
@@ -662,7 +662,7 @@ def train_classifier(
     Returns:
         The module with the best epoch's weights, and its metrics on the held-out split.
     """
-    settings = with_batch_size(settings or TrainConfig(), manifest)
+    settings = with_resolved_defaults(settings or TrainConfig(), manifest)
     compute = compute or ComputeConfig()
     devices, num_workers, image_cache_mb = compute.devices, compute.num_workers, compute.image_cache_mb
     check_data(manifest, settings)
