@@ -8,6 +8,7 @@ import torch
 from conftest import TINY_MODEL
 
 from tlkit.cli.app import app
+from tlkit.errors import TlkitError
 
 
 def invoke(runner, *args):
@@ -344,8 +345,11 @@ def test_a_command_and_its_pipeline_stage_share_their_defaults(runner):
 
     finetune = invoke(runner, "finetune", "--help").stdout
     pretrain = invoke(runner, "pretrain", "--help").stdout
-    assert FinetuneStage(id="f", stage="finetune", data="d").train == TrainConfig()
-    assert PretrainStage(id="p", stage="pretrain", data="d").train == PretrainConfig()
+    stage_train = FinetuneStage(id="f", stage="finetune", data="d").train
+    assert stage_train.model_dump() == TrainConfig().model_dump()
+    # the defaults that are resolved per dataset stay unset
+    assert stage_train.model_fields_set == TrainConfig().model_fields_set
+    assert PretrainStage(id="p", stage="pretrain", data="d").train.model_dump() == PretrainConfig().model_dump()
     assert PretrainStage(id="p", stage="pretrain", data="d").pretrained is False
     for help_text, settings in ((finetune, TrainConfig()), (pretrain, PretrainConfig())):
         shown = " ".join(help_text.replace("│", " ").split())
@@ -375,3 +379,25 @@ def test_run_takes_its_experiment_from_mlflow_s_variable(runner, workdir, digits
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert client.get_experiment_by_name("from-the-environment") is not None
     assert client.get_experiment_by_name("from-the-file") is None
+
+
+def test_an_option_left_at_its_default_is_unset_as_in_a_pipeline_file(runner, digits_target, workdir, monkeypatch):
+    """The default epochs are resolved per dataset (at least 100 steps) only where epochs were not given: the command
+    line must leave them unset as a pipeline file does, and a given value stays as given."""
+    import tlkit.runs.stages
+
+    seen = []
+
+    def capture(data, backbone, train, **kwargs):
+        seen.append(train)
+        raise TlkitError("captured")
+
+    monkeypatch.setattr(tlkit.runs.stages, "run_train", capture)
+    common = ["finetune", digits_target, "--model", TINY_MODEL, "--no-pretrained"]
+    invoke(runner, *common)
+    invoke(runner, *common, "--epochs", "10", "--lr", "0.002")
+    unset, given = seen
+    assert "epochs" not in unset.model_fields_set
+    assert unset.epochs == 10
+    assert {"epochs", "lr"} <= given.model_fields_set
+    assert "strategy" not in given.model_fields_set

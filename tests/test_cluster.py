@@ -85,9 +85,12 @@ def two_nodes(monkeypatch):
     for key, value in LOOPBACK_ONLY.items():
         monkeypatch.setenv(key, value)  # the nodes' processes
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # this process, which imported Ray already
-    folder = tempfile.mkdtemp(
-        prefix="tlkit-ray-", dir="/tmp"
-    )  # sessions, logs and sockets (a short path: socket names are limited)
+    # sessions, logs and sockets (a short path: socket names are limited)
+    folder = tempfile.mkdtemp(prefix="tlkit-ray-", dir="/tmp")
+    # Ray's test cluster writes its address to <RAY_TMPDIR>/ray/ray_current_cluster whatever temp_dir says, and fails
+    # where that folder does not exist (a machine where Ray never ran): keep it in this folder too
+    os.mkdir(os.path.join(folder, "ray"))
+    monkeypatch.setenv("RAY_TMPDIR", folder)
     node = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "temp_dir": folder}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False}, shutdown_at_exit=True)
     try:

@@ -432,3 +432,114 @@ def test_ctrl_c_inside_a_database_write_still_ends_the_run_killed(tracked, monke
     monkeypatch.undo()
     assert tracked.get_run(run_id).info.status == "KILLED"
     assert mlflow.active_run() is None
+
+
+# ----------------------------------------------------------------------------------------------
+# A model URI is a name inside a run, never a path out of it
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["runs:/{id}/../../../../victim", "runs:/{id}/model/../../../victim", "runs:/../../etc", "runs:/{id}/\\..\\victim"],
+)
+def test_a_model_uri_that_leaves_its_run_is_refused_before_anything_is_read(
+    store_with_a_model, tmp_path, digits_target, monkeypatch, ref
+):
+    folder, run_id = store_with_a_model
+    monkeypatch.chdir(folder)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    cache = tmp_path / "a" / "b" / "cache"  # <cache>/runs/ID/../../../../victim is tmp_path/a/victim
+    monkeypatch.setenv("TLKIT_CACHE", str(cache))
+    victims = [folder.parent / "victim", tmp_path / "a" / "victim", tmp_path / "victim"]
+    for victim in victims:
+        victim.mkdir(parents=True, exist_ok=True)
+        (victim / "keep.txt").write_text("mine")
+    image = sorted(Path(digits_target).rglob("*.png"))[0]
+    runner = CliRunner()
+    for command in (["predict", ref.format(id=run_id), image], ["evaluate", ref.format(id=run_id), digits_target]):
+        assert_one_line_error(invoke(runner, *command), "run")
+    for victim in victims:
+        assert [p.name for p in victim.iterdir()] == ["keep.txt"]
+        assert (victim / "keep.txt").read_text() == "mine"
+    assert not (cache / "runs").exists()  # nothing was downloaded
+
+
+def test_run_references_name_a_path_inside_the_run():
+    from tlkit.core.tracking import parse_run_ref
+    from tlkit.errors import TlkitError
+
+    assert parse_run_ref("runs:/abc123/model") == ("abc123", "model")
+    assert parse_run_ref("runs:/abc123/./model//bundle/") == ("abc123", "model/bundle")
+    assert parse_run_ref("runs:/abc123") == ("abc123", "")
+    for bad in ("runs:/abc/../x", "runs:/abc/model/../../x", "runs:/../etc", "runs:/abc/a\\b", "runs:/.."):
+        with pytest.raises(TlkitError):
+            parse_run_ref(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Names that are not UTF-8, wherever tlkit writes or logs them
+
+
+@pytest.fixture
+def undecodable_names(tmp_path, digits_pair):
+    """Two classes of digits where a class folder, a duplicate file and a damaged file have names that are not
+    UTF-8: each one is named in the data report."""
+    root = tmp_path / "names"
+    shutil.copytree(digits_pair, root)
+    os.rename(root / "8", os.path.join(os.fsencode(root), b"eight-\xe9"))
+    first = sorted((root / "3").glob("*.png"))[0]
+    shutil.copy(first, os.path.join(os.fsencode(root / "3"), b"caf\xe9.png"))  # a duplicate, reported
+    with open(os.path.join(os.fsencode(root / "3"), b"broken-\xff.png"), "wb") as damaged:  # unreadable, reported
+        damaged.write(b"\x89PNG\r\n\x1a\n not an image")
+    return root
+
+
+def test_names_that_are_not_utf8_survive_every_report_and_log(undecodable_names, workdir):
+    runner = CliRunner()
+    ingested = invoke(runner, "ingest", undecodable_names, "--out", workdir / "m.json")
+    assert ingested.exit_code == 0, ingested.output
+    assert "caf\\xe9.png" in ingested.stdout  # shown with its byte escaped
+    baseline = invoke(runner, "baseline", undecodable_names, "--classifier", "pixels")
+    assert baseline.exit_code == 0, baseline.output
+    tuned = invoke(
+        runner, "finetune", undecodable_names, *FINETUNE, "--epochs", "1", "--no-probe", "--strategy", "full"
+    )
+    assert tuned.exit_code == 0, tuned.output
+    model = tuned.stdout.split("model: runs:/")[1].split(";")[0]
+    eight = os.fsdecode(os.path.join(os.fsencode(undecodable_names), b"eight-\xe9"))
+    predicted = invoke(runner, "predict", f"runs:/{model}", eight, "--top-k", "2", "--out", workdir / "p.csv")
+    assert predicted.exit_code == 0, predicted.output
+    assert "eight-\\xe9" in predicted.stdout
+    assert b"eight-\xe9" in (workdir / "p.csv").read_bytes()
+    evaluated = invoke(runner, "evaluate", f"runs:/{model}", undecodable_names)
+    assert evaluated.exit_code == 0, evaluated.output
+    reports = list((workdir / "mlruns").rglob("report.txt"))
+    assert reports
+    for report in reports:
+        assert "caf\\xe9.png" in report.read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files are written with the modes the umask gives, and a full disk is named where it is
+
+
+def test_files_tlkit_writes_get_the_mode_the_umask_gives(tmp_path):
+    from tlkit.core import files
+
+    old = os.umask(0o022)
+    try:
+        assert (files.write_text(tmp_path / "a.txt", "x").stat().st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        assert (files.write_text(tmp_path / "b.txt", "x").stat().st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_a_full_disk_is_named_where_the_write_failed_not_where_it_read(tmp_path):
+    from tlkit.core import files
+
+    copy_failure = OSError(errno.ENOSPC, "No space left on device", "/tmp/source.bin", None, str(tmp_path / "x.bin"))
+    message = files.disk_full_message(copy_failure)
+    assert f"the disk of {tmp_path} " in message
+    assert "/tmp" not in message.split("(")[0].replace(str(tmp_path), "")

@@ -53,7 +53,7 @@ def manifest(digits_source):
 def test_training_learns_and_restores_the_best_epoch(workdir, manifest):
     result, _, _ = train(manifest, fast(epochs=6, strategy="full", lr_mult=1))  # from scratch: no spread
     assert result.epochs_run == 6
-    assert 0 <= result.best_epoch < 6
+    assert 1 <= result.best_epoch <= 6  # counted from 1, as the progress lines and the curves count
     assert result.metrics["heldout_accuracy"] > 0.6  # 3 classes: chance is 0.33
     assert result.heldout_split == "test"
     assert len(result.y_pred) == len(manifest.split("test"))
@@ -366,3 +366,14 @@ def test_lp_ft_two_class_head_starts_with_the_probe_s_probabilities(workdir, tmp
     probes = [LogisticRegression(C=C, max_iter=3000).fit(X, y) for C in LP_FT_C_GRID]
     errors = [float(np.abs(odds - p.decision_function(X)).max() / np.abs(p.decision_function(X)).max()) for p in probes]
     assert min(errors) < 1e-3, errors
+
+
+def test_the_kept_epoch_counts_from_one_and_a_fit_leaves_no_folder_behind(workdir, manifest, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the system's temporary folder, for this test alone
+    result, _, _ = train(manifest, fast(epochs=1, strategy="full"))
+    assert result.best_epoch == 1  # the first epoch, as the progress line and the curves call it
+    assert list(scratch.iterdir()) == []  # its checkpoints went with it

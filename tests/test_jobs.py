@@ -1,5 +1,6 @@
 """`tlkit run --jobs N`: a pipeline's points in parallel processes, nested and reused as in one process."""
 
+import glob
 import itertools
 import os
 import signal
@@ -76,16 +77,34 @@ def test_jobs_below_one_is_refused_before_anything_runs(workdir, tmp_path, digit
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def _session_processes(session: int) -> list[int]:
+    """The live processes of a process session (Linux /proc): what a command left running."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_every_job_and_leaves_no_run_running(tmp_path, digits_target):
-    """Ctrl-C reaches the whole process group, as in a terminal: every job marks its open runs KILLED."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_every_job_and_leaves_nothing_behind(tmp_path, digits_target, how):
+    """Ctrl-C reaches the whole process group, as in a terminal; SIGTERM (timeout, docker stop, systemd, Kubernetes)
+    reaches the parent alone. Either way every job marks its open runs KILLED, no process and no temporary folder
+    outlives the command, and the resume line is the command without --fresh."""
     path = sweep_pipeline(tmp_path, digits_target)
     config = yaml.safe_load(path.read_text())
     config["stages"][3]["train"]["epochs"] = 400  # long enough to be interrupted
     path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"TMPDIR": str(scratch)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tlkit", "run", str(path), "--jobs", "2"],
+        [sys.executable, "-m", "tlkit", "run", str(path), "--jobs", "2", "--fresh"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -97,10 +116,23 @@ def test_ctrl_c_stops_every_job_and_leaves_no_run_running(tmp_path, digits_targe
     while not list((tmp_path / ".tlkit" / "checkpoints").glob("*/last.ckpt")) and time.monotonic() < deadline:
         time.sleep(0.3)  # a fine-tune is under way
     time.sleep(1)
-    os.killpg(process.pid, signal.SIGINT)
+    if how == "ctrl-c":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, out + err
+    assert process.returncode == (130 if how == "ctrl-c" else 143), out + err
     assert "Traceback" not in err, err
+    interrupted = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert interrupted, err
+    assert "marked KILLED" in interrupted[0]
+    assert interrupted[0].endswith(f"tlkit run {path} --jobs 2"), interrupted[0]  # --fresh dropped
+    deadline = time.monotonic() + 10  # the jobs ended before the command did; their exit may still be reaped
+    while _session_processes(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _session_processes(process.pid) == []
+    # torch keeps its compiler's cache (torchinductor_USER) in the temporary folder for every later process: not ours
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from enum import Enum
@@ -19,6 +21,8 @@ from rich.table import Table
 from rich.text import Text
 
 from tlkit.cli.options import build, settings
+from tlkit.core import signals
+from tlkit.core.files import printable
 from tlkit.errors import TlkitError
 
 _STARTED = time.monotonic()  # about when the process started (heavy imports come later, inside the commands)
@@ -67,7 +71,8 @@ class _WarningLine(logging.Handler):
     """tlkit's warnings about the user's data, as `warning: ...` lines on stderr, printed literally."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        errors.print(Text("warning: ", style="yellow") + Text(record.getMessage()), highlight=False, soft_wrap=True)
+        message = printable(record.getMessage())
+        errors.print(Text("warning: ", style="yellow") + Text(message), highlight=False, soft_wrap=True)
 
 
 def command(func):
@@ -88,6 +93,8 @@ def command(func):
             "__main__.py",
         ):  # the command line, recorded on its runs (tracking.reap_dead_runs)
             os.environ["TLKIT_COMMAND"] = shlex.join(["tlkit", *sys.argv[1:]])
+        stopping = contextlib.ExitStack()
+        terminated = stopping.enter_context(signals.terminating_as_interrupt())  # SIGTERM does what Ctrl-C does
         try:
             runtime.progress_mode()  # a bad TLKIT_PROGRESS is said before any work
             if "tracking_uri" in kwargs:  # a damaged store is said before MLflow (1.5 s) and the rest load
@@ -108,7 +115,9 @@ def command(func):
             if isinstance(stop, SystemExit) and not _killed_runs():
                 raise
             errors.print(_interrupted_message(), highlight=False, soft_wrap=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(128 + (terminated[0] if terminated else signal.SIGINT)) from None
+        finally:
+            stopping.close()
 
     return wrapper
 
@@ -127,7 +136,8 @@ def _some_files(items: list[str]) -> None:
 
 
 def _error_line(message: str) -> None:
-    errors.print(Text("error: ", style="bold red") + Text(" ".join(message.split())), highlight=False, soft_wrap=True)
+    text = printable(" ".join(message.split()))  # a file name in it may hold bytes that are not UTF-8
+    errors.print(Text("error: ", style="bold red") + Text(text), highlight=False, soft_wrap=True)
 
 
 def _known_failure(err: BaseException) -> str | None:
@@ -171,14 +181,17 @@ def _known_failure(err: BaseException) -> str | None:
 def _resume_hint() -> str:
     tracking = sys.modules.get("tlkit.core.tracking")
     failed = list(tracking.FAILED) if tracking else []
+    unrecorded = list(tracking.UNRECORDED) if tracking else []
     argv = sys.argv[1:]
-    if failed and argv and argv[0] in ("finetune", "pretrain"):
-        run_id = failed[-1]
+    if (failed or unrecorded) and argv and argv[0] in ("finetune", "pretrain"):
+        run_id = (failed or unrecorded)[-1]
         again = argv if "--resume" in argv else [*argv, "--resume", run_id]
-        return (
-            f"; run {run_id} is marked FAILED and continues from its last checkpoint with: "
-            f"{shlex.join(['tlkit', *again])}"
+        state = (
+            "is marked FAILED"
+            if failed
+            else "could not be marked FAILED (the store could not write; the next tlkit command marks it KILLED)"
         )
+        return f"; run {run_id} {state} and continues from its last checkpoint with: {shlex.join(['tlkit', *again])}"
     return ""
 
 
@@ -209,10 +222,11 @@ def _interrupted_message() -> str:
             f"interrupted: study run {run_id} and its open trial are marked KILLED; the same command resumes the "
             f"study: {shlex.join(['tlkit', *argv])}"
         )
-    if command == "run":
+    if command == "run":  # without --fresh, which would recompute the stages that did finish
+        again = [a for a in argv if a != "--fresh"]
         return (
             f"interrupted: pipeline run {run_id} and its open runs are marked KILLED; run the same command again and "
-            f"finished stages are reused: {shlex.join(['tlkit', *argv])}"
+            f"finished stages are reused: {shlex.join(['tlkit', *again])}"
         )
     return f"interrupted: run {run_id} is marked KILLED in MLflow"
 
@@ -820,10 +834,8 @@ def predict_command(
     for column in ("image", "rank", "class", score):
         table.add_column(column, justify="right" if column in ("rank", score) else "left")
     shown = rows[: 50 * top_k]
-    from tlkit.core.files import printable
-
     for row in shown:
-        table.add_row(printable(row["image"]), str(row["rank"]), row["class"], f"{row[score]:.4f}")
+        table.add_row(printable(row["image"]), str(row["rank"]), printable(row["class"]), f"{row[score]:.4f}")
     console.print(table)
     if len(rows) > len(shown):
         console.print(f"... {len(rows) - len(shown)} more row(s){'' if out else '; pass --out FILE.csv for all'}")
@@ -865,7 +877,7 @@ def evaluate_command(
             table.add_row(key, f"{value:.4f}")
     console.print(table)
     pairs = ", ".join(f"{t}->{p} ({n})" for t, p, n in result.details["most_confused"]) or "none"
-    console.print(f"most confused (true->predicted): {pairs}", highlight=False)
+    console.print(printable(f"most confused (true->predicted): {pairs}"), highlight=False)
     console.print(f"the model's calibration: {result.details['calibration']}", highlight=False, soft_wrap=True)
     console.print(
         "in the run: predictions.csv, plots/top_losses.png, reliability.png, "
@@ -889,7 +901,6 @@ def explain_command(
     out: Annotated[Path, typer.Option(help="Folder for the PNGs (image | map | overlay).")] = Path("explain"),
 ):
     """Where the network looks: a map per image (saliency, Grad-CAM or occlusion), beside the image."""
-    from tlkit.core.files import printable
     from tlkit.runs.evaluate import run_explain
 
     _tracking(tracking["tracking_uri"], tracking["experiment"], model)

@@ -140,6 +140,23 @@ def _parameter(option: dict[str, Any]) -> inspect.Parameter:
     )
 
 
+class GroupValues(dict):
+    """A settings group's option values, and which of them the user gave (on the command line or in an environment
+    variable) rather than left at their default: `build` passes only those, so a model's `model_fields_set` means the
+    same from the command line as from a pipeline file (a default that is resolved per dataset stays unset)."""
+
+    def __init__(self, values: dict[str, Any], *, given: set[str]):
+        super().__init__(values)
+        self.given = given
+
+
+def _given(context: typer.Context | None, name: str) -> bool:
+    if context is None:  # called as a function, not through the command line: every value counts as given
+        return True
+    source = context.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 def settings(**groups: str | tuple[str, tuple[str, ...]]):
     """Give a command the options of settings groups: `name=group`, or `name=(group, fields)` where the fields are
     the ones to take, or with a leading '-' the ones to leave out; the command's parameter `name` receives the
@@ -161,12 +178,16 @@ def settings(**groups: str | tuple[str, tuple[str, ...]]):
         options = [
             p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is not inspect.Parameter.empty
         ]
-        parameters = arguments + [p for ps in added.values() for p in ps] + options
+        context = inspect.Parameter("_tlkit_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        parameters = arguments + [p for ps in added.values() for p in ps] + options + [context]
 
         @functools.wraps(func)
-        def command(*args, **kwargs):
+        def command(*args, _tlkit_context: typer.Context | None = None, **kwargs):
             for target, ps in added.items():
-                kwargs[target] = {p.name: kwargs.pop(p.name) for p in ps}
+                kwargs[target] = GroupValues(
+                    {p.name: kwargs.pop(p.name) for p in ps},
+                    given={p.name for p in ps if _given(_tlkit_context, p.name)},
+                )
             return func(*args, **kwargs)
 
         command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
@@ -184,6 +205,7 @@ def build(model_name: str, values: dict[str, Any], **fixed: Any):
     from tlkit import config
 
     model = getattr(config, model_name)
+    given = getattr(values, "given", None)
     values = dict(values)
     for name, value in list(values.items()):
         if (
@@ -191,6 +213,8 @@ def build(model_name: str, values: dict[str, Any], **fixed: Any):
             and _kind(model.model_fields[name].annotation)[0] == "list[float]"
         ):
             values[name] = _floats(name, value)
+    if given is not None:  # an option left at the model's own default stays unset in it, as in a pipeline file
+        values = {k: v for k, v in values.items() if k in given or v != model.model_fields[k].default}
     try:
         return model(**values, **fixed)
     except ValidationError as err:

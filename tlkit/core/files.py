@@ -26,6 +26,10 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".partial{path.suffix}")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's file is 0600; the finished file gets what open() would give it
+    except (AttributeError, OSError):  # no fchmod (Windows), or a file system without modes
+        pass
     os.close(fd)
     try:
         yield Path(name)
@@ -36,6 +40,20 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         raise
     finally:
         Path(name).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else set and restored at once."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -62,7 +80,9 @@ def mount_point(path: Path) -> Path:
 
 def disk_full_message(err: OSError, fallback: str | os.PathLike = ".") -> str:
     """'no space left on the disk of FOLDER (mounted at M): N MB free; ...' for an ENOSPC/EDQUOT/EFBIG error."""
-    where = Path(err.filename).parent if getattr(err, "filename", None) else Path(fallback)
+    # a copy names its source first and the file it was writing second (shutil's sendfile): the disk is the second's
+    written = getattr(err, "filename2", None) or getattr(err, "filename", None)
+    where = Path(os.fsdecode(written)).parent if written else Path(fallback)
     while not where.exists() and where != where.parent:
         where = where.parent
     try:

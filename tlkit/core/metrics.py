@@ -16,6 +16,8 @@ from sklearn.metrics import (  # noqa: E402
     precision_recall_fscore_support,
 )
 
+from tlkit.core.files import printable  # noqa: E402
+
 
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], *, prefix: str = "heldout_"
@@ -110,9 +112,9 @@ def image_grid(images: list[np.ndarray], titles: list[str], *, columns: int = 4,
         axis.axis("off")
     for axis, image, caption in zip(axes.flat, images, titles):
         axis.imshow(image, cmap="gray" if image.ndim == 2 else None)
-        axis.set_title(caption, fontsize=7)
+        axis.set_title(printable(caption), fontsize=7)
     if title:
-        figure.suptitle(title, fontsize=9)
+        figure.suptitle(printable(title), fontsize=9)
     figure.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
     return figure
 
@@ -127,8 +129,9 @@ def confusion_figure(
     side = max(3.5, 0.45 * len(classes) + 2)
     figure, axis = plt.subplots(figsize=(side, side), dpi=100)
     axis.imshow(matrix, cmap="Blues")
-    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    axis.set_yticks(range(len(classes)), classes)
+    names = [printable(c) for c in classes]  # a class folder's name may hold bytes that are not UTF-8
+    axis.set_xticks(range(len(classes)), names, rotation=45, ha="right")
+    axis.set_yticks(range(len(classes)), names)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     axis.set_title(title or f"accuracy {accuracy_score(y_true, y_pred):.3f} (n={len(y_true)})")
@@ -152,8 +155,15 @@ def denormalise(images: np.ndarray, mean, std) -> np.ndarray:
     return (np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def curves_figure(history: dict[str, list[tuple[int, float]]], phases: list[tuple[int, str]], *, title: str = ""):
-    """Loss and accuracy per epoch (train and val), with a dashed line where each training phase starts."""
+def curves_figure(
+    history: dict[str, list[tuple[int, float]]],
+    phases: list[tuple[int, str]],
+    *,
+    kept: int | None = None,
+    title: str = "",
+):
+    """Loss and accuracy per epoch (train and val, epochs counted from 1), a dotted line where each training phase
+    starts, and a solid one at `kept`, the epoch whose weights the model holds."""
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
     for axis, kind in zip(axes, ("loss", "accuracy")):
         plotted = False
@@ -175,6 +185,9 @@ def curves_figure(history: dict[str, list[tuple[int, float]]], phases: list[tupl
                 va="top",
                 color="grey",
             )
+        if kept is not None:
+            axis.axvline(kept, color="tab:green", linewidth=1.5, alpha=0.7, label=f"kept: epoch {kept}")
+            plotted = True
         axis.set_xlabel("epoch")
         axis.set_ylabel(kind)
         axis.xaxis.set_major_locator(plt.MaxNLocator(integer=True))

@@ -57,6 +57,7 @@ for _name in (
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 from tlkit import __version__  # noqa: E402
+from tlkit.core.files import printable  # noqa: E402
 from tlkit.errors import TlkitError  # noqa: E402
 
 DEFAULT_EXPERIMENT = "tlkit"
@@ -352,12 +353,10 @@ def start_run(
                 ) from None
         yield run.info.run_id
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit after its clean-up
-        KILLED.append(run.info.run_id)
-        _end_run("KILLED")
+        (KILLED if _end_run("KILLED") else UNRECORDED).append(run.info.run_id)
         raise
     except BaseException:
-        FAILED.append(run.info.run_id)
-        _end_run("FAILED")
+        (FAILED if _end_run("FAILED") else UNRECORDED).append(run.info.run_id)
         raise
     else:
         mlflow.end_run()
@@ -365,29 +364,42 @@ def start_run(
 
 KILLED: list[str] = []  # runs this process marked KILLED (innermost first), for the CLI's resume hint
 FAILED: list[str] = []  # runs this process marked FAILED (innermost first)
+UNRECORDED: list[str] = []  # runs that ended in an error the store could not record (left RUNNING; reaped later)
 
 
-def _end_run(status: str) -> None:
-    """End the active run with `status` while another error is on its way out. If the store cannot take it
-    (a full disk holds the database too), the run stays RUNNING and the next command finds it dead
-    (`reap_dead_runs`); the error the user sees is the first one, not this."""
+def _end_run(status: str) -> bool:
+    """End the active run with `status` while another error is on its way out; False when the store cannot take it
+    (a full disk holds the database too): the run then stays RUNNING and the next command finds it dead
+    (`reap_dead_runs`). The error the user sees is the first one, not this."""
     run = mlflow.active_run()
     try:
-        mlflow.end_run(
-            status=status
-        )  # pops the run off MLflow's stack before it writes, so a failed write leaves no stale run
+        mlflow.end_run(status=status)  # pops the run off MLflow's stack before it writes: no stale run on failure
+        return True
     except Exception:  # noqa: BLE001
-        # Ctrl-C can land inside a database write and leave this process's connection unusable: try once more on a new
-        # one
+        # Ctrl-C can land inside a database write and leave this process's connection unusable: once more on a new one
         try:
             if run is not None:
                 MlflowClient(mlflow.get_tracking_uri()).set_terminated(run.info.run_id, status)
+                return True
         except Exception:  # noqa: BLE001
             pass
+    return False
+
+
+def _text(value: Any) -> Any:
+    """Strings (in dicts and lists too) that MLflow can store: a file name's bytes that are not UTF-8, which Python
+    keeps as lone surrogates and an encoder refuses, become \\xNN escapes."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, Mapping):
+        return {_text(k): _text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_text(v) for v in value]
+    return value
 
 
 def log_params(params: Mapping[str, Any]) -> None:
-    flat = flatten(params)
+    flat = _text(flatten(params))
     items = list(flat.items())
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         mlflow.log_params(dict(items[start : start + 100]))
@@ -398,7 +410,7 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
 
 def set_tags(tags: Mapping[str, str]) -> None:
-    mlflow.set_tags(dict(tags))
+    mlflow.set_tags(_text(dict(tags)))
 
 
 def set_run_tags(run_id: str, tags: Mapping[str, str], *, tracking_uri: str | None = None) -> None:
@@ -430,7 +442,9 @@ class _ImageFolder(mlflow.data.meta_dataset.MetaDataset):
 
 def log_dataset(source: str, *, name: str, digest: str, profile: dict, context: str = "training") -> None:
     """Record the run's data as an MLflow dataset input (the UI's Dataset column)."""
-    mlflow.log_input(_ImageFolder(source, name=name, digest=digest, profile=profile), context=context)
+    mlflow.log_input(
+        _ImageFolder(printable(source), name=printable(name), digest=digest, profile=_text(profile)), context=context
+    )
 
 
 def log_figure(figure, path: str) -> None:
@@ -438,11 +452,11 @@ def log_figure(figure, path: str) -> None:
 
 
 def log_text(text: str, path: str) -> None:
-    mlflow.log_text(text, path)
+    mlflow.log_text(printable(text), path)
 
 
 def log_dict(data: dict, path: str) -> None:
-    mlflow.log_dict(data, path)
+    mlflow.log_dict(_text(data), path)
 
 
 def log_artifacts(folder: Path, path: str | None = None) -> None:
@@ -493,15 +507,32 @@ def log_model(bundle_dir: Path, path: str, *, code: Path) -> None:
         mlflow.log_artifacts(str(target), artifact_path=path)
 
 
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def parse_run_ref(ref: str) -> tuple[str, str]:
-    """'runs:/ID' or 'runs:/ID/path' -> (run id, path inside the run or '')."""
-    rest = ref[len(RUNS_PREFIX) :].strip("/")
+    """'runs:/ID' or 'runs:/ID/path' -> (run id, path inside the run or '').
+
+    The path is checked before anything is read: it stays inside its run (no '..', no absolute path, no
+    backslash), since it names files to download and a folder of the cache to replace.
+    """
+    rest = ref[len(RUNS_PREFIX) :].lstrip("/")
     run_id, _, path = rest.partition("/")
     if not run_id:
         raise TlkitError(
             f"{ref!r} names no run; write runs:/RUN_ID (the id is shown by every command and in `tlkit ui`)"
         )
-    return run_id, path
+    if not _RUN_ID.fullmatch(run_id):
+        raise TlkitError(
+            f"{ref!r}: {run_id!r} is not a run id (letters, digits, '-' and '_' only); write runs:/RUN_ID[/PATH] with "
+            "the id shown by every command and in `tlkit ui`"
+        )
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if "\\" in path or "\0" in path or any(p == ".." for p in parts):
+        raise TlkitError(
+            f"{ref!r}: the artifact path {path!r} leaves its run; name a path inside the run, e.g. runs:/{run_id}/model"
+        )
+    return run_id, "/".join(parts)
 
 
 def get_run(run_id: str, tracking_uri: str | None = None):
@@ -540,6 +571,7 @@ def download_artifacts(run_id: str, path: str, *, tracking_uri: str | None = Non
     """
     from tlkit.core.cache import cache_dir
 
+    run_id, path = parse_run_ref(f"{RUNS_PREFIX}{run_id}/{path}")  # nothing outside the run, whoever calls
     run = get_run(run_id, tracking_uri)
     uri = resolve_tracking_uri(tracking_uri)
     runs = cache_dir() / "runs"

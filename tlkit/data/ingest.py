@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tlkit.core.files import printable
 from tlkit.data.images import BadImage, frame_count, inspect_image
 from tlkit.errors import TlkitError
 
@@ -498,7 +499,7 @@ def ingest(
 
 
 def format_report(manifest: Manifest, *, max_items: int = 10) -> str:
-    """The report as plain text for the terminal and for MLflow."""
+    """The report as plain text for the terminal and for MLflow (a name's bytes that are not UTF-8 shown as \\xNN)."""
     report = manifest.report
     lines = [f"dataset {manifest.source}  fingerprint {manifest.fingerprint}", ""]
     width = max(len(c) for c in manifest.classes + ["class"])
@@ -521,4 +522,4 @@ def format_report(manifest: Manifest, *, max_items: int = 10) -> str:
         lines += [f"  {' = '.join(group)}" for group in report.duplicates[:max_items]]
     if report.warnings:
         lines += [""] + [f"warning: {w}" for w in report.warnings]
-    return "\n".join(lines)
+    return printable("\n".join(lines))

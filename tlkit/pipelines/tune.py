@@ -707,8 +707,13 @@ def run_tune(
         if "scaled_epochs" in best.user_attrs:  # the recipe as the budget scaled it
             values["epochs"] = best.user_attrs["scaled_epochs"]
         final_settings = settings_for(values, base).model_copy(update={"use_val": splits.final_use_val})
-        outcome.command = reproduce_command(
-            job.data_label or str(getattr(job.data, "source", job.data)), job.backbone, job.split, final_settings
+        from tlkit.train.finetune import with_resolved_defaults
+
+        outcome.command = reproduce_command(  # with the epochs and batch size the retrain resolves to, named
+            job.data_label or str(getattr(job.data, "source", job.data)),
+            job.backbone,
+            job.split,
+            with_resolved_defaults(final_settings, splits.final),
         )
         final = _retrain_once(opened.study, opened.rdb, splits, job, final_settings, run)
         if final is None:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tlkit.core.files import printable
 from tlkit.core.metrics import plt
 from tlkit.errors import TlkitError
 from tlkit.models.network import Network
@@ -209,7 +210,7 @@ def explanation_figure(image: np.ndarray, heat: np.ndarray, title: str, method: 
     """The image, its map, and the map over the image, side by side."""
     figure, axes = plt.subplots(1, 3, figsize=(9, 3.4), dpi=100)
     axes[0].imshow(image)
-    axes[0].set_title(title, fontsize=9)
+    axes[0].set_title(printable(title), fontsize=9)
     if method == "occlusion":  # signed: covering a place can also raise the probability
         limit = float(np.abs(heat).max()) or 1.0
         shown = axes[1].imshow(heat, cmap="RdBu_r", vmin=-limit, vmax=limit)
@@ -244,7 +245,7 @@ def overview_figure(images: list[np.ndarray], heats: list[np.ndarray], titles: l
     for k, (image, heat, title) in enumerate(zip(images, heats, titles)):
         left, right = axes[k // columns, 2 * (k % columns)], axes[k // columns, 2 * (k % columns) + 1]
         left.imshow(image)
-        left.set_title(title, fontsize=6)
+        left.set_title(printable(title), fontsize=6)
         _overlay(right, image, heat)
         right.set_title(TITLES[method], fontsize=6)
     figure.tight_layout(pad=0.3, w_pad=0.2, h_pad=0.4)
@@ -270,6 +271,6 @@ def filters_figure(weights: torch.Tensor, title: str, *, max_filters: int = 64):
     for axis, w in zip(axes.flat, weights):
         w = (w - w.min()) / max(float(w.max() - w.min()), 1e-12)
         axis.imshow(w.permute(1, 2, 0).numpy(), interpolation="nearest")
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(printable(title), fontsize=9)
     figure.tight_layout()
     return figure

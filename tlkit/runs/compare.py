@@ -246,9 +246,17 @@ def compare(
     board = build_leaderboard(
         runs, metric, lambda run_id, key: tracking.metric_history(run_id, key, tracking_uri=tracking_uri)
     )
-    target = Path(out) if out else Path(tempfile.mkdtemp(prefix="tlkit-compare-"))
+    if out is not None:
+        return board, _write_board(board, Path(out), parent, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="tlkit-compare-") as tmp:  # logged to the parent run, then removed
+        _write_board(board, Path(tmp), parent, tracking_uri)
+    return board, []
+
+
+def _write_board(board: Leaderboard, target: Path, parent: str | None, tracking_uri: str | None) -> list[Path]:
+    """The leaderboard's CSV and PNG in `target`, logged to `parent` under compare/ when given."""
     target.mkdir(parents=True, exist_ok=True)
-    stem = "leaderboard" if metric == "heldout_accuracy" else f"leaderboard-{metric}"
+    stem = "leaderboard" if board.metric == "heldout_accuracy" else f"leaderboard-{board.metric}"
     files = [write_csv(board, target / f"{stem}.csv")]
     figure = leaderboard_figure(board)
     save_figure(figure, target / f"{stem}.png")
@@ -257,4 +265,4 @@ def compare(
     if parent:
         for file in files:
             tracking.log_artifact_to(parent, file, "compare", tracking_uri=tracking_uri)
-    return board, files
+    return files

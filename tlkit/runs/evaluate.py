@@ -6,6 +6,7 @@ metrics and PNGs, so a model's evaluations sit beside it in the UI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -315,20 +316,22 @@ def run_explain(
         f"{Path(p).name}: {loaded.classes[t]}" + ("" if target else f" ({c:.2f})")
         for p, t, c in zip(paths, targets, confidence)
     ]
-    folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="tlkit-explain-"))
     options = {"patch": patch, "stride": stride} if method == "occlusion" else {}
-    files = _maps_for(loaded, paths, targets, method, titles, folder, **options)
     params = {"model_uri": model, "method": method, "target": target or "predicted", "images": len(paths)}
     if method == "occlusion":
         params |= {"patch": patch, "stride": stride}
-    with tracking.start_run(
-        "explain",
-        run_name=run.named(f"explain ({method}, {len(paths)} image{'s' if len(paths) != 1 else ''})"),
-        params=params,
-        tags={"tlkit.model_run": _model_run(model)},
-    ) as run_id:
-        tracking.log_artifacts(folder, f"explain/{method}")
-    return StageResult("explain", run_id, details={"skipped": skipped, "folder": folder}, files=files)
+    # without `out`, the maps live in the run alone: drawn in a temporary folder that is removed once logged
+    with contextlib.ExitStack() as scratch:
+        folder = Path(out) if out else Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="tlkit-explain-")))
+        files = _maps_for(loaded, paths, targets, method, titles, folder, **options)
+        with tracking.start_run(
+            "explain",
+            run_name=run.named(f"explain ({method}, {len(paths)} image{'s' if len(paths) != 1 else ''})"),
+            params=params,
+            tags={"tlkit.model_run": _model_run(model)},
+        ) as run_id:
+            tracking.log_artifacts(folder, f"explain/{method}")
+    return StageResult("explain", run_id, details={"skipped": skipped, "folder": out}, files=files if out else [])
 
 
 def run_filters(

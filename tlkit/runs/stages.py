@@ -486,7 +486,12 @@ def _record_fit(
     }
     phases = [(p["start"], p["name"]) for p in resolved["phases"]]
     _log_figure(
-        curves_figure(history, phases, title=f"{kind} {backbone.name}: {train.strategy}"),
+        curves_figure(
+            history,
+            phases,
+            kept=result.best_epoch if result.best_epoch is not None else result.epochs_run,
+            title=f"{kind} {backbone.name}: {train.strategy}",
+        ),
         "plots/training_curves.png",
     )
     saved = bundle.Bundle(

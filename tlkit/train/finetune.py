@@ -14,6 +14,8 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -332,6 +334,23 @@ class LatestCheckpoint(L.Callback):
         finally:
             if trainer.is_global_zero:
                 partial.unlink(missing_ok=True)
+        trainer.strategy.barrier()
+
+
+class _WholeModelCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, each file written beside and renamed over the target: Lightning writes in place,
+    so a full disk or a kill mid-write left a truncated best.ckpt where the previous best was."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        partial = str(Path(filepath).with_name(f".{Path(filepath).name}.partial"))
+        try:
+            super()._save_checkpoint(trainer, partial)
+            if trainer.is_global_zero:
+                os.replace(partial, filepath)
+        finally:
+            if trainer.is_global_zero:
+                Path(partial).unlink(missing_ok=True)
+        self._last_checkpoint_saved = filepath
         trainer.strategy.barrier()
 
 
@@ -687,39 +706,41 @@ def train_classifier(
         # the frozen features the fine-tune's probe has just extracted: read from the cache, not computed again
         features = extract_features(manifest, backbone, compute=compute, progress=fit.progress)
         probe = fit_linear_probe(module, features, seed=settings.seed)
-    workdir = Path(fit.workdir or tempfile.mkdtemp(prefix="tlkit-train-"))
-    extra = _callbacks(module, settings, workdir, selects=selects, resume=resume, more=fit.callbacks)
-    trainer = runtime.build_trainer(
-        devices=devices,
-        precision=precision,
-        progress=fit.progress,
-        root_dir=workdir,
-        max_epochs=settings.epochs,
-        callbacks=extra,
-        # the best-epoch ModelCheckpoint; without it Lightning would add one that saves every epoch
-        enable_checkpointing=selects,
-        check_val_every_n_epoch=1
-        if selects or fit.val_every_epoch
-        else math.ceil(settings.epochs / HELDOUT_CURVE_POINTS),
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-    )
-    last = workdir / "last.ckpt"
-    with runtime.quiet_lightning():
-        # tlkit's own checkpoints hold tensors, numbers and strings only: read them with weights_only=True
-        trainer.fit(
-            module,
-            loaders.train,
-            loaders.val,
-            ckpt_path=str(last) if resume else None,
-            weights_only=True if resume else None,
+    # a fit with no checkpoint folder of its own (a tune's trial, a library call) keeps them in a temporary one,
+    # removed when it ends: nothing of a fit outlives it unless --resume needs it
+    with _checkpoint_folder(fit.workdir) as workdir:
+        extra = _callbacks(module, settings, workdir, selects=selects, resume=resume, more=fit.callbacks)
+        trainer = runtime.build_trainer(
+            devices=devices,
+            precision=precision,
+            progress=fit.progress,
+            root_dir=workdir,
+            max_epochs=settings.epochs,
+            callbacks=extra,
+            # the best-epoch ModelCheckpoint; without it Lightning would add one that saves every epoch
+            enable_checkpointing=selects,
+            check_val_every_n_epoch=1
+            if selects or fit.val_every_epoch
+            else math.ceil(settings.epochs / HELDOUT_CURVE_POINTS),
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
         )
-    epochs_run = trainer.current_epoch  # epochs completed, a resumed run's earlier ones included
-    best_epoch = None
-    if selects:  # else the module holds the last epoch's weights already
-        state = torch.load(workdir / "best.ckpt", map_location="cpu", weights_only=True)
-        module.load_state_dict(state["state_dict"])
-        best_epoch = int(state["epoch"])
+        last = workdir / "last.ckpt"
+        with runtime.quiet_lightning():
+            # tlkit's own checkpoints hold tensors, numbers and strings only: read them with weights_only=True
+            trainer.fit(
+                module,
+                loaders.train,
+                loaders.val,
+                ckpt_path=str(last) if resume else None,
+                weights_only=True if resume else None,
+            )
+        epochs_run = trainer.current_epoch  # epochs completed, a resumed run's earlier ones included
+        best_epoch = None
+        if selects:  # else the module holds the last epoch's weights already
+            state = torch.load(workdir / "best.ckpt", map_location="cpu", weights_only=True)
+            module.load_state_dict(state["state_dict"])
+            best_epoch = int(state["epoch"]) + 1  # counted from 1, as the progress lines and the curves count
     module.apply_phase(len(module.phases) - 1)
     result = _evaluate(
         module, manifest, loaders, settings, precision=precision, selects=selects, calibrated=fit.calibrated
@@ -741,6 +762,16 @@ def train_classifier(
     if probe is not None:
         result.settings["probe_selection_accuracy"] = probe[0]
     return result
+
+
+@contextmanager
+def _checkpoint_folder(folder: str | Path | None) -> Iterator[Path]:
+    """`folder`, or a temporary folder that is removed when the fit ends."""
+    if folder is not None:
+        yield Path(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="tlkit-train-") as tmp:
+        yield Path(tmp)
 
 
 @dataclass
@@ -792,7 +823,7 @@ def _callbacks(
             f"nothing to resume: {last} does not exist (the run saved no epoch yet, or ran on another machine)"
         )
     # The best epoch's weights only (a third of a checkpoint with AdamW's state): it is read for nothing else.
-    best = ModelCheckpoint(
+    best = _WholeModelCheckpoint(
         dirpath=workdir,
         filename="best",
         monitor=MONITOR,
