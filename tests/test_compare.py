@@ -4,7 +4,7 @@ import pytest
 
 from tlkit.core.tracking import RunRecord
 from tlkit.errors import TlkitError
-from tlkit.runs.compare import build_leaderboard, descendants, lower_is_better
+from tlkit.runs.compare import build_leaderboard, descendants, leaderboard_table, lower_is_better
 
 
 def run(
@@ -25,9 +25,9 @@ def no_history(run_id, key):
 def test_seeds_of_one_setting_make_one_row_sorted_best_first():
     runs = [
         run("a0", "tuned", 0.80, params={"train.strategy": "full", "train.seed": "0", "data.fingerprint": "x"}),
-        run("a1", "tuned", 0.90, params={"train.strategy": "full", "train.seed": "1", "data.fingerprint": "y"}),
-        run("b0", "tuned", 0.95, params={"train.strategy": "gradual", "train.seed": "0"}),
-        run("p0", "pixels", 0.70, params={"classifier": "svm", "seed": "0"}),
+        run("a1", "tuned", 0.90, params={"train.strategy": "full", "train.seed": "1", "data.fingerprint": "x"}),
+        run("b0", "tuned", 0.95, params={"train.strategy": "gradual", "train.seed": "0", "data.fingerprint": "x"}),
+        run("p0", "pixels", 0.70, params={"classifier": "svm", "seed": "0", "data.fingerprint": "x"}),
         run("k0", "tuned", 0.99, params={"train.strategy": "lp-ft"}, status="KILLED"),
     ]
     board = build_leaderboard(runs, "heldout_accuracy", no_history)
@@ -40,6 +40,42 @@ def test_seeds_of_one_setting_make_one_row_sorted_best_first():
     assert full.mean == pytest.approx(0.85)
     assert full.std == pytest.approx(0.05)
     assert board.columns == ["train.strategy"]  # seeds and fingerprints are not settings
+
+
+def test_runs_of_different_datasets_are_rows_of_their_own_labelled_with_the_dataset():
+    def on(run_id, value, source, fingerprint):
+        return run(run_id, "svm", value, params={"data.source": source, "data.fingerprint": fingerprint})
+
+    runs = [
+        on("a", 0.60, "/data/flowers", "aaaaaaaa1111"),
+        on("b", 0.95, "/data/digits", "bbbbbbbb2222"),
+        on("c", 0.70, "/data/flowers", "aaaaaaaa1111"),
+        on("d", 0.90, "/data/digits", "bbbbbbbb2222"),
+    ]
+    board = build_leaderboard(runs, "heldout_accuracy", no_history)
+    assert [(e.dataset, e.n) for e in board.entries] == [("digits bbbbbbbb", 2), ("flowers aaaaaaaa", 2)]
+    assert board.entries[1].mean == pytest.approx(0.65)  # grouped by dataset, never ranked across datasets
+    assert board.rows()[0]["dataset"] == "digits bbbbbbbb"
+    shown = leaderboard_table(board)
+    assert [c.header for c in shown.columns][:3] == ["#", "run", "dataset"]
+    for drawn in runs:  # a pipeline names its data: seeds that draw other images are still one dataset
+        drawn.tags["tlkit.dataset"] = "photos"
+    assert [(e.dataset, e.n) for e in build_leaderboard(runs, "heldout_accuracy", no_history).entries] == [
+        ("photos", 4)
+    ]
+
+
+def test_an_evaluate_run_shows_the_figure_it_measured():
+    tta = run("e1", "evaluate on test (tta)", 0.81, metric="test_accuracy", params={"tta": "True"})
+    tta.tags["tlkit.stage"] = "evaluate"
+    tta.metrics["test_tta_accuracy"] = 0.84
+    plain = run("t1", "tuned", 0.8)
+    board = build_leaderboard([tta, plain], "heldout_accuracy", no_history)
+    assert [e.label for e in board.entries] == ["tuned"]  # a re-scoring is no held-out result of a method
+    board = build_leaderboard([tta], "test_accuracy", no_history)
+    assert board.entries[0].label == "evaluate on test (tta): test_accuracy without tta"
+    board = build_leaderboard([tta], "test_tta_accuracy", no_history)
+    assert (board.entries[0].label, board.entries[0].mean) == ("evaluate on test (tta)", 0.84)
 
 
 def test_reused_runs_count_once_and_history_gives_the_best_epoch():

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -543,3 +544,104 @@ def test_a_full_disk_is_named_where_the_write_failed_not_where_it_read(tmp_path)
     message = files.disk_full_message(copy_failure)
     assert f"the disk of {tmp_path} " in message
     assert "/tmp" not in message.split("(")[0].replace(str(tmp_path), "")
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGTERM (timeout, docker stop, systemd, Kubernetes) does what Ctrl-C does
+
+
+def _children_of(pid: int) -> list[int]:
+    from tlkit.core.signals import child_pids
+
+    return child_pids(pid)
+
+
+@pytest.mark.slow  # a fine-tune and a tune in subprocesses, ~30 s
+@pytest.mark.parametrize("command", ["finetune", "tune"])
+def test_sigterm_marks_the_runs_killed_prints_the_resume_line_and_leaves_no_process(tmp_path, digits_target, command):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"COLUMNS": "200"}
+    backbone = ["--model", TINY_MODEL, "--no-pretrained", "--img-size", "32"]
+    if command == "finetune":
+        args = [digits_target, *FINETUNE, "--epochs", "300"]
+    else:
+        args = [digits_target, *backbone, "--trials", "50"]
+    args += ["--workers", "1"]  # a DataLoader worker: a child process that SIGTERM must stop too
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tlkit", command, *map(str, args)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="surrogateescape",
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # a fit is under way: its run RUNNING, a DataLoader worker alive
+        assert process.poll() is None, process.communicate()
+        # a DataLoader worker first: by then the store exists (opening it while it is created races its migration)
+        children = _children_of(process.pid)
+        if children and "RUNNING" in statuses(tmp_path).values():
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, out + err
+    assert "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert "marked KILLED" in line
+    if command == "finetune":
+        resume = line.split("continue it with: ")[1]
+        assert resume.startswith("tlkit finetune") and " --resume " in resume
+    else:
+        assert "the same command resumes the study" in line
+    assert "RUNNING" not in statuses(tmp_path).values()
+    assert "KILLED" in statuses(tmp_path).values()
+    for child in children:  # Ctrl-C's reach: the DataLoader workers ended with the command
+        assert not Path(f"/proc/{child}").exists() or Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"
+
+
+def test_sigterm_raises_keyboard_interrupt_once_and_interrupts_the_children(monkeypatch):
+    from tlkit.core import signals
+
+    sent = []
+    monkeypatch.setattr(signals, "child_pids", lambda pid=None: [4242])
+    monkeypatch.setattr(signals.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    before = signal.getsignal(signal.SIGTERM)
+    with signals.terminating_as_interrupt() as received:
+        handler = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGTERM, None)
+        handler(signal.SIGTERM, None)  # a second one while cleaning up: ignored
+    assert received == [signal.SIGTERM]
+    assert sent == [(4242, signal.SIGINT)]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_the_best_epoch_checkpoint_is_written_whole_or_not_at_all(tmp_path):
+    from types import SimpleNamespace
+
+    from tlkit.train.finetune import _WholeModelCheckpoint
+
+    class Trainer:
+        is_global_zero, global_step, loggers = True, 3, []
+        strategy = SimpleNamespace(barrier=lambda: None)
+
+        def __init__(self, room: int):
+            self.room = room
+
+        def save_checkpoint(self, path, weights_only=False):
+            data = b"new checkpoint " * 10
+            Path(path).write_bytes(data[: self.room])
+            if self.room < len(data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    best = tmp_path / "best.ckpt"
+    best.write_bytes(b"old checkpoint")
+    callback = _WholeModelCheckpoint(dirpath=tmp_path, filename="best")
+    with pytest.raises(OSError):
+        callback._save_checkpoint(Trainer(room=20), str(best))  # the disk fills mid-write
+    assert best.read_bytes() == b"old checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.ckpt"]
+    callback._save_checkpoint(Trainer(room=1000), str(best))
+    assert best.read_bytes() == b"new checkpoint " * 10
+    assert [p.name for p in tmp_path.iterdir()] == ["best.ckpt"]

@@ -947,6 +947,41 @@ def export_command(
     _run_footer(result.run_id, model=False)
 
 
+@app.command("serve")
+@command
+def serve_command(
+    model: Annotated[
+        str, typer.Argument(help="runs:/RUN_ID of a baseline, pretrain or finetune run, or its model folder.")
+    ],
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5002,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; keep 127.0.0.1 unless you mean to serve other machines.")
+    ] = "127.0.0.1",
+    tracking_uri: TrackingUri = None,
+):
+    """Serve a saved model over HTTP (MLflow's scoring protocol), behind tlkit's request checks; Ctrl-C stops it."""
+    from tlkit.core import tracking
+    from tlkit.review.server import serve
+    from tlkit.review.serving import limits
+
+    if model.startswith(tracking.RUNS_PREFIX):
+        run_id, path = tracking.parse_run_ref(model)
+        folder = tracking.download_artifacts(run_id, path or "model", tracking_uri=tracking_uri)
+    else:
+        folder = Path(model)
+    if not (folder / "MLmodel").is_file():
+        raise TlkitError(
+            f"{folder} holds no MLmodel file: name runs:/RUN_ID of a baseline, pretrain or finetune run, or the model "
+            "folder inside one (mlruns/.../artifacts/model)"
+        )
+    console.print(f"serving {model} on http://{host}:{port}/invocations  (Ctrl-C stops it)", highlight=False)
+    try:
+        serve(str(folder), host=host, port=port, max_bytes=limits().max_bytes)
+    except KeyboardInterrupt:  # uvicorn stops on Ctrl-C or SIGTERM, then raises the signal again: a clean stop
+        pass
+    console.print("server stopped", highlight=False)
+
+
 @app.command("run")
 @command
 def run_command(

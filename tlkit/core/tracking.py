@@ -719,7 +719,12 @@ def metric_steps(run_id: str, key: str, *, tracking_uri: str | None = None) -> l
     return sorted(latest.items())
 
 
-POINT_TAGS = ("tlkit.stage_id", "tlkit.point", "tlkit.seed")  # where a run sits in a pipeline: not copied on reuse
+POINT_TAGS = (
+    "tlkit.stage_id",
+    "tlkit.point",
+    "tlkit.seed",
+    "tlkit.dataset",
+)  # where a run sits in a pipeline: not copied
 
 
 def record_reuse(origin: RunRecord, *, stage: str, run_name: str) -> str:

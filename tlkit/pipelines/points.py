@@ -361,12 +361,14 @@ def run_point(point: Point, how: PointRun, manifests: dict[str, Manifest]) -> li
                 ) + Text(f" ({stage.stage})")
                 console.rule(header) if console.is_terminal else console.print(Text("== ") + header, soft_wrap=True)
             start = time.perf_counter()
-            with tracking.tagging({"tlkit.stage_id": stage.id, **tags}):
+            data = getattr(stage, "data", "")
+            # the file's name for the data: the leaderboard's dataset, whatever folder a seed draws it into
+            named = {"tlkit.dataset": data} if data else {}
+            with tracking.tagging({"tlkit.stage_id": stage.id, **named, **tags}):
                 result, reused = _run_or_reuse(stage, config, outputs, manifests, how)
             seconds = time.perf_counter() - start
             if result.model_uri:
                 outputs[stage.id] = result.model_uri
-            data = getattr(stage, "data", "")
             rows.append(
                 SummaryRow(
                     stage.id, stage.stage, data, result.run_id, result.metrics, seconds, point.group, point.seed, reused

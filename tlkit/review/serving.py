@@ -7,8 +7,11 @@ reduced size, EXIF orientation), then scored by the same float32 network (tlkit.
 
 What a client cannot do:
 - make the server open a file: text is base64 or refused, never a path;
-- send more than TLKIT_SERVE_MAX_REQUEST_MB of image data in one request (default 32), or an image of
-  more than TLKIT_SERVE_MAX_PIXELS pixels (default 40 million, checked in the header before decoding);
+- send more than TLKIT_SERVE_MAX_REQUEST_MB of image data in one request (default 32), an image of
+  more than TLKIT_SERVE_MAX_PIXELS pixels (default 40 million), or images of more than
+  TLKIT_SERVE_MAX_REQUEST_PIXELS pixels together (default 100 million; both read from the headers before any
+  decoding: 24 photos of 36 MP in a 1 MB request would otherwise take seconds of CPU and a gigabyte);
+- send a table with another column than 'image' (a misspelt column is not taken for it);
 - send another format than JPEG, PNG or WebP (Pillow's other decoders are not reachable).
 Each refusal is HTTP 400 with one line naming the input and the limit: no stack trace, nothing of the
 request echoed back.
@@ -21,6 +24,7 @@ import binascii
 import io
 import logging
 import os
+from dataclasses import dataclass
 
 import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
@@ -29,6 +33,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 FORMATS = ("JPEG", "PNG", "WEBP")
 MAX_REQUEST_MB = 32.0
 MAX_PIXELS = 40_000_000
+MAX_REQUEST_PIXELS = 100_000_000
 
 log = logging.getLogger("tlkit.review.serving")
 
@@ -54,17 +59,27 @@ class Refused(MlflowException):
         pass
 
 
-def limits() -> tuple[int, int]:
-    """(bytes per request, pixels per image), from the environment of the serving process."""
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold, from the environment of the serving process."""
+
+    max_bytes: int
+    max_pixels: int  # one image
+    max_request_pixels: int  # all the images of a request together
+
+
+def limits() -> Limits:
     try:
         megabytes = float(os.environ.get("TLKIT_SERVE_MAX_REQUEST_MB", MAX_REQUEST_MB))
         pixels = int(float(os.environ.get("TLKIT_SERVE_MAX_PIXELS", MAX_PIXELS)))
+        request_pixels = int(float(os.environ.get("TLKIT_SERVE_MAX_REQUEST_PIXELS", MAX_REQUEST_PIXELS)))
     except ValueError:
         raise Refused(
-            "TLKIT_SERVE_MAX_REQUEST_MB and TLKIT_SERVE_MAX_PIXELS must be numbers; fix the server's environment",
+            "TLKIT_SERVE_MAX_REQUEST_MB, TLKIT_SERVE_MAX_PIXELS and TLKIT_SERVE_MAX_REQUEST_PIXELS must be numbers; "
+            "fix the server's environment",
             INTERNAL_ERROR,
         ) from None
-    return int(megabytes * 2**20), pixels
+    return Limits(int(megabytes * 2**20), pixels, request_pixels)
 
 
 def image_bytes(value, index: int) -> bytes:
@@ -82,8 +97,8 @@ def image_bytes(value, index: int) -> bytes:
     raise Refused(f"input {index}: expected base64 text or bytes, got {type(value).__name__}")
 
 
-def check_image(data: bytes, index: int, max_pixels: int) -> None:
-    """Refuse anything but a JPEG, PNG or WebP within the pixel limit, from its header alone."""
+def check_image(data: bytes, index: int, max_pixels: int) -> int:
+    """Refuse anything but a JPEG, PNG or WebP within the pixel limit, from its header alone; its pixel count."""
     from PIL import Image
 
     try:
@@ -96,22 +111,28 @@ def check_image(data: bytes, index: int, max_pixels: int) -> None:
             f"input {index}: {width}x{height} is {width * height / 1e6:.1f} megapixels, above the limit of "
             f"{max_pixels / 1e6:g} (TLKIT_SERVE_MAX_PIXELS)"
         )
+    return width * height
 
 
-def decode_request(values: list, decode, *, max_bytes: int, max_pixels: int) -> list:
+def decode_request(values: list, decode, *, limit: Limits) -> list:
     """Request values -> decoded images (`decode(file, formats=...)` reads one), every check before any decoding."""
     size = sum(len(v) for v in values if isinstance(v, (str, bytes, bytearray, memoryview)))
-    if size > max_bytes:
+    if size > limit.max_bytes:
         raise Refused(
-            f"request of {size / 2**20:.1f} MB is above the limit of {max_bytes / 2**20:g} MB "
+            f"request of {size / 2**20:.1f} MB is above the limit of {limit.max_bytes / 2**20:g} MB "
             "(TLKIT_SERVE_MAX_REQUEST_MB); "
             "send fewer or smaller images per request"
         )
     if not values:
         raise Refused("the request holds no images; send one row per image, column 'image'")
     encoded = [image_bytes(v, i) for i, v in enumerate(values)]
-    for i, data in enumerate(encoded):
-        check_image(data, i, max_pixels)
+    pixels = sum(check_image(data, i, limit.max_pixels) for i, data in enumerate(encoded))
+    if pixels > limit.max_request_pixels:
+        raise Refused(
+            f"the request's {len(encoded)} images hold {pixels / 1e6:.1f} megapixels together, above the limit of "
+            f"{limit.max_request_pixels / 1e6:g} (TLKIT_SERVE_MAX_REQUEST_PIXELS); send fewer or smaller images per "
+            "request"
+        )
     images = []
     for i, data in enumerate(encoded):
         try:
@@ -136,12 +157,13 @@ class ImageModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]  # ml
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        columns = list(getattr(model_input, "columns", []))
-        if not columns:
-            raise Refused("expected a table with one column of images, 'image'; see the README's serving section")
-        column = model_input["image"] if "image" in columns else model_input.iloc[:, 0]
-        max_bytes, max_pixels = limits()
-        images = decode_request(list(column), self.model.decode, max_bytes=max_bytes, max_pixels=max_pixels)
+        columns = [str(c) for c in getattr(model_input, "columns", [])]
+        if columns != ["image"]:
+            raise Refused(
+                f"expected a table with one column, 'image', of one image per row; got {len(columns)} column(s)"
+                f"{'' if 'image' in columns else ', none named image'}; see docs/serving.md"
+            )
+        images = decode_request(list(model_input["image"]), self.model.decode, limit=limits())
         try:
             probabilities = self.model.predict_proba(images)
         except Exception:  # a bug, not the client's input: the trace goes to the server's log, one line to the client

@@ -16,7 +16,7 @@ import numpy as np
 from rich.table import Table
 
 from tlkit.core import tracking
-from tlkit.core.files import save_figure
+from tlkit.core.files import printable, save_figure
 from tlkit.core.metrics import close, plt
 from tlkit.errors import TlkitError
 
@@ -56,10 +56,11 @@ def lower_is_better(metric: str) -> bool:
 
 @dataclass
 class Entry:
-    """One leaderboard row: a method with its settings, and its value per seed."""
+    """One leaderboard row: a method with its settings on one dataset, and its value per seed."""
 
     label: str
     settings: dict[str, str]
+    dataset: str = ""
     values: list[float] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
 
@@ -87,6 +88,7 @@ class Leaderboard:
             {
                 "rank": i,
                 "run": e.label,
+                "dataset": e.dataset,
                 **{c: e.settings.get(c, "") for c in self.columns},
                 f"{self.metric}_mean": e.mean,
                 f"{self.metric}_std": e.std,
@@ -114,6 +116,16 @@ def _settings(run: tracking.RunRecord, names: dict[str, str]) -> dict[str, str]:
     return settings
 
 
+def dataset_label(run: tracking.RunRecord) -> str:
+    """The data a run was made on: a pipeline's name for it (which may draw other images for each seed), else its
+    folder's name and the first characters of tlkit's fingerprint of its images."""
+    if run.tags.get("tlkit.dataset"):
+        return run.tags["tlkit.dataset"]
+    source, fingerprint = run.params.get("data.source", ""), run.params.get("data.fingerprint", "")
+    name = Path(source.rstrip("/")).name if source else ""
+    return " ".join(part for part in (name, fingerprint[:8]) if part)
+
+
 def best_value(values: list[float], metric: str) -> float:
     return min(values) if lower_is_better(metric) else max(values)
 
@@ -132,16 +144,19 @@ def build_leaderboard(
     groups: dict[tuple, Entry] = {}
     origins: dict[tuple, set[str]] = {}
     for run in runs:
-        if metric.startswith("heldout_") and metric not in run.metrics and f"test_{metric[8:]}" in run.metrics:
-            run.metrics[metric] = run.metrics[
-                f"test_{metric[8:]}"
-            ]  # a run of tlkit < 0.3 named its held-out figures test_*
+        evaluation = run.tags.get("tlkit.stage") == "evaluate"  # a saved model scored again: its figures are its own
+        legacy = f"test_{metric[8:]}" if metric.startswith("heldout_") else ""
+        if legacy and metric not in run.metrics and legacy in run.metrics and not evaluation:
+            run.metrics[metric] = run.metrics[legacy]  # a run of tlkit < 0.3 named its held-out figures test_*
         if metric not in run.metrics or run.status != "FINISHED" or run.tags.get("tlkit.role") == "tune-final":
             continue  # a tune's retrained recipe is shown by its study's run
         label = run.tags.get("tlkit.stage_id", run.name)
+        if evaluation and run.params.get("tta") == "True" and "tta" not in metric:
+            label = f"{label}: {metric} without tta"  # what the figure is, whatever the run's name says
         settings = _settings(run, names)
-        key = (label, tuple(sorted(settings.items())))
-        entry = groups.setdefault(key, Entry(label, settings))
+        dataset = dataset_label(run)
+        key = (label, dataset, tuple(sorted(settings.items())))
+        entry = groups.setdefault(key, Entry(label, settings, dataset))
         if run.origin_id in origins.setdefault(key, set()):
             continue  # a reused result counts once
         origins[key].add(run.origin_id)
@@ -163,7 +178,8 @@ def build_leaderboard(
                 columns.append(setting)
                 break
     sign = 1 if lower_is_better(metric) else -1
-    entries.sort(key=lambda e: (sign * e.mean, e.std, e.label))
+    # runs of different data are not ranked against each other: each dataset's rows together, best first within
+    entries.sort(key=lambda e: (e.dataset, sign * e.mean, e.std, e.label))
     return Leaderboard(metric, columns, entries)
 
 
@@ -182,8 +198,11 @@ def descendants(runs: list[tracking.RunRecord], parent: str) -> list[tracking.Ru
 
 def leaderboard_table(board: Leaderboard, title: str = "") -> Table:
     table = Table(title=title or f"leaderboard: {board.metric} (mean ± std over seeds)")
+    several = len({e.dataset for e in board.entries}) > 1
     table.add_column("#", justify="right")
     table.add_column("run", no_wrap=True)
+    if several:
+        table.add_column("dataset", no_wrap=True)
     for column in board.columns:
         table.add_column(column)
     table.add_column(board.metric, justify="right")
@@ -191,7 +210,12 @@ def leaderboard_table(board: Leaderboard, title: str = "") -> Table:
     for i, e in enumerate(board.entries, start=1):
         spread = f" ± {e.std:.4f}" if e.n > 1 else ""
         table.add_row(
-            str(i), e.label, *(e.settings.get(c, "") for c in board.columns), f"{e.mean:.4f}{spread}", str(e.n)
+            str(i),
+            e.label,
+            *([e.dataset] if several else []),
+            *(e.settings.get(c, "") for c in board.columns),
+            f"{e.mean:.4f}{spread}",
+            str(e.n),
         )
     return table
 
@@ -205,9 +229,11 @@ def write_csv(board: Leaderboard, path: Path) -> Path:
 def leaderboard_figure(board: Leaderboard):
     """Horizontal bars, best on top, with the standard deviation over seeds as error bars."""
     labels = []
+    several = len({e.dataset for e in board.entries}) > 1
     for e in board.entries:
         detail = ", ".join(f"{c.split('.')[-1]}={e.settings[c]}" for c in board.columns if e.settings.get(c))
-        labels.append(f"{e.label} ({detail})" if detail else e.label)
+        label = f"{e.label} ({detail})" if detail else e.label
+        labels.append(printable(f"{label} [{e.dataset}]" if several and e.dataset else label))
     height = max(2.5, 0.45 * len(labels) + 1.2)
     figure, axis = plt.subplots(figsize=(9, height), dpi=100)
     y = np.arange(len(labels))[::-1]
