@@ -1,4 +1,4 @@
-"""The layers of tlkit (ARCHITECTURE.md): imports point down, never in a circle, never at a private name."""
+"""The layers of tlkit (docs/architecture.md): imports point down, never in a circle, never at a private name."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ LAYERS = [
     ("review",),
     ("runs",),
     ("pipelines",),
-    ("cli", "serving", "__main__"),
+    ("cli", "api", "serving", "__main__"),
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

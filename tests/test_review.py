@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_MODEL
+from PIL import Image
 from test_cli import assert_one_line_error, invoke
 
 from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, EvaluateConfig, TrainConfig
@@ -131,6 +132,136 @@ def test_onnx_and_torchscript_exports_give_predicts_probabilities(here, tmp_path
         torch.jit.load(str(script.files[0]))(torch.from_numpy(normalised)).detach().numpy(), expected, atol=1e-4
     )
     assert not list(tmp_path.glob(".*partial*"))  # written under a temporary name, renamed when checked
+
+
+SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera" / "val"
+
+
+@pytest.fixture(scope="module")
+def deployed_photos(tmp_path_factory) -> list[Path]:
+    """What a deployer feeds a model: photos smaller and larger than its input, a CMYK JPEG, an EXIF-rotated JPEG, a
+    PNG with alpha, a 16-bit PNG, a grey JPEG; and real photos of 0.1-5 MP when ../shared is there."""
+    folder = tmp_path_factory.mktemp("deployed")
+    rng = np.random.default_rng(1)
+
+    def photo(width, height):
+        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+        image = np.stack([x / width * 255, y / height * 255, (x * y) / (width * height) * 255], axis=-1)
+        image += rng.normal(0, 20, image.shape)
+        return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+    photo(20, 30).save(folder / "small.png")
+    photo(640, 480).save(folder / "large.jpg", quality=90)  # decoded at reduced size (JPEG draft)
+    photo(300, 200).convert("CMYK").save(folder / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    photo(400, 300).save(folder / "rotated.jpg", exif=exif.tobytes())
+    alpha = photo(50, 70).convert("RGBA")
+    alpha.putalpha(Image.fromarray(rng.integers(0, 255, (70, 50), dtype=np.uint8)))
+    alpha.save(folder / "alpha.png")
+    Image.fromarray(rng.integers(0, 65535, (40, 60)).astype(np.uint16)).save(folder / "sixteen.png")
+    photo(90, 120).convert("L").save(folder / "grey.jpg")
+    real = sorted(SHARED_PHOTOS.rglob("*.jpg"))[::40][:4] if SHARED_PHOTOS.is_dir() else []
+    return sorted(folder.iterdir()) + real
+
+
+RUNNER = Path(__file__).resolve().parents[1] / "examples" / "onnx_predict.py"
+
+
+def run_without_torch(code: str) -> np.ndarray:
+    """Run `code` (which saves `probabilities` to sys.argv[1]) where torch cannot be imported; its array."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "p.npy"
+        blocked = "import sys; sys.modules['torch'] = None; sys.modules['mlflow'] = None\n"
+        done = subprocess.run([sys.executable, "-c", blocked + code, str(out)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return np.load(out)
+
+
+@pytest.mark.parametrize("n", CLASSES_2_FAST)
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_onnx_export_alone_gives_predicts_probabilities_without_torch_or_tlkit(here, deployed_photos, n, kind):
+    """The sidecar's recipe is enough: examples/onnx_predict.py (Pillow, NumPy, OpenCV, onnxruntime; no torch, no
+    tlkit) and tlkit's own ONNX runner give `tlkit predict`'s probabilities for every kind of image."""
+    pytest.importorskip("onnxruntime")
+    uri = here[n, kind].model_uri
+    rows, _, loaded = predict_images(uri, [str(p) for p in deployed_photos], top_k=n)
+    expected = probabilities_of(rows, loaded.classes)
+    folder = here["folder"] / f"onnx-{n}-{kind}"
+    written = run_export(uri, "onnx", folder, force=True).files[0]
+    paths = [str(p) for p in deployed_photos]
+    standalone = run_without_torch(
+        f"sys.path.insert(0, {str(RUNNER.parent)!r}); sys.modules['tlkit'] = None\n"
+        "import numpy as np, onnx_predict\n"
+        f"np.save(sys.argv[1], onnx_predict.main({str(written)!r}, {paths!r}))"
+    )
+    ours = run_without_torch(
+        "import numpy as np\nfrom tlkit.review.portable import OnnxModel\n"
+        f"np.save(sys.argv[1], OnnxModel({str(written)!r}).predict_proba({paths!r}))"
+    )
+    for i, path in enumerate(paths):
+        np.testing.assert_allclose(standalone[i], expected[path], atol=1e-4, err_msg=path)
+        np.testing.assert_allclose(ours[i], expected[path], atol=1e-4, err_msg=path)
+
+
+def test_the_docs_dozen_line_runner_gives_predicts_probabilities_for_rgb_photos(here, deployed_photos, tmp_path):
+    pytest.importorskip("onnxruntime")
+    page = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    code = page.split("the runner is a dozen lines:\n\n```python\n", 1)[1].split("```", 1)[0]
+    uri = here[2, "logreg"].model_uri
+    written = run_export(uri, "onnx", tmp_path / "export").files[0]
+    rgb = [str(p) for p in deployed_photos if p.name in ("small.png", "large.jpg", "rotated.jpg") or "hymen" in str(p)]
+    rows, _, loaded = predict_images(uri, rgb, top_k=2)
+    expected = probabilities_of(rows, loaded.classes)
+    got = run_without_torch(
+        "sys.modules['tlkit'] = None\n"
+        + code
+        + f"\nnp.save(sys.argv[1], [predict({str(written)!r}, p) for p in {rgb!r}])"
+    )
+    for path, row in zip(rgb, got):
+        np.testing.assert_allclose(row, expected[path], atol=1e-4, err_msg=path)
+
+
+def test_tlkit_predict_runs_an_onnx_export_without_torch_or_mlflow(here, deployed_photos, tmp_path):
+    pytest.importorskip("onnxruntime")
+    uri = here[2, "finetune"].model_uri
+    written = run_export(uri, "onnx", tmp_path / "export").files[0]
+    paths = [str(p) for p in deployed_photos[:3]]
+    out = tmp_path / "p.csv"
+    run_without_torch(
+        "from tlkit.cli import main\ntarget = sys.argv[1]\n"
+        f"sys.argv = ['tlkit', 'predict', {str(written)!r}, *{paths!r}, '--top-k', '2', '--out', {str(out)!r}]\n"
+        "try:\n    main()\nexcept SystemExit as stop:\n    assert stop.code in (0, None), stop.code\n"
+        "import numpy as np; np.save(target, np.zeros(1))"
+    )
+    rows, _, loaded = predict_images(uri, paths, top_k=2)
+    expected = probabilities_of(rows, loaded.classes)
+    got: dict = {}
+    for row in csv.DictReader(open(out)):
+        got.setdefault(row["image"], {})[row["class"]] = float(row["probability"])
+    assert set(got) == set(paths)
+    for path in paths:
+        np.testing.assert_allclose([got[path][c] for c in loaded.classes], expected[path], atol=1e-4)
+
+
+def test_the_recipe_is_trainings_evaluation_transform(deployed_photos):
+    """tlkit.data.recipe (what every saved model and export uses) resizes and crops exactly as the albumentations
+    evaluation transform that scored the model during training, for images smaller and larger than its side."""
+    from tlkit.data import augment, recipe
+    from tlkit.data.images import load_rgb
+
+    for config in (
+        {"input_size": (3, 32, 32), "crop_pct": 0.875, "interpolation": "bicubic", "mean": (0,) * 3, "std": (1,) * 3},
+        {"input_size": (3, 224, 224), "crop_pct": 1.0, "interpolation": "bilinear", "mean": (0,) * 3, "std": (1,) * 3},
+    ):
+        steps = recipe.preprocessing(config)
+        for path in deployed_photos:
+            image = load_rgb(path, recipe.eval_side(config))
+            np.testing.assert_array_equal(recipe.prepare(image, steps), augment.eval_pixels(config, image))
 
 
 @pytest.mark.parametrize("n", CLASSES)
@@ -345,13 +476,43 @@ def test_served_model_never_reads_a_path(here):
             served.predict(pd.DataFrame({"image": [value]}))
         messages.append(refused.value.message)
     assert len(set(messages)) == 1
-    assert "not a base64-encoded JPEG, PNG or WebP image" in messages[0]  # no file-exists oracle
+    assert "not a base64-encoded image (JPEG, PNG, WebP, TIFF, BMP or GIF)" in messages[0]  # no file-exists oracle
     png = io.BytesIO()
     from PIL import Image
 
-    Image.new("RGB", (8, 8)).save(png, format="GIF")
-    with pytest.raises(Refused, match="not a base64-encoded JPEG, PNG or WebP"):
+    Image.new("RGB", (8, 8)).save(png, format="PCX")  # a format Pillow reads, photos do not come in
+    with pytest.raises(Refused, match="not a base64-encoded image"):
         served.predict(pd.DataFrame({"image": [base64.b64encode(png.getvalue()).decode()]}))
+
+
+def test_served_model_reads_every_format_and_mode_tlkit_trains_on(here, tmp_path):
+    """TIFF (16-bit, CMYK), BMP, GIF, a 16-bit PNG and a CMYK JPEG: served as bytes, the answer `tlkit predict` gives
+    for the same file."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    rng = np.random.default_rng(2)
+    rgb = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    files = {
+        "photo.tif": rgb,
+        "cmyk.tif": rgb.convert("CMYK"),
+        "sixteen.tif": Image.fromarray(rng.integers(0, 65535, (40, 50)).astype(np.uint16)),
+        "photo.bmp": rgb,
+        "photo.gif": rgb.convert("P"),
+        "sixteen.png": Image.fromarray(rng.integers(0, 65535, (40, 50)).astype(np.uint16)),
+        "cmyk.jpg": rgb.convert("CMYK"),
+    }
+    paths = []
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        paths.append(tmp_path / name)
+    uri = here[2, "finetune"].model_uri
+    rows, _, loaded = predict_images(uri, [str(p) for p in paths], top_k=2)
+    expected = probabilities_of(rows, loaded.classes)
+    served = mlflow.pyfunc.load_model(f"{uri}/model")
+    answer = served.predict(pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in paths]}))
+    for path, (_, row) in zip(paths, answer.iterrows()):
+        np.testing.assert_allclose([row[c] for c in loaded.classes], expected[str(path)], atol=1e-6, err_msg=path.name)
 
 
 def test_evaluate_scores_the_split_the_model_reported_on_by_default(tracked, workdir, digits_pair, runner):

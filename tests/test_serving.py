@@ -137,7 +137,9 @@ def test_served_model_refuses_paths_floods_and_bombs_in_one_line(served, tmp_pat
         "/etc/passwd",
         "/etc/nonexistent",
     ):  # never opened: the same answer whether the file exists or not
-        refused(*post(base, [path]), "input 0: not a base64-encoded JPEG, PNG or WebP image", sent=path)
+        refused(
+            *post(base, [path]), "input 0: not a base64-encoded image (JPEG, PNG, WebP, TIFF, BMP or GIF)", sent=path
+        )
     bomb = base64.b64encode(png_header_only(19000, 19000)).decode()
     refused(*post(base, [bomb]), "19000x19000", "TLKIT_SERVE_MAX_PIXELS")
     flood = base64.b64encode(os.urandom(3 * 2**20)).decode()  # 4 MB of base64 against the server's 3 MB limit

@@ -811,7 +811,11 @@ def _tune_on_ray(job, run, address: str, workers: int):
 @command
 def predict_command(
     model: Annotated[
-        str, typer.Argument(help="runs:/RUN_ID of a baseline, pretrain or finetune run (or a model folder).")
+        str,
+        typer.Argument(
+            help="runs:/RUN_ID of a baseline, pretrain or finetune run, a model folder, or an exported MODEL.onnx "
+            "(run on onnxruntime, without torch; no run is logged)."
+        ),
     ],
     images: Annotated[list[str], typer.Argument(help="Image files or folders.")],
     top_k: Annotated[int, typer.Option(help="Classes to show per image.")] = 1,
@@ -823,12 +827,20 @@ def predict_command(
     """Class names and calibrated probabilities for images, preprocessed as in training (float32, the served model's
     numbers)."""
     _some_files(images)  # before torch, timm and MLflow load: a wrong path is said at once
-    from tlkit.runs.stages import run_predict
+    if model.endswith(".onnx"):  # the exported model alone: onnxruntime, no torch, no MLflow, no run
+        from tlkit.core.files import write_csv
+        from tlkit.review.predict import predict_onnx
 
-    _tracking(tracking_uri, experiment)
-    rows, skipped, result = run_predict(
-        model, images, top_k=top_k, out=out, run=_run({"tracking_uri": tracking_uri, "run_name": run_name})
-    )
+        rows, skipped = predict_onnx(model, images, top_k=top_k)
+        if out:
+            write_csv(out, rows)
+    else:
+        from tlkit.runs.stages import run_predict
+
+        _tracking(tracking_uri, experiment)
+        rows, skipped, _ = run_predict(
+            model, images, top_k=top_k, out=out, run=_run({"tracking_uri": tracking_uri, "run_name": run_name})
+        )
     score = "probability"
     table = Table()
     for column in ("image", "rank", "class", score):

@@ -17,16 +17,11 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from tlkit.data import recipe  # noqa: E402
 from tlkit.errors import TlkitError  # noqa: E402
 
 PRESETS = ("none", "light", "medium", "heavy")
-_INTERPOLATION = {
-    "nearest": cv2.INTER_NEAREST,
-    "bilinear": cv2.INTER_LINEAR,
-    "bicubic": cv2.INTER_CUBIC,
-    "area": cv2.INTER_AREA,
-    "lanczos": cv2.INTER_LANCZOS4,
-}
+_INTERPOLATION = {name: getattr(cv2, flag) for name, flag in recipe.CV2_INTERPOLATION.items()}
 
 
 def _size(data_config: dict) -> tuple[int, int]:
@@ -44,8 +39,7 @@ def _normalize(data_config: dict) -> list:
 
 def _eval_geometry(data_config: dict) -> list:
     height, width = _size(data_config)
-    crop_pct = float(data_config.get("crop_pct") or 1.0)
-    scale = int(math.floor(min(height, width) / crop_pct))
+    scale = recipe.eval_side(data_config)
     return [
         A.SmallestMaxSize(max_size=scale, interpolation=_interpolation(data_config)),
         A.CenterCrop(height=height, width=width),
@@ -54,8 +48,7 @@ def _eval_geometry(data_config: dict) -> list:
 
 def eval_side(data_config: dict) -> int:
     """The shorter side the evaluation transform resizes to (size / crop_pct): images are decoded at that."""
-    height, width = _size(data_config)
-    return int(math.floor(min(height, width) / float(data_config.get("crop_pct") or 1.0)))
+    return recipe.eval_side(data_config)
 
 
 def decode_side(transform: A.Compose) -> int | None:

@@ -55,16 +55,29 @@ def load_rgb(
             scale = min_side / min(image.size)
             image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
         rgb = to_rgb(ImageOps.exif_transpose(image))
-    if min_side is not None and min(rgb.size) > min_side:
-        width, height = rgb.size
-        scale = min_side / min(width, height)
-        size = (
-            (min_side, max(min_side, round(height * scale)))
-            if width <= height
-            else (max(min_side, round(width * scale)), min_side)
-        )
-        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-    return np.asarray(rgb)
+    return np.asarray(_reduced(rgb, min_side))
+
+
+def _reduced(rgb: Image.Image, min_side: int | None) -> Image.Image:
+    """`rgb` with its shorter side reduced to `min_side` (aspect kept, Pillow's antialiased bicubic); a smaller
+    image as it is."""
+    if min_side is None or min(rgb.size) <= min_side:
+        return rgb
+    width, height = rgb.size
+    scale = min_side / min(width, height)
+    size = (
+        (min_side, max(min_side, round(height * scale)))
+        if width <= height
+        else (max(min_side, round(width * scale)), min_side)
+    )
+    return rgb.resize(size, Image.Resampling.BICUBIC)
+
+
+def reduce_rgb(image: np.ndarray, min_side: int | None) -> np.ndarray:
+    """A decoded HxWx3 uint8 image reduced as `load_rgb` reduces a file it decodes (without a JPEG's draft)."""
+    if min_side is None or min(image.shape[:2]) <= min_side:
+        return image
+    return np.asarray(_reduced(Image.fromarray(image), min_side))
 
 
 def frame_count(path: Path) -> int:

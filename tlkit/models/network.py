@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlkit.data import augment
+from tlkit.data import recipe
 from tlkit.data.images import load_rgb
 from tlkit.errors import TlkitError
 from tlkit.models import bundle
@@ -86,9 +86,15 @@ class LoadedModel:
         return self.bundle.features == "pixels"
 
     @property
+    def recipe(self) -> dict:
+        """From an image file to the network's input, step by step (tlkit.data.recipe; an export's sidecar holds it)."""
+        pixel_size = int(self.bundle.pixel_size or 0) if self.is_pixels else None
+        return recipe.preprocessing(self.bundle.data_config, pixel_size=pixel_size)
+
+    @property
     def decode_side(self) -> int | None:
         """The shorter side images are decoded at (JPEGs at reduced size), as in training; None: whole."""
-        return None if self.is_pixels else augment.eval_side(self.bundle.data_config)
+        return None if self.is_pixels else recipe.eval_side(self.bundle.data_config)
 
     def decode(self, source: ImageSource, *, formats: tuple[str, ...] | None = None) -> np.ndarray:
         """An image file (or an open file of image bytes) -> HxWx3 uint8, decoded as the model's training data was."""
@@ -97,21 +103,19 @@ class LoadedModel:
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """A decoded image -> HxWx3 uint8 at the model's input size: resize and centre crop (a pixels baseline:
         resized to its square, as `features.pixels_of`)."""
-        if self.is_pixels:
-            from PIL import Image
+        return recipe.prepare(image, self.recipe)
 
-            side = int(self.bundle.pixel_size or 0)  # a pixels baseline always names its size
-            return np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR))
-        return augment.eval_pixels(self.bundle.data_config, image)
-
-    def pixels(self, images: Sequence[ImageSource | np.ndarray]) -> torch.Tensor:
-        """Image files (or images from `decode`) -> (N, 3, H, W) float in [0, 1], as the network reads them."""
+    def pixels(self, images: Sequence[ImageSource | np.ndarray | Any]) -> torch.Tensor:
+        """Image files, open files of image bytes, PIL images or decoded HxWx3 uint8 arrays -> (N, 3, H, W) float in
+        [0, 1], as the network reads them (an image given decoded is reduced as a decoded file is)."""
         from concurrent.futures import ThreadPoolExecutor
 
         from tlkit.core.runtime import cpu_share
 
+        steps = self.recipe
+
         def one(item):
-            return self.prepare(item if isinstance(item, np.ndarray) else self.decode(item))
+            return recipe.prepare(recipe.decoded(item, steps), steps)
 
         if len(images) > 1:  # Pillow decodes without the GIL
             with ThreadPoolExecutor(max_workers=min(8, cpu_share())) as pool:
@@ -124,12 +128,16 @@ class LoadedModel:
         return torch.softmax(logits.float(), dim=1)
 
     @torch.inference_mode()
-    def predict_proba(self, images: Sequence[ImageSource | np.ndarray], *, batch_size: int = 64) -> np.ndarray:
+    def predict_proba(self, images: Sequence[ImageSource | np.ndarray | Any], *, batch_size: int = 64) -> np.ndarray:
         """(n_images, n_classes) calibrated class probabilities, in float32 on the CPU."""
         out = [
             self.probs(self.network(self.pixels(images[i : i + batch_size]))) for i in range(0, len(images), batch_size)
         ]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    def predict(self, images: Sequence[ImageSource | np.ndarray | Any]) -> list[str]:
+        """The most probable class of each image."""
+        return [self.classes[i] for i in self.predict_proba(images).argmax(axis=1)]
 
     @torch.no_grad()
     def tta_probs(self, images: torch.Tensor, *, flip: bool = True, crop: float = 0.875) -> torch.Tensor:

@@ -100,6 +100,9 @@ def sidecar(loaded: LoadedModel, fmt: str, source: str) -> dict:
             if fmt == "safetensors"
             else "calibrated class probabilities (N, n_classes), the same as `tlkit predict`"
         ),
+        # every step from an image file to `input`, with the library that does it (tlkit.data.recipe):
+        # examples/onnx_predict.py reproduces `tlkit predict` from it with Pillow, NumPy, OpenCV and onnxruntime
+        "preprocessing": loaded.recipe,
         "temperature": float(loaded.network.head.temperature),
         "source": source,
         "tlkit_version": __version__,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tlkit.data.images import BadImage, inspect_image
 from tlkit.errors import TlkitError
-from tlkit.models.network import LoadedModel, load_model
+
+if TYPE_CHECKING:  # torch loads with the model, not with this module: an ONNX model is predicted without it
+    from tlkit.models.network import LoadedModel
 
 
 def expand_images(items: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -38,15 +41,32 @@ def top_k_rows(classes: list[str], paths: list[Path], probabilities: np.ndarray,
     return rows
 
 
-def predict_images(
-    ref: str, images: list[str], *, top_k: int = 1, tracking_uri: str | None = None
-) -> tuple[list[dict], list[tuple[str, str]], LoadedModel]:
-    """Top-k classes for each image; unusable files are returned as skipped, not fatal."""
+def usable_images(images: list[str], top_k: int) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files among `images` (folders searched) and the skipped ones; an error when none is usable."""
     if top_k < 1:
         raise TlkitError(f"--top-k must be at least 1, got {top_k}")
     paths, skipped = expand_images(images)  # before the model loads: a wrong folder is said at once
     if not paths:
         detail = f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         raise TlkitError(f"no usable images among the {len(images)} path(s) given{detail}; pass image files or folders")
+    return paths, skipped
+
+
+def predict_images(
+    ref: str, images: list[str], *, top_k: int = 1, tracking_uri: str | None = None
+) -> tuple[list[dict], list[tuple[str, str]], LoadedModel]:
+    """Top-k classes for each image; unusable files are returned as skipped, not fatal."""
+    from tlkit.models.network import load_model
+
+    paths, skipped = usable_images(images, top_k)
     model = load_model(ref, tracking_uri=tracking_uri)
     return top_k_rows(model.classes, paths, model.predict_proba(paths), top_k), skipped, model
+
+
+def predict_onnx(model: str, images: list[str], *, top_k: int = 1) -> tuple[list[dict], list[tuple[str, str]]]:
+    """predict_images for an exported ONNX model (its sidecar beside it), on onnxruntime: no torch, no MLflow."""
+    from tlkit.review.portable import OnnxModel
+
+    paths, skipped = usable_images(images, top_k)
+    loaded = OnnxModel(model)
+    return top_k_rows(loaded.classes, paths, loaded.predict_proba(paths), top_k), skipped

@@ -12,7 +12,8 @@ What a client cannot do:
   TLKIT_SERVE_MAX_REQUEST_PIXELS pixels together (default 100 million; both read from the headers before any
   decoding: 24 photos of 36 MP in a 1 MB request would otherwise take seconds of CPU and a gigabyte);
 - send a table with another column than 'image' (a misspelt column is not taken for it);
-- send another format than JPEG, PNG or WebP (Pillow's other decoders are not reachable).
+- send another format than JPEG, PNG, WebP, TIFF, BMP or GIF, the formats photos and scans come in (Pillow's other
+  decoders are not reachable); every mode tlkit trains on is read as in training (16-bit, CMYK, palette, alpha).
 Each refusal is HTTP 400 with one line naming the input and the limit: no stack trace, nothing of the
 request echoed back.
 """
@@ -30,7 +31,8 @@ import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-FORMATS = ("JPEG", "PNG", "WEBP")
+FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
+NOT_AN_IMAGE = "not a base64-encoded image (JPEG, PNG, WebP, TIFF, BMP or GIF)"
 MAX_REQUEST_MB = 32.0
 MAX_PIXELS = 40_000_000
 MAX_REQUEST_PIXELS = 100_000_000
@@ -93,19 +95,19 @@ def image_bytes(value, index: int) -> bytes:
         try:
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            raise Refused(f"input {index}: not a base64-encoded JPEG, PNG or WebP image") from None
+            raise Refused(f"input {index}: {NOT_AN_IMAGE}") from None
     raise Refused(f"input {index}: expected base64 text or bytes, got {type(value).__name__}")
 
 
 def check_image(data: bytes, index: int, max_pixels: int) -> int:
-    """Refuse anything but a JPEG, PNG or WebP within the pixel limit, from its header alone; its pixel count."""
+    """Refuse anything but an image of FORMATS within the pixel limit, from its header alone; its pixel count."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             width, height = image.size
     except Exception:  # noqa: BLE001  any decoder complaint means the same to the client
-        raise Refused(f"input {index}: not a base64-encoded JPEG, PNG or WebP image") from None
+        raise Refused(f"input {index}: {NOT_AN_IMAGE}") from None
     if width * height > max_pixels:
         raise Refused(
             f"input {index}: {width}x{height} is {width * height / 1e6:.1f} megapixels, above the limit of "
