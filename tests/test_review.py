@@ -208,10 +208,10 @@ def test_an_onnx_export_alone_gives_predicts_probabilities_without_torch_or_tlki
         np.testing.assert_allclose(ours[i], expected[path], atol=1e-4, err_msg=path)
 
 
-def test_the_docs_dozen_line_runner_gives_predicts_probabilities_for_rgb_photos(here, deployed_photos, tmp_path):
+def test_the_docs_short_runner_gives_predicts_probabilities_for_rgb_photos(here, deployed_photos, tmp_path):
     pytest.importorskip("onnxruntime")
     page = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
-    code = page.split("the runner is a dozen lines:\n\n```python\n", 1)[1].split("```", 1)[0]
+    code = page.split("the runner fits in twenty lines:\n\n```python\n", 1)[1].split("```", 1)[0]
     uri = here[2, "logreg"].model_uri
     written = run_export(uri, "onnx", tmp_path / "export").files[0]
     rgb = [str(p) for p in deployed_photos if p.name in ("small.png", "large.jpg", "rotated.jpg") or "hymen" in str(p)]

@@ -2,7 +2,7 @@
 
 The sidecar's `preprocessing` spells out every step between an image file and the network's input
 (tlkit.data.recipe), so that a deployer can reproduce `tlkit predict` from it alone (docs/serving.md has a runner
-in a dozen lines that imports neither torch nor tlkit). This module is tlkit's own such runner: `tlkit predict
+in twenty lines that imports neither torch nor tlkit). This module is tlkit's own such runner: `tlkit predict
 model.onnx photo.jpg` and `tlkit.load("model.onnx")` use it. It imports Pillow, NumPy, OpenCV and onnxruntime.
 """
 
