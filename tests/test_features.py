@@ -63,3 +63,31 @@ def test_split_subsets_and_pixel_features(workdir, digits_source):
     assert pixels.X.max() <= 1
     X, y = pixels.subset("train")
     assert len(X) == len(manifest.split("train")) == len(y)
+
+
+def test_the_plain_cpu_loop_gives_lightnings_features_and_progress_lines(workdir, digits_source, capsys, monkeypatch):
+    """One CPU runs a plain loop (no Lightning import); its features are those of Lightning's predict loop, which
+    GPUs and several devices use, to the bit; piped output gets the same progress lines."""
+    from tlkit.data import augment
+    from tlkit.data.loaders import ImageDataset, make_loader
+    from tlkit.features.forward import forward_loader
+    from tlkit.features.forward_devices import forward_on_devices
+
+    manifest = ingest(digits_source)
+    backbone = create_backbone(TINY_MODEL, img_size=32)
+    transform = augment.ToTensor(augment.eval_transform(backbone.data_config))
+    loader = make_loader(
+        ImageDataset([manifest.abspath(r) for r in manifest.records], None, transform), batch_size=16, num_workers=0
+    )
+    monkeypatch.setenv("TLKIT_PROGRESS", "plain")
+    for precision in ("32-true", "bf16-mixed"):
+        plain = forward_loader(
+            backbone.model, backbone.num_features, loader, devices="auto", precision=precision, progress=True
+        )
+        lightning = forward_on_devices(
+            backbone.model, backbone.num_features, loader, devices=1, precision=precision, progress=False
+        )
+        np.testing.assert_array_equal(plain, lightning)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("features: batch")]
+    assert lines[-1].startswith(f"features: batch {len(loader)}/{len(loader)}")
+    assert "elapsed, eta" in lines[-1]

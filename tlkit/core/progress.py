@@ -7,25 +7,13 @@ as it goes. Terminals get Lightning's rich bars instead (runtime.progress_mode).
 
 from __future__ import annotations
 
-import sys
 import time
 
 import lightning as L
 
+from tlkit.core.lines import clock, say
+
 SHOWN = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
-
-
-def clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return (
-        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else f"{seconds // 60}:{seconds % 60:02d}"
-    )
-
-
-def say(line: str) -> None:
-    print(line, file=sys.stdout, flush=True)
 
 
 class PlainProgress(L.Callback):

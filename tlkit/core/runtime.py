@@ -238,6 +238,11 @@ def hide_progress_bars() -> None:
     _BARS["on"] = False
 
 
+def progress_bars_on() -> bool:
+    """False in a process whose bars `hide_progress_bars` turned off (a pipeline's job)."""
+    return _BARS["on"]
+
+
 def cpu_share() -> int:
     """CPU cores this process may use: $TLKIT_CPUS when set (each job of `tlkit run --jobs N` gets its
     share), else the cores it may run on."""
@@ -268,7 +273,7 @@ def build_trainer(*, devices, precision: str, progress: bool, root_dir, **kwargs
 
     spawn_safe(devices)
     quiet_loggers()  # the banners come while the Trainer is built
-    mode = progress_mode() if progress and _BARS["on"] else "off"
+    mode = progress_mode() if progress and progress_bars_on() else "off"
     if mode == "plain":
         from tlkit.core.progress import PlainProgress
 

@@ -1,19 +1,19 @@
-"""A frozen model over a DataLoader -> features, in Lightning's predict loop (one device or several).
+"""A frozen model over a DataLoader -> its outputs: `infer` (a module's outputs, in order) and `forward_loader`
+(features for the cache: a plain loop on one CPU, Lightning's predict loop on GPUs or several devices).
 
-Imported only when features must be computed: Lightning costs seconds to import.
+On a machine without a GPU the loop is the plain one: Lightning's import and predict-loop set-up cost more than a
+second of a small folder's extraction, for nothing one process on one device needs.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import time
+from collections.abc import Iterable, Iterator
 
-import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 
-from tlkit.core import runtime
+from tlkit.core import lines, runtime
 
 
 @torch.inference_mode()
@@ -29,56 +29,42 @@ def infer(module: torch.nn.Module, loader, *, precision: str = "32-true") -> np.
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
-class _Extractor(L.LightningModule):
-    """Frozen backbone for Lightning's predict loop: channels-last, eval mode, inference mode."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model.eval().to(memory_format=torch.channels_last)
-
-    def predict_step(self, batch, batch_idx):
-        images, _, index = batch
-        features = self.model(images.contiguous(memory_format=torch.channels_last))
-        return index.cpu(), features.float().cpu()
-
-
-class _ShardWriter(BasePredictionWriter):
-    """With several devices each process writes its shard; the main process joins them."""
-
-    def __init__(self, folder: Path):
-        super().__init__(write_interval="epoch")
-        self.folder = folder
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
-        torch.save(predictions, self.folder / f"shard-{trainer.global_rank}.pt")
-
-
 def forward_loader(
     model: torch.nn.Module, num_features: int, loader, *, devices, precision: str, progress: bool
 ) -> np.ndarray:
-    """Features of every item of `loader`, in dataset order, from Lightning's predict loop on `devices`."""
-    n = len(loader.dataset)
-    with tempfile.TemporaryDirectory(prefix="tlkit-extract-") as tmp:
-        # Several devices: spawned processes run only the predict loop and write shards to this
-        # folder; this process joins them and does everything else (cache, tracking) once.
-        trainer = runtime.build_trainer(
-            devices=devices,
-            precision=precision,
-            progress=progress,
-            root_dir=tmp,
-            enable_checkpointing=False,
-            inference_mode=True,
-            callbacks=[_ShardWriter(Path(tmp))],
-        )
-        with runtime.quiet_lightning():
-            trainer.predict(_Extractor(model), dataloaders=loader, return_predictions=False)
-        X = np.zeros((n, num_features), dtype=np.float32)
-        seen = np.zeros(n, dtype=bool)
-        for shard in Path(tmp).glob("shard-*.pt"):
-            for index, features in torch.load(shard, weights_only=True):
-                X[index.numpy()] = features.numpy()  # the sampler's padding repeats a few images: same values
-                seen[index.numpy()] = True
-        if not seen.all():
-            raise RuntimeError(f"feature extraction returned {seen.sum()} of {n} images")
-    model.to(memory_format=torch.contiguous_format)
+    """Features of every item of `loader`, in dataset order, on `devices` (see the module's docstring)."""
+    if runtime.may_have_gpu() or runtime.device_count(devices) > 1:
+        from tlkit.features.forward_devices import forward_on_devices
+
+        return forward_on_devices(model, num_features, loader, devices=devices, precision=precision, progress=progress)
+    model = model.eval().to(memory_format=torch.channels_last)
+    X = np.zeros((len(loader.dataset), num_features), dtype=np.float32)
+    try:
+        with torch.inference_mode():
+            for images, _, index in _shown(loader, progress):
+                with runtime.autocast("cpu", precision):
+                    features = model(images.contiguous(memory_format=torch.channels_last))
+                X[index.numpy()] = features.float().numpy()
+    finally:
+        model.to(memory_format=torch.contiguous_format)
     return X
+
+
+def _shown(batches: Iterable, progress: bool) -> Iterator:
+    """`batches`, with the progress Lightning's loop would show: a bar on a terminal, plain lines otherwise."""
+    mode = runtime.progress_mode() if progress and runtime.progress_bars_on() else "off"
+    total = len(batches)  # type: ignore[arg-type]  # a DataLoader
+    if mode == "rich":
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            yield from bar.track(batches, total=total, description="features")
+        return
+    start = said = time.monotonic()
+    for i, batch in enumerate(batches, start=1):
+        yield batch
+        now = time.monotonic()
+        if mode == "plain" and (i == total or (i % max(1, total // 10) == 0 and now - said >= 1.0) or now - said >= 10):
+            said, elapsed = now, now - start
+            eta = lines.clock(elapsed / i * (total - i))
+            lines.say(f"features: batch {i}/{total}  {lines.clock(elapsed)} elapsed, eta {eta}")
