@@ -645,3 +645,38 @@ def test_the_best_epoch_checkpoint_is_written_whole_or_not_at_all(tmp_path):
     callback._save_checkpoint(Trainer(room=1000), str(best))
     assert best.read_bytes() == b"new checkpoint " * 10
     assert [p.name for p in tmp_path.iterdir()] == ["best.ckpt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing a command makes outlives it
+
+
+@pytest.mark.slow  # a pipeline with a tune of 2 trials and a leaderboard, ~20 s
+def test_a_pipeline_with_a_tune_leaves_nothing_in_the_temporary_folder(tracked, tmp_path, digits_target, monkeypatch):
+    """Each tune trial used to leave a tlkit-train-* folder with a full checkpoint, each pipeline a tlkit-compare-*."""
+    import tempfile
+
+    import yaml
+
+    from tlkit.pipelines.pipeline import run_pipeline
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    pipeline = tmp_path / "tune.yaml"
+    space = {"lr": [1e-3, 3e-3], "epochs": 2, "augment": "none", "hflip": False}
+    pipeline.write_text(
+        yaml.safe_dump(
+            {
+                "name": "litter",
+                "datasets": {"d": {"path": str(digits_target), "val": 0.2, "test": 0.3}},
+                "backbone": {"model": TINY_MODEL, "pretrained": False, "img_size": 32},
+                "compute": {"num_workers": 0},
+                "stages": [{"id": "tuned", "stage": "tune", "data": "d", "trials": 2, "space": space}],
+                "seeds": [0, 1],  # a swept pipeline: its leaderboard is drawn and logged
+            }
+        )
+    )
+    summary = run_pipeline(pipeline)
+    assert summary.leaderboard is not None  # the leaderboard was drawn, logged, and its folder removed
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
