@@ -319,3 +319,17 @@ def test_an_inline_space_reads_its_augmentation_file_beside_the_pipeline_from_an
     space = space_of(resolved.stages[-1], None)  # as the stage runs it, from another working folder
     augment = next(d for d in space.dimensions if d.name == "augment")
     assert augment.choices == ("light", str((folder / "aug.yaml").resolve()))
+
+
+def test_a_swept_dataset_is_a_dataset_of_its_own_on_the_leaderboard():
+    from types import SimpleNamespace
+
+    from tlkit.pipelines.points import dataset_label
+
+    def point(**settings):
+        return SimpleNamespace(settings=settings)
+
+    assert dataset_label("photos", point()) == "photos"
+    assert dataset_label("photos", point(**{"stages.x.train.lr": 1e-3})) == "photos"
+    swept = point(**{"datasets.photos.path": "../shared/datasets/flowers17", "datasets.photos.val": 0.2})
+    assert dataset_label("photos", swept) == "photos path=flowers17 val=0.2"

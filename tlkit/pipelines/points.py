@@ -335,6 +335,14 @@ ALWAYS_RUN = (PredictStage, ExportStage)  # images on disk may change under the 
 # Running a point
 
 
+def dataset_label(data: str, point: Point) -> str:
+    """The leaderboard's dataset for a stage on `data`: the file's name for it, whatever folder a seed draws it into,
+    with the values a sweep gives it ('photos path=flowers17'), so that swept datasets are not ranked as one."""
+    swept = {k.split(".", 2)[2]: v for k, v in point.settings.items() if k.startswith(f"datasets.{data}.")}
+    shown = [f"{key}={Path(str(value)).name if key == 'path' else value}" for key, value in swept.items()]
+    return " ".join([data, *shown])
+
+
 def run_point(point: Point, how: PointRun, manifests: dict[str, Manifest]) -> list[SummaryRow]:
     """One (grid point, seed): its stages in order, as one point run when the pipeline is swept."""
     config, plan, console, progress = point.config, how.plan, how.console, how.progress
@@ -362,8 +370,7 @@ def run_point(point: Point, how: PointRun, manifests: dict[str, Manifest]) -> li
                 console.rule(header) if console.is_terminal else console.print(Text("== ") + header, soft_wrap=True)
             start = time.perf_counter()
             data = getattr(stage, "data", "")
-            # the file's name for the data: the leaderboard's dataset, whatever folder a seed draws it into
-            named = {"tlkit.dataset": data} if data else {}
+            named = {"tlkit.dataset": dataset_label(data, point)} if data else {}
             with tracking.tagging({"tlkit.stage_id": stage.id, **named, **tags}):
                 result, reused = _run_or_reuse(stage, config, outputs, manifests, how)
             seconds = time.perf_counter() - start
