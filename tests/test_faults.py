@@ -680,3 +680,37 @@ def test_a_pipeline_with_a_tune_leaves_nothing_in_the_temporary_folder(tracked, 
     summary = run_pipeline(pipeline)
     assert summary.leaderboard is not None  # the leaderboard was drawn, logged, and its folder removed
     assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+def test_a_run_the_store_cannot_mark_failed_is_not_said_to_be_marked(tracked, monkeypatch):
+    """The database on a full disk: the run stays RUNNING (the next command marks it), and the line says so."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tlkit.cli import app as cli
+    from tlkit.core import tracking
+
+    real_end_run = mlflow.end_run
+
+    def full(*args, **kwargs):
+        real_end_run.__globals__["_active_run_stack"].get().pop()
+        raise OSError(errno.ENOSPC, "database or disk is full")
+
+    def refuse(self, run_id, status=None):
+        raise OSError(errno.ENOSPC, "database or disk is full")
+
+    monkeypatch.setattr(tracking, "FAILED", [])
+    monkeypatch.setattr(tracking, "UNRECORDED", [])
+    with pytest.raises(OSError):
+        with tracking.start_run("finetune") as run_id:
+            monkeypatch.setattr(mlflow, "end_run", full)
+            monkeypatch.setattr(MlflowClient, "set_terminated", refuse)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (tracking.FAILED, tracking.UNRECORDED) == ([], [run_id])
+    monkeypatch.setattr(mlflow, "end_run", real_end_run)
+    assert tracked.get_run(run_id).info.status == "RUNNING"
+    monkeypatch.setattr(sys, "argv", ["tlkit", "finetune", "data"])
+    hint = cli._resume_hint()
+    assert "could not be marked FAILED" in hint
+    assert "is marked FAILED" not in hint
+    assert hint.endswith(f"tlkit finetune data --resume {run_id}")
