@@ -103,12 +103,14 @@ def finetune(
     img_size: int | None = None,
     pretrained: bool = True,
     seed: int = 0,
+    probe: bool = True,
     tracking_uri: str | None = None,
     experiment: str | None = None,
     **settings: Any,
 ) -> StageResult:
     """`tlkit finetune` with its defaults; `settings` are its training options by their names (epochs=10,
-    strategy="lp-ft", lr=1e-3, ...: tlkit.config.TrainConfig). The run's id, held-out metrics and `model_uri`."""
+    strategy="lp-ft", lr=1e-3, ...: tlkit.config.TrainConfig); `probe`: also score the linear SVM on the frozen
+    features (`--probe/--no-probe`). The run's id, held-out metrics and `model_uri`."""
     from tlkit.config import SplitConfig, TrainConfig
     from tlkit.core import tracking
     from tlkit.runs.stages import RunOptions, run_train
@@ -121,4 +123,5 @@ def finetune(
         TrainConfig(seed=seed, **settings),
         split=SplitConfig(seed=seed),
         run=RunOptions(tracking_uri=tracking_uri),
+        probe=probe,
     )

