@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "tlkit"
 # Bottom to top: a module may import its own package and any package on a lower line.
 LAYERS = [
-    ("errors", "config"),
+    ("errors", "config", "durations"),
     ("core",),
     ("data",),
     ("models",),
@@ -94,3 +95,53 @@ def test_no_import_circle():
     for start in sorted(graph):
         if start not in state and (circle := visit(start, [])):
             pytest.fail(f"import circle: {' -> '.join(circle)}")
+
+
+_SNAPSHOT = """
+import json, logging, os, sys, warnings
+def snapshot():
+    import optuna
+    named = {n: g for n, g in logging.root.manager.loggerDict.items() if isinstance(g, logging.Logger)}
+    return {
+        "env": dict(os.environ),
+        "loggers": {n: g.level for n, g in named.items()},
+        "handlers": {n: len(g.handlers) for n, g in named.items()},
+        "root": [logging.root.level, len(logging.root.handlers)],
+        "warnings": [repr(f) for f in warnings.filters],
+        "optuna": optuna.logging.get_verbosity(),
+    }
+# the libraries first: what they do to the process at import is theirs, not tlkit's
+import torch, torchvision, timm, lightning, mlflow, mlflow.pyfunc, optuna, sklearn, cv2, PIL, pydantic, typer, rich
+before = snapshot()
+import importlib, pkgutil, tlkit
+for info in pkgutil.walk_packages(tlkit.__path__, "tlkit."):
+    if info.name not in ("tlkit.__main__", "tlkit.review.pyfunc_model"):
+        importlib.import_module(info.name)
+after = snapshot()
+changed = {}
+for key in before:
+    if isinstance(before[key], dict):
+        diff = {k: (before[key].get(k), v) for k, v in after[key].items() if before[key].get(k) != v}
+        diff.update({k: (v, None) for k, v in before[key].items() if k not in after[key]})
+        # a logger that first appears with the default level (NOTSET, no handler) changes nothing
+        diff = {k: d for k, d in diff.items() if d != (None, 0)}
+        if diff:
+            changed[key] = diff
+    elif before[key] != after[key]:
+        changed[key] = [x for x in after[key] if x not in before[key]] if isinstance(after[key], list) else after[key]
+print(json.dumps(changed, default=str))
+"""
+
+
+def test_importing_tlkit_changes_nothing_in_the_process():
+    """A library user who imports any tlkit module keeps their environment, loggers, warning filters and library
+    settings: only the CLI's entry point configures the process."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "NO_ALBUMENTATIONS"))}
+    out = subprocess.run(
+        [sys.executable, "-c", _SNAPSHOT], capture_output=True, text=True, env=env, timeout=300, check=True
+    ).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == {}

@@ -127,7 +127,7 @@ def test_baseline_pretrain_finetune_predict(runner, workdir, digits_source, digi
             "evaluate on val",
         ]
     ), names
-    view = tracking._runs_view("heldout_accuracy")
+    view = tracking.runs_view("heldout_accuracy")
     ranked = client.search_runs([experiment], view["searchFilter"], order_by=["metrics.heldout_accuracy DESC"])
     assert sorted(r.info.run_name for r in ranked) == sorted(
         ["pixels + svm", f"{TINY_MODEL} + svm", "my probe", f"{TINY_MODEL} finetune (freeze-unfreeze)"]
@@ -227,11 +227,11 @@ def test_finetune_strategies_and_lr_find_from_the_cli(runner, workdir, digits_so
         "1e-4,1e-3,1e-2",
     )
     assert result.exit_code == 0, result.output
-    from tlkit.cli.app import _PRECISION_NAMES
+    from tlkit.cli.output import PRECISION_NAMES
     from tlkit.core import tracking
 
     used = tracking.get_run(result.stdout.split("MLflow run ")[1].split()[0]).data.params["precision"]
-    assert f"finetune (gradual, {_PRECISION_NAMES[used]})" in result.stdout  # the title says the precision the run used
+    assert f"finetune (gradual, {PRECISION_NAMES[used]})" in result.stdout  # the title says the precision the run used
     result = invoke(runner, "lr-find", digits_source, *common)
     assert result.exit_code == 0, result.output
     assert "suggested head learning rate" in result.stdout, result.output
@@ -341,7 +341,8 @@ def test_the_options_are_the_settings_models_own():
 
 
 def test_a_command_and_its_pipeline_stage_share_their_defaults(runner):
-    from tlkit.config import ExportStage, FinetuneStage, PretrainConfig, PretrainStage, TrainConfig
+    from tlkit.config import PretrainConfig, TrainConfig
+    from tlkit.pipelines.schema import ExportStage, FinetuneStage, PretrainStage
 
     finetune = invoke(runner, "finetune", "--help").stdout
     pretrain = invoke(runner, "pretrain", "--help").stdout

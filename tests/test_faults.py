@@ -687,8 +687,9 @@ def test_a_run_the_store_cannot_mark_failed_is_not_said_to_be_marked(tracked, mo
     import mlflow
     from mlflow import MlflowClient
 
-    from tlkit.cli import app as cli
+    from tlkit.cli.process import known_failure
     from tlkit.core import tracking
+    from tlkit.core.outcome import EndedRun, ended_runs
 
     real_end_run = mlflow.end_run
 
@@ -699,18 +700,16 @@ def test_a_run_the_store_cannot_mark_failed_is_not_said_to_be_marked(tracked, mo
     def refuse(self, run_id, status=None):
         raise OSError(errno.ENOSPC, "database or disk is full")
 
-    monkeypatch.setattr(tracking, "FAILED", [])
-    monkeypatch.setattr(tracking, "UNRECORDED", [])
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as raised:
         with tracking.start_run("finetune") as run_id:
             monkeypatch.setattr(mlflow, "end_run", full)
             monkeypatch.setattr(MlflowClient, "set_terminated", refuse)
             raise OSError(errno.ENOSPC, "No space left on device")
-    assert (tracking.FAILED, tracking.UNRECORDED) == ([], [run_id])
+    assert ended_runs(raised.value) == [EndedRun(run_id, "FAILED", recorded=False)]
     monkeypatch.setattr(mlflow, "end_run", real_end_run)
     assert tracked.get_run(run_id).info.status == "RUNNING"
     monkeypatch.setattr(sys, "argv", ["tlkit", "finetune", "data"])
-    hint = cli._resume_hint()
+    hint = known_failure(raised.value)
     assert "could not be marked FAILED" in hint
     assert "is marked FAILED" not in hint
     assert hint.endswith(f"tlkit finetune data --resume {run_id}")

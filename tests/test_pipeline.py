@@ -4,9 +4,9 @@ import pytest
 import yaml
 from conftest import TINY_MODEL
 
-from tlkit.config import load_pipeline
 from tlkit.errors import TlkitError
 from tlkit.pipelines.pipeline import run_pipeline, summary_text
+from tlkit.pipelines.schema import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,7 @@
 import pytest
+from pydantic import ValidationError
 
+from tlkit.config import TrainConfig
 from tlkit.errors import TlkitError
 from tlkit.models.backbone import merge_groups
 from tlkit.train.strategies import Phase, group_lrs, phase_index, plan_phases
@@ -24,11 +26,15 @@ def test_single_phase_strategies(strategy, expected):
     assert [(p.start, p.trainable) for p in plan_phases(strategy, epochs=3, n_groups=4)] == expected
 
 
-def test_bad_strategy_settings():
+def test_bad_strategy_settings_are_refused_by_the_settings_once():
     with pytest.raises(TlkitError, match="unknown strategy 'fast'"):
         plan_phases("fast", epochs=3, n_groups=2)
-    with pytest.raises(TlkitError, match="--freeze-epochs"):
-        plan_phases("freeze-unfreeze", epochs=2, n_groups=2, freeze_epochs=2)
+    with pytest.raises(ValidationError, match=r"freeze_epochs \(2\) must be below epochs \(2\)"):
+        TrainConfig(epochs=2, freeze_epochs=2)
+    with pytest.raises(ValidationError, match="lr_mult"):
+        TrainConfig(lr_mult=0.5)
+    with pytest.raises(ValidationError, match="unfreeze_every"):
+        TrainConfig(unfreeze_every=0)
 
 
 def test_geometric_spread_and_explicit_rates():
@@ -36,8 +42,6 @@ def test_geometric_spread_and_explicit_rates():
     assert group_lrs(1.0, 2, lrs=[1, 2, 3]) == [1.0, 2.0, 3.0]
     with pytest.raises(TlkitError, match="needs 3 values"):
         group_lrs(1.0, 2, lrs=[1, 2])
-    with pytest.raises(TlkitError, match="--lr-mult"):
-        group_lrs(1.0, 2, lr_mult=0.5)
 
 
 def test_frozen_groups_get_rate_zero_and_one_group_must_train():

@@ -304,9 +304,9 @@ def test_a_pipeline_tune_stage_feeds_later_stages_and_is_reused(workdir, digits_
 def test_shipped_tune_pipelines_name_valid_spaces():
     from pathlib import Path
 
-    from tlkit.config import TuneStage, load_pipeline
     from tlkit.pipelines.pipeline import resolve_files
     from tlkit.pipelines.points import space_of
+    from tlkit.pipelines.schema import TuneStage, load_pipeline
 
     folder = Path(__file__).resolve().parents[1] / "pipelines"
     stages = [

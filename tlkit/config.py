@@ -1,16 +1,25 @@
-"""Settings of every stage, and pipeline files -> validated pydantic models (a typo is an error)."""
+"""The settings of every stage -> validated pydantic models (a typo is an error), one default each.
+
+The CLI builds its options from these models (tlkit.cli.options) and pipeline files nest them
+(tlkit.pipelines.schema), so a default, a range or a list of choices is written here and nowhere else.
+"""
 
 from __future__ import annotations
 
-import difflib
-import re
-from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal, get_args
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tlkit.durations import parse_duration
 from tlkit.errors import TlkitError
+
+Strategy = Literal["freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+BatchNorm = Literal["frozen", "train", "keep-stats"]
+BN_HELP = (
+    "BatchNorm: frozen (frozen groups in eval mode), train (statistics update), keep-stats (every layer keeps its "
+    "pretrained statistics)"
+)
 
 
 class Settings(BaseModel):
@@ -144,7 +153,7 @@ class TrainConfig(Settings):
         description="the first N layer groups (input side) never train: pretrained weights kept, no backward pass "
         "through them",
     )
-    strategy: Literal["freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft"] = Field(
+    strategy: Strategy = Field(
         "freeze-unfreeze",
         description="freeze-unfreeze (head first, then all), lp-ft (head fitted on frozen features, then all), "
         "linear-probe, full, or gradual (one more group every --unfreeze-every epochs)",
@@ -153,11 +162,7 @@ class TrainConfig(Settings):
         None, ge=1, description="freeze-unfreeze: epochs that train the head alone (default 1; 0 when epochs is 1)"
     )
     unfreeze_every: int = Field(1, ge=1, description="gradual: epochs between unfreezing one more group")
-    bn: Literal["frozen", "train", "keep-stats"] = Field(
-        "keep-stats",
-        description="BatchNorm: frozen (frozen groups in eval mode), train (statistics update), keep-stats (every "
-        "layer keeps its pretrained statistics)",
-    )
+    bn: BatchNorm = Field("keep-stats", description=BN_HELP)
     schedule: Literal["onecycle", "cosine", "constant"] = Field(
         "onecycle", description="onecycle, cosine (with warm-up) or constant; restarted each phase"
     )
@@ -187,31 +192,9 @@ class TrainConfig(Settings):
         if self.strategy == "freeze-unfreeze" and self.freeze_epochs is not None and self.freeze_epochs >= self.epochs:
             raise ValueError(
                 f"freeze_epochs ({self.freeze_epochs}) must be below epochs ({self.epochs}), leaving at least one "
-                "epoch "
-                "that trains everything; lower freeze_epochs or raise epochs"
+                "epoch that trains everything; lower freeze_epochs or raise epochs"
             )
         return self
-
-
-def parse_duration(text: str | int | float) -> float:
-    """'30m', '2h', '90s', '1h30m' or a number of minutes -> seconds."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text) * 60
-    else:
-        match = re.fullmatch(
-            r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", str(text)
-        )
-        plain = re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", str(text))
-        if plain:
-            seconds = float(text) * 60
-        elif match and any(match.groups()):
-            h, m, s = (float(g) if g else 0.0 for g in match.groups())
-            seconds = h * 3600 + m * 60 + s
-        else:
-            raise TlkitError(f"budget {text!r} is not a duration; write e.g. 30m, 2h, 1h30m or 90s")
-    if seconds <= 0:
-        raise TlkitError(f"budget {text!r} must be more than zero")
-    return seconds
 
 
 class PretrainConfig(TrainConfig):
@@ -225,14 +208,10 @@ class PretrainConfig(TrainConfig):
     lr_mult: float = Field(
         1.0, ge=1, description="each earlier layer group learns this many times slower than the next (1: one rate)"
     )
-    strategy: Literal["freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft"] = Field(
+    strategy: Strategy = Field(
         "full", description="full (everything trains), or freeze-unfreeze, lp-ft, linear-probe, gradual"
     )
-    bn: Literal["frozen", "train", "keep-stats"] = Field(
-        "frozen",
-        description="BatchNorm: frozen (frozen groups in eval mode), train (statistics update), keep-stats (every "
-        "layer keeps its pretrained statistics)",
-    )
+    bn: BatchNorm = Field("frozen", description=BN_HELP)
 
 
 class BaselineConfig(Settings):
@@ -241,75 +220,6 @@ class BaselineConfig(Settings):
     )
     pixel_size: int = Field(32, ge=2, description="side of the downscaled image for the pixels classifier")
     seed: int = Field(0, description="seed of the classifier")
-
-
-# ----------------------------------------------------------------------------------------------
-# Pipeline files
-
-
-class DigitsConfig(Settings):
-    """Write scikit-learn's digits to the dataset's path before the pipeline runs."""
-
-    classes: str = "0-9"
-    per_class: int | None = Field(None, ge=1)
-    size: int = Field(32, ge=8)
-    seed: int = 0
-
-
-class PhotosConfig(Settings):
-    """Write crops of real sample photos (see `tlkit data photos`) to the dataset's path before the pipeline runs.
-
-    The crops are drawn with the dataset's seed, so `seeds:` varies the data too; put `{seed}` in the
-    dataset's path to keep one folder per seed.
-    """
-
-    crop: int = Field(64, ge=8)
-    train: int = Field(12, ge=1)
-    val: int = Field(8, ge=0)
-    test: int = Field(20, ge=1)
-    grey: bool = True
-
-
-class DatasetConfig(SplitConfig):
-    path: str
-    digits: DigitsConfig | None = None
-    photos: PhotosConfig | None = None
-
-    @model_validator(mode="after")
-    def _one_generator(self) -> DatasetConfig:
-        if self.digits is not None and self.photos is not None:
-            raise ValueError("a dataset is written by digits or by photos, not both")
-        return self
-
-    @property
-    def folder(self) -> str:
-        """`path` with `{seed}` filled in."""
-        return self.path.replace("{seed}", str(self.seed))
-
-
-class ModelStage(Settings):
-    id: str = Field(description="name of the stage: the run's name, and how later stages refer to it")
-    data: str = Field(description="a dataset name from `datasets`")
-    model: str | None = Field(None, description="this stage's timm model (default: the pipeline's backbone)")
-    pretrained: bool | None = Field(None, description="this stage's hub-weights choice (default: the backbone's)")
-    weights: str | None = Field(None, description="this stage's weights: a file, runs:/RUN_ID or an earlier stage's id")
-    img_size: int | None = Field(None, ge=8, description="this stage's input side in pixels")
-
-
-class PretrainStage(ModelStage):
-    stage: Literal["pretrain"]
-    pretrained: bool | None = Field(False, description=PRETRAIN_FROM)  # as `tlkit pretrain`, whatever `backbone` says
-    train: PretrainConfig = PretrainConfig()
-
-
-class FinetuneStage(ModelStage):
-    stage: Literal["finetune"]
-    train: TrainConfig = TrainConfig()
-
-
-class BaselineStage(ModelStage):
-    stage: Literal["baseline"]
-    baseline: BaselineConfig = BaselineConfig()
 
 
 class TuneConfig(Settings):
@@ -368,17 +278,6 @@ class TuneConfig(Settings):
         return 15 if self.trials is None and self.budget is None else self.trials
 
 
-class TuneStage(ModelStage, TuneConfig):
-    """Search fine-tuning recipes (as `tlkit tune`); the best recipe, retrained, is the stage's model."""
-
-    stage: Literal["tune"]
-    train: TrainConfig = TrainConfig()  # settings the space does not name; its seed seeds the study
-
-
-class ExtractStage(ModelStage):
-    stage: Literal["extract"]
-
-
 class EvaluateConfig(Settings):
     """How a saved model is scored (`tlkit evaluate`, a pipeline's evaluate stage)."""
 
@@ -400,186 +299,14 @@ class EvaluateConfig(Settings):
     top_losses: int = Field(16, ge=1, description="images in the top-losses plot")
 
 
-class EvaluateStage(EvaluateConfig):
-    """Score an earlier stage's model (or a runs:/ model) on a dataset's split."""
-
-    id: str
-    stage: Literal["evaluate"]
-    model: str = Field(description="an earlier stage's id, or runs:/RUN_ID")
-    data: str = Field(description="a dataset name from `datasets`")
-
-
-class PredictStage(Settings):
-    """Classify image files with an earlier stage's model (or a runs:/ model)."""
-
-    id: str
-    stage: Literal["predict"]
-    model: str = Field(description="an earlier stage's id, or runs:/RUN_ID")
-    images: list[str] = Field(min_length=1, description="image files or folders")
-    top_k: int = Field(1, ge=1)
-
-
 ExportFormat = Literal["onnx", "torchscript", "safetensors"]
+
+
 EXPORT_FORMAT_HELP = "onnx (needs pip install 'tlkit[export]'), torchscript, or safetensors (weights only)"
 
 
-class ExportStage(Settings):
-    """Write an earlier stage's network (or a runs:/ model) to run without tlkit, with its JSON sidecar (as `tlkit
-    export`)."""
+class ExportConfig(Settings):
+    """How a model is exported (`tlkit export`, a pipeline's export stage)."""
 
-    id: str
-    stage: Literal["export"]
-    model: str = Field(description="an earlier stage's id, or runs:/RUN_ID")
     format: ExportFormat = Field("onnx", description=EXPORT_FORMAT_HELP)
-    out: str = Field("export", description="folder, relative to where you run tlkit; {seed} becomes the seed")
     force: bool = Field(False, description="overwrite a model file already in the folder (a rerun of a pipeline does)")
-
-
-AnyStage = (
-    PretrainStage
-    | FinetuneStage
-    | TuneStage
-    | BaselineStage
-    | ExtractStage
-    | EvaluateStage
-    | PredictStage
-    | ExportStage
-)
-Stage = Annotated[AnyStage, Field(discriminator="stage")]
-MODEL_STAGES = ("pretrain", "finetune", "tune", "baseline")  # stages whose run saves a model that later stages may use
-
-
-class RayConfig(Settings):
-    """Where a pipeline's points run with `tlkit run --ray` (see tlkit.pipelines.cluster)."""
-
-    address: str | None = Field(None, description="auto, HOST:6379 or ray://HOST:10001; `tlkit run --ray` overrides it")
-    num_cpus: float = Field(1, gt=0, description="CPU cores a point asks for (its torch threads)")
-    num_gpus: float | None = Field(
-        None,
-        ge=0,
-        description="GPUs a point asks for (default: 1 for a point that trains, when the cluster has GPUs and devices "
-        "is not cpu)",
-    )
-    max_retries: int = Field(3, ge=0, description="times a point is run again when its node or worker process is lost")
-
-
-class PipelineConfig(Settings):
-    name: str
-    experiment: str | None = None
-    datasets: dict[str, DatasetConfig]
-    backbone: BackboneConfig = BackboneConfig()
-    compute: ComputeConfig = ComputeConfig()
-    stages: list[Stage]
-    sweep: dict[str, list] | None = Field(None, description="dotted setting -> values; every combination runs")
-    seeds: list[int] | None = Field(None, min_length=1, description="run every grid point once per seed")
-    jobs: int = Field(
-        1,
-        ge=1,
-        description="points (grid point, seed) run at once, each in its own process with its share of the cores",
-    )
-    ray: RayConfig | None = Field(None, description="run the points as tasks on a Ray cluster (see `tlkit run --ray`)")
-
-    @model_validator(mode="after")
-    def _check_references(self) -> PipelineConfig:
-        seen: dict[str, str] = {}
-        for i, stage in enumerate(self.stages):
-            where = f"stages.{i} ({stage.id})"
-            data = getattr(stage, "data", None)
-            if data is not None and data not in self.datasets:
-                raise ValueError(f"{where}: data {data!r} is not one of the datasets: {', '.join(self.datasets)}")
-            if stage.id in seen:
-                raise ValueError(f"{where}: id {stage.id!r} is used twice")
-            if isinstance(stage, (EvaluateStage, PredictStage, ExportStage)):
-                ref = stage.model
-                if not ref.startswith("runs:/") and seen.get(ref) not in MODEL_STAGES:
-                    raise ValueError(
-                        f"{where}: model {ref!r} is neither an earlier pretrain, finetune, tune or baseline stage id "
-                        "nor a runs:/ URI"
-                    )
-            else:
-                weights = stage.weights
-                if (
-                    weights
-                    and not weights.startswith(("runs:/", "pkg:"))
-                    and not Path(weights).suffix
-                    and weights not in seen
-                ):
-                    raise ValueError(
-                        f"{where}: weights {weights!r} is neither an earlier stage id, a runs:/ URI, a pkg:NAME "
-                        "weight package nor a file"
-                    )
-            seen[stage.id] = stage.stage
-        for key, values in (self.sweep or {}).items():
-            if not values:
-                raise ValueError(f"sweep.{key}: give at least one value")
-        return self
-
-
-def _explain(error: ValidationError, model: type[BaseModel]) -> str:
-    first = error.errors()[0]
-    path = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
-        key, loc = str(first["loc"][-1]), first["loc"]
-        sections: dict[str, type[BaseModel]] = {
-            "photos": PhotosConfig,
-            "digits": DigitsConfig,
-            "backbone": BackboneConfig,
-            "compute": ComputeConfig,
-            "train": TrainConfig,
-            "baseline": BaselineConfig,
-        }
-        known: set[str] = set()
-        if len(loc) > 1 and loc[-2] in sections:  # the section the key sits in: suggest only its own keys
-            known = set(sections[str(loc[-2])].model_fields)
-        elif loc[0] == "datasets" and len(loc) == 3:
-            known = set(DatasetConfig.model_fields)
-        else:
-            for cls in (
-                PipelineConfig,
-                DatasetConfig,
-                DigitsConfig,
-                PhotosConfig,
-                BackboneConfig,
-                ComputeConfig,
-                TrainConfig,
-                BaselineConfig,
-                PretrainStage,
-                FinetuneStage,
-                TuneStage,
-                BaselineStage,
-                EvaluateStage,
-                PredictStage,
-                ExportStage,
-            ):
-                known |= set(cls.model_fields)
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown key {path!r}{hint}"
-    return f"{path}: {first['msg']}" if path else first["msg"]
-
-
-def read_pipeline(path: str | Path) -> dict:
-    """A pipeline file's YAML as a plain mapping (not yet validated)."""
-    path = Path(path)
-    if not path.exists():
-        raise TlkitError(f"pipeline file {path} does not exist; see pipelines/ for ready ones")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise TlkitError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise TlkitError(f"{path} must be a YAML mapping with name, datasets and stages")
-    return raw
-
-
-def validate_pipeline(raw: dict, where: str) -> PipelineConfig:
-    """Validate a pipeline mapping; `where` (the file, a grid point) starts the one-line error."""
-    try:
-        return PipelineConfig.model_validate(raw)
-    except ValidationError as err:
-        raise TlkitError(f"{where}: {_explain(err, PipelineConfig)}") from None
-
-
-def load_pipeline(path: str | Path) -> PipelineConfig:
-    """Read and validate a pipeline file; every problem is a one-line TlkitError."""
-    return validate_pipeline(read_pipeline(path), str(path))

@@ -37,7 +37,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "model-tracking": ("ModelTrackingConfig", ()),
     "tune": ("TuneConfig", ()),
     "evaluate": ("EvaluateConfig", ("eps",)),  # --eps: repeatable fractions such as 8/255 on the command line
-    "export": ("ExportStage", ("id", "stage", "model", "out")),  # --out: a Path on the command line
+    "export": ("ExportConfig", ()),
 }
 
 

@@ -167,11 +167,21 @@ _NOISE = (
 )
 
 
+# MLflow's start-up lines ("Creating initial MLflow database tables...", alembic's migrations) and its INFO chatter.
+# MLflow sets its top logger to INFO when it is imported; these named ones keep the level given here.
+_STORE_LOGGERS = ("mlflow.store.tracking.sqlalchemy_store", "alembic", "alembic.runtime.migration")
+# MLflow logs a database error's whole traceback at ERROR, then raises it: the CLI says it in one line.
+_STORE_ERROR_LOGGER = "mlflow.store.db.utils"
+# Per-download progress bars, and "View run ... at URL" per run on a server: tlkit prints its own lines.
+_MLFLOW_OUTPUT = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
 def quiet_loggers() -> None:
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name in _STORE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @contextmanager
@@ -185,8 +195,12 @@ def quiet_lightning():
 
 
 def quiet() -> None:
-    """The CLI, process-wide: no start-up chatter that buries tlkit's own output."""
+    """The CLI's processes (commands, a pipeline's jobs, Ray tasks): no start-up chatter or library output that
+    buries tlkit's own lines. Called by entry points only; importing tlkit configures nothing."""
     quiet_loggers()
+    logging.getLogger(_STORE_ERROR_LOGGER).setLevel(logging.CRITICAL)
+    for key, value in _MLFLOW_OUTPUT.items():
+        os.environ.setdefault(key, value)
     for message in _NOISE:
         warnings.filterwarnings("ignore", message=message)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -10,9 +10,16 @@ import math
 import os
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
-
-import albumentations as A  # noqa: E402
+_NO_UPDATE_CHECK = "NO_ALBUMENTATIONS_UPDATE"
+_given = os.environ.get(_NO_UPDATE_CHECK)
+os.environ[_NO_UPDATE_CHECK] = "1"  # albumentations checks PyPI for a newer version when imported: not here
+try:
+    import albumentations as A
+finally:  # the user's environment as it was
+    if _given is None:
+        del os.environ[_NO_UPDATE_CHECK]
+    else:
+        os.environ[_NO_UPDATE_CHECK] = _given
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -108,9 +108,8 @@ class Manifest:
         }
         from tlkit.core.files import write_text
 
-        return write_text(
-            path, json.dumps(data, indent=1)
-        )  # ASCII: a file name that is not UTF-8 is kept as \udcXX escapes
+        # ASCII: a file name that is not UTF-8 is kept as \udcXX escapes
+        return write_text(path, json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
@@ -338,9 +337,8 @@ def _make_splits(rows: list[tuple], *, val: float, test: float, seed: int, shots
 def records_fingerprint(records: list[ImageRecord]) -> str:
     digest = hashlib.sha256()
     for r in sorted(records, key=lambda r: r.path):
-        digest.update(
-            f"{r.path}\t{r.sha256}\t{r.label}\n".encode("utf-8", "surrogateescape")
-        )  # names need not be UTF-8
+        # names need not be UTF-8
+        digest.update(f"{r.path}\t{r.sha256}\t{r.label}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:16]
 
 
@@ -357,10 +355,9 @@ def _report(records: list[ImageRecord], classes: list[str], skipped: list, folde
         path, width, height = max(report.large_images, key=lambda item: item[1] * item[2])
         report.warnings.append(
             f"{len(report.large_images)} image(s) above {LARGE_IMAGE_PIXELS // 1_000_000} megapixels, the largest "
-            f"{path} "
-            f"({width} x {height}, {width * height / 1e6:.0f} MP): each is decoded in full whenever it is read (every "
-            "epoch), "
-            "which is slow and memory-hungry; downscale them (the model sees at most a few hundred pixels a side)"
+            f"{path} ({width} x {height}, {width * height / 1e6:.0f} MP): each is decoded in full whenever it is read "
+            "(every epoch), which is slow and memory-hungry; downscale them (the model sees at most a few hundred "
+            "pixels a side)"
         )
     for c in classes:
         report.counts[c] = {s: 0 for s in SPLITS}

@@ -157,8 +157,7 @@ def weights_preprocessing(path: Path, name: str) -> dict:
     if not {"mean", "std"} <= set(found):
         logging.getLogger("tlkit").warning(
             f"{path.name} does not record the preprocessing it was trained with: using timm's for {name}; if the "
-            "weights "
-            f'expect other mean/std, put them in {sidecar.name} beside it ({{"mean": [...], "std": [...]}})'
+            f'weights expect other mean/std, put them in {sidecar.name} beside it ({{"mean": [...], "std": [...]}})'
         )
         return {}
     return found

@@ -130,9 +130,8 @@ def load_head(folder: Path, saved: Bundle) -> LinearHead:
         if (Path(folder) / "estimator.joblib").exists():
             raise TlkitError(
                 f"{folder} holds estimator.joblib, a pickle from tlkit 0.1, which tlkit does not load (unpickling can "
-                "run any code); "
-                "fit the baseline again with this tlkit (`tlkit baseline DATA ...`, seconds from cached features) and "
-                "use the new run"
+                "run any code); fit the baseline again with this tlkit (`tlkit baseline DATA ...`, seconds from "
+                "cached features) and use the new run"
             )
         raise TlkitError(f"{folder} holds no head.safetensors; the model folder is incomplete: save the model again")
     return heads.from_state(_tensors(path), saved.head.get("norm", "none"))

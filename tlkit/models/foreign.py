@@ -132,15 +132,15 @@ def map_in_order(
         if tuple(tensor.shape) != tuple(ttensor.shape) or _kind(key) != _kind(tkey):
             raise TlkitError(
                 f"weights {source} ({layout.name} layout) do not map onto this model: tensor {position} is {key} "
-                f"{tuple(tensor.shape)}, "
-                f"the model's is {tkey} {tuple(ttensor.shape)}; pass the --model these weights were trained for"
+                f"{tuple(tensor.shape)}, the model's is {tkey} {tuple(ttensor.shape)}; pass the --model these weights "
+                "were trained for"
             )
     if len(body) != len(targets):
         longer, which = (body, "file") if len(body) > len(targets) else (targets, "model")
         key, tensor = longer[min(len(body), len(targets))]
         raise TlkitError(
             f"weights {source} ({layout.name} layout) hold {len(body)} tensors without the classifier, the model "
-            f"{len(targets)}; "
-            f"the {which} goes on with {key} {tuple(tensor.shape)}; pass the --model these weights were trained for"
+            f"{len(targets)}; the {which} goes on with {key} {tuple(tensor.shape)}; pass the --model these weights "
+            "were trained for"
         )
     return {tkey: tensor for (_, tensor), (tkey, _) in zip(body, targets)}

@@ -176,8 +176,7 @@ def load_model(ref: str, *, tracking_uri: str | None = None) -> LoadedModel:
     if width != expected or head.linear.out_features != len(saved.classes):
         raise TlkitError(
             f"{Path(folder).name}: the head expects {expected} features and {head.linear.out_features} classes, the "
-            "model gives "
-            f"{width} and names {len(saved.classes)}; the model folder is damaged: save the model again"
+            f"model gives {width} and names {len(saved.classes)}; the model folder is damaged: save the model again"
         )
     for parameter in network.parameters():
         parameter.requires_grad_(False)  # gradients flow to the input only

@@ -46,7 +46,7 @@ from tlkit.pipelines.points import PointRun, Progress, SummaryRow, run_point
 from tlkit.pipelines.sweep import Point
 
 if TYPE_CHECKING:
-    from tlkit.config import RayConfig
+    from tlkit.pipelines.schema import RayConfig
     from tlkit.pipelines.tune import TuneJob
     from tlkit.runs.stages import RunOptions
 
@@ -125,8 +125,7 @@ def check_store(tracking_uri: str, nodes: int) -> None:
         raise TlkitError(
             f"the tracking store {tracking_uri} is a file on this machine, which the {nodes} nodes of the Ray cluster "
             "cannot share; start an MLflow server (mlflow server --backend-store-uri sqlite:///mlflow.db --host "
-            "0.0.0.0) "
-            "and pass --tracking-uri http://THIS_HOST:5000"
+            "0.0.0.0) and pass --tracking-uri http://THIS_HOST:5000"
         )
 
 
@@ -350,8 +349,7 @@ def _start_task(cwd: str, cores: float, tracking_uri: str, experiment: str) -> d
     runtime.tune_allocator()
     runtime.use_cpus(max(1, int(cores)))
     runtime.hide_progress_bars()
-    tracking.REAP_QUIETLY = True
-    tracking.configure(tracking_uri, experiment)
+    tracking.configure(tracking_uri, experiment, reap_quietly=True)  # a lost attempt is its retry's to report
     return {
         "tlkit.node": ray.get_runtime_context().get_node_id()[:16],
         "tlkit.node_ip": ray.util.get_node_ip_address(),
@@ -367,9 +365,8 @@ def _run_point_task(point: Point, job: dict[str, Any], cores: float) -> list[Sum
     node = ray.get_runtime_context().get_node_id()
     token = point_token(job["parent_run_id"], point)
     coordinator = job["coordinator"]
-    lost = end_runs(
-        job["tracking_uri"], f"tags.`tlkit.ray_point` = '{token}'"
-    )  # an earlier attempt of this point, lost with its node
+    # an earlier attempt of this point, lost with its node
+    lost = end_runs(job["tracking_uri"], f"tags.`tlkit.ray_point` = '{token}'")
     ray.get(coordinator.release_all.remote(token))
     tags.update({"tlkit.ray_point": token, "tlkit.ray_pipeline": job["parent_run_id"]})
     if lost:
@@ -417,8 +414,7 @@ def run_tune_workers(ray, workers: int, job: TuneJob, run: RunOptions, experimen
     if storage.startswith("sqlite:") and len(nodes) > 1:
         raise TlkitError(
             f"the study's storage {storage} is a file on this machine, which the {len(nodes)} nodes of the Ray "
-            "cluster cannot "
-            "share; give --storage postgresql://USER:PASSWORD@HOST/DB (pip install 'tlkit[postgres]')"
+            "cluster cannot share; give --storage postgresql://USER:PASSWORD@HOST/DB (pip install 'tlkit[postgres]')"
         )
     paths = [
         os.getcwd(),

@@ -46,9 +46,8 @@ def run_points(points: list[Point], how: PointRun, *, jobs: int) -> list[list[Su
     console, tracking_uri, parent_run_id = how.console, how.tracking_uri, how.parent_run_id
     if fcntl is None:
         raise TlkitError("--jobs needs file locks (Linux or macOS); run without --jobs here")
-    context = multiprocessing.get_context(
-        "spawn"
-    )  # not fork: torch's thread pools and MLflow's connections do not survive a fork
+    # not fork: torch's thread pools and MLflow's connections do not survive a fork
+    context = multiprocessing.get_context("spawn")
     counter, stop = context.Value("i", 0), context.Event()
     cores = max(1, runtime.cpu_share() // jobs)
     locks = tempfile.mkdtemp(prefix="tlkit-jobs-")
@@ -82,8 +81,7 @@ def run_points(points: list[Point], how: PointRun, *, jobs: int) -> list[list[Su
                     if isinstance(failed.exception(), BrokenProcessPool):
                         raise TlkitError(
                             "a job's process ended abruptly (out of memory, or killed); its point's runs may be left "
-                            "RUNNING; "
-                            f"run again with fewer --jobs than {jobs}"
+                            f"RUNNING; run again with fewer --jobs than {jobs}"
                         ) from None
                     raise failed.exception() or RuntimeError("a job failed")
             except KeyboardInterrupt:  # the jobs got Ctrl-C from the terminal too: let them mark their runs KILLED

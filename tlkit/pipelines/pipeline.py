@@ -18,11 +18,11 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from tlkit.config import ModelStage, PipelineConfig, RayConfig, TuneStage
 from tlkit.core import tracking
 from tlkit.data.ingest import Manifest
 from tlkit.errors import TlkitError
 from tlkit.pipelines.points import PointRun, Progress, SummaryRow, metric_key, prepare_data, run_point, space_of
+from tlkit.pipelines.schema import ModelStage, PipelineConfig, RayConfig, TuneStage
 from tlkit.pipelines.sweep import Point, plan_pipeline
 from tlkit.runs.compare import Leaderboard, compare, leaderboard_table
 

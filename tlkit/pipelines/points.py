@@ -24,9 +24,13 @@ from rich.console import Console
 from rich.text import Text
 
 from tlkit import __version__
-from tlkit.config import (
+from tlkit.config import BackboneConfig
+from tlkit.core import tracking
+from tlkit.data.ingest import Manifest
+from tlkit.data.samples import write_digits, write_photos
+from tlkit.errors import TlkitError
+from tlkit.pipelines.schema import (
     MODEL_STAGES,
-    BackboneConfig,
     BaselineStage,
     EvaluateStage,
     ExportStage,
@@ -38,10 +42,6 @@ from tlkit.config import (
     PretrainStage,
     TuneStage,
 )
-from tlkit.core import tracking
-from tlkit.data.ingest import Manifest
-from tlkit.data.samples import write_digits, write_photos
-from tlkit.errors import TlkitError
 from tlkit.pipelines.sweep import Plan, Point
 from tlkit.runs.stages import RunOptions, StageResult, load_data
 
@@ -210,9 +210,8 @@ def stage_key(
         payload["data"] = [manifest.fingerprint, manifest.split_settings]
     if backbone is not None:
         payload["backbone"] = backbone.model_dump(mode="json")
-        if backbone.weights and not backbone.weights.startswith(
-            (tracking.RUNS_PREFIX, "pkg:")
-        ):  # runs and packages do not change
+        # runs and packages do not change
+        if backbone.weights and not backbone.weights.startswith((tracking.RUNS_PREFIX, "pkg:")):
             payload["weights_file"] = file_digest(backbone.weights)
     if model_ref is not None:
         payload["model"] = model_ref
@@ -410,9 +409,8 @@ def _run_or_reuse(
             found = tracking.find_finished_run("tlkit.stage_key", key, stage=stage.stage, tracking_uri=how.tracking_uri)
             if found is not None:
                 run_id = tracking.record_reuse(found, stage=stage.stage, run_name=stage.id)
-                holder = found.tags.get(
-                    "tlkit.final_run", found.run_id
-                )  # a tune's model is in its retrained-recipe run
+                # a tune's model is in its retrained-recipe run
+                holder = found.tags.get("tlkit.final_run", found.run_id)
                 model_uri = f"{tracking.RUNS_PREFIX}{holder}" if stage.stage in MODEL_STAGES else None
                 return StageResult(
                     stage.stage, run_id, dict(found.metrics), model_uri, {"reused_from": found.run_id}

@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from tlkit.config import PipelineConfig, read_pipeline, validate_pipeline
 from tlkit.errors import TlkitError
+from tlkit.pipelines.schema import PipelineConfig, read_pipeline, validate_pipeline
 
 SEEDED_SECTIONS = {"pretrain": "train", "finetune": "train", "tune": "train", "baseline": "baseline"}
 

@@ -30,7 +30,8 @@ import shlex
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,18 +48,12 @@ from tlkit.errors import TlkitError
 from tlkit.pipelines.space import SearchSpace, settings_for
 from tlkit.runs.stages import RunOptions, StageResult, load_data, make_backbone, run_train
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# tlkit prints one line per trial itself, and a failed trial's error once: Optuna's warning repeats it with its
-# traceback
-# (110 lines for a Ctrl-C)
-optuna.logging.set_verbosity(optuna.logging.ERROR)
-
 SELECTION_FRACTION = TuneConfig().selection  # of each class's training images, when the data has no test split
 HEARTBEAT_S = 30  # a worker's running trial is refreshed this often ...
 GRACE_S = 120  # ... and failed by the next worker after this long without news (a crashed process)
 PRUNE_WARMUP_PCT = 30  # no trial is pruned before 30 % of its schedule: onecycle warms up for 25 %
-FINAL = "#final"
-STORAGE_ATTEMPTS = 5  # suffix of the one-trial study whose trial is the retraining of the best recipe
+FINAL = "#final"  # suffix of the one-trial study whose trial is the retraining of the best recipe
+STORAGE_ATTEMPTS = 5  # tries at opening a study whose storage another worker is creating at the same moment
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,9 +159,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         and importlib.util.find_spec("psycopg")
         and not importlib.util.find_spec("psycopg2")
     ):
-        url = (
-            "postgresql+psycopg://" + url[len("postgresql://") :]
-        )  # the driver tlkit[postgres] installs, whatever SQLAlchemy's default
+        # the driver tlkit[postgres] installs, whatever SQLAlchemy's default
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("postgresql"):
         kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable server is an error in seconds, not a hang
     if url.startswith("sqlite:///"):
@@ -333,8 +327,10 @@ class DeadlineCallback(L.Callback):
             trainer.should_stop = True
 
 
-class _OverBudget(Exception):
-    """A trial asked for after the study had its number of trials (another worker took the last one)."""
+class _NoTrialToRun(Exception):
+    """A trial Optuna started that this worker must not run: the study has all its trials, the budget has no room
+    for one more and the retrain, or (the retrain's marker trial) another worker retrains the best recipe. Optuna
+    records it FAILED and the worker stops asking for more."""
 
 
 def _counted(study: optuna.Study) -> list:
@@ -381,15 +377,16 @@ class Objective:
     def __init__(
         self,
         study_name: str,
+        *,
         job: TuneJob,
         splits: TuneSplits,
         backbone,
-        limit: int | None,
+        trials: int | None,
         report: Callable[[TrialLine], None] | None,
         budget: Budget | None = None,
     ):
         self.study_name, self.space, self.base, self.splits = study_name, job.space, job.base, splits
-        self.backbone, self.compute, self.limit, self.report = backbone, job.compute, limit, report
+        self.backbone, self.compute, self.limit, self.report = backbone, job.compute, trials, report
         self.budget = budget
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -399,19 +396,18 @@ class Objective:
         if self.limit is not None and sum(t.number < trial.number for t in _counted(study)) >= self.limit:
             study.stop()
             trial.set_user_attr("over_budget", True)
-            raise _OverBudget(f"the study already has its {self.limit} trials")
+            raise _NoTrialToRun(f"the study already has its {self.limit} trials")
         if self.budget is not None and not self.budget.room_for_a_trial():
             study.stop()
             trial.set_user_attr("over_budget", True)
-            raise _OverBudget("the budget has no room for another trial and the retrain")
+            raise _NoTrialToRun("the budget has no room for another trial and the retrain")
         values = self.space.sample(trial)
         settings = settings_for(values, self.base)
         start = time.perf_counter()
         pruning = PruningCallback(trial)
         deadline = DeadlineCallback(self.budget, settings.epochs) if self.budget is not None else None
-        backbone = replace(
-            self.backbone, model=copy.deepcopy(self.backbone.model)
-        )  # every trial starts from the same weights
+        # every trial starts from the same weights
+        backbone = replace(self.backbone, model=copy.deepcopy(self.backbone.model))
         tags = {"tlkit.study": self.study_name, "tlkit.trial": str(trial.number)}
         with tracking.start_run(
             "trial",
@@ -429,9 +425,8 @@ class Objective:
                     val_every_epoch=True,  # the selection split: the pruner reads it every epoch
                 )
                 result = train_classifier(self.splits.trials, backbone, settings, compute=self.compute, fit=fit)
-            except (
-                SystemExit
-            ) as stop:  # Lightning turns Ctrl-C into SystemExit: Optuna marks a KeyboardInterrupt's trial FAIL
+            # Lightning turns Ctrl-C into SystemExit: Optuna marks a KeyboardInterrupt's trial FAIL
+            except SystemExit as stop:
                 raise KeyboardInterrupt from stop
             note = (
                 self._keep_to_budget(trial, deadline, pruning, settings.epochs, result.metrics["heldout_accuracy"])
@@ -453,17 +448,17 @@ class Objective:
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) + 1
             self.report(
                 TrialLine(
-                    trial.number,
-                    state,
-                    pruning.last_score,
-                    accuracy,
-                    values,
-                    time.perf_counter() - start,
-                    pruning.epochs,
-                    settings.epochs,
-                    done,
-                    self.limit,
-                    note,
+                    number=trial.number,
+                    state=state,
+                    value=pruning.last_score,
+                    accuracy=accuracy,
+                    params=values,
+                    seconds=time.perf_counter() - start,
+                    epochs=pruning.epochs,
+                    max_epochs=settings.epochs,
+                    done=done,
+                    total=self.limit,
+                    note=note,
                 )
             )
         if pruning.pruned_at is not None:
@@ -484,9 +479,8 @@ class Objective:
             if complete:
                 pruning.pruned_at = deadline.cut_at
                 return f"cut at the budget after epoch {deadline.cut_at}"
-            epochs = (
-                deadline.cut_at
-            )  # nothing complete yet: this recipe, scaled to what the budget holds, is the one to retrain
+            # nothing complete yet: this recipe, scaled to what the budget holds, is the one to retrain
+            epochs = deadline.cut_at
             trial.set_user_attr("scaled_epochs", epochs)
             note = (
                 f"scaled to the budget: {epochs} of {deadline.epochs} epochs fit with the retrain "
@@ -519,7 +513,7 @@ class TuneOutcome:
 
 
 def default_study_name(
-    manifest: Manifest, backbone: BackboneConfig, space: SearchSpace, base: TrainConfig, selection: str
+    manifest: Manifest, backbone: BackboneConfig, space: SearchSpace, base: TrainConfig, *, selection: str
 ) -> str:
     """The same inputs give the same name, so running the same command again resumes the study."""
     payload = [
@@ -636,94 +630,141 @@ def run_tune(
     Returns:
         The study's outcome; `final` is the retrained best recipe (None when another worker retrains it).
     """
-    started = time.monotonic() if started is None else started
+    with _optuna_quiet():
+        plan = _plan(job, run.tracking_uri, time.monotonic() if started is None else started)
+        with _study_run(plan, run) as parent:
+            return _search_then_retrain(plan, run=run, report=report, parent=parent)
+
+
+@contextmanager
+def _optuna_quiet() -> Iterator[None]:
+    """Inside, Optuna says only errors: tlkit prints one line per trial and a failed trial's error once, which
+    Optuna's warning would repeat with its traceback (110 lines for a Ctrl-C); its experimental-API warnings are
+    about tlkit's code, not the user's study. The caller's settings are restored after."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+@dataclass
+class _Plan:
+    """A study ready to run: its data and splits, the backbone, the budget, the opened study, its run's params."""
+
+    job: TuneJob
+    manifest: Manifest
+    splits: TuneSplits
+    backbone: Any
+    budget: Budget | None
+    opened: _Opened
+    params: dict
+
+
+def _plan(job: TuneJob, tracking_uri: str | None, started: float) -> _Plan:
+    """Check the inputs, carve the splits, set the budget's clock (from `started`, the command's start), and open
+    the study (or join it)."""
+    from tlkit.train.finetune import check_settings
+
     # Trials never train on their selection split nor stop on it; the final retrain decides use_val itself.
     base = job.base.model_copy(update={"use_val": "select", "patience": None})
     job = replace(job, base=base)
-    trials, budget_s, tracking_uri = job.settings.trial_count, job.settings.budget_s, run.tracking_uri
     manifest = load_data(job.data, job.split)
     splits = tune_splits(manifest, fraction=job.settings.selection, seed=base.seed)
     budget = None
-    if budget_s:  # the clock started with the command (`started`)
+    if job.settings.budget_s:
         retrained = len(splits.final.split("train")) + (
             len(splits.final.split("val")) if splits.final_use_val == "train" else 0
         )
-        budget = Budget(budget_s, retrained / max(1, len(splits.trials.split("train"))), start=started)
-    from tlkit.train.finetune import check_settings
-
+        budget = Budget(job.settings.budget_s, retrained / max(1, len(splits.trials.split("train"))), start=started)
     backbone = make_backbone(job.backbone, tracking_uri=tracking_uri)
     check_settings(splits.trials, backbone, base)
-    space = job.space
     inputs = {
         "data": manifest.fingerprint,
         "model": backbone.name,
         "weights": backbone.weights,
-        "space": space.digest,
+        "space": job.space.digest,
         "base": base.model_dump(mode="json"),
         "heldout": splits.heldout,
     }
-    name = job.settings.study or default_study_name(manifest, job.backbone, space, base, splits.selection)
+    name = job.settings.study or default_study_name(manifest, job.backbone, job.space, base, selection=splits.selection)
     storage = job.settings.storage or default_storage(tracking_uri)
-    opened = _open(name, storage, inputs, seed=base.seed, trials=trials)
+    opened = _open(name, storage, inputs, seed=base.seed, trials=job.settings.trial_count)
     params = {
         "model": backbone.name,
         "weights": backbone.weights,
         "study": opened.name,
         "storage": shown_url(opened.url),
-        "trials": trials,
-        "budget_s": budget_s,
-        "space": {d.name: d.describe() for d in space.dimensions},
-        "space_source": space.source,
+        "trials": job.settings.trial_count,
+        "budget_s": job.settings.budget_s,
+        "space": {d.name: d.describe() for d in job.space.dimensions},
+        "space_source": job.space.source,
         "train": base.model_dump(exclude_unset=True),
         "heldout_split": splits.heldout,
         "selection.recipe": f"trial score on {splits.selection}",
     }
-    if opened.created:
-        context = tracking.start_run(
-            "tune",
-            run_name=run.named(f"tune {backbone.name}: {opened.name}"),
-            params=params,
-            tags={"tlkit.study": opened.name, **tracking.RANKED},
-        )
-    else:
-        context = tracking.start_run("tune", run_id=opened.parent_run_id)
-    with context as parent:
-        if opened.created:
-            start = space.defaults(base)
-            if start:  # trial 0 is the base recipe (tlkit's defaults): the search can only end above it on selection
-                opened.study.enqueue_trial(start, user_attrs={"default_recipe": True})
-            opened.study.set_user_attr("tlkit", {"mlflow_run_id": parent, "inputs": opened.inputs})
-            from tlkit.runs.stages import log_backbone, log_data
+    return _Plan(job, manifest, splits, backbone, budget, opened, params)
 
-            log_data(manifest)
-            log_backbone(backbone)
-        objective = Objective(opened.name, job, splits, backbone, trials, report, budget)
-        _optimise(opened.study, objective, trials)
-        outcome = TuneOutcome(opened.name, shown_url(opened.url), parent, _trial_counts(opened.study))
-        best = _best_when_done(opened.study, outcome, trials)
-        if best is None:
-            return outcome
-        values = space.sample(optuna.trial.FixedTrial(best.params))
-        if "scaled_epochs" in best.user_attrs:  # the recipe as the budget scaled it
-            values["epochs"] = best.user_attrs["scaled_epochs"]
-        final_settings = settings_for(values, base).model_copy(update={"use_val": splits.final_use_val})
-        from tlkit.train.finetune import with_resolved_defaults
 
-        outcome.command = reproduce_command(  # with the epochs and batch size the retrain resolves to, named
-            job.data_label or str(getattr(job.data, "source", job.data)),
-            job.backbone,
-            job.split,
-            with_resolved_defaults(final_settings, splits.final),
-        )
-        final = _retrain_once(opened.study, opened.rdb, splits, job, final_settings, run)
-        if final is None:
-            outcome.waiting = "another worker is retraining the best recipe"
-            return outcome
-        outcome.final = final
-        if final.details.get("reused"):  # the study was finished before: its runs hold everything already
-            return outcome
+@contextmanager
+def _study_run(plan: _Plan, run: RunOptions) -> Iterator[str]:
+    """The study's MLflow run: started by the worker that created the study (its data, backbone and trial 0, the
+    base recipe, logged), continued by the others."""
+    opened = plan.opened
+    if not opened.created:
+        with tracking.start_run("tune", run_id=opened.parent_run_id) as parent:
+            yield parent
+        return
+    name = run.named(f"tune {plan.backbone.name}: {opened.name}")
+    tags = {"tlkit.study": opened.name, **tracking.RANKED}
+    with tracking.start_run("tune", run_name=name, params=plan.params, tags=tags) as parent:
+        start = plan.job.space.defaults(plan.job.base)
+        if start:  # trial 0 is the base recipe (tlkit's defaults): the search can only end above it on selection
+            opened.study.enqueue_trial(start, user_attrs={"default_recipe": True})
+        opened.study.set_user_attr("tlkit", {"mlflow_run_id": parent, "inputs": opened.inputs})
+        from tlkit.runs.stages import log_backbone, log_data
+
+        log_data(plan.manifest)
+        log_backbone(plan.backbone)
+        yield parent
+
+
+def _search_then_retrain(
+    plan: _Plan, *, run: RunOptions, report: Callable[[TrialLine], None] | None, parent: str
+) -> TuneOutcome:
+    """This worker's trials, then (once the study has all of its trials) the best recipe retrained, by one worker."""
+    from tlkit.train.finetune import with_resolved_defaults
+
+    job, opened, splits, trials = plan.job, plan.opened, plan.splits, plan.job.settings.trial_count
+    objective = Objective(
+        opened.name, job=job, splits=splits, backbone=plan.backbone, trials=trials, report=report, budget=plan.budget
+    )
+    _optimise(opened.study, objective, trials)
+    outcome = TuneOutcome(opened.name, shown_url(opened.url), parent, _trial_counts(opened.study))
+    best = _best_when_done(opened.study, outcome, trials)
+    if best is None:
+        return outcome
+    values = job.space.sample(optuna.trial.FixedTrial(best.params))
+    if "scaled_epochs" in best.user_attrs:  # the recipe as the budget scaled it
+        values["epochs"] = best.user_attrs["scaled_epochs"]
+    final_settings = settings_for(values, job.base).model_copy(update={"use_val": splits.final_use_val})
+    outcome.command = reproduce_command(  # with the epochs and batch size the retrain resolves to, named
+        job.data_label or str(getattr(job.data, "source", job.data)),
+        job.backbone,
+        job.split,
+        with_resolved_defaults(final_settings, splits.final),
+    )
+    final = _retrain_once(opened, splits=splits, job=job, settings=final_settings, run=run)
+    if final is None:
+        outcome.waiting = "another worker is retraining the best recipe"
+        return outcome
+    outcome.final = final
+    if not final.details.get("reused"):  # a study finished before: its runs hold everything already
         named = run.run_name is None and opened.created  # named for what it found, now that it is known
-        _log_outcome(opened.study, outcome, best, backbone.name if named else None)
+        _log_outcome(opened.study, outcome, best, plan.backbone.name if named else None)
     return outcome
 
 
@@ -762,7 +803,7 @@ def _optimise(study: optuna.Study, objective: Objective, trials: int | None) -> 
     left = None if trials is None else trials - len(study.get_trials(deepcopy=False, states=finished))
     if left is None or left > 0:
         stop_at_limit = [optuna.study.MaxTrialsCallback(trials, states=finished)] if trials is not None else []
-        study.optimize(objective, n_trials=left, catch=(_OverBudget,), callbacks=stop_at_limit, gc_after_trial=True)
+        study.optimize(objective, n_trials=left, catch=(_NoTrialToRun,), callbacks=stop_at_limit, gc_after_trial=True)
 
 
 def _best_when_done(study: optuna.Study, outcome: TuneOutcome, trials: int | None) -> optuna.trial.FrozenTrial | None:
@@ -860,7 +901,7 @@ def _trials_table(study: optuna.Study) -> str:
 
 
 def _retrain_once(
-    study: optuna.Study, storage, splits: TuneSplits, job: TuneJob, settings: TrainConfig, run: RunOptions
+    opened: _Opened, *, splits: TuneSplits, job: TuneJob, settings: TrainConfig, run: RunOptions
 ) -> StageResult | None:
     """Retrain the best recipe on train + selection and score it on the held-out split, once per study.
 
@@ -868,6 +909,7 @@ def _retrain_once(
     to exactly one worker first, failed trials (Ctrl-C) are redone by the next run, and a crashed
     worker's trial is failed by heartbeat. Returns None when another worker has it.
     """
+    study, storage = opened.study, opened.rdb
     marker_name = study.study_name + FINAL
     try:
         marker = optuna.create_study(study_name=marker_name, storage=storage, direction="maximize")
@@ -894,7 +936,7 @@ def _retrain_once(
         if sum(t.number < trial.number for t in _counted(marker)) >= 1:
             marker.stop()
             trial.set_user_attr("over_budget", True)
-            raise _OverBudget("another worker retrains the best recipe")
+            raise _NoTrialToRun("another worker retrains the best recipe")
         try:
             # ranked through its study's run, which carries the same figures
             with tracking.tagging(
@@ -914,5 +956,5 @@ def _retrain_once(
         result["stage"] = stage
         return stage.metrics["heldout_accuracy"]
 
-    marker.optimize(retrain, n_trials=1, catch=(_OverBudget,))
+    marker.optimize(retrain, n_trials=1, catch=(_NoTrialToRun,))
     return result.get("stage")

@@ -326,9 +326,8 @@ class LatestCheckpoint(L.Callback):
         """Write beside last.ckpt, then rename over it: a full disk or a kill mid-write keeps the previous one."""
         partial = self.path.with_name(f".{self.path.name}.partial")
         try:
-            trainer.save_checkpoint(
-                partial, weights_only=False
-            )  # the optimizer state too: --resume continues the schedule
+            # the optimizer state too: --resume continues the schedule
+            trainer.save_checkpoint(partial, weights_only=False)
             if trainer.is_global_zero:
                 os.replace(partial, self.path)
         finally:
@@ -627,8 +626,7 @@ def check_data(manifest: Manifest, settings: TrainConfig) -> None:
         if settings.patience is not None:
             raise TlkitError(
                 "--patience stops on the val split, but this data has no test split, so val is where results are "
-                "reported; "
-                "drop --patience (the schedule runs to its end) or add a test split"
+                "reported; drop --patience (the schedule runs to its end) or add a test split"
             )
 
 

@@ -1,6 +1,8 @@
 """Strategy name + epochs + layer groups -> training phases and per-group learning rates.
 
-Pure functions: what trains when, and how fast. The LightningModule in finetune.py applies them.
+Pure functions: what trains when, and how fast. The LightningModule in finetune.py applies them. They take
+settings as `tlkit.config.TrainConfig` validates them (the strategy names, ranges and freeze_epochs below epochs
+are its rules); what depends on the backbone (its number of layer groups) is checked here.
 
 Recipes:
 - linear-probe:    body frozen, head trained.
@@ -17,9 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tlkit.config import STRATEGIES
 from tlkit.errors import TlkitError
-
-STRATEGIES = ("freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft")
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,7 @@ def plan_phases(
             freeze_epochs = default_freeze_epochs(epochs)
             if freeze_epochs == 0:
                 return [Phase(0, n_groups, "all", lr_scale=0.5)]
-        if not 0 < freeze_epochs < epochs:
-            raise TlkitError(f"--freeze-epochs must be at least 1 and below --epochs ({epochs}), got {freeze_epochs}")
         return [Phase(0, 0, "head"), Phase(freeze_epochs, n_groups, "all", lr_scale=0.5)]
-    if unfreeze_every < 1:
-        raise TlkitError(f"--unfreeze-every must be at least 1, got {unfreeze_every}")
     phases = [Phase(k * unfreeze_every, k, "head" if k == 0 else f"top {k}") for k in range(n_groups + 1)]
     return [p for p in phases if p.start < epochs]
 
@@ -98,6 +95,4 @@ def _group_lrs(lr: float, n_groups: int, *, lr_mult: float, lrs: list[float] | N
         if any(v < 0 for v in lrs):
             raise TlkitError("--lrs values must be >= 0")
         return [float(v) for v in lrs]
-    if lr_mult < 1:
-        raise TlkitError(f"--lr-mult must be >= 1 (earlier groups learn slower), got {lr_mult}")
     return [lr / lr_mult ** (n_groups - i) for i in range(n_groups)] + [lr]
