@@ -34,6 +34,7 @@ from tlkit.data import augment
 from tlkit.data.ingest import ingest  # noqa: E402
 from tlkit.models.backbone import create_backbone  # noqa: E402
 from tlkit.train import finetune
+from tlkit.train.module import adamw
 
 
 class EpochTimer(L.Callback):
@@ -75,7 +76,7 @@ def plain_epoch(manifest, backbone, settings, precision) -> float:
     batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y, _ in loader]
     val = finetune._dataset(manifest, "val", augment.eval_transform(backbone.data_config))
     val_batch = torch.stack([val[i][0] for i in range(len(val))]).contiguous(memory_format=torch.channels_last)
-    optimizer = finetune.adamw([g for g in module.parameter_groups() if g["params"]])
+    optimizer = adamw([g for g in module.parameter_groups() if g["params"]])
     autocast = precision.startswith("bf16")
     start = time.perf_counter()
     module.train()

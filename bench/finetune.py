@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tlkit.core import runtime
 from tlkit.models.backbone import create_backbone, layer_groups, merge_groups
-from tlkit.train.finetune import ImageClassifier, LatestCheckpoint, MetricsCallback, PhaseCallback
+from tlkit.train.callbacks import LatestCheckpoint, MetricsCallback, PhaseCallback
+from tlkit.train.module import ImageClassifier
 from tlkit.train.strategies import group_lrs, plan_phases
 
 
@@ -64,9 +65,8 @@ def plain_loop(module: ImageClassifier, loader: DataLoader, epochs: int, precisi
 def tlkit_fit(module: ImageClassifier, loader: DataLoader, epochs: int, precision: str) -> float:
     """The Trainer exactly as finetune.train_classifier builds it for data without a selecting val split
     (runtime.build_trainer; no best-epoch checkpoint; the resume checkpoint, phase and metrics callbacks).
-
-    Until 2026-11-24 this bench built its own Trainer and left Lightning's default ModelCheckpoint on, which
-    saved a full checkpoint every epoch that tlkit never writes: about 5 % of the tlkit side."""
+    Lightning's default ModelCheckpoint stays off, as in tlkit: it would save a full checkpoint every epoch that
+    tlkit never writes (about 5 % of this side)."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer = runtime.build_trainer(
             devices=1,

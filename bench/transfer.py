@@ -39,9 +39,9 @@ def run_one(data: Path, method: str, seed: int, *, img_size: int, store: str) ->
     if method in PROBES:
         result = tlkit.baseline(data, classifier=method, **common)
     elif method == "default":
-        result = tlkit.finetune(data, probe=False, **common)
+        result = tlkit.finetune(data, score_probe=False, **common)
     else:
-        result = tlkit.finetune(data, strategy=method, probe=False, **common)
+        result = tlkit.finetune(data, strategy=method, score_probe=False, **common)
     seconds = time.perf_counter() - start
     return result.metrics["heldout_accuracy"], str(result.details.get("heldout_split", "")), seconds
 

@@ -145,3 +145,43 @@ def test_importing_tlkit_changes_nothing_in_the_process():
         [sys.executable, "-c", _SNAPSHOT], capture_output=True, text=True, env=env, timeout=300, check=True
     ).stdout
     assert json.loads(out.strip().splitlines()[-1]) == {}
+
+
+MAX_LINES, MAX_PARAMS, MAX_POSITIONAL = 80, 8, 4
+# A Typer command's parameters are its options; the library twins of `tlkit baseline` and `tlkit finetune` keep
+# the same flat keyword options.
+WIDE_BY_DESIGN = {("tlkit.api", "baseline"), ("tlkit.api", "finetune")}
+VARIADIC = {"add_row"}  # rich's Table.add_row takes one argument a column
+
+
+def _is_command(function: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    return any(
+        isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr in ("command", "callback")
+        for d in function.decorator_list
+    )
+
+
+def _shape_faults(name: str) -> list[str]:
+    faults = []
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+            if lines > MAX_LINES:
+                faults.append(f"line {node.lineno}: {node.name} is {lines} lines long (at most {MAX_LINES})")
+            args = node.args
+            params = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs) if a.arg not in ("self", "cls")]
+            if len(params) > MAX_PARAMS and not _is_command(node) and (name, node.name) not in WIDE_BY_DESIGN:
+                faults.append(f"line {node.lineno}: {node.name} takes {len(params)} parameters (at most {MAX_PARAMS})")
+        if isinstance(node, ast.Call) and len(node.args) > MAX_POSITIONAL:
+            callee = ast.unparse(node.func)
+            if callee.rsplit(".", 1)[-1] not in VARIADIC:
+                faults.append(
+                    f"line {node.lineno}: {callee}(...) gets {len(node.args)} positional arguments; name them"
+                )
+    return faults
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_functions_stay_short_and_calls_name_their_arguments(name):
+    faults = _shape_faults(name)
+    assert not faults, f"{name}: " + "; ".join(faults)

@@ -620,7 +620,7 @@ def test_sigterm_raises_keyboard_interrupt_once_and_interrupts_the_children(monk
 def test_the_best_epoch_checkpoint_is_written_whole_or_not_at_all(tmp_path):
     from types import SimpleNamespace
 
-    from tlkit.train.finetune import _WholeModelCheckpoint
+    from tlkit.train.callbacks import WholeModelCheckpoint
 
     class Trainer:
         is_global_zero, global_step, loggers = True, 3, []
@@ -637,7 +637,7 @@ def test_the_best_epoch_checkpoint_is_written_whole_or_not_at_all(tmp_path):
 
     best = tmp_path / "best.ckpt"
     best.write_bytes(b"old checkpoint")
-    callback = _WholeModelCheckpoint(dirpath=tmp_path, filename="best")
+    callback = WholeModelCheckpoint(dirpath=tmp_path, filename="best")
     with pytest.raises(OSError):
         callback._save_checkpoint(Trainer(room=20), str(best))  # the disk fills mid-write
     assert best.read_bytes() == b"old checkpoint"

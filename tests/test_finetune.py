@@ -264,7 +264,7 @@ def test_lr_finder_keeps_ratios_and_restores_weights(workdir, manifest):
 
 
 def test_best_epoch_is_accuracy_first_then_lower_loss():
-    from tlkit.train.finetune import selection_score
+    from tlkit.train.module import selection_score
 
     n = 10
     assert selection_score(9, 2.0, n) > selection_score(9, 5.0, n)  # same accuracy: lower loss wins

@@ -355,7 +355,7 @@ class EpochClock:
     def install(self, monkeypatch) -> None:
         import types
 
-        from tlkit.train.finetune import PhaseCallback
+        from tlkit.train.callbacks import PhaseCallback
 
         monkeypatch.setattr(
             tune,

@@ -87,7 +87,7 @@ def baseline(
     from tlkit.core import tracking
     from tlkit.runs.stages import RunOptions, run_baseline
 
-    backbone = _backbone(model, weights, img_size, seed, pretrained)
+    backbone = _backbone(model, weights=weights, img_size=img_size, seed=seed, pretrained=pretrained)
     tracking.configure(tracking_uri, experiment)
     settings = BaselineConfig(classifier=classifier, seed=seed)  # a bad name: pydantic says which are valid
     return run_baseline(
@@ -103,19 +103,19 @@ def finetune(
     img_size: int | None = None,
     pretrained: bool = True,
     seed: int = 0,
-    probe: bool = True,
+    score_probe: bool = True,
     tracking_uri: str | None = None,
     experiment: str | None = None,
     **settings: Any,
 ) -> StageResult:
     """`tlkit finetune` with its defaults; `settings` are its training options by their names (epochs=10,
-    strategy="lp-ft", lr=1e-3, ...: tlkit.config.TrainConfig); `probe`: also score the linear SVM on the frozen
+    strategy="lp-ft", lr=1e-3, ...: tlkit.config.TrainConfig); `score_probe`: also score the linear SVM on the frozen
     features (`--probe/--no-probe`). The run's id, held-out metrics and `model_uri`."""
     from tlkit.config import SplitConfig, TrainConfig
     from tlkit.core import tracking
     from tlkit.runs.stages import RunOptions, run_train
 
-    backbone = _backbone(model, weights, img_size, seed, pretrained)
+    backbone = _backbone(model, weights=weights, img_size=img_size, seed=seed, pretrained=pretrained)
     tracking.configure(tracking_uri, experiment)
     return run_train(
         str(data),
@@ -123,5 +123,5 @@ def finetune(
         TrainConfig(seed=seed, **settings),
         split=SplitConfig(seed=seed),
         run=RunOptions(tracking_uri=tracking_uri),
-        probe=probe,
+        score_probe=score_probe,
     )

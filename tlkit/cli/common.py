@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,13 +9,6 @@ import typer
 
 from tlkit.cli.options import build
 from tlkit.errors import TlkitError
-
-
-class Classifier(str, Enum):
-    svm = "svm"
-    logreg = "logreg"
-    pixels = "pixels"
-
 
 DataArg = Annotated[
     str,
@@ -27,20 +19,6 @@ DataArg = Annotated[
 
 
 Seed = Annotated[int, typer.Option(help="Seed of splits, initialisation and training.")]
-
-
-TrackingUri = Annotated[
-    str | None,
-    typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: sqlite:///mlflow.db here)."),
-]
-
-
-Experiment = Annotated[str | None, typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment name.")]
-
-
-ModelExperiment = Annotated[
-    str | None, typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment (default: the model run's).")
-]
 
 
 NetworkRef = Annotated[
@@ -54,11 +32,6 @@ Weights = Annotated[
 ]
 
 
-RunName = Annotated[
-    str | None, typer.Option(help="Name of the MLflow run (default: what it is, e.g. 'efficientnet_lite0 + svm').")
-]
-
-
 Resume = Annotated[
     str | None, typer.Option(help="RUN_ID of an interrupted run: continue from its last checkpoint, same run.")
 ]
@@ -68,6 +41,9 @@ Resume = Annotated[
 TRAINING: dict[str, Any] = dict(
     backbone="backbone", split="split", compute=("compute", ("-batch_size",)), tracking="tracking"
 )
+
+
+STORE: dict[str, Any] = dict(store=("tracking", ("tracking_uri",)))  # the store alone: no run of its own
 
 
 EXTRACTING: dict[str, Any] = dict(
@@ -125,13 +101,12 @@ def run_options(tracking: dict):
     return RunOptions(tracking_uri=tracking["tracking_uri"], run_name=tracking.get("run_name"))
 
 
-def use_tracking(uri, experiment: str | None = None, model: str | None = None) -> None:
-    """Point MLflow at the store; runs about a saved model (`model`) default to that model's experiment."""
+def use_tracking(group: dict, model: str | None = None) -> None:
+    """Point MLflow at a command's tracking group's store and experiment; runs about a saved model (`model`) default
+    to that model's experiment."""
     from tlkit.core import tracking
 
-    if isinstance(uri, dict):  # a command's tracking group
-        uri, experiment = uri["tracking_uri"], uri["experiment"]
-
+    uri, experiment = group["tracking_uri"], group["experiment"]
     if experiment is None and model and model.startswith(tracking.RUNS_PREFIX):
         experiment = tracking.experiment_of(model, uri)
     tracking.configure(uri, experiment)

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tlkit.cli.apps import app, augment_app, backbone_app, data_app
-from tlkit.cli.common import DataArg, Experiment, Seed, TrackingUri, Weights, run_options, split_settings, use_tracking
+from tlkit.cli.common import DataArg, Seed, Weights, run_options, split_settings, use_tracking
 from tlkit.cli.options import settings
 from tlkit.cli.output import console, errors, run_footer
 from tlkit.cli.process import command
@@ -125,27 +125,21 @@ def backbone_list(
 
 @backbone_app.command("filters")
 @command
+@settings(tracking=("tracking", ("-run_name",)))
 def backbone_filters_command(
     model: Annotated[str, typer.Argument(help="timm model name, or runs:/RUN_ID of a tlkit run.")],
+    tracking: dict,
     pretrained: Annotated[
         bool, typer.Option("--pretrained/--no-pretrained", help="timm's hub weights (needs the network).")
     ] = False,
     weights: Weights = None,
     out: Annotated[Path | None, typer.Option(help="PNG to write (default: MODEL-filters.png).")] = None,
-    tracking_uri: TrackingUri = None,
-    experiment: Experiment = None,
 ):
     """Draw the first convolution's filters as an image grid (edge and colour detectors, once trained)."""
     from tlkit.runs.evaluate import run_filters
 
-    use_tracking(tracking_uri, experiment)
-    result = run_filters(
-        model,
-        pretrained=pretrained,
-        weights=weights,
-        out=out,
-        run=run_options({"tracking_uri": tracking_uri, "run_name": None}),
-    )
+    use_tracking(tracking)
+    result = run_filters(model, pretrained=pretrained, weights=weights, out=out, run=run_options(tracking))
     shape = result.details["shape"]
     console.print(
         f"{shape[0]} filters of {shape[2]}x{shape[3]} ({result.details['weights']}) drawn to {result.files[0]}",

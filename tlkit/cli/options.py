@@ -173,7 +173,7 @@ def settings(**groups: str | tuple[str, tuple[str, ...]]):
             added[target] = [
                 _parameter(o) for o in _spec()[group] if o["name"] not in left_out and (not only or o["name"] in only)
             ]
-        # arguments first, then the command's own options, then the groups' (the order --help lists them in)
+        # arguments first, then the groups' options, then the command's own (the order --help lists them in)
         arguments = [p for p in own if p.default is inspect.Parameter.empty]
         options = [
             p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.default is not inspect.Parameter.empty

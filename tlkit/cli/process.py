@@ -33,10 +33,8 @@ def command(func):
             tlkit_log.addHandler(WarningLine())
             tlkit_log.propagate = False
         runtime.tune_allocator()
-        if Path(sys.argv[0]).name in (
-            "tlkit",
-            "__main__.py",
-        ):  # the command line, recorded on its runs (tracking.reap_dead_runs)
+        # the command line, recorded on its runs (tracking.reap_dead_runs)
+        if Path(sys.argv[0]).name in ("tlkit", "__main__.py"):
             os.environ["TLKIT_COMMAND"] = shlex.join(["tlkit", *sys.argv[1:]])
         stopping = contextlib.ExitStack()
         terminated = stopping.enter_context(signals.terminating_as_interrupt())  # SIGTERM does what Ctrl-C does

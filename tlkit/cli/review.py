@@ -10,13 +10,10 @@ from rich.table import Table
 
 from tlkit.cli.apps import app
 from tlkit.cli.common import (
+    STORE,
     DataArg,
-    Experiment,
-    ModelExperiment,
     NetworkRef,
-    RunName,
     Seed,
-    TrackingUri,
     require_files,
     run_options,
     split_settings,
@@ -31,6 +28,7 @@ from tlkit.errors import TlkitError
 
 @app.command("predict")
 @command
+@settings(tracking="tracking")
 def predict_command(
     model: Annotated[
         str,
@@ -40,11 +38,9 @@ def predict_command(
         ),
     ],
     images: Annotated[list[str], typer.Argument(help="Image files or folders.")],
+    tracking: dict,
     top_k: Annotated[int, typer.Option(help="Classes to show per image.")] = 1,
     out: Annotated[Path | None, typer.Option(help="Write the predictions to this CSV.")] = None,
-    run_name: RunName = None,
-    tracking_uri: TrackingUri = None,
-    experiment: Experiment = None,
 ):
     """Class names and calibrated probabilities for images, preprocessed as in training (float32, the served model's
     numbers)."""
@@ -59,10 +55,8 @@ def predict_command(
     else:
         from tlkit.runs.stages import run_predict
 
-        use_tracking(tracking_uri, experiment)
-        rows, skipped, _ = run_predict(
-            model, images, top_k=top_k, out=out, run=run_options({"tracking_uri": tracking_uri, "run_name": run_name})
-        )
+        use_tracking(tracking)
+        rows, skipped, _ = run_predict(model, images, top_k=top_k, out=out, run=run_options(tracking))
     score = "probability"
     table = Table()
     for column in ("image", "rank", "class", score):
@@ -98,9 +92,11 @@ def evaluate_command(
     from tlkit.review.attack import parse_eps
     from tlkit.runs.evaluate import run_evaluate
 
-    settings = build("EvaluateConfig", review, eps=parse_eps(eps) if eps else None)
-    use_tracking(tracking["tracking_uri"], tracking["experiment"], model)
-    result = run_evaluate(model, data, settings, data_split=split_settings(data_split, seed), run=run_options(tracking))
+    evaluate_config = build("EvaluateConfig", review, eps=parse_eps(eps) if eps else None)
+    use_tracking(tracking, model)
+    result = run_evaluate(
+        model, data, evaluate_config, data_split=split_settings(data_split, seed), run=run_options(tracking)
+    )
     m = result.metrics
     title = f"{model} on the {result.details['split']} split"
     table = Table(title=title, min_width=len(title) + 2)  # rich wraps a title to its table's width
@@ -115,7 +111,7 @@ def evaluate_command(
     console.print(f"the model's calibration: {result.details['calibration']}", highlight=False, soft_wrap=True)
     console.print(
         "in the run: predictions.csv, plots/top_losses.png, reliability.png, "
-        f"confusion_matrix*.png{', explain/' if settings.explain else ''}",
+        f"confusion_matrix*.png{', explain/' if evaluate_config.explain else ''}",
         highlight=False,
     )
     run_footer(result.run_id, model=False)
@@ -137,7 +133,7 @@ def explain_command(
     """Where the network looks: a map per image (saliency, Grad-CAM or occlusion), beside the image."""
     from tlkit.runs.evaluate import run_explain
 
-    use_tracking(tracking["tracking_uri"], tracking["experiment"], model)
+    use_tracking(tracking, model)
     method = maps["method"]
     result = run_explain(
         model, images, method=method, target=target, patch=patch, stride=stride, out=out, run=run_options(tracking)
@@ -152,24 +148,22 @@ def explain_command(
 
 @app.command("export")
 @command
-@settings(export="export")
+@settings(export="export", tracking="model-tracking")
 def export_command(
     model: NetworkRef,
     export: dict,
+    tracking: dict,
     out: Annotated[Path, typer.Option(help="Folder for the model file and its JSON sidecar.")] = Path("export"),
-    run_name: RunName = None,
-    tracking_uri: TrackingUri = None,
-    experiment: ModelExperiment = None,
 ):
     """Write the network to run without tlkit, with a JSON sidecar (classes, input size, mean, std, interpolation)."""
     from tlkit.runs.evaluate import run_export
 
-    use_tracking(tracking_uri, experiment, model)
+    use_tracking(tracking, model)
     result = run_export(
         model,
         export["format"],
         out,
-        run=run_options({"tracking_uri": tracking_uri, "run_name": run_name}),
+        run=run_options(tracking),
         force=export["force"],
     )
     console.print(f"written: {result.files[0]} and {result.files[1]}", highlight=False)
@@ -183,15 +177,16 @@ def export_command(
 
 @app.command("serve")
 @command
+@settings(**STORE)
 def serve_command(
     model: Annotated[
         str, typer.Argument(help="runs:/RUN_ID of a baseline, pretrain or finetune run, or its model folder.")
     ],
+    store: dict,
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5002,
     host: Annotated[
         str, typer.Option(help="Address to listen on; keep 127.0.0.1 unless you mean to serve other machines.")
     ] = "127.0.0.1",
-    tracking_uri: TrackingUri = None,
 ):
     """Serve a saved model over HTTP (MLflow's scoring protocol), behind tlkit's request checks; Ctrl-C stops it."""
     from tlkit.core import tracking
@@ -200,7 +195,7 @@ def serve_command(
 
     if model.startswith(tracking.RUNS_PREFIX):
         run_id, path = tracking.parse_run_ref(model)
-        folder = tracking.download_artifacts(run_id, path or "model", tracking_uri=tracking_uri)
+        folder = tracking.download_artifacts(run_id, path or "model", tracking_uri=store["tracking_uri"])
     else:
         folder = Path(model)
     if not (folder / "MLmodel").is_file():

@@ -8,15 +8,18 @@ from typing import Annotated
 import typer
 
 from tlkit.cli.apps import app
-from tlkit.cli.common import TrackingUri
+from tlkit.cli.common import STORE
+from tlkit.cli.options import settings
 from tlkit.cli.output import console
 from tlkit.cli.process import command
 
 
 @app.command("run")
 @command
+@settings(**STORE)
 def run_command(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file, e.g. pipelines/quickstart.yaml.")],
+    store: dict,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a setting: KEY.PATH=VALUE, e.g. stages.*.train.epochs=2 (repeatable)."),
@@ -24,7 +27,6 @@ def run_command(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Recompute every stage, even those whose inputs are unchanged.")
     ] = False,
-    tracking_uri: TrackingUri = None,
     experiment: Annotated[
         str | None,
         typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment (default: the pipeline file's)."),
@@ -56,7 +58,7 @@ def run_command(
     summary = run_pipeline(
         pipeline,
         overrides=set_,
-        tracking_uri=tracking_uri,
+        tracking_uri=store["tracking_uri"],
         experiment=experiment,
         reuse=not fresh,
         jobs=jobs,
@@ -68,7 +70,9 @@ def run_command(
 
 @app.command("compare")
 @command
+@settings(**STORE)
 def compare_command(
+    store: dict,
     experiment: Annotated[
         str | None,
         typer.Option(envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment whose runs to rank (default: tlkit)."),
@@ -81,12 +85,13 @@ def compare_command(
         str, typer.Option(help="Metric to rank by; per-epoch metrics count their best epoch.")
     ] = "heldout_accuracy",
     out: Annotated[Path, typer.Option(help="Folder for leaderboard.csv and leaderboard.png.")] = Path("compare"),
-    tracking_uri: TrackingUri = None,
 ):
     """Leaderboard of runs: mean ± std over seeds, best first, with the settings that differ as columns."""
     from tlkit.runs.compare import compare, leaderboard_table
 
-    board, files = compare(experiment=experiment, parent=parent, metric=metric, out=out, tracking_uri=tracking_uri)
+    board, files = compare(
+        experiment=experiment, parent=parent, metric=metric, out=out, tracking_uri=store["tracking_uri"]
+    )
     console.print(leaderboard_table(board))
     console.print(
         f"written: {', '.join(str(f) for f in files)}" + (f"; logged to run {parent} under compare/" if parent else ""),
@@ -96,7 +101,9 @@ def compare_command(
 
 @app.command("ui")
 @command
+@settings(**STORE)
 def ui_command(
+    store: dict,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
     host: Annotated[
         str, typer.Option(help="Address to listen on; keep 127.0.0.1 unless you mean to share it.")
@@ -104,11 +111,11 @@ def ui_command(
     experiment: Annotated[
         str | None, typer.Option(help="Experiment whose runs page to print (default: the one with the newest run).")
     ] = None,
-    tracking_uri: TrackingUri = None,
 ):
     """Open the MLflow UI on the project's store (Ctrl-C stops it) and print the runs page to open."""
     from tlkit.core import tracking
 
+    tracking_uri = store["tracking_uri"]
     url = tracking.ui_url(f"http://{host}:{port}", experiment, tracking_uri=tracking_uri)
     console.print(
         f"MLflow UI on http://{host}:{port}  (store: {tracking.resolve_tracking_uri(tracking_uri)})", highlight=False

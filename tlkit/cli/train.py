@@ -73,25 +73,25 @@ def baseline_command(
     from tlkit.config import BackboneConfig
     from tlkit.runs.stages import run_baseline
 
-    settings = build("BaselineConfig", baseline, seed=seed)
-    pixels = settings.classifier == "pixels"
+    baseline_config = build("BaselineConfig", baseline, seed=seed)
+    pixels = baseline_config.classifier == "pixels"
     backbone_config = BackboneConfig() if pixels else backbone_settings(backbone, seed)
     use_tracking(tracking)
     result = run_baseline(
         data,
         backbone_config,
-        settings,
+        baseline_config,
         split=split_settings(split, seed),
         compute=compute_settings(compute),
         run=run_options(tracking),
     )
-    title = f"{result.details['model']} + {'svm' if pixels else settings.classifier} (C={result.details['C']:g})"
+    title = f"{result.details['model']} + {'svm' if pixels else baseline_config.classifier} (C={result.details['C']:g})"
     console.print(metrics_table(title, result.metrics, result.details["heldout_split"]))
     console.print(f"C chosen by: {result.details['selection']}", highlight=False)
     run_footer(result.run_id)
 
 
-def _train(kind: str, data: str, options: dict, *, seed: int, resume: str | None, probe: bool = False) -> None:
+def _train(kind: str, data: str, options: dict, *, seed: int, resume: str | None, score_probe: bool = False) -> None:
     """pretrain / finetune; `options`: the command's settings groups (train, backbone, split, compute, tracking)."""
     from tlkit.runs.stages import run_train
 
@@ -101,7 +101,14 @@ def _train(kind: str, data: str, options: dict, *, seed: int, resume: str | None
     tracking = options["tracking"]
     use_tracking(tracking)  # every option checked before anything touches MLflow
     result = run_train(
-        data, backbone, train, split=split, compute=compute, run=run_options(tracking), resume=resume, probe=probe
+        data,
+        backbone,
+        train,
+        split=split,
+        compute=compute,
+        run=run_options(tracking),
+        resume=resume,
+        score_probe=score_probe,
     )
     d = result.details
     kept = f"best epoch {d['best_epoch']}" if d["best_epoch"] is not None else f"last of {d['epochs_run']} epochs"
@@ -147,7 +154,7 @@ def finetune_command(
     compute: dict,
     tracking: dict,
     seed: Seed = 0,
-    probe: Annotated[
+    score_probe: Annotated[
         bool,
         typer.Option(
             "--probe/--no-probe",
@@ -158,7 +165,7 @@ def finetune_command(
 ):
     """Fine-tune a backbone with a new head: discriminative learning rates and a freezing strategy."""
     options = dict(train=train, backbone=backbone, split=split, compute=compute, tracking=tracking)
-    _train("finetune", data, options, seed=seed, resume=resume, probe=probe)
+    _train("finetune", data, options, seed=seed, resume=resume, score_probe=score_probe)
 
 
 @app.command("lr-find")
@@ -176,15 +183,15 @@ def lr_find_command(
     """Sweep learning rates (group ratios kept), log the loss-vs-LR plot, and suggest a head LR."""
     from tlkit.runs.stages import run_lr_find
 
-    settings = build("TrainConfig", train, seed=seed, strategy="full")
+    train_config = build("TrainConfig", train, seed=seed, strategy="full")
     backbone_config, split_config = backbone_settings(backbone, seed), split_settings(split, seed)
     use_tracking(tracking)
     result = run_lr_find(
         data,
         backbone_config,
-        settings,
+        train_config,
         split=split_config,
-        compute=compute_settings({"devices": "auto", **compute}, batch_size=settings.batch_size or 64),
+        compute=compute_settings({"devices": "auto", **compute}, batch_size=train_config.batch_size or 64),
         run=run_options(tracking),
     )
     console.print(
@@ -225,8 +232,8 @@ def tune_command(
     from tlkit.config import TrainConfig
     from tlkit.pipelines.space import load_space
 
-    settings = build("TuneConfig", tune)
-    search = load_space(settings.space)  # every error of the space file before anything runs (Optuna not loaded)
+    tune_config = build("TuneConfig", tune)
+    search = load_space(tune_config.space)  # every error of the space file before anything runs (Optuna not loaded)
     from tlkit.pipelines.tune import TuneJob  # imports Optuna
 
     job = TuneJob(
@@ -234,7 +241,7 @@ def tune_command(
         backbone_settings(backbone, seed),
         search,
         base=TrainConfig(seed=seed),
-        settings=settings,
+        settings=tune_config,
         split=split_settings(split, seed),
         compute=compute_settings(compute),
         data_label=data,
@@ -264,9 +271,9 @@ def tune_command(
         return
     final = outcome.final
     console.print(metrics_table("best recipe, retrained", final.metrics, final.details.get("heldout_split", "test")))
-    probe = final.details.get("probe_heldout_accuracy")
-    if probe is not None:
-        console.print(f"the frozen probe (linear SVM) on the same split: {probe:.4f}", highlight=False)
+    probe_accuracy = final.details.get("probe_heldout_accuracy")
+    if probe_accuracy is not None:
+        console.print(f"the frozen probe (linear SVM) on the same split: {probe_accuracy:.4f}", highlight=False)
     console.print(f"reproduce it: {outcome.command}", highlight=False, soft_wrap=True)
     console.print(
         Text("MLflow study run ")
@@ -298,5 +305,7 @@ def _tune_on_ray(job, run, address: str, workers: int):
         job = replace(job, settings=job.settings.model_copy(update={"budget": f"{left:.3f}s"}))
     run = replace(run, tracking_uri=mlflow_tracking.resolve_tracking_uri(run.tracking_uri))
     with connected(address) as cluster:
-        outcomes = run_tune_workers(cluster, workers, job, run, mlflow_tracking.experiment_name())
+        outcomes = run_tune_workers(
+            cluster, workers=workers, job=job, run=run, experiment=mlflow_tracking.experiment_name()
+        )
     return next((o for o in outcomes if o.final is not None), outcomes[-1])

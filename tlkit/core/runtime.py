@@ -112,8 +112,8 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
 
 def training_precision(precision: str, module) -> str:
     """The precision to train `module` with. "auto" is decided by the hardware and the architecture, never by a
-    timing: a setting that changes the weights a run reaches must not depend on how busy the machine was when
-    it was measured (it did: EfficientNet-Lite0 at 224 px is a near tie, and a busy machine picked bf16).
+    timing: a setting that changes the weights a run reaches must not depend on how busy the machine is (on a near
+    tie such as EfficientNet-Lite0 at 224 px, a timing picks bf16 on a busy machine and fp32 on an idle one).
 
     On a CPU with native bf16 (oneDNN), bf16 autocast halves the step of ordinary convolutions but oneDNN's bf16
     backward of depthwise convolutions is slow, so networks with depthwise convolutions train in fp32 and the

@@ -432,14 +432,7 @@ def ingest(
         return Manifest.load(source)
     if source.is_file() and source.suffix.lower() != ".csv":
         raise TlkitError(f"{source} is neither a folder, a .csv nor a .json manifest; see `tlkit ingest --help`")
-    for name, value in (("val", val), ("test", test)):
-        if not 0 <= value < 1:
-            raise TlkitError(f"--{name} must be a fraction in [0, 1), got {value}")
-    if val + test >= 1:
-        raise TlkitError(f"--val + --test must leave images for training, got {val} + {test}")
-    if shots is not None and shots < 1:
-        raise TlkitError(f"--shots must be at least 1, got {shots}")
-
+    _check_split_settings(val=val, test=test, shots=shots)
     skipped: list[tuple[str, str]] = []
     root, rows, layout = _candidates(source, skipped)
     folders = _expected_classes(source, layout)
@@ -457,27 +450,8 @@ def ingest(
     if len(classes) < 2:
         raise TlkitError(f"{source} has one class only ({classes[0]!r}); a classifier needs at least two class folders")
 
-    given = [split for _, _, split, *_ in good]
-    settings: dict[str, object]
-    if all(s is not None for s in given):
-        if shots is not None:
-            raise TlkitError(
-                "--shots makes the splits, but the data already gives them; drop --shots or the split column"
-            )
-        splits, settings = given, {"splits": "given"}
-    else:
-        if any(s is not None for s in given):
-            raise TlkitError(f"some rows of {source} give a split and some do not; give it for every row or for none")
-        splits = _make_splits([(p, lab, s, d) for p, lab, s, d, *_ in good], val=val, test=test, seed=seed, shots=shots)
-        settings = {"splits": "made", "val": val, "test": test, "seed": seed, "shots": shots}
-
-    records, animated = [], []
-    for (path, label, _, digest, width, height, *frames), split in zip(good, splits):
-        rel = os.path.relpath(path, root)
-        records.append(ImageRecord(rel, label, split, digest, width, height))
-        if frames and frames[0] > 1:
-            animated.append((rel, frames[0]))
-    records.sort(key=lambda r: r.path)
+    splits, split_settings = _assign_splits(good, source, val=val, test=test, seed=seed, shots=shots)
+    records, animated = _records(good, splits, root)
     report = _report(records, classes, skipped, folders)
     if animated:
         report.warnings.append(
@@ -491,8 +465,47 @@ def ingest(
         fingerprint=records_fingerprint(records),
         report=report,
         source=f"{layout}:{source.resolve()}",
-        split_settings=settings,
+        split_settings=split_settings,
     )
+
+
+def _check_split_settings(*, val: float, test: float, shots: int | None) -> None:
+    for name, value in (("val", val), ("test", test)):
+        if not 0 <= value < 1:
+            raise TlkitError(f"--{name} must be a fraction in [0, 1), got {value}")
+    if val + test >= 1:
+        raise TlkitError(f"--val + --test must leave images for training, got {val} + {test}")
+    if shots is not None and shots < 1:
+        raise TlkitError(f"--shots must be at least 1, got {shots}")
+
+
+def _assign_splits(
+    good: list[tuple], source: Path, *, val: float, test: float, seed: int, shots: int | None
+) -> tuple[list[str], dict[str, object]]:
+    """Each checked image's split: the source's own when it gives them all, else made per class; and how."""
+    given = [split for _, _, split, *_ in good]
+    if all(s is not None for s in given):
+        if shots is not None:
+            raise TlkitError(
+                "--shots makes the splits, but the data already gives them; drop --shots or the split column"
+            )
+        return given, {"splits": "given"}
+    if any(s is not None for s in given):
+        raise TlkitError(f"some rows of {source} give a split and some do not; give it for every row or for none")
+    splits = _make_splits([(p, lab, s, d) for p, lab, s, d, *_ in good], val=val, test=test, seed=seed, shots=shots)
+    return splits, {"splits": "made", "val": val, "test": test, "seed": seed, "shots": shots}
+
+
+def _records(good: list[tuple], splits: list[str], root: Path) -> tuple[list[ImageRecord], list[tuple[str, int]]]:
+    """The manifest's records (paths relative to `root`, sorted) and the images of several frames (path, frames)."""
+    records, animated = [], []
+    for (path, label, _, digest, width, height, *frames), split in zip(good, splits):
+        rel = os.path.relpath(path, root)
+        records.append(ImageRecord(path=rel, label=label, split=split, sha256=digest, width=width, height=height))
+        if frames and frames[0] > 1:
+            animated.append((rel, frames[0]))
+    records.sort(key=lambda r: r.path)
+    return records, animated
 
 
 def format_report(manifest: Manifest, *, max_items: int = 10) -> str:

@@ -108,14 +108,14 @@ def search_C(
     else:
         cv = cross_validation(y)
         if cv is None:
-            return CSearch(1.0, float("nan"), "none (too few images for cross-validation; C=1)", X, y)
+            return CSearch(C=1.0, score=float("nan"), how="none (too few images for cross-validation; C=1)", X=X, y=y)
         how = f"{cv.get_n_splits()}-fold cross-validation on train"
     name = "clf__C" if isinstance(estimator, Pipeline) else "C"
     search = GridSearchCV(estimator, {name: list(grid)}, cv=cv, scoring="accuracy", refit=False, n_jobs=1)
     with warnings.catch_warnings():  # an unconverged large-C grid point just scores worse
         warnings.simplefilter("ignore", ConvergenceWarning)
         search.fit(X, y)
-    return CSearch(float(search.best_params_[name]), float(search.best_score_), how, X, y)
+    return CSearch(C=float(search.best_params_[name]), score=float(search.best_score_), how=how, X=X, y=y)
 
 
 def fit_baseline(
@@ -148,7 +148,7 @@ def fit_baseline(
     head = heads.from_sklearn(estimator, n_classes)
     temperature, how = 1.0, "none (calibrated=False)"
     if calibrated:
-        temperature, how = _temperature(pipeline, C, X, y, n_classes, seed)
+        temperature, how = _temperature(pipeline, C=C, X=X, y=y, n_classes=n_classes, seed=seed)
         head.temperature.fill_(temperature)
     y_pred = estimator.predict(X_eval)  # the head's argmax too (float64 here, float32 there: equal but for exact ties)
     # test_* always names the held-out figures, so runs line up in the UI; `heldout_split` says which split.
@@ -158,7 +158,18 @@ def fit_baseline(
         metrics["heldout_ece_uncalibrated"] = calibration(y_eval, calibrate.softmax(logits))[0]
         metrics["heldout_ece"] = calibration(y_eval, calibrate.softmax(logits, temperature))[0]
         metrics["temperature"] = temperature
-    return BaselineResult(estimator, head, C, selection, score, metrics, heldout, y_eval, y_pred, how)
+    return BaselineResult(
+        estimator=estimator,
+        head=head,
+        C=C,
+        selection=selection,
+        selection_score=score,
+        metrics=metrics,
+        heldout_split=heldout,
+        y_true=y_eval,
+        y_pred=y_pred,
+        calibration=how,
+    )
 
 
 def _temperature(

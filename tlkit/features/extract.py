@@ -69,7 +69,13 @@ def _load_cached(path: Path, manifest: Manifest, key: str, meta: dict) -> Featur
     if list(hashes) != [r.sha256 for r in manifest.records]:
         return None
     return FeatureSet(
-        X, manifest.labels(), np.array([r.split for r in manifest.records]), manifest.classes, key, meta, cached=True
+        X=X,
+        y=manifest.labels(),
+        splits=np.array([r.split for r in manifest.records]),
+        classes=manifest.classes,
+        key=key,
+        meta=meta,
+        cached=True,
     )
 
 
@@ -138,7 +144,14 @@ def extract_features(
         model, backbone.num_features, loader, devices=compute.devices, precision=precision, progress=progress
     )
     _save(path, X, manifest)
-    return FeatureSet(X, manifest.labels(), np.array([r.split for r in manifest.records]), manifest.classes, key, meta)
+    return FeatureSet(
+        X=X,
+        y=manifest.labels(),
+        splits=np.array([r.split for r in manifest.records]),
+        classes=manifest.classes,
+        key=key,
+        meta=meta,
+    )
 
 
 def pixel_features(manifest: Manifest, *, size: int = 32, cache: str | os.PathLike | None = None) -> FeatureSet:
@@ -150,7 +163,14 @@ def pixel_features(manifest: Manifest, *, size: int = 32, cache: str | os.PathLi
         return found
     X = np.stack([pixels_of(load_rgb(manifest.abspath(r)), size) for r in manifest.records])
     _save(path, X, manifest)
-    return FeatureSet(X, manifest.labels(), np.array([r.split for r in manifest.records]), manifest.classes, key, meta)
+    return FeatureSet(
+        X=X,
+        y=manifest.labels(),
+        splits=np.array([r.split for r in manifest.records]),
+        classes=manifest.classes,
+        key=key,
+        meta=meta,
+    )
 
 
 def pixels_of(image: np.ndarray, size: int) -> np.ndarray:

@@ -73,12 +73,12 @@ def card_key(config: BackboneConfig, tracking_uri: str | None = None) -> str | N
 
 def card_of(backbone) -> BackboneCard:
     return BackboneCard(
-        backbone.name,
-        dict(backbone.data_config),
-        backbone.weights,
-        backbone.digest,
-        backbone.num_features,
-        backbone.preprocessing,
+        name=backbone.name,
+        data_config=dict(backbone.data_config),
+        weights=backbone.weights,
+        digest=backbone.digest,
+        num_features=backbone.num_features,
+        preprocessing=backbone.preprocessing,
     )
 
 

@@ -384,11 +384,11 @@ def _run_point_task(point: Point, job: dict[str, Any], cores: float) -> list[Sum
     count: Callable[[], int] = lambda: ray.get(coordinator.step.remote(token))  # noqa: E731
     progress = Progress(job["total"], start=job["start"], count=count)
     how = PointRun(
-        job["plan"],
-        progress,
-        job["tracking_uri"],
-        job["reuse"],
-        Console(markup=False, soft_wrap=True),
+        plan=job["plan"],
+        progress=progress,
+        tracking_uri=job["tracking_uri"],
+        reuse=job["reuse"],
+        console=Console(markup=False, soft_wrap=True),
         claim=claim,
         parent_run_id=job["parent_run_id"],
         lines=True,
@@ -424,7 +424,7 @@ def run_tune_workers(ray, workers: int, job: TuneJob, run: RunOptions, experimen
     task = ray.remote(_tune_worker_task).options(num_cpus=cores, max_retries=0)
     job = replace(job, settings=job.settings.model_copy(update={"storage": storage}))
     run = replace(run, progress=False)
-    refs = [task.remote(job, run, experiment, os.getcwd(), cores, i) for i in range(workers)]
+    refs = [task.remote(job, run, experiment=experiment, cwd=os.getcwd(), cores=cores, index=i) for i in range(workers)]
     try:
         return [_result(ray, ref, f"tune worker {index}", retries=0) for index, ref in enumerate(refs)]
     except BaseException:
@@ -432,7 +432,7 @@ def run_tune_workers(ray, workers: int, job: TuneJob, run: RunOptions, experimen
         raise
 
 
-def _tune_worker_task(job: TuneJob, run: RunOptions, experiment: str, cwd: str, cores: float, index: int):
+def _tune_worker_task(job: TuneJob, run: RunOptions, *, experiment: str, cwd: str, cores: float, index: int):
     from tlkit.pipelines.tune import run_tune
 
     tags = _start_task(cwd, cores, str(run.tracking_uri), experiment)

@@ -147,11 +147,11 @@ def _run_job(point: Point, plan: Plan, parent_run_id: str | None) -> list[Summar
         raise TlkitError("stopped before it started")
     progress = Progress(_JOB["total"], start=_JOB["start"], count=_count)
     how = PointRun(
-        plan,
-        progress,
-        _JOB["tracking_uri"],
-        _JOB["reuse"],
-        Console(markup=False, soft_wrap=True),
+        plan=plan,
+        progress=progress,
+        tracking_uri=_JOB["tracking_uri"],
+        reuse=_JOB["reuse"],
+        console=Console(markup=False, soft_wrap=True),
         claim=_claim,
         parent_run_id=parent_run_id,
         lines=True,

@@ -111,7 +111,9 @@ def run_pipeline(
     experiment = experiment or plan.base.experiment or plan.base.name
     tracking.configure(tracking_uri, experiment)
     progress = Progress(sum(len(p.config.stages) for p in points))
-    how = PointRun(plan, progress, tracking_uri, reuse, console, experiment=experiment)
+    how = PointRun(
+        plan=plan, progress=progress, tracking_uri=tracking_uri, reuse=reuse, console=console, experiment=experiment
+    )
     if address:
         from tlkit.pipelines.cluster import connected
 

@@ -314,7 +314,13 @@ def _tune(stage: TuneStage, inputs: StageInputs) -> StageResult:
         "best_params": outcome.best_params,
         "trials": outcome.trials,
     }
-    return StageResult("tune", outcome.parent_run_id, dict(final.metrics), final.model_uri, details)
+    return StageResult(
+        stage="tune",
+        run_id=outcome.parent_run_id,
+        metrics=dict(final.metrics),
+        model_uri=final.model_uri,
+        details=details,
+    )
 
 
 RUNNERS: dict[type, Callable[..., StageResult]] = {
@@ -371,13 +377,21 @@ def run_point(point: Point, how: PointRun, manifests: dict[str, Manifest]) -> li
             data = getattr(stage, "data", "")
             named = {"tlkit.dataset": dataset_label(data, point)} if data else {}
             with tracking.tagging({"tlkit.stage_id": stage.id, **named, **tags}):
-                result, reused = _run_or_reuse(stage, config, outputs, manifests, how)
+                result, reused = _run_or_reuse(stage, config=config, outputs=outputs, manifests=manifests, how=how)
             seconds = time.perf_counter() - start
             if result.model_uri:
                 outputs[stage.id] = result.model_uri
             rows.append(
                 SummaryRow(
-                    stage.id, stage.stage, data, result.run_id, result.metrics, seconds, point.group, point.seed, reused
+                    id=stage.id,
+                    stage=stage.stage,
+                    data=data,
+                    run_id=result.run_id,
+                    metrics=result.metrics,
+                    seconds=seconds,
+                    point=point.group,
+                    seed=point.seed,
+                    reused_from=reused,
                 )
             )
             accuracy = result.metrics.get("heldout_accuracy")
@@ -400,10 +414,21 @@ def _run_or_reuse(
     runner = RUNNERS[type(stage)]
     model = outputs.get(stage.model, stage.model) if isinstance(stage, (*ALWAYS_RUN, EvaluateStage)) else None
     if isinstance(stage, ALWAYS_RUN):
-        return runner(stage, StageInputs(config, None, None, model, "", how.tracking_uri, how.console)), None
+        return runner(
+            stage,
+            StageInputs(
+                config=config,
+                manifest=None,
+                backbone=None,
+                model=model,
+                key="",
+                tracking_uri=how.tracking_uri,
+                console=how.console,
+            ),
+        ), None
     manifest = prepare_data(config, stage.data, manifests, how.console)
     backbone = None if isinstance(stage, EvaluateStage) else backbone_for(config, stage, outputs)
-    key = stage_key(stage, manifest, backbone, model, config)
+    key = stage_key(stage, manifest=manifest, backbone=backbone, model_ref=model, config=config)
     with how.claim(key):
         if how.reuse:
             found = tracking.find_finished_run("tlkit.stage_key", key, stage=stage.stage, tracking_uri=how.tracking_uri)
@@ -413,18 +438,22 @@ def _run_or_reuse(
                 holder = found.tags.get("tlkit.final_run", found.run_id)
                 model_uri = f"{tracking.RUNS_PREFIX}{holder}" if stage.stage in MODEL_STAGES else None
                 return StageResult(
-                    stage.stage, run_id, dict(found.metrics), model_uri, {"reused_from": found.run_id}
+                    stage=stage.stage,
+                    run_id=run_id,
+                    metrics=dict(found.metrics),
+                    model_uri=model_uri,
+                    details={"reused_from": found.run_id},
                 ), found.run_id
         study_key = key if how.reuse or not isinstance(stage, TuneStage) else f"{key}-{time.time_ns()}"
         inputs = StageInputs(
-            config,
-            manifest,
-            backbone,
-            model,
-            study_key,
-            how.tracking_uri,
-            how.console,
-            _checkpoint_of(how.resume_from, key, how.tracking_uri),
+            config=config,
+            manifest=manifest,
+            backbone=backbone,
+            model=model,
+            key=study_key,
+            tracking_uri=how.tracking_uri,
+            console=how.console,
+            start_from=_checkpoint_of(how.resume_from, key, how.tracking_uri),
         )
         with tracking.tagging({"tlkit.stage_key": key}):
             return runner(stage, inputs), None

@@ -103,7 +103,9 @@ def tune_splits(manifest: Manifest, *, fraction: float = SELECTION_FRACTION, see
             fingerprint=records_fingerprint(records),
             split_settings={**manifest.split_settings, "tune": "test left out"},
         )
-        return TuneSplits(trials, manifest, "train", "test", "the val split")
+        return TuneSplits(
+            trials=trials, final=manifest, final_use_val="train", heldout="test", selection="the val split"
+        )
     if not val:
         raise TlkitError(
             "tune needs a held-out split to report on and this data has only train; ingest with --val or --test > 0"
@@ -125,7 +127,11 @@ def tune_splits(manifest: Manifest, *, fraction: float = SELECTION_FRACTION, see
         },
     )
     return TuneSplits(
-        trials, manifest, "select", "val", f"{len(selected)} images ({fraction:.0%} of each class) carved out of train"
+        trials=trials,
+        final=manifest,
+        final_use_val="select",
+        heldout="val",
+        selection=f"{len(selected)} images ({fraction:.0%} of each class) carved out of train",
     )
 
 
@@ -390,17 +396,11 @@ class Objective:
         self.budget = budget
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from tlkit.train.finetune import FitOptions, MetricsCallback, train_classifier
+        from tlkit.train.callbacks import MetricsCallback
+        from tlkit.train.finetune import FitOptions, train_classifier
 
         study = trial.study
-        if self.limit is not None and sum(t.number < trial.number for t in _counted(study)) >= self.limit:
-            study.stop()
-            trial.set_user_attr("over_budget", True)
-            raise _NoTrialToRun(f"the study already has its {self.limit} trials")
-        if self.budget is not None and not self.budget.room_for_a_trial():
-            study.stop()
-            trial.set_user_attr("over_budget", True)
-            raise _NoTrialToRun("the budget has no room for another trial and the retrain")
+        self._check_room(trial)
         values = self.space.sample(trial)
         settings = settings_for(values, self.base)
         start = time.perf_counter()
@@ -429,7 +429,13 @@ class Objective:
             except SystemExit as stop:
                 raise KeyboardInterrupt from stop
             note = (
-                self._keep_to_budget(trial, deadline, pruning, settings.epochs, result.metrics["heldout_accuracy"])
+                self._keep_to_budget(
+                    trial,
+                    deadline=deadline,
+                    pruning=pruning,
+                    epochs=settings.epochs,
+                    accuracy=result.metrics["heldout_accuracy"],
+                )
                 if deadline
                 else ""
             )
@@ -464,6 +470,18 @@ class Objective:
         if pruning.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at} of {settings.epochs}")
         return pruning.last_score if pruning.last_score is not None else accuracy
+
+    def _check_room(self, trial: optuna.Trial) -> None:
+        """Stop the study, and run nothing, when it has its trials or the budget has no room for one more."""
+        why = None
+        if self.limit is not None and sum(t.number < trial.number for t in _counted(trial.study)) >= self.limit:
+            why = f"the study already has its {self.limit} trials"
+        elif self.budget is not None and not self.budget.room_for_a_trial():
+            why = "the budget has no room for another trial and the retrain"
+        if why is not None:
+            trial.study.stop()
+            trial.set_user_attr("over_budget", True)
+            raise _NoTrialToRun(why)
 
     def _keep_to_budget(
         self, trial: optuna.Trial, deadline: DeadlineCallback, pruning: PruningCallback, epochs: int, accuracy: float
@@ -706,7 +724,7 @@ def _plan(job: TuneJob, tracking_uri: str | None, started: float) -> _Plan:
         "heldout_split": splits.heldout,
         "selection.recipe": f"trial score on {splits.selection}",
     }
-    return _Plan(job, manifest, splits, backbone, budget, opened, params)
+    return _Plan(job, manifest=manifest, splits=splits, backbone=backbone, budget=budget, opened=opened, params=params)
 
 
 @contextmanager
@@ -786,7 +804,7 @@ def _open(name: str, url: str, inputs: dict, *, seed: int, trials: int | None) -
     rdb = open_storage(url)
     optuna_study, created = open_study(name, rdb, seed=seed, n_trials=trials)
     if created:
-        return _Opened(name, url, rdb, optuna_study, True, inputs)
+        return _Opened(name, url=url, rdb=rdb, study=optuna_study, created=True, inputs=inputs)
     record = _wait_for_parent(optuna_study)
     differs = [k for k, v in inputs.items() if record["inputs"].get(k) != v]
     if differs:
@@ -794,7 +812,9 @@ def _open(name: str, url: str, inputs: dict, *, seed: int, trials: int | None) -
             f"study {name!r} in {shown_url(url)} was started with other {', '.join(differs)}; "
             "run it with the same inputs, or name a new study with --study"
         )
-    return _Opened(name, url, rdb, optuna_study, False, inputs, record["mlflow_run_id"])
+    return _Opened(
+        name, url=url, rdb=rdb, study=optuna_study, created=False, inputs=inputs, parent_run_id=record["mlflow_run_id"]
+    )
 
 
 def _optimise(study: optuna.Study, objective: Objective, trials: int | None) -> None:
@@ -920,11 +940,11 @@ def _retrain_once(
         run_id = finished[0].user_attrs["mlflow_run_id"]
         record = tracking.get_run(run_id, run.tracking_uri)
         return StageResult(
-            "finetune",
-            run_id,
-            {k: v for k, v in record.data.metrics.items() if k.startswith("heldout_")},
-            f"runs:/{run_id}",
-            {
+            stage="finetune",
+            run_id=run_id,
+            metrics={k: v for k, v in record.data.metrics.items() if k.startswith("heldout_")},
+            model_uri=f"runs:/{run_id}",
+            details={
                 "probe_heldout_accuracy": record.data.metrics.get("probe_heldout_accuracy"),
                 "heldout_split": splits.heldout,
                 "reused": True,
@@ -948,7 +968,7 @@ def _retrain_once(
                     settings,
                     compute=job.compute,
                     run=replace(run, run_name="best recipe"),
-                    probe=True,
+                    score_probe=True,
                 )
         except SystemExit as stop:
             raise KeyboardInterrupt from stop

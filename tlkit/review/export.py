@@ -156,7 +156,7 @@ def export(loaded: LoadedModel, fmt: str, out: Path, *, source: str, check: bool
                     else None
                 )
         else:
-            difference = _export_onnx(module, example, partial, expected, check)
+            difference = _export_onnx(module, example=example, path=partial, expected=expected, check=check)
         if difference is not None and difference > TOLERANCE:
             raise TlkitError(
                 f"the {fmt} export's probabilities differ from PyTorch's by {difference:.1e} (> {TOLERANCE:g}) on a "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,14 @@ def _batches(paths: list[Path], loaded: LoadedModel):
 
 
 def _maps_for(
-    loaded: LoadedModel, paths: list[Path], targets: list[int], method: str, titles: list[str], folder: Path, **options
+    loaded: LoadedModel,
+    paths: list[Path],
+    targets: list[int],
+    *,
+    method: str,
+    titles: list[str],
+    folder: Path,
+    **options,
 ) -> list[Path]:
     """One explanation PNG per image, written to `folder`, and `overview.png` with the first OVERVIEW on one page."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -98,90 +106,132 @@ def run_evaluate(
     metrics, most-confused pairs, calibration, confusion matrices and the top losses; optionally TTA,
     maps for the top losses, and accuracy under FGSM. Returns a StageResult."""
     settings = settings or EvaluateConfig()
-    method, attack, tta, explain_top = settings.method, settings.attack, settings.tta, settings.explain
-    tracking_uri = run.tracking_uri
     manifest = load_data(data, data_split)
-    split = settings.split or _heldout_split(model, manifest, tracking_uri)
+    split = settings.split or _heldout_split(model, manifest, run.tracking_uri)
     records = manifest.split(split)
     if not records:
         have = ", ".join(s for s in ("train", "val", "test") if manifest.split(s))
         raise TlkitError(f"the dataset has no {split!r} split (it has: {have}); pass --split with one of those")
-    loaded = load_model(model, tracking_uri=tracking_uri)
-    classes = loaded.classes
-    missing = sorted({r.label for r in records} - set(classes))
+    loaded = load_model(model, tracking_uri=run.tracking_uri)
+    missing = sorted({r.label for r in records} - set(loaded.classes))
     if missing:
         raise TlkitError(
-            f"the model does not know class(es) {', '.join(missing)}; it was trained on {', '.join(classes)}"
+            f"the model does not know class(es) {', '.join(missing)}; it was trained on {', '.join(loaded.classes)}"
         )
-    if method == "gradcam" and explain_top and loaded.is_pixels:
+    if settings.method == "gradcam" and settings.explain and loaded.is_pixels:
         raise TlkitError(
             "Grad-CAM needs a backbone's feature map and a pixels baseline has none; use --method saliency or occlusion"
         )
-    index = {c: i for i, c in enumerate(classes)}
-    y_true = np.array([index[r.label] for r in records])
-    paths = [manifest.abspath(r) for r in records]
-    scores = loaded.predict_proba(paths)
-    y_pred = scores.argmax(1)
-    prefix = f"{split}_"
-    metrics = classification_metrics(y_true, y_pred, classes, prefix=prefix)
-    for k in (3, 5):
-        if k < len(classes):
-            metrics[f"{prefix}top{k}_accuracy"] = top_k_accuracy(y_true, scores, k)
-    confused = most_confused(y_true, y_pred, classes)
+    scored = _Scored.of(loaded, manifest, split)
+    metrics = scored.metrics()
+    confused = most_confused(scored.y_true, scored.y_pred, scored.classes)
     details: dict = {
         "most_confused": confused,
         "calibration": loaded.bundle.head.get("calibration", "none"),
         "split": split,
     }
-    model_run = _model_run(model)
-    params = {"model_uri": model, "split": split, "tta": tta, "attack": attack or "none", "explain_top": explain_top}
+    params = {
+        "model_uri": model,
+        "split": split,
+        "tta": settings.tta,
+        "attack": settings.attack or "none",
+        "explain_top": settings.explain,
+    }
     with tracking.start_run(
         "evaluate",
-        run_name=run.named(f"evaluate on {split}" + (" (tta)" if tta else "")),
+        run_name=run.named(f"evaluate on {split}" + (" (tta)" if settings.tta else "")),
         params=params,
-        tags={"tlkit.model_run": model_run},
+        tags={"tlkit.model_run": _model_run(model)},
     ) as run_id:
         log_data(manifest)
-        metrics[f"{prefix}ece"] = _log_scores(paths, y_true, scores, classes, split, confused)
-        loss = losses(y_true, scores)
-        worst = np.argsort(-loss)[: settings.top_losses]
-        details["top_losses"] = [
-            (str(paths[i]), classes[y_true[i]], classes[y_pred[i]], float(scores[i, y_pred[i]])) for i in worst
-        ]
-        _log_top_losses(worst, paths, y_true, y_pred, scores, classes, loaded)
-        if tta:
-            metrics[f"{prefix}tta_accuracy"], details["tta_views"] = _tta_accuracy(
-                loaded, paths, y_true, settings.tta_flip
-            )
-        if explain_top:
-            chosen = list(worst[:explain_top])
-            titles = [f"true {classes[y_true[i]]} -> {classes[y_pred[i]]} ({scores[i, y_pred[i]]:.2f})" for i in chosen]
-            with tempfile.TemporaryDirectory() as tmp:
-                _maps_for(
-                    loaded, [paths[i] for i in chosen], [int(y_pred[i]) for i in chosen], method, titles, Path(tmp)
-                )
-                tracking.log_artifacts(Path(tmp), f"explain/top_losses-{method}")
-        if attack == "fgsm":
-            metrics.update(
-                _log_fgsm(
-                    loaded,
-                    paths,
-                    y_true,
-                    sorted(set([0.0, *(settings.eps or [1 / 255, 2 / 255, 4 / 255, 8 / 255])])),
-                    prefix,
-                )
-            )
-            details["fgsm"] = "float32 network, as every scoring path: eps 0 is its clean accuracy"
+        metrics[f"{split}_ece"] = _log_scores(scored, confused)
+        worst = [int(i) for i in np.argsort(-losses(scored.y_true, scored.scores))[: settings.top_losses]]
+        details["top_losses"] = [scored.loss_row(i) for i in worst]
+        _log_top_losses(scored, worst, loaded)
+        _review(loaded, scored, worst, settings, metrics=metrics, details=details)
         tracking.log_metrics(metrics)
         tracking.log_dict({k: v for k, v in details.items() if k != "top_losses"}, "evaluation.json")
     return StageResult("evaluate", run_id, metrics, details=details)
 
 
-def _log_scores(
-    paths: list[Path], y_true: np.ndarray, scores: np.ndarray, classes: list[str], split: str, confused: list
-) -> float:
+@dataclass
+class _Scored:
+    """One split's images, their true classes, and the model's probabilities for them."""
+
+    split: str
+    paths: list[Path]
+    y_true: np.ndarray
+    scores: np.ndarray
+    classes: list[str]
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, manifest: Manifest, split: str) -> _Scored:
+        records = manifest.split(split)
+        index = {c: i for i, c in enumerate(loaded.classes)}
+        paths = [manifest.abspath(r) for r in records]
+        return cls(
+            split=split,
+            paths=paths,
+            y_true=np.array([index[r.label] for r in records]),
+            scores=loaded.predict_proba(paths),
+            classes=loaded.classes,
+        )
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        return self.scores.argmax(1)
+
+    def metrics(self) -> dict[str, float]:
+        prefix = f"{self.split}_"
+        metrics = classification_metrics(self.y_true, self.y_pred, self.classes, prefix=prefix)
+        for k in (3, 5):
+            if k < len(self.classes):
+                metrics[f"{prefix}top{k}_accuracy"] = top_k_accuracy(self.y_true, self.scores, k)
+        return metrics
+
+    def loss_row(self, i: int) -> tuple[str, str, str, float]:
+        """(image, true class, predicted class, its probability) of image `i`."""
+        predicted = int(self.y_pred[i])
+        return (
+            str(self.paths[i]),
+            self.classes[self.y_true[i]],
+            self.classes[predicted],
+            float(self.scores[i, predicted]),
+        )
+
+
+def _review(
+    loaded: LoadedModel, scored: _Scored, worst: list[int], settings: EvaluateConfig, *, metrics: dict, details: dict
+) -> None:
+    """The optional parts of an evaluation, into the open run: TTA, maps of the top losses, FGSM."""
+    prefix = f"{scored.split}_"
+    if settings.tta:
+        metrics[f"{prefix}tta_accuracy"], details["tta_views"] = _tta_accuracy(
+            loaded, scored.paths, scored.y_true, settings.tta_flip
+        )
+    if settings.explain:
+        chosen = worst[: settings.explain]
+        titles = [f"true {row[1]} -> {row[2]} ({row[3]:.2f})" for row in map(scored.loss_row, chosen)]
+        with tempfile.TemporaryDirectory() as tmp:
+            _maps_for(
+                loaded,
+                [scored.paths[i] for i in chosen],
+                [int(scored.y_pred[i]) for i in chosen],
+                method=settings.method,
+                titles=titles,
+                folder=Path(tmp),
+            )
+            tracking.log_artifacts(Path(tmp), f"explain/top_losses-{settings.method}")
+    if settings.attack == "fgsm":
+        eps_values = sorted(set([0.0, *(settings.eps or [1 / 255, 2 / 255, 4 / 255, 8 / 255])]))
+        metrics.update(_log_fgsm(loaded, scored, eps_values))
+        details["fgsm"] = "float32 network, as every scoring path: eps 0 is its clean accuracy"
+
+
+def _log_scores(scored: _Scored, confused: list) -> float:
     """The scores into the evaluate run: reliability diagram, predictions.csv, confusion matrices, most-confused
     pairs. Returns the expected calibration error."""
+    paths, y_true, scores, classes, split = scored.paths, scored.y_true, scored.scores, scored.classes, scored.split
     y_pred = scores.argmax(1)
     ece, bins = calibration(y_true, scores)
     figure = reliability_figure(bins, ece)
@@ -234,8 +284,9 @@ def _log_predictions(paths: list[Path], y_true: np.ndarray, probabilities: np.nd
     tracking.log_text(buffer.getvalue(), "predictions.csv")
 
 
-def _log_top_losses(worst, paths, y_true, y_pred, scores, classes, loaded: LoadedModel) -> None:
-    images = [loaded.prepare(loaded.decode(paths[i])) for i in worst]
+def _log_top_losses(scored: _Scored, worst: list[int], loaded: LoadedModel) -> None:
+    y_true, y_pred, scores, classes = scored.y_true, scored.y_pred, scored.scores, scored.classes
+    images = [loaded.prepare(loaded.decode(scored.paths[i])) for i in worst]
     titles = [
         f"{classes[y_true[i]]} -> {classes[y_pred[i]]}\n{scores[i, y_pred[i]]:.2f}, true {scores[i, y_true[i]]:.2f}"
         for i in worst
@@ -245,13 +296,13 @@ def _log_top_losses(worst, paths, y_true, y_pred, scores, classes, loaded: Loade
     close(figure)
 
 
-def _log_fgsm(
-    loaded: LoadedModel, paths: list[Path], y_true: np.ndarray, eps_values: list[float], prefix: str
-) -> dict[str, float]:
+def _log_fgsm(loaded: LoadedModel, scored: _Scored, eps_values: list[float]) -> dict[str, float]:
     """Accuracy at each budget (metrics, and a curve), and originals beside adversarial examples."""
-    images = torch.cat([batch for _, batch in _batches(paths, loaded)])
-    accuracy, examples = fgsm_accuracy(loaded.network, images, torch.from_numpy(y_true), eps_values, batch_size=BATCH)
-    metrics = {f"{prefix}fgsm_accuracy.eps_{eps:.4f}": acc for eps, acc in accuracy.items()}
+    images = torch.cat([batch for _, batch in _batches(scored.paths, loaded)])
+    accuracy, examples = fgsm_accuracy(
+        loaded.network, images, torch.from_numpy(scored.y_true), eps_values, batch_size=BATCH
+    )
+    metrics = {f"{scored.split}_fgsm_accuracy.eps_{eps:.4f}": acc for eps, acc in accuracy.items()}
     figure, axis = plt.subplots(figsize=(4.5, 3.5), dpi=100)
     axis.plot([e * 255 for e in accuracy], list(accuracy.values()), "o-")
     axis.set_xlabel("eps (pixel levels out of 255)")
@@ -323,7 +374,7 @@ def run_explain(
     # without `out`, the maps live in the run alone: drawn in a temporary folder that is removed once logged
     with contextlib.ExitStack() as scratch:
         folder = Path(out) if out else Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="tlkit-explain-")))
-        files = _maps_for(loaded, paths, targets, method, titles, folder, **options)
+        files = _maps_for(loaded, paths, targets, method=method, titles=titles, folder=folder, **options)
         with tracking.start_run(
             "explain",
             run_name=run.named(f"explain ({method}, {len(paths)} image{'s' if len(paths) != 1 else ''})"),

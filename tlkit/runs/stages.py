@@ -297,7 +297,9 @@ def run_baseline(
         "heldout_split": result.heldout_split,
         "selection": result.selection,
     }
-    return StageResult("baseline", run_id, result.metrics, f"runs:/{run_id}", details)
+    return StageResult(
+        stage="baseline", run_id=run_id, metrics=result.metrics, model_uri=f"runs:/{run_id}", details=details
+    )
 
 
 def _save_model(saved: bundle.Bundle, backbone, head) -> None:
@@ -363,15 +365,15 @@ def run_train(
     compute: ComputeConfig | None = None,
     run: RunOptions = RunOptions(),
     resume: str | Path | None = None,
-    probe: bool = True,
+    score_probe: bool = True,
 ) -> StageResult:
     """Train backbone + new head and save the best epoch as the run's model: a pretrain run when `train` is a
     PretrainConfig (`tlkit pretrain`, a pretrain stage), else a finetune run.
 
     `resume` continues an interrupted fit from its last checkpoint: a run id (str) into that same MLflow run; a
     checkpoint file (Path: a lost Ray point's `last.ckpt`) into a new run, tagged `tlkit.resumed_from`. With
-    `probe` (finetune of pretrained weights), the linear SVM on the same backbone's frozen features is fitted first
-    (from the feature cache when it has them) and its held-out accuracy logged beside the fine-tune's as
+    `score_probe` (finetune of pretrained weights), the linear SVM on the same backbone's frozen features is fitted
+    first (from the feature cache when it has them) and its held-out accuracy logged beside the fine-tune's as
     `probe_heldout_accuracy`, so a fine-tune that does worse than its own linear probe is known, not hidden.
     """
     kind = "pretrain" if isinstance(train, PretrainConfig) else "finetune"
@@ -379,8 +381,8 @@ def run_train(
     resume_run = resume if isinstance(resume, str) else None
     manifest = load_data(data, split)
     require_heldout(manifest)  # before torch, Lightning and the model load
-    from tlkit.features.baseline import fit_baseline
-    from tlkit.train.finetune import FitOptions, MetricsCallback, check_settings, train_batch_figure, train_classifier
+    from tlkit.train.callbacks import MetricsCallback
+    from tlkit.train.finetune import FitOptions, check_settings, train_classifier
 
     compute = compute or ComputeConfig()
     backbone = make_backbone(backbone_config, tracking_uri=run.tracking_uri)
@@ -394,40 +396,22 @@ def run_train(
     ) as run_id:
         log_data(manifest)
         log_backbone(backbone)
-        probe_result = None
-        if probe and kind == "finetune" and not backbone.weights.startswith("random"):
+        probe = None
+        if score_probe and kind == "finetune" and not backbone.weights.startswith("random"):
             # before training: the backbone is trained in place
-            probe_result = fit_baseline(
-                _features(manifest, backbone, compute, 0, progress=run.progress),
-                classifier="svm",
-                seed=train.seed,
-                calibrated=False,
-            )
+            probe = _frozen_probe(manifest, backbone, train, compute=compute, progress=run.progress)
         if train.lr == "auto":
             train, found = _resolve_auto_lr(manifest, backbone, train, compute)
-        _log_figure(
-            train_batch_figure(
-                manifest,
-                backbone.data_config,
-                train.augment,
-                hflip=train.hflip,
-                seed=train.seed,
-                title=f"training images as the model sees them (augment: {Path(train.augment).name})",
-            ),
-            "plots/train_batch.png",
-        )
-        workdir = checkpoint_dir(run_id)
-        if start_from is not None:
-            workdir.mkdir(parents=True, exist_ok=True)
-            with replacing(workdir / "last.ckpt") as target:
-                shutil.copyfile(start_from, target)
-            tracking.set_tags({"tlkit.resumed_from": start_from.parent.name})
+        _log_train_batch(manifest, backbone, train)
+        workdir = _checkpoint_workdir(run_id, start_from)
         fit = FitOptions(
             callbacks=[MetricsCallback(run_id)], workdir=workdir, resume=resume is not None, progress=run.progress
         )
         result = train_classifier(manifest, backbone, train, compute=compute, fit=fit)
         summary = _record_fit(
-            run_id, kind, manifest, backbone, train, result, probe_result, resumed=resume_run is not None
+            _Fitted(run_id=run_id, kind=kind, manifest=manifest, backbone=backbone, train=train, result=result),
+            probe=probe,
+            resumed=resume_run is not None,
         )
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the model is in the run; checkpoints only serve --resume
     details = {
@@ -436,21 +420,61 @@ def run_train(
         "heldout_split": result.heldout_split,  # None, not -1, when no epoch was chosen
         "precision": result.settings["precision"],
     }
-    return StageResult(kind, run_id, result.metrics, f"runs:/{run_id}", details)
+    return StageResult(stage=kind, run_id=run_id, metrics=result.metrics, model_uri=f"runs:/{run_id}", details=details)
 
 
-def _record_fit(
-    run_id: str,
-    kind: str,
-    manifest: Manifest,
-    backbone: Backbone,
-    train: TrainConfig,
-    result: TrainResult,
-    probe_result: BaselineResult | None,
-    *,
-    resumed: bool,
-) -> dict[str, float]:
+def _frozen_probe(
+    manifest: Manifest, backbone: Backbone, train: TrainConfig, *, compute: ComputeConfig, progress: bool
+) -> BaselineResult:
+    """The linear SVM on the backbone's frozen features (from the feature cache when it has them), uncalibrated:
+    only its held-out accuracy is reported, beside the fine-tune's."""
+    from tlkit.features.baseline import fit_baseline
+
+    features = _features(manifest, backbone, compute, 0, progress=progress)
+    return fit_baseline(features, classifier="svm", seed=train.seed, calibrated=False)
+
+
+def _log_train_batch(manifest: Manifest, backbone: Backbone, train: TrainConfig) -> None:
+    from tlkit.train.finetune import train_batch_figure
+
+    figure = train_batch_figure(
+        manifest,
+        backbone.data_config,
+        train.augment,
+        hflip=train.hflip,
+        seed=train.seed,
+        title=f"training images as the model sees them (augment: {Path(train.augment).name})",
+    )
+    _log_figure(figure, "plots/train_batch.png")
+
+
+def _checkpoint_workdir(run_id: str, start_from: Path | None) -> Path:
+    """The run's checkpoint folder; seeded with `start_from` (a lost Ray point's last.ckpt) when given."""
+    workdir = checkpoint_dir(run_id)
+    if start_from is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with replacing(workdir / "last.ckpt") as target:
+            shutil.copyfile(start_from, target)
+        tracking.set_tags({"tlkit.resumed_from": start_from.parent.name})
+    return workdir
+
+
+@dataclass
+class _Fitted:
+    """A finished fit and what it was fitted from."""
+
+    run_id: str
+    kind: str
+    manifest: Manifest
+    backbone: Backbone
+    train: TrainConfig
+    result: TrainResult
+
+
+def _record_fit(fitted: _Fitted, *, probe: BaselineResult | None, resumed: bool) -> dict[str, float]:
     """A finished fit into its run: resolved settings, selection, metrics beside the probe's, curves, the model."""
+    run_id, kind, manifest, backbone = fitted.run_id, fitted.kind, fitted.manifest, fitted.backbone
+    train, result = fitted.train, fitted.result
     from tlkit.core.metrics import curves_figure
     from tlkit.models import heads
 
@@ -477,8 +501,8 @@ def _record_fit(
         summary["best_val_accuracy"] = result.best_val_accuracy
     if "probe_selection_accuracy" in resolved:
         summary["probe_selection_accuracy"] = resolved["probe_selection_accuracy"]
-    if probe_result is not None:
-        summary["probe_heldout_accuracy"] = probe_result.metrics["heldout_accuracy"]
+    if probe is not None:
+        summary["probe_heldout_accuracy"] = probe.metrics["heldout_accuracy"]
     tracking.log_metrics({**result.metrics, **summary})
     _log_confusion(result.y_true, result.y_pred, manifest.classes, result.heldout_split)
     history = {

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tlkit.core import runtime
 from tlkit.errors import TlkitError
-from tlkit.train.finetune import adamw
+from tlkit.train.module import adamw
 
 
 @dataclass
