@@ -41,9 +41,8 @@ def main() -> None:
             capture_output=True,
         )
         backbone = ["--model", "resnet18", "--no-pretrained", "--img-size", "64"]
-        subprocess.run(
-            [*TLKIT, "extract", "digits", *backbone], cwd=cwd, check=True, capture_output=True
-        )  # fills the cache
+        # fills the cache
+        subprocess.run([*TLKIT, "extract", "digits", *backbone], cwd=cwd, check=True, capture_output=True)
         out = subprocess.run(
             [*TLKIT, "baseline", "digits", *backbone], cwd=cwd, check=True, capture_output=True, text=True
         ).stdout

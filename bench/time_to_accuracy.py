@@ -96,9 +96,8 @@ def fastai_style(data: Path, model: str, weights: str, size: int, seed: int) -> 
     def fit_one_cycle(epochs: int, lrs: list[float], trainable: list[int], pct_start: float, div: float) -> None:
         for i, params in enumerate(groups):
             for p in params:
-                p.requires_grad_(
-                    i in trainable or p.ndim == 1 and i != 2
-                )  # fastai's train_bn: BatchNorm weights train when frozen
+                # fastai's train_bn: BatchNorm weights train when frozen
+                p.requires_grad_(i in trainable or p.ndim == 1 and i != 2)
         optimiser = torch.optim.AdamW(
             [{"params": params, "lr": lr} for params, lr in zip(groups, lrs)], weight_decay=0.01, betas=(0.9, 0.99)
         )
@@ -126,9 +125,8 @@ def fastai_style(data: Path, model: str, weights: str, size: int, seed: int) -> 
     base = 2e-3
     fit_one_cycle(1, [base] * 3, trainable=[2], pct_start=0.99, div=25.0)  # freeze_epochs=1, slice(base_lr)
     base /= 2
-    fit_one_cycle(
-        5, [base / 100, base / 10, base], trainable=[0, 1, 2], pct_start=0.3, div=5.0
-    )  # slice(base_lr/100, base_lr)
+    # slice(base_lr/100, base_lr)
+    fit_one_cycle(5, [base / 100, base / 10, base], trainable=[0, 1, 2], pct_start=0.3, div=5.0)
     net.eval()
     correct = 0
     with torch.no_grad():

@@ -49,11 +49,12 @@ def test_list_matches_patterns():
 def test_weights_files_load_in_common_layouts(tmp_path, wrap):
     source = bb.create_backbone(TINY_MODEL, seed=5)
     state = source.model.state_dict()
+    # a classifier is ignored
     state = {
         **state,
         "fc.weight": torch.zeros(10, source.num_features),
         "fc.bias": torch.zeros(10),
-    }  # a classifier is ignored
+    }
     if wrap == "safetensors":
         path = tmp_path / "w.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
@@ -97,7 +98,7 @@ def test_hub_weights_offline_fail_fast_with_the_fix(monkeypatch):
 def test_unreachable_hub_is_an_error_not_a_hang(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(bb, "_hub_host", lambda name: ("huggingface.co", False))
-    monkeypatch.setattr(bb, "_reachable", lambda host, timeout: "timed out")
+    monkeypatch.setattr(bb, "unreachable", lambda host, timeout: "timed out")
     with pytest.raises(TlkitError, match="unreachable \\(timed out\\).*--weights FILE"):
         bb.create_backbone("resnet18", pretrained=True)
 
@@ -110,7 +111,7 @@ def test_reachability_probe_respects_its_timeout(monkeypatch):
 
     monkeypatch.setattr(bb.socket, "create_connection", hang)
     start = time.perf_counter()
-    reason = bb._reachable("huggingface.co", 0.5)
+    reason = bb.unreachable("huggingface.co", 0.5)
     assert reason == "timed out"
     assert time.perf_counter() - start < 2
 

@@ -162,10 +162,11 @@ def test_points_run_on_both_nodes_share_one_stage_and_finish(two_nodes, mlflow_s
     assert {r.info.status for r in runs} == {"FINISHED"}
     points = [r for r in runs if r.data.tags.get("tlkit.stage") == "point"]
     assert len(points) == 4
+    # both nodes ran points
     assert {r.data.tags["tlkit.node"] for r in points} == {
         cluster.head_node.node_id[:16],
         worker.node_id[:16],
-    }  # both nodes ran points
+    }
     pipeline = next(r for r in runs if r.data.tags.get("tlkit.stage") == "pipeline")
     assert all(r.data.tags["mlflow.parentRunId"] == pipeline.info.run_id for r in points)
     pretrains = [r for r in runs if r.data.tags.get("tlkit.stage_id") == "pre"]
@@ -216,9 +217,8 @@ def test_a_lost_node_s_point_is_retried_on_the_other_and_the_pipeline_finishes(
     process = _tlkit(["run", str(path), "--ray", cluster.address, "--tracking-uri", mlflow_server], tmp_path)
     try:
         deadline, victim = time.monotonic() + 300, None
-        while (
-            victim is None and time.monotonic() < deadline
-        ):  # a fine-tune under way on the worker node, with an epoch saved
+        # a fine-tune under way on the worker node, with an epoch saved
+        while victim is None and time.monotonic() < deadline:
             for run in _runs(mlflow_server):
                 tags = run.data.tags
                 if (
@@ -282,9 +282,8 @@ def test_ctrl_c_cancels_every_task_and_the_same_command_resumes(two_nodes, mlflo
     pretrains = [
         r for r in _runs(mlflow_server) if r.data.tags.get("tlkit.stage_id") == "pre" and r.info.status == "FINISHED"
     ]
-    assert (
-        sum("tlkit.reused_from" not in r.data.tags for r in pretrains) == 1
-    )  # the finished source pretraining is reused
+    # the finished source pretraining is reused
+    assert sum("tlkit.reused_from" not in r.data.tags for r in pretrains) == 1
 
 
 @pytest.mark.slow
@@ -352,10 +351,11 @@ def test_tune_workers_as_ray_tasks_share_one_study(two_nodes, postgres, mlflow_s
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("team").experiment_id])
     trials = [r for r in runs if r.data.tags.get("tlkit.stage") == "trial"]
+    # the search spread over both
     assert {r.data.tags["tlkit.node"] for r in trials} == {
         cluster.head_node.node_id[:16],
         worker.node_id[:16],
-    }  # the search spread over both
+    }
     finals = [r for r in runs if r.data.tags.get("tlkit.role") == "tune-final"]
     assert len(finals) == 1
     assert finals[0].info.status == "FINISHED"

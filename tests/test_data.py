@@ -22,19 +22,19 @@ def epochs(seed, workers, n_epochs=2):
 def test_same_seed_same_augmentations_other_seed_others():
     for workers in (0, 2):
         first, again, other = epochs(0, workers), epochs(0, workers), epochs(1, workers)
-        assert all(
-            torch.equal(a, b) for a, b in zip(first, again)
-        )  # albumentations ignores global seeds: tlkit seeds it
+        # albumentations ignores global seeds: tlkit seeds it
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
         assert not torch.equal(first[0], other[0])
         assert not torch.equal(first[0], first[1])  # epochs differ from each other
 
 
 def test_workers_do_not_repeat_each_others_draws():
     dataset = augmented_dataset(2)
+    # one image: any difference comes from the random draws
     dataset.paths, dataset.labels = (
         [dataset.paths[0]] * 8,
         [0] * 8,
-    )  # one image: any difference comes from the random draws
+    )
     loader = make_loader(dataset, batch_size=2, shuffle=False, num_workers=2, seed=0)
     batches = [images for images, _, _ in loader]  # batches alternate between the two workers
     assert not torch.equal(batches[0], batches[1])
@@ -81,9 +81,8 @@ def test_decoded_images_give_the_same_batches_as_decoding_every_epoch(tmp_path):
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == len(paths)
     for cached in (in_memory, on_disk):
         assert all(torch.equal(a, b) for a, b in zip(plain, batches(cached)))
-    again = DecodedImages(
-        paths, digests, sizes, side, memory_mb=0, cache=tmp_path / "cache"
-    )  # a later run reads the files
+    # a later run reads the files
+    again = DecodedImages(paths, digests, sizes, side, memory_mb=0, cache=tmp_path / "cache")
     assert all(torch.equal(a, b) for a, b in zip(plain, batches(again)))
 
 

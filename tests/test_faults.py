@@ -4,11 +4,13 @@ Each case runs the real command in a subprocess where the fault is real (a small
 database) and checks the one line it prints, the time it took, and what was kept.
 """
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -371,9 +373,8 @@ def test_predict_leaves_no_litter_and_export_asks_before_overwriting(
 
     folder, run_id = store_with_a_model
     monkeypatch.chdir(folder)
-    monkeypatch.delenv(
-        "MLFLOW_TRACKING_URI", raising=False
-    )  # the store in `folder`, whatever an earlier test configured
+    # the store in `folder`, whatever an earlier test configured
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.setenv("TLKIT_CACHE", str(tmp_path / "cache"))
     image = sorted(Path(digits_target).rglob("*.png"))[0]
@@ -713,3 +714,58 @@ def test_a_run_the_store_cannot_mark_failed_is_not_said_to_be_marked(tracked, mo
     assert "could not be marked FAILED" in hint
     assert "is marked FAILED" not in hint
     assert hint.endswith(f"tlkit finetune data --resume {run_id}")
+
+
+def _sqlite_error(tmp_path: Path, make) -> sqlite3.Error:
+    """The error a real SQLite database raises when `make(path)` has spoiled it, wrapped as SQLAlchemy wraps it."""
+    path = tmp_path / "store.db"
+    make(path)
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("PRAGMA max_page_count = 2")  # a tiny limit fills like a full disk
+            db.execute("CREATE TABLE IF NOT EXISTS t (x)")
+            db.executemany("INSERT INTO t VALUES (?)", [("x" * 4096,)] * 8)
+            db.commit()
+    except sqlite3.Error as err:
+        return err
+    raise AssertionError("SQLite raised nothing")
+
+
+def _junk(path: Path) -> None:
+    path.write_bytes(b"not a database at all" * 200)
+
+
+def _read_only(path: Path) -> None:
+    sqlite3.connect(path).close()
+    path.chmod(0o444)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "said"),
+    [
+        (lambda path: None, "no space left for the tracking store"),
+        (_junk, "is damaged (file is not a database)"),
+        (_read_only, "is read-only"),
+    ],
+)
+def test_store_failures_are_told_by_their_sqlite_code_wherever_they_sit(tmp_path, spoil, said):
+    from tlkit.cli.process import known_failure
+
+    if spoil is _read_only and os.geteuid() == 0:
+        pytest.skip("root writes a read-only file")
+    error = _sqlite_error(tmp_path, spoil)
+
+    class DriverError(Exception):  # SQLAlchemy's DBAPIError keeps the driver's error as `.orig`
+        orig = error
+
+    wrapped = RuntimeError("the store failed")
+    wrapped.__cause__ = DriverError("(sqlite3.OperationalError) ...")
+    assert said in known_failure(error)
+    assert said in known_failure(wrapped)
+
+
+def test_a_message_that_only_sounds_like_a_store_failure_is_not_one():
+    from tlkit.cli.process import known_failure
+
+    assert known_failure(ValueError("database disk image is malformed")) is None
+    assert known_failure(RuntimeError("No space left on device")) is None

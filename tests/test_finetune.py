@@ -294,9 +294,8 @@ def test_use_val_train_trains_on_val_and_keeps_the_last_epoch(workdir, manifest)
             fit=FitOptions(progress=False, callbacks=[Batches()]),
         )
     assert seen == [n_train + n_val]
-    assert not [
-        w for w in caught if "val_dataloader" in str(w.message)
-    ]  # no val loader is the plan, not a mistake to report
+    # no val loader is the plan, not a mistake to report
+    assert not [w for w in caught if "val_dataloader" in str(w.message)]
     assert result.heldout_split == "test"
     assert len(result.y_true) == len(manifest.split("test"))
 

@@ -38,9 +38,8 @@ def test_real_photos_one_answer_and_calibrated_probabilities(workdir, tmp_path):
             f"{kind}: val accuracy {m['heldout_accuracy']:.3f}, C {result.details['C']:g}, T {m['temperature']:.3f}, "
             f"ECE {m['heldout_ece_uncalibrated']:.3f} -> {m['heldout_ece']:.3f} (held out: val, which chose nothing)"
         )
-        assert (
-            m["heldout_ece"] < m["heldout_ece_uncalibrated"]
-        )  # calibration, fitted out-of-fold on train, helps on the held-out split
+        # calibration, fitted out-of-fold on train, helps on the held-out split
+        assert m["heldout_ece"] < m["heldout_ece_uncalibrated"]
         assert m["heldout_ece"] < 0.08
 
     uri = results["logreg"].model_uri
@@ -48,9 +47,8 @@ def test_real_photos_one_answer_and_calibrated_probabilities(workdir, tmp_path):
     paths = sorted((HYMENOPTERA / "val").rglob("*.jpg"))
     predicted = loaded.predict_proba(paths)
     served = mlflow.pyfunc.load_model(f"{uri}/model").predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
-    np.testing.assert_allclose(
-        served[loaded.classes].to_numpy(), predicted, atol=1e-6
-    )  # bytes decode as files do: the same pixels
+    # bytes decode as files do: the same pixels
+    np.testing.assert_allclose(served[loaded.classes].to_numpy(), predicted, atol=1e-6)
     onnxruntime = pytest.importorskip("onnxruntime")
     exported = run_export(uri, "onnx", tmp_path)
     session = onnxruntime.InferenceSession(str(exported.files[0]), providers=["CPUExecutionProvider"])

@@ -305,9 +305,8 @@ def test_explain_maps_every_class_with_two_classes_too(here, tmp_path, n, kind):
     images = loaded.pixels(paths)
     from tlkit.review.explain import saliency
 
-    for target in range(
-        n
-    ):  # every class's score depends on the image (Grad-CAM may rightly find no evidence *for* a class)
+    # every class's score depends on the image (Grad-CAM may rightly find no evidence *for* a class)
+    for target in range(n):
         heat = saliency(loaded.network, images, torch.full((len(paths),), target))
         assert np.abs(heat).max() > 0, f"an empty saliency map for class {loaded.classes[target]}"
 
@@ -368,9 +367,8 @@ def test_evaluate_cli_on_an_svm_reports_calibration(here, runner):
     assert "test_ece" in result.stdout
     assert "out-of-fold" in " ".join(result.stdout.split())
     evaluation = tracking.get_run(result.stdout.split("MLflow run ")[1].split()[0])
-    assert (
-        tracking.experiment_id("review") == evaluation.info.experiment_id
-    )  # beside the model's run, not in the default experiment
+    # beside the model's run, not in the default experiment
+    assert tracking.experiment_id("review") == evaluation.info.experiment_id
     assert_one_line_error(
         invoke(runner, "evaluate", uri, data, "--attack", "pgd"), "'--attack': 'pgd' is not one of 'fgsm'", usage=True
     )

@@ -132,11 +132,12 @@ def refused(status, body, *fragments, sent=""):
 def test_served_model_refuses_paths_floods_and_bombs_in_one_line(served, tmp_path):
     base, _, _, _ = served
     image = photo(tmp_path / "p.jpg", 64, 64)
+    # never opened: the same answer whether the file exists or not
     for path in (
         str(image),
         "/etc/passwd",
         "/etc/nonexistent",
-    ):  # never opened: the same answer whether the file exists or not
+    ):
         refused(
             *post(base, [path]), "input 0: not a base64-encoded image (JPEG, PNG, WebP, TIFF, BMP or GIF)", sent=path
         )

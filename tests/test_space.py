@@ -86,9 +86,8 @@ def test_strategy_specific_settings_are_sampled_only_for_their_strategy():
 
 def test_freeze_epochs_is_capped_below_epochs():
     space = parse_space({"epochs": [2], "freeze_epochs": {"low": 1, "high": 5}, "lr": [0.001, 0.01]})
-    settings = settings_for(
-        space.sample(FirstChoice()), TrainConfig()
-    )  # FirstChoice takes the high end of int ranges: 5
+    # FirstChoice takes the high end of int ranges: 5
+    settings = settings_for(space.sample(FirstChoice()), TrainConfig())
     assert settings.epochs == 2
     assert settings.freeze_epochs == 1
 
@@ -140,12 +139,10 @@ def test_the_base_recipe_is_the_first_trial_when_the_space_contains_it():
         "label_smoothing": 0.0,
         "bn": "keep-stats",
     }
-    assert settings_for(defaults, TrainConfig()) == TrainConfig(
-        freeze_epochs=1
-    )  # exactly `tlkit finetune` with no training flags
-    assert (
-        parse_space({"lr": {"low": 1e-2, "high": 1e-1}}).defaults(TrainConfig()) == {}
-    )  # 1e-3 is outside: no start point
+    # exactly `tlkit finetune` with no training flags
+    assert settings_for(defaults, TrainConfig()) == TrainConfig(freeze_epochs=1)
+    # 1e-3 is outside: no start point
+    assert parse_space({"lr": {"low": 1e-2, "high": 1e-1}}).defaults(TrainConfig()) == {}
     assert parse_space({"lr": [0.006, 0.01], "strategy": ["full", "gradual"]}).defaults(
         TrainConfig(lr=0.006, strategy="gradual")
     ) == {"lr": 0.006, "strategy": "gradual"}

@@ -61,9 +61,8 @@ def test_baseline_run_contents_and_prediction(tracked, digits_source, classifier
         "data/report.txt",
     } <= files
     assert ("model/artifacts/bundle/backbone.safetensors" in files) == (classifier != "pixels")
-    assert not [
-        f for f in files if f.endswith((".pkl", ".joblib", ".pickle"))
-    ]  # tensors, JSON and code: no pickle anywhere in the run
+    # tensors, JSON and code: no pickle anywhere in the run
+    assert not [f for f in files if f.endswith((".pkl", ".joblib", ".pickle"))]
 
     images = sorted(str(p) for p in Path(digits_source, "2").glob("*.png"))[:5]
     rows, skipped, predicted = run_predict(f"runs:/{result.run_id}", images, top_k=2)

@@ -70,7 +70,7 @@ def test_a_dataset_without_a_heldout_split_is_refused(digits_target):
 
 def test_a_hopeless_trial_is_pruned_before_its_schedule_ends(digits_target):
     """Three finished trials scored 0.9 at every step; a trial that cannot learn (lr ~ 0) stops early."""
-    study = optuna.create_study(direction="maximize", pruner=tune._pruner())
+    study = optuna.create_study(direction="maximize", pruner=tune.pruner())
     for _ in range(3):
         study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values={step: 0.9 for step in range(1, 101)}))
     manifest = tune.tune_splits(ingest(digits_target, val=0.2, test=0.3, seed=0)).trials
@@ -126,10 +126,11 @@ def test_trials_never_see_the_heldout_split_and_the_best_is_retrained_once(
     trial_runs = [r for r in children if r.data.tags["tlkit.stage"] == "trial"]
     assert len(trial_runs) == 3
     assert all(r.info.status == "FINISHED" for r in trial_runs)
+    # the curve
     assert all(
         len(tracked.get_metric_history(r.info.run_id, "val_accuracy")) == int(r.data.metrics["epochs_run"])
         for r in trial_runs
-    )  # the curve
+    )
     assert all("heldout_accuracy" not in r.data.metrics for r in trial_runs)  # trials have no held-out figure
     assert sum(r.data.tags.get("tlkit.best_trial") == "true" for r in trial_runs) == 1
     finals = [r for r in children if r.data.tags.get("tlkit.role") == "tune-final"]
@@ -153,9 +154,8 @@ def test_trials_never_see_the_heldout_split_and_the_best_is_retrained_once(
     from tlkit.runs.compare import compare
 
     board, _ = compare(experiment="tests", out=tmp_path / "compare")
-    assert [e.label for e in board.entries] == [
-        parent.info.run_name
-    ]  # the study is one row; its retrain is not counted twice
+    # the study is one row; its retrain is not counted twice
+    assert [e.label for e in board.entries] == [parent.info.run_name]
 
 
 class _CtrlC(tune.PruningCallback):
@@ -202,9 +202,8 @@ def test_ctrl_c_marks_open_runs_killed_and_the_same_command_resumes(
         logging.getLogger("optuna").removeHandler(keep)
     assert result.exit_code == 130, result.output
     assert "the same command resumes the study" in result.output
-    assert not [
-        r for r in logged if r.levelno >= logging.WARNING
-    ]  # no "Trial 1 failed ... KeyboardInterrupt" and its 110-line traceback
+    # no "Trial 1 failed ... KeyboardInterrupt" and its 110-line traceback
+    assert not [r for r in logged if r.levelno >= logging.WARNING]
     storage = tune.open_storage(tune.default_storage())
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -219,12 +218,13 @@ def test_ctrl_c_marks_open_runs_killed_and_the_same_command_resumes(
     result = runner.invoke(app, argv)
     assert result.exit_code == 0, result.output
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    # trial 0 kept, the failed one redone
     assert [t.state.name for t in study.trials] == [
         "COMPLETE",
         "FAIL",
         "COMPLETE",
         "COMPLETE",
-    ]  # trial 0 kept, the failed one redone
+    ]
     runs = tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])
     parents = [r for r in runs if r.data.tags.get("tlkit.stage") == "tune"]
     assert len(parents) == 1

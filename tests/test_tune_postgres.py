@@ -84,17 +84,15 @@ def test_two_workers_finish_one_study_on_postgresql_with_no_trial_lost_or_run_tw
     study = optuna.load_study(study_name="shared", storage=storage)
     counted = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     assert len(counted) == 8, [(t.number, t.state.name) for t in study.trials]
-    assert all(
-        "over_budget" in t.user_attrs for t in study.trials if t not in counted
-    )  # none lost: every other trial never ran
+    # none lost: every other trial never ran
+    assert all("over_budget" in t.user_attrs for t in study.trials if t not in counted)
     assert len({t.user_attrs["worker"] for t in counted}) == 2  # both workers took trials
 
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("team").experiment_id])
     trials = [r for r in runs if r.data.tags.get("tlkit.stage") == "trial"]
-    assert sorted(int(r.data.tags["tlkit.trial"]) for r in trials) == sorted(
-        t.number for t in counted
-    )  # each trial run once
+    # each trial run once
+    assert sorted(int(r.data.tags["tlkit.trial"]) for r in trials) == sorted(t.number for t in counted)
     assert {r.info.run_id for r in trials} == {t.user_attrs["mlflow_run_id"] for t in counted}
     parents = [r for r in runs if r.data.tags.get("tlkit.stage") == "tune"]
     assert len(parents) == 1

@@ -137,9 +137,8 @@ def test_sweep_runs_line_up_in_the_ui_in_a_real_browser(tracked, tmp_path, digit
             driver.save_screenshot(str(SCREENSHOTS / "mlflow-runs.png"))
             ids = urllib.parse.quote(json.dumps([r.info.run_id for r in points]))
             driver.get(f"{base}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([experiment]))}")
-            _wait_for(
-                driver, [*names, "svm.heldout_accuracy", "sweep.pixel_size"]
-            )  # runs side by side, with metric and setting rows
+            # runs side by side, with metric and setting rows
+            _wait_for(driver, [*names, "svm.heldout_accuracy", "sweep.pixel_size"])
             time.sleep(3)  # let the parallel-coordinates plot draw before the picture
             driver.save_screenshot(str(SCREENSHOTS / "mlflow-compare.png"))
         finally:
@@ -157,9 +156,8 @@ def test_tlkit_ui_points_at_the_runs_with_their_held_out_accuracy(tracked, digit
     from tlkit.config import SplitConfig
     from tlkit.runs.stages import run_ingest
 
-    run_ingest(
-        digits_source, SplitConfig(), out=tmp_path / "m.json"
-    )  # a run with no held-out score: not in the ranking
+    # a run with no held-out score: not in the ranking
+    run_ingest(digits_source, SplitConfig(), out=tmp_path / "m.json")
     for classifier in ("pixels", "svm"):
         run_baseline(
             digits_source,
@@ -236,9 +234,8 @@ def test_pipeline_logs_to_a_tracking_server(workdir, tmp_path, digits_target):
             f"{bundle}/tlkit-model.json",
             f"{bundle}/backbone.safetensors",
         }
-        assert "model/MLmodel" in {
-            a.path for a in client.list_artifacts(tuned.info.run_id, "model")
-        }  # a pyfunc model too
+        # a pyfunc model too
+        assert "model/MLmodel" in {a.path for a in client.list_artifacts(tuned.info.run_id, "model")}
         # the fine-tune loaded its backbone from the pretrain run's artifacts, through the server
         assert tuned.data.params["weights"] == f"runs:/{next(r.info.run_id for r in runs if r.info.run_name == 'pre')}"
         assert summary.tracking_uri == base

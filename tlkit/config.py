@@ -16,6 +16,8 @@ from tlkit.errors import TlkitError
 Strategy = Literal["freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 BatchNorm = Literal["frozen", "train", "keep-stats"]
+LinearClassifier = Literal["svm", "logreg"]
+ExplainMethod = Literal["saliency", "gradcam", "occlusion"]
 BN_HELP = (
     "BatchNorm: frozen (frozen groups in eval mode), train (statistics update), keep-stats (every layer keeps its "
     "pretrained statistics)"
@@ -215,7 +217,7 @@ class PretrainConfig(TrainConfig):
 
 
 class BaselineConfig(Settings):
-    classifier: Literal["svm", "logreg", "pixels"] = Field(
+    classifier: Literal[LinearClassifier, "pixels"] = Field(
         "svm", description="svm (L2-normalised features), logreg (L-BFGS), or pixels (svm on raw pixels)"
     )
     pixel_size: int = Field(32, ge=2, description="side of the downscaled image for the pixels classifier")
@@ -289,7 +291,7 @@ class EvaluateConfig(Settings):
     tta: bool = Field(False, description="also average predictions over the mirror image and 4 corner crops")
     tta_flip: bool | None = Field(None, description="mirror in TTA (default: if the model trained with flips)")
     explain: int = Field(0, ge=0, description="maps for the N top losses")
-    method: Literal["saliency", "gradcam", "occlusion"] = Field(
+    method: ExplainMethod = Field(
         "saliency", description="saliency (gradients), gradcam (the last convolution's activations) or occlusion"
     )
     attack: Literal["fgsm"] | None = Field(None, description="fgsm: accuracy under the fast gradient sign attack")

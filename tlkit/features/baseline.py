@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 from sklearn.base import clone
@@ -26,13 +27,14 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
+from tlkit.config import LinearClassifier
 from tlkit.core.metrics import calibration, classification_metrics
 from tlkit.errors import TlkitError
 from tlkit.features import calibrate
 from tlkit.features.extract import FeatureSet
 from tlkit.models import heads
 
-CLASSIFIERS = ("svm", "logreg")
+CLASSIFIERS: tuple[str, ...] = get_args(LinearClassifier)
 C_GRID = {"svm": np.logspace(-2, 3, 6), "logreg": np.logspace(-4, 2, 7)}
 
 

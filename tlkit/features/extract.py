@@ -82,10 +82,11 @@ def _load_cached(path: Path, manifest: Manifest, key: str, meta: dict) -> Featur
 def _save(path: Path, X: np.ndarray, manifest: Manifest) -> None:
     from tlkit.core.files import replacing
 
+    # a concurrent reader sees the old file or the new one
     with (
         replacing(path) as partial,
         open(partial, "wb") as handle,
-    ):  # a concurrent reader sees the old file or the new one
+    ):
         np.savez(handle, X=X, sha256=np.array([r.sha256 for r in manifest.records]))
 
 

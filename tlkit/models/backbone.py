@@ -252,18 +252,18 @@ def _hub_host(name: str) -> tuple[str, bool]:
     return "huggingface.co", False
 
 
-def _reachable(host: str, timeout: float) -> str | None:
+def unreachable(host: str, timeout: float) -> str | None:
     """None if a TCP connection to host:443 opens within `timeout`, else the reason."""
     result: list[str | None] = ["timed out"]
 
-    def probe() -> None:
+    def connect() -> None:
         try:
             socket.create_connection((host, 443), timeout=timeout).close()
             result[0] = None
         except OSError as err:
             result[0] = err.strerror or type(err).__name__
 
-    thread = threading.Thread(target=probe, daemon=True)  # DNS lookups ignore socket timeouts
+    thread = threading.Thread(target=connect, daemon=True)  # DNS lookups ignore socket timeouts
     thread.start()
     thread.join(timeout)
     return result[0]
@@ -279,7 +279,7 @@ def _create_from_hub(name: str, img_size: int | None) -> torch.nn.Module:
             raise TlkitError(
                 f"pretrained weights for {name!r} are not in the local cache and HF_HUB_OFFLINE is set; {fix}"
             )
-        reason = _reachable(host, HUB_TIMEOUT_S)
+        reason = unreachable(host, HUB_TIMEOUT_S)
         if reason is not None:
             raise TlkitError(
                 f"cannot download pretrained weights for {name!r}: {host} is unreachable ({reason}); {fix}; "

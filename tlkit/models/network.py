@@ -170,9 +170,9 @@ def load_model(ref: str, *, tracking_uri: str | None = None) -> LoadedModel:
         mean, std = saved.data_config["mean"], saved.data_config["std"]
     expected = head.linear.in_features
     network = Network(backbone, head, mean, std).eval()
-    probe = torch.zeros(1, *saved.data_config["input_size"])
+    blank = torch.zeros(1, *saved.data_config["input_size"])
     with torch.no_grad():
-        width = network.backbone.forward_head(network.features(probe), pre_logits=True).shape[1]
+        width = network.backbone.forward_head(network.features(blank), pre_logits=True).shape[1]
     if width != expected or head.linear.out_features != len(saved.classes):
         raise TlkitError(
             f"{Path(folder).name}: the head expects {expected} features and {head.linear.out_features} classes, the "

@@ -134,9 +134,9 @@ def check_paths(ray, nodes: list[dict], paths: list[str]) -> None:
     path."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    probe = ray.remote(num_cpus=0, max_retries=0)(_missing)
+    find_missing = ray.remote(num_cpus=0, max_retries=0)(_missing)
     refs = {
-        node["NodeManagerAddress"]: probe.options(
+        node["NodeManagerAddress"]: find_missing.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
         ).remote(paths)
         for node in nodes

@@ -205,9 +205,9 @@ def _sampler(seed: int, n_trials: int | None) -> optuna.samplers.TPESampler:
     )
 
 
-def _pruner() -> optuna.pruners.BasePruner:
-    # Steps are percent of a trial's schedule, so trials of 5 and 20 epochs are compared at the same point of their
-    # schedule.
+def pruner() -> optuna.pruners.BasePruner:
+    """The median pruner every tune uses. Its steps are percent of a trial's schedule, so trials of 5 and 20 epochs
+    are compared at the same point of their schedules."""
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=PRUNE_WARMUP_PCT)
 
 
@@ -220,12 +220,12 @@ def open_study(name: str, storage, *, seed: int, n_trials: int | None) -> tuple[
     """
     try:
         return optuna.create_study(
-            study_name=name, storage=storage, direction="maximize", sampler=_sampler(seed, n_trials), pruner=_pruner()
+            study_name=name, storage=storage, direction="maximize", sampler=_sampler(seed, n_trials), pruner=pruner()
         ), True
     except optuna.exceptions.DuplicatedStudyError:
         worker_seed = seed + 1 + int.from_bytes(os.urandom(2), "little")
         return optuna.load_study(
-            study_name=name, storage=storage, sampler=_sampler(worker_seed, n_trials), pruner=_pruner()
+            study_name=name, storage=storage, sampler=_sampler(worker_seed, n_trials), pruner=pruner()
         ), False
 
 

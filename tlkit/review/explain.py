@@ -6,16 +6,19 @@ returns one (H, W) map per image, larger where the class score depends more on t
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tlkit.config import ExplainMethod
 from tlkit.core.files import printable
 from tlkit.core.metrics import plt
 from tlkit.errors import TlkitError
 from tlkit.models.network import Network
 
-METHODS = ("saliency", "gradcam", "occlusion")
+METHODS: tuple[str, ...] = get_args(ExplainMethod)
 
 
 SMOOTHGRAD_SAMPLES = 16

@@ -17,7 +17,7 @@ import copy
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -25,11 +25,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tlkit import __version__
+from tlkit.config import ExportFormat
 from tlkit.core.files import replacing, write_bytes
 from tlkit.errors import TlkitError
 from tlkit.models.network import LoadedModel
 
-FORMATS = ("onnx", "torchscript", "safetensors")
+FORMATS: tuple[str, ...] = get_args(ExportFormat)
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 TOLERANCE = 1e-4  # largest difference allowed between the exported model's probabilities and PyTorch's
 

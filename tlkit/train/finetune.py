@@ -341,7 +341,9 @@ def train_classifier(
     L.seed_everything(settings.seed, workers=True, verbose=False)
     module = module or build_module(manifest, backbone, settings)
     precision = runtime.training_precision(compute.precision, module)
-    L.seed_everything(settings.seed, workers=True, verbose=False)  # the precision probe may have drawn random numbers
+    L.seed_everything(
+        settings.seed, workers=True, verbose=False
+    )  # the fit starts from the seed, whatever the head drew
     budget = default_image_cache_mb() if compute.image_cache_mb is None else compute.image_cache_mb
     loaders = _Loaders.build(
         manifest, backbone, settings, num_workers=compute.num_workers, memory_mb=budget, cache=compute.cache_dir

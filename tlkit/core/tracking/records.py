@@ -43,9 +43,8 @@ def parse_run_ref(ref: str) -> tuple[str, str]:
 def get_run(run_id: str, tracking_uri: str | None = None):
     """The MLflow run, or a TlkitError naming the store that was searched."""
     uri = target_uri(tracking_uri)
-    if (
-        uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists()
-    ):  # do not create a store to find nothing in it
+    # do not create a store to find nothing in it
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         raise TlkitError(
             f"no run {run_id!r}: the tracking store {uri} does not exist yet; run tlkit where mlflow.db is, or pass "
             "--tracking-uri"

@@ -97,13 +97,14 @@ def start_run(
         get_run(run_id)  # before anything is created: an unknown id is an error, not a new store
     if not nested:
         ensure_experiment()
+    # the context's tags win
     all_tags = {
         "tlkit.stage": stage,
         "tlkit.version": __version__,
         **process_tags(),
         **(tags or {}),
         **_TAGS,
-    }  # the context's tags win
+    }
     command = os.environ.get("TLKIT_COMMAND")  # the command line, set by the CLI's entry point
     if command and not nested and parent_run_id is None:
         # no passwords of URIs in a tag anyone can read
