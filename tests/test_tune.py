@@ -190,7 +190,7 @@ def test_ctrl_c_marks_open_runs_killed_and_the_same_command_resumes(
         "--experiment",
         "tests",
     ]
-    monkeypatch.setattr(tune, "PruningCallback", _CtrlC)
+    monkeypatch.setattr("tlkit.pipelines.tune.trials.PruningCallback", _CtrlC)  # where a trial builds it
     monkeypatch.setattr(sys, "argv", ["tlkit", *argv])  # the resume hint repeats the command line
     logged = []
     keep = logging.Handler()
@@ -214,7 +214,7 @@ def test_ctrl_c_marks_open_runs_killed_and_the_same_command_resumes(
     assert status["trial 1"] == "KILLED"
     assert status[f"tune {TINY_MODEL}: {summary.study_name}"] == "KILLED"
 
-    monkeypatch.setattr(tune, "PruningCallback", _CtrlC.__mro__[1])
+    monkeypatch.setattr("tlkit.pipelines.tune.trials.PruningCallback", _CtrlC.__mro__[1])
     result = runner.invoke(app, argv)
     assert result.exit_code == 0, result.output
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -355,15 +355,14 @@ class EpochClock:
     def install(self, monkeypatch) -> None:
         import types
 
+        from tlkit.pipelines.tune import search, trials
         from tlkit.train.callbacks import PhaseCallback
 
-        monkeypatch.setattr(
-            tune,
-            "time",
-            types.SimpleNamespace(
-                monotonic=self.monotonic, time=time.time, perf_counter=time.perf_counter, sleep=time.sleep
-            ),
+        fake_time = types.SimpleNamespace(
+            monotonic=self.monotonic, time=time.time, perf_counter=time.perf_counter, sleep=time.sleep
         )
+        for module in (search, trials):  # the budget's start and a trial's deadline read this clock
+            monkeypatch.setattr(module, "time", fake_time)
         epoch_end, train_start = PhaseCallback.on_train_epoch_end, PhaseCallback.on_train_start
         clock = self
 

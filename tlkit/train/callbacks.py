@@ -19,9 +19,9 @@ CHECKPOINT_EVERY_S = 30.0  # last.ckpt (for --resume) at most this often, beside
 class LatestCheckpoint(L.Callback):
     """Writes last.ckpt for --resume: at the end of every phase but the last, otherwise at most every
     `every_s` seconds. A resnet18 checkpoint with its optimizer state takes about 0.27 s to write; saved
-    every epoch, the quickstart's 40 short epochs spent a quarter of their time writing them. Not at the
-    end of training: the weights are in memory then, and the finished run is logged with its model
-    (that last write was 4 % of `bench/finetune.py`'s tlkit side)."""
+    every epoch, the quickstart's 40 short epochs would spend a quarter of their time writing them. Not at
+    the end of training: the weights are in memory then, and the finished run is logged with its model
+    (a write there would be 4 % of `bench/finetune.py`'s tlkit side)."""
 
     # Not ModelCheckpoint(train_time_interval=...): it saves on its own clock only, not at phase boundaries, and
     # writes in place, where this writes beside and renames (a kill mid-write keeps the previous checkpoint).

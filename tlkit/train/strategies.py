@@ -1,6 +1,6 @@
 """Strategy name + epochs + layer groups -> training phases and per-group learning rates.
 
-Pure functions: what trains when, and how fast. The LightningModule in finetune.py applies them. They take
+Pure functions: what trains when, and how fast. The LightningModule (train/module.py) applies them. They take
 settings as `tlkit.config.TrainConfig` validates them (the strategy names, ranges and freeze_epochs below epochs
 are its rules); what depends on the backbone (its number of layer groups) is checked here.
 
