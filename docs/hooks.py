@@ -1,11 +1,15 @@
-"""MkDocs hook: the CLI reference page is generated from the Typer app at build time, so `--help` and the
-docs cannot drift apart (the same option texts and defaults, read from the same code)."""
+"""MkDocs hooks: the CLI reference page is generated from the Typer app at build time, so `--help` and the
+docs cannot drift apart (the same option texts and defaults, read from the same code); the changelog page is
+the repository's CHANGELOG.md, so the history is written once."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from mkdocs.structure.files import File
 
 PAGE = "reference/cli.md"
+CHANGELOG = Path(__file__).resolve().parents[1] / "CHANGELOG.md"
 
 
 def cli_reference() -> str:
@@ -43,4 +47,5 @@ def _escape_help(text: str) -> str:
 
 def on_files(files, config):
     files.append(File.generated(config, PAGE, content=cli_reference()))
+    files.append(File.generated(config, "changelog.md", content=CHANGELOG.read_text()))
     return files
