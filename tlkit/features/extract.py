@@ -58,6 +58,19 @@ def _key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def _feature_set(X: np.ndarray, manifest: Manifest, *, key: str, meta: dict, cached: bool = False) -> FeatureSet:
+    """The rows of X as the manifest's images: their labels and splits, in the manifest's order."""
+    return FeatureSet(
+        X=X,
+        y=manifest.labels(),
+        splits=np.array([r.split for r in manifest.records]),
+        classes=manifest.classes,
+        key=key,
+        meta=meta,
+        cached=cached,
+    )
+
+
 def _load_cached(path: Path, manifest: Manifest, key: str, meta: dict) -> FeatureSet | None:
     if not path.exists():
         return None
@@ -68,15 +81,7 @@ def _load_cached(path: Path, manifest: Manifest, key: str, meta: dict) -> Featur
         return None  # a damaged cache file is recomputed, not trusted
     if list(hashes) != [r.sha256 for r in manifest.records]:
         return None
-    return FeatureSet(
-        X=X,
-        y=manifest.labels(),
-        splits=np.array([r.split for r in manifest.records]),
-        classes=manifest.classes,
-        key=key,
-        meta=meta,
-        cached=True,
-    )
+    return _feature_set(X, manifest, key=key, meta=meta, cached=True)
 
 
 def _save(path: Path, X: np.ndarray, manifest: Manifest) -> None:
@@ -145,14 +150,7 @@ def extract_features(
         model, backbone.num_features, loader, devices=compute.devices, precision=precision, progress=progress
     )
     _save(path, X, manifest)
-    return FeatureSet(
-        X=X,
-        y=manifest.labels(),
-        splits=np.array([r.split for r in manifest.records]),
-        classes=manifest.classes,
-        key=key,
-        meta=meta,
-    )
+    return _feature_set(X, manifest, key=key, meta=meta)
 
 
 def pixel_features(manifest: Manifest, *, size: int = 32, cache: str | os.PathLike | None = None) -> FeatureSet:
@@ -164,14 +162,7 @@ def pixel_features(manifest: Manifest, *, size: int = 32, cache: str | os.PathLi
         return found
     X = np.stack([pixels_of(load_rgb(manifest.abspath(r)), size) for r in manifest.records])
     _save(path, X, manifest)
-    return FeatureSet(
-        X=X,
-        y=manifest.labels(),
-        splits=np.array([r.split for r in manifest.records]),
-        classes=manifest.classes,
-        key=key,
-        meta=meta,
-    )
+    return _feature_set(X, manifest, key=key, meta=meta)
 
 
 def pixels_of(image: np.ndarray, size: int) -> np.ndarray:
