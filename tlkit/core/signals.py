@@ -5,10 +5,17 @@ Ctrl-C at a terminal sends SIGINT to every process of the foreground group: the 
 their DataLoader workers, each of which then stops in its own way. SIGTERM reaches only the process it is sent to,
 so the handler passes SIGINT on to this process's children first, then raises KeyboardInterrupt here. The command
 line installs it (`terminating_as_interrupt`); importing tlkit installs nothing.
+
+A fork (a DataLoader starting its workers) puts a SIGTERM off by a tenth of a second. Python runs a signal
+handler inside the hooks that `os.fork` calls (logging's lock release), and a new child runs its own hooks in its
+first moments; a KeyboardInterrupt raised in either place cannot be caught: it is printed as "Exception ignored"
+and lost (the command went on; seen in fresh-clone CI runs, a tune starting a trial's worker). So the first
+SIGTERM after a fork is delivered again once no fork has happened for RETRY_AFTER_FORK_S.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
@@ -48,6 +55,40 @@ def interrupt_children() -> list[int]:
     return signalled
 
 
+_FORKED: list[None] = []  # not empty once this process forked since its SIGTERM handler last looked
+MAX_DEFERRALS = 20  # forks that keep coming (never seen) do not put a SIGTERM off for more than 2 s
+_FORK_HOOKS: list[bool] = []  # registered once in a process, by the first `terminating_as_interrupt`
+RETRY_AFTER_FORK_S = 0.1  # a fork's hooks, in parent and child, take well under a millisecond
+
+
+def _watch_forks() -> None:
+    # `before` hooks run in reverse order of registration, so this one, registered after logging's, runs first.
+    # It is a C callable (a list method): there is no Python frame in it where a signal handler could run.
+    # os.register_at_fork has no way to unregister: it stays for the life of the process, only noting forks.
+    if not _FORK_HOOKS and hasattr(os, "register_at_fork"):
+        noted = functools.partial(_FORKED.__setitem__, slice(None), [None])  # _FORKED[:] = [None]
+        os.register_at_fork(before=noted, after_in_child=_FORKED.clear)
+        _FORK_HOOKS.append(True)
+
+
+def _deliver_later(signum: int) -> threading.Timer:
+    """`signum` to the main thread again in RETRY_AFTER_FORK_S (unless the timer is cancelled)."""
+    timer = threading.Timer(RETRY_AFTER_FORK_S, signal.pthread_kill, (threading.main_thread().ident, signum))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _stopping() -> bool:
+    """Whether this thread is handling a KeyboardInterrupt or SystemExit (or an error raised while doing so)."""
+    err = sys.exc_info()[1]
+    while err is not None:
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            return True
+        err = err.__context__
+    return False
+
+
 @contextmanager
 def terminating_as_interrupt() -> Iterator[list[int]]:
     """Inside, the first SIGTERM interrupts the children and raises KeyboardInterrupt in the main thread; a second
@@ -58,15 +99,27 @@ def terminating_as_interrupt() -> Iterator[list[int]]:
         yield received  # signal handlers belong to the main thread (and Windows has no SIGTERM to catch from outside)
         return
 
-    def on_sigterm(signum, frame) -> None:
-        if received:
-            return
-        received.append(signum)
-        interrupt_children()
-        raise KeyboardInterrupt
+    deferred: list[threading.Timer] = []  # a SIGTERM came after a fork and is delivered again by these
 
+    def on_sigterm(signum, frame) -> None:
+        if received and not deferred:
+            return
+        received[:] = [signum]
+        # in os.fork's hooks, or its child may still be in its own: the interrupt would be lost
+        if _FORKED and len(deferred) < MAX_DEFERRALS:
+            _FORKED.clear()
+            deferred.append(_deliver_later(signum))
+            return
+        deferred.clear()
+        interrupt_children()
+        if not _stopping():  # a Lightning fit may have stopped on its own SIGTERM flag in the meantime
+            raise KeyboardInterrupt
+
+    _watch_forks()
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield received
     finally:
+        for timer in deferred:  # the command stopped another way meanwhile: no SIGTERM after the handler is gone
+            timer.cancel()
         signal.signal(signal.SIGTERM, previous)
