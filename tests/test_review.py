@@ -15,7 +15,14 @@ from conftest import TINY_MODEL
 from PIL import Image
 from test_cli import assert_one_line_error, invoke
 
-from tlkit.config import BackboneConfig, BaselineConfig, ComputeConfig, EvaluateConfig, TrainConfig
+from tlkit.config import (
+    BackboneConfig,
+    BaselineConfig,
+    ComputeConfig,
+    EvaluateConfig,
+    PretrainConfig,
+    TrainConfig,
+)
 from tlkit.core import tracking
 from tlkit.errors import TlkitError
 from tlkit.models.network import load_model
@@ -23,15 +30,17 @@ from tlkit.review.predict import predict_images
 from tlkit.runs.evaluate import run_evaluate, run_explain, run_export
 from tlkit.runs.stages import RunOptions, run_baseline, run_train
 
-KINDS = ["finetune", "svm", "logreg", "pixels"]
+# kept-probe: a fine-tune of pretrained weights that its frozen probe beat on val, so the run's model is the probe
+KINDS = ["finetune", "kept-probe", "svm", "logreg", "pixels"]
 CLASSES = [2, 3]
 # The matrices that cost the most run two classes in the default suite and three with the slow tests (CI runs both).
 CLASSES_2_FAST = [2, pytest.param(3, marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, digits_target, digits_pair):
-    """One MLflow store for the module: a fine-tuned tiny model and the three baselines, on 3 and on 2 classes."""
+def store(tmp_path_factory, digits_source, digits_target, digits_pair):
+    """One MLflow store for the module: a fine-tuned tiny model, a fine-tune that delivered its probe, and the three
+    baselines, on 3 and on 2 classes."""
     folder = tmp_path_factory.mktemp("review")
     models = {"folder": folder}
     with pytest.MonkeyPatch.context() as patch:
@@ -40,9 +49,17 @@ def store(tmp_path_factory, digits_target, digits_pair):
         tracking.configure(None, "review")
         backbone = BackboneConfig(model=TINY_MODEL, pretrained=False, img_size=32)
         compute = ComputeConfig(num_workers=0)
+        quiet = RunOptions(progress=False)
+        source = PretrainConfig(epochs=2, augment="none")
+        pretrained = BackboneConfig(
+            weights=run_train(digits_source, backbone, source, compute=compute, run=quiet).model_uri
+        )
         for n, data in ((3, digits_target), (2, digits_pair)):
             train = TrainConfig(epochs=4, strategy="full", augment="none", hflip=False, lr=3e-3)
-            models[n, "finetune"] = run_train(data, backbone, train, compute=compute, run=RunOptions(progress=False))
+            models[n, "finetune"] = run_train(data, backbone, train, compute=compute, run=quiet)
+            # a fine-tune that cannot learn (lr 1e-9): its head stays at its random start, and the probe is kept
+            stalled = train.model_copy(update={"epochs": 1, "lr": 1e-9})
+            models[n, "kept-probe"] = run_train(data, pretrained, stalled, compute=compute, run=quiet)
             for kind in ("svm", "logreg", "pixels"):
                 models[n, kind] = run_baseline(data, backbone, BaselineConfig(classifier=kind), compute=compute)
             models[n, "data"] = data
@@ -55,6 +72,26 @@ def here(store, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracking.configure(None, "review")
     return store
+
+
+@pytest.mark.parametrize("n", CLASSES)
+def test_a_finetune_that_its_probe_beat_delivers_the_probe_and_says_so(here, n):
+    result = here[n, "kept-probe"]
+    details, run = result.details, tracking.get_run(result.run_id)
+    assert details["kept"] == run.data.params["kept"] == run.data.tags["tlkit.kept"] == "probe"
+    scores = details["selection_scores"]
+    assert scores["probe"] > scores["finetune"]
+    assert run.data.metrics["selection_accuracy_probe"] == scores["probe"]
+    assert run.data.metrics["selection_accuracy_finetune"] == scores["finetune"]
+    assert run.data.params["selection.kept"] == "the val split (test reports)"
+    # the run's held-out figures are the delivered model's, the fine-tune's beside them
+    assert (
+        result.metrics["heldout_accuracy"] == details["probe_heldout_accuracy"] == run.data.metrics["heldout_accuracy"]
+    )
+    assert run.data.metrics["finetune_heldout_accuracy"] == details["finetune_heldout_accuracy"]
+    # the saved model is the probe on the pretrained backbone: evaluated afresh, it scores what the probe scored
+    evaluation = run_evaluate(result.model_uri, here[n, "data"], EvaluateConfig(split="test"))
+    assert evaluation.metrics["test_accuracy"] == pytest.approx(details["probe_heldout_accuracy"])
 
 
 def images_of(data, n=6):
@@ -378,7 +415,7 @@ def test_evaluate_cli_on_an_svm_reports_calibration(here, runner):
     )
 
 
-@pytest.mark.parametrize("kind", ["svm", "logreg", "pixels", "finetune"])
+@pytest.mark.parametrize("kind", ["svm", "logreg", "pixels", "finetune", "kept-probe"])
 def test_every_model_logs_its_calibration_on_the_heldout_split(here, kind):
     for n in CLASSES:
         m = here[n, kind].metrics

@@ -17,6 +17,7 @@ Strategy = Literal["freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft"
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 BatchNorm = Literal["frozen", "train", "keep-stats"]
 LinearClassifier = Literal["svm", "logreg"]
+Keep = Literal["best", "finetune", "probe"]  # which model a finetune delivers (tlkit.train.choice)
 ExplainMethod = Literal["saliency", "gradcam", "occlusion"]
 BN_HELP = (
     "BatchNorm: frozen (frozen groups in eval mode), train (statistics update), keep-stats (every layer keeps its "
@@ -183,6 +184,11 @@ class TrainConfig(Settings):
     )
     augment: str = Field("light", description="none, light, medium, heavy, or an albumentations YAML file")
     hflip: bool = Field(True, description="allow horizontal flips in augmentation")
+    keep: Keep = Field(
+        "best",
+        description="the model a finetune delivers: best (the fine-tune or the linear SVM on the frozen pretrained "
+        "features, whichever scores higher on a split that reports nothing), finetune, or probe",
+    )
     seed: int = Field(0, description="seed of initialisation and training")
 
     @model_validator(mode="after")

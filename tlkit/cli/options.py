@@ -31,7 +31,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "split": ("SplitConfig", ("seed",)),
     "compute": ("ComputeConfig", ()),
     "finetune": ("TrainConfig", ("seed",)),
-    "pretrain": ("PretrainConfig", ("seed",)),
+    "pretrain": ("PretrainConfig", ("seed", "keep")),  # a pretrain has no probe: it delivers what it trained
     "baseline": ("BaselineConfig", ("seed",)),
     "tracking": ("TrackingConfig", ()),
     "model-tracking": ("ModelTrackingConfig", ()),

@@ -111,18 +111,32 @@ def _train(kind: str, data: str, options: dict, *, seed: int, resume: str | None
         score_probe=score_probe,
     )
     d = result.details
-    kept = f"best epoch {d['best_epoch']}" if d["best_epoch"] is not None else f"last of {d['epochs_run']} epochs"
+    epoch = f"best epoch {d['best_epoch']}" if d["best_epoch"] is not None else f"last of {d['epochs_run']} epochs"
     precision = PRECISION_NAMES.get(d["precision"], d["precision"])
-    console.print(metrics_table(f"{kind} ({train.strategy}, {precision}): {kept}", result.metrics, d["heldout_split"]))
-    probe_score = d.get("probe_heldout_accuracy")
-    if probe_score is not None and probe_score > result.metrics["heldout_accuracy"]:
-        console.print(
-            f"note: a linear SVM on this backbone's frozen features scores {probe_score:.4f} on the "
-            f"{d['heldout_split']} split, above this fine-tune's {result.metrics['heldout_accuracy']:.4f}; "
-            "`tlkit baseline` with the same data and weights gives you that model",
-            highlight=False,
-        )
+    title = f"{kind} ({train.strategy}, {precision}): {epoch}"
+    if d.get("kept") == "probe":
+        title = f"{kind}: the frozen probe (linear SVM on the pretrained features), kept over the fine-tune"
+    console.print(metrics_table(title, result.metrics, d["heldout_split"]))
+    if "probe_heldout_accuracy" in d:
+        console.print(choice_line(d), highlight=False)
     run_footer(result.run_id)
+
+
+def choice_line(details: dict) -> str:
+    """Which model the run delivers, why, and the other candidate's held-out figure."""
+    kept, scores = details["kept"], details.get("selection_scores")
+    other = "probe" if kept == "finetune" else "finetune"
+    names = {"finetune": "the fine-tune", "probe": "the linear SVM on the frozen features"}
+    if scores:
+        why = f"on {details['choice_split']}: fine-tune {scores['finetune']:.4f}, probe {scores['probe']:.4f}"
+    elif details["keep"] != "best":
+        why = f"--keep {details['keep']}"
+    else:
+        why = "no training image to hold back for the choice: every class has one"
+    return (
+        f"kept {names[kept]} ({why}); {names[other]} scored {details[f'{other}_heldout_accuracy']:.4f} on the "
+        f"{details['heldout_split']} split"
+    )
 
 
 @app.command("pretrain")

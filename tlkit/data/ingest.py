@@ -311,6 +311,20 @@ def groups_by_class(items: list[tuple[str, str, object]]) -> dict[str, list[list
     return {label: [by_class[label][d] for d in sorted(by_class[label])] for label in sorted(by_class)}
 
 
+def carve(records: list, fraction: float, seed: int) -> set[str]:
+    """Paths of about `fraction` of each class's training images (at least one of a class with two or more),
+    identical images kept together."""
+    rng = np.random.default_rng(seed)
+    chosen: set[str] = set()
+    for groups in groups_by_class([(r.label, r.sha256, r.path) for r in records]).values():
+        if len(groups) < 2:
+            continue
+        n = min(len(groups) - 1, max(1, round(fraction * len(groups))))
+        for i in rng.permutation(len(groups))[:n]:
+            chosen.update(groups[i])
+    return chosen
+
+
 def _make_splits(rows: list[tuple], *, val: float, test: float, seed: int, shots: int | None) -> list[str]:
     """Stratified, seeded splits; identical files (same hash) always land in the same split.
 

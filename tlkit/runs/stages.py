@@ -24,9 +24,12 @@ from tlkit.errors import TlkitError
 from tlkit.models import bundle
 
 if TYPE_CHECKING:
+    import torch
+
     from tlkit.features.baseline import BaselineResult
     from tlkit.features.extract import FeatureSet
     from tlkit.models.backbone import Backbone
+    from tlkit.train.choice import ChoiceSplits
     from tlkit.train.finetune import TrainResult
     from tlkit.train.lr_find import LRFindResult
 
@@ -372,9 +375,10 @@ def run_train(
 
     `resume` continues an interrupted fit from its last checkpoint: a run id (str) into that same MLflow run; a
     checkpoint file (Path: a lost Ray point's `last.ckpt`) into a new run, tagged `tlkit.resumed_from`. With
-    `score_probe` (finetune of pretrained weights), the linear SVM on the same backbone's frozen features is fitted
-    first (from the feature cache when it has them) and its held-out accuracy logged beside the fine-tune's as
-    `probe_heldout_accuracy`, so a fine-tune that does worse than its own linear probe is known, not hidden.
+    `score_probe` (finetune of pretrained weights), the linear SVM on the same backbone's frozen features (its probe)
+    is fitted first, from the feature cache when it has them; its held-out accuracy is logged beside the fine-tune's,
+    and the run's model is the one `train.keep` says (tlkit.train.choice): by default whichever of the two scores
+    higher on a split that reports nothing.
     """
     kind = "pretrain" if isinstance(train, PretrainConfig) else "finetune"
     start_from = resume if isinstance(resume, Path) else None
@@ -387,6 +391,12 @@ def run_train(
     compute = compute or ComputeConfig()
     backbone = make_backbone(backbone_config, tracking_uri=run.tracking_uri)
     check_settings(manifest, backbone, train)  # every setting's error before the run (and the store) exists
+    with_probe = score_probe and kind == "finetune" and not backbone.weights.startswith("random")
+    if kind == "finetune" and train.keep == "probe" and not with_probe:
+        raise TlkitError(
+            "--keep probe delivers the linear SVM on the pretrained backbone's frozen features, but this fine-tune "
+            "has none (random weights, or --no-probe); drop --keep probe or give pretrained --weights"
+        )
     with tracking.start_run(
         kind,
         run_name=run.named(f"{backbone.name} {kind} ({train.strategy})"),
@@ -396,10 +406,8 @@ def run_train(
     ) as run_id:
         log_data(manifest)
         log_backbone(backbone)
-        probe = None
-        if score_probe and kind == "finetune" and not backbone.weights.startswith("random"):
-            # before training: the backbone is trained in place
-            probe = _frozen_probe(manifest, backbone, train, compute=compute, progress=run.progress)
+        # before training: the backbone is trained in place
+        probe = _frozen_probe(manifest, backbone, train, compute=compute, progress=run.progress) if with_probe else None
         if train.lr == "auto":
             train, found = _resolve_auto_lr(manifest, backbone, train, compute)
         _log_train_batch(manifest, backbone, train)
@@ -407,31 +415,55 @@ def run_train(
         fit = FitOptions(
             callbacks=[MetricsCallback(run_id)], workdir=workdir, resume=resume is not None, progress=run.progress
         )
-        result = train_classifier(manifest, backbone, train, compute=compute, fit=fit)
-        summary = _record_fit(
-            _Fitted(run_id=run_id, kind=kind, manifest=manifest, backbone=backbone, train=train, result=result),
-            probe=probe,
-            resumed=resume_run is not None,
-        )
+        fit_on = probe.splits.manifest if probe is not None and probe.splits is not None else manifest
+        result = train_classifier(fit_on, backbone, train, compute=compute, fit=fit)
+        fitted = _Fitted(run_id=run_id, kind=kind, manifest=fit_on, backbone=backbone, train=train, result=result)
+        summary = _record_fit(fitted, resumed=resume_run is not None)
+        delivered = _deliver(fitted, probe, compute=compute)
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the model is in the run; checkpoints only serve --resume
     details = {
         **summary,
+        **delivered.details,
         "best_epoch": result.best_epoch,
         "heldout_split": result.heldout_split,  # None, not -1, when no epoch was chosen
         "precision": result.settings["precision"],
     }
-    return StageResult(stage=kind, run_id=run_id, metrics=result.metrics, model_uri=f"runs:/{run_id}", details=details)
+    return StageResult(
+        stage=kind, run_id=run_id, metrics=delivered.metrics, model_uri=f"runs:/{run_id}", details=details
+    )
+
+
+@dataclass
+class _Probe:
+    """A fine-tune's frozen probe: the model it would deliver (`tlkit baseline`'s SVM, fitted on all of train), the
+    pretrained backbone it reads, and the split that chooses between it and the fine-tune (None: no choice)."""
+
+    result: BaselineResult
+    pretrained: torch.nn.Module
+    splits: ChoiceSplits | None
+    selection_accuracy: float | None
 
 
 def _frozen_probe(
     manifest: Manifest, backbone: Backbone, train: TrainConfig, *, compute: ComputeConfig, progress: bool
-) -> BaselineResult:
-    """The linear SVM on the backbone's frozen features (from the feature cache when it has them), uncalibrated:
-    only its held-out accuracy is reported, beside the fine-tune's."""
+) -> _Probe:
+    """The linear SVM on the backbone's frozen features (from the feature cache when it has them), calibrated as
+    `tlkit baseline` calibrates it, and its accuracy on the selection split when `train.keep` is best."""
+    import copy
+
     from tlkit.features.baseline import fit_baseline
+    from tlkit.train import choice
 
     features = _features(manifest, backbone, compute, 0, progress=progress)
-    return fit_baseline(features, classifier="svm", seed=train.seed, calibrated=False)
+    result = fit_baseline(features, classifier="svm", seed=train.seed)
+    splits = choice.choice_splits(manifest, use_val=train.use_val, seed=train.seed) if train.keep == "best" else None
+    score = None
+    if splits is not None and splits.split == "val":
+        score = result.selection_score  # C was chosen on val: its accuracy there
+    elif splits is not None:
+        carved = choice.with_splits_of(features, splits.manifest)
+        score = choice.probe_selection_accuracy(carved, splits.split, seed=train.seed)
+    return _Probe(result=result, pretrained=copy.deepcopy(backbone.model), splits=splits, selection_accuracy=score)
 
 
 def _log_train_batch(manifest: Manifest, backbone: Backbone, train: TrainConfig) -> None:
@@ -471,12 +503,11 @@ class _Fitted:
     result: TrainResult
 
 
-def _record_fit(fitted: _Fitted, *, probe: BaselineResult | None, resumed: bool) -> dict[str, float]:
-    """A finished fit into its run: resolved settings, selection, metrics beside the probe's, curves, the model."""
-    run_id, kind, manifest, backbone = fitted.run_id, fitted.kind, fitted.manifest, fitted.backbone
+def _record_fit(fitted: _Fitted, *, resumed: bool) -> dict[str, float]:
+    """A finished fit into its run: resolved settings, how its epoch was chosen, its curves."""
+    run_id, kind, backbone = fitted.run_id, fitted.kind, fitted.backbone
     train, result = fitted.train, fitted.result
     from tlkit.core.metrics import curves_figure
-    from tlkit.models import heads
 
     resolved = result.settings
     if not resumed:
@@ -501,10 +532,7 @@ def _record_fit(fitted: _Fitted, *, probe: BaselineResult | None, resumed: bool)
         summary["best_val_accuracy"] = result.best_val_accuracy
     if "probe_selection_accuracy" in resolved:
         summary["probe_selection_accuracy"] = resolved["probe_selection_accuracy"]
-    if probe is not None:
-        summary["probe_heldout_accuracy"] = probe.metrics["heldout_accuracy"]
-    tracking.log_metrics({**result.metrics, **summary})
-    _log_confusion(result.y_true, result.y_pred, manifest.classes, result.heldout_split)
+    tracking.log_metrics(summary)
     history = {
         key: tracking.metric_steps(run_id, key) for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
     }
@@ -518,17 +546,64 @@ def _record_fit(fitted: _Fitted, *, probe: BaselineResult | None, resumed: bool)
         ),
         "plots/training_curves.png",
     )
+    return summary
+
+
+@dataclass
+class _Delivered:
+    """The run's model, as chosen (tlkit.train.choice): its held-out metrics, and what the run says of the choice."""
+
+    metrics: dict[str, float]
+    details: dict
+
+
+def _deliver(fitted: _Fitted, probe: _Probe | None, *, compute: ComputeConfig) -> _Delivered:
+    """Choose between the fine-tune and its probe, and log the chosen one as the run's model with its metrics."""
+    from tlkit.models import heads
+    from tlkit.train.choice import choose
+    from tlkit.train.finetune import split_accuracy
+
+    manifest, backbone, train, result = fitted.manifest, fitted.backbone, fitted.train, fitted.result
+    kept, scores, figures = "finetune", {}, {}
+    details: dict = {"kept": "finetune", "keep": train.keep}
+    if probe is not None:
+        figures["finetune_heldout_accuracy"] = result.metrics["heldout_accuracy"]
+        figures["probe_heldout_accuracy"] = probe.result.metrics["heldout_accuracy"]
+        if probe.splits is not None and probe.selection_accuracy is not None:
+            tuned = result.best_val_accuracy if probe.splits.split == "val" else None
+            if tuned is None:
+                tuned = split_accuracy(result, manifest, probe.splits.split, backbone, compute=compute)
+            scores = {"finetune": tuned, "probe": probe.selection_accuracy}
+            details["choice_split"] = probe.splits.how
+        # best without a selection split (every class has one training image): the fine-tune
+        kept = choose(scores, train.keep) if scores else ("finetune" if train.keep == "best" else train.keep)
+        details.update(kept=kept, selection_scores=scores)
+    if fitted.kind == "finetune":
+        tracking.log_params({"kept": kept, **({"selection.kept": details["choice_split"]} if scores else {})})
+        tracking.set_tags({"tlkit.kept": kept})
+    metrics = result.metrics if kept == "finetune" else probe.result.metrics  # type: ignore[union-attr]
+    tracking.log_metrics({**metrics, **figures, **{f"selection_accuracy_{k}": v for k, v in scores.items()}})
     saved = bundle.Bundle(
-        kind=kind,
+        kind=fitted.kind,
         model_name=backbone.name,
         data_config=dict(backbone.data_config),
         classes=manifest.classes,
         weights=backbone.weights,
-        head={"calibration": resolved["selection"].get("temperature", "none")},
-        extra={"best_epoch": result.best_epoch, "strategy": train.strategy, "hflip": train.hflip},
+        extra={"best_epoch": result.best_epoch, "strategy": train.strategy, "hflip": train.hflip, "kept": kept},
     )
-    _save_model(saved, result.module.backbone, heads.from_linear(result.module.head, temperature=result.temperature))
-    return summary
+    if kept == "finetune":
+        _log_confusion(result.y_true, result.y_pred, manifest.classes, result.heldout_split)
+        saved.head = {"calibration": result.settings["selection"].get("temperature", "none")}
+        _save_model(
+            saved, result.module.backbone, heads.from_linear(result.module.head, temperature=result.temperature)
+        )
+    else:
+        assert probe is not None
+        _log_confusion(probe.result.y_true, probe.result.y_pred, manifest.classes, probe.result.heldout_split)
+        saved.head = {"calibration": probe.result.calibration, "C": probe.result.C}
+        saved.extra["best_epoch"] = None
+        _save_model(saved, probe.pretrained, probe.result.head)
+    return _Delivered(metrics=metrics, details={**details, **figures})
 
 
 def run_predict(

@@ -511,6 +511,20 @@ def _callbacks(
     return extra
 
 
+def split_accuracy(
+    result: TrainResult, manifest: Manifest, split: str, backbone: Backbone, *, compute: ComputeConfig
+) -> float:
+    """The trained module's accuracy on `split` of `manifest` (a selection split it did not train on), in float32 with
+    the eval transform, as every saved model is scored."""
+    loader = make_loader(
+        _dataset(manifest, split, augment.eval_transform(backbone.data_config)),
+        batch_size=(result.settings.get("batch_size") or DEFAULT_BATCH) * 2,
+        num_workers=compute.num_workers,
+    )
+    logits = infer(result.module, loader, precision="32-true")
+    return float((logits.argmax(1) == manifest.labels(manifest.split(split))).mean())
+
+
 def _evaluate(
     module: ImageClassifier,
     manifest: Manifest,

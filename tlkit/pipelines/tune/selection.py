@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import numpy as np
-
 from tlkit.config import TuneConfig
-from tlkit.data.ingest import Manifest, groups_by_class, records_fingerprint
+from tlkit.data.ingest import Manifest, carve, records_fingerprint
 from tlkit.errors import TlkitError
 
 SELECTION_FRACTION = TuneConfig().selection  # of each class's training images, when the data has no test split
@@ -26,20 +24,6 @@ class TuneSplits:
     final_use_val: str  # "train": val joins train and test is held out; "select": val is held out
     heldout: str  # the split that the reported figure is on
     selection: str  # what the selection split is, in words
-
-
-def _carve(records: list, fraction: float, seed: int) -> set[str]:
-    """Paths of about `fraction` of each class's training images (at least one of a class with two or more),
-    identical images kept together."""
-    rng = np.random.default_rng(seed)
-    chosen: set[str] = set()
-    for groups in groups_by_class([(r.label, r.sha256, r.path) for r in records]).values():
-        if len(groups) < 2:
-            continue
-        n = min(len(groups) - 1, max(1, round(fraction * len(groups))))
-        for i in rng.permutation(len(groups))[:n]:
-            chosen.update(groups[i])
-    return chosen
 
 
 def tune_splits(manifest: Manifest, *, fraction: float = SELECTION_FRACTION, seed: int = 0) -> TuneSplits:
@@ -67,7 +51,7 @@ def tune_splits(manifest: Manifest, *, fraction: float = SELECTION_FRACTION, see
         raise TlkitError(
             "tune needs a held-out split to report on and this data has only train; ingest with --val or --test > 0"
         )
-    selected = _carve(train, fraction, seed)
+    selected = carve(train, fraction, seed)
     if not selected:
         raise TlkitError(
             "too few training images to carve a selection split out of train (a class needs 2 or more); add images or "

@@ -1,0 +1,112 @@
+"""Which model a fine-tune delivers: the split that chooses, the probe's score there, the rule, and the run's record."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from conftest import TINY_MODEL
+from test_cli import assert_one_line_error, invoke
+from typer.testing import CliRunner
+
+from tlkit.config import BackboneConfig, ComputeConfig, PretrainConfig, SplitConfig, TrainConfig
+from tlkit.data.ingest import ingest
+from tlkit.features.extract import FeatureSet
+from tlkit.runs.stages import RunOptions, run_train
+from tlkit.train.choice import SELECT, choice_splits, choose, probe_selection_accuracy, with_splits_of
+
+CPU = ComputeConfig(num_workers=0)
+QUIET = RunOptions(progress=False)
+
+
+def test_val_chooses_when_a_test_split_reports(digits_target):
+    manifest = ingest(digits_target)
+    splits = choice_splits(manifest, use_val="select", seed=0)
+    assert splits is not None and splits.split == "val"
+    assert splits.manifest is manifest  # nothing held back: val already reports nothing
+
+
+@pytest.mark.parametrize("case", ["no test split", "val trained on"])
+def test_otherwise_a_share_of_each_class_of_train_is_held_back(digits_target, case):
+    manifest = ingest(digits_target, test=0.0) if case == "no test split" else ingest(digits_target)
+    splits = choice_splits(manifest, use_val="select" if case == "no test split" else "train", seed=3)
+    assert splits is not None and splits.split == SELECT
+    before = {r.path: r.split for r in manifest.records}
+    after = {r.path: r.split for r in splits.manifest.records}
+    held = [p for p, s in after.items() if s == SELECT]
+    assert all(before[p] == "train" for p in held)  # only training images are held back
+    assert {p: s for p, s in after.items() if p not in held} == {p: s for p, s in before.items() if p not in held}
+    per_class = Counter(r.label for r in splits.manifest.split(SELECT))
+    train_per_class = Counter(r.label for r in manifest.split("train"))
+    assert set(per_class) == set(train_per_class)
+    for label, n in per_class.items():
+        assert n == round(0.2 * train_per_class[label])
+    again = choice_splits(manifest, use_val="select" if case == "no test split" else "train", seed=3)
+    assert again is not None and again.manifest.records == splits.manifest.records  # a resumed run holds back the same
+
+
+def test_no_choice_where_every_class_has_one_training_image(tmp_path):
+    from tlkit.data.samples import write_digits
+
+    write_digits(tmp_path / "d", classes=[1, 7], per_class=2, size=16, seed=0)
+    manifest = ingest(tmp_path / "d", val=0.5, test=0.0)
+    assert all(n == 1 for n in Counter(r.label for r in manifest.split("train")).values())
+    assert choice_splits(manifest, use_val="select", seed=0) is None
+
+
+def test_the_higher_selection_score_is_kept_a_tie_keeps_the_finetune_and_keep_insists():
+    assert choose({"finetune": 0.8, "probe": 0.9}, "best") == "probe"
+    assert choose({"finetune": 0.9, "probe": 0.8}, "best") == "finetune"
+    assert choose({"finetune": 0.85, "probe": 0.85}, "best") == "finetune"
+    assert choose({"finetune": 0.1, "probe": 0.9}, "finetune") == "finetune"
+    assert choose({"finetune": 0.9, "probe": 0.1}, "probe") == "probe"
+
+
+def test_the_probes_selection_score_comes_from_a_model_that_never_saw_the_selection_split():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    X = rng.normal(size=(80, 8)) + 3 * y[:, None]  # separable: a probe fitted on train gets the held images right
+    splits = np.array(["train"] * 80, dtype=object)
+    splits[::5] = SELECT
+    features = FeatureSet(X=X, y=y, splits=splits, classes=["a", "b"], key="k")
+    assert probe_selection_accuracy(features, SELECT) == 1.0
+    flipped = FeatureSet(X=X, y=np.where(splits == SELECT, 1 - y, y), splits=splits, classes=["a", "b"], key="k")
+    assert probe_selection_accuracy(flipped, SELECT) == 0.0  # fitted on train alone: the held labels are not learnt
+
+
+def test_features_take_the_held_back_split_of_the_manifest(digits_target):
+    manifest = ingest(digits_target, test=0.0)
+    splits = choice_splits(manifest, use_val="select", seed=0)
+    assert splits is not None
+    n = len(manifest.records)
+    features = FeatureSet(
+        X=np.zeros((n, 2)),
+        y=manifest.labels(),
+        splits=np.array([r.split for r in manifest.records]),
+        classes=[],
+        key="",
+    )
+    carved = with_splits_of(features, splits.manifest)
+    assert (carved.splits == SELECT).sum() == len(splits.manifest.split(SELECT))
+    assert (features.splits == SELECT).sum() == 0  # the cached set is not changed
+
+
+def test_without_a_test_split_the_candidates_are_scored_on_held_back_training_images(
+    tracked, digits_source, digits_pair
+):
+    tiny = BackboneConfig(model=TINY_MODEL, pretrained=False, img_size=32)
+    pre = run_train(digits_source, tiny, PretrainConfig(epochs=2, augment="none"), compute=CPU, run=QUIET)
+    train = TrainConfig(epochs=2, augment="none", strategy="full", lr=3e-3)
+    no_test = SplitConfig(test=0.0)
+    result = run_train(digits_pair, BackboneConfig(weights=pre.model_uri), train, split=no_test, compute=CPU, run=QUIET)
+    details, run = result.details, tracked.get_run(result.run_id)
+    assert "training images (20% of each class, seed 0) held back" in details["choice_split"]
+    assert run.data.params["selection.kept"] == details["choice_split"]
+    scores = details["selection_scores"]
+    assert scores[details["kept"]] == max(scores.values())  # the delivered model is the better one where it was chosen
+    assert details["heldout_split"] == run.data.params["heldout_split"] == "val"
+
+
+def test_keep_probe_without_pretrained_weights_is_refused_in_one_line_before_any_run(workdir, digits_pair):
+    args = ["finetune", digits_pair, "--model", TINY_MODEL, "--no-pretrained", "--img-size", "32", "--keep", "probe"]
+    assert_one_line_error(invoke(CliRunner(), *args), "--keep probe", "drop --keep probe or give pretrained --weights")
+    assert not (workdir / "mlflow.db").exists()
