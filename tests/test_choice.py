@@ -61,16 +61,27 @@ def test_the_higher_selection_score_is_kept_a_tie_keeps_the_finetune_and_keep_in
     assert choose({"finetune": 0.9, "probe": 0.1}, "probe") == "probe"
 
 
-def test_the_probes_selection_score_comes_from_a_model_that_never_saw_the_selection_split():
+def test_the_better_probe_on_the_selection_split_is_the_candidate_and_a_tie_keeps_the_svm():
+    from tlkit.train.choice import better_probe
+
+    assert better_probe({"svm": 0.8, "logreg": 0.9}) == "logreg"
+    assert better_probe({"svm": 0.9, "logreg": 0.9}) == "svm"
+    assert better_probe({"svm": float("nan"), "logreg": float("nan")}) == "svm"  # no score anywhere: the SVM
+
+
+@pytest.mark.parametrize("classifier", ["svm", "logreg"])
+def test_the_probes_selection_score_comes_from_a_model_that_never_saw_the_selection_split(classifier):
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 40)
     X = rng.normal(size=(80, 8)) + 3 * y[:, None]  # separable: a probe fitted on train gets the held images right
     splits = np.array(["train"] * 80, dtype=object)
     splits[::5] = SELECT
     features = FeatureSet(X=X, y=y, splits=splits, classes=["a", "b"], key="k")
-    assert probe_selection_accuracy(features, SELECT) == 1.0
+    assert probe_selection_accuracy(features, SELECT, classifier=classifier) == 1.0
     flipped = FeatureSet(X=X, y=np.where(splits == SELECT, 1 - y, y), splits=splits, classes=["a", "b"], key="k")
-    assert probe_selection_accuracy(flipped, SELECT) == 0.0  # fitted on train alone: the held labels are not learnt
+    assert (
+        probe_selection_accuracy(flipped, SELECT, classifier=classifier) == 0.0
+    )  # fitted on train alone: the held labels are not learnt
 
 
 def test_features_take_the_held_back_split_of_the_manifest(digits_target):
@@ -123,12 +134,14 @@ def test_the_summary_says_what_was_kept_why_and_what_the_other_candidate_scored(
         "finetune_heldout_accuracy": 0.75,
         "probe_heldout_accuracy": 0.85,
         "heldout_split": "test",
+        "probe_classifier": "svm",
     }
     assert choice_line(details) == (
         "kept the linear SVM on the frozen features (on the val split (test reports): fine-tune 0.8000, probe "
         "0.9000); the fine-tune scored 0.7500 on the test split"
     )
-    insisted = {**details, "kept": "finetune", "keep": "finetune", "selection_scores": {}}
+    insisted = {**details, "kept": "finetune", "keep": "finetune", "selection_scores": {}, "probe_classifier": "logreg"}
     assert choice_line(insisted) == (
-        "kept the fine-tune (--keep finetune); the linear SVM on the frozen features scored 0.8500 on the test split"
+        "kept the fine-tune (--keep finetune); the logistic regression on the frozen features scored 0.8500 on the "
+        "test split"
     )

@@ -84,6 +84,7 @@ def test_a_finetune_that_its_probe_beat_delivers_the_probe_and_says_so(here, n):
     assert run.data.metrics["selection_accuracy_probe"] == scores["probe"]
     assert run.data.metrics["selection_accuracy_finetune"] == scores["finetune"]
     assert run.data.params["selection.kept"] == "the val split (test reports)"
+    assert run.data.params["probe_classifier"] == details["probe_classifier"] in ("svm", "logreg")
     # the run's held-out figures are the delivered model's, the fine-tune's beside them
     assert (
         result.metrics["heldout_accuracy"] == details["probe_heldout_accuracy"] == run.data.metrics["heldout_accuracy"]

@@ -115,7 +115,7 @@ def _train(kind: str, data: str, options: dict, *, seed: int, resume: str | None
     precision = PRECISION_NAMES.get(d["precision"], d["precision"])
     title = f"{kind} ({train.strategy}, {precision}): {epoch}"
     if d.get("kept") == "probe":
-        title = f"{kind}: the frozen probe (linear SVM on the pretrained features), kept over the fine-tune"
+        title = f"{kind}: its frozen probe ({d['probe_classifier']} on the pretrained features), kept"
     console.print(metrics_table(title, result.metrics, d["heldout_split"]))
     if "probe_heldout_accuracy" in d:
         console.print(choice_line(d), highlight=False)
@@ -126,7 +126,8 @@ def choice_line(details: dict) -> str:
     """Which model the run delivers, why, and the other candidate's held-out figure."""
     kept, scores = details["kept"], details.get("selection_scores")
     other = "probe" if kept == "finetune" else "finetune"
-    names = {"finetune": "the fine-tune", "probe": "the linear SVM on the frozen features"}
+    probe = {"svm": "linear SVM", "logreg": "logistic regression"}[details.get("probe_classifier", "svm")]
+    names = {"finetune": "the fine-tune", "probe": f"the {probe} on the frozen features"}
     if scores:
         why = f"on {details['choice_split']}: fine-tune {scores['finetune']:.4f}, probe {scores['probe']:.4f}"
     elif details["keep"] != "best":
@@ -172,7 +173,8 @@ def finetune_command(
         bool,
         typer.Option(
             "--probe/--no-probe",
-            help="Also score a linear SVM on the frozen features (cached) and say if it beats the fine-tune.",
+            help="Also fit the linear probes on the frozen features (cached); --keep chooses between them and the "
+            "fine-tune.",
         ),
     ] = True,
     resume: Resume = None,

@@ -435,10 +435,11 @@ def run_train(
 
 @dataclass
 class _Probe:
-    """A fine-tune's frozen probe: the model it would deliver (`tlkit baseline`'s SVM, fitted on all of train), the
+    """A fine-tune's frozen probe: the model it would deliver (`tlkit baseline`'s, fitted on all of train), the
     pretrained backbone it reads, and the split that chooses between it and the fine-tune (None: no choice)."""
 
     result: BaselineResult
+    classifier: str
     pretrained: torch.nn.Module
     splits: ChoiceSplits | None
     selection_accuracy: float | None
@@ -447,23 +448,33 @@ class _Probe:
 def _frozen_probe(
     manifest: Manifest, backbone: Backbone, train: TrainConfig, *, compute: ComputeConfig, progress: bool
 ) -> _Probe:
-    """The linear SVM on the backbone's frozen features (from the feature cache when it has them), calibrated as
-    `tlkit baseline` calibrates it, and its accuracy on the selection split when `train.keep` is best."""
+    """The better linear probe on the backbone's frozen features (from the feature cache when it has them): the SVM
+    or logistic regression, each calibrated as `tlkit baseline` calibrates it, whichever scores higher where it is
+    chosen; with its accuracy on the selection split when `train.keep` is best."""
     import copy
 
-    from tlkit.features.baseline import fit_baseline
+    from tlkit.features.baseline import CLASSIFIERS, fit_baseline
     from tlkit.train import choice
 
     features = _features(manifest, backbone, compute, 0, progress=progress)
-    result = fit_baseline(features, classifier="svm", seed=train.seed)
+    fits = {kind: fit_baseline(features, classifier=kind, seed=train.seed) for kind in CLASSIFIERS}
     splits = choice.choice_splits(manifest, use_val=train.use_val, seed=train.seed) if train.keep == "best" else None
-    score = None
-    if splits is not None and splits.split == "val":
-        score = result.selection_score  # C was chosen on val: its accuracy there
-    elif splits is not None:
+    if splits is not None and splits.split == choice.SELECT:
         carved = choice.with_splits_of(features, splits.manifest)
-        score = choice.probe_selection_accuracy(carved, splits.split, seed=train.seed)
-    return _Probe(result=result, pretrained=copy.deepcopy(backbone.model), splits=splits, selection_accuracy=score)
+        scores = {
+            kind: choice.probe_selection_accuracy(carved, splits.split, classifier=kind, seed=train.seed)
+            for kind in fits
+        }
+    else:  # where each chose its C: val when a test split reports, else cross-validation on train
+        scores = {kind: fit.selection_score for kind, fit in fits.items()}
+    kind = choice.better_probe(scores)
+    return _Probe(
+        result=fits[kind],
+        classifier=kind,
+        pretrained=copy.deepcopy(backbone.model),
+        splits=splits,
+        selection_accuracy=scores[kind] if splits is not None else None,
+    )
 
 
 def _log_train_batch(manifest: Manifest, backbone: Backbone, train: TrainConfig) -> None:
@@ -567,6 +578,7 @@ def _deliver(fitted: _Fitted, probe: _Probe | None, *, compute: ComputeConfig) -
     kept, scores, figures = "finetune", {}, {}
     details: dict = {"kept": "finetune", "keep": train.keep}
     if probe is not None:
+        details["probe_classifier"] = probe.classifier
         figures["finetune_heldout_accuracy"] = result.metrics["heldout_accuracy"]
         figures["probe_heldout_accuracy"] = probe.result.metrics["heldout_accuracy"]
         if probe.splits is not None and probe.selection_accuracy is not None:
@@ -579,7 +591,8 @@ def _deliver(fitted: _Fitted, probe: _Probe | None, *, compute: ComputeConfig) -
         kept = choose(scores, train.keep) if scores else ("finetune" if train.keep == "best" else train.keep)
         details.update(kept=kept, selection_scores=scores)
     if fitted.kind == "finetune":
-        tracking.log_params({"kept": kept, **({"selection.kept": details["choice_split"]} if scores else {})})
+        chosen = {"selection.kept": details["choice_split"]} if scores else {}
+        tracking.log_params({"kept": kept, "probe_classifier": details.get("probe_classifier", ""), **chosen})
         tracking.set_tags({"tlkit.kept": kept})
     metrics = result.metrics if kept == "finetune" else probe.result.metrics  # type: ignore[union-attr]
     tracking.log_metrics({**metrics, **figures, **{f"selection_accuracy_{k}": v for k, v in scores.items()}})
@@ -601,6 +614,7 @@ def _deliver(fitted: _Fitted, probe: _Probe | None, *, compute: ComputeConfig) -
         assert probe is not None
         _log_confusion(probe.result.y_true, probe.result.y_pred, manifest.classes, probe.result.heldout_split)
         saved.head = {"calibration": probe.result.calibration, "C": probe.result.C}
+        saved.extra["classifier"] = probe.classifier
         saved.extra["best_epoch"] = None
         _save_model(saved, probe.pretrained, probe.result.head)
     return _Delivered(metrics=metrics, details={**details, **figures})

@@ -1,7 +1,8 @@
 """A fine-tune and its frozen probe -> the one model `tlkit finetune` delivers, chosen where nothing is reported.
 
-Two candidates come out of every fine-tune of pretrained weights: the fine-tuned network, and its probe, the
-linear SVM on the pretrained backbone's frozen features (`tlkit baseline`'s model, from the same feature cache).
+Two candidates come out of every fine-tune of pretrained weights: the fine-tuned network, and its probe, a linear
+classifier on the pretrained backbone's frozen features (`tlkit baseline`'s model, from the same feature cache: the
+SVM or logistic regression, whichever scores higher on the selection split).
 Neither wins everywhere: on few images a class of many classes, or far from ImageNet, the frozen features can
 hold more than a fine-tune keeps (issue 30's table: aerial images 0.895 against 0.800), and on low-resolution or
 simple sets the fine-tune wins. So with `keep="best"` both are scored on a selection split, and the higher one is
@@ -16,6 +17,7 @@ that costs seconds. `keep="finetune"` or `"probe"` delivers that candidate whate
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, replace
 
@@ -59,16 +61,21 @@ def with_splits_of(features: FeatureSet, manifest: Manifest) -> FeatureSet:
     return replace(features, splits=np.array([r.split for r in manifest.records]))
 
 
-def probe_selection_accuracy(features: FeatureSet, split: str, *, seed: int = 0) -> float:
-    """The probe's accuracy on the carved selection split: C by cross-validation on the rest of train, fitted there.
-    (On val, the probe's score is `fit_baseline`'s own selection_score: C was chosen there.)"""
+def probe_selection_accuracy(features: FeatureSet, split: str, *, classifier: str = "svm", seed: int = 0) -> float:
+    """A probe's accuracy on the carved selection split: C by cross-validation on the rest of train, fitted there.
+    (On val, a probe's score is `fit_baseline`'s own selection_score: C was chosen there.)"""
     train, held = features.subset("train"), features.subset(split)
-    pipeline = build_classifier("svm", seed=seed)
-    found = search_C(pipeline, C_GRID["svm"], train, None)
+    pipeline = build_classifier(classifier, seed=seed)
+    found = search_C(pipeline, C_GRID[classifier], train, None)
     with warnings.catch_warnings():  # as in search_C: an unconverged large C just scores worse
         warnings.simplefilter("ignore", ConvergenceWarning)
         fitted = pipeline.set_params(clf__C=found.C).fit(*train)
     return float((fitted.predict(held[0]) == held[1]).mean())
+
+
+def better_probe(scores: dict[str, float]) -> str:
+    """The probe with the higher selection score; of a tie (or of no scores: NaN), the first, the SVM."""
+    return max(scores, key=lambda kind: -1.0 if math.isnan(scores[kind]) else scores[kind])
 
 
 def choose(scores: dict[str, float], keep: str) -> str:
