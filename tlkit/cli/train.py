@@ -287,9 +287,8 @@ def tune_command(
         return
     final = outcome.final
     console.print(metrics_table("best recipe, retrained", final.metrics, final.details.get("heldout_split", "test")))
-    probe_accuracy = final.details.get("probe_heldout_accuracy")
-    if probe_accuracy is not None:
-        console.print(f"the frozen probe (linear SVM) on the same split: {probe_accuracy:.4f}", highlight=False)
+    if "probe_heldout_accuracy" in final.details:
+        console.print(choice_line(final.details), highlight=False)
     console.print(f"reproduce it: {outcome.command}", highlight=False, soft_wrap=True)
     console.print(
         Text("MLflow study run ")

@@ -375,10 +375,10 @@ def run_train(
 
     `resume` continues an interrupted fit from its last checkpoint: a run id (str) into that same MLflow run; a
     checkpoint file (Path: a lost Ray point's `last.ckpt`) into a new run, tagged `tlkit.resumed_from`. With
-    `score_probe` (finetune of pretrained weights), the linear SVM on the same backbone's frozen features (its probe)
-    is fitted first, from the feature cache when it has them; its held-out accuracy is logged beside the fine-tune's,
-    and the run's model is the one `train.keep` says (tlkit.train.choice): by default whichever of the two scores
-    higher on a split that reports nothing.
+    `score_probe` (finetune of pretrained weights), the linear probes on the same backbone's frozen features are
+    fitted first, from the feature cache when it has them; the better one's held-out accuracy is logged beside the
+    fine-tune's, and the run's model is the one `train.keep` says (tlkit.train.choice): by default whichever of the
+    two scores higher on a split that reports nothing.
     """
     kind = "pretrain" if isinstance(train, PretrainConfig) else "finetune"
     start_from = resume if isinstance(resume, Path) else None
@@ -394,7 +394,7 @@ def run_train(
     with_probe = score_probe and kind == "finetune" and not backbone.weights.startswith("random")
     if kind == "finetune" and train.keep == "probe" and not with_probe:
         raise TlkitError(
-            "--keep probe delivers the linear SVM on the pretrained backbone's frozen features, but this fine-tune "
+            "--keep probe delivers a linear probe on the pretrained backbone's frozen features, but this fine-tune "
             "has none (random weights, or --no-probe); drop --keep probe or give pretrained --weights"
         )
     with tracking.start_run(
@@ -594,8 +594,6 @@ def _deliver(fitted: _Fitted, probe: _Probe | None, *, compute: ComputeConfig) -
         chosen = {"selection.kept": details["choice_split"]} if scores else {}
         tracking.log_params({"kept": kept, "probe_classifier": details.get("probe_classifier", ""), **chosen})
         tracking.set_tags({"tlkit.kept": kept})
-    metrics = result.metrics if kept == "finetune" else probe.result.metrics  # type: ignore[union-attr]
-    tracking.log_metrics({**metrics, **figures, **{f"selection_accuracy_{k}": v for k, v in scores.items()}})
     saved = bundle.Bundle(
         kind=fitted.kind,
         model_name=backbone.name,
@@ -604,19 +602,18 @@ def _deliver(fitted: _Fitted, probe: _Probe | None, *, compute: ComputeConfig) -
         weights=backbone.weights,
         extra={"best_epoch": result.best_epoch, "strategy": train.strategy, "hflip": train.hflip, "kept": kept},
     )
-    if kept == "finetune":
-        _log_confusion(result.y_true, result.y_pred, manifest.classes, result.heldout_split)
-        saved.head = {"calibration": result.settings["selection"].get("temperature", "none")}
-        _save_model(
-            saved, result.module.backbone, heads.from_linear(result.module.head, temperature=result.temperature)
-        )
-    else:
-        assert probe is not None
-        _log_confusion(probe.result.y_true, probe.result.y_pred, manifest.classes, probe.result.heldout_split)
+    if kept == "probe" and probe is not None:
+        metrics, scored = probe.result.metrics, (probe.result.y_true, probe.result.y_pred, probe.result.heldout_split)
         saved.head = {"calibration": probe.result.calibration, "C": probe.result.C}
-        saved.extra["classifier"] = probe.classifier
-        saved.extra["best_epoch"] = None
-        _save_model(saved, probe.pretrained, probe.result.head)
+        saved.extra.update(best_epoch=None, classifier=probe.classifier)
+        body, head = probe.pretrained, probe.result.head
+    else:
+        metrics, scored = result.metrics, (result.y_true, result.y_pred, result.heldout_split)
+        saved.head = {"calibration": result.settings["selection"].get("temperature", "none")}
+        body, head = result.module.backbone, heads.from_linear(result.module.head, temperature=result.temperature)
+    tracking.log_metrics({**metrics, **figures, **{f"selection_accuracy_{k}": v for k, v in scores.items()}})
+    _log_confusion(scored[0], scored[1], manifest.classes, scored[2])
+    _save_model(saved, body, head)
     return _Delivered(metrics=metrics, details={**details, **figures})
 
 

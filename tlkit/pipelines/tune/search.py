@@ -380,7 +380,11 @@ def _log_outcome(study: optuna.Study, outcome: TuneOutcome, best: optuna.trial.F
     tracking.log_metrics(
         {
             **final.metrics,
-            **{k: v for k, v in final.details.items() if k == "probe_heldout_accuracy" and v is not None},
+            **{
+                k: v
+                for k, v in final.details.items()
+                if k in ("probe_heldout_accuracy", "finetune_heldout_accuracy") and v is not None
+            },
             "best_selection_score": float(best.value or 0.0),  # a complete trial has a value
             "best_trial": best.number,
             **{f"trials_{k.lower()}": v for k, v in outcome.trials.items() if k != "RUNNING"},
