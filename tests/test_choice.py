@@ -53,10 +53,10 @@ def test_no_choice_where_every_class_has_one_training_image(tmp_path):
     assert choice_splits(manifest, use_val="select", seed=0) is None
 
 
-def test_the_higher_selection_score_is_kept_a_tie_keeps_the_finetune_and_keep_insists():
+def test_the_higher_selection_score_is_kept_a_tie_keeps_the_probe_and_keep_insists():
     assert choose({"finetune": 0.8, "probe": 0.9}, "best") == "probe"
     assert choose({"finetune": 0.9, "probe": 0.8}, "best") == "finetune"
-    assert choose({"finetune": 0.85, "probe": 0.85}, "best") == "finetune"
+    assert choose({"finetune": 0.85, "probe": 0.85}, "best") == "probe"
     assert choose({"finetune": 0.1, "probe": 0.9}, "finetune") == "finetune"
     assert choose({"finetune": 0.9, "probe": 0.1}, "probe") == "probe"
 
