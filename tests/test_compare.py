@@ -42,6 +42,29 @@ def test_seeds_of_one_setting_make_one_row_sorted_best_first():
     assert board.columns == ["train.strategy"]  # seeds and fingerprints are not settings
 
 
+def test_seeds_that_kept_different_candidates_are_still_one_row():
+    """What a fine-tune delivered (the network or its probe, tlkit.train.choice) is an outcome, not a setting."""
+    kept = [("finetune", "svm"), ("probe", "logreg"), ("probe", "svm")]
+    runs = [
+        run(
+            f"d{seed}",
+            "default",
+            0.8 + seed / 100,
+            params={
+                "train.seed": str(seed),
+                "train.keep": "best",
+                "kept": k,
+                "probe_classifier": c,
+                "selection.kept": "the val split (test reports)",
+            },
+        )
+        for seed, (k, c) in enumerate(kept)
+    ]
+    board = build_leaderboard(runs, "heldout_accuracy", no_history)
+    assert [(e.label, e.n) for e in board.entries] == [("default", 3)]
+    assert board.columns == []
+
+
 def test_runs_of_different_datasets_are_rows_of_their_own_labelled_with_the_dataset():
     def on(run_id, value, source, fingerprint):
         return run(run_id, "svm", value, params={"data.source": source, "data.fingerprint": fingerprint})

@@ -1,6 +1,6 @@
-"""The shipped real-photo pipeline, in full (slow): ImageNet weights transfer to real photos, and tlkit's
-default fine-tune keeps what the backbone knows (it is not worse than either linear probe, and beats its own, the SVM,
-by at least 0.01 on the mean of 3 seeds)."""
+"""The shipped real-photo pipeline, in full (slow): ImageNet weights transfer to real photos; the default recipe's
+fine-tuned network beats its own probe, the SVM, by at least 0.01 on the mean of 3 seeds, and what `tlkit finetune`
+delivers (the network or its probe, whichever val prefers: tlkit.train.choice) is not worse than either probe."""
 
 import time
 from pathlib import Path
@@ -31,6 +31,7 @@ def test_photos_methods_over_three_seeds(workdir, capsys):
     probe = max(mean["imagenet + svm"], mean["imagenet + logreg"])
     assert all(e.n == 3 for e in rows.values())
     assert probe - mean["pixels + svm"] > 0.3  # ImageNet features transfer to these photos, by a wide margin
-    assert mean["default"] >= probe - 0.01  # the default fine-tune keeps what the backbone knows
-    assert mean["default"] >= mean["imagenet + svm"] + 0.01  # and beats its own probe (`tlkit finetune`'s SVM)
+    assert mean["default"] >= probe - 0.01  # what the default delivers keeps what the backbone knows
+    # the default recipe's network alone (the sweep's freeze-unfreeze row keeps the fine-tune) beats its own probe
+    assert mean["finetune freeze-unfreeze"] >= mean["imagenet + svm"] + 0.01
     assert minutes < 10

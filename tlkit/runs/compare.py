@@ -46,6 +46,9 @@ DERIVED = {
     "storage",
     "space_source",
     "selection.recipe",
+    "selection.kept",
+    "kept",
+    "probe_classifier",
 }
 LOWER_IS_BETTER = ("loss", "error", "ece", "seconds")
 
