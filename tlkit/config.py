@@ -17,7 +17,7 @@ Strategy = Literal["freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft"
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 BatchNorm = Literal["frozen", "train", "keep-stats"]
 LinearClassifier = Literal["svm", "logreg"]
-Keep = Literal["best", "finetune", "probe"]  # which model a finetune delivers (tlkit.train.choice)
+Keep = Literal["best", "finetune", "probe", "ensemble"]  # which model a finetune delivers (tlkit.train.choice)
 ExplainMethod = Literal["saliency", "gradcam", "occlusion"]
 BN_HELP = (
     "BatchNorm: frozen (frozen groups in eval mode), train (statistics update), keep-stats (every layer keeps its "
@@ -186,8 +186,9 @@ class TrainConfig(Settings):
     hflip: bool = Field(True, description="allow horizontal flips in augmentation")
     keep: Keep = Field(
         "best",
-        description="the model a finetune delivers: best (the fine-tune or the linear SVM on the frozen pretrained "
-        "features, whichever scores higher on a split that reports nothing), finetune, or probe",
+        description="the model a finetune delivers: best (the fine-tune, the linear probe on the frozen pretrained "
+        "features, or their ensemble, whichever scores highest on a split that reports nothing), finetune, probe, "
+        "or ensemble",
     )
     seed: int = Field(0, description="seed of initialisation and training")
 

@@ -116,6 +116,8 @@ def _train(kind: str, data: str, options: dict, *, seed: int, resume: str | None
     title = f"{kind} ({train.strategy}, {precision}): {epoch}"
     if d.get("kept") == "probe":
         title = f"{kind}: its frozen probe ({d['probe_classifier']} on the pretrained features), kept"
+    elif d.get("kept") == "ensemble":
+        title = f"{title}, averaged with its frozen probe ({d['probe_classifier']}): the ensemble, kept"
     console.print(metrics_table(title, result.metrics, d["heldout_split"]))
     if "probe_heldout_accuracy" in d:
         console.print(choice_line(d), highlight=False)
@@ -123,21 +125,24 @@ def _train(kind: str, data: str, options: dict, *, seed: int, resume: str | None
 
 
 def choice_line(details: dict) -> str:
-    """Which model the run delivers, why, and the other candidate's held-out figure."""
+    """Which model the run delivers, why, and the other candidates' held-out figures."""
     kept, scores = details["kept"], details.get("selection_scores")
-    other = "probe" if kept == "finetune" else "finetune"
     probe = {"svm": "linear SVM", "logreg": "logistic regression"}[details.get("probe_classifier", "svm")]
-    names = {"finetune": "the fine-tune", "probe": f"the {probe} on the frozen features"}
+    names = {
+        "finetune": "the fine-tune",
+        "probe": f"the {probe} on the frozen features",
+        "ensemble": f"the ensemble of the fine-tune and the {probe} on the frozen features",
+    }
+    short = {"finetune": "fine-tune", "probe": "probe", "ensemble": "ensemble"}
     if scores:
-        why = f"on {details['choice_split']}: fine-tune {scores['finetune']:.4f}, probe {scores['probe']:.4f}"
+        why = f"on {details['choice_split']}: " + ", ".join(f"{short[k]} {v:.4f}" for k, v in scores.items())
     elif details["keep"] != "best":
         why = f"--keep {details['keep']}"
     else:
         why = "no training image to hold back for the choice: every class has one"
-    return (
-        f"kept {names[kept]} ({why}); {names[other]} scored {details[f'{other}_heldout_accuracy']:.4f} on the "
-        f"{details['heldout_split']} split"
-    )
+    others = [k for k in names if k != kept and f"{k}_heldout_accuracy" in details]
+    figures = ", ".join(f"the {short[k]} {details[f'{k}_heldout_accuracy']:.4f}" for k in others)
+    return f"kept {names[kept]} ({why}); on the {details['heldout_split']} split: {figures}"
 
 
 @app.command("pretrain")

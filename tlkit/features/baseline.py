@@ -150,7 +150,7 @@ def fit_baseline(
     head = heads.from_sklearn(estimator, n_classes)
     temperature, how = 1.0, "none (calibrated=False)"
     if calibrated:
-        temperature, how = _temperature(pipeline, C=C, X=X, y=y, n_classes=n_classes, seed=seed)
+        temperature, how = out_of_fold_temperature(pipeline, C=C, X=X, y=y, n_classes=n_classes, seed=seed)
         head.temperature.fill_(temperature)
     y_pred = estimator.predict(X_eval)  # the head's argmax too (float64 here, float32 there: equal but for exact ties)
     # test_* always names the held-out figures, so runs line up in the UI; `heldout_split` says which split.
@@ -174,7 +174,7 @@ def fit_baseline(
     )
 
 
-def _temperature(
+def out_of_fold_temperature(
     pipeline: Pipeline, C: float, X: np.ndarray, y: np.ndarray, n_classes: int, seed: int
 ) -> tuple[float, str]:
     """T fitted on out-of-fold logits of the refit data (each image scored by a model fitted without it)."""

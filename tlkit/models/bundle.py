@@ -8,6 +8,8 @@ but the run:
                         normalisation and how its temperature was fitted
     backbone.safetensors  (none for a pixels baseline)
     head.safetensors    the head (tlkit.models.heads.LinearHead): linear weights, normalisation, temperature
+    probe/              an ensemble's other network (`members`), a model folder of its own: the model's class
+                        probabilities are the average of its and this folder's network's
 
 Nothing in it is a pickle: a model folder from anywhere is read as tensors and JSON, and runs no code.
 (tlkit 0.1 saved baselines as `estimator.joblib`, a pickle; such a folder is refused, see `load_head`.)
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 BUNDLE_FILE = "tlkit-model.json"
 ARTIFACT_PATH = "model"
 PYFUNC_BUNDLE = Path("artifacts") / "bundle"  # where a pyfunc model folder keeps the bundle
+PROBE_MEMBER = "probe"  # the subfolder of a fine-tune's ensemble that holds its frozen probe
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Bundle:
     weights: str = ""  # where the backbone weights came from before this run
     head: dict[str, Any] = field(default_factory=lambda: {"norm": "none"})  # norm, and how the temperature was fitted
     extra: dict[str, Any] = field(default_factory=dict)
+    members: list[str] = field(default_factory=list)  # subfolders of networks averaged with this one (an ensemble)
     tlkit_version: str = __version__
 
 
@@ -58,14 +62,19 @@ def save_bundle(
     *,
     backbone: torch.nn.Module | None = None,
     head: LinearHead,
+    members: dict[str, tuple[Bundle, torch.nn.Module | None, LinearHead]] | None = None,
 ) -> Path:
-    """Write the model into `folder`; `bundle.head["norm"]` is taken from `head`."""
+    """Write the model into `folder`; `bundle.head["norm"]` is taken from `head`. `members`: an ensemble's other
+    networks by subfolder name, (bundle, backbone, head) each, written as model folders of their own."""
     from safetensors.torch import save_file
 
     from tlkit.models import heads
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for name, (member, member_backbone, member_head) in (members or {}).items():
+        save_bundle(folder / name, member, backbone=member_backbone, head=member_head)
+    bundle.members = list(members or {})
     if backbone is not None:
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()},

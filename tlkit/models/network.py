@@ -5,7 +5,9 @@ Every model tlkit saves loads here, and every path that scores images goes throu
 and the head are the same on every path, so one image gets one answer wherever it is asked.
 
 - a fine-tune, or a baseline on backbone features: the timm backbone, then its `LinearHead`;
-- a pixels baseline: the image itself, resized to `pixel_size` squared and flattened, then its head.
+- a pixels baseline: the image itself, resized to `pixel_size` squared and flattened, then its head;
+- an ensemble (a fine-tune and its frozen probe, tlkit.train.choice): the networks of the model folder and of its
+  member folders, their calibrated probabilities averaged (`Ensemble`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -72,9 +74,40 @@ class Network(nn.Module):
         return self.scores_from_features(self.features(x))
 
 
+class Ensemble(nn.Module):
+    """Networks of one input whose calibrated class probabilities are averaged with equal weights: [0, 1] images ->
+    the log of the mean probabilities, so that softmax of its output is that mean, as for one Network."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return members_of(self)[0].mean
+
+    @property
+    def std(self) -> torch.Tensor:
+        return members_of(self)[0].std
+
+    @staticmethod
+    def combine(scores: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The members' calibrated logits -> the log of their mean probabilities."""
+        probs = torch.stack([torch.softmax(s.float(), dim=1) for s in scores]).mean(0)
+        return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine([member(x) for member in self.members])
+
+
+def members_of(network: nn.Module) -> list[Network]:
+    """The networks a model runs: an ensemble's members, or the network itself."""
+    return cast(list[Network], list(network.members) if isinstance(network, Ensemble) else [network])
+
+
 @dataclass
 class LoadedModel:
-    network: Network
+    network: Network | Ensemble
     bundle: bundle.Bundle
 
     @property
@@ -159,6 +192,25 @@ def load_model(ref: str, *, tracking_uri: str | None = None) -> LoadedModel:
 
     Reads tensors and JSON only (bundle.load_head refuses pickles)."""
     folder, saved = bundle.fetch_bundle(ref, tracking_uri=tracking_uri)
+    network: Network | Ensemble = _network(folder, saved, ref)
+    if saved.members:
+        members = [network]
+        for name in saved.members:
+            member = bundle.read_bundle(Path(folder) / name)
+            if member.classes != saved.classes or member.data_config != saved.data_config:
+                raise TlkitError(
+                    f"{Path(folder).name}/{name} names other classes or another input than its ensemble; the model "
+                    "folder is damaged: save the model again"
+                )
+            members.append(_network(Path(folder) / name, member, ref))
+        network = Ensemble(members).eval()
+    for parameter in network.parameters():
+        parameter.requires_grad_(False)  # gradients flow to the input only
+    return LoadedModel(network, saved)
+
+
+def _network(folder: Path, saved: bundle.Bundle, ref: str) -> Network:
+    """One model folder's network, eval mode, float32, CPU."""
     head: LinearHead = bundle.load_head(folder, saved)
     if saved.features == "pixels":
         backbone: nn.Module = Pixels()
@@ -178,6 +230,4 @@ def load_model(ref: str, *, tracking_uri: str | None = None) -> LoadedModel:
             f"{Path(folder).name}: the head expects {expected} features and {head.linear.out_features} classes, the "
             f"model gives {width} and names {len(saved.classes)}; the model folder is damaged: save the model again"
         )
-    for parameter in network.parameters():
-        parameter.requires_grad_(False)  # gradients flow to the input only
-    return LoadedModel(network, saved)
+    return network

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from tlkit.errors import TlkitError
-from tlkit.models.network import Network
+from tlkit.models.network import Ensemble, Network
 
 
-def fgsm(network: Network, images: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
+def fgsm(network: Network | Ensemble, images: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
     """Adversarial copies of `images` (in [0, 1]) for one step of size eps along the loss gradient's sign."""
     if eps < 0 or eps > 1:
         raise TlkitError(f"--eps is a fraction of the pixel range, between 0 and 1 (e.g. 0.03 or 8/255); got {eps}")
@@ -26,7 +26,12 @@ def fgsm(network: Network, images: torch.Tensor, labels: torch.Tensor, eps: floa
 
 
 def fgsm_accuracy(
-    network: Network, images: torch.Tensor, labels: torch.Tensor, eps_values: list[float], *, batch_size: int = 64
+    network: Network | Ensemble,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps_values: list[float],
+    *,
+    batch_size: int = 64,
 ) -> tuple[dict[float, float], dict[float, torch.Tensor]]:
     """Accuracy at each eps (eps 0 is the clean accuracy), and the adversarial images of the first batch."""
     accuracy, examples = {}, {}

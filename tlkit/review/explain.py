@@ -16,7 +16,7 @@ from tlkit.config import ExplainMethod
 from tlkit.core.files import printable
 from tlkit.core.metrics import plt
 from tlkit.errors import TlkitError
-from tlkit.models.network import Network
+from tlkit.models.network import Ensemble, Network, members_of
 
 METHODS: tuple[str, ...] = get_args(ExplainMethod)
 
@@ -27,7 +27,7 @@ CAM_MIN_SIDE = 6  # Grad-CAM on the deepest stage whose map has at least this ma
 
 
 def saliency(
-    network: Network,
+    network: Network | Ensemble,
     images: torch.Tensor,
     targets: torch.Tensor,
     *,
@@ -96,43 +96,52 @@ def _cam_stage(network: Network, side: int) -> torch.nn.Module | None:
     return network.backbone.get_submodule((fine or stages[:1])[-1]["module"])
 
 
-def gradcam(network: Network, images: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+def gradcam(network: Network | Ensemble, images: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
     """Grad-CAM (Selvaraju et al. 2017): ReLU of a stage's feature channels weighted by their mean gradient,
     upsampled smoothly (bicubic) to the image size. The stage is `_cam_stage`'s; a transformer's last block's
-    tokens are arranged in their grid."""
-    stage = _cam_stage(network, min(images.shape[-2:]))
-    kept: dict[str, torch.Tensor] = {}
-    if stage is not None:
+    tokens are arranged in their grid. An ensemble's map is the sum of its members' maps, each from the gradient of
+    the ensemble's own score."""
+    members = members_of(network)
+    side = min(images.shape[-2:])
+    stages = [_cam_stage(member, side) for member in members]
+    kept: list[torch.Tensor] = []
+    if all(stage is not None for stage in stages):
 
         def keep(_module, _inputs, output):
             if isinstance(output, torch.Tensor) and output.ndim == 4:
                 output.retain_grad()
-                kept["map"] = output
+                kept.append(output)
 
-        handle = stage.register_forward_hook(keep)
+        handles = [stage.register_forward_hook(keep) for stage in stages if stage is not None]
         try:
             scores = network(images.clone().requires_grad_(True))  # a graph even when every weight is frozen
             scores.gather(1, targets[:, None]).sum().backward()
         finally:
-            handle.remove()
-    if "map" in kept:
-        grid, grads = kept["map"], kept["map"].grad
-        assert grads is not None  # retain_grad above
+            for handle in handles:
+                handle.remove()
+    if len(kept) == len(members):
+        maps = [(grid, grid.grad) for grid in kept]
     else:
-        features = network.features(images).detach().requires_grad_(True)
-        scores = network.scores_from_features(features)
+        features = [member.features(images).detach().requires_grad_(True) for member in members]
+        member_scores = [member.scores_from_features(f) for member, f in zip(members, features)]
+        scores = member_scores[0] if len(members) == 1 else Ensemble.combine(member_scores)
         scores.gather(1, targets[:, None]).sum().backward()
-        assert features.grad is not None  # features require grad and the scores depend on them
-        grid, grads = _as_grid(features, network), _as_grid(features.grad, network)
-    weights = grads.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * grid).sum(dim=1, keepdim=True))
-    cam = F.interpolate(cam, size=images.shape[-2:], mode="bicubic", align_corners=False).clamp_min(0)
+        maps = []
+        for member, f in zip(members, features):
+            assert f.grad is not None  # the features require grad and the scores depend on them
+            maps.append((_as_grid(f, member), _as_grid(f.grad, member)))
+    cam = torch.zeros(images.shape[0], 1, *images.shape[-2:])
+    for grid, grads in maps:
+        assert grads is not None  # retain_grad above
+        weights = grads.mean(dim=(2, 3), keepdim=True)
+        one = F.relu((weights * grid).sum(dim=1, keepdim=True))
+        cam += F.interpolate(one, size=images.shape[-2:], mode="bicubic", align_corners=False).clamp_min(0)
     return cam[:, 0].detach().numpy()
 
 
 @torch.no_grad()
 def occlusion(
-    network: Network,
+    network: Network | Ensemble,
     images: torch.Tensor,
     targets: torch.Tensor,
     *,
@@ -176,7 +185,9 @@ def occlusion(
     return maps
 
 
-def explain(network: Network, images: torch.Tensor, targets: torch.Tensor, method: str, **options) -> np.ndarray:
+def explain(
+    network: Network | Ensemble, images: torch.Tensor, targets: torch.Tensor, method: str, **options
+) -> np.ndarray:
     if method == "saliency":
         return saliency(network, images, targets)
     if method == "gradcam":

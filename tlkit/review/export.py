@@ -28,7 +28,7 @@ from tlkit import __version__
 from tlkit.config import ExportFormat
 from tlkit.core.files import replacing, write_bytes
 from tlkit.errors import TlkitError
-from tlkit.models.network import LoadedModel
+from tlkit.models.network import Ensemble, LoadedModel, members_of
 
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
@@ -56,7 +56,17 @@ class _Probabilities(nn.Module):
 
 
 def export_module(loaded: LoadedModel, *, timm_layout: bool = False) -> nn.Module:
-    """Normalised images -> calibrated logits, as one module; timm's layout where the head allows it."""
+    """Normalised images -> calibrated logits, as one module; timm's layout where the head allows it. An ensemble:
+    its members' logits, combined as `Ensemble` combines them (the log of the mean probabilities)."""
+    if isinstance(loaded.network, Ensemble):
+        if timm_layout:
+            raise TlkitError(
+                "this model is an ensemble of two networks (the fine-tune and its frozen probe), which one timm "
+                "model cannot hold; export it as --format onnx or torchscript"
+            )
+        return Ensemble(
+            [_Logits(copy.deepcopy(m.backbone), copy.deepcopy(m.head)) for m in members_of(loaded.network)]
+        ).eval()
     backbone: Any = copy.deepcopy(loaded.network.backbone).eval()  # timm's contract: reset_classifier, get_classifier
     linear = loaded.network.head.as_linear()
     if timm_layout and loaded.is_pixels:
@@ -81,6 +91,7 @@ def export_module(loaded: LoadedModel, *, timm_layout: bool = False) -> nn.Modul
 def sidecar(loaded: LoadedModel, fmt: str, source: str) -> dict:
     config = loaded.bundle.data_config
     pixels = loaded.is_pixels
+    temperatures = [float(m.head.temperature) for m in members_of(loaded.network)]
     return {
         "format": fmt,
         "model": loaded.bundle.model_name or f"pixels-{loaded.bundle.pixel_size}",
@@ -104,7 +115,8 @@ def sidecar(loaded: LoadedModel, fmt: str, source: str) -> dict:
         # every step from an image file to `input`, with the library that does it (tlkit.data.recipe):
         # examples/onnx_predict.py reproduces `tlkit predict` from it with Pillow, NumPy, OpenCV and onnxruntime
         "preprocessing": loaded.recipe,
-        "temperature": float(loaded.network.head.temperature),
+        # an ensemble's: one per member, in the order of the bundle (the fine-tune, then its probe)
+        "temperature": temperatures[0] if len(temperatures) == 1 else temperatures,
         "source": source,
         "tlkit_version": __version__,
     }

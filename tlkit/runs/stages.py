@@ -24,6 +24,7 @@ from tlkit.errors import TlkitError
 from tlkit.models import bundle
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from tlkit.features.baseline import BaselineResult
@@ -305,10 +306,11 @@ def run_baseline(
     )
 
 
-def _save_model(saved: bundle.Bundle, backbone, head) -> None:
-    """The model as the active run's `model/` artifact: a bundle (tensors + JSON) inside an MLflow pyfunc model."""
+def _save_model(saved: bundle.Bundle, backbone, head, *, members: dict | None = None) -> None:
+    """The model as the active run's `model/` artifact: a bundle (tensors + JSON) inside an MLflow pyfunc model;
+    `members` (an ensemble's other networks) as bundle.save_bundle takes them."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = bundle.save_bundle(Path(tmp) / "bundle", saved, backbone=backbone, head=head)
+        folder = bundle.save_bundle(Path(tmp) / "bundle", saved, backbone=backbone, head=head, members=members)
         tracking.log_model(folder, bundle.ARTIFACT_PATH, code=Path(__file__).parents[1] / "review" / "pyfunc_model.py")
 
 
@@ -392,10 +394,11 @@ def run_train(
     backbone = make_backbone(backbone_config, tracking_uri=run.tracking_uri)
     check_settings(manifest, backbone, train)  # every setting's error before the run (and the store) exists
     with_probe = score_probe and kind == "finetune" and not backbone.weights.startswith("random")
-    if kind == "finetune" and train.keep == "probe" and not with_probe:
+    if kind == "finetune" and train.keep in ("probe", "ensemble") and not with_probe:
         raise TlkitError(
-            "--keep probe delivers a linear probe on the pretrained backbone's frozen features, but this fine-tune "
-            "has none (random weights, or --no-probe); drop --keep probe or give pretrained --weights"
+            f"--keep {train.keep} delivers a linear probe on the pretrained backbone's frozen features"
+            f"{' (with the fine-tune)' if train.keep == 'ensemble' else ''}, but this fine-tune has none (random "
+            f"weights, or --no-probe); drop --keep {train.keep} or give pretrained --weights"
         )
     with tracking.start_run(
         kind,
@@ -443,6 +446,8 @@ class _Probe:
     pretrained: torch.nn.Module
     splits: ChoiceSplits | None
     selection_accuracy: float | None
+    heldout_logits: np.ndarray  # calibrated, of the probe as delivered, on the held-out split
+    selection_logits: np.ndarray | None  # calibrated, of the probe fitted without the selection split, on it
 
 
 def _frozen_probe(
@@ -468,12 +473,20 @@ def _frozen_probe(
     else:  # where each chose its C: val when a test split reports, else cross-validation on train
         scores = {kind: fit.selection_score for kind, fit in fits.items()}
     kind = choice.better_probe(scores)
+    head, heldout = fits[kind].head, fits[kind].heldout_split
+    selection_logits = None
+    if splits is not None:
+        C = fits[kind].C if splits.split == "val" else None  # val chose it; else cross-validation on the rest
+        on = features if splits.split == "val" else choice.with_splits_of(features, splits.manifest)
+        selection_logits = choice.selection_probe_logits(on, splits.split, classifier=kind, seed=train.seed, C=C)
     return _Probe(
         result=fits[kind],
         classifier=kind,
         pretrained=copy.deepcopy(backbone.model),
         splits=splits,
         selection_accuracy=scores[kind] if splits is not None else None,
+        heldout_logits=head.numpy_logits(features.subset(heldout)[0]) / float(head.temperature),
+        selection_logits=selection_logits,
     )
 
 
@@ -568,14 +581,62 @@ class _Delivered:
     details: dict
 
 
+@dataclass
+class _Ensemble:
+    """The fine-tune and its probe averaged: the fine-tune member's temperature, and the held-out figures."""
+
+    temperature: float
+    how: str
+    metrics: dict[str, float]
+    y_pred: np.ndarray
+
+
+def _ensemble(fitted: _Fitted, probe: _Probe, scores: dict[str, float], *, compute: ComputeConfig) -> _Ensemble:
+    """Score the ensemble on the selection split (into `scores`) and on the held-out split. The fine-tune member's
+    temperature is fitted on the selection split; without one, on val where val chose the epoch; else it is 1."""
+    from tlkit.core.metrics import calibration, classification_metrics
+    from tlkit.features.calibrate import fit_temperature
+    from tlkit.train.choice import mean_probabilities
+    from tlkit.train.finetune import split_logits
+
+    manifest, result = fitted.manifest, fitted.result
+
+    def logits(split: str) -> np.ndarray:
+        return split_logits(result, manifest, split, fitted.backbone, compute=compute)
+
+    def labels(split: str) -> np.ndarray:
+        return manifest.labels(manifest.split(split))
+
+    if probe.splits is not None and probe.selection_logits is not None:
+        split = probe.splits.split
+        temperature = fit_temperature(logits(split), labels(split))
+        how = f"the fine-tune's temperature on {probe.splits.how}"
+        probs = mean_probabilities(logits(split) / temperature, probe.selection_logits)
+        scores["ensemble"] = float((probs.argmax(1) == labels(split)).mean())
+    elif "val" in result.logits and result.heldout_split == "test":
+        temperature, how = result.temperature, "the fine-tune's temperature on the val split (it chose the epoch)"
+    else:
+        temperature, how = 1.0, "the fine-tune uncalibrated (no split is left to fit its temperature on)"
+    heldout = result.heldout_split
+    probs = mean_probabilities(logits(heldout) / temperature, probe.heldout_logits)
+    y_true, y_pred = labels(heldout), probs.argmax(1)
+    metrics = classification_metrics(y_true, y_pred, manifest.classes, prefix="heldout_")
+    metrics["heldout_ece"] = calibration(y_true, probs)[0]
+    raw_probe = probe.heldout_logits * float(probe.result.head.temperature)
+    metrics["heldout_ece_uncalibrated"] = calibration(y_true, mean_probabilities(logits(heldout), raw_probe))[0]
+    metrics["temperature"] = temperature  # the fine-tune member's (the probe member's is its run's)
+    return _Ensemble(temperature=temperature, how=how, metrics=metrics, y_pred=y_pred)
+
+
 def _deliver(fitted: _Fitted, probe: _Probe | None, *, compute: ComputeConfig) -> _Delivered:
-    """Choose between the fine-tune and its probe, and log the chosen one as the run's model with its metrics."""
+    """Choose between the fine-tune, its probe and their ensemble, and log the chosen one as the run's model with its
+    metrics."""
     from tlkit.models import heads
     from tlkit.train.choice import choose
     from tlkit.train.finetune import split_accuracy
 
     manifest, backbone, train, result = fitted.manifest, fitted.backbone, fitted.train, fitted.result
-    kept, scores, figures = "finetune", {}, {}
+    kept, scores, figures, ensemble = "finetune", {}, {}, None
     details: dict = {"kept": "finetune", "keep": train.keep}
     if probe is not None:
         details["probe_classifier"] = probe.classifier
@@ -587,6 +648,8 @@ def _deliver(fitted: _Fitted, probe: _Probe | None, *, compute: ComputeConfig) -
                 tuned = split_accuracy(result, manifest, probe.splits.split, backbone, compute=compute)
             scores = {"finetune": tuned, "probe": probe.selection_accuracy}
             details["choice_split"] = probe.splits.how
+        ensemble = _ensemble(fitted, probe, scores, compute=compute)
+        figures["ensemble_heldout_accuracy"] = ensemble.metrics["heldout_accuracy"]
         # best without a selection split (every class has one training image): the fine-tune
         kept = choose(scores, train.keep) if scores else ("finetune" if train.keep == "best" else train.keep)
         details.update(kept=kept, selection_scores=scores)
@@ -602,18 +665,33 @@ def _deliver(fitted: _Fitted, probe: _Probe | None, *, compute: ComputeConfig) -
         weights=backbone.weights,
         extra={"best_epoch": result.best_epoch, "strategy": train.strategy, "hflip": train.hflip, "kept": kept},
     )
+    members: dict = {}
     if kept == "probe" and probe is not None:
         metrics, scored = probe.result.metrics, (probe.result.y_true, probe.result.y_pred, probe.result.heldout_split)
         saved.head = {"calibration": probe.result.calibration, "C": probe.result.C}
         saved.extra.update(best_epoch=None, classifier=probe.classifier)
         body, head = probe.pretrained, probe.result.head
+    elif kept == "ensemble" and probe is not None and ensemble is not None:
+        metrics, scored = ensemble.metrics, (result.y_true, ensemble.y_pred, result.heldout_split)
+        saved.head = {"calibration": ensemble.how}
+        body, head = result.module.backbone, heads.from_linear(result.module.head, temperature=ensemble.temperature)
+        member = bundle.Bundle(
+            kind="baseline",
+            model_name=backbone.name,
+            data_config=dict(backbone.data_config),
+            classes=manifest.classes,
+            weights=backbone.weights,
+            head={"calibration": probe.result.calibration},
+            extra={"classifier": probe.classifier, "C": probe.result.C},
+        )
+        members[bundle.PROBE_MEMBER] = (member, probe.pretrained, probe.result.head)
     else:
         metrics, scored = result.metrics, (result.y_true, result.y_pred, result.heldout_split)
         saved.head = {"calibration": result.settings["selection"].get("temperature", "none")}
         body, head = result.module.backbone, heads.from_linear(result.module.head, temperature=result.temperature)
     tracking.log_metrics({**metrics, **figures, **{f"selection_accuracy_{k}": v for k, v in scores.items()}})
     _log_confusion(scored[0], scored[1], manifest.classes, scored[2])
-    _save_model(saved, body, head)
+    _save_model(saved, body, head, members=members)
     return _Delivered(metrics=metrics, details={**details, **figures})
 
 

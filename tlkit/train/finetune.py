@@ -68,6 +68,7 @@ class TrainResult:
     epochs_run: int
     settings: dict = field(default_factory=dict)
     temperature: float = 1.0  # divides the head's logits: softmax of them is calibrated (tlkit.features.calibrate)
+    logits: dict[str, np.ndarray] = field(default_factory=dict)  # float32 logits before T, of each split scored
 
 
 def _dataset(manifest: Manifest, split: str, transform, decoded: DecodedImages | None = None) -> ImageDataset:
@@ -511,17 +512,26 @@ def _callbacks(
     return extra
 
 
+def split_logits(
+    result: TrainResult, manifest: Manifest, split: str, backbone: Backbone, *, compute: ComputeConfig
+) -> np.ndarray:
+    """The trained module's logits (before its temperature) on `split` of `manifest` (a selection split it did not
+    train on), in float32 with the eval transform, as every saved model is scored; kept in `result.logits`."""
+    if split not in result.logits:
+        loader = make_loader(
+            _dataset(manifest, split, augment.eval_transform(backbone.data_config)),
+            batch_size=(result.settings.get("batch_size") or DEFAULT_BATCH) * 2,
+            num_workers=compute.num_workers,
+        )
+        result.logits[split] = infer(result.module, loader, precision="32-true")
+    return result.logits[split]
+
+
 def split_accuracy(
     result: TrainResult, manifest: Manifest, split: str, backbone: Backbone, *, compute: ComputeConfig
 ) -> float:
-    """The trained module's accuracy on `split` of `manifest` (a selection split it did not train on), in float32 with
-    the eval transform, as every saved model is scored."""
-    loader = make_loader(
-        _dataset(manifest, split, augment.eval_transform(backbone.data_config)),
-        batch_size=(result.settings.get("batch_size") or DEFAULT_BATCH) * 2,
-        num_workers=compute.num_workers,
-    )
-    logits = infer(result.module, loader, precision="32-true")
+    """The trained module's accuracy on `split` of `manifest` (see `split_logits`)."""
+    logits = split_logits(result, manifest, split, backbone, compute=compute)
     return float((logits.argmax(1) == manifest.labels(manifest.split(split))).mean())
 
 
@@ -552,16 +562,17 @@ def _evaluate(
         best_val = float((infer(module, loaders.val, precision=precision).argmax(1) == y_val).mean())
     selection: dict[str, Any] = {}
     temperature = 1.0
+    scored: dict[str, np.ndarray] = {}
     if calibrated:  # in float32, as every saved model is scored (network.LoadedModel)
         from tlkit.features.calibrate import calibrate_logits
 
         # scored at the training precision above; a second pass only when that was not float32
         heldout_logits = logits if precision == "32-true" else infer(module, eval_loader, precision="32-true")
-        fit = (
-            (infer(module, loaders.val, precision="32-true"), manifest.labels(manifest.split("val")))
-            if selects
-            else None
-        )
+        scored[heldout] = heldout_logits
+        fit = None
+        if selects:
+            scored["val"] = infer(module, loaders.val, precision="32-true")
+            fit = (scored["val"], manifest.labels(manifest.split("val")))
         temperature, calibration, selection["temperature"] = calibrate_logits(
             heldout_logits, y_true, fit=fit, split=heldout, seed=settings.seed
         )
@@ -577,4 +588,5 @@ def _evaluate(
         epochs_run=0,
         settings={"selection": selection},
         temperature=temperature,
+        logits=scored,
     )
