@@ -1,6 +1,7 @@
 """The shipped real-photo pipeline, in full (slow): ImageNet weights transfer to real photos; the default recipe's
 fine-tuned network beats its own probe, the SVM, by at least 0.01 on the mean of 3 seeds, and what `tlkit finetune`
-delivers (the network or its probe, whichever val prefers: tlkit.train.choice) is not worse than either probe."""
+delivers (the network, its probe or their ensemble, whichever val prefers: tlkit.train.choice) is not worse than
+either probe."""
 
 import time
 from pathlib import Path
