@@ -436,6 +436,77 @@ def test_ctrl_c_inside_a_database_write_still_ends_the_run_killed(tracked, monke
     assert mlflow.active_run() is None
 
 
+def test_ctrl_c_while_mlflow_creates_the_run_waits_and_ends_that_run_killed(tracked, monkeypatch):
+    """A KeyboardInterrupt landing inside mlflow.start_run, after the run exists, would leave it RUNNING and unnoted
+    (a fresh-clone CI run: a tune stopped as its study run was created, "nothing to resume"): it is held till
+    tlkit is in charge of the run, then ends it KILLED."""
+    import mlflow
+
+    from tlkit.core import tracking
+    from tlkit.core.outcome import EndedRun, ended_runs
+
+    real_start_run = mlflow.start_run
+    created = []
+
+    def interrupted_start_run(*args, **kwargs):
+        run = real_start_run(*args, **kwargs)
+        created.append(run.info.run_id)
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C as MLflow returns the new run
+        return run
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        monkeypatch.setattr(mlflow, "start_run", interrupted_start_run)
+        with pytest.raises(KeyboardInterrupt) as raised:
+            with tracking.start_run("tune"):
+                pytest.fail("the interrupt was not delivered before the stage's work")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    (run_id,) = created
+    assert ended_runs(raised.value) == [EndedRun(run_id, "KILLED", recorded=True)]
+    assert tracked.get_run(run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_held_signals_wait_and_are_delivered_once_by_deliver_or_by_an_error():
+    from tlkit.core import signals
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with signals.held() as interrupts:
+            signal.raise_signal(signal.SIGINT)  # held: no KeyboardInterrupt here
+        assert interrupts.signals == [signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.deliver()
+        interrupts.deliver()  # delivered once
+        with pytest.raises(KeyboardInterrupt) as raised:
+            with signals.held():
+                signal.raise_signal(signal.SIGINT)
+                raise ValueError("the block failed")
+        assert isinstance(raised.value.__context__, ValueError)  # the held Ctrl-C is not lost with the error
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_sigterm_put_off_by_a_fork_is_dropped_once_the_command_is_stopping(monkeypatch):
+    """Lightning stops a fit on its own SIGTERM flag and a tune's trial ends KILLED; the SIGTERM that a fork put off
+    must not land a second KeyboardInterrupt in Optuna's record of that trial (an UnboundLocalError in CI)."""
+    from tlkit.core import signals
+
+    monkeypatch.setattr(signals, "child_pids", lambda pid=None: [])
+    with signals.terminating_as_interrupt() as received:
+        handler = signal.getsignal(signal.SIGTERM)
+        signals._FORKED[:] = [None]  # a DataLoader just forked
+        handler(signal.SIGTERM, None)  # put off: delivered again in RETRY_AFTER_FORK_S
+        signals.note_interrupted()  # meanwhile the fit stopped and its run was marked KILLED
+        deadline = time.monotonic() + 20 * signals.RETRY_AFTER_FORK_S
+        while time.monotonic() < deadline:  # the redelivery runs the handler here: no KeyboardInterrupt
+            time.sleep(0.01)
+    assert received == [signal.SIGTERM]
+    assert not signals._INTERRUPTED  # a later command in this process starts afresh
+
+
 # ----------------------------------------------------------------------------------------------
 # A model URI is a name inside a run, never a path out of it
 
@@ -557,6 +628,18 @@ def _children_of(pid: int) -> list[int]:
     return child_pids(pid)
 
 
+def _workers_of(pid: int) -> list[int]:
+    """The children of `pid` that are forks of it (DataLoader workers), not the programs it runs (MLflow's `git`)."""
+
+    def command_line(p: int) -> bytes:
+        try:
+            return Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    return [child for child in _children_of(pid) if command_line(child) == command_line(pid)]
+
+
 @pytest.mark.slow  # a fine-tune and a tune in subprocesses, ~30 s
 @pytest.mark.parametrize("command", ["finetune", "tune"])
 def test_sigterm_marks_the_runs_killed_prints_the_resume_line_and_leaves_no_process(tmp_path, digits_target, command):
@@ -580,7 +663,7 @@ def test_sigterm_marks_the_runs_killed_prints_the_resume_line_and_leaves_no_proc
     while time.monotonic() < deadline:  # a fit is under way: its run RUNNING, a DataLoader worker alive
         assert process.poll() is None, process.communicate()
         # a DataLoader worker first: by then the store exists (opening it while it is created races its migration)
-        children = _children_of(process.pid)
+        children = _workers_of(process.pid)
         if children and "RUNNING" in statuses(tmp_path).values():
             break
         time.sleep(0.2)
@@ -588,7 +671,9 @@ def test_sigterm_marks_the_runs_killed_prints_the_resume_line_and_leaves_no_proc
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143, out + err
     assert "Traceback" not in err, err
-    (line,) = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1, err
+    (line,) = lines
     assert "marked KILLED" in line
     if command == "finetune":
         resume = line.split("continue it with: ")[1]

@@ -79,8 +79,22 @@ def _deliver_later(signum: int) -> threading.Timer:
     return timer
 
 
+_INTERRUPTED: list[None] = []  # not empty once a run of this command was ended by an interrupt (`note_interrupted`)
+
+
+def note_interrupted() -> None:
+    """The command is stopping on an interrupt: a SIGTERM put off by a fork is not delivered again. Lightning stops a
+    fit on its own SIGTERM flag, and Optuna stores a trial's interrupt and records the trial before raising it
+    again; a second KeyboardInterrupt landing in that record-keeping replaces the first with Optuna's own error (seen
+    in fresh-clone CI runs: a tune's trial marked KILLED, then an UnboundLocalError and a traceback)."""
+    _INTERRUPTED[:] = [None]
+
+
 def _stopping() -> bool:
-    """Whether this thread is handling a KeyboardInterrupt or SystemExit (or an error raised while doing so)."""
+    """Whether this command is stopping: a run ended by an interrupt, or this thread is handling a KeyboardInterrupt
+    or SystemExit (or an error raised while doing so)."""
+    if _INTERRUPTED:
+        return True
     err = sys.exc_info()[1]
     while err is not None:
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
@@ -116,6 +130,7 @@ def terminating_as_interrupt() -> Iterator[list[int]]:
             raise KeyboardInterrupt
 
     _watch_forks()
+    _INTERRUPTED.clear()
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield received
@@ -123,3 +138,46 @@ def terminating_as_interrupt() -> Iterator[list[int]]:
         for timer in deferred:  # the command stopped another way meanwhile: no SIGTERM after the handler is gone
             timer.cancel()
         signal.signal(signal.SIGTERM, previous)
+        _INTERRUPTED.clear()
+
+
+class Held:
+    """The Ctrl-C and SIGTERM that came while `held` held them; `deliver` lets them through."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    def deliver(self) -> None:
+        """Each held signal to its own handler, now (a KeyboardInterrupt raised here)."""
+        pending, self.signals = self.signals, []
+        for signum in pending:
+            signal.raise_signal(signum)  # Python runs the handler before raise_signal returns
+
+
+@contextmanager
+def held() -> Iterator[Held]:
+    """Inside, Ctrl-C and SIGTERM wait, so that a KeyboardInterrupt cannot land between two steps that must happen
+    together (MLflow creating a run and tlkit taking charge of ending it). Those that came are delivered when the
+    block ends by an error, otherwise by `Held.deliver`. Only signals with a Python handler are held (a SIGTERM left
+    at its default still ends the process at once), and only in the main thread, where Python runs handlers."""
+    holding = Held()
+    if threading.current_thread() is not threading.main_thread():
+        yield holding
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for signum, handler in saved.items():
+        if callable(handler):
+            signal.signal(signum, lambda s, frame: holding.signals.append(s))
+    try:
+        yield holding
+    except BaseException:
+        _restore(saved)
+        holding.deliver()
+        raise
+    _restore(saved)
+
+
+def _restore(handlers: dict) -> None:
+    for signum, handler in handlers.items():
+        if signal.getsignal(signum) is not handler:
+            signal.signal(signum, handler)

@@ -22,6 +22,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from tlkit import __version__
+from tlkit.core import signals
 from tlkit.core.files import printable
 from tlkit.core.outcome import EndedRun, note_ended
 from tlkit.core.tracking.reaping import process_tags
@@ -109,14 +110,21 @@ def start_run(
     if command and not nested and parent_run_id is None:
         # no passwords of URIs in a tag anyone can read
         all_tags["tlkit.command"] = re.sub(r"://[^/@\s]*@", "://***@", command)
-    if run_id is not None:  # resume: continue that run, now in this process
-        run = mlflow.start_run(run_id=run_id, nested=nested)
-        mlflow.set_tags(process_tags())
-    else:
-        run = mlflow.start_run(
-            run_name=run_name or stage, nested=nested, tags=all_tags, parent_run_id=None if nested else parent_run_id
-        )
+    # Ctrl-C or SIGTERM while MLflow creates the run waits until the run is tlkit's to end: else it stays RUNNING
+    # (seen in a fresh-clone CI run: a tune stopped as MLflow created its study run, "nothing to resume")
+    with signals.held() as interrupts:
+        if run_id is not None:  # resume: continue that run, now in this process
+            run = mlflow.start_run(run_id=run_id, nested=nested)
+            mlflow.set_tags(process_tags())
+        else:
+            run = mlflow.start_run(
+                run_name=run_name or stage,
+                nested=nested,
+                tags=all_tags,
+                parent_run_id=None if nested else parent_run_id,
+            )
     try:
+        interrupts.deliver()
         if params:
             try:
                 log_params(params)
@@ -129,6 +137,7 @@ def start_run(
                 ) from None
         yield run.info.run_id
     except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C into SystemExit after its clean-up
+        signals.note_interrupted()
         note_ended(stop, EndedRun(run.info.run_id, "KILLED", recorded=_end_run("KILLED")))
         raise
     except BaseException as error:
