@@ -61,7 +61,8 @@ def run_one(data: Path, method: str, seed: int, *, img_size: int, store: str) ->
     if method in PROBES:
         return [{"method": method, "accuracy": result.metrics["heldout_accuracy"], **row}]
     details = result.details
-    kept = details["kept"] + (f" ({details['probe_classifier']})" if details["kept"] != "finetune" else "")
+    probe = f"{details['probe_classifier']}{', all layers' if details.get('probe_layers') == 'all' else ''}"
+    kept = details["kept"] + (f" ({probe})" if details["kept"] != "finetune" else "")
     scores = details.get("selection_scores") or {}
     if scores:
         kept += "; selection " + ", ".join(f"{value:.3f} {name}" for name, value in scores.items())
@@ -88,13 +89,14 @@ def ensemble_rows(data: Path, common: dict, start: float) -> list[dict]:
     import tlkit
 
     tuned = tlkit.finetune(data, keep="finetune", **common)
-    probe = tlkit.baseline(data, classifier=tuned.details["probe_classifier"], **common)
+    d = tuned.details
+    probe = tlkit.baseline(data, classifier=d["probe_classifier"], layers=d["probe_layers"], **common)
     seconds = time.perf_counter() - start
     network = tlkit.load(str(tuned.model_uri), tracking_uri=common["tracking_uri"])
     linear = tlkit.load(str(probe.model_uri), tracking_uri=common["tracking_uri"])
     files, y = heldout_images(data, network.classes)
     p_network, p_probe = network.predict_proba(files), linear.predict_proba(files)
-    row = {"split": tuned.details["heldout_split"], "seconds": seconds, "kept": tuned.details["probe_classifier"]}
+    row = {"split": d["heldout_split"], "seconds": seconds, "kept": f"{d['probe_classifier']} ({d['probe_layers']})"}
     return [
         {"method": "ensemble:network", "accuracy": float((p_network.argmax(1) == y).mean()), **row},
         {"method": "ensemble:probe", "accuracy": float((p_probe.argmax(1) == y).mean()), **row},

@@ -113,6 +113,52 @@ def test_the_better_probe_on_the_selection_split_is_the_candidate_and_a_tie_keep
     assert better_probe({"svm": float("nan"), "logreg": float("nan")}) == "svm"  # no score anywhere: the SVM
 
 
+def test_the_probe_of_a_cnn_reads_every_layer_and_kept_it_serves_and_exports_with_one_answer(
+    tracked, digits_source, digits_pair, tmp_path
+):
+    """A backbone with stages (a CNN) gets a probe on every stage's features; kept, the model is that probe, saved
+    with its layers: predict, evaluate, the served model and the ONNX file alone give one answer, two classes."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from tlkit.config import EvaluateConfig
+    from tlkit.models.multilayer import MultiLayer
+    from tlkit.models.network import load_model
+    from tlkit.runs.evaluate import run_evaluate, run_export
+
+    tiny = BackboneConfig(model=TINY_MODEL, pretrained=False, img_size=32)
+    pre = run_train(digits_source, tiny, PretrainConfig(epochs=2, augment="none"), compute=CPU, run=QUIET)
+    train = TrainConfig(epochs=1, augment="none", strategy="full", lr=1e-9, keep="probe")
+    result = run_train(digits_pair, BackboneConfig(weights=pre.model_uri), train, compute=CPU, run=QUIET)
+    details, run = result.details, tracked.get_run(result.run_id)
+    assert details["kept"] == "probe"
+    assert details["probe_layers"] == run.data.params["probe_layers"] == "all"
+    loaded = load_model(result.model_uri)
+    assert isinstance(loaded.network.backbone, MultiLayer) and loaded.bundle.layers == "all"
+    evaluation = run_evaluate(result.model_uri, digits_pair, EvaluateConfig(split="test"))
+    assert evaluation.metrics["test_accuracy"] == pytest.approx(details["probe_heldout_accuracy"])
+    paths = sorted(digits_pair.rglob("*.png"))[::12][:5]
+    expected = loaded.predict_proba(paths)
+    served = mlflow.pyfunc.load_model(f"{result.model_uri}/model")
+    answer = served.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
+    np.testing.assert_allclose(answer[loaded.classes].to_numpy(), expected, atol=1e-6)
+    # the probe is `tlkit baseline --layers all`'s, with the classifier the fine-tune's probe chose
+    from tlkit.config import BaselineConfig
+    from tlkit.runs.stages import run_baseline
+
+    same = BaselineConfig(classifier=details["probe_classifier"], layers="all")
+    alone = run_baseline(digits_pair, BackboneConfig(weights=pre.model_uri), same, compute=CPU)
+    assert alone.metrics["heldout_accuracy"] == details["probe_heldout_accuracy"]
+    np.testing.assert_allclose(load_model(alone.model_uri).predict_proba(paths), expected, atol=1e-6)
+    onnx = run_export(result.model_uri, "onnx", tmp_path)
+    mean = np.array(loaded.bundle.data_config["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.array(loaded.bundle.data_config["std"], dtype=np.float32).reshape(1, 3, 1, 1)
+    session = onnxruntime.InferenceSession(str(onnx.files[0]), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": (loaded.pixels(paths).numpy() - mean) / std})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("classifier", ["svm", "logreg"])
 def test_the_probes_selection_score_comes_from_a_model_that_never_saw_the_selection_split(classifier):
     rng = np.random.default_rng(0)
@@ -183,6 +229,7 @@ def test_the_summary_says_what_was_kept_why_and_what_the_other_candidate_scored(
         "ensemble_heldout_accuracy": 0.8,
         "heldout_split": "test",
         "probe_classifier": "svm",
+        "probe_layers": "last",
     }
     assert choice_line(details) == (
         "kept the linear SVM on the frozen features (on the val split (test reports): fine-tune 0.8000, probe "
@@ -193,3 +240,5 @@ def test_the_summary_says_what_was_kept_why_and_what_the_other_candidate_scored(
         "kept the ensemble of the fine-tune and the logistic regression on the frozen features (--keep ensemble); on "
         "the test split: the fine-tune 0.7500, the probe 0.8500"
     )
+    every_layer = {**details, "probe_layers": "all"}
+    assert choice_line(every_layer).startswith("kept the linear SVM on every layer's frozen features (on the val")

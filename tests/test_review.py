@@ -32,7 +32,8 @@ from tlkit.runs.stages import RunOptions, run_baseline, run_train
 
 # kept-probe: a fine-tune of pretrained weights that its frozen probe beat on val, so the run's model is the probe;
 # ensemble: a fine-tune of pretrained weights delivered as its average with its probe (--keep ensemble)
-KINDS = ["finetune", "kept-probe", "ensemble", "svm", "logreg", "pixels"]
+# all-layers: an SVM on every stage's features (--layers all, tlkit.models.multilayer)
+KINDS = ["finetune", "kept-probe", "ensemble", "svm", "logreg", "all-layers", "pixels"]
 CLASSES = [2, 3]
 # The matrices that cost the most run two classes in the default suite and three with the slow tests (CI runs both).
 CLASSES_2_FAST = [2, pytest.param(3, marks=pytest.mark.slow)]
@@ -65,6 +66,8 @@ def store(tmp_path_factory, digits_source, digits_target, digits_pair):
             models[n, "ensemble"] = run_train(data, pretrained, both, compute=compute, run=quiet)
             for kind in ("svm", "logreg", "pixels"):
                 models[n, kind] = run_baseline(data, backbone, BaselineConfig(classifier=kind), compute=compute)
+            every_stage = BaselineConfig(classifier="svm", layers="all")
+            models[n, "all-layers"] = run_baseline(data, backbone, every_stage, compute=compute)
             models[n, "data"] = data
     yield models
 
@@ -88,6 +91,7 @@ def test_a_finetune_that_its_probe_beat_delivers_the_probe_and_says_so(here, n):
     assert run.data.metrics["selection_accuracy_finetune"] == scores["finetune"]
     assert run.data.params["selection.kept"] == "the val split (test reports)"
     assert run.data.params["probe_classifier"] == details["probe_classifier"] in ("svm", "logreg")
+    assert run.data.params["probe_layers"] == details["probe_layers"] == load_model(result.model_uri).bundle.layers
     # the run's held-out figures are the delivered model's, the fine-tune's beside them
     assert (
         result.metrics["heldout_accuracy"] == details["probe_heldout_accuracy"] == run.data.metrics["heldout_accuracy"]
@@ -121,6 +125,30 @@ def test_a_finetune_kept_as_an_ensemble_is_the_average_of_its_fine_tune_and_prob
     assert evaluation.metrics["test_accuracy"] == pytest.approx(details["ensemble_heldout_accuracy"])
     with pytest.raises(TlkitError, match="ensemble of two networks"):
         run_export(result.model_uri, "safetensors", here["folder"] / f"timm-{n}")
+
+
+@pytest.mark.parametrize("n", CLASSES)
+def test_an_all_layers_probe_reads_every_stage_and_its_run_says_so(here, n):
+    from tlkit.models.multilayer import MultiLayer
+
+    result = here[n, "all-layers"]
+    loaded = load_model(result.model_uri)
+    assert loaded.bundle.layers == "all" and result.details["layers"] == "all"
+    assert tracking.get_run(result.run_id).data.params["layers"] == "all"
+    backbone = loaded.network.backbone
+    assert isinstance(backbone, MultiLayer)
+    # every stage's average and the pooled last layer, each of unit length: the head reads them all
+    assert loaded.network.head.linear.in_features == backbone.num_features > backbone.widths[-1] + 1
+    with torch.no_grad():
+        features = backbone(loaded.network.normalise(loaded.pixels(images_of(here[n, "data"], 3))))
+    parts = features.split([*backbone.widths, features.shape[1] - sum(backbone.widths)], dim=1)
+    for part in parts:
+        np.testing.assert_allclose(part.norm(dim=1).numpy(), 1.0, atol=1e-5)
+    # the saved backbone is the plain timm model's: its weights serve as any backbone's (--weights runs:/ID)
+    from safetensors.torch import load_file
+
+    folder = tracking.download_artifacts(result.run_id, "model") / "artifacts" / "bundle"
+    assert not any(key.startswith("model.") for key in load_file(folder / "backbone.safetensors"))
 
 
 def images_of(data, n=6):
@@ -350,7 +378,7 @@ def test_safetensors_export_loads_into_plain_timm(here, tmp_path, n, kind):
         )
 
 
-@pytest.mark.parametrize("kind", ["svm", "pixels"])
+@pytest.mark.parametrize("kind", ["svm", "pixels", "all-layers"])
 def test_safetensors_export_is_refused_where_timm_cannot_hold_the_head(here, tmp_path, kind):
     with pytest.raises(TlkitError, match="export it as --format onnx or torchscript"):
         run_export(here[2, kind].model_uri, "safetensors", tmp_path)
@@ -450,7 +478,7 @@ def test_evaluate_cli_on_an_svm_reports_calibration(here, runner):
     )
 
 
-@pytest.mark.parametrize("kind", ["svm", "logreg", "pixels", "finetune", "kept-probe", "ensemble"])
+@pytest.mark.parametrize("kind", ["svm", "logreg", "all-layers", "pixels", "finetune", "kept-probe", "ensemble"])
 def test_every_model_logs_its_calibration_on_the_heldout_split(here, kind):
     for n in CLASSES:
         m = here[n, kind].metrics

@@ -77,19 +77,21 @@ def baseline(
     img_size: int | None = None,
     pretrained: bool = True,
     classifier: str = "svm",
+    layers: str = "last",
     seed: int = 0,
     tracking_uri: str | None = None,
     experiment: str | None = None,
 ) -> StageResult:
     """`tlkit baseline`: a linear classifier on the frozen backbone's cached features (or on pixels); the run's id,
-    its held-out metrics and `model_uri`. `pretrained`: timm's hub weights for `model` (needs the network)."""
+    its held-out metrics and `model_uri`. `pretrained`: timm's hub weights for `model` (needs the network).
+    `layers`: "last" (the pooled last layer) or "all" (every stage too: a multi-layer probe)."""
     from tlkit.config import BaselineConfig, SplitConfig
     from tlkit.core import tracking
     from tlkit.runs.stages import RunOptions, run_baseline
 
     backbone = _backbone(model, weights=weights, img_size=img_size, seed=seed, pretrained=pretrained)
     tracking.configure(tracking_uri, experiment)
-    settings = BaselineConfig(classifier=classifier, seed=seed)  # a bad name: pydantic says which are valid
+    settings = BaselineConfig(classifier=classifier, layers=layers, seed=seed)  # a bad name: pydantic names the valid
     return run_baseline(
         str(data), backbone, settings, split=SplitConfig(seed=seed), run=RunOptions(tracking_uri=tracking_uri)
     )

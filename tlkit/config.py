@@ -227,6 +227,11 @@ class BaselineConfig(Settings):
     classifier: Literal[LinearClassifier, "pixels"] = Field(
         "svm", description="svm (L2-normalised features), logreg (L-BFGS), or pixels (svm on raw pixels)"
     )
+    layers: Literal["last", "all"] = Field(
+        "last",
+        description="the backbone's layers the classifier reads: last (its pooled features), or all (every stage's "
+        "average too, each of unit length: Head2Toe's multi-layer probe, for data far from ImageNet)",
+    )
     pixel_size: int = Field(32, ge=2, description="side of the downscaled image for the pixels classifier")
     seed: int = Field(0, description="seed of the classifier")
 

@@ -85,7 +85,8 @@ def baseline_command(
         compute=compute_settings(compute),
         run=run_options(tracking),
     )
-    title = f"{result.details['model']} + {'svm' if pixels else baseline_config.classifier} (C={result.details['C']:g})"
+    model = result.details["model"] + (" (all layers)" if result.details["layers"] == "all" else "")
+    title = f"{model} + {'svm' if pixels else baseline_config.classifier} (C={result.details['C']:g})"
     console.print(metrics_table(title, result.metrics, result.details["heldout_split"]))
     console.print(f"C chosen by: {result.details['selection']}", highlight=False)
     run_footer(result.run_id)
@@ -115,7 +116,10 @@ def _train(kind: str, data: str, options: dict, *, seed: int, resume: str | None
     precision = PRECISION_NAMES.get(d["precision"], d["precision"])
     title = f"{kind} ({train.strategy}, {precision}): {epoch}"
     if d.get("kept") == "probe":
-        title = f"{kind}: its frozen probe ({d['probe_classifier']} on the pretrained features), kept"
+        reads = (
+            "every layer of the pretrained backbone" if d.get("probe_layers") == "all" else "the pretrained features"
+        )
+        title = f"{kind}: its frozen probe ({d['probe_classifier']} on {reads}), kept"
     elif d.get("kept") == "ensemble":
         title = f"{title}, averaged with its frozen probe ({d['probe_classifier']}): the ensemble, kept"
     console.print(metrics_table(title, result.metrics, d["heldout_split"]))
@@ -128,10 +132,11 @@ def choice_line(details: dict) -> str:
     """Which model the run delivers, why, and the other candidates' held-out figures."""
     kept, scores = details["kept"], details.get("selection_scores")
     probe = {"svm": "linear SVM", "logreg": "logistic regression"}[details.get("probe_classifier", "svm")]
+    frozen = "every layer's frozen features" if details.get("probe_layers") == "all" else "the frozen features"
     names = {
         "finetune": "the fine-tune",
-        "probe": f"the {probe} on the frozen features",
-        "ensemble": f"the ensemble of the fine-tune and the {probe} on the frozen features",
+        "probe": f"the {probe} on {frozen}",
+        "ensemble": f"the ensemble of the fine-tune and the {probe} on {frozen}",
     }
     short = {"finetune": "fine-tune", "probe": "probe", "ensemble": "ensemble"}
     if scores:

@@ -102,6 +102,7 @@ def extract_features(
     compute: ComputeConfig | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    layers: str = "last",
 ) -> FeatureSet:
     """Run the frozen backbone over every image of the manifest (all splits), or read the cache.
 
@@ -113,6 +114,7 @@ def extract_features(
             $TLKIT_CACHE or .tlkit/cache).
         use_cache: read an existing cache entry (the result is written either way).
         progress: show a progress bar.
+        layers: "last", the backbone's pooled features; or "all", every stage's too (tlkit.models.multilayer).
     """
     compute = compute or ComputeConfig()
     cache = compute.cache_dir
@@ -126,6 +128,7 @@ def extract_features(
             "transform": backbone.preprocessing,
             "precision": precision,
             "data": manifest.fingerprint,
+            **({"layers": layers} if layers != "last" else {}),  # the last layer's keys as they always were
         }
         return _key(meta), meta
 
@@ -138,6 +141,12 @@ def extract_features(
     from tlkit.features.forward import forward_loader
 
     model = backbone.model  # built here when `backbone` came from its card
+    width = backbone.num_features
+    if layers == "all":
+        from tlkit.models.multilayer import MultiLayer
+
+        model = MultiLayer(model, backbone.name)
+        width = model.num_features
     key, meta = describe()  # the built model's own digest and preprocessing, should the card have been stale
     path = cache_dir(cache) / "features" / f"{key}.npz"
     dataset = ImageDataset(
@@ -146,9 +155,7 @@ def extract_features(
         augment.ToTensor(augment.eval_transform(backbone.data_config)),
     )
     loader = make_loader(dataset, batch_size=compute.batch_size, num_workers=compute.num_workers)
-    X = forward_loader(
-        model, backbone.num_features, loader, devices=compute.devices, precision=precision, progress=progress
-    )
+    X = forward_loader(model, width, loader, devices=compute.devices, precision=precision, progress=progress)
     _save(path, X, manifest)
     return _feature_set(X, manifest, key=key, meta=meta)
 

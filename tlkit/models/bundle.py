@@ -4,8 +4,8 @@ One self-contained format for every model tlkit trains or fits, logged to MLflow
 `model/` artifact, so `predict`, and `--weights runs:/RUN_ID` in any later stage, need nothing
 but the run:
 
-    tlkit-model.json    kind, timm model name, data config, classes, how the weights came, the head's
-                        normalisation and how its temperature was fitted
+    tlkit-model.json    kind, timm model name, data config, classes, how the weights came, the layers the head
+                        reads, the head's normalisation and how its temperature was fitted
     backbone.safetensors  (none for a pixels baseline)
     head.safetensors    the head (tlkit.models.heads.LinearHead): linear weights, normalisation, temperature
     probe/              an ensemble's other network (`members`), a model folder of its own: the model's class
@@ -48,6 +48,7 @@ class Bundle:
     data_config: dict
     classes: list[str]
     features: str = "backbone"  # "backbone" | "pixels" (baselines only)
+    layers: str = "last"  # "last" | "all": the backbone's layers its head reads (tlkit.models.multilayer)
     pixel_size: int | None = None
     weights: str = ""  # where the backbone weights came from before this run
     head: dict[str, Any] = field(default_factory=lambda: {"norm": "none"})  # norm, and how the temperature was fitted
@@ -82,7 +83,10 @@ def save_bundle(
         )
     save_file(heads.state(head), str(folder / "head.safetensors"))
     bundle.head = {**bundle.head, "norm": head.norm, "temperature": float(head.temperature)}
-    (folder / BUNDLE_FILE).write_text(json.dumps(asdict(bundle), indent=1, default=list))
+    data = asdict(bundle)
+    if data["layers"] == "last":  # written only where it matters: tlkit 0.8 reads a last-layer folder of this one
+        del data["layers"]
+    (folder / BUNDLE_FILE).write_text(json.dumps(data, indent=1, default=list))
     return folder
 
 

@@ -5,6 +5,7 @@ Every model tlkit saves loads here, and every path that scores images goes throu
 and the head are the same on every path, so one image gets one answer wherever it is asked.
 
 - a fine-tune, or a baseline on backbone features: the timm backbone, then its `LinearHead`;
+- a baseline on every stage's features (`--layers all`): the timm backbone read by `MultiLayer`, then its head;
 - a pixels baseline: the image itself, resized to `pixel_size` squared and flattened, then its head;
 - an ensemble (a fine-tune and its frozen probe, tlkit.train.choice): the networks of the model folder and of its
   member folders, their calibrated probabilities averaged (`Ensemble`).
@@ -28,6 +29,7 @@ from tlkit.errors import TlkitError
 from tlkit.models import bundle
 from tlkit.models.backbone import create_model, load_state
 from tlkit.models.heads import LinearHead
+from tlkit.models.multilayer import LAYERS, MultiLayer
 
 ImageSource = str | os.PathLike | IO[bytes]
 
@@ -219,6 +221,13 @@ def _network(folder: Path, saved: bundle.Bundle, ref: str) -> Network:
         name = str(saved.model_name)  # a folder that is not a pixels baseline names its backbone (bundle.read)
         backbone = create_model(name, img_size=int(saved.data_config["input_size"][-1]))
         load_state(backbone, bundle.backbone_state(folder), source=ref, name=name)
+        if saved.layers not in LAYERS:
+            raise TlkitError(
+                f"{Path(folder).name}: its head reads layers {saved.layers!r}, which this tlkit does not know; the "
+                "model folder is from a newer tlkit: upgrade tlkit"
+            )
+        if saved.layers == "all":
+            backbone = MultiLayer(backbone, name)
         mean, std = saved.data_config["mean"], saved.data_config["std"]
     expected = head.linear.in_features
     network = Network(backbone, head, mean, std).eval()

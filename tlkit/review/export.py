@@ -73,6 +73,11 @@ def export_module(loaded: LoadedModel, *, timm_layout: bool = False) -> nn.Modul
         raise TlkitError(
             "a pixels baseline has no timm model to hold its weights; export it as --format onnx or torchscript"
         )
+    if timm_layout and loaded.bundle.layers != "last":
+        raise TlkitError(
+            "this probe reads every stage of its backbone, not only the last layer that timm's classifier sits on; "
+            "export it as --format onnx or torchscript"
+        )
     if linear is None or not timm_layout:
         if timm_layout:
             raise TlkitError(

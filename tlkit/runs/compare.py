@@ -49,6 +49,7 @@ DERIVED = {
     "selection.kept",
     "kept",
     "probe_classifier",
+    "probe_layers",
 }
 LOWER_IS_BETTER = ("loss", "error", "ece", "seconds")
 
