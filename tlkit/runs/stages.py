@@ -271,6 +271,10 @@ def run_baseline(
         params["pixel_size"] = baseline.pixel_size
     else:
         params["layers"] = layers
+    if backbone is not None and layers == "all":
+        from tlkit.models.multilayer import check_stages_of
+
+        check_stages_of(backbone.name)  # a vision transformer is refused before its run starts
     reads = f"{backbone.name}{' (all layers)' if layers == 'all' else ''}" if backbone is not None else "pixels"
     name = run.named(f"{reads} + {classifier}")
     with tracking.start_run("baseline", run_name=name, params=params, tags=tracking.RANKED) as run_id:
