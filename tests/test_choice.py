@@ -240,5 +240,80 @@ def test_the_summary_says_what_was_kept_why_and_what_the_other_candidate_scored(
         "kept the ensemble of the fine-tune and the logistic regression on the frozen features (--keep ensemble); on "
         "the test split: the fine-tune 0.7500, the probe 0.8500"
     )
+    refitted = {**details, "kept": "finetune", "refit": "train + val (595 images), 10 epochs, the last kept"}
+    assert choice_line(refitted) == (
+        "kept the fine-tune (on the val split (test reports): fine-tune 0.8000, probe 0.9000, ensemble 0.8500, then "
+        "trained again on train + val (595 images), 10 epochs, the last kept); on the test split: the probe 0.8500, "
+        "the ensemble 0.8000"
+    )
     every_layer = {**details, "probe_layers": "all"}
     assert choice_line(every_layer).startswith("kept the linear SVM on every layer's frozen features (on the val")
+
+
+@pytest.fixture
+def fits(monkeypatch):
+    """Each `train_classifier` call of a run: its training images and how val was used."""
+    import tlkit.train.finetune as finetune
+
+    calls, original = [], finetune.train_classifier
+
+    def spy(manifest, backbone, settings=None, **kwargs):
+        trained = len(manifest.split("train")) + (len(manifest.split("val")) if settings.use_val == "train" else 0)
+        calls.append({"use_val": settings.use_val, "images": trained})
+        return original(manifest, backbone, settings, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_classifier", spy)
+    return calls
+
+
+@pytest.mark.parametrize("keep", ["ensemble", "finetune", "probe"])
+def test_a_delivered_fine_tune_is_trained_again_on_train_and_val_when_a_test_split_reports(
+    tracked, digits_source, digits_pair, fits, keep
+):
+    """use_val 'refit' (the default): val judges a fit on train alone, then a fine-tune that is delivered (alone or in
+    the ensemble) is trained again on train + val, as the probe is refitted there; test reports it. Two classes."""
+    from tlkit.config import EvaluateConfig
+    from tlkit.runs.evaluate import run_evaluate
+
+    tiny = BackboneConfig(model=TINY_MODEL, pretrained=False, img_size=32)
+    pre = run_train(digits_source, tiny, PretrainConfig(epochs=2, augment="none"), compute=CPU, run=QUIET)
+    fits.clear()
+    train = TrainConfig(epochs=2, augment="none", strategy="full", lr=3e-3, keep=keep)
+    result = run_train(digits_pair, BackboneConfig(weights=pre.model_uri), train, compute=CPU, run=QUIET)
+    manifest = ingest(digits_pair)
+    n_train, n_val = len(manifest.split("train")), len(manifest.split("val"))
+    details, run = result.details, tracked.get_run(result.run_id)
+    assert details["kept"] == keep and details["heldout_split"] == "test"
+    if keep == "probe":  # nothing of the fine-tune is delivered: no refit
+        assert fits == [{"use_val": "refit", "images": n_train}] and "refit" not in run.data.params
+        return
+    if keep == "finetune":  # nothing to choose: val joins the one fit
+        assert fits == [{"use_val": "train", "images": n_train + n_val}] and "refit" not in run.data.params
+    else:
+        assert fits == [{"use_val": "refit", "images": n_train}, {"use_val": "train", "images": n_train + n_val}]
+        assert (
+            run.data.params["refit"]
+            == details["refit"]
+            == f"train + val ({n_train + n_val} images), 2 epochs, the last kept"
+        )
+        assert "selection_fit_heldout_accuracy" in run.data.metrics
+    assert details["best_epoch"] is None  # the last epoch of the fit on train + val
+    # the delivered model is the refitted one: evaluated as a user would, it scores what the run reports
+    evaluation = run_evaluate(result.model_uri, digits_pair, EvaluateConfig(split="test"))
+    assert evaluation.metrics["test_accuracy"] == pytest.approx(run.data.metrics["heldout_accuracy"])
+    assert run.data.metrics[f"{keep}_heldout_accuracy"] == run.data.metrics["heldout_accuracy"]
+
+
+def test_select_trains_on_train_alone_and_without_a_test_split_val_never_trains(
+    tracked, digits_source, digits_pair, fits
+):
+    tiny = BackboneConfig(model=TINY_MODEL, pretrained=False, img_size=32)
+    pre = run_train(digits_source, tiny, PretrainConfig(epochs=2, augment="none"), compute=CPU, run=QUIET)
+    weights = BackboneConfig(weights=pre.model_uri)
+    for train, split in [
+        (TrainConfig(epochs=2, augment="none", strategy="full", keep="finetune", use_val="select"), None),
+        (TrainConfig(epochs=2, augment="none", strategy="full", keep="finetune"), SplitConfig(test=0.0)),
+    ]:
+        fits.clear()
+        result = run_train(digits_pair, weights, train, split=split, compute=CPU, run=QUIET)
+        assert [call["use_val"] for call in fits] == [train.use_val] and "refit" not in result.details

@@ -178,10 +178,12 @@ class TrainConfig(Settings):
     patience: int | None = Field(
         None, ge=1, description="stop after N epochs without a better val accuracy (last phase)"
     )
-    use_val: Literal["select", "train"] = Field(
-        "select",
-        description="select: the val split picks the best epoch; train: it joins the training data, the last epoch "
-        "is kept",
+    use_val: Literal["refit", "select", "train"] = Field(
+        "refit",
+        description="refit: where a test split reports, val picks the epoch and the model (fine-tune, probe or "
+        "ensemble) on a fit on train alone, then a delivered fine-tune is trained again on train + val, the last "
+        "epoch kept (as the probe is refitted on train + val); select: the val split picks the best epoch and never "
+        "trains; train: it joins the training data from the start, the last epoch is kept",
     )
     augment: str = Field("light", description="none, light, medium, heavy, or an albumentations YAML file")
     hflip: bool = Field(True, description="allow horizontal flips in augmentation")
@@ -222,6 +224,11 @@ class PretrainConfig(TrainConfig):
         "full", description="full (everything trains), or freeze-unfreeze, lp-ft, linear-probe, gradual"
     )
     bn: BatchNorm = Field("frozen", description=BN_HELP)
+    use_val: Literal["select", "train"] = Field(  # no refit: a pretrain delivers no probe to choose against
+        "select",
+        description="select: the val split picks the best epoch; train: it joins the training data, the last epoch "
+        "is kept",
+    )
 
 
 class BaselineConfig(Settings):

@@ -147,7 +147,8 @@ def choice_line(details: dict) -> str:
         why = "no training image to hold back for the choice: every class has one"
     others = [k for k in names if k != kept and f"{k}_heldout_accuracy" in details]
     figures = ", ".join(f"the {short[k]} {details[f'{k}_heldout_accuracy']:.4f}" for k in others)
-    return f"kept {names[kept]} ({why}); on the {details['heldout_split']} split: {figures}"
+    again = f", then trained again on {details['refit']}" if details.get("refit") else ""
+    return f"kept {names[kept]} ({why}{again}); on the {details['heldout_split']} split: {figures}"
 
 
 @app.command("pretrain")

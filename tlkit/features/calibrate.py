@@ -70,19 +70,24 @@ def calibrate_logits(
     y_heldout: np.ndarray,
     *,
     fit: tuple[np.ndarray, np.ndarray] | None = None,
+    given: tuple[float, str] | None = None,
     split: str = "test",
     seed: int = 0,
 ) -> tuple[float, dict[str, float], str]:
     """A trained model's temperature, its held-out calibration error before and after, and how T was fitted.
 
-    With `fit` (the logits and labels of a split that is not held out), T is fitted there. Without one,
+    With `given` (a temperature fitted elsewhere, and how: a refit takes the one its selection fit fitted on val),
+    T is that one. With `fit` (the logits and labels of a split that is not held out), T is fitted there. Without one,
     T is cross-fitted on the held-out split itself: each held-out image's probability comes from a T
     fitted on the other folds, so the `heldout_ece` reported is still held out; the T returned (for the
     saved model) is fitted on all of it.
     """
     from tlkit.core.metrics import calibration
 
-    if fit is not None:
+    if given is not None:
+        temperature, how = given
+        after = softmax(heldout, temperature)
+    elif fit is not None:
         temperature = fit_temperature(*fit)
         after, how = softmax(heldout, temperature), "temperature on the val split (T changes no prediction)"
     else:

@@ -56,7 +56,7 @@ class ChoiceSplits:
 def choice_splits(manifest: Manifest, *, use_val: str, seed: int) -> ChoiceSplits | None:
     """The selection split of this data: val when a test split reports (and val is not trained on), else a carved
     share of train; None when train is too small to give any image (every class has one)."""
-    if manifest.split("test") and manifest.split("val") and use_val == "select":
+    if manifest.split("test") and manifest.split("val") and use_val != "train":
         return ChoiceSplits(manifest, "val", "the val split (test reports)")
     held = carve(manifest.split("train"), SELECTION_FRACTION, seed)
     if not held:

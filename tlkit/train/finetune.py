@@ -219,7 +219,8 @@ class HeadInit:
 def fit_linear_probe(module: ImageClassifier, features: FeatureSet, *, seed: int = 0) -> HeadInit:
     """LP-FT's first step: fit the head to convergence on the frozen features (L-BFGS logistic regression).
 
-    The features are the fine-tune's probe's own (`extract_features`, cached): no second pass over the images.
+    The features are the backbone's last layer's (`extract_features`, cached): a pass over the images the first time,
+    as the fine-tune's probe of a CNN reads every layer instead.
     Fitted on the raw features, so the head's weights stay on the scale of the features the fine-tune will move:
     folding a StandardScaler into the head instead (w / scale) gives features of tiny variance huge weights: LP-FT
     of the digits resnet18 scores 0.878 that way, 0.975 on raw features (strategies.yaml, seed 0). The regularisation is
@@ -289,7 +290,8 @@ class FitOptions:
 
     callbacks: extra Lightning callbacks. workdir: where checkpoints go (`last.ckpt`, `best.ckpt`; a temporary
     folder by default). resume: continue from `workdir/last.ckpt`. progress: show a progress bar. calibrated: fit
-    the head's temperature (calibrate.calibrate_logits; tune's trials skip it). val_every_epoch: score val after
+    the head's temperature (calibrate.calibrate_logits; tune's trials skip it). temperature: a temperature fitted
+    elsewhere and how, used instead (a refit on train + val takes its selection fit's). val_every_epoch: score val after
     every epoch even where it chooses no epoch (a tune's trial: its pruner and its value read val's last score),
     instead of at most HELDOUT_CURVE_POINTS times.
     """
@@ -300,6 +302,7 @@ class FitOptions:
     progress: bool = True
     calibrated: bool = True
     val_every_epoch: bool = False
+    temperature: tuple[float, str] | None = None
 
 
 def train_classifier(
@@ -353,16 +356,14 @@ def train_classifier(
     if settings.strategy == "lp-ft" and not fit.resume:
         from tlkit.features.extract import extract_features
 
-        # the frozen features the fine-tune's probe has just extracted: read from the cache, not computed again
+        # the last layer's frozen features, from the cache (a CNN's probe reads every layer: computed once more)
         features = extract_features(manifest, backbone, compute=compute, progress=fit.progress)
         head_init = fit_linear_probe(module, features, seed=settings.seed)
     epochs_run, best_epoch = _fit(
         module, loaders, settings, devices=compute.devices, precision=precision, fit=fit, selects=selects
     )
     module.apply_phase(len(module.phases) - 1)
-    result = _evaluate(
-        module, manifest, loaders, settings, precision=precision, selects=selects, calibrated=fit.calibrated
-    )
+    result = _evaluate(module, manifest, loaders, settings, precision=precision, selects=selects, fit=fit)
     result.best_epoch, result.epochs_run = best_epoch, epochs_run
     selection = {"epoch": "best val_score on the val split" if selects else "last (the schedule runs to its end)"}
     if head_init is not None:
@@ -543,9 +544,10 @@ def _evaluate(
     *,
     precision: str,
     selects: bool,
-    calibrated: bool,
+    fit: FitOptions,
 ) -> TrainResult:
-    """The trained module on the held-out split (and val, when it selected): metrics, and the head's temperature."""
+    """The trained module on the held-out split (and val, when it selected): metrics, and the head's temperature
+    (fitted where `fit.calibrated`, or `fit.temperature` given)."""
     heldout = manifest.eval_split
     eval_loader = make_loader(
         _dataset(manifest, heldout, loaders.eval_transform),
@@ -563,18 +565,18 @@ def _evaluate(
     selection: dict[str, Any] = {}
     temperature = 1.0
     scored: dict[str, np.ndarray] = {}
-    if calibrated:  # in float32, as every saved model is scored (network.LoadedModel)
+    if fit.calibrated:  # in float32, as every saved model is scored (network.LoadedModel)
         from tlkit.features.calibrate import calibrate_logits
 
         # scored at the training precision above; a second pass only when that was not float32
         heldout_logits = logits if precision == "32-true" else infer(module, eval_loader, precision="32-true")
         scored[heldout] = heldout_logits
-        fit = None
+        on_val = None
         if selects:
             scored["val"] = infer(module, loaders.val, precision="32-true")
-            fit = (scored["val"], manifest.labels(manifest.split("val")))
+            on_val = (scored["val"], manifest.labels(manifest.split("val")))
         temperature, calibration, selection["temperature"] = calibrate_logits(
-            heldout_logits, y_true, fit=fit, split=heldout, seed=settings.seed
+            heldout_logits, y_true, fit=on_val, given=fit.temperature, split=heldout, seed=settings.seed
         )
         metrics.update(calibration)
     return TrainResult(
