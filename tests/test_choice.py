@@ -317,3 +317,32 @@ def test_select_trains_on_train_alone_and_without_a_test_split_val_never_trains(
         fits.clear()
         result = run_train(digits_pair, weights, train, split=split, compute=CPU, run=QUIET)
         assert [call["use_val"] for call in fits] == [train.use_val] and "refit" not in result.details
+
+
+def test_a_fine_tune_stopped_during_its_refit_resumes_into_the_same_run(
+    tracked, digits_source, digits_pair, monkeypatch
+):
+    """Ctrl-C during the refit ends the run KILLED; --resume finds the judged fit finished (its last.ckpt is written
+    at its end, which a fit with nothing after it skips) and delivers the refitted model into the same run."""
+    import tlkit.runs.stages as stages
+    from tlkit.core.outcome import ended_runs
+
+    tiny = BackboneConfig(model=TINY_MODEL, pretrained=False, img_size=32)
+    pre = run_train(digits_source, tiny, PretrainConfig(epochs=2, augment="none"), compute=CPU, run=QUIET)
+    weights = BackboneConfig(weights=pre.model_uri)
+    # one phase: no last.ckpt on the way
+    train = TrainConfig(epochs=2, augment="none", strategy="full", keep="ensemble")
+    refit = stages._Refit.__call__
+
+    def stopped(self, judged, temperature):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages._Refit, "__call__", stopped)
+    with pytest.raises(KeyboardInterrupt) as raised:
+        run_train(digits_pair, weights, train, compute=CPU, run=QUIET)
+    ((run_id, status, _),) = [(e.run_id, e.status, e.recorded) for e in ended_runs(raised.value)]
+    assert status == "KILLED" == tracked.get_run(run_id).info.status
+    monkeypatch.setattr(stages._Refit, "__call__", refit)
+    result = run_train(digits_pair, weights, train, compute=CPU, run=QUIET, resume=run_id)
+    assert result.run_id == run_id and tracked.get_run(run_id).info.status == "FINISHED"
+    assert result.details["kept"] == "ensemble" and result.details["refit"].startswith("train + val")

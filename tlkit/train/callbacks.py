@@ -26,14 +26,18 @@ class LatestCheckpoint(L.Callback):
     # Not ModelCheckpoint(train_time_interval=...): it saves on its own clock only, not at phase boundaries, and
     # writes in place, where this writes beside and renames (a kill mid-write keeps the previous checkpoint).
 
-    def __init__(self, path: Path, every_s: float | None = None):
+    def __init__(self, path: Path, every_s: float | None = None, *, at_end: bool = False):
+        """`at_end`: also when training ends (a fit that another fit follows in the same run: a refit)."""
         self.path = Path(path)
         self.every_s = CHECKPOINT_EVERY_S if every_s is None else every_s
+        self.at_end = at_end
         self._saved_at = time.monotonic()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: Any) -> None:  # an ImageClassifier
         done = trainer.current_epoch + 1
         if done >= (trainer.max_epochs or 0) or trainer.should_stop:
+            if self.at_end:
+                self.save(trainer)
             return
         boundary = any(p.start == done for p in module.phases)
         due = time.monotonic() - self._saved_at >= self.every_s

@@ -291,9 +291,10 @@ class FitOptions:
     callbacks: extra Lightning callbacks. workdir: where checkpoints go (`last.ckpt`, `best.ckpt`; a temporary
     folder by default). resume: continue from `workdir/last.ckpt`. progress: show a progress bar. calibrated: fit
     the head's temperature (calibrate.calibrate_logits; tune's trials skip it). temperature: a temperature fitted
-    elsewhere and how, used instead (a refit on train + val takes its selection fit's). val_every_epoch: score val after
-    every epoch even where it chooses no epoch (a tune's trial: its pruner and its value read val's last score),
-    instead of at most HELDOUT_CURVE_POINTS times.
+    elsewhere and how, used instead (a refit on train + val takes its selection fit's). checkpoint_at_end: write
+    last.ckpt when training ends too (a fit that a refit follows: --resume then finds it finished).
+    val_every_epoch: score val after every epoch even where it chooses no epoch (a tune's trial: its pruner and its
+    value read val's last score), instead of at most HELDOUT_CURVE_POINTS times.
     """
 
     callbacks: list[L.Callback] = field(default_factory=list)
@@ -303,6 +304,7 @@ class FitOptions:
     calibrated: bool = True
     val_every_epoch: bool = False
     temperature: tuple[float, str] | None = None
+    checkpoint_at_end: bool = False
 
 
 def train_classifier(
@@ -404,7 +406,15 @@ def _fit(
             progress=fit.progress,
             root_dir=workdir,
             max_epochs=settings.epochs,
-            callbacks=_callbacks(module, settings, workdir, selects=selects, resume=fit.resume, more=fit.callbacks),
+            callbacks=_callbacks(
+                module,
+                settings,
+                workdir,
+                selects=selects,
+                resume=fit.resume,
+                more=fit.callbacks,
+                at_end=fit.checkpoint_at_end,
+            ),
             # the best-epoch ModelCheckpoint; without it Lightning would add one that saves every epoch
             enable_checkpointing=selects,
             check_val_every_n_epoch=1
@@ -486,7 +496,14 @@ class _Loaders:
 
 
 def _callbacks(
-    module: ImageClassifier, settings: TrainConfig, workdir: Path, *, selects: bool, resume: bool, more: list
+    module: ImageClassifier,
+    settings: TrainConfig,
+    workdir: Path,
+    *,
+    selects: bool,
+    resume: bool,
+    more: list,
+    at_end: bool = False,
 ) -> list[L.Callback]:
     """The fit's callbacks: the best epoch (when val selects), last.ckpt for --resume, the phases, early stopping."""
     last = workdir / "last.ckpt"
@@ -504,7 +521,7 @@ def _callbacks(
         enable_version_counter=False,
         save_weights_only=True,
     )
-    latest = LatestCheckpoint(last)  # Lightning's save_last refreshes it only with a new best
+    latest = LatestCheckpoint(last, at_end=at_end)  # Lightning's save_last refreshes it only with a new best
     extra: list[L.Callback] = [*([best] if selects else []), latest, PhaseCallback(), *more]
     if settings.patience is not None:
         extra.append(
