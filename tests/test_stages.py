@@ -145,6 +145,21 @@ def test_tracking_default_store_is_sqlite_with_local_artifacts(workdir):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_a_sqlite_store_elsewhere_keeps_its_artifacts_beside_its_database(workdir, tmp_path):
+    """A store in another folder (a bench's temporary one) leaves no mlruns/ in the working directory."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tracking.configure(f"sqlite:///{elsewhere / 'mlflow.db'}", "away")
+    with tracking.start_run("extract") as run_id:
+        tracking.log_dict({"a": 1}, "note.json")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking.resolve_tracking_uri())
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert experiment.artifact_location == (elsewhere / "mlruns" / "away").as_uri()
+    assert list((elsewhere / "mlruns").rglob("note.json")) and not (workdir / "mlruns").exists()
+
+
 def test_resume_continues_the_same_mlflow_run(tracked, digits_source, monkeypatch):
     from tlkit.train import finetune
 

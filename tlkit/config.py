@@ -224,10 +224,10 @@ class PretrainConfig(TrainConfig):
         "full", description="full (everything trains), or freeze-unfreeze, lp-ft, linear-probe, gradual"
     )
     bn: BatchNorm = Field("frozen", description=BN_HELP)
-    use_val: Literal["select", "train"] = Field(  # no refit: a pretrain delivers no probe to choose against
+    use_val: Literal["refit", "select", "train"] = Field(
         "select",
         description="select: the val split picks the best epoch; train: it joins the training data, the last epoch "
-        "is kept",
+        "is kept; refit: as select (a pretrain has no probe to choose against, and its model is not fitted again)",
     )
 
 

@@ -126,6 +126,15 @@ def target_uri(tracking_uri: str | None = None) -> str:
     return resolve_tracking_uri(tracking_uri or _TARGET.uri)
 
 
+def artifact_root(uri: str) -> Path:
+    """Where a local store keeps its artifacts: `mlruns/` beside its SQLite database (a store in a temporary folder
+    leaves nothing in the working directory), or in the working directory for a file store."""
+    if uri.startswith("sqlite:///"):
+        database = uri.removeprefix("sqlite:///").split("?")[0]  # sqlite:////abs/path: "/abs/path"
+        return Path(database).resolve().parent / DEFAULT_ARTIFACTS
+    return Path(DEFAULT_ARTIFACTS).resolve()
+
+
 def experiment_name() -> str:
     return _TARGET.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
@@ -142,7 +151,7 @@ def ensure_experiment() -> str:
             location = None
             if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
                 # Local store: keep artifacts beside the database, not wherever MLflow guesses.
-                location = (Path(DEFAULT_ARTIFACTS).resolve() / name.replace("/", "_")).as_uri()
+                location = (artifact_root(uri) / name.replace("/", "_")).as_uri()
             try:
                 experiment_id = store.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
             except MlflowException:  # another process created it a moment ago

@@ -8,9 +8,8 @@ import signal
 import subprocess
 import sys
 import urllib.parse
-from pathlib import Path
 
-from tlkit.core.tracking.store import DEFAULT_ARTIFACTS, client, resolve_tracking_uri
+from tlkit.core.tracking.store import artifact_root, client, resolve_tracking_uri
 from tlkit.errors import TlkitError
 
 VIEW_KEY = "tlkit"  # the runs-table view tlkit stores on each experiment (the UI's own "share view" mechanism)
@@ -77,7 +76,7 @@ def serve_ui(*, host: str = "127.0.0.1", port: int = 5000, tracking_uri: str | N
     uri = resolve_tracking_uri(tracking_uri)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:"):
-        command += ["--default-artifact-root", Path(DEFAULT_ARTIFACTS).resolve().as_uri()]
+        command += ["--default-artifact-root", artifact_root(uri).as_uri()]
     server = subprocess.Popen(command, start_new_session=True)  # its own group: stopped with all its workers
 
     def stop(*_) -> None:
