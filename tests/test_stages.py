@@ -170,7 +170,8 @@ def test_resume_continues_the_same_mlflow_run(tracked, digits_source, monkeypatc
 
     original = finetune.PhaseCallback
     monkeypatch.setattr(finetune, "PhaseCallback", Interrupted)
-    train = TrainConfig(epochs=3, batch_size=16, augment="none", strategy="freeze-unfreeze")
+    # select: val judges every epoch (with random weights and a test split, refit would train on val)
+    train = TrainConfig(epochs=3, batch_size=16, augment="none", strategy="freeze-unfreeze", use_val="select")
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         run_train(digits_source, TINY, train, compute=CPU, run=QUIET)
     interrupted = tracked.search_runs([tracked.get_experiment_by_name("tests").experiment_id])[0]

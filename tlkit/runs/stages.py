@@ -436,13 +436,7 @@ def run_train(
             callbacks=[MetricsCallback(run_id)], workdir=workdir, resume=resume is not None, progress=run.progress
         )
         fit_on = probe.splits.manifest if probe is not None and probe.splits is not None else manifest
-        refit = None
-        if _refits(kind, manifest, train):
-            if probe is None or train.keep == "finetune":  # the fine-tune whatever val says: val joins the one fit
-                train = train.model_copy(update={"use_val": "train"})
-            else:
-                refit = _Refit(manifest, backbone, train, compute=compute, fit=fit, pretrained=probe.pretrained)
-                fit = dataclasses.replace(fit, checkpoint_at_end=True)  # a --resume during the refit finds it done
+        train, fit, refit = _plan_refit(kind, manifest, backbone, train, probe=probe, compute=compute, fit=fit)
         result = train_classifier(fit_on, backbone, train, compute=compute, fit=fit)
         fitted = _Fitted(run_id=run_id, kind=kind, manifest=fit_on, backbone=backbone, train=train, result=result)
         summary = _record_fit(fitted, resumed=resume_run is not None)
@@ -612,6 +606,27 @@ def _refits(kind: str, manifest: Manifest, train: TrainConfig) -> bool:
     """Whether a delivered fine-tune is trained again on train + val (use_val 'refit', where a test split reports;
     without one, val is the held-out split and never trains)."""
     return kind == "finetune" and train.use_val == "refit" and bool(manifest.split("test") and manifest.split("val"))
+
+
+def _plan_refit(
+    kind: str,
+    manifest: Manifest,
+    backbone: Backbone,
+    train: TrainConfig,
+    *,
+    probe: _Probe | None,
+    compute: ComputeConfig,
+    fit: FitOptions,
+) -> tuple[TrainConfig, FitOptions, _Refit | None]:
+    """How val joins a fine-tune that refits: with no probe to choose against, or --keep finetune, the fine-tune is
+    delivered whatever val says, so val joins its one fit; otherwise val judges the first fit and a `_Refit` trains
+    the delivered one again on train + val."""
+    if not _refits(kind, manifest, train):
+        return train, fit, None
+    if probe is None or train.keep == "finetune":
+        return train.model_copy(update={"use_val": "train"}), fit, None
+    refit = _Refit(manifest, backbone, train, compute=compute, fit=fit, pretrained=probe.pretrained)
+    return train, dataclasses.replace(fit, checkpoint_at_end=True), refit  # a --resume during the refit finds it done
 
 
 @dataclass
