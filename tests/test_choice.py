@@ -319,6 +319,21 @@ def test_select_trains_on_train_alone_and_without_a_test_split_val_never_trains(
         assert [call["use_val"] for call in fits] == [train.use_val] and "refit" not in result.details
 
 
+def test_with_nothing_to_choose_val_joins_the_one_fit_unless_patience_stops_on_it(tracked, digits_source, fits):
+    """Random weights have no probe to choose against: refit trains the one fit on train + val, but --patience needs
+    val to stop on, so there val judges (select) and never trains."""
+    tiny = BackboneConfig(model=TINY_MODEL, pretrained=False, img_size=32)
+    manifest = ingest(digits_source)
+    n_train, n_val = len(manifest.split("train")), len(manifest.split("val"))
+    for patience, expected in [(None, {"use_val": "train", "images": n_train + n_val}), (1, None)]:
+        fits.clear()
+        train = TrainConfig(epochs=3, augment="none", strategy="full", patience=patience)
+        result = run_train(digits_source, tiny, train, compute=CPU, run=QUIET)
+        assert fits == [expected or {"use_val": "select", "images": n_train}]
+        history = tracked.get_metric_history(result.run_id, "val_accuracy")
+        assert bool(history) == (patience is not None) and result.details["heldout_split"] == "test"
+
+
 def test_a_fine_tune_stopped_during_its_refit_resumes_into_the_same_run(
     tracked, digits_source, digits_pair, monkeypatch
 ):

@@ -619,12 +619,13 @@ def _plan_refit(
     fit: FitOptions,
 ) -> tuple[TrainConfig, FitOptions, _Refit | None]:
     """How val joins a fine-tune that refits: with no probe to choose against, or --keep finetune, the fine-tune is
-    delivered whatever val says, so val joins its one fit; otherwise val judges the first fit and a `_Refit` trains
-    the delivered one again on train + val."""
+    delivered whatever val says, so val joins its one fit (unless --patience needs val to stop on: then val judges
+    it, as with select); otherwise val judges the first fit and a `_Refit` trains the delivered one again on
+    train + val."""
     if not _refits(kind, manifest, train):
         return train, fit, None
     if probe is None or train.keep == "finetune":
-        return train.model_copy(update={"use_val": "train"}), fit, None
+        return train.model_copy(update={"use_val": "select" if train.patience else "train"}), fit, None
     refit = _Refit(manifest, backbone, train, compute=compute, fit=fit, pretrained=probe.pretrained)
     return train, dataclasses.replace(fit, checkpoint_at_end=True), refit  # a --resume during the refit finds it done
 
