@@ -152,7 +152,19 @@ def test_a_fine_tune_piped_to_a_file_writes_a_line_per_epoch_as_it_goes(tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TLKIT_PROGRESS"))}
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [*TLKIT, "finetune", str(digits_source), *TRAIN, "--epochs", "40", "--strategy", "full"],
+            # select: val scores every epoch (with random weights and a test split, refit would train on val)
+            [
+                *TLKIT,
+                "finetune",
+                str(digits_source),
+                *TRAIN,
+                "--epochs",
+                "40",
+                "--strategy",
+                "full",
+                "--use-val",
+                "select",
+            ],
             cwd=tmp_path,
             env=env,
             stdout=out,
