@@ -183,8 +183,8 @@ class TrainConfig(Settings):
         description="refit: where a test split reports, val picks the epoch and the model (fine-tune, probe or "
         "ensemble) on a fit on train alone, then a delivered fine-tune is trained again on train + val, the last "
         "epoch kept (as the probe is refitted on train + val; with nothing to choose, val joins the one fit unless "
-        "patience stops on it); select: the val split picks the best epoch and never "
-        "trains; train: it joins the training data from the start, the last epoch is kept",
+        "patience stops on it); select: the val split picks the best epoch and never trains; train: it joins the "
+        "training data from the start, the last epoch is kept",
     )
     augment: str = Field("light", description="none, light, medium, heavy, or an albumentations YAML file")
     hflip: bool = Field(True, description="allow horizontal flips in augmentation")

@@ -602,12 +602,6 @@ def _record_fit(fitted: _Fitted, *, resumed: bool) -> dict[str, float]:
     return summary
 
 
-def _refits(kind: str, manifest: Manifest, train: TrainConfig) -> bool:
-    """Whether a delivered fine-tune is trained again on train + val (use_val 'refit', where a test split reports;
-    without one, val is the held-out split and never trains)."""
-    return kind == "finetune" and train.use_val == "refit" and bool(manifest.split("test") and manifest.split("val"))
-
-
 def _plan_refit(
     kind: str,
     manifest: Manifest,
@@ -618,11 +612,13 @@ def _plan_refit(
     compute: ComputeConfig,
     fit: FitOptions,
 ) -> tuple[TrainConfig, FitOptions, _Refit | None]:
-    """How val joins a fine-tune that refits: with no probe to choose against, or --keep finetune, the fine-tune is
+    """How val joins a fine-tune that refits (use_val 'refit', where a test split reports; without one, val is the
+    held-out split and never trains): with no probe to choose against, or --keep finetune, the fine-tune is
     delivered whatever val says, so val joins its one fit (unless --patience needs val to stop on: then val judges
     it, as with select); otherwise val judges the first fit and a `_Refit` trains the delivered one again on
     train + val."""
-    if not _refits(kind, manifest, train):
+    refits = kind == "finetune" and train.use_val == "refit" and manifest.split("test") and manifest.split("val")
+    if not refits:
         return train, fit, None
     if probe is None or train.keep == "finetune":
         return train.model_copy(update={"use_val": "select" if train.patience else "train"}), fit, None
