@@ -57,6 +57,9 @@ def test_extract_twice_reads_the_cache(runner, workdir, digits_source):
     second = invoke(runner, *args)
     assert second.exit_code == 0
     assert "read from cache" in second.stdout
+    every = invoke(runner, *args, "--layers", "all")
+    assert every.exit_code == 0, every.output
+    assert "features (every layer's) computed" in every.stdout
 
 
 def test_baseline_pretrain_finetune_predict(runner, workdir, digits_source, digits_target):

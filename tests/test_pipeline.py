@@ -128,8 +128,8 @@ def sweep_pipeline(tmp_path: Path, digits_target: Path) -> Path:
         "seeds": [0, 1],
         "stages": [
             {"id": "pre", "stage": "pretrain", "data": "digits", "train": {"epochs": 1, "seed": 0, "augment": "none"}},
-            {"id": "features", "stage": "extract", "data": "digits", "weights": "pre"},
-            {"id": "svm", "stage": "baseline", "data": "digits", "weights": "pre"},
+            {"id": "features", "stage": "extract", "data": "digits", "weights": "pre", "layers": "all"},
+            {"id": "svm", "stage": "baseline", "data": "digits", "weights": "pre", "baseline": {"layers": "all"}},
             {
                 "id": "tuned",
                 "stage": "finetune",
@@ -168,6 +168,8 @@ def test_sweep_and_seeds_structure_then_reuse(tracked, tmp_path, digits_target):
             ["pre", "features", "svm", "tuned", "check", "label"]
         )
         assert point.data.params["sweep.lr_mult"] in ("2", "4")
+        svm = next(r for r in stages if r.data.tags["tlkit.stage_id"] == "svm")
+        assert svm.data.tags["tlkit.cache_hit"] == "True"  # the extract stage cached every layer's features for it
         assert "tuned.heldout_accuracy" in point.data.metrics
     # the seed-pinned pretraining ran once; the other three points reuse it
     pretrains = [r for r in runs if r.data.tags.get("tlkit.stage_id") == "pre"]

@@ -42,6 +42,28 @@ def test_extract_run_records_throughput_and_cache_hits(tracked, digits_source):
     assert tracked.get_run(r1.run_id).data.params["weights"] == "random(seed=0)"
 
 
+def test_extract_of_every_layer_is_what_a_multilayer_baseline_reads_from_the_cache(tracked, digits_source):
+    from tlkit.models.backbone import create_model
+    from tlkit.models.multilayer import stage_widths
+
+    last, _ = run_extract(digits_source, TINY, compute=CPU)
+    every, r1 = run_extract(digits_source, TINY, compute=CPU, layers="all")
+    assert not every.cached and every.key != last.key  # its own cache entry, not the last layer's
+    model = create_model(TINY_MODEL)
+    assert every.X.shape == (len(last.X), sum(stage_widths(model)) + last.X.shape[1])
+    assert tracked.get_run(r1.run_id).data.params["layers"] == "all"
+    probe = run_baseline(digits_source, TINY, BaselineConfig(layers="all"), compute=CPU)
+    assert tracked.get_run(probe.run_id).data.tags["tlkit.cache_hit"] == "True"
+    assert tracked.get_run(probe.run_id).data.params["feature_key"] == every.key
+
+
+def test_extract_of_every_layer_refuses_a_vision_transformer_before_its_run(tracked, digits_source):
+    vit = BackboneConfig(model="test_vit", pretrained=False, img_size=32)
+    with pytest.raises(TlkitError, match="test_vit has no stages.*use --layers last"):
+        run_extract(digits_source, vit, compute=CPU, layers="all")
+    assert tracked.search_runs([e.experiment_id for e in tracked.search_experiments()]) == []
+
+
 @pytest.mark.parametrize("classifier", ["svm", "logreg", "pixels"])
 def test_baseline_run_contents_and_prediction(tracked, digits_source, classifier):
     result = run_baseline(digits_source, TINY, BaselineConfig(classifier=classifier, pixel_size=16), compute=CPU)

@@ -7,7 +7,7 @@ nothing; they load with the first call that needs them.
 
 from typing import Any
 
-__version__ = "0.10.0"
+__version__ = "0.11.0"
 __all__ = ["baseline", "finetune", "load"]
 
 

@@ -18,6 +18,10 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 BatchNorm = Literal["frozen", "train", "keep-stats"]
 LinearClassifier = Literal["svm", "logreg"]
 Layers = Literal["last", "all"]  # which layers a probe reads: the pooled last layer, or every stage too
+EXTRACT_LAYERS = (
+    "the features to cache: last (the pooled last layer, what `baseline` reads), or all (every stage's average too, "
+    "what `baseline --layers all` and a fine-tune's probe read on a CNN)"
+)
 Keep = Literal["best", "finetune", "probe", "ensemble"]  # which model a finetune delivers (tlkit.train.choice)
 ExplainMethod = Literal["saliency", "gradcam", "occlusion"]
 BN_HELP = (

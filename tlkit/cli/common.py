@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -19,6 +19,14 @@ DataArg = Annotated[
 
 
 Seed = Annotated[int, typer.Option(help="Seed of splits, initialisation and training.")]
+
+ExtractLayers = Annotated[
+    Literal["last", "all"],  # tlkit.config.Layers (the CLI is built without importing pydantic)
+    typer.Option(
+        help="Features to cache: last (the pooled last layer, what `baseline` reads), or all (every stage's average "
+        "too, what `baseline --layers all` and a fine-tune's probe read on a CNN)."
+    ),
+]
 
 
 NetworkRef = Annotated[

@@ -13,6 +13,7 @@ from tlkit.cli.common import (
     EXTRACTING,
     TRAINING,
     DataArg,
+    ExtractLayers,
     Resume,
     Seed,
     backbone_settings,
@@ -36,6 +37,7 @@ def extract_command(
     compute: dict,
     tracking: dict,
     seed: Seed = 0,
+    layers: ExtractLayers = "last",
 ):
     """Run the frozen backbone over every image and cache the features."""
     from tlkit.runs.stages import run_extract
@@ -47,11 +49,14 @@ def extract_command(
         split=split_settings(split, seed),
         compute=compute_settings(compute),
         run=run_options(tracking),
+        layers=layers,
     )
     how = "read from cache" if features.cached else "computed"
     n, seconds = len(features.X), result.details["seconds"]
+    which = " (every layer's)" if layers == "all" else ""
+    rate = n / max(seconds, 1e-9)
     console.print(
-        f"{n} x {features.X.shape[1]} features {how} in {seconds:.2f} s ({n / max(seconds, 1e-9):.0f} images/s), "
+        f"{n} x {features.X.shape[1]} features{which} {how} in {seconds:.2f} s ({rate:.0f} images/s), "
         f"key {features.key}"
     )
     run_footer(result.run_id, model=False)

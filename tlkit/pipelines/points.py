@@ -263,7 +263,9 @@ def _baseline(stage: BaselineStage, inputs: StageInputs) -> StageResult:
 def _extract(stage: ExtractStage, inputs: StageInputs) -> StageResult:
     from tlkit.runs.stages import run_extract
 
-    return run_extract(inputs.data, inputs.network, compute=inputs.config.compute, run=inputs.run(stage))[1]
+    return run_extract(
+        inputs.data, inputs.network, compute=inputs.config.compute, run=inputs.run(stage), layers=stage.layers
+    )[1]
 
 
 def _train(stage: PretrainStage | FinetuneStage, inputs: StageInputs) -> StageResult:

@@ -13,12 +13,14 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from tlkit.config import (
+    EXTRACT_LAYERS,
     PRETRAIN_FROM,
     BackboneConfig,
     BaselineConfig,
     ComputeConfig,
     EvaluateConfig,
     ExportConfig,
+    Layers,
     PretrainConfig,
     Settings,
     SplitConfig,
@@ -101,7 +103,10 @@ class TuneStage(ModelStage, TuneConfig):
 
 
 class ExtractStage(ModelStage):
+    """Cache the frozen features of every image (as `tlkit extract`)."""
+
     stage: Literal["extract"]
+    layers: Layers = Field("last", description=EXTRACT_LAYERS)
 
 
 class EvaluateStage(EvaluateConfig):

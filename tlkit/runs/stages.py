@@ -223,18 +223,25 @@ def run_extract(
     split: SplitConfig | None = None,
     compute: ComputeConfig | None = None,
     run: RunOptions = RunOptions(),
+    layers: str = "last",
 ) -> tuple[FeatureSet, StageResult]:
-    """Frozen features of every image, cached; the run records throughput and whether the cache hit."""
+    """Frozen features of every image, cached; the run records throughput and whether the cache hit. `layers`:
+    "last", the backbone's pooled features (what `tlkit baseline` reads by default); "all", every stage's too (what
+    `baseline --layers all` and a fine-tune's probe read on a CNN)."""
     manifest = load_data(data, split)
     compute = compute or ComputeConfig()
     backbone = make_backbone(backbone_config, tracking_uri=run.tracking_uri, lazy=True, cache=compute.cache_dir)
-    with tracking.start_run(
-        "extract", run_name=run.named(f"{backbone.name} features"), params={"compute": compute.model_dump()}
-    ) as run_id:
+    if layers == "all":
+        from tlkit.models.multilayer import check_stages_of
+
+        check_stages_of(backbone.name)  # a vision transformer is refused before its run starts
+    name = f"{backbone.name} features{' (all layers)' if layers == 'all' else ''}"
+    params = {"compute": compute.model_dump(), "layers": layers}
+    with tracking.start_run("extract", run_name=run.named(name), params=params) as run_id:
         log_data(manifest)
         log_backbone(backbone)
         start = time.perf_counter()
-        features = _features(manifest, backbone, compute, 0, progress=run.progress)
+        features = _features(manifest, backbone, compute, 0, progress=run.progress, layers=layers)
         seconds = time.perf_counter() - start
         tracking.log_params({"precision": features.meta["precision"], "feature_key": features.key})
         tracking.set_tags({"tlkit.cache_hit": str(features.cached)})
