@@ -57,6 +57,18 @@ def test_extract_of_every_layer_is_what_a_multilayer_baseline_reads_from_the_cac
     assert tracked.get_run(probe.run_id).data.params["feature_key"] == every.key
 
 
+def test_a_fine_tunes_probe_reads_what_extract_of_every_layer_cached(tracked, digits_source, digits_pair, tmp_path):
+    compute = CPU.model_copy(update={"cache_dir": str(tmp_path / "cache")})
+    pre = run_train(digits_source, TINY, PretrainConfig(epochs=1, augment="none"), compute=compute, run=QUIET)
+    weights = BackboneConfig(weights=pre.model_uri)
+    run_extract(digits_pair, weights, compute=compute, layers="all")
+    cached = sorted((tmp_path / "cache" / "features").glob("*.npz"))
+    train = TrainConfig(epochs=1, augment="none", keep="probe")
+    result = run_train(digits_pair, weights, train, compute=compute, run=QUIET)
+    assert result.details["probe_layers"] == "all"
+    assert sorted((tmp_path / "cache" / "features").glob("*.npz")) == cached  # nothing extracted again
+
+
 def test_extract_of_every_layer_refuses_a_vision_transformer_before_its_run(tracked, digits_source):
     vit = BackboneConfig(model="test_vit", pretrained=False, img_size=32)
     with pytest.raises(TlkitError, match="test_vit has no stages.*use --layers last"):
